@@ -1,0 +1,21 @@
+"""The one place where Numba options are set, so caching and threading flags cannot drift apart."""
+
+from __future__ import annotations
+
+import numba
+
+KERNEL_OPTIONS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
+
+kernel = numba.njit(**KERNEL_OPTIONS)
+"""Serial kernel: a plain function over arrays and scalars."""
+
+parallel_kernel = numba.njit(parallel=True, **KERNEL_OPTIONS)
+"""Kernel whose outer `prange` loop runs on Numba's thread pool."""
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` worker threads for parallel kernels (None = all Numba was started with)."""
+    limit = numba.config.NUMBA_NUM_THREADS
+    n = limit if not threads else max(1, min(int(threads), limit))
+    numba.set_num_threads(n)
+    return n

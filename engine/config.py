@@ -1,0 +1,152 @@
+"""Training and network configuration: one frozen dataclass, checked on creation.
+
+Every field has a default that works on unseen data; the service exposes the same fields over HTTP,
+the CLI as flags and `--config file.toml`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+HashFamily = Literal["simhash", "wta", "dwta"]
+Insertion = Literal["fifo", "reservoir"]
+
+
+@dataclass(frozen=True)
+class SlideConfig:
+    """Network, hashing, optimizer and schedule of one SLIDE training run."""
+
+    hidden: tuple[int, ...] = (128,)
+    """Widths of the hidden ReLU layers, input side first."""
+    sample_hidden: bool = False
+    """LSH-sample the hidden layers too (the output layer is where the cost is)."""
+    sample_output: bool = True
+    """LSH-sample the output layer; False trains the same network densely (the `--dense` baseline)."""
+
+    hash_family: HashFamily = "dwta"
+    hash_k: int = 6
+    """Codes (WTA/DWTA) or bits (SimHash) concatenated per table."""
+    hash_l: int = 50
+    """Number of independent tables."""
+    bin_size: int = 8
+    """WTA/DWTA bin width: each code is an argmax position in [0, bin_size)."""
+    simhash_density: float = 0.33
+    """Fraction of non-zero (+-1) entries in each SimHash projection."""
+    table_bits: int = 0
+    """log2 of buckets per table; 0 = the code space's own size, capped at 18."""
+    bucket_size: int = 128
+    """Capacity of a bucket (neuron ids)."""
+    insertion: Insertion = "fifo"
+    """What a full bucket does with a new id: replace the oldest (fifo) or reservoir sampling."""
+
+    active_threshold: int = 1
+    """Keep a retrieved neuron only if it was found in at least this many of the L buckets."""
+    max_active: int = 0
+    """Cap on retrieved neurons per point, keeping the most frequently retrieved (0 = no cap)."""
+    min_active: int = 0
+    """Pad the active set with random neurons up to this size (0 = no padding)."""
+
+    batch_size: int = 128
+    epochs: int = 5
+    lr: float = 1e-3
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    init_std: float = 0.01
+
+    rehash_n0: int = 50
+    """Steps before the first rehash; the i-th interval is rehash_n0 * exp(rehash_lambda * i)."""
+    rehash_lambda: float = 0.05
+    rehash_max_interval: int = 2000
+    """Upper bound on the interval between rehashes, in steps."""
+    rebuild_every: int = 0
+    """Draw new hash functions every this many rehashes (0 = never)."""
+    drift_threshold: float = 0.0
+    """Rehash only rows whose weights moved by more than this fraction of their norm (0 = all rows)."""
+
+    threads: int = 0
+    """Worker threads (0 = all cores Numba sees)."""
+    seed: int = 0
+    eval_every: int = 0
+    """Evaluate every this many steps (0 = once per epoch)."""
+    eval_points: int = 2000
+    """Test points used by the periodic evaluation (0 = all)."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        _check(all(h >= 1 for h in self.hidden), "hidden", "every hidden width must be >= 1")
+        _check(self.hash_family in ("simhash", "wta", "dwta"), "hash_family", "must be simhash, wta or dwta")
+        _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
+        _check(1 <= self.hash_l <= 1024, "hash_l", "number of tables must be in [1, 1024]")
+        _check(2 <= self.bin_size <= 256, "bin_size", "must be in [2, 256]")
+        _check(1 <= self.hash_k <= 64, "hash_k", "must be in [1, 64]")
+        _check(0 < self.simhash_density <= 1, "simhash_density", "must be in (0, 1]")
+        _check(self.table_bits == 0 or 1 <= self.table_bits <= 24, "table_bits",
+               f"buckets per table are 2^table_bits, so table_bits must be 0 (auto) or in [1, 24]; got {self.table_bits}")
+        _check(self.bucket_size >= 1, "bucket_size", "must be >= 1")
+        _check(1 <= self.active_threshold <= self.hash_l, "active_threshold", "must be in [1, hash_l]")
+        _check(self.max_active >= 0 and self.min_active >= 0, "max_active", "active-set sizes must be >= 0")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.epochs >= 0, "epochs", "must be >= 0")
+        _check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
+        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "Adam betas must be in [0, 1)")
+        _check(self.eps > 0, "eps", "must be > 0")
+        _check(self.init_std > 0, "init_std", "must be > 0")
+        _check(self.rehash_n0 >= 1, "rehash_n0", "must be >= 1 step")
+        _check(self.rehash_lambda >= 0, "rehash_lambda", "must be >= 0")
+        _check(self.rehash_max_interval >= 1, "rehash_max_interval", "must be >= 1")
+        _check(self.rebuild_every >= 0, "rebuild_every", "must be >= 0")
+        _check(0 <= self.drift_threshold < 10, "drift_threshold", "must be in [0, 10)")
+        _check(self.threads >= 0, "threads", "must be >= 0")
+        _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
+        _check(self.eval_every >= 0 and self.eval_points >= 0, "eval_every", "must be >= 0")
+
+    @property
+    def code_bits(self) -> int:
+        """Bits of the concatenated code of one table before it is folded to `table_bits`."""
+        if self.hash_family == "simhash":
+            return self.hash_k
+        return self.hash_k * math.ceil(math.log2(self.bin_size))
+
+    @property
+    def resolved_table_bits(self) -> int:
+        return self.table_bits or min(self.code_bits, 18)
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["hidden"] = list(self.hidden)
+        return d
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any] | None) -> "SlideConfig":
+        """Build from a plain mapping; unknown keys are an error naming them."""
+        values = dict(values or {})
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(unknown[0], f"unknown setting; known settings are {sorted(known)}")
+        if "hidden" in values and isinstance(values["hidden"], int):
+            values["hidden"] = (values["hidden"],)
+        return cls(**values)
+
+    def replace(self, **changes: Any) -> "SlideConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class ConfigError(ValueError):
+    """A setting is out of range; `field` names it."""
+
+    def __init__(self, field_name: str, message: str):
+        self.field = field_name
+        super().__init__(f"{field_name}: {message}")
+
+
+def _check(ok: bool, name: str, message: str) -> None:
+    if not ok:
+        raise ConfigError(name, message)
+
+
+__all__ = ["SlideConfig", "ConfigError", "HashFamily", "Insertion", "field"]

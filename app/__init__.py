@@ -1,0 +1,1 @@
+"""SLIDE HTTP service: FastAPI over background trainer processes (see app.main)."""

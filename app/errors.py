@@ -1,0 +1,164 @@
+"""Every error as RFC 9457 `application/problem+json`, mapped from exceptions in one table.
+
+Body: `{type, title, status, detail, instance}` plus, where they apply, `errors` (one `{loc, msg, type}` per
+invalid value), `field` (dotted path of the first value at fault), `line`/`column` (dataset uploads) and
+`limit_bytes` (uploads over the limit).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from app.services.errors import (
+    Conflict,
+    InvalidContent,
+    NotFound,
+    NotReady,
+    PayloadTooLarge,
+    ServiceError,
+    UnsupportedMediaType,
+)
+
+log = logging.getLogger("app.errors")
+
+PROBLEM_JSON = "application/problem+json"
+TYPE_PREFIX = "urn:slide:problem:"
+
+
+@dataclass(frozen=True)
+class ProblemKind:
+    status: int
+    slug: str
+    title: str
+
+
+# The one table: domain exception -> HTTP. Looked up along the exception's MRO, so subclasses inherit a row.
+ERROR_TABLE: dict[type[Exception], ProblemKind] = {
+    NotFound: ProblemKind(404, "not-found", "Resource not found"),
+    Conflict: ProblemKind(409, "conflict", "Conflicts with the resource's current state"),
+    PayloadTooLarge: ProblemKind(413, "payload-too-large", "Content too large"),
+    UnsupportedMediaType: ProblemKind(415, "unsupported-media-type", "Unsupported media type"),
+    InvalidContent: ProblemKind(422, "invalid-content", "Invalid content"),
+    NotReady: ProblemKind(503, "not-ready", "Not ready yet"),
+    ServiceError: ProblemKind(400, "bad-request", "Bad request"),
+}
+
+
+class ProblemResponse(JSONResponse):
+    media_type = PROBLEM_JSON
+
+
+def problem(
+    request: Request | None,
+    status: int,
+    detail: str,
+    *,
+    slug: str | None = None,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    **extra: Any,
+) -> ProblemResponse:
+    phrase = _phrase(status)
+    body: dict[str, Any] = {
+        "type": TYPE_PREFIX + slug if slug else "about:blank",
+        "title": title or phrase,
+        "status": status,
+        "detail": detail,
+    }
+    if request is not None:
+        body["instance"] = request.url.path
+    body.update({k: v for k, v in extra.items() if v is not None})
+    return ProblemResponse(body, status_code=status, headers=headers)
+
+
+def kind_for(exc: Exception) -> ProblemKind | None:
+    for cls in type(exc).__mro__:
+        if cls in ERROR_TABLE:
+            return ERROR_TABLE[cls]
+    return None
+
+
+async def service_error_handler(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, ServiceError)
+    kind = kind_for(exc) or ERROR_TABLE[ServiceError]
+    extra: dict[str, Any] = dict(exc.extra)
+    headers: dict[str, str] = {}
+    if isinstance(exc, InvalidContent) and exc.loc is not None:
+        extra["field"] = _dotted(exc.loc)
+        extra["errors"] = [{"loc": list(exc.loc), "msg": exc.detail, "type": "value_error"}]
+    if isinstance(exc, NotReady) and exc.retry_after_s is not None:
+        headers["Retry-After"] = str(exc.retry_after_s)
+    return problem(request, kind.status, exc.detail, slug=kind.slug, title=kind.title, headers=headers or None, **extra)
+
+
+async def validation_error_handler(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, RequestValidationError)
+    errors = [
+        {"loc": [p for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+        for e in exc.errors()
+    ]
+    if any(e["type"] == "json_invalid" for e in errors):
+        first = next(e for e in errors if e["type"] == "json_invalid")
+        return problem(
+            request, 400, f"the request body is not valid JSON: {first['msg']}", slug="malformed-json",
+            title="Malformed request body", errors=errors,
+        )
+    shown = "; ".join(f"{_dotted(e['loc'])}: {e['msg']}" for e in errors[:5])
+    more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
+    return problem(
+        request, 422, shown + more, slug="validation-error", title="Request validation failed",
+        field=_dotted(errors[0]["loc"]) if errors else None, errors=errors,
+    )
+
+
+async def http_exception_handler(request: Request, exc: Exception) -> ProblemResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
+    return problem(request, exc.status_code, detail, headers=dict(exc.headers) if exc.headers else None)
+
+
+async def unhandled_error_handler(request: Request, exc: Exception) -> ProblemResponse:
+    log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return problem(request, 500, "internal server error; the service log has the details", slug="internal-error")
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    app.add_exception_handler(ServiceError, service_error_handler)
+    app.add_exception_handler(RequestValidationError, validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, http_exception_handler)
+    app.add_exception_handler(Exception, unhandled_error_handler)
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses=` entries documenting problem+json bodies for the given status codes."""
+    from app.schemas import Problem
+
+    return {
+        s: {"model": Problem, "description": _phrase(s), "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
+        for s in statuses
+    }
+
+
+def _phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return "Error"
+
+
+def _dotted(loc: Any) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out

@@ -1,0 +1,254 @@
+"""Request/response schemas (pydantic), kept apart from the DB rows and engine objects.
+
+The job `config` schema is generated from `engine.SlideConfig`: same fields, same defaults, same descriptions, so
+the two cannot drift apart. Range checks stay in the engine (`SlideConfig.from_dict`), whose `ConfigError.field`
+becomes the `field` of the 422 problem.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import datetime as dt
+import inspect
+import typing
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+
+from engine.config import SlideConfig
+
+JobState = Literal["queued", "running", "stopping", "stopped", "completed", "failed", "interrupted"]
+EXAMPLE_ID = "3f2c9a7e5b1d4c8e9f0a1b2c3d4e5f60"
+
+# --------------------------------------------------------------------------------------------------- problems
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details (served as `application/problem+json`)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(examples=["urn:slide:problem:invalid-content"])
+    title: str = Field(examples=["Invalid content"])
+    status: int = Field(examples=[422])
+    detail: str = Field(examples=["line 7: expected 'feature:value', got '12-0.5'"])
+    instance: str | None = Field(None, examples=["/v1/datasets"])
+    field: str | None = Field(None, description="Dotted path of the first value at fault.", examples=["body.config.hash_l"])
+    line: int | None = Field(None, description="Dataset uploads: 1-based line at fault (the header is line 1).")
+    column: int | None = Field(None, description="Dataset uploads: 1-based column at fault, when known.")
+    errors: list[dict[str, Any]] | None = Field(None, description="One `{loc, msg, type}` per invalid value.")
+
+
+# --------------------------------------------------------------------------------------------------- datasets
+
+
+class DatasetPublic(BaseModel):
+    id: str = Field(examples=[EXAMPLE_ID])
+    name: str = Field(examples=["tiny-train"])
+    num_points: int = Field(examples=[2000])
+    num_features: int = Field(examples=[500])
+    num_labels: int = Field(examples=[100])
+    nnz: int = Field(description="Stored feature values over all points.", examples=[30000])
+    avg_labels_per_point: float = Field(examples=[2.1])
+    avg_features_per_point: float = Field(examples=[15.0])
+    bytes: int = Field(description="Size of the uploaded file as received (compressed if it was sent gzipped).")
+    created_at: dt.datetime
+
+
+class DatasetList(BaseModel):
+    data: list[DatasetPublic]
+    count: int
+
+
+# --------------------------------------------------------------------------------------------------- job config
+
+
+def _attribute_docstrings(cls: type) -> dict[str, str]:
+    """`field: T = default` followed by a string literal: the string documents the field (PEP 257 style)."""
+    try:
+        tree = ast.parse(inspect.getsource(cls))
+    except (OSError, TypeError, SyntaxError):
+        return {}
+    body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
+    docs: dict[str, str] = {}
+    for node, nxt in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(nxt, ast.Expr)
+            and isinstance(nxt.value, ast.Constant)
+            and isinstance(nxt.value.value, str)
+        ):
+            docs[node.target.id] = inspect.cleandoc(nxt.value.value)
+    return docs
+
+
+def _config_model() -> type[BaseModel]:
+    hints = typing.get_type_hints(SlideConfig)
+    docs = _attribute_docstrings(SlideConfig)
+    defaults = SlideConfig().to_dict()
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(SlideConfig):
+        tp = hints.get(f.name, Any)
+        if typing.get_origin(tp) is tuple:  # JSON has arrays, not tuples
+            (item, *_rest) = typing.get_args(tp) or (Any,)
+            tp = list[item]  # type: ignore[valid-type]
+        fields[f.name] = (tp, Field(defaults[f.name], description=docs.get(f.name)))  # pydantic copies list defaults
+    return create_model(
+        "SlideConfig",
+        __config__=ConfigDict(extra="forbid", json_schema_extra={"description": inspect.cleandoc(SlideConfig.__doc__ or "")}),
+        **fields,
+    )
+
+
+SlideConfigModel: type[BaseModel] = _config_model()
+
+# --------------------------------------------------------------------------------------------------- jobs
+
+JOB_CONFIG_EXAMPLE = {"hidden": [128], "hash_family": "dwta", "hash_k": 6, "hash_l": 50, "batch_size": 128,
+                      "lr": 0.001, "epochs": 5, "seed": 0}
+
+
+class JobCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    train_dataset_id: str = Field(description="Id returned by `POST /v1/datasets`.", examples=[EXAMPLE_ID])
+    eval_dataset_id: str | None = Field(
+        None, description="Optional held-out dataset (same feature and label space): enables P@1 and P@5.",
+    )
+    config: SlideConfigModel = Field(  # type: ignore[valid-type]
+        default_factory=SlideConfigModel, description="Engine settings; omitted fields take the engine defaults.",
+        examples=[JOB_CONFIG_EXAMPLE],
+    )
+
+
+class MetricPoint(BaseModel):
+    step: int
+    epoch: float
+    samples: int
+    loss: float | None = None
+    p_at_1: float | None = None
+    p_at_5: float | None = None
+    samples_per_s: float | None = None
+    active_fraction: float | None = None
+    elapsed_s: float | None = None
+
+
+class JobProgress(BaseModel):
+    epoch: int = Field(description="Epochs started so far (the one in progress counts).")
+    epochs: int = Field(description="Epochs the job trains in total.")
+    step: int
+    samples: int = Field(description="Training points processed so far.")
+    samples_per_s: float | None = None
+
+
+class JobPublic(BaseModel):
+    id: str = Field(examples=[EXAMPLE_ID])
+    state: JobState
+    train_dataset_id: str
+    eval_dataset_id: str | None
+    config: SlideConfigModel  # type: ignore[valid-type]
+    progress: JobProgress
+    latest_metrics: MetricPoint | None = None
+    model_version: int | None = Field(None, description="Newest published snapshot; predictions use it.")
+    error: str | None = None
+    runs: int = Field(description="Trainer processes this job has had (1 + resumes).")
+    interruptions: int = Field(description="Times the service went down while this job was training.")
+    created_at: dt.datetime
+    updated_at: dt.datetime
+    started_at: dt.datetime | None = None
+    finished_at: dt.datetime | None = None
+
+
+class JobList(BaseModel):
+    data: list[JobPublic]
+    count: int
+
+
+class MetricSeries(BaseModel):
+    job_id: str
+    data: list[MetricPoint]
+    count: int
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+class ModelVersionPublic(BaseModel):
+    version: int
+    step: int | None = None
+    epoch: int | None = None
+    samples: int | None = None
+    created_at: dt.datetime | None = None
+    available: bool = Field(description="Still on disk (the trainer keeps the newest few).")
+
+
+class ModelPublic(BaseModel):
+    id: str = Field(description="Same as the job id.", examples=[EXAMPLE_ID])
+    job_state: JobState
+    ready: bool = Field(description="A snapshot exists, so predict answers.")
+    latest_version: int | None = None
+    num_features: int | None = None
+    num_labels: int | None = None
+    train_dataset_id: str
+    versions: list[ModelVersionPublic]
+
+
+class ModelList(BaseModel):
+    data: list[ModelPublic]
+    count: int
+
+
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Instance(BaseModel):
+    """One sparse query: feature ids and their values (same length)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    indices: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(examples=[[0, 5, 17]])
+    values: list[FiniteFloat] = Field(examples=[[1.0, 0.5, 0.25]])
+
+    @model_validator(mode="after")
+    def _same_length(self) -> "Instance":
+        if len(self.indices) != len(self.values):
+            raise ValueError(f"indices has {len(self.indices)} entries but values has {len(self.values)}; "
+                             "they must pair up")
+        if len(set(self.indices)) != len(self.indices):
+            raise ValueError("indices must not repeat a feature id")
+        return self
+
+
+class PredictRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    instances: list[Instance] = Field(min_length=1, examples=[[{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}]])
+    k: int = Field(5, ge=1, description="Labels returned per instance.", examples=[5])
+    mode: Literal["lsh", "exact"] = Field(
+        "lsh", description="`lsh`: score only the labels the hash tables retrieve (sub-linear); `exact`: score all.",
+    )
+
+
+class Prediction(BaseModel):
+    labels: list[int] = Field(description="Best first; fewer than k when the hash tables retrieved fewer labels.")
+    scores: list[float]
+
+
+class PredictResponse(BaseModel):
+    model_id: str
+    model_version: int
+    predictions: list[Prediction]
+
+
+# --------------------------------------------------------------------------------------------------- health
+
+
+class Health(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(BaseModel):
+    status: Literal["ready", "not ready"]
+    checks: dict[str, str] = Field(examples=[{"database": "ok", "data_dir": "ok", "supervisor": "ok"}])

@@ -1,0 +1,1 @@
+"""Services: dataset store, job runner and supervisor, model registry. No HTTP here."""

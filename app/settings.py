@@ -1,0 +1,100 @@
+"""Service settings: one object, read from `SLIDE_*` environment variables (or a `.env` file), refused at start-up
+when a value is out of range."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import ByteSize, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PositiveSeconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class Settings(BaseSettings):
+    """Everything the service can be told. Env names are the field names upper-cased with `SLIDE_` in front."""
+
+    model_config = SettingsConfigDict(env_prefix="SLIDE_", env_file=".env", extra="ignore", frozen=True)
+
+    data_dir: Path = Path("./data")
+    """Arrays live here: uploaded datasets, job snapshots, the default SQLite database."""
+    database_url: str = ""
+    """SQLAlchemy URL; empty = SQLite at `<data_dir>/slide.db`. A `postgresql+psycopg://...` URL works too."""
+
+    max_upload_bytes: ByteSize = ByteSize(2 * 1024**3)
+    """Largest dataset accepted, counted both as bytes received and as bytes after gzip inflation (e.g. `512MiB`)."""
+    snapshot_interval_s: PositiveSeconds = 30.0
+    """A training job publishes a snapshot (weights + hash tables) this often; a killed trainer loses at most this."""
+    snapshot_keep: int = Field(3, ge=1, le=100)
+    """Snapshot versions kept per job (older ones are pruned by the trainer)."""
+    trainer_threads: int = Field(0, ge=0, le=1024)
+    """Numba threads per training process when the job's config says `threads: 0` (0 = all cores)."""
+    max_concurrent_jobs: int = Field(1, ge=1, le=64)
+    """Jobs training at once; the rest wait in `queued`."""
+    auto_resume: bool = True
+    """On start-up, resume jobs that were training when the service stopped (else they stay `interrupted`)."""
+
+    api_key: SecretStr | None = None
+    """When set, every endpoint except /healthz and /readyz needs the header `X-API-Key: <key>`."""
+
+    predict_max_instances: int = Field(1024, ge=1)
+    """Most instances in one predict request."""
+    predict_max_k: int = Field(1000, ge=1)
+    """Largest `k` a predict request may ask for."""
+
+    progress_interval_s: PositiveSeconds = 1.0
+    """How often a training process records its progress (step, samples/s) and checks for a stop request."""
+    events_poll_s: PositiveSeconds = 0.5
+    """How often the Server-Sent Events stream looks for new metrics."""
+    supervisor_poll_s: PositiveSeconds = 0.5
+    """How often the supervisor reaps finished trainer processes and starts queued jobs."""
+    shutdown_grace_s: PositiveSeconds = 20.0
+    """On shutdown, running trainers checkpoint and exit; after this long they are killed."""
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_none(cls, v: object) -> object:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    @field_validator("max_upload_bytes")
+    @classmethod
+    def _positive_limit(cls, v: ByteSize) -> ByteSize:
+        if v < 1:
+            raise ValueError("max_upload_bytes must be >= 1 byte (e.g. 2GiB)")
+        return v
+
+    @field_validator("data_dir")
+    @classmethod
+    def _dir_not_file(cls, v: Path) -> Path:
+        if v.exists() and not v.is_dir():
+            raise ValueError(f"data_dir {v} exists and is not a directory")
+        return v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _default_database(self) -> "Settings":
+        if not self.database_url:
+            db = (self.data_dir / "slide.db").resolve()
+            object.__setattr__(self, "database_url", f"sqlite:///{db}")
+        return self
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.data_dir / "datasets"
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.data_dir / "jobs"
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def snapshots_dir(self, job_id: str) -> Path:
+        return self.job_dir(job_id) / "snapshots"
+
+    def dataset_dir(self, dataset_id: str) -> Path:
+        return self.datasets_dir / dataset_id
+
+
+def get_settings() -> Settings:
+    return Settings()

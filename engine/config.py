@@ -77,7 +77,8 @@ class SlideConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        _check(all(h >= 1 for h in self.hidden), "hidden", "every hidden width must be >= 1")
+        _check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden",
+               "give at least one hidden layer, each of width >= 1")
         _check(self.hash_family in ("simhash", "wta", "dwta"), "hash_family", "must be simhash, wta or dwta")
         _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
         _check(1 <= self.hash_l <= 1024, "hash_l", "number of tables must be in [1, 1024]")

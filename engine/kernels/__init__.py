@@ -1,0 +1,1 @@
+"""Numba kernels by concern: active-set sampling, forward/backward, optimizer, inference."""

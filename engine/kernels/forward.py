@@ -1,0 +1,202 @@
+"""Sparse forward and backward pass of one point, and of a batch in parallel.
+
+Layer 0 maps the sparse input through W0 (num_features, h1), stored input-major so that a point
+reads and its gradient touches only the rows of its non-zero features. Every later layer l has
+W[l] (out_l, in_l + 1), one row per neuron with its bias in the last column, so a neuron is one
+contiguous row to hash, score and update. A layer with a hash-table slot computes only its active
+neurons; the output layer normalises its softmax over the active set.
+
+Batch buffers (b = batch size, cap_l = most active neurons of layer l):
+  hid[l]      float32 (b, width_l)  dense ReLU output of hidden layer l (l = 0 .. D-1)
+  act_ids[l-1] int32  (b, cap_l)    active neuron ids of layer l (unused for dense layers)
+  act_val[l-1] float32 (b, cap_l)   activations, overwritten by the backward pass with deltas
+  nact        int32 (b, D+1)        number of active neurons per layer
+  delta0      float32 (b, h1)       gradient at layer 0's pre-activation
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from .._numba import kernel, parallel_kernel
+from ..lsh import hash_vector
+from .sampling import add_labels, collect_candidates, filter_candidates, next_generation, pad_random
+
+
+@kernel
+def sparse_input_layer(w0, b0, indices, values, start, end, h):
+    """h = relu(b0 + sum_q values[q] * w0[indices[q]]) over one point's non-zeros [start, end)."""
+    width = h.shape[0]
+    for k in range(width):
+        h[k] = b0[k]
+    for q in range(start, end):
+        row = w0[indices[q]]
+        val = values[q]
+        for k in range(width):
+            h[k] += val * row[k]
+    for k in range(width):
+        if h[k] < 0.0:
+            h[k] = 0.0
+
+
+@kernel
+def neuron_preactivation(w, j, inp):
+    """<w[j, :in], inp> + w[j, in] (bias in the last column)."""
+    in_dim = inp.shape[0]
+    row = w[j]
+    acc = row[in_dim]
+    for k in range(in_dim):
+        acc += row[k] * inp[k]
+    return acc
+
+
+@kernel
+def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, mark, cnt, gen, qcodes, qbuck,
+                   threshold, max_active, ids):
+    """Retrieve the candidates of one input from a sampled layer's tables into ids; returns how many."""
+    hp = hparams[slot]
+    n_tables = hp[2]
+    buckets = qbuck[:n_tables]
+    hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[: hidx[slot].shape[0]], buckets)
+    n = collect_candidates(buckets, toffsets[slot], tids[slot], mark, cnt, gen, ids)
+    return filter_candidates(ids, n, cnt, threshold, max_active, n_tables)
+
+
+@kernel
+def softmax_inplace(vals, n):
+    top = -np.inf
+    for a in range(n):
+        if vals[a] > top:
+            top = vals[a]
+    total = 0.0
+    for a in range(n):
+        e = math.exp(vals[a] - top)
+        vals[a] = e
+        total += e
+    inv = 1.0 / total
+    for a in range(n):
+        vals[a] *= inv
+
+
+@kernel
+def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices, inv_batch,
+                w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids,
+                hid, act_ids, act_val, nact, delta0,
+                mark, cnt, gens, chunk, qcodes, qbuck, gin, gprev,
+                threshold, max_active, min_active, seed):
+    """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled)."""
+    depth = len(weights)
+    sparse_input_layer(w0, b0, x_indices, x_values, x_indptr[p], x_indptr[p + 1], hid[0][i])
+    labels = y_indices[y_indptr[p] : y_indptr[p + 1]]
+    n_labels = labels.shape[0]
+    gen = np.int32(0)
+    for l in range(1, depth):
+        w = weights[l]
+        out_dim = w.shape[0]
+        inp = hid[l - 1][i]
+        vals = act_val[l - 1][i]
+        ids = act_ids[l - 1][i]
+        slot = layer_slot[l]
+        is_output = l == depth - 1
+        if slot >= 0:
+            gen = next_generation(mark, gens, chunk)
+            n = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, mark[chunk], cnt[chunk], gen,
+                               qcodes[chunk], qbuck[chunk], threshold, max_active, ids)
+            if is_output:
+                n = add_labels(ids, n, labels, mark[chunk], cnt[chunk], gen)
+            n = pad_random(ids, n, min_active, out_dim, mark[chunk], cnt[chunk], gen, seed, stream * depth + l)
+            for a in range(n):
+                vals[a] = neuron_preactivation(w, ids[a], inp)
+        else:
+            n = out_dim
+            for j in range(n):
+                vals[j] = neuron_preactivation(w, j, inp)
+        nact[i, l] = n
+        if not is_output:
+            h = hid[l][i]
+            h[:] = 0.0
+            for a in range(n):
+                if vals[a] < 0.0:
+                    vals[a] = 0.0
+                h[ids[a] if slot >= 0 else a] = vals[a]
+
+    # Output: softmax over the active set, delta = (p - y / |Y|) / batch.
+    out_l = depth - 1
+    n = nact[i, out_l]
+    vals = act_val[out_l - 1][i]
+    ids = act_ids[out_l - 1][i]
+    sampled = layer_slot[out_l] >= 0
+    softmax_inplace(vals, n)
+    loss = 0.0
+    if n_labels == 0:
+        for a in range(n):
+            vals[a] = 0.0
+        delta0[i, :] = 0.0
+        return 0.0
+    share = 1.0 / n_labels
+    if sampled:
+        c = cnt[chunk]
+        for a in range(n):
+            target = 0.0
+            if c[ids[a]] == -1:
+                target = share
+                loss -= share * math.log(max(vals[a], 1e-30))
+            vals[a] = (vals[a] - target) * inv_batch
+    else:
+        for q in range(n_labels):
+            loss -= share * math.log(max(vals[labels[q]], 1e-30))
+        for a in range(n):
+            vals[a] *= inv_batch
+        for q in range(n_labels):
+            vals[labels[q]] -= share * inv_batch
+
+    # Backward through the active neurons only.
+    g = gin[chunk]
+    g_prev = gprev[chunk]
+    for l in range(out_l, 0, -1):
+        w = weights[l]
+        in_dim = w.shape[1] - 1
+        vals = act_val[l - 1][i]
+        ids = act_ids[l - 1][i]
+        sampled = layer_slot[l] >= 0
+        n = nact[i, l]
+        if l < out_l:
+            h = hid[l][i]
+            for a in range(n):
+                j = ids[a] if sampled else a
+                vals[a] = g[j] if h[j] > 0.0 else 0.0
+        g_prev[:in_dim] = 0.0
+        for a in range(n):
+            d = vals[a]
+            if d != 0.0:
+                row = w[ids[a] if sampled else a]
+                for k in range(in_dim):
+                    g_prev[k] += d * row[k]
+        g, g_prev = g_prev, g
+    h0 = hid[0][i]
+    for k in range(h0.shape[0]):
+        delta0[i, k] = g[k] if h0[k] > 0.0 else 0.0
+    return loss
+
+
+@parallel_kernel
+def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y_indices,
+                w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids,
+                hid, act_ids, act_val, nact, delta0, losses,
+                mark, cnt, gens, qcodes, qbuck, gin, gprev, n_chunks,
+                threshold, max_active, min_active, seed):
+    """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
+
+    Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
+    """
+    b = points.shape[0]
+    inv_batch = 1.0 / b
+    for c in prange(n_chunks):
+        for i in range(c, b, n_chunks):
+            losses[i] = train_point(i, points[i], first_stream + i, x_indptr, x_indices, x_values, y_indptr,
+                                    y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
+                                    toffsets, tids, hid, act_ids, act_val, nact, delta0, mark, cnt, gens, c,
+                                    qcodes, qbuck, gin, gprev, threshold, max_active, min_active, seed)

@@ -1,0 +1,186 @@
+"""Lazy Adam: only rows a batch touched are updated, each with its own step count.
+
+A row's bias correction uses the number of times that row was updated, so rarely active neurons
+get the same effective step size as in dense Adam at their first updates. Updates run in parallel
+over rows: each row is owned by one thread, so no lock is needed and no update is lost; every
+row's gradient is summed over the batch in point order, which keeps results independent of the
+number of threads.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from .._numba import kernel, parallel_kernel
+
+
+@kernel
+def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
+    """One Adam step of row w with gradient g at this row's step t >= 1; returns the update's L2 norm."""
+    bc1 = 1.0 - beta1**t
+    bc2 = 1.0 - beta2**t
+    step = lr * math.sqrt(bc2) / bc1
+    eps_hat = eps * math.sqrt(bc2)
+    sq = 0.0
+    for k in range(w.shape[0]):
+        gk = g[k]
+        mk = beta1 * m[k] + (1.0 - beta1) * gk
+        vk = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        m[k] = mk
+        v[k] = vk
+        u = step * mk / (math.sqrt(vk) + eps_hat)
+        w[k] -= u
+        sq += u * u
+    return math.sqrt(sq)
+
+
+@kernel
+def group_by_row(ids, nact, n_rows, counts):
+    """Counting sort of the batch's (point, slot) pairs by neuron id.
+
+    ids int32 (b, cap), nact int32 (b,) -> row_start int64 (n_rows + 1,), pair_point, pair_slot
+    int32 (pairs,), touched int64 (distinct rows, ascending). counts is int64 scratch (n_rows + 1,).
+    """
+    b = ids.shape[0]
+    counts[:] = 0
+    total = 0
+    for i in range(b):
+        for a in range(nact[i]):
+            counts[ids[i, a] + 1] += 1
+        total += nact[i]
+    n_touched = 0
+    for j in range(n_rows):
+        if counts[j + 1] > 0:
+            n_touched += 1
+        counts[j + 1] += counts[j]
+    row_start = counts.copy()
+    fill = counts[:-1].copy()
+    pair_point = np.empty(total, dtype=np.int32)
+    pair_slot = np.empty(total, dtype=np.int32)
+    for i in range(b):
+        for a in range(nact[i]):
+            j = ids[i, a]
+            pair_point[fill[j]] = i
+            pair_slot[fill[j]] = a
+            fill[j] += 1
+    touched = np.empty(n_touched, dtype=np.int64)
+    t = 0
+    for j in range(n_rows):
+        if row_start[j + 1] > row_start[j]:
+            touched[t] = j
+            t += 1
+    return row_start, pair_point, pair_slot, touched
+
+
+@parallel_kernel
+def update_sampled_layer(w, m, v, steps, drift, vals, inputs, row_start, pair_point, pair_slot, touched,
+                         lr, beta1, beta2, eps):
+    """Adam on the touched rows of a layer with rows (out, in+1); gradient = sum delta * [input, 1]."""
+    in_dim = w.shape[1] - 1
+    n = touched.shape[0]
+    n_chunks = min(n, 1024)
+    for c in prange(n_chunks):
+        g = np.empty(in_dim + 1, dtype=np.float32)
+        for r in range(c, n, n_chunks):
+            j = touched[r]
+            g[:] = 0.0
+            for q in range(row_start[j], row_start[j + 1]):
+                i = pair_point[q]
+                d = vals[i, pair_slot[q]]
+                x = inputs[i]
+                for k in range(in_dim):
+                    g[k] += d * x[k]
+                g[in_dim] += d
+            steps[j] += 1
+            drift[j] += adam_row(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
+
+
+@parallel_kernel
+def update_dense_layer(w, m, v, steps, drift, vals, inputs, lr, beta1, beta2, eps):
+    """Adam on every row of a dense layer; vals float32 (b, out) are the deltas."""
+    out_dim = w.shape[0]
+    in_dim = w.shape[1] - 1
+    b = vals.shape[0]
+    n_chunks = min(out_dim, 1024)
+    for c in prange(n_chunks):
+        g = np.empty(in_dim + 1, dtype=np.float32)
+        for j in range(c, out_dim, n_chunks):
+            g[:] = 0.0
+            for i in range(b):
+                d = vals[i, j]
+                if d != 0.0:
+                    x = inputs[i]
+                    for k in range(in_dim):
+                        g[k] += d * x[k]
+                    g[in_dim] += d
+            steps[j] += 1
+            drift[j] += adam_row(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
+
+
+@kernel
+def group_by_feature(points, x_indptr, x_indices, n_features, counts):
+    """Counting sort of the batch's non-zeros by feature id: row_start, pair_point, pair_nz, touched."""
+    b = points.shape[0]
+    counts[:] = 0
+    total = 0
+    for i in range(b):
+        p = points[i]
+        for q in range(x_indptr[p], x_indptr[p + 1]):
+            counts[x_indices[q] + 1] += 1
+        total += x_indptr[p + 1] - x_indptr[p]
+    n_touched = 0
+    for f in range(n_features):
+        if counts[f + 1] > 0:
+            n_touched += 1
+        counts[f + 1] += counts[f]
+    row_start = counts.copy()
+    fill = counts[:-1].copy()
+    pair_point = np.empty(total, dtype=np.int32)
+    pair_nz = np.empty(total, dtype=np.int64)
+    for i in range(b):
+        p = points[i]
+        for q in range(x_indptr[p], x_indptr[p + 1]):
+            f = x_indices[q]
+            pair_point[fill[f]] = i
+            pair_nz[fill[f]] = q
+            fill[f] += 1
+    touched = np.empty(n_touched, dtype=np.int64)
+    t = 0
+    for f in range(n_features):
+        if row_start[f + 1] > row_start[f]:
+            touched[t] = f
+            t += 1
+    return row_start, pair_point, pair_nz, touched
+
+
+@parallel_kernel
+def update_input_layer(w0, m0, v0, steps0, x_values, delta0, row_start, pair_point, pair_nz, touched,
+                       lr, beta1, beta2, eps):
+    """Adam on the rows of W0 (num_features, h1) of features present in the batch."""
+    width = w0.shape[1]
+    n = touched.shape[0]
+    n_chunks = min(n, 1024)
+    for c in prange(n_chunks):
+        g = np.empty(width, dtype=np.float32)
+        for r in range(c, n, n_chunks):
+            f = touched[r]
+            g[:] = 0.0
+            for q in range(row_start[f], row_start[f + 1]):
+                x = x_values[pair_nz[q]]
+                d = delta0[pair_point[q]]
+                for k in range(width):
+                    g[k] += x * d[k]
+            steps0[f] += 1
+            adam_row(w0[f], m0[f], v0[f], g, steps0[f], lr, beta1, beta2, eps)
+
+
+@kernel
+def update_input_bias(b0, m, v, delta0, t, lr, beta1, beta2, eps):
+    g = np.zeros(b0.shape[0], dtype=np.float32)
+    for i in range(delta0.shape[0]):
+        for k in range(b0.shape[0]):
+            g[k] += delta0[i, k]
+    adam_row(b0, m, v, g, t, lr, beta1, beta2, eps)

@@ -1,0 +1,116 @@
+"""Active-set selection: which neurons of a sampled layer one input computes.
+
+The union of the input's L buckets, each neuron counted by how many buckets returned it; optionally
+only neurons seen >= `threshold` times, or the `max_active` most frequent; during training the true
+labels are always added; random neurons pad the set up to `min_active`.
+
+Membership is tracked without clearing arrays per input: mark[j] == gen means "seen for this input",
+and cnt[j] holds its count (0 = seen but dropped, -1 = a true label).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .._numba import kernel
+from ..lsh import mix3
+
+
+@kernel
+def next_generation(mark, gens, chunk):
+    """A fresh marker value for chunk's scratch row, clearing the row when the counter wraps."""
+    g = gens[chunk] + 1
+    if g >= 2_000_000_000:
+        mark[chunk, :] = 0
+        g = 1
+    gens[chunk] = g
+    return np.int32(g)
+
+
+@kernel
+def collect_candidates(buckets, offsets, ids, mark, cnt, gen, out):
+    """Union of the buckets (one per table) into out; returns how many; counts in cnt."""
+    n = 0
+    for t in range(buckets.shape[0]):
+        b = buckets[t]
+        for p in range(offsets[t, b], offsets[t, b + 1]):
+            j = ids[t, p]
+            if mark[j] != gen:
+                mark[j] = gen
+                cnt[j] = 1
+                out[n] = j
+                n += 1
+            else:
+                cnt[j] += 1
+    return n
+
+
+@kernel
+def filter_candidates(out, n, cnt, threshold, max_active, max_count):
+    """Keep candidates with count >= threshold, then the max_active most frequent; returns the new n.
+
+    Dropped ids get cnt 0. Order among equal counts is the order found, so results are deterministic.
+    """
+    if threshold > 1:
+        kept = 0
+        for a in range(n):
+            j = out[a]
+            if cnt[j] >= threshold:
+                out[kept] = j
+                kept += 1
+            else:
+                cnt[j] = 0
+        n = kept
+    if max_active > 0 and n > max_active:
+        hist = np.zeros(max_count + 2, dtype=np.int64)
+        for a in range(n):
+            hist[cnt[out[a]]] += 1
+        cutoff = max_count
+        above = 0
+        while cutoff > 0 and above + hist[cutoff] < max_active:
+            above += hist[cutoff]
+            cutoff -= 1
+        ties_left = max_active - above
+        kept = 0
+        for a in range(n):
+            j = out[a]
+            c = cnt[j]
+            if c > cutoff or (c == cutoff and ties_left > 0):
+                if c == cutoff:
+                    ties_left -= 1
+                out[kept] = j
+                kept += 1
+            else:
+                cnt[j] = 0
+        n = kept
+    return n
+
+
+@kernel
+def add_labels(out, n, labels, mark, cnt, gen):
+    """Make sure every true label is active and flag it with cnt = -1; returns the new n."""
+    for q in range(labels.shape[0]):
+        y = labels[q]
+        if mark[y] != gen or cnt[y] == 0:
+            mark[y] = gen
+            out[n] = y
+            n += 1
+        cnt[y] = -1
+    return n
+
+
+@kernel
+def pad_random(out, n, min_active, n_neurons, mark, cnt, gen, seed, stream):
+    """Add distinct random neurons until n >= min_active (bounded attempts); returns the new n."""
+    target = min(min_active, n_neurons, out.shape[0])
+    attempt = 0
+    limit = 8 * target + 64
+    while n < target and attempt < limit:
+        j = np.int64(mix3(seed, stream, attempt) % np.uint64(n_neurons))
+        attempt += 1
+        if mark[j] != gen or cnt[j] == 0:
+            mark[j] = gen
+            cnt[j] = 1
+            out[n] = j
+            n += 1
+    return n

@@ -1,0 +1,240 @@
+"""Hash families over dense vectors (a layer's input, a neuron's weight row) and their K/L maths.
+
+Every family yields, per table, K codes in [0, radix) that are combined into one bucket id:
+exactly (mixed radix, sum c_k * radix^k) when the code space fits the table, so no two codes
+share a bucket and every bucket is reachable; otherwise folded with a 64-bit mix down to
+`table_bits` bits, which keeps every bucket reachable with uniform load.
+
+- SimHash: bit = [<r, x> > 0] with sparse random r in {-1, 0, +1}; radix 2.
+- WTA: the code is the argmax position inside a bin of `bin_size` dimensions of a random permutation.
+- DWTA: WTA whose empty bins (all zeros, common after ReLU or for sparse inputs) borrow the code of a
+  non-empty bin chosen by a second hash, so sparse vectors still get informative codes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+from numba import prange
+
+from ._numba import kernel, parallel_kernel
+from .config import SlideConfig
+
+SIMHASH, WTA, DWTA = 0, 1, 2
+FAMILY_IDS = {"simhash": SIMHASH, "wta": WTA, "dwta": DWTA}
+_DENSIFY_ATTEMPTS = 128
+_FNV_PRIME = np.uint64(0x100000001B3)
+
+
+class HashFunctions(NamedTuple):
+    """The random draws of one layer's L tables of K codes each.
+
+    idx: int32 (L*K, m), the input dimensions each code reads (m = projection nnz or bin_size).
+    sign: float32 (L*K, m), SimHash projection signs (all ones for WTA/DWTA).
+    params: int64 (8,) = family, K, L, radix, num_buckets, fold, table_bits, seed.
+    """
+
+    idx: np.ndarray
+    sign: np.ndarray
+    params: np.ndarray
+
+    @property
+    def family(self) -> int:
+        return int(self.params[0])
+
+    @property
+    def k(self) -> int:
+        return int(self.params[1])
+
+    @property
+    def l(self) -> int:
+        return int(self.params[2])
+
+    @property
+    def num_buckets(self) -> int:
+        return int(self.params[4])
+
+
+def table_geometry(config: SlideConfig) -> tuple[int, int, bool]:
+    """(radix, num_buckets, fold) for a config: exact mixed-radix ids when they fit, else folded bits."""
+    radix = 2 if config.hash_family == "simhash" else config.bin_size
+    bits = config.resolved_table_bits
+    space = radix ** config.hash_k
+    if space <= 2**bits:
+        return radix, int(space), False
+    return radix, 2**bits, True
+
+
+def draw_hash_functions(config: SlideConfig, dim: int, rng: np.random.Generator) -> HashFunctions:
+    """Draw the hash functions of one sampled layer whose neurons have `dim` inputs."""
+    k, l = config.hash_k, config.hash_l
+    family = FAMILY_IDS[config.hash_family]
+    n_codes = k * l
+    if family == SIMHASH:
+        m = max(1, int(round(config.simhash_density * dim)))
+        idx = np.empty((n_codes, m), dtype=np.int32)
+        for c in range(n_codes):
+            idx[c] = np.sort(rng.choice(dim, size=m, replace=False))
+        sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(n_codes, m)).astype(np.float32)
+    else:
+        if config.bin_size > dim:
+            raise ValueError(
+                f"bin_size={config.bin_size} is larger than the layer input width {dim}; "
+                f"use bin_size <= {dim} or the simhash family"
+            )
+        m = config.bin_size
+        per_perm = dim // m
+        n_perms = -(-n_codes // per_perm)
+        bins = np.concatenate([rng.permutation(dim)[: per_perm * m].reshape(per_perm, m) for _ in range(n_perms)])
+        idx = np.ascontiguousarray(bins[:n_codes], dtype=np.int32)
+        sign = np.ones((n_codes, m), dtype=np.float32)
+    radix, num_buckets, fold = table_geometry(config)
+    seed = int(rng.integers(0, 2**62))
+    params = np.array([family, k, l, radix, num_buckets, int(fold), config.resolved_table_bits, seed], dtype=np.int64)
+    return HashFunctions(idx, sign, params)
+
+
+@kernel
+def splitmix64(x):
+    """64-bit finalizer (Steele et al.): a bijective mix of a uint64."""
+    z = np.uint64(x) + np.uint64(0x9E3779B97F4A7C15)
+    z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@kernel
+def mix3(seed, a, b):
+    """A uint64 hash of three integers, used as a counter-based random number."""
+    h = splitmix64(np.uint64(seed) ^ splitmix64(np.uint64(a)))
+    return splitmix64(h ^ np.uint64(b))
+
+
+@kernel
+def raw_codes(x, idx, sign, family, codes):
+    """Per-code values of vector x (dense, float32 (dim,)) into codes int32 (L*K,); returns nothing.
+
+    For WTA/DWTA a code is -1 when its bin is empty (all zeros), to be densified by the caller.
+    """
+    n_codes, m = idx.shape
+    for c in range(n_codes):
+        if family == SIMHASH:
+            acc = 0.0
+            for t in range(m):
+                acc += sign[c, t] * x[idx[c, t]]
+            codes[c] = 1 if acc > 0.0 else 0
+        else:
+            best = x[idx[c, 0]]
+            arg = 0
+            nonzero = best != 0.0
+            for t in range(1, m):
+                val = x[idx[c, t]]
+                if val != 0.0:
+                    nonzero = True
+                if val > best:
+                    best = val
+                    arg = t
+            codes[c] = arg if (nonzero or family == WTA) else -1
+
+
+@kernel
+def densify(codes, seed):
+    """DWTA: each empty code (-1) takes the code of a non-empty one picked by a second hash (0 if none)."""
+    n = codes.shape[0]
+    for c in range(n):
+        if codes[c] >= 0:
+            continue
+        found = 0
+        for attempt in range(1, _DENSIFY_ATTEMPTS + 1):
+            j = np.int64(mix3(seed, c, attempt) % np.uint64(n))
+            if codes[j] >= 0:
+                found = codes[j]
+                break
+        codes[c] = -2 - found
+    for c in range(n):
+        if codes[c] < 0:
+            codes[c] = -2 - codes[c]
+
+
+@kernel
+def combine_codes(codes, params, buckets):
+    """Fold per-table codes (L*K,) into bucket ids int32 (L,)."""
+    k, l, radix, fold, table_bits, seed = params[1], params[2], params[3], params[5], params[6], params[7]
+    for t in range(l):
+        if fold == 0:
+            b = 0
+            for j in range(k - 1, -1, -1):
+                b = b * radix + codes[t * k + j]
+            buckets[t] = b
+        else:
+            h = splitmix64(np.uint64(seed) + np.uint64(t))
+            for j in range(k):
+                h = (h ^ np.uint64(codes[t * k + j] + 1)) * _FNV_PRIME
+            h = splitmix64(h)
+            buckets[t] = np.int32(h >> np.uint64(64 - table_bits))
+
+
+@kernel
+def hash_vector(x, idx, sign, params, scratch, buckets):
+    """Bucket ids int32 (L,) of one dense vector x; scratch is int32 (L*K,)."""
+    family = params[0]
+    raw_codes(x, idx, sign, family, scratch)
+    if family == DWTA:
+        densify(scratch, params[7])
+    combine_codes(scratch, params, buckets)
+
+
+@parallel_kernel
+def hash_rows(weights, rows, idx, sign, params, out):
+    """Bucket ids of weight rows: out int32 (L, len(rows)), out[:, r] for neuron rows[r]."""
+    n = rows.shape[0]
+    n_codes = idx.shape[0]
+    l = params[2]
+    n_chunks = min(n, 256)
+    for chunk in prange(n_chunks):
+        scratch = np.empty(n_codes, dtype=np.int32)
+        b = np.empty(l, dtype=np.int32)
+        for r in range(chunk, n, n_chunks):
+            hash_vector(weights[rows[r]], idx, sign, params, scratch, b)
+            for t in range(l):
+                out[t, r] = b[t]
+
+
+def hash_dense(x: np.ndarray, hf: HashFunctions) -> np.ndarray:
+    """Bucket ids (L,) of one dense float32 vector: the typed wrapper used by tests and tools."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 1 or int(hf.idx.max(initial=0)) >= x.shape[0]:
+        raise ValueError(f"expected a 1-d vector of width > {int(hf.idx.max(initial=0))}, got shape {x.shape}")
+    out = np.empty(hf.l, dtype=np.int32)
+    hash_vector(x, hf.idx, hf.sign, hf.params, np.empty(hf.idx.shape[0], dtype=np.int32), out)
+    return out
+
+
+def hash_matrix(weights: np.ndarray, hf: HashFunctions, rows: np.ndarray | None = None) -> np.ndarray:
+    """Bucket ids int32 (L, n) of the rows of a float32 (n_rows, dim) matrix (all rows or `rows`)."""
+    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    rows = np.arange(weights.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
+    out = np.empty((hf.l, rows.shape[0]), dtype=np.int32)
+    if rows.shape[0]:
+        hash_rows(weights, rows, hf.idx, hf.sign, hf.params, out)
+    return out
+
+
+def collision_probability(p: float, k: int, l: int) -> float:
+    """Probability that two vectors whose single-code collision probability is p share >= 1 of L buckets."""
+    return 1.0 - (1.0 - p**k) ** l
+
+
+def simhash_bit_collision(cosine: float) -> float:
+    """Probability that one SimHash bit agrees for two vectors at this cosine similarity."""
+    return 1.0 - math.acos(max(-1.0, min(1.0, cosine))) / math.pi
+
+
+def tables_for_recall(p: float, k: int, recall: float) -> int:
+    """Smallest L with collision_probability(p, k, L) >= recall (p, recall in (0, 1))."""
+    if not (0 < p < 1 and 0 < recall < 1):
+        raise ValueError("p and recall must be in (0, 1)")
+    return max(1, math.ceil(math.log(1 - recall) / math.log(1 - p**k)))
+

@@ -1,0 +1,206 @@
+"""The SLIDE network: parameters, per-layer hash functions and tables, and top-k prediction.
+
+Layer 0 is the sparse input layer, W0 float32 (num_features, h1) with bias b0 (h1,). Layers
+1..D have W[l] float32 (out_l, in_l + 1), neuron-major with the bias in the last column; D is the
+output layer (one neuron per label). A layer is LSH-sampled when it has a hash-table slot.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Literal
+
+import numba
+import numpy as np
+
+from . import lsh, tables
+from ._numba import set_threads
+from .config import SlideConfig
+from .kernels.inference import predict_batch
+from .lsh import HashFunctions
+from .tables import Tables
+
+PredictMode = Literal["lsh", "exact"]
+_MAX_K = 1000
+
+
+class SlideModel:
+    """Weights + hash tables; `predict` serves top-k labels, sub-linearly in `lsh` mode."""
+
+    def __init__(self, config: SlideConfig, num_features: int, num_labels: int, weights: tuple,
+                 b0: np.ndarray, hashes: list[HashFunctions], tables_: list[Tables]):
+        self.config = config
+        self.num_features = int(num_features)
+        self.num_labels = int(num_labels)
+        self.weights = tuple(weights)
+        self.b0 = b0
+        self.hashes = list(hashes)
+        self.tables = list(tables_)
+        self.layer_slot = layer_slots(config)
+        if len(self.hashes) != int((self.layer_slot >= 0).sum()) or len(self.tables) != len(self.hashes):
+            raise ValueError("one hash family and one table set are needed per sampled layer")
+        self._scratch: list[tuple] = []
+        self._scratch_lock = threading.Lock()
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def initialize(cls, config: SlideConfig, num_features: int, num_labels: int) -> "SlideModel":
+        """Random weights N(0, init_std), zero biases, hash functions drawn and tables built from `seed`."""
+        if num_features < 1 or num_labels < 1:
+            raise ValueError("a model needs at least one feature and one label")
+        rng = np.random.default_rng(config.seed)
+        widths = layer_widths(config, num_features, num_labels)
+        w0 = (rng.standard_normal((num_features, widths[1]), dtype=np.float32) * config.init_std)
+        weights = [w0]
+        for l in range(1, len(widths) - 1):
+            w = rng.standard_normal((widths[l + 1], widths[l] + 1), dtype=np.float32) * config.init_std
+            w[:, -1] = 0.0
+            weights.append(np.ascontiguousarray(w))
+        sampled = np.flatnonzero(layer_slots(config) >= 0)
+        hashes = [lsh.draw_hash_functions(config, widths[l], rng) for l in sampled]
+        tabs = [tables.empty_tables(config.hash_l, widths[l + 1], hf.num_buckets) for l, hf in zip(sampled, hashes)]
+        model = cls(config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32),
+                    hashes, tabs)
+        for l in sampled:
+            model.rehash_layer(int(l), round_id=0)
+        return model
+
+    @property
+    def depth(self) -> int:
+        """Number of weight layers (input layer included)."""
+        return len(self.weights)
+
+    def sampled_layers(self) -> list[int]:
+        return [int(l) for l in np.flatnonzero(self.layer_slot >= 0)]
+
+    # ---- hashing --------------------------------------------------------------------------------
+    def rehash_layer(self, layer: int, round_id: int, rows: np.ndarray | None = None,
+                     new_functions: np.random.Generator | None = None) -> int:
+        """Re-insert neurons of a sampled layer into their current buckets; returns how many were hashed.
+
+        rows: the neurons to rehash (None = all). new_functions: draw new hash functions from this rng
+        first (a rebuild), which rehashes every neuron.
+        """
+        slot = int(self.layer_slot[layer])
+        w = self.weights[layer]
+        if new_functions is not None:
+            self.hashes[slot] = lsh.draw_hash_functions(self.config, w.shape[1] - 1, new_functions)
+            rows = None
+        hf, tb = self.hashes[slot], self.tables[slot]
+        if rows is None:
+            tb.codes[:] = lsh.hash_matrix(w, hf)
+            tb.inserted[:] = round_id
+            count = w.shape[0]
+        else:
+            rows = np.asarray(rows, dtype=np.int64)
+            if rows.size:
+                tb.codes[:, rows] = lsh.hash_matrix(w, hf, rows)
+                tb.inserted[rows] = round_id
+            count = int(rows.size)
+        tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion,
+                       int(hf.params[7]), round_id)
+        return count
+
+    # ---- prediction ---------------------------------------------------------------------------
+    def predict(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, k: int = 5,
+                mode: PredictMode = "lsh") -> tuple[np.ndarray, np.ndarray]:
+        """Top-k labels int32 (n, k) and raw scores float32 (n, k) of n sparse points (CSR arrays).
+
+        `lsh` scores only the output neurons the hash tables return (rows with fewer candidates than
+        k are padded with -1 / -inf); `exact` scores every label. Scores are output-layer logits, the
+        same number for a label in both modes.
+        """
+        labels, scores, _ = self.predict_with_stats(indptr, indices, values, k, mode)
+        return labels, scores
+
+    def predict_with_stats(self, indptr, indices, values, k: int = 5, mode: PredictMode = "lsh"):
+        """As `predict`, plus int64 (n,): how many output neurons were scored for each point."""
+        indptr, indices, values = check_csr(indptr, indices, values, self.num_features)
+        if mode not in ("lsh", "exact"):
+            raise ValueError(f"mode must be 'lsh' or 'exact', got {mode!r}")
+        if not 1 <= int(k) <= min(_MAX_K, self.num_labels):
+            raise ValueError(f"k must be in [1, {min(_MAX_K, self.num_labels)}], got {k}")
+        n = indptr.shape[0] - 1
+        out_labels = np.empty((n, int(k)), dtype=np.int32)
+        out_scores = np.empty((n, int(k)), dtype=np.float32)
+        n_scored = np.zeros(n, dtype=np.int64)
+        if n == 0:
+            return out_labels, out_scores, n_scored
+        scratch = self._take_scratch()
+        try:
+            hid, ids, mark, cnt, gens, qcodes, qbuck = scratch
+            n_chunks = max(1, min(n, numba.get_num_threads(), mark.shape[0]))
+            hidx, hsign, hparams, toffsets, tids = self.kernel_tables()
+            predict_batch(indptr, indices, values, mode == "exact", self.weights[0], self.b0, self.weights,
+                          self.layer_slot, hidx, hsign, hparams, toffsets, tids, hid, ids, mark, cnt,
+                          gens, qcodes, qbuck, n_chunks, self.config.active_threshold, self.config.max_active,
+                          out_labels, out_scores, n_scored)
+        finally:
+            self._return_scratch(scratch)
+        return out_labels, out_scores, n_scored
+
+    def kernel_tables(self) -> tuple:
+        """(hidx, hsign, hparams, toffsets, tids) tuples as the kernels take them (a dummy when none)."""
+        if not self.hashes:
+            return ((np.zeros((1, 1), np.int32),), (np.ones((1, 1), np.float32),), (np.zeros(8, np.int64),),
+                    (np.zeros((1, 2), np.int64),), (np.zeros((1, 1), np.int32),))
+        return (tuple(h.idx for h in self.hashes), tuple(h.sign for h in self.hashes),
+                tuple(h.params for h in self.hashes), tuple(t.offsets for t in self.tables),
+                tuple(t.ids for t in self.tables))
+
+    def _take_scratch(self) -> tuple:
+        with self._scratch_lock:
+            if self._scratch:
+                return self._scratch.pop()
+        threads = numba.config.NUMBA_NUM_THREADS
+        widths = [w.shape[1] - 1 for w in self.weights[1:]]
+        hid = tuple(np.zeros((threads, width), dtype=np.float32) for width in widths)
+        cap = max([min(self.weights[l].shape[0], self.config.hash_l * self.config.bucket_size)
+                   for l in self.sampled_layers()] or [1])
+        n_max = max([self.weights[l].shape[0] for l in self.sampled_layers()] or [1])
+        n_codes = max([h.idx.shape[0] for h in self.hashes] or [1])
+        return (hid, np.zeros((threads, cap), np.int32), np.zeros((threads, n_max), np.int32),
+                np.zeros((threads, n_max), np.int32), np.zeros(threads, np.int64),
+                np.zeros((threads, n_codes), np.int32), np.zeros((threads, self.config.hash_l), np.int32))
+
+    def _return_scratch(self, scratch: tuple) -> None:
+        with self._scratch_lock:
+            self._scratch.append(scratch)
+
+    def set_threads(self, threads: int | None) -> int:
+        return set_threads(threads)
+
+
+def layer_widths(config: SlideConfig, num_features: int, num_labels: int) -> list[int]:
+    return [int(num_features), *config.hidden, int(num_labels)]
+
+
+def layer_slots(config: SlideConfig) -> np.ndarray:
+    """int64 (depth,): hash-table slot of each weight layer, -1 for dense layers and the input layer."""
+    depth = len(config.hidden) + 1
+    slots = np.full(depth, -1, dtype=np.int64)
+    s = 0
+    for l in range(1, depth):
+        if (l == depth - 1 and config.sample_output) or (l < depth - 1 and config.sample_hidden):
+            slots[l] = s
+            s += 1
+    return slots
+
+
+def check_csr(indptr, indices, values, num_features: int):
+    """Validate and convert CSR arrays once, at the boundary; the kernels trust them afterwards."""
+    indptr = np.ascontiguousarray(indptr, dtype=np.int64)
+    indices = np.ascontiguousarray(indices, dtype=np.int32)
+    values = np.ascontiguousarray(values, dtype=np.float32)
+    if indptr.ndim != 1 or indptr.shape[0] < 1 or indptr[0] != 0:
+        raise ValueError("indptr must be a 1-d array starting at 0")
+    if np.any(np.diff(indptr) < 0) or indptr[-1] != indices.shape[0]:
+        raise ValueError("indptr must be non-decreasing and end at len(indices)")
+    if indices.shape != values.shape or indices.ndim != 1:
+        raise ValueError("indices and values must be 1-d arrays of the same length")
+    if indices.size and (indices.min() < 0 or indices.max() >= num_features):
+        bad = int(indices[(indices < 0) | (indices >= num_features)][0])
+        raise ValueError(f"feature index {bad} is out of range [0, {num_features})")
+    if values.size and not np.all(np.isfinite(values)):
+        raise ValueError("feature values must be finite")
+    return indptr, indices, values

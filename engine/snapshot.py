@@ -1,0 +1,174 @@
+"""Versioned model snapshots: a directory of `.npy` arrays plus a JSON manifest, published atomically.
+
+A version is written into a hidden temp directory beside the store, fsynced, then renamed to
+`v000042`: readers see either the whole version or none of it, and a crash mid-write leaves the
+previous versions intact. Serving maps the arrays read-only (`np.load(mmap_mode="r")`); training
+resumes from the same files, optimizer state included.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+
+from .config import SlideConfig
+from .lsh import HashFunctions
+from .network import SlideModel, layer_slots
+from .tables import Tables
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+_VERSION_DIR = re.compile(r"^v(\d{6,})$")
+
+
+class SnapshotError(RuntimeError):
+    """A snapshot is missing, incomplete or fails its checksums."""
+
+
+def model_arrays(model: SlideModel) -> dict[str, np.ndarray]:
+    """The arrays that define a model for serving and for rehashing."""
+    arrays = {f"w{l}": w for l, w in enumerate(model.weights)}
+    arrays["b0"] = model.b0
+    for s, (hf, tb) in enumerate(zip(model.hashes, model.tables)):
+        arrays.update({f"hash{s}_idx": hf.idx, f"hash{s}_sign": hf.sign, f"hash{s}_params": hf.params,
+                       f"table{s}_codes": tb.codes, f"table{s}_inserted": tb.inserted,
+                       f"table{s}_offsets": tb.offsets, f"table{s}_ids": tb.ids})
+    return arrays
+
+
+def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, arrays) -> SlideModel:
+    slots = layer_slots(config)
+    depth = len(slots)
+    n_sampled = int((slots >= 0).sum())
+    weights = tuple(np.asarray(arrays[f"w{l}"]) for l in range(depth))
+    hashes = [HashFunctions(*(np.asarray(arrays[f"hash{s}_{p}"]) for p in ("idx", "sign", "params")))
+              for s in range(n_sampled)]
+    tabs = [Tables(*(np.asarray(arrays[f"table{s}_{p}"]) for p in ("codes", "inserted", "offsets", "ids")))
+            for s in range(n_sampled)]
+    return SlideModel(config, num_features, num_labels, weights, np.asarray(arrays["b0"]), hashes, tabs)
+
+
+def _file_crc32(path: Path) -> str:
+    crc = 0
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            crc = zlib.crc32(chunk, crc)
+    return f"{crc:08x}"
+
+
+class SnapshotStore:
+    """Increasing versions `v000001`, `v000002`, ... under `root`, keeping the newest `keep`."""
+
+    def __init__(self, root: str | os.PathLike, keep: int = 3):
+        self.root = Path(root)
+        self.keep = max(1, int(keep))
+
+    def versions(self) -> list[int]:
+        if not self.root.is_dir():
+            return []
+        found = []
+        for entry in self.root.iterdir():
+            m = _VERSION_DIR.match(entry.name)
+            if m and (entry / MANIFEST).is_file():
+                found.append(int(m.group(1)))
+        return sorted(found)
+
+    def path(self, version: int) -> Path:
+        return self.root / f"v{version:06d}"
+
+    def latest(self) -> tuple[int, Path] | None:
+        versions = self.versions()
+        return (versions[-1], self.path(versions[-1])) if versions else None
+
+    def publish(self, arrays: dict[str, np.ndarray], meta: dict) -> tuple[int, Path]:
+        """Write a new version atomically and prune old ones; returns (version, path)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        version = (self.versions() or [0])[-1] + 1
+        tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.root))
+        try:
+            files = {}
+            for name, arr in arrays.items():
+                path = tmp / f"{name}.npy"
+                np.save(path, np.ascontiguousarray(arr))
+                files[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": _file_crc32(path)}
+            manifest = {"format_version": FORMAT_VERSION, "version": version, "created_at": time.time(),
+                        **meta, "arrays": files}
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
+            for f in tmp.iterdir():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+            target = self.path(version)
+            os.rename(tmp, target)
+            _fsync_path(self.root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.prune()
+        return version, target
+
+    def prune(self) -> None:
+        for v in self.versions()[: -self.keep]:
+            shutil.rmtree(self.path(v), ignore_errors=True)
+        for entry in self.root.glob(".publish-*"):
+            if time.time() - entry.stat().st_mtime > 3600:
+                shutil.rmtree(entry, ignore_errors=True)
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise SnapshotError(f"{path}: no readable manifest ({exc})") from exc
+    if manifest.get("format_version") != FORMAT_VERSION:
+        raise SnapshotError(f"{path}: unsupported snapshot format {manifest.get('format_version')}")
+    return manifest
+
+
+def load_arrays(path: str | os.PathLike, names=None, mmap: bool = True, verify: bool = False) -> dict:
+    """Arrays of a snapshot (all or `names`), memory-mapped read-only by default; checks shapes, and
+    checksums with `verify`."""
+    path = Path(path)
+    manifest = read_manifest(path)
+    out = {}
+    for name, info in manifest["arrays"].items():
+        if names is not None and name not in names:
+            continue
+        file = path / f"{name}.npy"
+        if verify and _file_crc32(file) != info["crc32"]:
+            raise SnapshotError(f"{file}: checksum mismatch, the snapshot is corrupt")
+        arr = np.load(file, mmap_mode="r" if mmap else None)
+        if list(arr.shape) != info["shape"] or str(arr.dtype) != info["dtype"]:
+            raise SnapshotError(f"{file}: shape/dtype differ from the manifest")
+        out[name] = np.asarray(arr) if mmap else arr
+    return out
+
+
+
+
+def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False) -> SlideModel:
+    """The model of a snapshot, for serving: weights and tables only, memory-mapped read-only."""
+    manifest = read_manifest(path)
+    names = [n for n in manifest["arrays"] if not n.startswith("opt_")]
+    arrays = load_arrays(path, names, mmap=mmap, verify=verify)
+    config = SlideConfig.from_dict(manifest["config"])
+    model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
+    model.version = int(manifest["version"])
+    model.trainer_state = manifest.get("trainer_state", {})
+    return model
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

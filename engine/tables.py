@@ -1,0 +1,106 @@
+"""Bucket storage of one sampled layer: L tables, each a CSR of neuron ids grouped by bucket.
+
+A table keeps, per bucket, at most `bucket_size` ids. Which ones a full bucket keeps follows its
+insertion policy: FIFO keeps the most recently inserted ids (a neuron is re-inserted when it is
+rehashed; ties inside one rehash round are broken by a per-round random rank, so no id range is
+favoured), reservoir keeps a uniform random sample. Storing buckets as CSR arrays costs
+L * (n + num_buckets) ints instead of L * num_buckets * bucket_size, and a rebuild from the stored
+codes is one counting sort per table.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import prange
+
+from ._numba import kernel, parallel_kernel
+from .lsh import mix3
+
+FIFO, RESERVOIR = 0, 1
+POLICY_IDS = {"fifo": FIFO, "reservoir": RESERVOIR}
+
+
+class Tables(NamedTuple):
+    """codes int32 (L, n): bucket of each neuron per table; inserted int32 (n,): rehash round of
+    each neuron's last insertion; offsets int64 (L, num_buckets+1) and ids int32 (L, n): the buckets."""
+
+    codes: np.ndarray
+    inserted: np.ndarray
+    offsets: np.ndarray
+    ids: np.ndarray
+
+
+def empty_tables(l: int, n: int, num_buckets: int) -> Tables:
+    return Tables(
+        np.zeros((l, n), dtype=np.int32),
+        np.zeros(n, dtype=np.int32),
+        np.zeros((l, num_buckets + 1), dtype=np.int64),
+        np.zeros((l, n), dtype=np.int32),
+    )
+
+
+@kernel
+def _keep_order(members, inserted, table, policy, seed, round_id):
+    """Keys whose ascending order ranks a full bucket's members, best to keep first."""
+    n = members.shape[0]
+    keys = np.empty(n, dtype=np.int64)
+    for i in range(n):
+        j = members[i]
+        tie = np.int64(mix3(seed, j, table * 1_000_003 + round_id) >> np.uint64(33))
+        if policy == FIFO:
+            keys[i] = -(np.int64(inserted[j]) << np.int64(31)) - tie
+        else:
+            keys[i] = tie
+    return keys
+
+
+@parallel_kernel
+def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id, offsets, ids):
+    """Fill offsets (L, B+1) and ids (L, n) from codes (L, n), keeping <= capacity ids per bucket."""
+    l, n = codes.shape
+    for t in prange(l):
+        counts = np.zeros(num_buckets + 1, dtype=np.int64)
+        for j in range(n):
+            counts[codes[t, j] + 1] += 1
+        starts = np.cumsum(counts)
+        order = np.empty(n, dtype=np.int32)
+        fill = starts[:-1].copy()
+        for j in range(n):
+            b = codes[t, j]
+            order[fill[b]] = j
+            fill[b] += 1
+        out = 0
+        offsets[t, 0] = 0
+        for b in range(num_buckets):
+            s, e = starts[b], starts[b + 1]
+            if e - s <= capacity:
+                for p in range(s, e):
+                    ids[t, out] = order[p]
+                    out += 1
+            else:
+                members = order[s:e]
+                keep = np.argsort(_keep_order(members, inserted, t, policy, seed, round_id), kind="mergesort")
+                chosen = np.sort(members[keep[:capacity]])
+                for p in range(capacity):
+                    ids[t, out] = chosen[p]
+                    out += 1
+            offsets[t, b + 1] = out
+
+
+def rebuild(tables: Tables, num_buckets: int, capacity: int, policy: str, seed: int, round_id: int) -> None:
+    """Recompute the bucket CSR of every table from `tables.codes` in place."""
+    build_tables(tables.codes, tables.inserted, num_buckets, capacity, POLICY_IDS[policy], seed, round_id,
+                 tables.offsets, tables.ids)
+
+
+@kernel
+def bucket_members(offsets, ids, table, bucket):
+    return ids[table, offsets[table, bucket] : offsets[table, bucket + 1]]
+
+
+def query(tables: Tables, buckets: np.ndarray) -> np.ndarray:
+    """Neuron ids found in the given bucket of each table, with repeats, as int32 (for tests/tools)."""
+    parts = [tables.ids[t, tables.offsets[t, b] : tables.offsets[t, b + 1]] for t, b in enumerate(buckets)]
+    return np.concatenate(parts) if parts else np.empty(0, dtype=np.int32)

@@ -1,0 +1,328 @@
+"""Training loop: epochs of HOGWILD-free parallel batches, the rehash schedule, evaluation, snapshots.
+
+A `Trainer` owns a model, its lazy-Adam state and the batch buffers. `run()` trains until the
+configured epochs are done or `should_stop()` turns true, reporting metrics and publishing snapshots
+(which double as checkpoints: `Trainer.resume(store, ...)` continues from the newest one with the
+same step counter, data order and schedule).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import numba
+import numpy as np
+
+from ._numba import set_threads
+from .config import SlideConfig
+from .kernels.forward import train_batch
+from .kernels.optimizer import (group_by_feature, group_by_row, update_dense_layer, update_input_bias,
+                                update_input_layer, update_sampled_layer)
+from .metrics import precision_at_k
+from .network import SlideModel
+from .snapshot import SnapshotStore, load_arrays, model_arrays, model_from_arrays, read_manifest
+from .sparse import Dataset
+
+MetricsCallback = Callable[[dict], None]
+SnapshotCallback = Callable[[int, Path], None]
+
+
+class Trainer:
+    """Trains a SlideModel on a Dataset; see `run`."""
+
+    def __init__(self, config: SlideConfig, train: Dataset, test: Dataset | None = None,
+                 store: SnapshotStore | None = None, model: SlideModel | None = None):
+        if train.num_points == 0:
+            raise ValueError("the training set has no points")
+        if test is not None and (test.num_features > train.num_features or test.num_labels > train.num_labels):
+            raise ValueError("the test set has more features or labels than the training set")
+        self.config = config
+        self.train = train
+        self.test = test
+        self.store = store
+        self.model = model or SlideModel.initialize(config, train.num_features, train.num_labels)
+        self.step = 0
+        self.epoch = 0
+        self.batch_in_epoch = 0
+        self.samples_seen = 0
+        self.rehash_round = 0
+        self.next_rehash_step = config.rehash_n0
+        self.train_seconds = 0.0
+        self.history: list[dict] = []
+        self._init_optimizer()
+        self._eval_rows = self._pick_eval_rows()
+        self._buffers_for = None
+
+    # ---- state ------------------------------------------------------------------------------
+    def _init_optimizer(self) -> None:
+        w = self.model.weights
+        self.m = tuple(np.zeros_like(x) for x in w)
+        self.v = tuple(np.zeros_like(x) for x in w)
+        self.steps = tuple(np.zeros(x.shape[0], dtype=np.int64) for x in w)
+        self.drift = tuple(np.zeros(x.shape[0], dtype=np.float32) for x in w)
+        self.mb0 = np.zeros_like(self.model.b0)
+        self.vb0 = np.zeros_like(self.model.b0)
+
+    def state(self) -> dict:
+        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                "samples_seen": self.samples_seen, "rehash_round": self.rehash_round,
+                "next_rehash_step": self.next_rehash_step, "train_seconds": self.train_seconds,
+                "history": self.history[-1000:]}
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        arrays = model_arrays(self.model)
+        for l in range(len(self.m)):
+            arrays.update({f"opt_m{l}": self.m[l], f"opt_v{l}": self.v[l], f"opt_steps{l}": self.steps[l],
+                           f"opt_drift{l}": self.drift[l]})
+        arrays.update({"opt_mb0": self.mb0, "opt_vb0": self.vb0})
+        return arrays
+
+    def publish(self) -> tuple[int, Path] | None:
+        """Write a snapshot of model + optimizer + progress to the store (if any)."""
+        if self.store is None:
+            return None
+        meta = {"config": self.config.to_dict(), "num_features": self.model.num_features,
+                "num_labels": self.model.num_labels, "trainer_state": self.state()}
+        return self.store.publish(self.arrays(), meta)
+
+    @classmethod
+    def resume(cls, store: SnapshotStore, train: Dataset, test: Dataset | None = None) -> "Trainer":
+        """A trainer continuing from the newest snapshot in `store` (same config, step and data order)."""
+        latest = store.latest()
+        if latest is None:
+            raise FileNotFoundError(f"no snapshot to resume from in {store.root}")
+        _, path = latest
+        manifest = read_manifest(path)
+        config = SlideConfig.from_dict(manifest["config"])
+        if (manifest["num_features"], manifest["num_labels"]) != (train.num_features, train.num_labels):
+            raise ValueError("the training set's dimensions differ from the snapshot's")
+        arrays = load_arrays(path, mmap=False, verify=True)
+        model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
+        trainer = cls(config, train, test, store, model=model)
+        depth = len(model.weights)
+        trainer.m = tuple(arrays[f"opt_m{l}"] for l in range(depth))
+        trainer.v = tuple(arrays[f"opt_v{l}"] for l in range(depth))
+        trainer.steps = tuple(arrays[f"opt_steps{l}"] for l in range(depth))
+        trainer.drift = tuple(arrays[f"opt_drift{l}"] for l in range(depth))
+        trainer.mb0, trainer.vb0 = arrays["opt_mb0"], arrays["opt_vb0"]
+        st = manifest["trainer_state"]
+        for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "rehash_round", "next_rehash_step"):
+            setattr(trainer, key, int(st[key]))
+        trainer.train_seconds = float(st["train_seconds"])
+        trainer.history = list(st.get("history", []))
+        return trainer
+
+    # ---- data order and buffers ---------------------------------------------------------------
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """The permutation of training points for an epoch, a function of (seed, epoch) only."""
+        return np.random.default_rng([self.config.seed, epoch]).permutation(self.train.num_points)
+
+    def _pick_eval_rows(self) -> np.ndarray | None:
+        if self.test is None or self.test.num_points == 0:
+            return None
+        n = self.test.num_points
+        cap = self.config.eval_points
+        if cap == 0 or cap >= n:
+            return np.arange(n)
+        return np.sort(np.random.default_rng([self.config.seed, 7]).choice(n, size=cap, replace=False))
+
+    def _buffers(self, batch: int) -> tuple:
+        if self._buffers_for == batch:
+            return self._bufs
+        model, cfg = self.model, self.config
+        depth = model.depth
+        max_labels = int(np.diff(self.train.y_indptr).max(initial=0))
+        hid = tuple(np.zeros((batch, w.shape[1] - 1), np.float32) for w in model.weights[1:])
+        act_ids, act_val = [], []
+        for l in range(1, depth):
+            out = model.weights[l].shape[0]
+            if model.layer_slot[l] >= 0:
+                cap = min(out, cfg.hash_l * cfg.bucket_size + max_labels + cfg.min_active)
+                act_ids.append(np.zeros((batch, cap), np.int32))
+            else:
+                cap = out
+                act_ids.append(np.zeros((batch, 1), np.int32))
+            act_val.append(np.zeros((batch, cap), np.float32))
+        threads = numba.config.NUMBA_NUM_THREADS
+        sampled = model.sampled_layers()
+        n_max = max([model.weights[l].shape[0] for l in sampled] or [1])
+        n_codes = max([h.idx.shape[0] for h in model.hashes] or [1])
+        width_max = max(w.shape[1] - 1 for w in model.weights[1:])
+        self._bufs = (
+            hid, tuple(act_ids), tuple(act_val), np.zeros((batch, depth), np.int32),
+            np.zeros((batch, model.weights[0].shape[1]), np.float32), np.zeros(batch, np.float32),
+            np.zeros((threads, n_max), np.int32), np.zeros((threads, n_max), np.int32), np.zeros(threads, np.int64),
+            np.zeros((threads, n_codes), np.int32), np.zeros((threads, cfg.hash_l), np.int32),
+            np.zeros((threads, width_max), np.float32), np.zeros((threads, width_max), np.float32),
+        )
+        self._row_counts = [np.zeros(w.shape[0] + 1, np.int64) for w in model.weights]
+        self._buffers_for = batch
+        return self._bufs
+
+    # ---- one step -----------------------------------------------------------------------------
+    def train_step(self, points: np.ndarray) -> tuple[float, int, float]:
+        """Train on one batch of dataset rows; returns (summed loss, labelled points, mean output active)."""
+        cfg, model, data = self.config, self.model, self.train
+        points = np.ascontiguousarray(points, dtype=np.int64)
+        b = points.shape[0]
+        (hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens, qcodes, qbuck, gin, gprev) = \
+            self._buffers(cfg.batch_size)
+        if b != cfg.batch_size:
+            hid = tuple(h[:b] for h in hid)
+            act_ids = tuple(a[:b] for a in act_ids)
+            act_val = tuple(a[:b] for a in act_val)
+            nact, delta0, losses = nact[:b], delta0[:b], losses[:b]
+        hidx, hsign, hparams, toffsets, tids = model.kernel_tables()
+        n_chunks = max(1, min(b, numba.get_num_threads()))
+        train_batch(points, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
+                    data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
+                    hparams, toffsets, tids, hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens,
+                    qcodes, qbuck, gin, gprev, n_chunks, cfg.active_threshold, cfg.max_active, cfg.min_active,
+                    cfg.seed)
+        lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
+        for l in range(1, model.depth):
+            w = model.weights[l]
+            if model.layer_slot[l] >= 0:
+                row_start, pair_point, pair_slot, touched = group_by_row(
+                    act_ids[l - 1], nact[:, l], w.shape[0], self._row_counts[l])
+                update_sampled_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
+                                     hid[l - 1], row_start, pair_point, pair_slot, touched, lr, b1, b2, eps)
+            else:
+                update_dense_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
+                                   hid[l - 1], lr, b1, b2, eps)
+        row_start, pair_point, pair_nz, touched = group_by_feature(
+            points, data.x_indptr, data.x_indices, model.num_features, self._row_counts[0])
+        update_input_layer(model.weights[0], self.m[0], self.v[0], self.steps[0], data.x_values, delta0,
+                           row_start, pair_point, pair_nz, touched, lr, b1, b2, eps)
+        update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
+        self.step += 1
+        self.samples_seen += b
+        labelled = int(np.count_nonzero(np.diff(data.y_indptr)[points] if b else 0))
+        out_active = float(nact[:, model.depth - 1].mean()) if b else 0.0
+        if self.step >= self.next_rehash_step:
+            self.rehash()
+        return float(losses.sum()), labelled, out_active
+
+    def rehash(self) -> int:
+        """Re-insert drifted (or all) neurons of every sampled layer; draw new functions every
+        `rebuild_every` rounds. Schedules the next rehash N0 * e^(lambda * round) steps later."""
+        cfg, model = self.config, self.model
+        self.rehash_round += 1
+        rebuild = cfg.rebuild_every > 0 and self.rehash_round % cfg.rebuild_every == 0
+        hashed = 0
+        for l in model.sampled_layers():
+            w = model.weights[l]
+            rng = np.random.default_rng([cfg.seed, 11, self.rehash_round, l]) if rebuild else None
+            rows = None
+            if cfg.drift_threshold > 0 and not rebuild:
+                norms = np.sqrt(np.einsum("ij,ij->i", w[:, :-1], w[:, :-1]))
+                rows = np.flatnonzero(self.drift[l] > cfg.drift_threshold * np.maximum(norms, 1e-12))
+            hashed += model.rehash_layer(l, self.rehash_round, rows=rows, new_functions=rng)
+            if rows is None:
+                self.drift[l][:] = 0.0
+            else:
+                self.drift[l][rows] = 0.0
+        interval = min(cfg.rehash_max_interval, cfg.rehash_n0 * math.exp(cfg.rehash_lambda * self.rehash_round))
+        self.next_rehash_step = self.step + max(1, int(round(interval)))
+        return hashed
+
+    # ---- evaluation ---------------------------------------------------------------------------
+    def evaluate(self, mode: str | None = None, k: int = 5) -> dict:
+        """P@1/P@5 on the evaluation subset of the test set (lsh for sampled models unless told)."""
+        if self._eval_rows is None:
+            return {"p_at_1": None, "p_at_5": None}
+        mode = mode or ("lsh" if self.config.sample_output else "exact")
+        sub = self.test.row_slice(0, self.test.num_points) if len(self._eval_rows) == self.test.num_points \
+            else _take_rows(self.test, self._eval_rows)
+        pred, _ = self.model.predict(sub.x_indptr, sub.x_indices, sub.x_values, k=min(k, self.model.num_labels),
+                                     mode=mode)
+        return {"p_at_1": precision_at_k(pred, sub.y_indptr, sub.y_indices, 1),
+                "p_at_5": precision_at_k(pred, sub.y_indptr, sub.y_indices, 5), "eval_mode": mode}
+
+    # ---- the loop -----------------------------------------------------------------------------
+    def run(self, should_stop: Callable[[], bool] = lambda: False, on_metrics: MetricsCallback | None = None,
+            on_snapshot: SnapshotCallback | None = None, snapshot_every_s: float = 30.0,
+            progress: Callable[[int], None] | None = None, time_budget_s: float | None = None) -> dict:
+        """Train until `config.epochs` are done, `should_stop()` is true (checked between batches) or the
+        time budget is spent. Returns the last metrics with "stopped" (True when interrupted early)."""
+        cfg = self.config
+        set_threads(cfg.threads)
+        n = self.train.num_points
+        batches_per_epoch = -(-n // cfg.batch_size)
+        window = {"loss": 0.0, "labelled": 0, "active": 0.0, "batches": 0, "samples": 0, "seconds": 0.0}
+        last_snapshot = time.monotonic()
+        start_seconds = self.train_seconds
+        stopped = False
+        last = None
+
+        def report() -> dict:
+            metrics = {
+                "step": self.step, "epoch": self.epoch, "samples": self.samples_seen,
+                "loss": window["loss"] / window["labelled"] if window["labelled"] else None,
+                "samples_per_s": window["samples"] / window["seconds"] if window["seconds"] > 0 else None,
+                "active_fraction": (window["active"] / window["batches"] / self.model.num_labels)
+                if window["batches"] else None,
+                "elapsed_s": self.train_seconds,
+            }
+            metrics.update(self.evaluate())
+            self.history.append(metrics)
+            if on_metrics:
+                on_metrics(metrics)
+            window.update(loss=0.0, labelled=0, active=0.0, batches=0, samples=0, seconds=0.0)
+            return metrics
+
+        def snapshot() -> None:
+            published = self.publish()
+            if published and on_snapshot:
+                on_snapshot(*published)
+
+        while self.epoch < cfg.epochs:
+            order = self.epoch_order(self.epoch)
+            while self.batch_in_epoch < batches_per_epoch:
+                if should_stop() or (time_budget_s is not None and self.train_seconds - start_seconds >= time_budget_s):
+                    stopped = True
+                    break
+                s = self.batch_in_epoch * cfg.batch_size
+                t0 = time.perf_counter()
+                loss, labelled, active = self.train_step(order[s : s + cfg.batch_size])
+                dt = time.perf_counter() - t0
+                self.train_seconds += dt
+                self.batch_in_epoch += 1
+                window["loss"] += loss
+                window["labelled"] += labelled
+                window["active"] += active
+                window["batches"] += 1
+                window["samples"] += min(cfg.batch_size, n - s)
+                window["seconds"] += dt
+                if progress:
+                    progress(min(cfg.batch_size, n - s))
+                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    last = report()
+                if self.store is not None and time.monotonic() - last_snapshot >= snapshot_every_s:
+                    snapshot()
+                    last_snapshot = time.monotonic()
+            if stopped:
+                break
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            if not cfg.eval_every:
+                last = report()
+        if last is None or window["batches"]:
+            last = report()
+        snapshot()
+        return {**last, "stopped": stopped}
+
+
+def _take_rows(data: Dataset, rows: np.ndarray) -> Dataset:
+    """A new Dataset of the given rows (copied)."""
+    xs = [np.arange(data.x_indptr[r], data.x_indptr[r + 1]) for r in rows]
+    ys = [np.arange(data.y_indptr[r], data.y_indptr[r + 1]) for r in rows]
+    xi = np.concatenate(xs) if xs else np.empty(0, np.int64)
+    yi = np.concatenate(ys) if ys else np.empty(0, np.int64)
+    x_indptr = np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64)
+    y_indptr = np.concatenate([[0], np.cumsum([len(y) for y in ys])]).astype(np.int64)
+    return Dataset(x_indptr, np.asarray(data.x_indices)[xi], np.asarray(data.x_values)[xi], y_indptr,
+                   np.asarray(data.y_indices)[yi], data.num_features, data.num_labels)

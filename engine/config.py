@@ -26,9 +26,10 @@ class SlideConfig:
     sample_output: bool = True
     """LSH-sample the output layer; False trains the same network densely (the `--dense` baseline)."""
 
-    hash_family: HashFamily = "dwta"
-    hash_k: int = 6
-    """Codes (WTA/DWTA) or bits (SimHash) concatenated per table."""
+    hash_family: HashFamily = "simhash"
+    hash_k: int = 0
+    """Codes (WTA/DWTA) or bits (SimHash) concatenated per table; 0 = chosen from the layer width so
+    that a bucket holds about bucket_size / 4 neurons."""
     hash_l: int = 50
     """Number of independent tables."""
     bin_size: int = 8
@@ -36,7 +37,7 @@ class SlideConfig:
     simhash_density: float = 0.33
     """Fraction of non-zero (+-1) entries in each SimHash projection."""
     table_bits: int = 0
-    """log2 of buckets per table; 0 = the code space's own size, capped at 18."""
+    """log2 of buckets per table; 0 = the code space's own size, capped at 20."""
     bucket_size: int = 128
     """Capacity of a bucket (neuron ids)."""
     insertion: Insertion = "fifo"
@@ -83,7 +84,7 @@ class SlideConfig:
         _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
         _check(1 <= self.hash_l <= 1024, "hash_l", "number of tables must be in [1, 1024]")
         _check(2 <= self.bin_size <= 256, "bin_size", "must be in [2, 256]")
-        _check(1 <= self.hash_k <= 64, "hash_k", "must be in [1, 64]")
+        _check(0 <= self.hash_k <= 64, "hash_k", "must be 0 (auto) or in [1, 64]")
         _check(0 < self.simhash_density <= 1, "simhash_density", "must be in (0, 1]")
         _check(self.table_bits == 0 or 1 <= self.table_bits <= 24, "table_bits",
                f"buckets per table are 2^table_bits, so table_bits must be 0 (auto) or in [1, 24]; got {self.table_bits}")
@@ -104,17 +105,6 @@ class SlideConfig:
         _check(self.threads >= 0, "threads", "must be >= 0")
         _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
         _check(self.eval_every >= 0 and self.eval_points >= 0, "eval_every", "must be >= 0")
-
-    @property
-    def code_bits(self) -> int:
-        """Bits of the concatenated code of one table before it is folded to `table_bits`."""
-        if self.hash_family == "simhash":
-            return self.hash_k
-        return self.hash_k * math.ceil(math.log2(self.bin_size))
-
-    @property
-    def resolved_table_bits(self) -> int:
-        return self.table_bits or min(self.code_bits, 18)
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -57,19 +57,30 @@ class HashFunctions(NamedTuple):
         return int(self.params[4])
 
 
-def table_geometry(config: SlideConfig) -> tuple[int, int, bool]:
-    """(radix, num_buckets, fold) for a config: exact mixed-radix ids when they fit, else folded bits."""
+def resolve_k(config: SlideConfig, n_neurons: int) -> int:
+    """Codes per table: config.hash_k, or (0 = auto) enough that a table averages about
+    bucket_size / 4 neurons per bucket, so full buckets are rare and candidates stay selective."""
+    if config.hash_k:
+        return config.hash_k
     radix = 2 if config.hash_family == "simhash" else config.bin_size
-    bits = config.resolved_table_bits
-    space = radix ** config.hash_k
+    target_buckets = max(2.0, n_neurons / max(1, config.bucket_size // 4))
+    return max(1, int(round(math.log(target_buckets) / math.log(radix))))
+
+
+def table_geometry(config: SlideConfig, k: int) -> tuple[int, int, bool, int]:
+    """(radix, num_buckets, fold, table_bits) for K codes: exact mixed-radix ids when they fit, else
+    folded to table_bits (config.table_bits, or 0 = as many bits as the codes carry, capped at 20)."""
+    radix = 2 if config.hash_family == "simhash" else config.bin_size
+    space = radix**k
+    bits = config.table_bits or min(20, math.ceil(math.log2(space)))
     if space <= 2**bits:
-        return radix, int(space), False
-    return radix, 2**bits, True
+        return radix, int(space), False, bits
+    return radix, 2**bits, True, bits
 
 
-def draw_hash_functions(config: SlideConfig, dim: int, rng: np.random.Generator) -> HashFunctions:
-    """Draw the hash functions of one sampled layer whose neurons have `dim` inputs."""
-    k, l = config.hash_k, config.hash_l
+def draw_hash_functions(config: SlideConfig, dim: int, n_neurons: int, rng: np.random.Generator) -> HashFunctions:
+    """Draw the hash functions of one sampled layer of `n_neurons` neurons with `dim` inputs each."""
+    k, l = resolve_k(config, n_neurons), config.hash_l
     family = FAMILY_IDS[config.hash_family]
     n_codes = k * l
     if family == SIMHASH:
@@ -90,9 +101,9 @@ def draw_hash_functions(config: SlideConfig, dim: int, rng: np.random.Generator)
         bins = np.concatenate([rng.permutation(dim)[: per_perm * m].reshape(per_perm, m) for _ in range(n_perms)])
         idx = np.ascontiguousarray(bins[:n_codes], dtype=np.int32)
         sign = np.ones((n_codes, m), dtype=np.float32)
-    radix, num_buckets, fold = table_geometry(config)
+    radix, num_buckets, fold, bits = table_geometry(config, k)
     seed = int(rng.integers(0, 2**62))
-    params = np.array([family, k, l, radix, num_buckets, int(fold), config.resolved_table_bits, seed], dtype=np.int64)
+    params = np.array([family, k, l, radix, num_buckets, int(fold), bits, seed], dtype=np.int64)
     return HashFunctions(idx, sign, params)
 
 
@@ -187,17 +198,26 @@ def hash_vector(x, idx, sign, params, scratch, buckets):
 
 
 @parallel_kernel
-def hash_rows(weights, rows, idx, sign, params, out):
-    """Bucket ids of weight rows: out int32 (L, len(rows)), out[:, r] for neuron rows[r]."""
+def hash_rows(weights, rows, center, idx, sign, params, out):
+    """Bucket ids of centred weight rows: out int32 (L, len(rows)), out[:, r] for neuron rows[r].
+
+    Keys are hashed as w - center: subtracting one vector from every key leaves the ranking of
+    <w, query> unchanged for any query, and spreads keys that share a common direction over buckets.
+    """
     n = rows.shape[0]
+    dim = center.shape[0]
     n_codes = idx.shape[0]
     l = params[2]
     n_chunks = min(n, 256)
     for chunk in prange(n_chunks):
         scratch = np.empty(n_codes, dtype=np.int32)
+        key = np.empty(dim, dtype=np.float32)
         b = np.empty(l, dtype=np.int32)
         for r in range(chunk, n, n_chunks):
-            hash_vector(weights[rows[r]], idx, sign, params, scratch, b)
+            row = weights[rows[r]]
+            for k in range(dim):
+                key[k] = row[k] - center[k]
+            hash_vector(key, idx, sign, params, scratch, b)
             for t in range(l):
                 out[t, r] = b[t]
 
@@ -212,13 +232,17 @@ def hash_dense(x: np.ndarray, hf: HashFunctions) -> np.ndarray:
     return out
 
 
-def hash_matrix(weights: np.ndarray, hf: HashFunctions, rows: np.ndarray | None = None) -> np.ndarray:
-    """Bucket ids int32 (L, n) of the rows of a float32 (n_rows, dim) matrix (all rows or `rows`)."""
+def hash_matrix(weights: np.ndarray, hf: HashFunctions, rows: np.ndarray | None = None,
+                center: np.ndarray | None = None) -> np.ndarray:
+    """Bucket ids int32 (L, n) of the rows of a float32 (n_rows, >= dim) matrix (all rows or `rows`),
+    each row's first dim entries minus `center` (default zeros, dim = the hashed width)."""
     weights = np.ascontiguousarray(weights, dtype=np.float32)
+    dim = int(hf.idx.max(initial=0)) + 1 if center is None else center.shape[0]
+    center = np.zeros(dim, np.float32) if center is None else np.ascontiguousarray(center, dtype=np.float32)
     rows = np.arange(weights.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     out = np.empty((hf.l, rows.shape[0]), dtype=np.int32)
     if rows.shape[0]:
-        hash_rows(weights, rows, hf.idx, hf.sign, hf.params, out)
+        hash_rows(weights, rows, center, hf.idx, hf.sign, hf.params, out)
     return out
 
 

@@ -57,8 +57,9 @@ class SlideModel:
             w[:, -1] = 0.0
             weights.append(np.ascontiguousarray(w))
         sampled = np.flatnonzero(layer_slots(config) >= 0)
-        hashes = [lsh.draw_hash_functions(config, widths[l], rng) for l in sampled]
-        tabs = [tables.empty_tables(config.hash_l, widths[l + 1], hf.num_buckets) for l, hf in zip(sampled, hashes)]
+        hashes = [lsh.draw_hash_functions(config, widths[l], widths[l + 1], rng) for l in sampled]
+        tabs = [tables.empty_tables(config.hash_l, widths[l + 1], hf.num_buckets, widths[l])
+                for l, hf in zip(sampled, hashes)]
         model = cls(config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32),
                     hashes, tabs)
         for l in sampled:
@@ -84,17 +85,18 @@ class SlideModel:
         slot = int(self.layer_slot[layer])
         w = self.weights[layer]
         if new_functions is not None:
-            self.hashes[slot] = lsh.draw_hash_functions(self.config, w.shape[1] - 1, new_functions)
+            self.hashes[slot] = lsh.draw_hash_functions(self.config, w.shape[1] - 1, w.shape[0], new_functions)
             rows = None
         hf, tb = self.hashes[slot], self.tables[slot]
         if rows is None:
-            tb.codes[:] = lsh.hash_matrix(w, hf)
+            tb.center[:] = w[:, :-1].mean(axis=0)
+            tb.codes[:] = lsh.hash_matrix(w, hf, center=tb.center)
             tb.inserted[:] = round_id
             count = w.shape[0]
         else:
             rows = np.asarray(rows, dtype=np.int64)
             if rows.size:
-                tb.codes[:, rows] = lsh.hash_matrix(w, hf, rows)
+                tb.codes[:, rows] = lsh.hash_matrix(w, hf, rows, center=tb.center)
                 tb.inserted[rows] = round_id
             count = int(rows.size)
         tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion,

@@ -24,20 +24,23 @@ POLICY_IDS = {"fifo": FIFO, "reservoir": RESERVOIR}
 
 class Tables(NamedTuple):
     """codes int32 (L, n): bucket of each neuron per table; inserted int32 (n,): rehash round of
-    each neuron's last insertion; offsets int64 (L, num_buckets+1) and ids int32 (L, n): the buckets."""
+    each neuron's last insertion; offsets int64 (L, num_buckets+1) and ids int32 (L, n): the buckets;
+    center float32 (dim,): the vector subtracted from every key before hashing (see lsh.hash_rows)."""
 
     codes: np.ndarray
     inserted: np.ndarray
     offsets: np.ndarray
     ids: np.ndarray
+    center: np.ndarray
 
 
-def empty_tables(l: int, n: int, num_buckets: int) -> Tables:
+def empty_tables(l: int, n: int, num_buckets: int, dim: int) -> Tables:
     return Tables(
         np.zeros((l, n), dtype=np.int32),
         np.zeros(n, dtype=np.int32),
         np.zeros((l, num_buckets + 1), dtype=np.int64),
         np.zeros((l, n), dtype=np.int32),
+        np.zeros(dim, dtype=np.float32),
     )
 
 

@@ -147,10 +147,9 @@ class Database:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        kwargs: dict[str, Any] = {"echo": echo, "future": True}
+        self._sqlite_file = parsed.database if self.is_sqlite and parsed.database not in (None, "", ":memory:") else None
+        kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
-            if parsed.database and parsed.database != ":memory:":
-                Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}
         else:
             kwargs["pool_pre_ping"] = True
@@ -160,6 +159,8 @@ class Database:
         self.sessionmaker = sessionmaker(self.engine, expire_on_commit=False)
 
     def create_schema(self) -> None:
+        if self._sqlite_file:
+            Path(self._sqlite_file).parent.mkdir(parents=True, exist_ok=True)
         Base.metadata.create_all(self.engine)
 
     @contextmanager

@@ -141,10 +141,27 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI `responses=` entries documenting problem+json bodies for the given status codes."""
     from app.schemas import Problem
 
-    return {
-        s: {"model": Problem, "description": _phrase(s), "content": {PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}}}
-        for s in statuses
-    }
+    return {s: {"model": Problem, "description": _phrase(s)} for s in statuses}
+
+
+def tidy_openapi(spec: dict[str, Any]) -> dict[str, Any]:
+    """Error responses are documented as what they are: `application/problem+json` with the Problem schema (FastAPI
+    would say application/json, and HTTPValidationError for 422)."""
+    ref = {"$ref": "#/components/schemas/Problem"}
+    for path_item in spec.get("paths", {}).values():
+        for operation in path_item.values():
+            if not isinstance(operation, dict):
+                continue
+            responses = operation.get("responses", {})
+            for status, response in responses.items():
+                if str(status).startswith(("4", "5")):
+                    response["content"] = {PROBLEM_JSON: {"schema": ref}}
+            if "422" in responses:
+                responses["422"]["description"] = "Validation error: `field` and `errors` name what is wrong"
+    schemas = spec.get("components", {}).get("schemas", {})
+    for unused in ("HTTPValidationError", "ValidationError"):
+        schemas.pop(unused, None)
+    return spec
 
 
 def _phrase(status: int) -> str:

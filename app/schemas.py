@@ -136,7 +136,7 @@ class MetricPoint(BaseModel):
 
 
 class JobProgress(BaseModel):
-    epoch: int = Field(description="Epochs started so far (the one in progress counts).")
+    epoch: int = Field(description="Epochs completed (while training, the index of the epoch in progress).")
     epochs: int = Field(description="Epochs the job trains in total.")
     step: int
     samples: int = Field(description="Training points processed so far.")

@@ -1,0 +1,68 @@
+"""Dependencies as named types: endpoints declare `settings: SettingsDep`, `jobs: JobsDep`, ..."""
+
+from __future__ import annotations
+
+import secrets
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request, Security
+from fastapi.security import APIKeyHeader
+
+from app.services.container import Services
+from app.services.datasets import DatasetService
+from app.services.jobs import JobService
+from app.services.registry import ModelRegistry
+from app.services.telemetry import Telemetry
+from app.settings import Settings
+
+
+def get_services(request: Request) -> Services:
+    return request.app.state.services
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.services.settings
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_datasets(services: ServicesDep) -> DatasetService:
+    return services.datasets
+
+
+def get_jobs(services: ServicesDep) -> JobService:
+    return services.jobs
+
+
+def get_registry(services: ServicesDep) -> ModelRegistry:
+    return services.registry
+
+
+def get_telemetry(services: ServicesDep) -> Telemetry:
+    return services.telemetry
+
+
+DatasetsDep = Annotated[DatasetService, Depends(get_datasets)]
+JobsDep = Annotated[JobService, Depends(get_jobs)]
+RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
+TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
+
+api_key_header = APIKeyHeader(
+    name="X-API-Key",
+    auto_error=False,
+    description="Needed on every endpoint except /healthz and /readyz when the service has SLIDE_API_KEY set.",
+)
+
+
+def require_api_key(settings: SettingsDep, key: Annotated[str | None, Security(api_key_header)]) -> None:
+    expected = settings.api_key
+    if expected is None:
+        return
+    if key is None or not secrets.compare_digest(key.encode(), expected.get_secret_value().encode()):
+        raise HTTPException(
+            status_code=401,
+            detail="missing or wrong X-API-Key header" if key else "this endpoint needs an X-API-Key header",
+            headers={"WWW-Authenticate": "APIKey"},
+        )

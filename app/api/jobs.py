@@ -1,0 +1,136 @@
+"""/v1/jobs: start (with Idempotency-Key), list, get, stop, resume, delete, metrics."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Body, Header, Query, Response
+
+from app.api.deps import JobsDep, RegistryDep
+from app.db import METRIC_FIELDS, JobRow, MetricRow
+from app.errors import problem_responses
+from app.schemas import (
+    JOB_CONFIG_EXAMPLE,
+    EXAMPLE_ID,
+    JobCreate,
+    JobList,
+    JobProgress,
+    JobPublic,
+    MetricPoint,
+    MetricSeries,
+    SlideConfigModel,
+)
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+_CONFIG_FIELDS = set(SlideConfigModel.model_fields)
+
+
+def job_public(row: JobRow, model_version: int | None) -> JobPublic:
+    config: dict[str, Any] = {k: v for k, v in (row.config or {}).items() if k in _CONFIG_FIELDS}
+    latest = row.latest_metrics or None
+    return JobPublic(
+        id=row.id,
+        state=row.state,  # type: ignore[arg-type]
+        train_dataset_id=row.train_dataset_id,
+        eval_dataset_id=row.eval_dataset_id,
+        config=SlideConfigModel.model_validate(config),
+        progress=JobProgress(epoch=row.epoch or 0, epochs=int(config.get("epochs", 0)), step=row.step or 0,
+                             samples=row.samples or 0, samples_per_s=row.samples_per_s),
+        latest_metrics=MetricPoint.model_validate(latest) if latest and latest.get("step") is not None else None,
+        model_version=model_version,
+        error=row.error,
+        runs=row.runs or 0,
+        interruptions=row.interruptions or 0,
+        created_at=row.created_at,
+        updated_at=row.updated_at,
+        started_at=row.started_at,
+        finished_at=row.finished_at,
+    )
+
+
+def metric_point(row: MetricRow) -> MetricPoint:
+    return MetricPoint.model_validate({k: getattr(row, k) for k in METRIC_FIELDS})
+
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(alias="Idempotency-Key", min_length=1, max_length=255,
+           description="Retry-safe creation: the same key with the same body returns the same job (200), never a "
+                       "second one; the same key with a different body is a 409."),
+]
+
+
+@router.post("", status_code=201, response_model=JobPublic, summary="Start a training job",
+             responses={200: {"model": JobPublic, "description": "Replay: the job created earlier with this "
+                                                                 "Idempotency-Key"},
+                        **problem_responses(400, 401, 409, 422)})
+def create_job(
+    jobs: JobsDep,
+    response: Response,
+    body: Annotated[JobCreate, Body(openapi_examples={
+        "small": {"summary": "A small run (paste the id of an uploaded dataset)",
+                  "value": {"train_dataset_id": EXAMPLE_ID, "config": JOB_CONFIG_EXAMPLE}},
+        "with_eval": {"summary": "With a held-out set for P@1 / P@5",
+                      "value": {"train_dataset_id": EXAMPLE_ID, "eval_dataset_id": "<id of the test set>",
+                                "config": {"epochs": 10, "hash_l": 32}}},
+    })],
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    """The job trains in its own process; it is `queued` until a slot is free (SLIDE_MAX_CONCURRENT_JOBS), then
+    `running`. Omitted config fields take the engine's defaults; a bad one is a 422 naming it."""
+    job, created = jobs.create(body.train_dataset_id, body.eval_dataset_id, body.config.model_dump(),
+                               idempotency_key=idempotency_key)
+    response.status_code = 201 if created else 200
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_public(job, jobs.latest_versions([job.id]).get(job.id))
+
+
+@router.get("", response_model=JobList, summary="List jobs", responses=problem_responses(401))
+def list_jobs(jobs: JobsDep) -> JobList:
+    rows = jobs.list()
+    versions = jobs.latest_versions()
+    return JobList(data=[job_public(r, versions.get(r.id)) for r in rows], count=len(rows))
+
+
+@router.get("/{job_id}", response_model=JobPublic, summary="Get a job: state, progress, latest metrics",
+            responses=problem_responses(401, 404))
+def get_job(job_id: str, jobs: JobsDep) -> JobPublic:
+    job = jobs.get(job_id)
+    return job_public(job, jobs.latest_versions([job_id]).get(job_id))
+
+
+@router.post("/{job_id}/stop", status_code=202, response_model=JobPublic, summary="Stop a job (checkpoints first)",
+             responses=problem_responses(401, 404, 409))
+def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
+    """A running job becomes `stopping`, writes a checkpoint, then `stopped`; poll the job to see it."""
+    job = jobs.stop(job_id)
+    return job_public(job, jobs.latest_versions([job_id]).get(job_id))
+
+
+@router.post("/{job_id}/resume", status_code=202, response_model=JobPublic,
+             summary="Resume a stopped, failed or interrupted job from its checkpoint",
+             responses=problem_responses(401, 404, 409))
+def resume_job(job_id: str, jobs: JobsDep) -> JobPublic:
+    job = jobs.resume(job_id)
+    return job_public(job, jobs.latest_versions([job_id]).get(job_id))
+
+
+@router.delete("/{job_id}", status_code=204, summary="Cancel and remove a job, its metrics and its model",
+               responses=problem_responses(401, 404))
+def delete_job(job_id: str, jobs: JobsDep, registry: RegistryDep) -> Response:
+    jobs.delete(job_id)
+    registry.evict(job_id)
+    return Response(status_code=204)
+
+
+@router.get("/{job_id}/metrics", response_model=MetricSeries, summary="The job's metric time series",
+            responses=problem_responses(401, 404))
+def job_metrics(
+    job_id: str,
+    jobs: JobsDep,
+    since_step: Annotated[int, Query(ge=-1, description="Only points with step > since_step (-1 = all).")] = -1,
+    limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
+) -> MetricSeries:
+    rows = jobs.metrics(job_id, since_step=since_step, limit=limit)
+    return MetricSeries(job_id=job_id, data=[metric_point(r) for r in rows], count=len(rows))

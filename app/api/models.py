@@ -1,0 +1,90 @@
+"""/v1/models: one model per job (id = job id), served live from its newest snapshot."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated
+
+from fastapi import APIRouter, Body
+
+import engine
+from app.api.deps import DatasetsDep, JobsDep, RegistryDep, SettingsDep, TelemetryDep
+from app.db import JobRow, ModelVersionRow
+from app.errors import problem_responses
+from app.schemas import ModelList, ModelPublic, ModelVersionPublic, Prediction, PredictRequest, PredictResponse
+from app.services.errors import NotFound
+
+router = APIRouter(prefix="/v1/models", tags=["models"])
+
+
+def _model_public(job: JobRow, versions: list[ModelVersionRow], on_disk: list[int], dims: tuple[int, int] | None):
+    by_version = {v.version: v for v in versions}
+    listed = []
+    for number in sorted(set(by_version) | set(on_disk)):
+        row = by_version.get(number)
+        listed.append(ModelVersionPublic(
+            version=number,
+            step=row.step if row else None, epoch=row.epoch if row else None, samples=row.samples if row else None,
+            created_at=row.created_at if row else None, available=number in on_disk,
+        ))
+    return ModelPublic(
+        id=job.id, job_state=job.state, ready=bool(on_disk), latest_version=max(on_disk) if on_disk else None,  # type: ignore[arg-type]
+        num_features=dims[0] if dims else None, num_labels=dims[1] if dims else None,
+        train_dataset_id=job.train_dataset_id, versions=listed,
+    )
+
+
+def _describe(job: JobRow, jobs, datasets, registry, settings) -> ModelPublic:
+    on_disk = engine.SnapshotStore(settings.snapshots_dir(job.id)).versions()
+    held = registry.peek(job.id)
+    dims = None
+    if held is not None:
+        dims = (int(held.model.num_features), int(held.model.num_labels))
+    else:
+        try:
+            ds = datasets.get(job.train_dataset_id)
+            dims = (ds.num_features, ds.num_labels)
+        except NotFound:
+            pass
+    return _model_public(job, jobs.versions(job.id), on_disk, dims)
+
+
+@router.get("", response_model=ModelList, summary="List models (one per job)", responses=problem_responses(401))
+def list_models(jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep, settings: SettingsDep) -> ModelList:
+    data = [_describe(j, jobs, datasets, registry, settings) for j in jobs.list()]
+    return ModelList(data=data, count=len(data))
+
+
+@router.get("/{model_id}", response_model=ModelPublic, summary="Get a model and its snapshot versions",
+            responses=problem_responses(401, 404))
+def get_model(model_id: str, jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep,
+              settings: SettingsDep) -> ModelPublic:
+    return _describe(jobs.get(model_id), jobs, datasets, registry, settings)
+
+
+@router.post("/{model_id}/predict", response_model=PredictResponse, summary="Top-k labels from the live model",
+             responses=problem_responses(400, 401, 404, 422, 503))
+def predict(
+    model_id: str,
+    jobs: JobsDep,
+    registry: RegistryDep,
+    telemetry: TelemetryDep,
+    body: Annotated[PredictRequest, Body(openapi_examples={
+        "one": {"summary": "One query, sub-linear (LSH) candidates",
+                "value": {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "lsh"}},
+        "exact": {"summary": "Two queries, all labels scored",
+                  "value": {"instances": [{"indices": [1, 2], "values": [1.0, 1.0]},
+                                          {"indices": [3], "values": [0.7]}], "k": 3, "mode": "exact"}},
+    })],
+) -> PredictResponse:
+    """Served from the newest published snapshot of the job's weights and hash tables: while the job trains,
+    answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first."""
+    jobs.get(model_id)  # 404 for an unknown id
+    start = time.perf_counter()
+    result = registry.predict(model_id, [(i.indices, i.values) for i in body.instances], body.k, body.mode)
+    telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)
+    return PredictResponse(
+        model_id=model_id,
+        model_version=result.version,
+        predictions=[Prediction(labels=l, scores=s) for l, s in zip(result.labels, result.scores)],
+    )

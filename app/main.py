@@ -1,0 +1,89 @@
+"""The ASGI app: `uvicorn app.main:app`. Tests build their own with `create_app(Settings(...))`."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import anyio.to_thread
+from fastapi import FastAPI
+
+import engine
+from app.api import api_router
+from app.errors import install_error_handlers, tidy_openapi
+from app.services.container import Services
+from app.services.telemetry import MetricsMiddleware
+from app.settings import Settings
+
+DESCRIPTION = """
+**SLIDE** (Sub-LInear Deep learning Engine): extreme multi-label classification trained on CPUs, with
+locality-sensitive hashing choosing which output neurons each point touches.
+
+Try it in order: **1.** `POST /v1/datasets` (pick a file in the Extreme Classification Repository format;
+`make demo` uploads a synthetic one) → **2.** `POST /v1/jobs` with the dataset `id` → **3.** `GET /v1/jobs/{id}`
+to watch progress → **4.** `POST /v1/models/{id}/predict` (the job id) — answers come from the newest snapshot
+and improve while it trains → **5.** `POST /v1/jobs/{id}/stop` and `/resume`.
+
+Errors are `application/problem+json` (RFC 9457). When the service has an API key, use **Authorize**.
+"""
+
+TAGS = [
+    {"name": "datasets", "description": "Training and evaluation data, uploaded as files (streamed)."},
+    {"name": "jobs", "description": "Training runs, each in its own process; stop, resume, live metrics."},
+    {"name": "models", "description": "One model per job, served from its newest snapshot."},
+    {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
+]
+
+
+def _configure_logging() -> None:
+    logger = logging.getLogger("app")
+    if not logger.handlers and not logging.getLogger().handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app. Nothing is opened until the lifespan starts (database, data dir, job supervisor)."""
+    settings = settings or Settings()
+    services = Services.build(settings)
+    _configure_logging()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await anyio.to_thread.run_sync(services.start)
+        try:
+            yield
+        finally:
+            await anyio.to_thread.run_sync(services.close)
+
+    app = FastAPI(
+        title="SLIDE service",
+        version=engine.__version__,
+        description=DESCRIPTION,
+        openapi_tags=TAGS,
+        lifespan=lifespan,
+        swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
+    )
+    app.state.services = services
+    install_error_handlers(app)
+    _tidy_openapi_of(app)
+    app.include_router(api_router)
+    app.add_middleware(MetricsMiddleware, telemetry=services.telemetry)
+    return app
+
+
+def _tidy_openapi_of(app: FastAPI) -> None:
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            app.openapi_schema = tidy_openapi(build())
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+app = create_app()

@@ -1,0 +1,56 @@
+"""The services of one app instance, built from its settings; started and closed by the app's lifespan."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from app.db import Database
+from app.services.datasets import DatasetService
+from app.services.jobs import JobService, Supervisor
+from app.services.registry import ModelRegistry
+from app.services.telemetry import Telemetry
+from app.settings import Settings
+
+log = logging.getLogger("app")
+
+
+@dataclass
+class Services:
+    settings: Settings
+    db: Database
+    datasets: DatasetService
+    jobs: JobService
+    supervisor: Supervisor
+    registry: ModelRegistry
+    telemetry: Telemetry
+
+    @classmethod
+    def build(cls, settings: Settings) -> "Services":
+        """No I/O here: the app object can be created (e.g. imported by uvicorn) before anything is opened."""
+        db = Database(settings.database_url)
+        supervisor = Supervisor(settings, db)
+        return cls(
+            settings=settings,
+            db=db,
+            datasets=DatasetService(settings, db),
+            jobs=JobService(settings, db, supervisor),
+            supervisor=supervisor,
+            registry=ModelRegistry(settings),
+            telemetry=Telemetry(db),
+        )
+
+    def start(self) -> None:
+        """Open the data dir and database, clean up after a crash, recover and supervise jobs. Blocking."""
+        for d in (self.settings.data_dir, self.settings.datasets_dir, self.settings.jobs_dir):
+            d.mkdir(parents=True, exist_ok=True)
+        self.db.create_schema()
+        self.supervisor.start()
+        if self.supervisor.active:  # only the process that owns the data dir cleans it
+            self.datasets.sweep()
+        log.info("SLIDE service ready: data dir %s, database %s", self.settings.data_dir,
+                 self.db.engine.url.render_as_string(hide_password=True))
+
+    def close(self) -> None:
+        self.supervisor.shutdown()
+        self.db.dispose()

@@ -1,0 +1,444 @@
+"""Training jobs: the API-facing service (create / stop / resume / delete) and the supervisor that runs them.
+
+State lives in the database, so any API process can take a request; one process per data dir (the holder of
+`<data_dir>/supervisor.lock`) runs the supervisor thread, which starts queued jobs, each in its own process
+(multiprocessing spawn context, see `app.services.worker`), notices processes that died and recovers jobs
+that were training when the service went down.
+
+States: queued -> running -> (stopping ->) stopped | completed | failed; `interrupted` when the service went
+down mid-training (resumed automatically at start-up when `auto_resume` is on). stopped, failed and
+interrupted jobs can be resumed from their last snapshot, under the same id.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import delete, func, select, update
+from sqlalchemy.exc import IntegrityError
+
+from app.db import Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utcnow
+from app.services.errors import Conflict, InvalidContent, NotFound
+from app.services.worker import LOG_FILE, run_job
+from app.settings import Settings
+from engine.config import ConfigError, SlideConfig
+
+log = logging.getLogger("app.jobs")
+
+ACTIVE = ("queued", "running", "stopping")
+RESUMABLE = ("stopped", "failed", "interrupted")
+TERMINAL = ("stopped", "completed", "failed", "interrupted")
+
+
+def _transition(s: Any, job_id: str, from_states: tuple[str, ...], **values: Any) -> bool:
+    """Compare-and-set on the state column: concurrent writers (API, supervisor, trainer) never undo each other."""
+    result = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(from_states)).values(**values))
+    return result.rowcount > 0
+
+
+class JobService:
+    def __init__(self, settings: Settings, db: Database, supervisor: "Supervisor"):
+        self.settings = settings
+        self.db = db
+        self.supervisor = supervisor
+
+    # ---- create ---------------------------------------------------------------------------------------
+    def create(self, train_dataset_id: str, eval_dataset_id: str | None, config: dict[str, Any],
+               idempotency_key: str | None = None) -> tuple[JobRow, bool]:
+        """Returns (job, created). The same Idempotency-Key with the same request returns the first job."""
+        request_hash = hashlib.sha256(json.dumps(
+            {"train": train_dataset_id, "eval": eval_dataset_id, "config": config}, sort_keys=True, default=str,
+        ).encode()).hexdigest()
+        if idempotency_key is not None:
+            existing = self._by_key(idempotency_key, request_hash)
+            if existing is not None:
+                return existing, False
+        try:
+            cfg = SlideConfig.from_dict(config)
+        except ConfigError as exc:
+            message = str(exc).split(": ", 1)[-1]
+            raise InvalidContent(f"config.{exc.field}: {message}", loc=("body", "config", exc.field)) from exc
+        except (TypeError, ValueError) as exc:
+            raise InvalidContent(f"config: {exc}", loc=("body", "config")) from exc
+        if cfg.threads == 0 and self.settings.trainer_threads:
+            cfg = cfg.replace(threads=self.settings.trainer_threads)
+        with self.db.session() as s:
+            train = s.get(DatasetRow, train_dataset_id)
+            if train is None:
+                raise InvalidContent(f"train_dataset_id: no dataset with id {train_dataset_id!r}; upload one with "
+                                     "POST /v1/datasets", loc=("body", "train_dataset_id"))
+            if eval_dataset_id is not None:
+                test = s.get(DatasetRow, eval_dataset_id)
+                if test is None:
+                    raise InvalidContent(f"eval_dataset_id: no dataset with id {eval_dataset_id!r}",
+                                         loc=("body", "eval_dataset_id"))
+                if test.num_features > train.num_features or test.num_labels > train.num_labels:
+                    raise InvalidContent(
+                        f"eval_dataset_id: the eval set has {test.num_features} features and {test.num_labels} "
+                        f"labels but the training set only {train.num_features} and {train.num_labels}; they must "
+                        "share one feature and label space", loc=("body", "eval_dataset_id"))
+        job = JobRow(id=uuid.uuid4().hex, train_dataset_id=train_dataset_id, eval_dataset_id=eval_dataset_id,
+                     config=cfg.to_dict(), state="queued", idempotency_key=idempotency_key,
+                     request_hash=request_hash, step=0, epoch=0, samples=0, runs=0, interruptions=0)
+        try:
+            with self.db.session() as s:
+                s.add(job)
+        except IntegrityError:
+            if idempotency_key is None:
+                raise
+            existing = self._by_key(idempotency_key, request_hash)  # lost a race with the same key
+            if existing is None:
+                raise
+            return existing, False
+        self.settings.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+        self.supervisor.wake()
+        log.info("job %s queued on dataset %s", job.id, train_dataset_id)
+        return job, True
+
+    def _by_key(self, key: str, request_hash: str) -> JobRow | None:
+        with self.db.session() as s:
+            job = s.scalars(select(JobRow).where(JobRow.idempotency_key == key)).first()
+        if job is not None and job.request_hash != request_hash:
+            raise Conflict(f"Idempotency-Key {key!r} was already used for a different request (job {job.id}); "
+                           "use a new key for a new job", job_id=job.id)
+        return job
+
+    # ---- read -----------------------------------------------------------------------------------------
+    def list(self) -> list[JobRow]:
+        with self.db.session() as s:
+            return list(s.scalars(select(JobRow).order_by(JobRow.created_at.desc())))
+
+    def get(self, job_id: str) -> JobRow:
+        with self.db.session() as s:
+            job = s.get(JobRow, job_id)
+        if job is None:
+            raise NotFound("job", job_id)
+        return job
+
+    def latest_versions(self, job_ids: list[str] | None = None) -> dict[str, int]:
+        with self.db.session() as s:
+            q = select(ModelVersionRow.job_id, func.max(ModelVersionRow.version)).group_by(ModelVersionRow.job_id)
+            if job_ids is not None:
+                q = q.where(ModelVersionRow.job_id.in_(job_ids))
+            return {j: v for j, v in s.execute(q)}
+
+    def versions(self, job_id: str) -> list[ModelVersionRow]:
+        with self.db.session() as s:
+            return list(s.scalars(select(ModelVersionRow).where(ModelVersionRow.job_id == job_id)
+                                  .order_by(ModelVersionRow.version)))
+
+    def metrics(self, job_id: str, since_step: int = -1, limit: int = 10_000) -> list[MetricRow]:
+        """Metric points with step > since_step, oldest first."""
+        self.get(job_id)
+        with self.db.session() as s:
+            return list(s.scalars(
+                select(MetricRow).where(MetricRow.job_id == job_id, MetricRow.step > since_step)
+                .order_by(MetricRow.step, MetricRow.id).limit(limit)
+            ))
+
+    # ---- control --------------------------------------------------------------------------------------
+    def stop(self, job_id: str) -> JobRow:
+        """Running -> stopping (the trainer checkpoints, then records `stopped`); queued/interrupted -> stopped."""
+        with self.db.session() as s:
+            job = s.get(JobRow, job_id)
+            if job is None:
+                raise NotFound("job", job_id)
+            if job.state in ("stopping", "stopped"):
+                return job
+            if _transition(s, job_id, ("running",), state="stopping"):
+                pass
+            elif _transition(s, job_id, ("queued", "interrupted"), state="stopped", finished_at=utcnow()):
+                pass
+            else:
+                raise Conflict(f"job {job_id} is {job.state}; only queued, running or interrupted jobs can be "
+                               "stopped", state=job.state)
+        self.supervisor.request_stop(job_id)
+        return self.get(job_id)
+
+    def resume(self, job_id: str) -> JobRow:
+        """stopped / failed / interrupted -> queued; the trainer continues from the newest snapshot."""
+        with self.db.session() as s:
+            job = s.get(JobRow, job_id)
+            if job is None:
+                raise NotFound("job", job_id)
+            missing = [d for d in (job.train_dataset_id, job.eval_dataset_id) if d and s.get(DatasetRow, d) is None]
+            if missing:
+                raise Conflict(f"job {job_id} cannot resume: its dataset {missing[0]} was deleted", state=job.state)
+            if not _transition(s, job_id, RESUMABLE, state="queued", error=None, finished_at=None):
+                hint = ("it is already queued or training" if job.state in ACTIVE
+                        else "it completed its epochs; start a new job to train further")
+                raise Conflict(f"job {job_id} is {job.state}: {hint}", state=job.state)
+        self.supervisor.wake()
+        return self.get(job_id)
+
+    def delete(self, job_id: str) -> None:
+        """Cancel (kill its process if it runs) and remove the job, its metrics, versions and snapshots."""
+        self.get(job_id)
+        self.supervisor.cancel(job_id)
+        with self.db.session() as s:
+            s.execute(delete(MetricRow).where(MetricRow.job_id == job_id))
+            s.execute(delete(ModelVersionRow).where(ModelVersionRow.job_id == job_id))
+            s.execute(delete(JobRow).where(JobRow.id == job_id))
+        _remove_tree(self.settings.job_dir(job_id))
+        log.info("job %s deleted", job_id)
+
+
+# ----------------------------------------------------------------------------------------------- supervisor
+
+
+@dataclass
+class _Handle:
+    process: Any
+    stop_event: Any
+    interrupt_event: Any
+
+
+class Supervisor:
+    """Starts queued jobs in their own processes, reaps dead ones, recovers after a restart. One per data dir."""
+
+    def __init__(self, settings: Settings, db: Database):
+        self.settings = settings
+        self.db = db
+        self.ctx = multiprocessing.get_context("spawn")
+        self._handles: dict[str, _Handle] = {}
+        self._lock = threading.RLock()
+        self._wake = threading.Event()
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._lock_file: Any = None
+        self.error: str | None = None
+
+    @property
+    def active(self) -> bool:
+        """True in the process that supervises this data dir."""
+        return self._lock_file is not None
+
+    @property
+    def healthy(self) -> bool:
+        return not self.active or (self._thread is not None and self._thread.is_alive())
+
+    # ---- lifecycle ------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        fh = open(self.settings.data_dir / "supervisor.lock", "a+")
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.close()
+            log.warning("another process supervises %s; this one serves requests only", self.settings.data_dir)
+            return
+        self._lock_file = fh
+        self.recover()
+        self.sweep()
+        self._thread = threading.Thread(target=self._loop, name="job-supervisor", daemon=True)
+        self._thread.start()
+
+    def recover(self) -> None:
+        """Jobs the previous service process left running: it died (or stopped) with them."""
+        with self.db.session() as s:
+            jobs = list(s.scalars(select(JobRow).where(JobRow.state.in_(("running", "stopping", "interrupted")))))
+            for job in jobs:
+                if job.state == "stopping":  # the user asked to stop; its last snapshot is where it stopped
+                    _transition(s, job.id, ("stopping",), state="stopped", pid=None, finished_at=utcnow())
+                    continue
+                values: dict[str, Any] = {"pid": None}
+                if job.state == "running":
+                    values["interruptions"] = job.interruptions + 1
+                if self.settings.auto_resume:
+                    _transition(s, job.id, (job.state,), state="queued", **values)
+                    log.info("job %s was %s when the service stopped: resuming it", job.id, job.state)
+                else:
+                    _transition(s, job.id, (job.state,), state="interrupted", finished_at=utcnow(), **values)
+                    log.info("job %s was %s when the service stopped: left interrupted", job.id, job.state)
+
+    def sweep(self) -> None:
+        """Job dirs without a row are leftovers of a delete that did not finish."""
+        root = self.settings.jobs_dir
+        if not root.is_dir():
+            return
+        with self.db.session() as s:
+            known = set(s.scalars(select(JobRow.id)))
+        for entry in root.iterdir():
+            if entry.name.startswith(".trash-") or (entry.is_dir() and entry.name not in known):
+                _remove_tree(entry)
+
+    def shutdown(self) -> None:
+        """Trainers checkpoint and exit as `interrupted` (resumed at the next start); killed after the grace time."""
+        self._stopping.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        with self._lock:
+            handles = dict(self._handles)
+        for h in handles.values():
+            h.interrupt_event.set()
+        deadline = self.settings.shutdown_grace_s
+        for job_id, h in handles.items():
+            h.process.join(timeout=deadline)
+            if h.process.is_alive():
+                log.warning("job %s did not stop within %.0fs: killing it", job_id, deadline)
+                h.process.kill()
+                h.process.join(timeout=5)
+                with self.db.session() as s:
+                    _transition(s, job_id, ("running", "stopping"), state="interrupted", pid=None)
+            deadline = 1.0
+        with self._lock:
+            self._handles.clear()
+        if self._lock_file is not None:
+            self._lock_file.close()
+            self._lock_file = None
+
+    # ---- requests from the API ------------------------------------------------------------------------
+    def wake(self) -> None:
+        self._wake.set()
+
+    def request_stop(self, job_id: str) -> None:
+        with self._lock:
+            h = self._handles.get(job_id)
+        if h is not None:
+            h.stop_event.set()
+        self._wake.set()
+
+    def cancel(self, job_id: str) -> None:
+        """Kill the job's process (no checkpoint: the job is being deleted) and wait for it."""
+        with self._lock:
+            h = self._handles.pop(job_id, None)
+        if h is not None and h.process.is_alive():
+            h.process.kill()
+            h.process.join(timeout=10)
+
+    def running(self) -> list[str]:
+        with self._lock:
+            return [j for j, h in self._handles.items() if h.process.is_alive()]
+
+    # ---- the loop -------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._reap()
+                self._launch()
+                self.error = None
+            except Exception as exc:  # noqa: BLE001 - a DB hiccup must not kill the supervisor
+                self.error = f"{type(exc).__name__}: {exc}"
+                log.exception("supervisor pass failed")
+            self._wake.wait(self.settings.supervisor_poll_s)
+            self._wake.clear()
+
+    def _reap(self) -> None:
+        with self._lock:
+            dead = {j: h for j, h in self._handles.items() if not h.process.is_alive()}
+            for j in dead:
+                del self._handles[j]
+        for job_id, h in dead.items():
+            h.process.join(timeout=1)
+            code = h.process.exitcode
+            with self.db.session() as s:
+                failed = _transition(
+                    s, job_id, ("running", "stopping"), state="failed", pid=None, finished_at=utcnow(),
+                    error=f"the trainer process exited with code {code} without finishing"
+                          f"{_signal_hint(code)}; last log lines: {_log_tail(self.settings.job_dir(job_id))}",
+                )
+            if failed:
+                log.error("job %s: trainer process died (exit code %s)", job_id, code)
+        # Stop requests that reached the DB through another API process.
+        with self._lock:
+            owned = list(self._handles)
+        if owned:
+            with self.db.session() as s:
+                stopping = set(s.scalars(select(JobRow.id).where(JobRow.id.in_(owned), JobRow.state == "stopping")))
+            for job_id in stopping:
+                self.request_stop(job_id)
+
+    def _launch(self) -> None:
+        with self._lock:
+            free = self.settings.max_concurrent_jobs - len(self._handles)
+        if free <= 0 or self._stopping.is_set():
+            return
+        with self.db.session() as s:
+            queued = list(s.scalars(select(JobRow).where(JobRow.state == "queued")
+                                    .order_by(JobRow.created_at).limit(free)))
+        for job in queued:
+            with self.db.session() as s:
+                if not _transition(s, job.id, ("queued",), state="running", runs=job.runs + 1, started_at=utcnow(),
+                                   finished_at=None, error=None):
+                    continue
+            try:
+                self._spawn(job)
+            except Exception as exc:  # noqa: BLE001
+                log.exception("could not start job %s", job.id)
+                with self.db.session() as s:
+                    _transition(s, job.id, ("running",), state="failed", finished_at=utcnow(),
+                                error=f"could not start the trainer process: {type(exc).__name__}: {exc}")
+
+    def _spawn(self, job: JobRow) -> None:
+        st = self.settings
+        spec = {
+            "job_id": job.id,
+            "job_dir": str(st.job_dir(job.id)),
+            "snapshots_dir": str(st.snapshots_dir(job.id)),
+            "train_path": str(st.dataset_dir(job.train_dataset_id)),
+            "eval_path": str(st.dataset_dir(job.eval_dataset_id)) if job.eval_dataset_id else None,
+            "config": job.config,
+            "database_url": st.database_url,
+            "snapshot_interval_s": st.snapshot_interval_s,
+            "snapshot_keep": st.snapshot_keep,
+            "trainer_threads": int(job.config.get("threads") or st.trainer_threads or 0),
+            "progress_interval_s": st.progress_interval_s,
+            "parent_pid": os.getpid(),
+        }
+        st.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+        stop_event, interrupt_event = self.ctx.Event(), self.ctx.Event()
+        process = self.ctx.Process(target=run_job, args=(spec, stop_event, interrupt_event),
+                                   name=f"slide-job-{job.id[:8]}", daemon=True)
+        process.start()
+        with self._lock:
+            self._handles[job.id] = _Handle(process, stop_event, interrupt_event)
+        with self.db.session() as s:
+            s.execute(update(JobRow).where(JobRow.id == job.id).values(pid=process.pid))
+        log.info("job %s: trainer process %d started (run %d)", job.id, process.pid, job.runs + 1)
+
+
+def _signal_hint(code: int | None) -> str:
+    if code is not None and code < 0:
+        import signal
+
+        try:
+            return f" (killed by {signal.Signals(-code).name}{', out of memory?' if -code == 9 else ''})"
+        except ValueError:
+            return ""
+    return ""
+
+
+def _log_tail(job_dir: Path, lines: int = 5, max_chars: int = 1500) -> str:
+    try:
+        with open(job_dir / LOG_FILE, "rb") as fh:
+            fh.seek(0, os.SEEK_END)
+            size = fh.tell()
+            fh.seek(max(0, size - 8192))
+            text = fh.read().decode("utf-8", "replace")
+    except OSError:
+        return "(no log)"
+    tail = " | ".join(line.strip() for line in text.strip().splitlines()[-lines:])
+    return tail[-max_chars:] or "(empty log)"
+
+
+def _remove_tree(path: Path) -> None:
+    if not path.exists():
+        return
+    trash = path.with_name(f".trash-{path.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        path.rename(trash)
+    except OSError:
+        trash = path
+    shutil.rmtree(trash, ignore_errors=True)

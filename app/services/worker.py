@@ -1,0 +1,276 @@
+"""What runs inside a job's own process (multiprocessing spawn context).
+
+The child opens its datasets with `engine.load_dataset(mmap=True)`, builds `engine.Trainer` (or
+`Trainer.resume` from the job's snapshot store), and writes its own progress, metrics, model versions and final
+state to the database through its own SQLAlchemy engine: nothing depends on the web process staying up to drain
+a queue. It stops, after a checkpoint, when
+
+- the parent sets `stop_event` (user stop -> `stopped`) or `interrupt_event` (service shutdown -> `interrupted`),
+- the job's row says `stopping` or is gone (a stop or delete issued through any API process),
+- it receives SIGTERM, or its parent process disappears (-> `interrupted`, resumed at the next start-up).
+
+A lock file in the job directory makes sure two trainers never write the same snapshot store.
+
+Nothing heavy is imported at module level: the thread cap must be in the environment before Numba loads.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import fcntl
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("app.worker")
+
+LOCK_FILE = "trainer.lock"
+LOG_FILE = "trainer.log"
+
+
+def run_job(spec: dict[str, Any], stop_event: Any, interrupt_event: Any) -> None:
+    """Process entry point (must stay a picklable top-level function)."""
+    threads = int(spec.get("trainer_threads") or 0)
+    if threads > 0:
+        os.environ["NUMBA_NUM_THREADS"] = str(min(threads, os.cpu_count() or threads))
+    job_dir = Path(spec["job_dir"])
+    job_dir.mkdir(parents=True, exist_ok=True)
+    _redirect_output(job_dir / LOG_FILE)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s [job " + spec["job_id"][:8] + "] %(message)s")
+    # Ctrl-C in a terminal reaches the whole process group: the parent decides what happens to its trainers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    local_interrupt = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: local_interrupt.set())
+    JobProcess(spec, stop_event, interrupt_event, local_interrupt).main()
+
+
+def _redirect_output(path: Path) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in metrics.items():
+        if hasattr(v, "item"):
+            v = v.item()
+        if isinstance(v, float) and not math.isfinite(v):
+            v = None
+        if v is None or isinstance(v, (bool, int, float, str)):
+            out[k] = v
+    return out
+
+
+class JobProcess:
+    def __init__(self, spec: dict[str, Any], stop_event: Any, interrupt_event: Any, local_interrupt: threading.Event):
+        from app.db import Database
+
+        self.spec = spec
+        self.job_id: str = spec["job_id"]
+        self.job_dir = Path(spec["job_dir"])
+        self.stop_event = stop_event
+        self.interrupt_event = interrupt_event
+        self.local_interrupt = local_interrupt
+        self.user_stop = threading.Event()  # set by the heartbeat when the row says `stopping` or is gone
+        self.row_gone = False
+        self.parent_pid = int(spec["parent_pid"])
+        self.db = Database(spec["database_url"])
+        self.trainer: Any = None
+        self._done = threading.Event()
+
+    # ---- stop conditions ------------------------------------------------------------------------------
+    def interrupted(self) -> bool:
+        return self.local_interrupt.is_set() or self.interrupt_event.is_set()
+
+    def should_stop(self) -> bool:
+        return self.stop_event.is_set() or self.user_stop.is_set() or self.interrupted()
+
+    # ---- main -----------------------------------------------------------------------------------------
+    def main(self) -> None:
+        lock = self._lock()
+        if lock is None:
+            return
+        try:
+            self._train()
+        except BaseException as exc:  # noqa: BLE001 - every failure must reach the job row
+            log.error("training failed:\n%s", traceback.format_exc())
+            self._finish("failed", error=f"{type(exc).__name__}: {exc}")
+        finally:
+            self._done.set()
+            if self.row_gone or self._row_state() is None:
+                import shutil
+
+                shutil.rmtree(self.job_dir, ignore_errors=True)  # deleted while we ran: leave nothing behind
+            self.db.dispose()
+            lock.close()
+
+    def _lock(self):
+        fh = open(self.job_dir / LOCK_FILE, "a+")
+        deadline = time.monotonic() + float(self.spec.get("lock_timeout_s", 120))
+        while True:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return fh
+            except BlockingIOError:
+                if time.monotonic() > deadline or self.interrupted():
+                    fh.close()
+                    self._finish("failed", error="another trainer process still holds this job's lock "
+                                                 f"({self.job_dir / LOCK_FILE}); resume the job once it has exited")
+                    return None
+                time.sleep(0.2)
+
+    def _train(self) -> None:
+        import engine
+
+        spec = self.spec
+        train = engine.load_dataset(spec["train_path"], mmap=True)
+        test = engine.load_dataset(spec["eval_path"], mmap=True) if spec.get("eval_path") else None
+        store = engine.SnapshotStore(spec["snapshots_dir"], keep=int(spec["snapshot_keep"]))
+        if store.latest() is not None:
+            trainer = engine.Trainer.resume(store, train, test)
+            log.info("resumed from snapshot v%d at step %d", store.latest()[0], trainer.step)
+        else:
+            config = engine.SlideConfig.from_dict(spec["config"])
+            trainer = engine.Trainer(config, train, test, store)
+            log.info("started: %d points, %d features, %d labels", train.num_points, train.num_features,
+                     train.num_labels)
+        self.trainer = trainer
+        self._forget_beyond(trainer.step, store.versions())
+        heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
+        heartbeat.start()
+        result = trainer.run(
+            should_stop=self.should_stop,
+            on_metrics=self._on_metrics,
+            on_snapshot=self._on_snapshot,
+            snapshot_every_s=float(spec["snapshot_interval_s"]),
+        )
+        self._done.set()
+        heartbeat.join(timeout=5)
+        if not result.get("stopped"):
+            state = "completed"
+        elif self.interrupted() and not (self.stop_event.is_set() or self.user_stop.is_set()):
+            state = "interrupted"
+        else:
+            state = "stopped"
+        log.info("finished: %s at step %d", state, trainer.step)
+        self._finish(state, metrics=_json_safe(result))
+
+    # ---- database writes ------------------------------------------------------------------------------
+    def _row_state(self) -> str | None:
+        from app.db import JobRow
+
+        try:
+            with self.db.session() as s:
+                row = s.get(JobRow, self.job_id)
+                return row.state if row is not None else None
+        except Exception:  # noqa: BLE001
+            log.exception("could not read the job row")
+            return "unknown"
+
+    def _progress(self) -> dict[str, Any]:
+        t = self.trainer
+        return {"step": int(t.step), "epoch": int(t.epoch), "samples": int(t.samples_seen)}
+
+    def _forget_beyond(self, step: int, versions: list[int]) -> None:
+        """After a resume, metrics newer than the checkpoint will be produced again: drop the old copies. Record
+        snapshot versions that exist on disk but have no row (the process died between publish and insert)."""
+        from sqlalchemy import delete, select
+
+        from app.db import MetricRow, ModelVersionRow
+
+        with self.db.session() as s:
+            s.execute(delete(MetricRow).where(MetricRow.job_id == self.job_id, MetricRow.step > step))
+            known = set(s.scalars(select(ModelVersionRow.version).where(ModelVersionRow.job_id == self.job_id)))
+            for v in versions:
+                if v not in known:
+                    s.add(ModelVersionRow(job_id=self.job_id, version=v, **self._progress()))
+
+    def _heartbeat(self) -> None:
+        from sqlalchemy import update
+
+        from app.db import JobRow, utcnow
+
+        interval = float(self.spec.get("progress_interval_s", 1.0))
+        last_t, last_samples = time.monotonic(), int(self.trainer.samples_seen)
+        rate: float | None = None
+        while not self._done.wait(interval):
+            if os.getppid() != self.parent_pid:
+                log.warning("the service process went away: checkpointing and exiting")
+                self.local_interrupt.set()
+            now, samples = time.monotonic(), int(self.trainer.samples_seen)
+            if samples != last_samples or rate is not None:
+                rate = (samples - last_samples) / (now - last_t) if now > last_t else rate
+            last_t, last_samples = now, samples
+            try:
+                with self.db.session() as s:
+                    result = s.execute(
+                        update(JobRow).where(JobRow.id == self.job_id)
+                        .values(**self._progress(), samples_per_s=rate, heartbeat_at=utcnow())
+                    )
+                    if result.rowcount == 0:
+                        self.row_gone = True
+                        self.user_stop.set()
+                        continue
+                    state = s.get(JobRow, self.job_id).state
+                if state == "stopping":
+                    self.user_stop.set()
+            except Exception:  # noqa: BLE001 - a busy database must not stop training
+                log.exception("heartbeat: database write failed")
+
+    def _on_metrics(self, metrics: dict[str, Any]) -> None:
+        from sqlalchemy import update
+
+        from app.db import METRIC_FIELDS, JobRow, MetricRow
+
+        m = _json_safe(metrics)
+        try:
+            with self.db.session() as s:
+                s.add(MetricRow(job_id=self.job_id, **{k: m.get(k) for k in METRIC_FIELDS}))
+                s.execute(update(JobRow).where(JobRow.id == self.job_id).values(
+                    latest_metrics={k: m.get(k) for k in METRIC_FIELDS},
+                    step=int(m.get("step") or 0), epoch=int(m.get("epoch") or 0), samples=int(m.get("samples") or 0),
+                ))
+        except Exception:  # noqa: BLE001
+            log.exception("could not record metrics at step %s", m.get("step"))
+
+    def _on_snapshot(self, version: int, path: Path) -> None:
+        from app.db import ModelVersionRow
+
+        try:
+            with self.db.session() as s:
+                s.merge(ModelVersionRow(job_id=self.job_id, version=int(version), **self._progress(),
+                                        created_at=dt.datetime.now(dt.timezone.utc)))
+        except Exception:  # noqa: BLE001
+            log.exception("could not record snapshot v%s", version)
+
+    def _finish(self, state: str, *, error: str | None = None, metrics: dict[str, Any] | None = None) -> None:
+        from sqlalchemy import update
+
+        from app.db import METRIC_FIELDS, JobRow, utcnow
+
+        values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "pid": None, "error": error}
+        if self.trainer is not None:
+            values.update(self._progress())
+        if metrics:
+            values["latest_metrics"] = {k: metrics.get(k) for k in METRIC_FIELDS}
+        for attempt in range(5):
+            try:
+                with self.db.session() as s:
+                    s.execute(update(JobRow).where(JobRow.id == self.job_id,
+                                                   JobRow.state.in_(("running", "stopping"))).values(**values))
+                return
+            except Exception:  # noqa: BLE001
+                log.exception("could not record the final state (attempt %d)", attempt + 1)
+                time.sleep(1 + attempt)

@@ -513,3 +513,47 @@ def test_healthcheck_commands_detect_health(source, health_server, compose):
     health_server.status = 503
     assert _run_check(cmd, port) != 0
     assert _run_check(cmd, _free_port()) != 0  # nothing listening
+
+
+# --------------------------------------------------------------------------------------------------
+# docker/example.env against the service's settings
+
+
+def example_env_entries(include_commented: bool) -> dict[str, str]:
+    """KEY=value lines of docker/example.env; with include_commented also `# KEY=value` examples."""
+    out = {}
+    for line in (ROOT / "docker" / "example.env").read_text().splitlines():
+        line = line.strip()
+        if include_commented and line.startswith("#"):
+            line = line.lstrip("#").strip()
+        m = re.fullmatch(r"([A-Z_][A-Z0-9_]*)=(\S*)", line)
+        if m:
+            out[m.group(1)] = m.group(2)
+    return out
+
+
+def test_example_env_names_real_settings_with_valid_values():
+    from app.settings import Settings
+
+    prefix = Settings.model_config.get("env_prefix", "")
+    entries = {k: v for k, v in example_env_entries(include_commented=True).items() if k.startswith(prefix)}
+    assert entries, "example.env documents no service settings"
+    fields = {k[len(prefix):].lower(): v for k, v in entries.items()}
+    unknown = sorted(f"{prefix}{f.upper()}" for f in fields if f not in Settings.model_fields)
+    assert not unknown, f"example.env names settings the service does not have: {unknown}"
+    Settings(**fields)  # every example value passes the service's own validation
+
+
+def _seconds(duration: str) -> float:
+    m = re.fullmatch(r"(\d+(?:\.\d+)?)(ms|s|m|h)", str(duration))
+    assert m, f"unsupported compose duration {duration!r}"
+    return float(m.group(1)) * {"ms": 0.001, "s": 1, "m": 60, "h": 3600}[m.group(2)]
+
+
+def test_stop_grace_period_outlasts_trainer_shutdown(service):
+    """docker stop must not SIGKILL the service while its trainers are still checkpointing."""
+    from app.settings import Settings
+
+    values = example_env_entries(include_commented=False)
+    grace = float(values.get("SLIDE_SHUTDOWN_GRACE_S", Settings.model_fields["shutdown_grace_s"].default))
+    assert _seconds(service.get("stop_grace_period", "10s")) > grace

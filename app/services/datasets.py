@@ -22,6 +22,7 @@ import engine
 from app.db import Database, DatasetRow, JobRow
 from app.services.errors import Conflict, InvalidContent, NotFound, PayloadTooLarge, UnsupportedMediaType
 from app.settings import Settings
+from engine.data import XMCParseError, XMCStreamParser, XMCTooLargeError
 
 log = logging.getLogger("app.datasets")
 
@@ -42,14 +43,6 @@ def _media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
             k, v = p.split("=", 1)
             opts[k.strip().lower()] = v.strip().strip('"')
     return main.strip().lower(), opts
-
-
-def _is_size_error(exc: BaseException) -> bool:
-    """The parser's "inflated size over max_bytes" error, told apart from malformed content."""
-    size_error = getattr(engine.data, "XMCSizeError", None) if hasattr(engine, "data") else None
-    if size_error is not None and isinstance(exc, size_error):
-        return True
-    return bool(getattr(exc, "too_large", False)) or type(exc).__name__ in ("XMCSizeError", "XMCTooLarge")
 
 
 class UploadSink:
@@ -75,11 +68,11 @@ class UploadSink:
             boundary = params.get("boundary")
             if not boundary:
                 raise InvalidContent("multipart/form-data without a boundary parameter", loc=("header", "content-type"))
-            self._parser = engine.XMCStreamParser(max_bytes=self.limit, gzip=None)
+            self._parser = XMCStreamParser(max_bytes=self.limit, gzip=None)
             self._multipart = self._make_multipart(boundary)
         elif media in RAW_TYPES:
             declared_gzip = encoding in ("gzip", "x-gzip") or media in GZIP_TYPES
-            self._parser = engine.XMCStreamParser(max_bytes=self.limit, gzip=True if declared_gzip else None)
+            self._parser = XMCStreamParser(max_bytes=self.limit, gzip=True if declared_gzip else None)
         else:
             raise UnsupportedMediaType(
                 f"Content-Type {media!r} is not accepted; send the dataset file as text/plain, application/gzip "
@@ -140,12 +133,10 @@ class UploadSink:
             raise PayloadTooLarge(self.limit)
         try:
             self._parser.feed(chunk)
-        except engine.XMCParseError as exc:
+        except XMCTooLargeError as exc:
+            raise PayloadTooLarge(self.limit) from exc
+        except XMCParseError as exc:
             raise self._parse_error(exc) from exc
-        except ValueError as exc:
-            if _is_size_error(exc):
-                raise PayloadTooLarge(self.limit) from exc
-            raise InvalidContent(f"the dataset could not be read: {exc}", loc=("body",)) from exc
 
     def write(self, chunk: bytes) -> None:
         """One chunk (or batch of chunks) of the request body. CPU work: call it off the event loop."""
@@ -175,12 +166,10 @@ class UploadSink:
                 raise InvalidContent("the multipart/form-data body ended inside the `file` part", loc=("body", "file"))
         try:
             return self._parser.finish()
-        except engine.XMCParseError as exc:
+        except XMCTooLargeError as exc:
+            raise PayloadTooLarge(self.limit) from exc
+        except XMCParseError as exc:
             raise self._parse_error(exc) from exc
-        except ValueError as exc:
-            if _is_size_error(exc):
-                raise PayloadTooLarge(self.limit) from exc
-            raise InvalidContent(f"the dataset could not be read: {exc}", loc=("body",)) from exc
 
     @staticmethod
     def _parse_error(exc: Any) -> InvalidContent:

@@ -19,8 +19,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `make test` installs the project; a bare `pytest` from the checkout works too
     sys.path.insert(0, str(ROOT))
 
-# Starlette 1.x suggests httpx2 for its TestClient; httpx (a declared dependency) works and is what we use.
-warnings.filterwarnings("ignore", message="Using `httpx` with `starlette.testclient` is deprecated")
+# Starlette 1.x suggests httpx2 for its TestClient (warning once, at import); httpx is what we declare and use.
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore")
+    import fastapi.testclient  # noqa: F401
 
 # Trainer processes inherit this: two cores are shared by the web process, the trainer and pytest.
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")

@@ -1,0 +1,212 @@
+"""Jobs against the real engine: lifecycle (running -> live predictions -> stop -> resume -> completed), metrics,
+events, idempotency, config errors naming the field, predict validation."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.app.helpers import assert_problem, upload, wait_for
+from tests.conftest import make_settings
+
+FAST = {"hidden": [32], "batch_size": 64, "seed": 3}
+
+
+def _job(client, job_id):
+    r = client.get(f"/v1/jobs/{job_id}")
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _state_is(client, job_id, *states):
+    job = _job(client, job_id)
+    assert job["state"] != "failed" or "failed" in states, job["error"]
+    return job if job["state"] in states else None
+
+
+@pytest.fixture
+def datasets(client, xmc_files):
+    train = upload(client, xmc_files["train"], name="train").json()
+    test = upload(client, xmc_files["test"], name="test").json()
+    return train["id"], test["id"]
+
+
+def test_config_and_reference_errors_name_the_field(client, datasets):
+    train_id, _ = datasets
+    cases = [
+        ({"train_dataset_id": train_id, "config": {"hash_l": 0}}, "body.config.hash_l"),
+        ({"train_dataset_id": train_id, "config": {"hiden": [64]}}, "body.config.hiden"),
+        ({"train_dataset_id": train_id, "config": {"hash_family": "md5"}}, "body.config.hash_family"),
+        ({"train_dataset_id": train_id, "config": {"lr": "fast"}}, "body.config.lr"),
+        ({"train_dataset_id": "0" * 32}, "body.train_dataset_id"),
+        ({"train_dataset_id": train_id, "eval_dataset_id": "nope"}, "body.eval_dataset_id"),
+        ({"config": {}}, "body.train_dataset_id"),
+    ]
+    for body, field in cases:
+        p = assert_problem(client.post("/v1/jobs", json=body), 422)
+        assert p["field"] == field, p
+    p = assert_problem(client.post("/v1/jobs", content=b'{"train_dataset_id": ', headers={"Content-Type": "application/json"}), 400)
+    assert "JSON" in p["detail"]
+    assert client.get("/v1/jobs").json()["count"] == 0
+    assert_problem(client.get("/v1/jobs/nope"), 404)
+    for verb in ("stop", "resume"):
+        assert_problem(client.post(f"/v1/jobs/nope/{verb}"), 404)
+    assert_problem(client.delete("/v1/jobs/nope"), 404)
+    assert_problem(client.get("/v1/jobs/nope/metrics"), 404)
+    assert_problem(client.get("/v1/jobs/nope/events"), 404)
+
+
+def test_idempotency_key(tmp_path, client_for, xmc_files):
+    # max_concurrent_jobs=1 and a blocker job keep these queued: no trainer process needed
+    client = client_for(make_settings(tmp_path / "data", max_concurrent_jobs=1))
+    train_id = upload(client, xmc_files["train"]).json()["id"]
+    body = {"train_dataset_id": train_id, "config": {"epochs": 2}}
+    first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-42"})
+    assert first.status_code == 201, first.text
+    again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-42"})
+    assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
+    other = dict(body, config={"epochs": 3})
+    p = assert_problem(client.post("/v1/jobs", json=other, headers={"Idempotency-Key": "order-42"}), 409)
+    assert p["job_id"] == first.json()["id"]
+    assert client.post("/v1/jobs", json=body).json()["id"] != first.json()["id"]  # no key: a new job
+    assert client.get("/v1/jobs").json()["count"] == 2
+    for job in client.get("/v1/jobs").json()["data"]:
+        assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert client.get("/v1/jobs").json()["count"] == 0
+
+
+def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, xmc_files):
+    settings = make_settings(tmp_path / "data", max_concurrent_jobs=1)
+    client = client_for(settings)
+    train_id = upload(client, xmc_files["train"]).json()["id"]
+    test_id = upload(client, xmc_files["test"]).json()["id"]
+    r = client.post("/v1/jobs", json={"train_dataset_id": train_id, "eval_dataset_id": test_id,
+                                      "config": dict(FAST, epochs=50)})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    job_id = job["id"]
+    assert job["state"] in ("queued", "running")
+    assert job["config"]["epochs"] == 50 and job["config"]["hash_l"] == 50  # defaults filled from the engine
+    assert job["config"]["threads"] == 1  # SLIDE_TRAINER_THREADS applied
+
+    # A second job waits for the slot: its model has no snapshot -> 503 with a clear message.
+    waiting = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 1}}).json()
+    assert waiting["state"] == "queued"
+    p = assert_problem(client.post(f"/v1/models/{waiting['id']}/predict",
+                                   json={"instances": [{"indices": [1], "values": [1.0]}]}), 503)
+    assert "no snapshot yet" in p["detail"]
+    assert client.delete(f"/v1/jobs/{waiting['id']}").status_code == 204
+
+    # Live predictions while it trains; the version moves on.
+    wait_for(lambda: _state_is(client, job_id, "running"), what="running")
+    first = wait_for(lambda: (_job(client, job_id)["model_version"] or 0) >= 1, what="a first snapshot")
+    query = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]},
+                           {"indices": [3, 1999], "values": [0.7, 0.1]}], "k": 5, "mode": "lsh"}
+    pred = client.post(f"/v1/models/{job_id}/predict", json=query)
+    assert pred.status_code == 200, pred.text
+    v1 = pred.json()["model_version"]
+    assert v1 >= 1 and len(pred.json()["predictions"]) == 2
+    for p_ in pred.json()["predictions"]:
+        assert len(p_["labels"]) == len(p_["scores"]) <= 5
+        assert all(0 <= label < 500 for label in p_["labels"])
+        assert p_["scores"] == sorted(p_["scores"], reverse=True)
+
+    def newer():
+        r_ = client.post(f"/v1/models/{job_id}/predict", json=dict(query, mode="exact"))
+        assert r_.status_code == 200, r_.text
+        return r_.json()["model_version"] > v1 and _job(client, job_id)["state"] == "running"
+
+    wait_for(newer, what="a newer snapshot while running")
+    assert first
+
+    # Stop: checkpoint, then `stopped`; the model still answers from that checkpoint.
+    r = client.post(f"/v1/jobs/{job_id}/stop")
+    assert r.status_code == 202 and r.json()["state"] in ("stopping", "stopped")
+    stopped = wait_for(lambda: _state_is(client, job_id, "stopped"), what="stopped")
+    assert stopped["progress"]["epoch"] < 50
+    assert client.post(f"/v1/jobs/{job_id}/stop").json()["state"] == "stopped"  # idempotent
+    at_stop = client.post(f"/v1/models/{job_id}/predict", json=query).json()["model_version"]
+    assert at_stop == stopped["model_version"]
+
+    # Resume: same job id, continues from the checkpoint, completes.
+    r = client.post(f"/v1/jobs/{job_id}/resume")
+    assert r.status_code == 202 and r.json()["state"] in ("queued", "running"), r.text
+    assert_problem(client.post(f"/v1/jobs/{job_id}/resume"), 409)
+    done = wait_for(lambda: _state_is(client, job_id, "completed"), timeout=120, what="completed")
+    assert done["runs"] == 2 and done["error"] is None
+    assert done["progress"]["epoch"] == 50 and done["progress"]["step"] >= stopped["progress"]["step"]
+    assert done["latest_metrics"]["p_at_1"] is not None
+    assert_problem(client.post(f"/v1/jobs/{job_id}/resume"), 409)
+    assert_problem(client.post(f"/v1/jobs/{job_id}/stop"), 409)
+
+    # The time series: one point per epoch, steps increasing, nothing duplicated across the resume.
+    series = client.get(f"/v1/jobs/{job_id}/metrics").json()
+    steps = [m["step"] for m in series["data"]]
+    assert series["count"] >= 45 and steps == sorted(set(steps))
+    assert steps[-1] == done["progress"]["step"]
+    later = client.get(f"/v1/jobs/{job_id}/metrics", params={"since_step": steps[-3]}).json()
+    assert [m["step"] for m in later["data"]] == steps[-2:]
+
+    # Server-Sent Events replay the series, then the final state, then end.
+    events = []
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", params={"since_step": steps[-4]}) as stream:
+        assert stream.headers["content-type"].startswith("text/event-stream")
+        event = None
+        for line in stream.iter_lines():
+            if line.startswith("event:"):
+                event = line.split(":", 1)[1].strip()
+            elif line.startswith("data:") and event:
+                events.append((event, json.loads(line.split(":", 1)[1])))
+    kinds = [e for e, _ in events]
+    assert kinds.count("metrics") == 3 and kinds[-1] == "end"
+    assert ("state", {"state": "completed", "error": None}) in events
+
+    # Models: one per job with its versions.
+    model = client.get(f"/v1/models/{job_id}").json()
+    assert model["ready"] and model["job_state"] == "completed"
+    assert model["num_features"] == 2000 and model["num_labels"] == 500
+    assert model["latest_version"] == done["model_version"]
+    assert [v["version"] for v in model["versions"] if v["available"]][-1] == model["latest_version"]
+    assert client.get("/v1/models").json()["count"] == 1
+
+    # Prometheus: training gauges for the job, request counters by route template.
+    text = client.get("/metrics").text
+    assert f'slide_training_p_at_1{{job_id="{job_id}"}}' in text
+    assert 'slide_http_requests_total{method="POST",route="/v1/models/{model_id}/predict",status="200"}' in text
+    assert f'slide_predicted_instances_total{{mode="lsh",model_id="{job_id}"}}' in text
+
+    # Delete: gone, with its files; the dataset is free again.
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 204
+    assert_problem(client.get(f"/v1/jobs/{job_id}"), 404)
+    assert_problem(client.post(f"/v1/models/{job_id}/predict", json=query), 404)
+    assert not settings.job_dir(job_id).exists()
+    assert client.delete(f"/v1/datasets/{train_id}").status_code == 204
+
+
+def test_predict_validation(tmp_path, client_for, xmc_files):
+    client = client_for(make_settings(tmp_path / "data"))
+    train_id = upload(client, xmc_files["train"]).json()["id"]
+    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": dict(FAST, epochs=1)}).json()["id"]
+    wait_for(lambda: _state_is(client, job_id, "completed"), what="completed")
+    url = f"/v1/models/{job_id}/predict"
+    ok = client.post(url, json={"instances": [{"indices": [1, 2], "values": [1, 1]}], "k": 3, "mode": "exact"})
+    assert ok.status_code == 200 and len(ok.json()["predictions"][0]["labels"]) == 3
+    cases = [
+        ({"instances": [{"indices": [1], "values": [1.0]}, {"indices": [7, 2000], "values": [1.0, 1.0]}]},
+         "body.instances[1].indices[1]", "2000"),
+        ({"instances": [{"indices": [1, 2], "values": [1.0]}]}, "body.instances[0]", "pair up"),
+        ({"instances": [{"indices": [-1], "values": [1.0]}]}, "body.instances[0].indices[0]", None),
+        ({"instances": [{"indices": [3, 3], "values": [1.0, 1.0]}]}, "body.instances[0]", "repeat"),
+        ({"instances": []}, "body.instances", None),
+        ({"instances": [{"indices": [1], "values": [1.0]}], "k": 0}, "body.k", None),
+        ({"instances": [{"indices": [1], "values": [1.0]}], "k": 5000}, "body.k", "at most"),
+        ({"instances": [{"indices": [1], "values": [1.0]}], "mode": "fast"}, "body.mode", None),
+    ]
+    for body, field, words in cases:
+        p = assert_problem(client.post(url, json=body), 422)
+        assert p["field"] == field, p
+        if words:
+            assert words in p["detail"], p
+    assert_problem(client.post("/v1/models/nope/predict", json={"instances": [{"indices": [1], "values": [1.0]}]}), 404)
+    assert_problem(client.get("/v1/models/nope"), 404)

@@ -7,6 +7,8 @@ import json
 
 import pytest
 
+from engine import SlideConfig
+
 from tests.app.helpers import assert_problem, upload, wait_for
 from tests.conftest import make_settings
 
@@ -87,7 +89,7 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     job = r.json()
     job_id = job["id"]
     assert job["state"] in ("queued", "running")
-    assert job["config"]["epochs"] == 50 and job["config"]["hash_l"] == 50  # defaults filled from the engine
+    assert job["config"]["epochs"] == 50 and job["config"]["hash_l"] == SlideConfig().hash_l  # engine defaults
     assert job["config"]["threads"] == 1  # SLIDE_TRAINER_THREADS applied
 
     # A second job waits for the slot: its model has no snapshot -> 503 with a clear message.

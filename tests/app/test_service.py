@@ -1,0 +1,106 @@
+"""Health, readiness, API key, OpenAPI, Prometheus, settings validation."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import ValidationError
+
+from tests.app.helpers import assert_problem, upload
+from tests.conftest import make_settings
+
+
+def test_health_and_readiness(client):
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+    assert ready.json()["status"] == "ready"
+    assert set(ready.json()["checks"]) == {"database", "data_dir", "supervisor"}
+    assert client.get("/", follow_redirects=False).headers["location"] == "/docs"
+
+
+def test_readiness_fails_as_problem_when_the_data_dir_is_gone(tmp_path, client_for):
+    settings = make_settings(tmp_path / "data")
+    client = client_for(settings)
+    moved = tmp_path / "moved"
+    settings.data_dir.rename(moved)
+    try:
+        p = assert_problem(client.get("/readyz"), 503)
+        assert p["checks"]["data_dir"].startswith("error"), p
+        assert "data_dir" in p["detail"]
+        assert client.get("/healthz").status_code == 200  # alive, just not ready
+    finally:
+        moved.rename(settings.data_dir)
+    assert client.get("/readyz").status_code == 200
+
+
+def test_api_key(tmp_path, client_for, xmc_files):
+    client = client_for(make_settings(tmp_path / "data", api_key="s3cret"))
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    for method, url in (("GET", "/v1/datasets"), ("GET", "/v1/jobs"), ("GET", "/v1/models"), ("GET", "/metrics"),
+                        ("POST", "/v1/datasets"), ("GET", "/v1/jobs/x/events")):
+        p = assert_problem(client.request(method, url), 401)
+        assert "X-API-Key" in p["detail"]
+    r = client.get("/v1/datasets", headers={"X-API-Key": "wrong"})
+    assert_problem(r, 401)
+    assert r.headers["www-authenticate"] == "APIKey"
+    ok = {"X-API-Key": "s3cret"}
+    assert client.get("/v1/datasets", headers=ok).status_code == 200
+    assert upload(client, xmc_files["test"], headers=ok).status_code == 201
+    assert client.get("/metrics", headers=ok).status_code == 200
+    # Swagger's Authorize button: the scheme is declared and applied to the protected operations
+    spec = client.get("/openapi.json").json()
+    assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {
+        "type": "apiKey", "in": "header", "name": "X-API-Key",
+        "description": spec["components"]["securitySchemes"]["APIKeyHeader"]["description"]}
+    assert spec["paths"]["/v1/datasets"]["get"]["security"] == [{"APIKeyHeader": []}]
+    assert "security" not in spec["paths"]["/healthz"]["get"]
+
+
+def test_openapi_documents_problems_and_examples(client):
+    spec = client.get("/openapi.json").json()
+    upload_op = spec["paths"]["/v1/datasets"]["post"]
+    assert {"multipart/form-data", "text/plain", "application/gzip"} <= set(upload_op["requestBody"]["content"])
+    assert upload_op["responses"]["413"]["content"] == {
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+    predict = spec["paths"]["/v1/models/{model_id}/predict"]["post"]
+    assert "examples" in predict["requestBody"]["content"]["application/json"]
+    assert "503" in predict["responses"]
+    config = spec["components"]["schemas"]["SlideConfig"]["properties"]
+    from engine import SlideConfig
+
+    assert config["hash_l"]["default"] == SlideConfig().hash_l  # defaults come from the engine
+    assert config["hash_family"]["enum"] == ["simhash", "wta", "dwta"]
+    assert "HTTPValidationError" not in spec["components"]["schemas"]
+    assert client.get("/docs").status_code == 200
+
+
+def test_prometheus_metrics(client):
+    client.get("/v1/datasets")
+    client.get("/v1/datasets/abc")
+    text = client.get("/metrics").text
+    assert 'slide_http_requests_total{method="GET",route="/v1/datasets",status="200"} 1.0' in text
+    assert 'slide_http_requests_total{method="GET",route="/v1/datasets/{dataset_id}",status="404"} 1.0' in text
+    assert "slide_http_request_duration_seconds_bucket" in text
+    assert 'slide_jobs{state="running"} 0.0' in text
+
+
+def test_settings_are_validated(tmp_path, clean_env, monkeypatch):
+    from app.settings import Settings
+
+    for bad in ({"snapshot_interval_s": 0}, {"max_upload_bytes": 0}, {"max_concurrent_jobs": 0},
+                {"trainer_threads": -1}, {"max_upload_bytes": "lots"}):
+        with pytest.raises(ValidationError):
+            Settings(_env_file=None, data_dir=tmp_path, **bad)
+    file = tmp_path / "a-file"
+    file.write_text("x")
+    with pytest.raises(ValidationError):
+        Settings(_env_file=None, data_dir=file)
+    monkeypatch.setenv("SLIDE_DATA_DIR", str(tmp_path / "d"))
+    monkeypatch.setenv("SLIDE_MAX_UPLOAD_BYTES", "1MiB")
+    monkeypatch.setenv("SLIDE_API_KEY", "")
+    s = Settings(_env_file=None)
+    assert s.data_dir == (tmp_path / "d").resolve()
+    assert s.max_upload_bytes == 1024 * 1024
+    assert s.api_key is None
+    assert s.database_url == f"sqlite:///{(tmp_path / 'd' / 'slide.db').resolve()}"

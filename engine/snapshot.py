@@ -91,7 +91,7 @@ class SnapshotStore:
     def publish(self, arrays: dict[str, np.ndarray], meta: dict) -> tuple[int, Path]:
         """Write a new version atomically and prune old ones; returns (version, path)."""
         self.root.mkdir(parents=True, exist_ok=True)
-        version = (self.versions() or [0])[-1] + 1
+        version = max((int(m[1]) for e in self.root.iterdir() if (m := _VERSION_DIR.match(e.name))), default=0) + 1
         tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.root))
         try:
             files = {}

@@ -396,6 +396,7 @@ class Supervisor:
             "trainer_threads": int(job.config.get("threads") or st.trainer_threads or 0),
             "progress_interval_s": st.progress_interval_s,
             "parent_pid": os.getpid(),
+            "run": job.runs + 1,  # what _launch just wrote: the child's writes are fenced by it
         }
         st.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         stop_event, interrupt_event = self.ctx.Event(), self.ctx.Event()

@@ -86,6 +86,7 @@ class JobProcess:
         self.user_stop = threading.Event()  # set by the heartbeat when the row says `stopping` or is gone
         self.row_gone = False
         self.parent_pid = int(spec["parent_pid"])
+        self.run = int(spec["run"])  # the job's `runs` value for this process: writes are fenced by it
         self.db = Database(spec["database_url"])
         self.trainer: Any = None
         self._done = threading.Event()
@@ -216,11 +217,11 @@ class JobProcess:
             try:
                 with self.db.session() as s:
                     result = s.execute(
-                        update(JobRow).where(JobRow.id == self.job_id)
+                        update(JobRow).where(JobRow.id == self.job_id, JobRow.runs == self.run)
                         .values(**self._progress(), samples_per_s=rate, heartbeat_at=utcnow())
                     )
-                    if result.rowcount == 0:
-                        self.row_gone = True
+                    if result.rowcount == 0:  # deleted, or another process owns the job now
+                        self.row_gone = s.get(JobRow, self.job_id) is None
                         self.user_stop.set()
                         continue
                     state = s.get(JobRow, self.job_id).state
@@ -238,7 +239,7 @@ class JobProcess:
         try:
             with self.db.session() as s:
                 s.add(MetricRow(job_id=self.job_id, **{k: m.get(k) for k in METRIC_FIELDS}))
-                s.execute(update(JobRow).where(JobRow.id == self.job_id).values(
+                s.execute(update(JobRow).where(JobRow.id == self.job_id, JobRow.runs == self.run).values(
                     latest_metrics={k: m.get(k) for k in METRIC_FIELDS},
                     step=int(m.get("step") or 0), epoch=int(m.get("epoch") or 0), samples=int(m.get("samples") or 0),
                 ))
@@ -261,6 +262,8 @@ class JobProcess:
         from app.db import METRIC_FIELDS, JobRow, utcnow
 
         values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "pid": None, "error": error}
+        if state == "interrupted":
+            values["interruptions"] = JobRow.interruptions + 1
         if self.trainer is not None:
             values.update(self._progress())
         if metrics:
@@ -268,7 +271,7 @@ class JobProcess:
         for attempt in range(5):
             try:
                 with self.db.session() as s:
-                    s.execute(update(JobRow).where(JobRow.id == self.job_id,
+                    s.execute(update(JobRow).where(JobRow.id == self.job_id, JobRow.runs == self.run,
                                                    JobRow.state.in_(("running", "stopping"))).values(**values))
                 return
             except Exception:  # noqa: BLE001

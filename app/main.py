@@ -11,7 +11,8 @@ from fastapi import FastAPI
 
 import engine
 from app.api import api_router
-from app.errors import install_error_handlers, tidy_openapi
+from app.errors import install_error_handlers
+from app.openapi import install_openapi
 from app.services.container import Services
 from app.services.telemetry import MetricsMiddleware
 from app.settings import Settings
@@ -69,21 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.services = services
     install_error_handlers(app)
-    _tidy_openapi_of(app)
+    install_openapi(app, services)
     app.include_router(api_router)
     app.add_middleware(MetricsMiddleware, telemetry=services.telemetry)
     return app
-
-
-def _tidy_openapi_of(app: FastAPI) -> None:
-    build = app.openapi
-
-    def openapi() -> dict:
-        if app.openapi_schema is None:
-            app.openapi_schema = tidy_openapi(build())
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
 
 
 app = create_app()

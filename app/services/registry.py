@@ -8,9 +8,11 @@ files alive while they are mapped). Nothing is copied per request.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import threading
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +23,22 @@ from app.services.errors import InvalidContent, NotReady
 from app.settings import Settings
 
 log = logging.getLogger("app.registry")
+
+
+def _threadsafe_numba() -> bool:
+    """Numba's fallback `workqueue` threading layer aborts the process when two threads run parallel kernels at
+    once; TBB and OpenMP do not. Predict requests run in a thread pool, so without either they take turns."""
+    import numba
+
+    if numba.config.THREADING_LAYER == "workqueue":
+        return False
+    for module in ("numba.np.ufunc.tbbpool", "numba.np.ufunc.omppool"):
+        try:
+            importlib.import_module(module)
+            return True
+        except ImportError:
+            continue
+    return False
 
 
 @dataclass(frozen=True)
@@ -46,6 +64,9 @@ class ModelRegistry:
         self._checked: dict[str, float] = {}
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._predict_guard: Any = nullcontext() if _threadsafe_numba() else threading.Lock()
+        if not isinstance(self._predict_guard, nullcontext):
+            log.warning("Numba has no thread-safe threading layer (TBB or OpenMP): predictions run one at a time")
 
     def _lock_for(self, job_id: str) -> threading.Lock:
         with self._guard:
@@ -135,7 +156,8 @@ class ModelRegistry:
                 loc=("body", "instances", row, "indices", pos - int(indptr[row])),
             )
         kk = min(int(k), int(model.num_labels))
-        labels, scores = model.predict(indptr, indices.astype(np.int32), values, k=kk, mode=mode)
+        with self._predict_guard:
+            labels, scores = model.predict(indptr, indices.astype(np.int32), values, k=kk, mode=mode)
         labels = np.asarray(labels)
         scores = np.asarray(scores)
         out_labels: list[list[int]] = []

@@ -75,6 +75,23 @@ def test_openapi_documents_problems_and_examples(client):
     assert client.get("/docs").status_code == 200
 
 
+def test_openapi_examples_use_the_newest_ids(client, xmc_files):
+    train = upload(client, xmc_files["train"], name="tiny-train").json()["id"]
+    test = upload(client, xmc_files["test"], name="tiny-test").json()["id"]
+    spec = client.get("/openapi.json").json()
+    examples = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]["examples"]
+    assert examples["small"]["value"]["train_dataset_id"] == train
+    assert examples["with_eval"]["value"]["eval_dataset_id"] == test
+    (param,) = spec["paths"]["/v1/datasets/{dataset_id}"]["get"]["parameters"]
+    assert param["example"] == train
+    # "Try it out" with the example as shown works
+    r = client.post("/v1/jobs", json=dict(examples["small"]["value"], config={"epochs": 0}))
+    assert r.status_code == 201, r.text
+    spec = client.get("/openapi.json").json()
+    (param,) = spec["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"]
+    assert param["example"] == r.json()["id"]
+
+
 def test_prometheus_metrics(client):
     client.get("/v1/datasets")
     client.get("/v1/datasets/abc")

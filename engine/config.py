@@ -29,12 +29,12 @@ class SlideConfig:
     hash_family: HashFamily = "simhash"
     hash_k: int = 0
     """Codes (WTA/DWTA) or bits (SimHash) concatenated per table; 0 = chosen from the layer width so
-    that a bucket holds about bucket_size / 4 neurons."""
+    that an input's L buckets hold about 5% of the layer's neurons (at most 2,000)."""
     hash_l: int = 50
     """Number of independent tables."""
     bin_size: int = 8
     """WTA/DWTA bin width: each code is an argmax position in [0, bin_size)."""
-    simhash_density: float = 0.33
+    simhash_density: float = 0.05
     """Fraction of non-zero (+-1) entries in each SimHash projection."""
     table_bits: int = 0
     """log2 of buckets per table; 0 = the code space's own size, capped at 20."""
@@ -46,7 +46,11 @@ class SlideConfig:
     active_threshold: int = 1
     """Keep a retrieved neuron only if it was found in at least this many of the L buckets."""
     max_active: int = 0
-    """Cap on retrieved neurons per point, keeping the most frequently retrieved (0 = no cap)."""
+    """Cap on retrieved neurons per point, keeping the most frequently retrieved: 0 = auto (twice
+    the layer's target active size: 10% of a small layer, at most 4,000), -1 = no cap."""
+    predict_max_active: int = -1
+    """The same cap when serving predictions: -1 = none beyond the buckets themselves (at most
+    hash_l * bucket_size candidates), 0 = as in training, > 0 = this many."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""
 
@@ -58,9 +62,9 @@ class SlideConfig:
     eps: float = 1e-8
     init_std: float = 0.01
 
-    rehash_n0: int = 50
+    rehash_n0: int = 100
     """Steps before the first rehash; the i-th interval is rehash_n0 * exp(rehash_lambda * i)."""
-    rehash_lambda: float = 0.05
+    rehash_lambda: float = 0.1
     rehash_max_interval: int = 2000
     """Upper bound on the interval between rehashes, in steps."""
     rebuild_every: int = 0
@@ -90,7 +94,9 @@ class SlideConfig:
                f"buckets per table are 2^table_bits, so table_bits must be 0 (auto) or in [1, 24]; got {self.table_bits}")
         _check(self.bucket_size >= 1, "bucket_size", "must be >= 1")
         _check(1 <= self.active_threshold <= self.hash_l, "active_threshold", "must be in [1, hash_l]")
-        _check(self.max_active >= 0 and self.min_active >= 0, "max_active", "active-set sizes must be >= 0")
+        _check(self.max_active >= -1, "max_active", "must be -1 (no cap), 0 (auto) or a positive cap")
+        _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (as training) or > 0")
+        _check(self.min_active >= 0, "min_active", "must be >= 0")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.epochs >= 0, "epochs", "must be >= 0")
         _check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")

@@ -57,14 +57,27 @@ class HashFunctions(NamedTuple):
         return int(self.params[4])
 
 
+def target_active(n_neurons: int) -> int:
+    """Active neurons a sampled layer aims for per input: 5% of a small layer, at most 2,000."""
+    return int(min(2000, max(32, 0.05 * n_neurons)))
+
+
+def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = False) -> int:
+    """The cap on retrieved neurons per input for a layer in training or prediction (0 = no cap)."""
+    cap = config.predict_max_active if predict and config.predict_max_active != 0 else config.max_active
+    if cap == -1:
+        return 0
+    return cap or 2 * target_active(n_neurons)
+
+
 def resolve_k(config: SlideConfig, n_neurons: int) -> int:
-    """Codes per table: config.hash_k, or (0 = auto) enough that a table averages about
-    bucket_size / 4 neurons per bucket, so full buckets are rare and candidates stay selective."""
+    """Codes per table: config.hash_k, or (0 = auto) enough that the L buckets of an input hold about
+    `target_active(n_neurons)` neurons together, so the active set stays a small fraction of the layer."""
     if config.hash_k:
         return config.hash_k
     radix = 2 if config.hash_family == "simhash" else config.bin_size
-    target_buckets = max(2.0, n_neurons / max(1, config.bucket_size // 4))
-    return max(1, int(round(math.log(target_buckets) / math.log(radix))))
+    per_bucket = max(1.0, target_active(n_neurons) / config.hash_l)
+    return max(1, int(round(math.log(max(2.0, n_neurons / per_bucket)) / math.log(radix))))
 
 
 def table_geometry(config: SlideConfig, k: int) -> tuple[int, int, bool, int]:

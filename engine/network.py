@@ -16,12 +16,13 @@ import numpy as np
 from . import lsh, tables
 from ._numba import set_threads
 from .config import SlideConfig
-from .kernels.inference import predict_batch
+from .kernels.inference import predict_batch, predict_batch_serial
 from .lsh import HashFunctions
 from .tables import Tables
 
 PredictMode = Literal["lsh", "exact"]
 _MAX_K = 1000
+_SERIAL_BELOW = 4
 
 
 class SlideModel:
@@ -37,6 +38,11 @@ class SlideModel:
         self.hashes = list(hashes)
         self.tables = list(tables_)
         self.layer_slot = layer_slots(config)
+        sampled = np.flatnonzero(self.layer_slot >= 0)
+        self.max_active = np.array([lsh.resolve_max_active(config, self.weights[l].shape[0]) for l in sampled]
+                                   or [0], dtype=np.int64)
+        self.predict_max_active = np.array([lsh.resolve_max_active(config, self.weights[l].shape[0], True)
+                                            for l in sampled] or [0], dtype=np.int64)
         if len(self.hashes) != int((self.layer_slot >= 0).sum()) or len(self.tables) != len(self.hashes):
             raise ValueError("one hash family and one table set are needed per sampled layer")
         self._scratch: list[tuple] = []
@@ -133,10 +139,10 @@ class SlideModel:
             hid, ids, mark, cnt, gens, qcodes, qbuck = scratch
             n_chunks = max(1, min(n, numba.get_num_threads(), mark.shape[0]))
             hidx, hsign, hparams, toffsets, tids = self.kernel_tables()
-            predict_batch(indptr, indices, values, mode == "exact", self.weights[0], self.b0, self.weights,
-                          self.layer_slot, hidx, hsign, hparams, toffsets, tids, hid, ids, mark, cnt,
-                          gens, qcodes, qbuck, n_chunks, self.config.active_threshold, self.config.max_active,
-                          out_labels, out_scores, n_scored)
+            run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
+            run(indptr, indices, values, mode == "exact", self.weights[0], self.b0, self.weights, self.layer_slot,
+                hidx, hsign, hparams, toffsets, tids, hid, ids, mark, cnt, gens, qcodes, qbuck, n_chunks,
+                self.config.active_threshold, self.predict_max_active, out_labels, out_scores, n_scored)
         finally:
             self._return_scratch(scratch)
         return out_labels, out_scores, n_scored

@@ -180,7 +180,7 @@ class Trainer:
         train_batch(points, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
                     data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
                     hparams, toffsets, tids, hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens,
-                    qcodes, qbuck, gin, gprev, n_chunks, cfg.active_threshold, cfg.max_active, cfg.min_active,
+                    qcodes, qbuck, gin, gprev, n_chunks, cfg.active_threshold, model.max_active, cfg.min_active,
                     cfg.seed)
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
         for l in range(1, model.depth):

@@ -62,7 +62,7 @@ def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, mark, cnt, g
     buckets = qbuck[:n_tables]
     hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[: hidx[slot].shape[0]], buckets)
     n = collect_candidates(buckets, toffsets[slot], tids[slot], mark, cnt, gen, ids)
-    return filter_candidates(ids, n, cnt, threshold, max_active, n_tables)
+    return filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables)
 
 
 @kernel

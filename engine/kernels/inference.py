@@ -63,3 +63,7 @@ def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, h
                         j = ids[c, a] if sampled else a
                         push_topk(labels, scores, j, neuron_preactivation(w, j, inp))
                     n_scored[i] = m
+
+
+predict_batch_serial = kernel(predict_batch.py_func)
+"""The same kernel compiled without threads: a few queries answer faster than a thread-pool wake-up."""

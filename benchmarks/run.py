@@ -1,0 +1,226 @@
+"""`make bench`: SLIDE sparse vs our dense mode vs PyTorch dense on amazon670k-shaped data.
+
+Every system trains the same network (sparse input -> 128 ReLU -> softmax over all labels) on the
+same data in the same order, with the same threads, for the same training-time budget, and is
+evaluated on the same test points. Each system runs in its own process so peak RSS is its own.
+Prints a table and writes benchmarks/results/<preset>.json.
+
+    python benchmarks/run.py --preset amazon670k --budget 300 --threads 2
+    python benchmarks/run.py --preset small --budget 30          # a quick look
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+
+def prepare(args) -> dict:
+    from engine import load_dataset, save_dataset
+    from engine.synth import generate
+    d = Path(str(ROOT / "bench-data" / f"{args.preset}-s{args.seed}") + (f"-n{args.num_train}" if args.num_train else ""))
+    if not (d / "test" / "meta.json").exists():
+        t0 = time.perf_counter()
+        overrides = {"num_train": args.num_train} if args.num_train else {}
+        train, test = generate(args.preset, seed=args.seed, **overrides)
+        save_dataset(train, d / "train")
+        save_dataset(test, d / "test")
+        print(f"generated {args.preset} in {time.perf_counter() - t0:.1f}s -> {d}", file=sys.stderr)
+    train = load_dataset(d / "train")
+    return {"dir": str(d), "train": train.summary(), "test": load_dataset(d / "test").summary()}
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker_engine(args, dense: bool) -> dict:
+    from engine import SlideConfig, Trainer, load_dataset
+    d = Path(args.data)
+    train, test = load_dataset(d / "train"), load_dataset(d / "test")
+    config = SlideConfig(epochs=1000, threads=args.threads, seed=args.seed, eval_points=args.eval_points,
+                         sample_output=not dense, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    trainer = Trainer(config, train, test)
+    init_s = time.perf_counter() - t0
+    warm = Trainer(config.replace(), train.row_slice(0, min(256, train.num_points)), None)
+    warm.train_step(np.arange(min(64, warm.train.num_points)))  # compile outside the timed budget
+    del warm
+    records = []
+    segments = args.segments
+    for _ in range(segments):
+        trainer.run(time_budget_s=args.budget / segments)
+        rec = dict(trainer.history[-1])
+        rec["samples_per_s"] = trainer.samples_seen / trainer.train_seconds
+        records.append(rec)
+        print(json.dumps({"system": "ours-dense" if dense else "ours-sparse", **rec}), file=sys.stderr, flush=True)
+    result = {"records": records, "init_s": init_s, "samples_per_s": trainer.samples_seen / trainer.train_seconds,
+              "p_at_1": records[-1]["p_at_1"], "p_at_5": records[-1]["p_at_5"],
+              "active_fraction": records[-1]["active_fraction"], "rehashes": trainer.rehash_round,
+              "seconds_per_epoch": train.num_points / (trainer.samples_seen / trainer.train_seconds)}
+    arrays = trainer.arrays()
+    result["state_bytes"] = int(sum(a.nbytes for a in arrays.values()))
+    result["peak_rss_bytes"] = peak_rss_bytes()
+    if not dense:
+        result["inference"] = measure_inference(trainer.model, test, args)
+    return result
+
+
+def measure_inference(model, test, args) -> dict:
+    from engine.cli import topk_recall
+    rng = np.random.default_rng(args.seed)
+    n = test.num_points
+    rows = rng.choice(n, size=min(n, args.queries), replace=False)
+    out = {}
+    exact_top = {}
+    for mode, count in (("lsh", len(rows)), ("exact", min(len(rows), args.exact_queries))):
+        lat = []
+        tops = []
+        for r in rows[:count]:
+            s, e = test.x_indptr[r], test.x_indptr[r + 1]
+            ip = np.array([0, e - s], dtype=np.int64)
+            t0 = time.perf_counter()
+            lab, _ = model.predict(ip, test.x_indices[s:e], test.x_values[s:e], k=5, mode=mode)
+            lat.append(time.perf_counter() - t0)
+            tops.append(lab[0])
+        exact_top[mode] = np.array(tops)
+        batch = rows[:count]
+        sub_ip = np.concatenate([[0], np.cumsum(test.x_indptr[batch + 1] - test.x_indptr[batch])]).astype(np.int64)
+        idx = np.concatenate([test.x_indices[test.x_indptr[r]:test.x_indptr[r + 1]] for r in batch])
+        val = np.concatenate([test.x_values[test.x_indptr[r]:test.x_indptr[r + 1]] for r in batch])
+        t0 = time.perf_counter()
+        _, _, scored = model.predict_with_stats(sub_ip, idx, val, k=5, mode=mode)
+        bt = time.perf_counter() - t0
+        out[mode] = {"queries": count, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+                     "p99_ms": 1e3 * float(np.percentile(lat, 99)), "batch_queries_per_s": count / bt,
+                     "mean_scored": float(scored.mean())}
+    m = min(len(exact_top["lsh"]), len(exact_top["exact"]))
+    out["lsh"]["recall_at_5_vs_exact"] = topk_recall(exact_top["lsh"][:m], exact_top["exact"][:m])
+    return out
+
+
+def worker_torch(args) -> dict:
+    from engine import load_dataset
+    from torch_dense import train_torch_dense
+    d = Path(args.data)
+    train, test = load_dataset(d / "train", mmap=False), load_dataset(d / "test", mmap=False)
+    n = train.num_points
+
+    def order(epoch):
+        return np.random.default_rng([args.seed, epoch]).permutation(n)
+
+    res = train_torch_dense(train, test, hidden=128, batch_size=args.batch_size, lr=1e-3, epochs=1000,
+                            time_budget_s=args.budget, threads=args.threads, seed=args.seed,
+                            eval_points=args.eval_points, eval_every_s=args.budget / args.segments,
+                            epoch_order=order,
+                            on_eval=lambda r: print(json.dumps({"system": "torch-dense", **r}), file=sys.stderr, flush=True))
+    res.pop("model", None)
+    res["seconds_per_epoch"] = n / res["samples_per_s"] if res["samples_per_s"] else None
+    res["peak_rss_bytes"] = peak_rss_bytes()
+    return res
+
+
+def run_worker(system: str, args, data: str) -> dict:
+    cmd = [sys.executable, __file__, "--worker", system, "--data", data, "--budget", str(args.budget),
+           "--threads", str(args.threads), "--seed", str(args.seed), "--eval-points", str(args.eval_points),
+           "--segments", str(args.segments), "--batch-size", str(args.batch_size), "--queries", str(args.queries),
+           "--exact-queries", str(args.exact_queries)]
+    env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        return {"error": f"worker exited with {proc.returncode}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def fmt(v, spec=".3f"):
+    return "-" if v is None else format(v, spec)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="amazon670k")
+    p.add_argument("--num-train", type=int, default=0, help="override the preset's training points")
+    p.add_argument("--budget", type=float, default=300.0, help="training seconds per system")
+    p.add_argument("--segments", type=int, default=4, help="evaluations along the budget")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--eval-points", type=int, default=2000)
+    p.add_argument("--queries", type=int, default=1000)
+    p.add_argument("--exact-queries", type=int, default=200)
+    p.add_argument("--systems", default="ours-sparse,ours-dense,torch-dense")
+    p.add_argument("--worker")
+    p.add_argument("--data")
+    args = p.parse_args()
+
+    if args.worker:
+        result = worker_torch(args) if args.worker == "torch-dense" else worker_engine(args, args.worker == "ours-dense")
+        print(json.dumps(result))
+        return 0
+
+    info = prepare(args)
+    results = {}
+    for system in args.systems.split(","):
+        results[system] = run_worker(system, args, info["dir"])
+    versions = {"python": platform.python_version(), "numpy": np.__version__}
+    try:
+        import numba
+        versions["numba"] = numba.__version__
+        import torch
+        versions["torch"] = torch.__version__
+    except ImportError:
+        pass
+    report = {"command": " ".join(sys.argv), "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+              "platform": platform.platform()}, "versions": versions, "data": info, "budget_s": args.budget,
+              "threads": args.threads, "results": results}
+    out = ROOT / "benchmarks" / "results" / f"{args.preset}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1))
+
+    print(f"\n{args.preset}: {info['train']['num_points']} train points, {info['train']['num_labels']} labels, "
+          f"{args.threads} threads, {args.budget:.0f}s training budget each")
+    print(f"{'system':<13}{'samples/s':>11}{'s/epoch':>10}{'P@1':>8}{'P@5':>8}{'active':>8}{'peak RSS GB':>13}")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"{name:<13} {r['error']}")
+            continue
+        print(f"{name:<13}{fmt(r['samples_per_s'], '.0f'):>11}{fmt(r['seconds_per_epoch'], '.0f'):>10}"
+              f"{fmt(r['p_at_1']):>8}{fmt(r['p_at_5']):>8}{fmt(r.get('active_fraction'), '.4f'):>8}"
+              f"{r['peak_rss_bytes'] / 1e9:>13.2f}")
+    sp = results.get("ours-sparse", {})
+    if "inference" in sp:
+        print(f"\n{'mode':<8}{'p50 ms':>9}{'p99 ms':>9}{'batch q/s':>11}{'scored':>9}{'recall@5':>10}")
+        for mode, r in sp["inference"].items():
+            print(f"{mode:<8}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['batch_queries_per_s']:>11.0f}"
+                  f"{r['mean_scored']:>9.0f}{fmt(r.get('recall_at_5_vs_exact')):>10}")
+        print(f"\nours-sparse peak RSS / (weights + Adam + tables) = {sp['peak_rss_bytes'] / sp['state_bytes']:.2f}")
+    if "torch-dense" in results and "samples_per_s" in results["torch-dense"] and "samples_per_s" in sp:
+        print(f"ours-sparse / torch-dense training speed = {sp['samples_per_s'] / results['torch-dense']['samples_per_s']:.1f}x")
+    return 0
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,378 @@
+"""Forward/backward, lazy Adam and prediction kernels against the naive numpy twins."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import lsh, tables
+from engine._numba import set_threads
+from engine.config import SlideConfig
+from engine.network import SlideModel
+from engine.trainer import Trainer
+
+from . import naive
+
+F, L = 24, 40
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    set_threads(1)
+    yield
+    set_threads(None)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return naive.planted_dataset(40, F, L, seed=1, vocab=5, noise=2, max_labels=3)
+
+
+def snapshot_params(model):
+    """float64 copies of (w0, b0, [w1, ...])."""
+    return (model.weights[0].astype(np.float64), model.b0.astype(np.float64),
+            [w.astype(np.float64) for w in model.weights[1:]])
+
+
+def batch(data, points):
+    x = naive.dense_rows(data.x_indptr, data.x_indices, data.x_values, data.num_features, points)
+    return x, naive.label_lists(data.y_indptr, data.y_indices, points)
+
+
+def rows(data, n):
+    """CSR arrays of the first n points."""
+    sub = data.row_slice(0, n)
+    return sub.x_indptr, sub.x_indices, sub.x_values
+
+
+def active_masks(trainer, n_points):
+    """{layer: bool (b, out)} of the neurons each point of the last batch computed (sampled layers)."""
+    _, act_ids, _, nact = trainer._bufs[:4]
+    masks = {}
+    for l in trainer.model.sampled_layers():
+        mask = np.zeros((n_points, trainer.model.weights[l].shape[0]), dtype=bool)
+        for i in range(n_points):
+            mask[i, act_ids[l - 1][i, : nact[i, l]]] = True
+        masks[l] = mask
+    return masks
+
+
+class NaiveAdam:
+    """Lazy Adam over (w0, b0, [w1, ...]) in float64, with the engine's choice of touched rows."""
+
+    def __init__(self, params, cfg):
+        self.w0, self.b0, self.ws = params
+        self.cfg = cfg
+        shapes = [self.w0.shape] + [w.shape for w in self.ws]
+        self.m = [np.zeros(s) for s in shapes]
+        self.v = [np.zeros(s) for s in shapes]
+        self.steps = [np.zeros(s[0], dtype=np.int64) for s in shapes]
+        self.mb0, self.vb0 = np.zeros_like(self.b0), np.zeros_like(self.b0)
+        self.t = 0
+
+    def step(self, x, labels, active=None):
+        cfg = self.cfg
+        hp = (cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
+        g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active)
+        rows0 = np.flatnonzero(np.any(x != 0, axis=0))
+        naive.adam_rows(self.w0, self.m[0], self.v[0], self.steps[0], g_w0, rows0, *hp)
+        for l, (w, g) in enumerate(zip(self.ws, gs), start=1):
+            if active and l in active:
+                rows = np.flatnonzero(active[l].any(axis=0))
+            else:
+                rows = np.arange(w.shape[0])
+            naive.adam_rows(w, self.m[l], self.v[l], self.steps[l], g, rows, *hp)
+        self.t += 1
+        naive.adam_vector(self.b0, self.mb0, self.vb0, self.t, g_b0, *hp)
+        return g_w0, g_b0, gs
+
+    def assert_matches(self, trainer, rtol=1e-4, atol_w=None):
+        model = trainer.model
+        atol_w = atol_w if atol_w is not None else 1e-3 * self.cfg.lr
+        ours = [self.w0, *self.ws]
+        for l, w in enumerate(model.weights):
+            np.testing.assert_array_equal(trainer.steps[l], self.steps[l], err_msg=f"step counts of layer {l}")
+            np.testing.assert_allclose(trainer.m[l], self.m[l], rtol=rtol, atol=1e-9, err_msg=f"m of layer {l}")
+            np.testing.assert_allclose(trainer.v[l], self.v[l], rtol=rtol, atol=1e-12, err_msg=f"v of layer {l}")
+            np.testing.assert_allclose(w, ours[l], rtol=rtol, atol=atol_w, err_msg=f"weights of layer {l}")
+        np.testing.assert_allclose(model.b0, self.b0, rtol=rtol, atol=atol_w)
+        np.testing.assert_allclose(trainer.mb0, self.mb0, rtol=rtol, atol=1e-9)
+
+
+# ---- dense training step == naive gradient + naive lazy Adam -----------------------------------------
+@pytest.mark.parametrize("hidden", [(8,), (8, 6)])
+def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
+    cfg = SlideConfig(hidden=hidden, sample_output=False, batch_size=6, lr=1e-2, init_std=0.3, seed=4)
+    trainer = Trainer(cfg, data)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg)
+    # Two full batches and a partial one (4 < batch_size); features and rows overlap between batches.
+    for points in ([0, 1, 2, 3, 4, 5], [3, 7, 9, 11, 13, 2], [20, 21, 22, 0]):
+        points = np.array(points)
+        x, labels = batch(data, points)
+        expected_loss = naive.loss(ref.w0, ref.b0, ref.ws, x, labels)
+        loss, labelled, active = trainer.train_step(points)
+        assert loss / len(points) == pytest.approx(expected_loss, rel=1e-5)
+        assert labelled == sum(len(y) > 0 for y in labels)
+        assert active == L  # every output neuron computed
+        ref.step(x, labels)
+        ref.assert_matches(trainer)
+    assert trainer.step == 3
+
+
+def test_first_moment_is_the_batch_gradient(data):
+    """After one step from zero state m = (1 - beta1) g exactly: the gradient itself, not just its sign."""
+    cfg = SlideConfig(hidden=(8, 6), sample_output=False, batch_size=8, lr=1e-3, init_std=0.3, seed=2)
+    trainer = Trainer(cfg, data)
+    w0, b0, ws = snapshot_params(trainer.model)
+    points = np.arange(8)
+    x, labels = batch(data, points)
+    trainer.train_step(points)
+    g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
+    for l, g in enumerate([g_w0, *gs]):
+        assert np.abs(g).max() > 1e-4
+        np.testing.assert_allclose(trainer.m[l] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8)
+
+
+def test_unlabelled_points_contribute_no_gradient(data):
+    """A point without labels has zero loss, so no layer may move because of it. With two hidden
+    layers the backward pass returned early for such a point and left its forward activations in
+    the buffer that the optimizer reads as deltas of the inner hidden layers."""
+    unlabelled = naive.planted_dataset(8, F, L, seed=3, unlabelled=1.0)
+    assert unlabelled.num_label_entries == 0
+    for hidden in [(8,), (8, 6), (8, 6, 5)]:
+        cfg = SlideConfig(hidden=hidden, sample_output=False, batch_size=8, lr=1e-2, init_std=0.3, seed=1)
+        trainer = Trainer(cfg, unlabelled)
+        before = [w.copy() for w in trainer.model.weights]
+        loss, labelled, _ = trainer.train_step(np.arange(8))
+        assert loss == 0.0 and labelled == 0
+        for l, (w0, w1) in enumerate(zip(before, trainer.model.weights)):
+            np.testing.assert_array_equal(w1, w0, err_msg=f"hidden={hidden}: layer {l} moved")
+
+
+def test_mixed_batch_with_unlabelled_points_matches_naive():
+    mixed = naive.planted_dataset(12, F, L, seed=8, unlabelled=0.4)
+    lens = np.diff(mixed.y_indptr)
+    assert (lens == 0).any() and (lens > 0).any()
+    cfg = SlideConfig(hidden=(8, 6), sample_output=False, batch_size=12, lr=1e-2, init_std=0.3, seed=3)
+    trainer = Trainer(cfg, mixed)
+    w0, b0, ws = snapshot_params(trainer.model)
+    x, labels = batch(mixed, np.arange(12))
+    trainer.train_step(np.arange(12))
+    g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
+    for l, g in enumerate([g_w0, *gs]):
+        np.testing.assert_allclose(trainer.m[l] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8,
+                                   err_msg=f"gradient of layer {l}")
+
+
+# ---- sampled step == dense gradient restricted to the active set ---------------------------------------
+@pytest.mark.parametrize("sample_hidden", [False, True])
+def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(data, sample_hidden):
+    hidden = (16, 12) if sample_hidden else (16,)
+    cfg = SlideConfig(hidden=hidden, sample_hidden=sample_hidden, hash_family="simhash", hash_k=3, hash_l=2,
+                      bucket_size=4, min_active=6, batch_size=8, lr=1e-2, init_std=0.3, seed=7,
+                      rehash_n0=1000)
+    trainer = Trainer(cfg, data)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg)
+    out = trainer.model.depth - 1
+    for points in (np.arange(8), np.arange(5, 13), np.array([30, 31, 1, 2])):
+        x, labels = batch(data, points)
+        trainer.train_step(points)
+        masks = active_masks(trainer, len(points))
+        assert sorted(masks) == ([1, out] if sample_hidden else [out])
+        for i, y in enumerate(labels):
+            assert masks[out][i, y].all(), "true labels are always active"
+        sizes = masks[out].sum(axis=1)
+        assert sizes.min() >= 6 and sizes.max() < L, "the output layer really is sampled"
+        if sample_hidden:
+            assert masks[1].sum(axis=1).max() < 12
+        g_w0, _, gs = ref.step(x, labels, active=masks)
+        # Rows outside every active set: zero gradient, never touched.
+        never = ~masks[out].any(axis=0)
+        assert never.any()
+        assert np.all(gs[-1][never] == 0)
+        ref.assert_matches(trainer)
+
+
+@pytest.mark.parametrize("max_active", [-1, 6])
+def test_active_set_follows_the_buckets(data, max_active):
+    """The output active set of a point = union of its L buckets (capped to the most frequently
+    retrieved when max_active > 0) + its labels."""
+    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=2, hash_l=3, bucket_size=1000, batch_size=8,
+                      max_active=max_active, init_std=0.3, seed=5, rehash_n0=1000)
+    trainer = Trainer(cfg, data)
+    model = trainer.model
+    w0, b0 = model.weights[0].copy(), model.b0.copy()
+    hf, tb = model.hashes[0], model.tables[0]
+    points = np.arange(8)
+    trainer.train_step(points)
+    masks = active_masks(trainer, 8)[1]
+    for i, p in enumerate(points):
+        s, e = data.x_indptr[p], data.x_indptr[p + 1]
+        h = naive.hidden_float32(w0, b0, data.x_indices[s:e], data.x_values[s:e])
+        found = tables.query(tb, lsh.hash_dense(h, hf))
+        expected = set(naive.retrieve(found, 1, max(max_active, 0)).tolist())
+        if max_active > 0:
+            assert len(np.unique(found)) > max_active, "the cap binds"
+        expected |= set(data.y_indices[data.y_indptr[p] : data.y_indptr[p + 1]].tolist())
+        assert set(np.flatnonzero(masks[i]).tolist()) == expected
+
+
+# ---- finite differences --------------------------------------------------------------------------------
+def test_naive_gradient_matches_finite_differences(data):
+    rng = np.random.default_rng(0)
+    cfg = SlideConfig(hidden=(7, 5), sample_output=False, init_std=0.4, seed=11)
+    model = SlideModel.initialize(cfg, F, L)
+    w0, b0, ws = snapshot_params(model)
+    b0 += rng.normal(0, 0.1, size=b0.shape)
+    x, labels = batch(data, np.arange(10))
+    g_w0, g_b0, gs = naive.gradients(w0, b0, ws, x, labels)
+    params = [w0, b0, *ws]
+    grads = [g_w0, g_b0, *gs]
+    h = 1e-6
+    for arr, g in zip(params, grads):
+        flat, gflat = arr.reshape(-1), g.reshape(-1)
+        for idx in rng.choice(flat.size, size=min(12, flat.size), replace=False):
+            old = flat[idx]
+            flat[idx] = old + h
+            up = naive.loss(w0, b0, ws, x, labels)
+            flat[idx] = old - h
+            down = naive.loss(w0, b0, ws, x, labels)
+            flat[idx] = old
+            assert (up - down) / (2 * h) == pytest.approx(gflat[idx], rel=1e-4, abs=1e-8)
+
+
+def test_engine_gradient_matches_finite_differences_of_the_engine_loss(data):
+    """The engine's own float32 loss, differentiated numerically, against the gradient its optimizer saw."""
+    cfg = SlideConfig(hidden=(7, 5), sample_output=False, batch_size=10, init_std=0.5, lr=1e-3, seed=13)
+    base = SlideModel.initialize(cfg, F, L)
+    points = np.arange(10)
+
+    def run(weights, b0):
+        model = SlideModel(cfg, F, L, tuple(w.copy() for w in weights), b0.copy(), [], [])
+        trainer = Trainer(cfg, data, model=model)
+        loss, _, _ = trainer.train_step(points)
+        return loss / len(points), trainer
+
+    _, trainer = run(base.weights, base.b0)
+    grads = [m / (1 - cfg.beta1) for m in trainer.m]
+    rng = np.random.default_rng(1)
+    h = 1e-2  # the engine keeps per-point losses in float32: the step must dwarf their rounding
+    checked = 0
+    for l, w in enumerate(base.weights):
+        g = grads[l]
+        candidates = np.argwhere(np.abs(g) > 5e-3)
+        for r, c in candidates[rng.choice(len(candidates), size=min(4, len(candidates)), replace=False)]:
+            ws = [x.copy() for x in base.weights]
+            ws[l][r, c] += h
+            up, _ = run(ws, base.b0)
+            ws[l][r, c] -= 2 * h
+            down, _ = run(ws, base.b0)
+            assert (up - down) / (2 * h) == pytest.approx(g[r, c], rel=1e-2, abs=2e-5), (l, r, c)
+            checked += 1
+    assert checked >= 10
+
+
+# ---- prediction -------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def trained_model():
+    """A small sampled model with weights moved by a few steps of training."""
+    set_threads(1)
+    train = naive.planted_dataset(300, 60, 120, seed=2, vocab=6, noise=2)
+    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=6, bucket_size=64, batch_size=32,
+                      lr=5e-3, init_std=0.1, seed=21, rehash_n0=5, epochs=2, eval_every=0)
+    trainer = Trainer(cfg, train)
+    trainer.run()
+    return trainer.model, train
+
+
+def test_predict_exact_equals_naive_dense_topk(trained_model):
+    model, data = trained_model
+    pts = np.arange(50)
+    x, _ = batch(data, pts)
+    w0, b0, ws = snapshot_params(model)
+    _, z, _ = naive.forward(w0, b0, ws, x)
+    want_labels, want_scores = naive.topk(z, 5)
+    labels, scores = model.predict(*rows(data, 50), k=5, mode="exact")
+    np.testing.assert_array_equal(labels, want_labels)
+    np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
+    _, _, n_scored = model.predict_with_stats(*rows(data, 50), 5, "exact")
+    assert np.all(n_scored == model.num_labels)
+
+
+def test_lsh_scores_are_exact_scores_of_the_same_labels(trained_model):
+    model, data = trained_model
+    args = rows(data, 60)
+    all_labels, all_scores = model.predict(*args, k=model.num_labels, mode="exact")
+    labels, scores = model.predict(*args, k=5, mode="lsh")
+    for i in range(60):
+        exact = dict(zip(all_labels[i].tolist(), all_scores[i].tolist()))
+        for lab, s in zip(labels[i], scores[i]):
+            if lab >= 0:
+                assert s == exact[int(lab)]  # same kernel, same number, bit for bit
+            else:
+                assert s == -np.inf
+
+
+@pytest.mark.parametrize("threshold, train_cap, predict_cap, cap", [
+    (1, 0, -1, 0),  # serving default: every bucket member is scored
+    (2, 0, -1, 0),  # only neurons found in >= 2 of the L buckets
+    (1, 0, 7, 7),  # a serving cap: the 7 most frequently retrieved
+    (1, 9, 0, 9),  # predict_max_active = 0: the training cap
+])
+def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train_cap, predict_cap, cap):
+    base, data = trained_model
+    cfg = base.config.replace(active_threshold=threshold, max_active=train_cap, predict_max_active=predict_cap)
+    model = SlideModel(cfg, base.num_features, base.num_labels, base.weights, base.b0, base.hashes, base.tables)
+    hf, tb = model.hashes[0], model.tables[0]
+    n = 60
+    args = rows(data, n)
+    labels, scores, n_scored = model.predict_with_stats(*args, k=5, mode="lsh")
+    w0, b0, ws = snapshot_params(model)
+    x, _ = batch(data, np.arange(n))
+    _, z, _ = naive.forward(w0, b0, ws, x)
+    sizes, capped = [], 0
+    for i in range(n):
+        s, e = data.x_indptr[i], data.x_indptr[i + 1]
+        h = naive.hidden_float32(model.weights[0], model.b0, data.x_indices[s:e], data.x_values[s:e])
+        found = tables.query(tb, lsh.hash_dense(h, hf))
+        eligible = naive.retrieve(found, threshold, cap)
+        capped += len(eligible) < len(naive.retrieve(found, threshold))
+        got = labels[i][labels[i] >= 0]
+        assert n_scored[i] == len(eligible)
+        # Exactly the top-k of the candidates by exact score, in order.
+        order = eligible[np.argsort(-z[i, eligible], kind="stable")][:5]
+        np.testing.assert_array_equal(got, order)
+        assert len(got) == min(5, n_scored[i])
+        sizes.append(n_scored[i])
+    assert 0 < np.mean(sizes) < model.num_labels  # sub-linear: not everything was scored
+    assert (capped > n // 2) if cap else capped == 0
+
+
+def test_predict_validates_its_input(trained_model):
+    model, data = trained_model
+    with pytest.raises(ValueError, match="out of range"):
+        model.predict(np.array([0, 1]), np.array([10_000]), np.array([1.0]), k=2)
+    with pytest.raises(ValueError, match="k must be"):
+        model.predict(*rows(data, 1), k=0)
+    with pytest.raises(ValueError, match="mode"):
+        model.predict(*rows(data, 1), k=1, mode="fast")
+    labels, scores = model.predict(np.array([0]), np.array([], np.int32), np.array([], np.float32), k=3)
+    assert labels.shape == (0, 3) and scores.shape == (0, 3)
+
+
+def test_exact_predict_ignores_hidden_sampling():
+    """With sampled hidden layers, `exact` computes every neuron of every layer: the dense network."""
+    data = naive.planted_dataset(30, F, L, seed=9)
+    cfg = SlideConfig(hidden=(12, 10), sample_hidden=True, hash_family="simhash", hash_k=2, hash_l=2, bucket_size=2,
+                      init_std=0.3, seed=2)
+    model = SlideModel.initialize(cfg, F, L)
+    x, _ = batch(data, np.arange(30))
+    w0, b0, ws = snapshot_params(model)
+    _, z, _ = naive.forward(w0, b0, ws, x)
+    labels, scores = model.predict(*rows(data, 30), k=4, mode="exact")
+    np.testing.assert_array_equal(labels, naive.topk(z, 4)[0])
+    np.testing.assert_allclose(scores, naive.topk(z, 4)[1], rtol=1e-5, atol=1e-6)
+    # lsh mode samples the hidden layer too, so its scores are those of a thinned network: still finite
+    # and taken from the output layer's candidates only.
+    lab, sc, n_scored = model.predict_with_stats(*rows(data, 30), k=4, mode="lsh")
+    assert np.all(n_scored <= L) and np.all(np.isfinite(sc[lab >= 0]))

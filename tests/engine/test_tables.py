@@ -1,0 +1,169 @@
+"""Bucket tables: CSR build against a naive grouping, capacity, FIFO and reservoir policies."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine import tables
+from engine.config import SlideConfig
+from engine.network import SlideModel
+
+from . import naive
+
+
+def build(codes, num_buckets, capacity, policy="fifo", inserted=None, seed=0, round_id=0):
+    codes = np.ascontiguousarray(codes, dtype=np.int32)
+    l, n = codes.shape
+    tb = tables.empty_tables(l, n, num_buckets, 4)
+    tb.codes[:] = codes
+    if inserted is not None:
+        tb.inserted[:] = inserted
+    tables.rebuild(tb, num_buckets, capacity, policy, seed, round_id)
+    return tb
+
+
+def members(tb, t, b):
+    return tb.ids[t, tb.offsets[t, b] : tb.offsets[t, b + 1]]
+
+
+@pytest.mark.parametrize("policy", ["fifo", "reservoir"])
+def test_build_matches_naive_grouping_when_buckets_fit(policy):
+    rng = np.random.default_rng(0)
+    l, n, nb = 6, 300, 16
+    codes = rng.integers(0, nb, size=(l, n))
+    tb = build(codes, nb, capacity=n, policy=policy, inserted=rng.integers(0, 5, n))
+    groups = naive.group_buckets(codes, nb)
+    for t in range(l):
+        np.testing.assert_array_equal(tb.offsets[t], np.concatenate([[0], np.cumsum(np.bincount(codes[t], minlength=nb))]))
+        for b in range(nb):
+            np.testing.assert_array_equal(members(tb, t, b), groups[t][b])
+        # Every neuron in exactly one bucket per table.
+        np.testing.assert_array_equal(np.sort(tb.ids[t]), np.arange(n))
+    found = np.concatenate([tables.query(tb, np.full(l, b)) for b in range(nb)])
+    np.testing.assert_array_equal(np.bincount(found, minlength=n), np.full(n, l))
+    # query() returns the union of the asked buckets, with repeats.
+    ask = codes[:, 17]
+    got = tables.query(tb, ask)
+    assert np.count_nonzero(got == 17) == l
+    assert sorted(got.tolist()) == sorted(np.concatenate([groups[t][ask[t]] for t in range(l)]).tolist())
+
+
+def test_capacity_is_respected_and_kept_ids_come_from_the_bucket():
+    rng = np.random.default_rng(1)
+    l, n, nb, cap = 4, 500, 8, 20  # ~62 per bucket, so every bucket overflows
+    codes = rng.integers(0, nb, size=(l, n))
+    for policy in ("fifo", "reservoir"):
+        tb = build(codes, nb, cap, policy=policy, seed=3)
+        groups = naive.group_buckets(codes, nb)
+        for t in range(l):
+            for b in range(nb):
+                kept = members(tb, t, b)
+                assert len(kept) == min(cap, len(groups[t][b]))
+                assert set(kept.tolist()) <= set(groups[t][b].tolist())
+                assert len(np.unique(kept)) == len(kept)
+                assert np.all(np.diff(kept) > 0)  # ids inside a bucket are sorted
+            assert tb.offsets[t, -1] == sum(min(cap, len(g)) for g in groups[t])
+
+
+def test_skewed_buckets_keep_small_ones_whole():
+    codes = np.zeros((2, 100), dtype=np.int32)
+    codes[:, 90:] = 3  # bucket 0 has 90 ids, bucket 3 has 10, buckets 1, 2 are empty
+    tb = build(codes, 4, 25)
+    for t in range(2):
+        assert len(members(tb, t, 0)) == 25
+        assert len(members(tb, t, 1)) == len(members(tb, t, 2)) == 0
+        np.testing.assert_array_equal(members(tb, t, 3), np.arange(90, 100))
+
+
+def test_fifo_keeps_the_most_recently_inserted():
+    rng = np.random.default_rng(2)
+    l, n, nb, cap = 8, 400, 4, 30
+    codes = rng.integers(0, nb, size=(l, n))
+    inserted = rng.integers(0, 40, size=n)  # rehash round of each neuron's last insertion
+    tb = build(codes, nb, cap, policy="fifo", inserted=inserted, seed=5, round_id=40)
+    groups = naive.group_buckets(codes, nb)
+    for t in range(l):
+        for b in range(nb):
+            kept = members(tb, t, b)
+            dropped = np.setdiff1d(groups[t][b], kept)
+            assert len(kept) == cap and len(dropped) > 0
+            # Nothing dropped is newer than anything kept ...
+            assert inserted[kept].min() >= inserted[dropped].max()
+            # ... and every neuron of a strictly newer round than the oldest kept one is kept.
+            newest_rounds = groups[t][b][inserted[groups[t][b]] > inserted[kept].min()]
+            assert set(newest_rounds.tolist()) <= set(kept.tolist())
+
+
+def test_fifo_ties_inside_one_round_favour_no_id_range():
+    """All neurons inserted in the same round: which of a full bucket's ids stay is random, not the
+    lowest (or highest) ids. Many tables with the same codes are independent draws."""
+    l, n, cap = 400, 40, 10
+    codes = np.zeros((l, n), dtype=np.int32)
+    tb = build(codes, 1, cap, policy="fifo", seed=9, round_id=1)
+    freq = np.bincount(tb.ids[:, :cap].ravel(), minlength=n) / l
+    expected = cap / n  # 0.25
+    sd = math.sqrt(expected * (1 - expected) / l)
+    assert np.all(np.abs(freq - expected) < 5 * sd), freq
+    assert freq[: n // 2].mean() == pytest.approx(expected, abs=0.03)
+
+
+def test_reservoir_keeps_a_uniform_sample():
+    """Each member of an over-full bucket is kept with probability capacity / size, whatever its id
+    or insertion round, across tables, seeds and rounds."""
+    l, n, cap = 200, 30, 6
+    codes = np.zeros((l, n), dtype=np.int32)
+    inserted = np.arange(n)  # FIFO would keep exactly the 6 newest: reservoir must not care
+    counts = np.zeros(n)
+    draws = 0
+    for seed in range(5):
+        tb = build(codes, 1, cap, policy="reservoir", inserted=inserted, seed=seed, round_id=seed)
+        counts += np.bincount(tb.ids[:, :cap].ravel(), minlength=n)
+        draws += l
+    freq = counts / draws
+    expected = cap / n  # 0.2
+    sd = math.sqrt(expected * (1 - expected) / draws)
+    assert np.all(np.abs(freq - expected) < 5 * sd), freq
+    assert freq[-cap:].mean() == pytest.approx(expected, abs=0.03)
+    # Different seeds give different samples.
+    a = build(codes[:1], 1, cap, "reservoir", inserted, seed=0).ids[0, :cap]
+    b = build(codes[:1], 1, cap, "reservoir", inserted, seed=1).ids[0, :cap]
+    assert not np.array_equal(a, b)
+    # FIFO on the same bucket keeps exactly the newest.
+    fifo = build(codes[:1], 1, cap, "fifo", inserted, seed=0).ids[0, :cap]
+    np.testing.assert_array_equal(fifo, np.arange(n - cap, n))
+
+
+def test_rebuild_is_deterministic():
+    rng = np.random.default_rng(4)
+    codes = rng.integers(0, 4, size=(5, 200))
+    for policy in ("fifo", "reservoir"):
+        a = build(codes, 4, 15, policy, seed=7, round_id=2)
+        b = build(codes, 4, 15, policy, seed=7, round_id=2)
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.offsets, b.offsets)
+
+
+@pytest.mark.parametrize("family", ["simhash", "wta", "dwta"])
+def test_model_tables_hold_every_neuron_once_per_table(family):
+    """With room in every bucket, a freshly built model has each output neuron in exactly the bucket
+    its centred weight row hashes to, in every table."""
+    from engine import lsh
+
+    cfg = SlideConfig(hidden=(16,), hash_family=family, hash_k=2, hash_l=6, bin_size=4, bucket_size=10_000,
+                      simhash_density=0.33, seed=3)
+    model = SlideModel.initialize(cfg, num_features=50, num_labels=300)
+    hf, tb = model.hashes[0], model.tables[0]
+    w = model.weights[1]
+    np.testing.assert_allclose(tb.center, w[:, :-1].mean(axis=0), rtol=1e-5, atol=1e-7)
+    codes = lsh.hash_matrix(w, hf, center=tb.center)
+    np.testing.assert_array_equal(tb.codes, codes)
+    for t in range(hf.l):
+        np.testing.assert_array_equal(np.sort(tb.ids[t]), np.arange(300))
+        for b in range(hf.num_buckets):
+            np.testing.assert_array_equal(members(tb, t, b), np.flatnonzero(codes[t] == b))
+    # Centring spreads the neurons: no table puts more than half of them in one bucket.
+    for t in range(hf.l):
+        assert np.bincount(tb.codes[t]).max() < 150

@@ -1,0 +1,264 @@
+"""Trainer: determinism, lazy updates, the rehash/rebuild schedule, drift-based rehash, learning."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine import lsh
+from engine._numba import set_threads
+from engine.config import SlideConfig
+from engine.trainer import Trainer
+
+from . import naive
+
+
+@pytest.fixture(autouse=True)
+def restore_threads():
+    yield
+    set_threads(None)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return naive.planted_dataset(160, 80, 150, seed=4, vocab=6, noise=3, max_labels=3, unlabelled=0.05)
+
+
+SAMPLED = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=5, bucket_size=16, min_active=8,
+                      batch_size=16, lr=5e-3, init_std=0.05, epochs=1, rehash_n0=3, rehash_lambda=0.3,
+                      rebuild_every=2, seed=17, eval_every=0)
+
+
+def all_arrays(trainer):
+    return {k: np.array(v) for k, v in trainer.arrays().items()}
+
+
+def assert_same_arrays(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+
+
+# ---- determinism ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("config", [
+    SAMPLED,
+    SAMPLED.replace(hidden=(16, 12), sample_hidden=True, hash_family="dwta", hash_k=2, bin_size=4),
+    SAMPLED.replace(sample_output=False, insertion="reservoir"),
+], ids=["sampled", "sampled-hidden-dwta", "dense"])
+def test_same_seed_one_thread_is_bit_identical(data, config):
+    a = Trainer(config.replace(threads=1), data)
+    b = Trainer(config.replace(threads=1), data)
+    ra, rb = a.run(), b.run()
+    assert a.step == b.step == 10 and a.rehash_round >= 2  # rehashes and a rebuild happened
+    assert ra["loss"] == rb["loss"]
+    assert_same_arrays(all_arrays(a), all_arrays(b))
+    # A different seed gives a different model.
+    c = Trainer(config.replace(threads=1, seed=18), data)
+    c.run()
+    assert not np.array_equal(c.model.weights[-1], a.model.weights[-1])
+
+
+def test_one_and_two_threads_are_bit_identical(data):
+    """Updates are row-owned and summed in point order, and per-point randomness is keyed by the point's
+    stream, so the thread count must not change a single bit."""
+    one = Trainer(SAMPLED.replace(threads=1), data)
+    two = Trainer(SAMPLED.replace(threads=2), data)
+    one.run()
+    two.run()
+    assert_same_arrays(all_arrays(one), all_arrays(two))
+
+
+# ---- lazy updates ----------------------------------------------------------------------------------------
+def test_lazy_adam_touches_only_active_rows_and_present_features(data):
+    set_threads(1)
+    cfg = SAMPLED.replace(rehash_n0=1000, min_active=0)
+    trainer = Trainer(cfg, data)
+    model = trainer.model
+    out = model.depth - 1
+    active_count = np.zeros(model.num_labels, dtype=np.int64)
+    feature_count = np.zeros(model.num_features, dtype=np.int64)
+    for points in (np.arange(0, 16), np.arange(16, 32), np.arange(8, 24)):
+        before = [w.copy() for w in model.weights]
+        b0_before = model.b0.copy()
+        trainer.train_step(points)
+        act_ids, nact = trainer._bufs[1], trainer._bufs[3]
+        active = np.unique(np.concatenate([act_ids[out - 1][i, : nact[i, out]] for i in range(len(points))]))
+        present = np.unique(np.concatenate([data.x_indices[data.x_indptr[p] : data.x_indptr[p + 1]] for p in points]))
+        assert 0 < len(active) < model.num_labels and 0 < len(present) < model.num_features
+        active_count[active] += 1
+        feature_count[present] += 1
+        idle = np.setdiff1d(np.arange(model.num_labels), active)
+        absent = np.setdiff1d(np.arange(model.num_features), present)
+        # Untouched rows: bit-identical weights.
+        np.testing.assert_array_equal(model.weights[out][idle], before[out][idle])
+        np.testing.assert_array_equal(model.weights[0][absent], before[0][absent])
+        # Touched rows moved (all but those only an unlabelled point or a dead ReLU touched).
+        assert np.mean(np.any(model.weights[out][active] != before[out][active], axis=1)) > 0.9
+        assert np.mean(np.any(model.weights[0][present] != before[0][present], axis=1)) > 0.8
+        assert not np.array_equal(model.b0, b0_before)
+    # Per-row step counts = batches in which the row was touched; never-touched rows have no state.
+    np.testing.assert_array_equal(trainer.steps[out], active_count)
+    np.testing.assert_array_equal(trainer.steps[0], feature_count)
+    never = active_count == 0
+    assert never.any()
+    assert np.all(trainer.m[out][never] == 0) and np.all(trainer.v[out][never] == 0)
+    assert np.all(trainer.m[0][feature_count == 0] == 0)
+
+
+# ---- rehash schedule -------------------------------------------------------------------------------------
+def expected_rehash_steps(n0, lam, cap, total):
+    steps, at, i = [], n0, 0
+    while at <= total:
+        steps.append(at)
+        i += 1
+        at += max(1, int(round(min(cap, n0 * math.exp(lam * i)))))
+    return steps
+
+
+@pytest.mark.parametrize("n0, lam, cap", [(3, 0.5, 20), (5, 0.0, 100), (2, 1.0, 7)])
+def test_rehash_intervals_follow_the_decaying_schedule(data, n0, lam, cap):
+    set_threads(1)
+    cfg = SAMPLED.replace(batch_size=2, rehash_n0=n0, rehash_lambda=lam, rehash_max_interval=cap, rebuild_every=0)
+    trainer = Trainer(cfg, data)
+    fired = []
+    original = trainer.rehash
+
+    def record():
+        fired.append(trainer.step)
+        return original()
+
+    trainer.rehash = record
+    total = 75
+    for s in range(total):
+        trainer.train_step(np.arange(2 * (s % 80), 2 * (s % 80) + 2))
+    want = expected_rehash_steps(n0, lam, cap, total)
+    assert fired == want
+    intervals = np.diff([0] + fired)
+    assert intervals[0] == n0 and intervals.max() <= cap
+    assert trainer.rehash_round == len(want)
+    if lam == 0.5:
+        assert list(intervals[:5]) == [3, 5, 8, 13, 20]  # 3 e^(0.5 i), rounded, capped at 20
+
+
+def test_rehash_reinserts_every_neuron_at_its_current_bucket(data):
+    set_threads(1)
+    trainer = Trainer(SAMPLED.replace(rehash_n0=1000, rebuild_every=0), data)
+    model = trainer.model
+    hf, tb = model.hashes[0], model.tables[0]
+    for s in range(4):
+        trainer.train_step(np.arange(16 * s, 16 * s + 16))
+    w = model.weights[-1]
+    stale = lsh.hash_matrix(w, hf, center=tb.center)
+    assert not np.array_equal(stale, tb.codes), "weights moved, so some codes are stale"
+    assert trainer.rehash() == model.num_labels
+    np.testing.assert_allclose(tb.center, w[:, :-1].mean(axis=0), rtol=1e-5, atol=1e-8)
+    np.testing.assert_array_equal(tb.codes, lsh.hash_matrix(w, hf, center=tb.center))
+    assert np.all(tb.inserted == 1)
+    assert np.all(trainer.drift[-1] == 0)
+
+
+def test_drift_threshold_rehashes_only_drifted_rows(data):
+    set_threads(1)
+    trainer = Trainer(SAMPLED.replace(rehash_n0=1000, rebuild_every=0, drift_threshold=0.05, bucket_size=1000), data)
+    model = trainer.model
+    out = model.depth - 1
+    hf, tb = model.hashes[0], model.tables[0]
+    for s in range(6):
+        trainer.train_step(np.arange(16 * s, 16 * s + 16))
+    w = model.weights[out]
+    norms = np.linalg.norm(w[:, :-1], axis=1)
+    ratio = trainer.drift[out] / norms
+    # Pick the threshold so that about half of the touched rows count as drifted.
+    threshold = float(np.median(ratio[ratio > 0]))
+    trainer.config = trainer.config.replace(drift_threshold=threshold)
+    drifted = np.flatnonzero(trainer.drift[out] > threshold * norms)
+    steady = np.setdiff1d(np.arange(model.num_labels), drifted)
+    assert 0 < len(drifted) < model.num_labels
+    codes_before, inserted_before = tb.codes.copy(), tb.inserted.copy()
+    drift_before = trainer.drift[out].copy()
+    center_before = tb.center.copy()
+    fresh = lsh.hash_matrix(w, hf, center=tb.center)
+    assert not np.array_equal(fresh[:, steady], codes_before[:, steady]), \
+        "some steady rows would hash elsewhere now: the test can tell a full rehash from a partial one"
+
+    assert trainer.rehash() == len(drifted)
+    np.testing.assert_array_equal(tb.center, center_before)  # a partial rehash keeps the key centre
+    np.testing.assert_array_equal(tb.codes[:, drifted], fresh[:, drifted])
+    np.testing.assert_array_equal(tb.codes[:, steady], codes_before[:, steady])
+    assert np.all(tb.inserted[drifted] == 1)
+    np.testing.assert_array_equal(tb.inserted[steady], inserted_before[steady])
+    assert np.all(trainer.drift[out][drifted] == 0)
+    np.testing.assert_array_equal(trainer.drift[out][steady], drift_before[steady])
+    # The buckets hold what the codes say.
+    for t in range(hf.l):
+        for b in np.unique(tb.codes[t]):
+            got = tb.ids[t, tb.offsets[t, b] : tb.offsets[t, b + 1]]
+            np.testing.assert_array_equal(got, np.flatnonzero(tb.codes[t] == b))
+
+
+def test_rebuild_every_draws_new_functions(data):
+    set_threads(1)
+    trainer = Trainer(SAMPLED.replace(rehash_n0=1000, rebuild_every=2, drift_threshold=0.5), data)
+    model = trainer.model
+    history = [model.hashes[0]]
+    for r in range(1, 5):
+        trainer.train_step(np.arange(16 * r, 16 * r + 16))
+        hashed = trainer.rehash()
+        hf, tb = model.hashes[0], model.tables[0]
+        if r % 2 == 0:
+            assert not np.array_equal(hf.idx, history[-1].idx) or not np.array_equal(hf.sign, history[-1].sign)
+            assert hf.params[7] != history[-1].params[7]
+            assert hashed == model.num_labels  # a rebuild rehashes every neuron
+            assert np.all(tb.inserted == r)
+            np.testing.assert_array_equal(tb.codes, lsh.hash_matrix(model.weights[-1], hf, center=tb.center))
+        else:
+            assert hf is history[-1]
+        history.append(hf)
+    # Rebuilds are seeded: a second trainer draws the same functions.
+    other = Trainer(SAMPLED.replace(rehash_n0=1000, rebuild_every=2, drift_threshold=0.5), data)
+    for r in range(1, 3):
+        other.train_step(np.arange(16 * r, 16 * r + 16))
+        other.rehash()
+    np.testing.assert_array_equal(other.model.hashes[0].idx, history[2].idx)
+
+
+# ---- learning --------------------------------------------------------------------------------------------
+def tiny_data():
+    try:
+        from engine.synth import generate
+    except ImportError:  # the generator is optional for this test: fall back to a planted dataset
+        return (naive.planted_dataset(2000, 2000, 500, seed=1, vocab=10, noise=20, max_labels=4),
+                naive.planted_dataset(500, 2000, 500, seed=1, vocab=10, noise=20, max_labels=4))
+    return generate("tiny", seed=0)
+
+
+def popularity_p_at_1(train, test):
+    top = int(np.argmax(train.label_counts()))
+    return float(np.mean([top in test.y_indices[test.y_indptr[i] : test.y_indptr[i + 1]]
+                          for i in range(test.num_points)]))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return tiny_data()
+
+
+def test_training_on_tiny_synthetic_data_learns(tiny):
+    train, test = tiny
+    baseline = popularity_p_at_1(train, test)
+    cfg = SlideConfig(hidden=(32,), hash_family="simhash", hash_k=6, hash_l=8, batch_size=32, lr=1e-2, epochs=3,
+                      rehash_n0=10, seed=0, threads=0, eval_points=0)
+    trainer = Trainer(cfg, train, test)
+    history = []
+    final = trainer.run(on_metrics=history.append)
+    assert [h["epoch"] for h in history] == [1, 2, 3] and not final["stopped"]
+    assert history[-1]["loss"] < history[0]["loss"]
+    assert final["active_fraction"] < 0.3  # really sampled
+    exact = trainer.evaluate(mode="exact")["p_at_1"]
+    lsh_p1 = final["p_at_1"]
+    assert final["eval_mode"] == "lsh"
+    assert baseline < 0.1
+    assert exact > max(0.25, 3 * baseline), (exact, baseline)
+    assert lsh_p1 > max(0.2, 2.5 * baseline), (lsh_p1, baseline)

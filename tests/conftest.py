@@ -44,6 +44,23 @@ def xmc_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
+def warm_engine(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Train and predict once in this process, so Numba's on-disk cache holds the kernels before any test times
+    a trainer process or a first prediction (a cold compile takes many seconds on two cores)."""
+    import numpy as np
+
+    from engine import SlideConfig, SnapshotStore, Trainer, generate, load_model
+
+    train, test = generate("tiny", seed=1, num_train=256, num_test=64)
+    store = SnapshotStore(tmp_path_factory.mktemp("warm") / "snapshots")
+    Trainer(SlideConfig(hidden=(32,), batch_size=64, epochs=1, threads=1), train, test, store).run()
+    model = load_model(store.latest()[1])
+    for mode in ("lsh", "exact"):
+        model.predict(np.asarray(test.x_indptr), np.asarray(test.x_indices), np.asarray(test.x_values), k=5,
+                      mode=mode)
+
+
+@pytest.fixture(scope="session")
 def xmc_summaries(xmc_files: dict[str, Path]) -> dict[str, dict[str, Any]]:
     from engine import read_xmc
 
@@ -80,7 +97,7 @@ def settings(tmp_path: Path, clean_env: None):
 
 
 @pytest.fixture
-def client_for(clean_env: None) -> Iterator[Callable[..., Any]]:
+def client_for(clean_env: None, warm_engine: None) -> Iterator[Callable[..., Any]]:
     """`client_for(settings)` -> a started TestClient (lifespan run); all are closed at teardown."""
     from fastapi.testclient import TestClient
 

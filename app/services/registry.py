@@ -57,7 +57,7 @@ class PredictResult:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings, check_interval_s: float = 0.2):
+    def __init__(self, settings: Settings, check_interval_s: float = 0.0):
         self.settings = settings
         self.check_interval_s = check_interval_s
         self._models: dict[str, LoadedModel] = {}

@@ -9,7 +9,7 @@ import pytest
 
 from engine import SlideConfig
 
-from tests.app.helpers import assert_problem, upload, wait_for
+from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
 from tests.conftest import make_settings
 
 FAST = {"hidden": [32], "batch_size": 64, "seed": 3}
@@ -79,17 +79,17 @@ def test_idempotency_key(tmp_path, client_for, xmc_files):
 
 
 def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, xmc_files):
-    settings = make_settings(tmp_path / "data", max_concurrent_jobs=1)
+    settings = make_settings(tmp_path / "data", max_concurrent_jobs=1, snapshot_interval_s=0.2)
     client = client_for(settings)
     train_id = upload(client, xmc_files["train"]).json()["id"]
     test_id = upload(client, xmc_files["test"]).json()["id"]
     r = client.post("/v1/jobs", json={"train_dataset_id": train_id, "eval_dataset_id": test_id,
-                                      "config": dict(FAST, epochs=50)})
+                                      "config": dict(FAST, epochs=100)})
     assert r.status_code == 201, r.text
     job = r.json()
     job_id = job["id"]
     assert job["state"] in ("queued", "running")
-    assert job["config"]["epochs"] == 50 and job["config"]["hash_l"] == SlideConfig().hash_l  # engine defaults
+    assert job["config"]["epochs"] == 100 and job["config"]["hash_l"] == SlideConfig().hash_l  # engine defaults
     assert job["config"]["threads"] == 1  # SLIDE_TRAINER_THREADS applied
 
     # A second job waits for the slot: its model has no snapshot -> 503 with a clear message.
@@ -101,8 +101,10 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     assert client.delete(f"/v1/jobs/{waiting['id']}").status_code == 204
 
     # Live predictions while it trains; the version moves on.
-    wait_for(lambda: _state_is(client, job_id, "running"), what="running")
-    first = wait_for(lambda: (_job(client, job_id)["model_version"] or 0) >= 1, what="a first snapshot")
+    diagnose = job_diagnosis(client, settings, job_id)
+    wait_for(lambda: _state_is(client, job_id, "running"), what="running", diagnose=diagnose)
+    first = wait_for(lambda: (_job(client, job_id)["model_version"] or 0) >= 1, what="a first snapshot",
+                     diagnose=diagnose)
     query = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]},
                            {"indices": [3, 1999], "values": [0.7, 0.1]}], "k": 5, "mode": "lsh"}
     pred = client.post(f"/v1/models/{job_id}/predict", json=query)
@@ -117,16 +119,18 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     def newer():
         r_ = client.post(f"/v1/models/{job_id}/predict", json=dict(query, mode="exact"))
         assert r_.status_code == 200, r_.text
-        return r_.json()["model_version"] > v1 and _job(client, job_id)["state"] == "running"
+        state = _job(client, job_id)["state"]
+        assert state == "running", f"the job is {state} already: it trained faster than the test could watch"
+        return r_.json()["model_version"] > v1
 
-    wait_for(newer, what="a newer snapshot while running")
+    wait_for(newer, what="a newer snapshot while running", diagnose=diagnose)
     assert first
 
     # Stop: checkpoint, then `stopped`; the model still answers from that checkpoint.
     r = client.post(f"/v1/jobs/{job_id}/stop")
     assert r.status_code == 202 and r.json()["state"] in ("stopping", "stopped")
-    stopped = wait_for(lambda: _state_is(client, job_id, "stopped"), what="stopped")
-    assert stopped["progress"]["epoch"] < 50
+    stopped = wait_for(lambda: _state_is(client, job_id, "stopped"), what="stopped", diagnose=diagnose)
+    assert stopped["progress"]["epoch"] < 100
     assert client.post(f"/v1/jobs/{job_id}/stop").json()["state"] == "stopped"  # idempotent
     at_stop = client.post(f"/v1/models/{job_id}/predict", json=query).json()["model_version"]
     assert at_stop == stopped["model_version"]
@@ -135,9 +139,9 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     r = client.post(f"/v1/jobs/{job_id}/resume")
     assert r.status_code == 202 and r.json()["state"] in ("queued", "running"), r.text
     assert_problem(client.post(f"/v1/jobs/{job_id}/resume"), 409)
-    done = wait_for(lambda: _state_is(client, job_id, "completed"), timeout=120, what="completed")
+    done = wait_for(lambda: _state_is(client, job_id, "completed"), timeout=120, what="completed", diagnose=diagnose)
     assert done["runs"] == 2 and done["error"] is None
-    assert done["progress"]["epoch"] == 50 and done["progress"]["step"] >= stopped["progress"]["step"]
+    assert done["progress"]["epoch"] == 100 and done["progress"]["step"] >= stopped["progress"]["step"]
     assert done["latest_metrics"]["p_at_1"] is not None
     assert_problem(client.post(f"/v1/jobs/{job_id}/resume"), 409)
     assert_problem(client.post(f"/v1/jobs/{job_id}/stop"), 409)
@@ -145,7 +149,7 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     # The time series: one point per epoch, steps increasing, nothing duplicated across the resume.
     series = client.get(f"/v1/jobs/{job_id}/metrics").json()
     steps = [m["step"] for m in series["data"]]
-    assert series["count"] >= 45 and steps == sorted(set(steps))
+    assert series["count"] >= 100 and steps == sorted(set(steps))
     assert steps[-1] == done["progress"]["step"]
     later = client.get(f"/v1/jobs/{job_id}/metrics", params={"since_step": steps[-3]}).json()
     assert [m["step"] for m in later["data"]] == steps[-2:]

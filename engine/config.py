@@ -29,7 +29,7 @@ class SlideConfig:
     hash_family: HashFamily = "simhash"
     hash_k: int = 0
     """Codes (WTA/DWTA) or bits (SimHash) concatenated per table; 0 = chosen from the layer width so
-    that an input's L buckets hold about 5% of the layer's neurons (at most 2,000)."""
+    that an input's L buckets hold about 5% of the layer's neurons (at most 1,000)."""
     hash_l: int = 50
     """Number of independent tables."""
     bin_size: int = 8
@@ -46,8 +46,8 @@ class SlideConfig:
     active_threshold: int = 1
     """Keep a retrieved neuron only if it was found in at least this many of the L buckets."""
     max_active: int = 0
-    """Cap on retrieved neurons per point, keeping the most frequently retrieved: 0 = auto (twice
-    the layer's target active size: 10% of a small layer, at most 4,000), -1 = no cap."""
+    """Cap on retrieved neurons per point, keeping the most frequently retrieved: 0 = auto (the
+    layer's target active size: 5% of a small layer, at most 1,000), -1 = no cap."""
     predict_max_active: int = -1
     """The same cap when serving predictions: -1 = none beyond the buckets themselves (at most
     hash_l * bucket_size candidates), 0 = as in training, > 0 = this many."""
@@ -62,7 +62,7 @@ class SlideConfig:
     eps: float = 1e-8
     init_std: float = 0.01
 
-    rehash_n0: int = 100
+    rehash_n0: int = 20
     """Steps before the first rehash; the i-th interval is rehash_n0 * exp(rehash_lambda * i)."""
     rehash_lambda: float = 0.1
     rehash_max_interval: int = 2000

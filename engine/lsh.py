@@ -58,8 +58,8 @@ class HashFunctions(NamedTuple):
 
 
 def target_active(n_neurons: int) -> int:
-    """Active neurons a sampled layer aims for per input: 5% of a small layer, at most 2,000."""
-    return int(min(2000, max(32, 0.05 * n_neurons)))
+    """Active neurons a sampled layer aims for per input: 5% of a small layer, at most 1,000."""
+    return int(min(1000, max(32, 0.05 * n_neurons)))
 
 
 def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = False) -> int:
@@ -67,7 +67,7 @@ def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = Fals
     cap = config.predict_max_active if predict and config.predict_max_active != 0 else config.max_active
     if cap == -1:
         return 0
-    return cap or 2 * target_active(n_neurons)
+    return cap or target_active(n_neurons)
 
 
 def resolve_k(config: SlideConfig, n_neurons: int) -> int:

@@ -54,6 +54,7 @@ class Trainer:
         self.history: list[dict] = []
         self._init_optimizer()
         self._eval_rows = self._pick_eval_rows()
+        self._labelled = np.diff(np.asarray(train.y_indptr)) > 0
         self._buffers_for = None
 
     # ---- state ------------------------------------------------------------------------------
@@ -200,7 +201,7 @@ class Trainer:
         update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
         self.step += 1
         self.samples_seen += b
-        labelled = int(np.count_nonzero(np.diff(data.y_indptr)[points] if b else 0))
+        labelled = int(np.count_nonzero(self._labelled[points]))
         out_active = float(nact[:, model.depth - 1].mean()) if b else 0.0
         if self.step >= self.next_rehash_step:
             self.rehash()

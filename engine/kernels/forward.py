@@ -21,12 +21,12 @@ import math
 import numpy as np
 from numba import prange
 
-from .._numba import kernel, parallel_kernel
+from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import hash_vector
 from .sampling import add_labels, collect_candidates, filter_candidates, next_generation, pad_random
 
 
-@kernel
+@fast_kernel
 def sparse_input_layer(w0, b0, indices, values, start, end, h):
     """h = relu(b0 + sum_q values[q] * w0[indices[q]]) over one point's non-zeros [start, end)."""
     width = h.shape[0]
@@ -42,7 +42,7 @@ def sparse_input_layer(w0, b0, indices, values, start, end, h):
             h[k] = 0.0
 
 
-@kernel
+@fast_kernel
 def neuron_preactivation(w, j, inp):
     """<w[j, :in], inp> + w[j, in] (bias in the last column)."""
     in_dim = inp.shape[0]
@@ -65,7 +65,7 @@ def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, mark, cnt, g
     return filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables)
 
 
-@kernel
+@fast_kernel
 def softmax_inplace(vals, n):
     top = -np.inf
     for a in range(n):
@@ -81,7 +81,7 @@ def softmax_inplace(vals, n):
         vals[a] *= inv
 
 
-@kernel
+@fast_kernel
 def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices, inv_batch,
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids,
                 hid, act_ids, act_val, nact, delta0,
@@ -132,8 +132,8 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
     softmax_inplace(vals, n)
     loss = 0.0
     if n_labels == 0:
-        for a in range(n):
-            vals[a] = 0.0
+        for l in range(1, depth):
+            act_val[l - 1][i, : nact[i, l]] = 0.0
         delta0[i, :] = 0.0
         return 0.0
     share = 1.0 / n_labels
@@ -182,7 +182,7 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
     return loss
 
 
-@parallel_kernel
+@fast_parallel_kernel
 def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y_indices,
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids,
                 hid, act_ids, act_val, nact, delta0, losses,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .._numba import parallel_kernel, kernel
+from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from .forward import lsh_active_set, neuron_preactivation, sparse_input_layer
 from .sampling import next_generation
 
@@ -25,7 +25,7 @@ def push_topk(labels, scores, j, s):
     labels[pos] = j
 
 
-@parallel_kernel
+@fast_parallel_kernel
 def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, hidx, hsign, hparams,
                   toffsets, tids, hid, ids, mark, cnt, gens, qcodes, qbuck, n_chunks,
                   threshold, max_active, out_labels, out_scores, n_scored):
@@ -65,5 +65,5 @@ def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, h
                     n_scored[i] = m
 
 
-predict_batch_serial = kernel(predict_batch.py_func)
+predict_batch_serial = fast_kernel(predict_batch.py_func)
 """The same kernel compiled without threads: a few queries answer faster than a thread-pool wake-up."""

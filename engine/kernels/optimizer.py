@@ -14,24 +14,31 @@ import math
 import numpy as np
 from numba import prange
 
-from .._numba import kernel, parallel_kernel
+from .._numba import fast_kernel, fast_parallel_kernel, kernel
 
 
-@kernel
+@fast_kernel
 def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
-    """One Adam step of row w with gradient g at this row's step t >= 1; returns the update's L2 norm."""
+    """One Adam step of row w with gradient g at this row's step t >= 1; returns the update's L2 norm.
+
+    The step is computed in float64 once per row, the element loop in float32 so that it vectorises.
+    """
     bc1 = 1.0 - beta1**t
     bc2 = 1.0 - beta2**t
-    step = lr * math.sqrt(bc2) / bc1
-    eps_hat = eps * math.sqrt(bc2)
-    sq = 0.0
+    step = np.float32(lr * math.sqrt(bc2) / bc1)
+    eps_hat = np.float32(eps * math.sqrt(bc2))
+    b1 = np.float32(beta1)
+    b2 = np.float32(beta2)
+    c1 = np.float32(1.0 - beta1)
+    c2 = np.float32(1.0 - beta2)
+    sq = np.float32(0.0)
     for k in range(w.shape[0]):
         gk = g[k]
-        mk = beta1 * m[k] + (1.0 - beta1) * gk
-        vk = beta2 * v[k] + (1.0 - beta2) * gk * gk
+        mk = b1 * m[k] + c1 * gk
+        vk = b2 * v[k] + c2 * gk * gk
         m[k] = mk
         v[k] = vk
-        u = step * mk / (math.sqrt(vk) + eps_hat)
+        u = step * mk / (np.sqrt(vk) + eps_hat)
         w[k] -= u
         sq += u * u
     return math.sqrt(sq)
@@ -75,7 +82,7 @@ def group_by_row(ids, nact, n_rows, counts):
     return row_start, pair_point, pair_slot, touched
 
 
-@parallel_kernel
+@fast_parallel_kernel
 def update_sampled_layer(w, m, v, steps, drift, vals, inputs, row_start, pair_point, pair_slot, touched,
                          lr, beta1, beta2, eps):
     """Adam on the touched rows of a layer with rows (out, in+1); gradient = sum delta * [input, 1]."""
@@ -98,7 +105,7 @@ def update_sampled_layer(w, m, v, steps, drift, vals, inputs, row_start, pair_po
             drift[j] += adam_row(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
 
 
-@parallel_kernel
+@fast_parallel_kernel
 def update_dense_layer(w, m, v, steps, drift, vals, inputs, lr, beta1, beta2, eps):
     """Adam on every row of a dense layer; vals float32 (b, out) are the deltas."""
     out_dim = w.shape[0]
@@ -156,7 +163,7 @@ def group_by_feature(points, x_indptr, x_indices, n_features, counts):
     return row_start, pair_point, pair_nz, touched
 
 
-@parallel_kernel
+@fast_parallel_kernel
 def update_input_layer(w0, m0, v0, steps0, x_values, delta0, row_start, pair_point, pair_nz, touched,
                        lr, beta1, beta2, eps):
     """Adam on the rows of W0 (num_features, h1) of features present in the batch."""
@@ -177,7 +184,7 @@ def update_input_layer(w0, m0, v0, steps0, x_values, delta0, row_start, pair_poi
             adam_row(w0[f], m0[f], v0[f], g, steps0[f], lr, beta1, beta2, eps)
 
 
-@kernel
+@fast_kernel
 def update_input_bias(b0, m, v, delta0, t, lr, beta1, beta2, eps):
     g = np.zeros(b0.shape[0], dtype=np.float32)
     for i in range(delta0.shape[0]):

@@ -60,11 +60,15 @@ def test_same_seed_one_thread_is_bit_identical(data, config):
     assert not np.array_equal(c.model.weights[-1], a.model.weights[-1])
 
 
-def test_one_and_two_threads_are_bit_identical(data):
+@pytest.mark.parametrize("config", [
+    SAMPLED,
+    SAMPLED.replace(hidden=(16, 12), sample_hidden=True, insertion="reservoir"),
+], ids=["sampled", "sampled-hidden"])
+def test_one_and_two_threads_are_bit_identical(data, config):
     """Updates are row-owned and summed in point order, and per-point randomness is keyed by the point's
     stream, so the thread count must not change a single bit."""
-    one = Trainer(SAMPLED.replace(threads=1), data)
-    two = Trainer(SAMPLED.replace(threads=2), data)
+    one = Trainer(config.replace(threads=1), data)
+    two = Trainer(config.replace(threads=2), data)
     one.run()
     two.run()
     assert_same_arrays(all_arrays(one), all_arrays(two))
@@ -245,20 +249,36 @@ def tiny():
     return tiny_data()
 
 
-def test_training_on_tiny_synthetic_data_learns(tiny):
+def train_tiny(tiny, **changes):
     train, test = tiny
-    baseline = popularity_p_at_1(train, test)
-    cfg = SlideConfig(hidden=(32,), hash_family="simhash", hash_k=6, hash_l=8, batch_size=32, lr=1e-2, epochs=3,
-                      rehash_n0=10, seed=0, threads=0, eval_points=0)
+    cfg = SlideConfig(hidden=(32,), batch_size=32, lr=1e-2, epochs=3, rehash_n0=10, seed=0, threads=0,
+                      eval_points=0).replace(**changes)
     trainer = Trainer(cfg, train, test)
     history = []
     final = trainer.run(on_metrics=history.append)
+    return trainer, history, final
+
+
+def test_training_on_tiny_synthetic_data_learns(tiny):
+    train, test = tiny
+    baseline = popularity_p_at_1(train, test)
+    assert baseline < 0.1
+    trainer, history, final = train_tiny(tiny, hash_family="simhash", hash_k=6, hash_l=8, max_active=-1)
     assert [h["epoch"] for h in history] == [1, 2, 3] and not final["stopped"]
     assert history[-1]["loss"] < history[0]["loss"]
     assert final["active_fraction"] < 0.3  # really sampled
     exact = trainer.evaluate(mode="exact")["p_at_1"]
-    lsh_p1 = final["p_at_1"]
     assert final["eval_mode"] == "lsh"
-    assert baseline < 0.1
     assert exact > max(0.25, 3 * baseline), (exact, baseline)
-    assert lsh_p1 > max(0.2, 2.5 * baseline), (lsh_p1, baseline)
+    assert final["p_at_1"] > max(0.2, 2.5 * baseline), (final["p_at_1"], baseline)
+
+
+def test_default_hashing_learns_on_tiny_synthetic_data(tiny):
+    """What a user gets without tuning: auto K, default L, the automatic active-set cap."""
+    train, test = tiny
+    baseline = popularity_p_at_1(train, test)
+    trainer, history, final = train_tiny(tiny)
+    assert final["active_fraction"] <= 0.1
+    exact = trainer.evaluate(mode="exact")["p_at_1"]
+    assert exact > 3 * baseline, (exact, baseline)
+    assert final["p_at_1"] > 3 * baseline, (final["p_at_1"], baseline)

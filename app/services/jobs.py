@@ -20,6 +20,7 @@ import multiprocessing
 import os
 import shutil
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,6 +203,7 @@ class _Handle:
     process: Any
     stop_event: Any
     interrupt_event: Any
+    training_event: Any  # set by the child once its trainer is built: from then on it has progress to save
 
 
 class Supervisor:
@@ -281,18 +283,24 @@ class Supervisor:
             self._thread.join(timeout=10)
         with self._lock:
             handles = dict(self._handles)
-        for h in handles.values():
-            h.interrupt_event.set()
-        deadline = self.settings.shutdown_grace_s
         for job_id, h in handles.items():
-            h.process.join(timeout=deadline)
+            h.interrupt_event.set()
+            if not h.training_event.is_set() and h.process.is_alive():
+                log.info("job %s had not started training: stopping its process now", job_id)
+                h.process.kill()  # still importing or loading data: nothing to checkpoint
+        end = time.monotonic() + self.settings.shutdown_grace_s
+        for job_id, h in handles.items():
+            h.process.join(timeout=max(0.1, end - time.monotonic()))
             if h.process.is_alive():
-                log.warning("job %s did not stop within %.0fs: killing it", job_id, deadline)
+                log.warning("job %s did not checkpoint within SLIDE_SHUTDOWN_GRACE_S=%gs: killing it", job_id,
+                            self.settings.shutdown_grace_s)
                 h.process.kill()
                 h.process.join(timeout=5)
+            if h.process.exitcode is not None and h.process.exitcode < 0:  # killed: it recorded nothing
                 with self.db.session() as s:
-                    _transition(s, job_id, ("running", "stopping"), state="interrupted", pid=None)
-            deadline = 1.0
+                    _transition(s, job_id, ("stopping",), state="stopped", pid=None, finished_at=utcnow())
+                    _transition(s, job_id, ("running",), state="interrupted", pid=None, finished_at=utcnow(),
+                                interruptions=JobRow.interruptions + 1)
         with self._lock:
             self._handles.clear()
         if self._lock_file is not None:
@@ -399,12 +407,12 @@ class Supervisor:
             "run": job.runs + 1,  # what _launch just wrote: the child's writes are fenced by it
         }
         st.job_dir(job.id).mkdir(parents=True, exist_ok=True)
-        stop_event, interrupt_event = self.ctx.Event(), self.ctx.Event()
-        process = self.ctx.Process(target=run_job, args=(spec, stop_event, interrupt_event),
+        stop_event, interrupt_event, training_event = self.ctx.Event(), self.ctx.Event(), self.ctx.Event()
+        process = self.ctx.Process(target=run_job, args=(spec, stop_event, interrupt_event, training_event),
                                    name=f"slide-job-{job.id[:8]}", daemon=True)
         process.start()
         with self._lock:
-            self._handles[job.id] = _Handle(process, stop_event, interrupt_event)
+            self._handles[job.id] = _Handle(process, stop_event, interrupt_event, training_event)
         with self.db.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job.id).values(pid=process.pid))
         log.info("job %s: trainer process %d started (run %d)", job.id, process.pid, job.runs + 1)

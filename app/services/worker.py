@@ -35,7 +35,7 @@ LOCK_FILE = "trainer.lock"
 LOG_FILE = "trainer.log"
 
 
-def run_job(spec: dict[str, Any], stop_event: Any, interrupt_event: Any) -> None:
+def run_job(spec: dict[str, Any], stop_event: Any, interrupt_event: Any, training_event: Any) -> None:
     """Process entry point (must stay a picklable top-level function)."""
     threads = int(spec.get("trainer_threads") or 0)
     if threads > 0:
@@ -49,7 +49,7 @@ def run_job(spec: dict[str, Any], stop_event: Any, interrupt_event: Any) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     local_interrupt = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: local_interrupt.set())
-    JobProcess(spec, stop_event, interrupt_event, local_interrupt).main()
+    JobProcess(spec, stop_event, interrupt_event, local_interrupt, training_event).main()
 
 
 def _redirect_output(path: Path) -> None:
@@ -74,7 +74,8 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class JobProcess:
-    def __init__(self, spec: dict[str, Any], stop_event: Any, interrupt_event: Any, local_interrupt: threading.Event):
+    def __init__(self, spec: dict[str, Any], stop_event: Any, interrupt_event: Any, local_interrupt: threading.Event,
+                 training_event: Any):
         from app.db import Database
 
         self.spec = spec
@@ -83,6 +84,7 @@ class JobProcess:
         self.stop_event = stop_event
         self.interrupt_event = interrupt_event
         self.local_interrupt = local_interrupt
+        self.training_event = training_event
         self.user_stop = threading.Event()  # set by the heartbeat when the row says `stopping` or is gone
         self.row_gone = False
         self.parent_pid = int(spec["parent_pid"])
@@ -151,6 +153,7 @@ class JobProcess:
         self._forget_beyond(trainer.step, store.versions())
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         heartbeat.start()
+        self.training_event.set()
         result = trainer.run(
             should_stop=self.should_stop,
             on_metrics=self._on_metrics,

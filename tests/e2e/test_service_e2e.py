@@ -23,7 +23,7 @@ import pytest
 from tests.app.helpers import wait_for
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 60}
+CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 100}
 QUERY = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "lsh"}
 
 
@@ -49,7 +49,7 @@ class Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDE_")}
         env.update(
             SLIDE_DATA_DIR=str(self.data_dir),
-            SLIDE_SNAPSHOT_INTERVAL_S="0.5",
+            SLIDE_SNAPSHOT_INTERVAL_S="0.3",
             SLIDE_PROGRESS_INTERVAL_S="0.2",
             SLIDE_SUPERVISOR_POLL_S="0.1",
             SLIDE_TRAINER_THREADS="1",
@@ -94,7 +94,7 @@ class Server:
 
 
 @pytest.fixture
-def servers(tmp_path: Path) -> Iterator[list[Server]]:
+def servers(tmp_path: Path, warm_engine: None) -> Iterator[list[Server]]:
     started: list[Server] = []
     yield started
     for s in started:
@@ -156,8 +156,9 @@ def test_upload_train_live_predict_stop_resume_restart(tmp_path: Path, servers, 
             assert r_.headers["content-type"].startswith("application/problem+json")
             return False
         assert r_.status_code == 200, r_.text
-        if _job(c, job_id)["state"] == "running":
-            seen.append(r_.json()["model_version"])
+        state = _job(c, job_id)["state"]
+        assert state == "running", f"the job is {state} already: it trained faster than the test could watch"
+        seen.append(r_.json()["model_version"])
         assert len(r_.json()["predictions"][0]["labels"]) <= 5
         return len(set(seen)) >= 3
 

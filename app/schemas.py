@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
-from engine.config import SlideConfig
+from engine import SlideConfig
 
 JobState = Literal["queued", "running", "stopping", "stopped", "completed", "failed", "interrupted"]
 EXAMPLE_ID = "3f2c9a7e5b1d4c8e9f0a1b2c3d4e5f60"

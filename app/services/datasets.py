@@ -22,7 +22,8 @@ import engine
 from app.db import Database, DatasetRow, JobRow
 from app.services.errors import Conflict, InvalidContent, NotFound, PayloadTooLarge, UnsupportedMediaType
 from app.settings import Settings
-from engine.data import XMCParseError, XMCStreamParser, XMCTooLargeError
+from engine import XMCParseError, XMCStreamParser
+from engine.data import XMCTooLargeError  # not re-exported by `engine` (yet)
 
 log = logging.getLogger("app.datasets")
 

@@ -33,7 +33,7 @@ from app.db import Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utc
 from app.services.errors import Conflict, InvalidContent, NotFound
 from app.services.worker import LOG_FILE, run_job
 from app.settings import Settings
-from engine.config import ConfigError, SlideConfig
+from engine import ConfigError, SlideConfig
 
 log = logging.getLogger("app.jobs")
 

@@ -107,7 +107,7 @@ class ModelRegistry:
             version, path = latest
             try:
                 model = engine.load_model(path, mmap=True)
-            except (FileNotFoundError, OSError, ValueError) as exc:
+            except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: engine.snapshot.SnapshotError
                 last_exc = exc
                 continue
             log.info("model %s: serving snapshot v%d", job_id, version)

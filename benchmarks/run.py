@@ -161,7 +161,8 @@ def main() -> int:
     p.add_argument("--eval-points", type=int, default=2000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--exact-queries", type=int, default=200)
-    p.add_argument("--systems", default="ours-sparse,ours-dense,torch-dense")
+    p.add_argument("--systems", default="ours-sparse,ours-dense,torch-dense",
+                   help="systems to (re)run; results of others from an earlier run with the same budget are kept")
     p.add_argument("--worker")
     p.add_argument("--data")
     args = p.parse_args()
@@ -172,9 +173,13 @@ def main() -> int:
         return 0
 
     info = prepare(args)
-    results = {}
+    out = ROOT / "benchmarks" / "results" / f"{args.preset}.json"
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    same_setup = previous.get("budget_s") == args.budget and previous.get("threads") == args.threads
+    results = dict(previous.get("results", {})) if same_setup else {}
     for system in args.systems.split(","):
         results[system] = run_worker(system, args, info["dir"])
+        results[system]["measured_at"] = time.strftime("%Y-%m-%d %H:%M:%S")
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     try:
         import numba
@@ -186,7 +191,6 @@ def main() -> int:
     report = {"command": " ".join(sys.argv), "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
               "platform": platform.platform()}, "versions": versions, "data": info, "budget_s": args.budget,
               "threads": args.threads, "results": results}
-    out = ROOT / "benchmarks" / "results" / f"{args.preset}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
 

@@ -23,7 +23,7 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import hash_vector
-from .sampling import add_labels, collect_candidates, filter_candidates, next_generation, pad_random
+from .sampling import add_labels, collect_candidates, filter_candidates, next_generation, pad_random, tie_seed
 
 
 @fast_kernel
@@ -62,7 +62,7 @@ def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, mark, cnt, g
     buckets = qbuck[:n_tables]
     hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[: hidx[slot].shape[0]], buckets)
     n = collect_candidates(buckets, toffsets[slot], tids[slot], mark, cnt, gen, ids)
-    return filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables)
+    return filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables, tie_seed(hp[7], buckets))
 
 
 @fast_kernel

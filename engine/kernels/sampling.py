@@ -46,10 +46,21 @@ def collect_candidates(buckets, offsets, ids, mark, cnt, gen, out):
 
 
 @kernel
-def filter_candidates(out, n, cnt, threshold, max_active, max_count):
+def tie_seed(seed, buckets):
+    """A random seed for one input, a function of its buckets: equal inputs break ties equally."""
+    h = np.uint64(seed)
+    for t in range(buckets.shape[0]):
+        h = mix3(h, t, buckets[t])
+    return h
+
+
+@kernel
+def filter_candidates(out, n, cnt, threshold, max_active, max_count, ties):
     """Keep candidates with count >= threshold, then the max_active most frequent; returns the new n.
 
-    Dropped ids get cnt 0. Order among equal counts is the order found, so results are deterministic.
+    Among candidates tied at the cut-off count, a uniform random subset of the right size is kept
+    (selection sampling keyed by `ties` and the neuron id), so no table or id range is favoured.
+    Dropped ids get cnt 0; survivors keep the order found.
     """
     if threshold > 1:
         kept = 0
@@ -71,13 +82,19 @@ def filter_candidates(out, n, cnt, threshold, max_active, max_count):
             above += hist[cutoff]
             cutoff -= 1
         ties_left = max_active - above
+        ties_seen = hist[cutoff]
         kept = 0
         for a in range(n):
             j = out[a]
             c = cnt[j]
-            if c > cutoff or (c == cutoff and ties_left > 0):
-                if c == cutoff:
+            keep = c > cutoff
+            if c == cutoff:
+                u = np.float64(mix3(ties, j, 0) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
+                keep = u * ties_seen < ties_left
+                ties_seen -= 1
+                if keep:
                     ties_left -= 1
+            if keep:
                 out[kept] = j
                 kept += 1
             else:

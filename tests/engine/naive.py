@@ -230,10 +230,19 @@ def group_buckets(codes: np.ndarray, num_buckets: int) -> list[list[np.ndarray]]
     return [[np.flatnonzero(codes[t] == b) for b in range(num_buckets)] for t in range(codes.shape[0])]
 
 
-def retrieve(found: np.ndarray, threshold: int = 1, cap: int = 0) -> np.ndarray:
+def tie_seed(params, buckets) -> int:
+    """The per-input seed the engine breaks ties with: a chain of mix3 over (table, bucket)."""
+    h = int(params[7]) & M64
+    for t, b in enumerate(buckets):
+        h = mix3(h, t, int(b))
+    return h
+
+
+def retrieve(found: np.ndarray, threshold: int = 1, cap: int = 0, ties: int = 0) -> np.ndarray:
     """The candidates an input keeps from the concatenated members of its L buckets (`found`, in table
-    order): ids seen >= threshold times, then (cap > 0) the `cap` most frequently seen, ties going to
-    the id found first. Returned in order of first appearance."""
+    order): ids seen >= threshold times, then (cap > 0) the `cap` most frequently seen, ties at the
+    cut-off count resolved by selection sampling keyed by `ties` (see tie_seed). Returned in order of
+    first appearance."""
     ids, first, counts = np.unique(found, return_index=True, return_counts=True)
     order = np.argsort(first, kind="stable")
     ids, counts = ids[order], counts[order]
@@ -242,13 +251,17 @@ def retrieve(found: np.ndarray, threshold: int = 1, cap: int = 0) -> np.ndarray:
     if cap > 0 and len(ids) > cap:
         cutoff = np.sort(counts)[::-1][cap - 1]
         ties_left = cap - int(np.count_nonzero(counts > cutoff))
+        ties_seen = int(np.count_nonzero(counts == cutoff))
         chosen = []
         for j, c in zip(ids, counts):
             if c > cutoff:
                 chosen.append(j)
-            elif c == cutoff and ties_left > 0:
-                chosen.append(j)
-                ties_left -= 1
+            elif c == cutoff:
+                u = (mix3(ties, int(j), 0) >> 11) / 2.0**53
+                if u * ties_seen < ties_left:
+                    chosen.append(j)
+                    ties_left -= 1
+                ties_seen -= 1
         ids = np.array(chosen, dtype=ids.dtype)
     return ids
 

@@ -224,8 +224,9 @@ def test_active_set_follows_the_buckets(data, max_active):
         s, e = data.x_indptr[p], data.x_indptr[p + 1]
         np.testing.assert_allclose(h, naive.hidden_float32(w0, b0, data.x_indices[s:e], data.x_values[s:e]),
                                    rtol=1e-5, atol=1e-6)
-        found = tables.query(tb, lsh.hash_dense(h, hf))
-        expected = set(naive.retrieve(found, 1, max(max_active, 0)).tolist())
+        buckets = lsh.hash_dense(h, hf)
+        found = tables.query(tb, buckets)
+        expected = set(naive.retrieve(found, 1, max(max_active, 0), naive.tie_seed(hf.params, buckets)).tolist())
         if max_active > 0:
             assert len(np.unique(found)) > max_active, "the cap binds"
         expected |= set(data.y_indices[data.y_indptr[p] : data.y_indptr[p + 1]].tolist())
@@ -349,8 +350,9 @@ def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train
     for i in range(n):
         s, e = data.x_indptr[i], data.x_indptr[i + 1]
         h = engine_hidden(model, data, i)
-        found = tables.query(tb, lsh.hash_dense(h, hf))
-        eligible = naive.retrieve(found, threshold, cap)
+        buckets = lsh.hash_dense(h, hf)
+        found = tables.query(tb, buckets)
+        eligible = naive.retrieve(found, threshold, cap, naive.tie_seed(hf.params, buckets))
         capped += len(eligible) < len(naive.retrieve(found, threshold))
         got = labels[i][labels[i] >= 0]
         assert n_scored[i] == len(eligible)

@@ -155,7 +155,11 @@ def load_arrays(path: str | os.PathLike, names=None, mmap: bool = True, verify: 
 
 
 def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False) -> SlideModel:
-    """The model of a snapshot, for serving: weights and tables only, memory-mapped read-only."""
+    """The model of a snapshot, for serving: weights and tables only, memory-mapped read-only.
+
+    Raises SnapshotError when the version is incomplete or gone (e.g. pruned while being opened):
+    callers that follow a live store should fall back to the next newest version.
+    """
     manifest = read_manifest(path)
     names = [n for n in manifest["arrays"] if not n.startswith("opt_")]
     arrays = load_arrays(path, names, mmap=mmap, verify=verify)

@@ -114,13 +114,14 @@ def measure_inference(model, test, args) -> dict:
 
 def worker_torch(args) -> dict:
     from engine import load_dataset
+    from engine.trainer import epoch_order
     from torch_dense import train_torch_dense
     d = Path(args.data)
     train, test = load_dataset(d / "train", mmap=False), load_dataset(d / "test", mmap=False)
     n = train.num_points
 
     def order(epoch):
-        return np.random.default_rng([args.seed, epoch]).permutation(n)
+        return epoch_order(args.seed, epoch, n)
 
     res = train_torch_dense(train, test, hidden=128, batch_size=args.batch_size, lr=1e-3, epochs=1000,
                             time_budget_s=args.budget, threads=args.threads, seed=args.seed,

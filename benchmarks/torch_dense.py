@@ -177,10 +177,9 @@ def predict_topk(model: DenseSlideNet, dataset: Dataset, k: int = 5, batch_size:
 
 
 def engine_eval_rows(num_test: int, eval_points: int, seed: int) -> np.ndarray:
-    """The test subset the engine's Trainer evaluates on (same rule), so both report on the same points."""
-    if eval_points == 0 or eval_points >= num_test:
-        return np.arange(num_test)
-    return np.sort(np.random.default_rng([seed, 7]).choice(num_test, size=eval_points, replace=False))
+    """The test subset the engine's Trainer evaluates on, so both report on the same points."""
+    from engine.trainer import eval_rows
+    return eval_rows(num_test, eval_points, seed)
 
 
 def train_torch_dense(

@@ -30,6 +30,19 @@ MetricsCallback = Callable[[dict], None]
 SnapshotCallback = Callable[[int, Path], None]
 
 
+def epoch_order(seed: int, epoch: int, num_points: int) -> np.ndarray:
+    """The permutation of training points in an epoch, a function of (seed, epoch) only: baselines
+    that call this see the engine's data order."""
+    return np.random.default_rng([seed, epoch]).permutation(num_points)
+
+
+def eval_rows(num_test: int, eval_points: int, seed: int) -> np.ndarray:
+    """The test points periodic evaluation uses: all (eval_points 0 or >= num_test) or a seeded subset."""
+    if eval_points == 0 or eval_points >= num_test:
+        return np.arange(num_test)
+    return np.sort(np.random.default_rng([seed, 7]).choice(num_test, size=eval_points, replace=False))
+
+
 class Trainer:
     """Trains a SlideModel on a Dataset; see `run`."""
 
@@ -118,17 +131,12 @@ class Trainer:
 
     # ---- data order and buffers ---------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
-        """The permutation of training points for an epoch, a function of (seed, epoch) only."""
-        return np.random.default_rng([self.config.seed, epoch]).permutation(self.train.num_points)
+        return epoch_order(self.config.seed, epoch, self.train.num_points)
 
     def _pick_eval_rows(self) -> np.ndarray | None:
         if self.test is None or self.test.num_points == 0:
             return None
-        n = self.test.num_points
-        cap = self.config.eval_points
-        if cap == 0 or cap >= n:
-            return np.arange(n)
-        return np.sort(np.random.default_rng([self.config.seed, 7]).choice(n, size=cap, replace=False))
+        return eval_rows(self.test.num_points, self.config.eval_points, self.config.seed)
 
     def _buffers(self, batch: int) -> tuple:
         if self._buffers_for == batch:

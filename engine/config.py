@@ -51,6 +51,9 @@ class SlideConfig:
     predict_max_active: int = -1
     """The same cap when serving predictions: -1 = none beyond the buckets themselves (at most
     hash_l * bucket_size candidates), 0 = as in training, > 0 = this many."""
+    hub_neurons: int = 0
+    """Neurons with the highest score for the average input, added to every active set: 0 = auto (a
+    quarter of the target active size, at most 256, for layers wider than 20,000 neurons), -1 = none."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""
 
@@ -97,6 +100,7 @@ class SlideConfig:
         _check(self.max_active >= -1, "max_active", "must be -1 (no cap), 0 (auto) or a positive cap")
         _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (as training) or > 0")
         _check(self.min_active >= 0, "min_active", "must be >= 0")
+        _check(self.hub_neurons >= -1, "hub_neurons", "must be -1 (none), 0 (auto) or a count")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.epochs >= 0, "epochs", "must be >= 0")
         _check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")

@@ -70,6 +70,18 @@ def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = Fals
     return cap or target_active(n_neurons)
 
 
+def resolve_hubs(config: SlideConfig, n_neurons: int) -> int:
+    """How many hub neurons a sampled layer adds to every active set: config.hub_neurons, or (auto) a
+    quarter of the target active size (at most 256) once the layer is too wide for the target to be 5%
+    of it (> 20,000 neurons); small layers spend their few active slots on retrieved neurons instead."""
+    if config.hub_neurons == -1:
+        return 0
+    if config.hub_neurons:
+        return min(n_neurons, config.hub_neurons)
+    target = target_active(n_neurons)
+    return 0 if target >= 0.05 * n_neurons else min(256, target // 4)
+
+
 def resolve_k(config: SlideConfig, n_neurons: int) -> int:
     """Codes per table: config.hash_k, or (0 = auto) enough that the L buckets of an input hold about
     `target_active(n_neurons)` neurons together, so the active set stays a small fraction of the layer."""

@@ -64,7 +64,8 @@ class SlideModel:
             weights.append(np.ascontiguousarray(w))
         sampled = np.flatnonzero(layer_slots(config) >= 0)
         hashes = [lsh.draw_hash_functions(config, widths[l], widths[l + 1], rng) for l in sampled]
-        tabs = [tables.empty_tables(config.hash_l, widths[l + 1], hf.num_buckets, widths[l])
+        tabs = [tables.empty_tables(config.hash_l, widths[l + 1], hf.num_buckets, widths[l],
+                                    lsh.resolve_hubs(config, widths[l + 1]))
                 for l, hf in zip(sampled, hashes)]
         model = cls(config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32),
                     hashes, tabs)
@@ -107,7 +108,19 @@ class SlideModel:
             count = int(rows.size)
         tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion,
                        int(hf.params[7]), round_id)
+        self.update_hubs(layer)
         return count
+
+    def update_hubs(self, layer: int) -> None:
+        """Pick the layer's hubs: the neurons scoring highest on its running mean input (query_center)."""
+        tb = self.tables[int(self.layer_slot[layer])]
+        m = tb.hubs.shape[0]
+        if m == 0:
+            return
+        w = self.weights[layer]
+        static = w[:, :-1] @ tb.query_center + w[:, -1]
+        top = np.argpartition(-static, m - 1)[:m] if m < w.shape[0] else np.arange(w.shape[0])
+        tb.hubs[:] = np.sort(top).astype(np.int32)
 
     # ---- prediction ---------------------------------------------------------------------------
     def predict(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, k: int = 5,
@@ -138,23 +151,24 @@ class SlideModel:
         try:
             hid, ids, mark, cnt, gens, qcodes, qbuck = scratch
             n_chunks = max(1, min(n, numba.get_num_threads(), mark.shape[0]))
-            hidx, hsign, hparams, toffsets, tids = self.kernel_tables()
+            hidx, hsign, hparams, toffsets, tids, hubs = self.kernel_tables()
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
             run(indptr, indices, values, mode == "exact", self.weights[0], self.b0, self.weights, self.layer_slot,
-                hidx, hsign, hparams, toffsets, tids, hid, ids, mark, cnt, gens, qcodes, qbuck, n_chunks,
+                hidx, hsign, hparams, toffsets, tids, hubs, hid, ids, mark, cnt, gens, qcodes, qbuck, n_chunks,
                 self.config.active_threshold, self.predict_max_active, out_labels, out_scores, n_scored)
         finally:
             self._return_scratch(scratch)
         return out_labels, out_scores, n_scored
 
     def kernel_tables(self) -> tuple:
-        """(hidx, hsign, hparams, toffsets, tids) tuples as the kernels take them (a dummy when none)."""
+        """(hidx, hsign, hparams, toffsets, tids, hubs) tuples as the kernels take them (a dummy when no
+        layer is sampled)."""
         if not self.hashes:
             return ((np.zeros((1, 1), np.int32),), (np.ones((1, 1), np.float32),), (np.zeros(8, np.int64),),
-                    (np.zeros((1, 2), np.int64),), (np.zeros((1, 1), np.int32),))
+                    (np.zeros((1, 2), np.int64),), (np.zeros((1, 1), np.int32),), (np.zeros(0, np.int32),))
         return (tuple(h.idx for h in self.hashes), tuple(h.sign for h in self.hashes),
                 tuple(h.params for h in self.hashes), tuple(t.offsets for t in self.tables),
-                tuple(t.ids for t in self.tables))
+                tuple(t.ids for t in self.tables), tuple(t.hubs for t in self.tables))
 
     def _take_scratch(self) -> tuple:
         with self._scratch_lock:
@@ -163,8 +177,8 @@ class SlideModel:
         threads = numba.config.NUMBA_NUM_THREADS
         widths = [w.shape[1] - 1 for w in self.weights[1:]]
         hid = tuple(np.zeros((threads, width), dtype=np.float32) for width in widths)
-        cap = max([min(self.weights[l].shape[0], self.config.hash_l * self.config.bucket_size)
-                   for l in self.sampled_layers()] or [1])
+        cap = max([min(self.weights[l].shape[0], self.config.hash_l * self.config.bucket_size
+                       + self.tables[self.layer_slot[l]].hubs.shape[0]) for l in self.sampled_layers()] or [1])
         n_max = max([self.weights[l].shape[0] for l in self.sampled_layers()] or [1])
         n_codes = max([h.idx.shape[0] for h in self.hashes] or [1])
         return (hid, np.zeros((threads, cap), np.int32), np.zeros((threads, n_max), np.int32),

@@ -40,7 +40,8 @@ def model_arrays(model: SlideModel) -> dict[str, np.ndarray]:
     for s, (hf, tb) in enumerate(zip(model.hashes, model.tables)):
         arrays.update({f"hash{s}_idx": hf.idx, f"hash{s}_sign": hf.sign, f"hash{s}_params": hf.params,
                        f"table{s}_codes": tb.codes, f"table{s}_inserted": tb.inserted,
-                       f"table{s}_offsets": tb.offsets, f"table{s}_ids": tb.ids, f"table{s}_center": tb.center})
+                       f"table{s}_offsets": tb.offsets, f"table{s}_ids": tb.ids, f"table{s}_center": tb.center,
+                       f"table{s}_query_center": tb.query_center, f"table{s}_hubs": tb.hubs})
     return arrays
 
 
@@ -51,7 +52,7 @@ def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, a
     weights = tuple(np.asarray(arrays[f"w{l}"]) for l in range(depth))
     hashes = [HashFunctions(*(np.asarray(arrays[f"hash{s}_{p}"]) for p in ("idx", "sign", "params")))
               for s in range(n_sampled)]
-    tabs = [Tables(*(np.asarray(arrays[f"table{s}_{p}"]) for p in ("codes", "inserted", "offsets", "ids", "center")))
+    tabs = [Tables(*(np.asarray(arrays[f"table{s}_{p}"]) for p in Tables._fields))
             for s in range(n_sampled)]
     return SlideModel(config, num_features, num_labels, weights, np.asarray(arrays["b0"]), hashes, tabs)
 

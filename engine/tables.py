@@ -32,15 +32,19 @@ class Tables(NamedTuple):
     offsets: np.ndarray
     ids: np.ndarray
     center: np.ndarray
+    query_center: np.ndarray
+    hubs: np.ndarray
 
 
-def empty_tables(l: int, n: int, num_buckets: int, dim: int) -> Tables:
+def empty_tables(l: int, n: int, num_buckets: int, dim: int, n_hubs: int = 0) -> Tables:
     return Tables(
         np.zeros((l, n), dtype=np.int32),
         np.zeros(n, dtype=np.int32),
         np.zeros((l, num_buckets + 1), dtype=np.int64),
         np.zeros((l, n), dtype=np.int32),
         np.zeros(dim, dtype=np.float32),
+        np.zeros(dim, dtype=np.float32),
+        np.arange(min(n_hubs, n), dtype=np.int32),
     )
 
 

@@ -27,6 +27,7 @@ from .snapshot import SnapshotStore, load_arrays, model_arrays, model_from_array
 from .sparse import Dataset
 
 MetricsCallback = Callable[[dict], None]
+_INPUT_MEAN_DECAY = 0.99
 SnapshotCallback = Callable[[int, Path], None]
 
 
@@ -79,6 +80,8 @@ class Trainer:
         self.drift = tuple(np.zeros(x.shape[0], dtype=np.float32) for x in w)
         self.mb0 = np.zeros_like(self.model.b0)
         self.vb0 = np.zeros_like(self.model.b0)
+        self.input_mean = {l: self.model.tables[self.model.layer_slot[l]].query_center.astype(np.float64)
+                           for l in self.model.sampled_layers()}
 
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -92,6 +95,7 @@ class Trainer:
             arrays.update({f"opt_m{l}": self.m[l], f"opt_v{l}": self.v[l], f"opt_steps{l}": self.steps[l],
                            f"opt_drift{l}": self.drift[l]})
         arrays.update({"opt_mb0": self.mb0, "opt_vb0": self.vb0})
+        arrays.update({f"opt_input_mean{l}": m for l, m in self.input_mean.items()})
         return arrays
 
     def publish(self) -> tuple[int, Path] | None:
@@ -122,6 +126,7 @@ class Trainer:
         trainer.steps = tuple(arrays[f"opt_steps{l}"] for l in range(depth))
         trainer.drift = tuple(arrays[f"opt_drift{l}"] for l in range(depth))
         trainer.mb0, trainer.vb0 = arrays["opt_mb0"], arrays["opt_vb0"]
+        trainer.input_mean = {l: arrays[f"opt_input_mean{l}"] for l in model.sampled_layers()}
         st = manifest["trainer_state"]
         for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "rehash_round", "next_rehash_step"):
             setattr(trainer, key, int(st[key]))
@@ -149,7 +154,8 @@ class Trainer:
         for l in range(1, depth):
             out = model.weights[l].shape[0]
             if model.layer_slot[l] >= 0:
-                cap = min(out, cfg.hash_l * cfg.bucket_size + max_labels + cfg.min_active)
+                n_hubs = model.tables[model.layer_slot[l]].hubs.shape[0]
+                cap = min(out, cfg.hash_l * cfg.bucket_size + n_hubs + max_labels + cfg.min_active)
                 act_ids.append(np.zeros((batch, cap), np.int32))
             else:
                 cap = out
@@ -184,11 +190,11 @@ class Trainer:
             act_ids = tuple(a[:b] for a in act_ids)
             act_val = tuple(a[:b] for a in act_val)
             nact, delta0, losses = nact[:b], delta0[:b], losses[:b]
-        hidx, hsign, hparams, toffsets, tids = model.kernel_tables()
+        hidx, hsign, hparams, toffsets, tids, hubs = model.kernel_tables()
         n_chunks = max(1, min(b, numba.get_num_threads()))
         train_batch(points, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
                     data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
-                    hparams, toffsets, tids, hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens,
+                    hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens,
                     qcodes, qbuck, gin, gprev, n_chunks, cfg.active_threshold, model.max_active, cfg.min_active,
                     cfg.seed)
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
@@ -207,6 +213,10 @@ class Trainer:
         update_input_layer(model.weights[0], self.m[0], self.v[0], self.steps[0], data.x_values, delta0,
                            row_start, pair_point, pair_nz, touched, lr, b1, b2, eps)
         update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
+        for l in model.sampled_layers():
+            # running mean of the layer's inputs, which picks the hubs at the next rehash
+            self.input_mean[l] *= _INPUT_MEAN_DECAY
+            self.input_mean[l] += (1.0 - _INPUT_MEAN_DECAY) * hid[l - 1].mean(axis=0, dtype=np.float64)
         self.step += 1
         self.samples_seen += b
         labelled = int(np.count_nonzero(self._labelled[points]))
@@ -224,6 +234,7 @@ class Trainer:
         hashed = 0
         for l in model.sampled_layers():
             w = model.weights[l]
+            model.tables[model.layer_slot[l]].query_center[:] = self.input_mean[l]
             rng = np.random.default_rng([cfg.seed, 11, self.rehash_round, l]) if rebuild else None
             rows = None
             if cfg.drift_threshold > 0 and not rebuild:

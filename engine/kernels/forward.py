@@ -23,7 +23,8 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import hash_vector
-from .sampling import add_labels, collect_candidates, filter_candidates, next_generation, pad_random, tie_seed
+from .sampling import (add_hubs, add_labels, collect_candidates, filter_candidates, next_generation, pad_random,
+                       tie_seed)
 
 
 @fast_kernel
@@ -54,15 +55,21 @@ def neuron_preactivation(w, j, inp):
 
 
 @kernel
-def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, mark, cnt, gen, qcodes, qbuck,
+def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark, cnt, gen, qcodes, qbuck,
                    threshold, max_active, ids):
-    """Retrieve the candidates of one input from a sampled layer's tables into ids; returns how many."""
+    """Retrieve the candidates of one input from a sampled layer's tables into ids; returns how many.
+
+    The layer's hubs (the neurons scoring highest on its average input) join every set: they score
+    high for most inputs, so they must keep meeting negative gradients, but cosine buckets centred on
+    the keys do not always return them.
+    """
     hp = hparams[slot]
     n_tables = hp[2]
     buckets = qbuck[:n_tables]
     hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[: hidx[slot].shape[0]], buckets)
     n = collect_candidates(buckets, toffsets[slot], tids[slot], mark, cnt, gen, ids)
-    return filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables, tie_seed(hp[7], buckets))
+    n = filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables, tie_seed(hp[7], buckets))
+    return add_hubs(ids, n, hubs[slot], mark, cnt, gen)
 
 
 @fast_kernel
@@ -83,7 +90,7 @@ def softmax_inplace(vals, n):
 
 @fast_kernel
 def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices, inv_batch,
-                w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids,
+                w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, delta0,
                 mark, cnt, gens, chunk, qcodes, qbuck, gin, gprev,
                 threshold, max_active, min_active, seed):
@@ -103,8 +110,8 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
         is_output = l == depth - 1
         if slot >= 0:
             gen = next_generation(mark, gens, chunk)
-            n = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, mark[chunk], cnt[chunk], gen,
-                               qcodes[chunk], qbuck[chunk], threshold, max_active, ids)
+            n = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark[chunk], cnt[chunk],
+                               gen, qcodes[chunk], qbuck[chunk], threshold, max_active, ids)
             if is_output:
                 n = add_labels(ids, n, labels, mark[chunk], cnt[chunk], gen)
             n = pad_random(ids, n, min_active, out_dim, mark[chunk], cnt[chunk], gen, seed, stream * depth + l)
@@ -184,7 +191,7 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
 
 @fast_parallel_kernel
 def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y_indices,
-                w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids,
+                w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, delta0, losses,
                 mark, cnt, gens, qcodes, qbuck, gin, gprev, n_chunks,
                 threshold, max_active, min_active, seed):
@@ -198,5 +205,5 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
         for i in range(c, b, n_chunks):
             losses[i] = train_point(i, points[i], first_stream + i, x_indptr, x_indices, x_values, y_indptr,
                                     y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
-                                    toffsets, tids, hid, act_ids, act_val, nact, delta0, mark, cnt, gens, c,
+                                    toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, mark, cnt, gens, c,
                                     qcodes, qbuck, gin, gprev, threshold, max_active, min_active, seed)

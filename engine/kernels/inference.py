@@ -27,7 +27,7 @@ def push_topk(labels, scores, j, s):
 
 @fast_parallel_kernel
 def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, hidx, hsign, hparams,
-                  toffsets, tids, hid, ids, mark, cnt, gens, qcodes, qbuck, n_chunks,
+                  toffsets, tids, hubs, hid, ids, mark, cnt, gens, qcodes, qbuck, n_chunks,
                   threshold, max_active, out_labels, out_scores, n_scored):
     """out_labels int32 (n, k) (-1 where fewer than k were scored), out_scores float32 (n, k): raw
     output-layer scores; n_scored int64 (n,): how many output neurons were scored per point."""
@@ -47,8 +47,8 @@ def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, h
                 sampled = slot >= 0 and not exact
                 if sampled:
                     gen = next_generation(mark, gens, c)
-                    m = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, mark[c], cnt[c], gen,
-                                       qcodes[c], qbuck[c], threshold, max_active, ids[c])
+                    m = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark[c], cnt[c],
+                                       gen, qcodes[c], qbuck[c], threshold, max_active, ids[c])
                 else:
                     m = w.shape[0]
                 if l < depth - 1:

@@ -104,6 +104,19 @@ def filter_candidates(out, n, cnt, threshold, max_active, max_count, ties):
 
 
 @kernel
+def add_hubs(out, n, hubs, mark, cnt, gen):
+    """Add the layer's hub neurons (high scores for any input) not already active; returns the new n."""
+    for q in range(hubs.shape[0]):
+        j = hubs[q]
+        if mark[j] != gen or cnt[j] == 0:
+            mark[j] = gen
+            cnt[j] = 1
+            out[n] = j
+            n += 1
+    return n
+
+
+@kernel
 def add_labels(out, n, labels, mark, cnt, gen):
     """Make sure every true label is active and flag it with cnt = -1; returns the new n."""
     for q in range(labels.shape[0]):

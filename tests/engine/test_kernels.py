@@ -229,6 +229,7 @@ def test_active_set_follows_the_buckets(data, max_active):
         expected = set(naive.retrieve(found, 1, max(max_active, 0), naive.tie_seed(hf.params, buckets)).tolist())
         if max_active > 0:
             assert len(np.unique(found)) > max_active, "the cap binds"
+        expected |= set(tb.hubs.tolist())
         expected |= set(data.y_indices[data.y_indptr[p] : data.y_indptr[p + 1]].tolist())
         assert set(np.flatnonzero(masks[i]).tolist()) == expected
 
@@ -294,7 +295,7 @@ def trained_model():
     """A small sampled model with weights moved by a few steps of training."""
     set_threads(1)
     train = naive.planted_dataset(300, 60, 120, seed=2, vocab=6, noise=2)
-    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=6, bucket_size=64, batch_size=32,
+    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=6, bucket_size=64, batch_size=32, hub_neurons=8,
                       lr=5e-3, init_std=0.1, seed=21, rehash_n0=5, epochs=2, eval_every=0)
     trainer = Trainer(cfg, train)
     trainer.run()
@@ -352,8 +353,9 @@ def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train
         h = engine_hidden(model, data, i)
         buckets = lsh.hash_dense(h, hf)
         found = tables.query(tb, buckets)
-        eligible = naive.retrieve(found, threshold, cap, naive.tie_seed(hf.params, buckets))
-        capped += len(eligible) < len(naive.retrieve(found, threshold))
+        retrieved = naive.retrieve(found, threshold, cap, naive.tie_seed(hf.params, buckets))
+        capped += len(retrieved) < len(naive.retrieve(found, threshold))
+        eligible = np.concatenate([retrieved, np.setdiff1d(tb.hubs, retrieved)])
         got = labels[i][labels[i] >= 0]
         assert n_scored[i] == len(eligible)
         # Exactly the top-k of the candidates by exact score, in order.
@@ -407,3 +409,20 @@ def test_exact_predict_ignores_hidden_sampling():
     # and taken from the output layer's candidates only.
     lab, sc, n_scored = model.predict_with_stats(*rows(data, 30), k=4, mode="lsh")
     assert np.all(n_scored <= L) and np.all(np.isfinite(sc[lab >= 0]))
+
+
+def test_hubs_are_the_top_scores_on_the_mean_input(trained_model):
+    """Hubs = the neurons with the highest <w, mean input> + bias at the last rehash; every lsh
+    candidate set contains them."""
+    base, data = trained_model
+    assert np.any(base.tables[0].query_center != 0), "the running mean input reached the tables"
+    tb = base.tables[0]._replace(hubs=base.tables[0].hubs.copy())
+    model = SlideModel(base.config, base.num_features, base.num_labels, base.weights, base.b0, base.hashes, [tb])
+    model.update_hubs(1)  # against the current weights (training moved them since the last rehash)
+    w = model.weights[1]
+    assert tb.hubs.shape[0] == lsh.resolve_hubs(model.config, w.shape[0]) > 0
+    static = w[:, :-1].astype(np.float64) @ tb.query_center + w[:, -1]
+    threshold = np.sort(static)[::-1][tb.hubs.shape[0] - 1]
+    assert np.all(static[tb.hubs] >= threshold - 1e-6)
+    labels, _, n_scored = model.predict_with_stats(*rows(data, 20), k=5, mode="lsh")
+    assert np.all(n_scored >= tb.hubs.shape[0])

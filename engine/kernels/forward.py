@@ -23,8 +23,7 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import hash_vector
-from .sampling import (add_hubs, add_labels, collect_candidates, filter_candidates, next_generation, pad_random,
-                       tie_seed)
+from .sampling import add_ids, collect_candidates, filter_candidates, next_generation, pad_random, tie_seed
 
 
 @fast_kernel
@@ -69,7 +68,7 @@ def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark, 
     hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[: hidx[slot].shape[0]], buckets)
     n = collect_candidates(buckets, toffsets[slot], tids[slot], mark, cnt, gen, ids)
     n = filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables, tie_seed(hp[7], buckets))
-    return add_hubs(ids, n, hubs[slot], mark, cnt, gen)
+    return add_ids(ids, n, hubs[slot], mark, cnt, gen, 1)
 
 
 @fast_kernel
@@ -113,7 +112,7 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
             n = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark[chunk], cnt[chunk],
                                gen, qcodes[chunk], qbuck[chunk], threshold, max_active, ids)
             if is_output:
-                n = add_labels(ids, n, labels, mark[chunk], cnt[chunk], gen)
+                n = add_ids(ids, n, labels, mark[chunk], cnt[chunk], gen, -1)
             n = pad_random(ids, n, min_active, out_dim, mark[chunk], cnt[chunk], gen, seed, stream * depth + l)
             for a in range(n):
                 vals[a] = neuron_preactivation(w, ids[a], inp)

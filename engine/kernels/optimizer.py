@@ -45,41 +45,55 @@ def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
 
 
 @kernel
+def counting_sort(keys, n_keys, counts):
+    """Stable counting sort of int keys < n_keys: (start int64 (n_keys+1,), order int64 (len(keys),),
+    touched int64 (distinct keys, ascending)); entries of key j are order[start[j]:start[j+1]].
+    counts is int64 scratch (n_keys + 1,), reused across batches to avoid a large allocation."""
+    counts[:] = 0
+    for q in range(keys.shape[0]):
+        counts[keys[q] + 1] += 1
+    n_touched = 0
+    for j in range(n_keys):
+        if counts[j + 1] > 0:
+            n_touched += 1
+        counts[j + 1] += counts[j]
+    start = counts.copy()
+    fill = counts[:-1].copy()
+    order = np.empty(keys.shape[0], dtype=np.int64)
+    for q in range(keys.shape[0]):
+        order[fill[keys[q]]] = q
+        fill[keys[q]] += 1
+    touched = np.empty(n_touched, dtype=np.int64)
+    t = 0
+    for j in range(n_keys):
+        if start[j + 1] > start[j]:
+            touched[t] = j
+            t += 1
+    return start, order, touched
+
+
+@kernel
 def group_by_row(ids, nact, n_rows, counts):
-    """Counting sort of the batch's (point, slot) pairs by neuron id.
+    """The batch's (point, slot) pairs grouped by neuron id.
 
     ids int32 (b, cap), nact int32 (b,) -> row_start int64 (n_rows + 1,), pair_point, pair_slot
     int32 (pairs,), touched int64 (distinct rows, ascending). counts is int64 scratch (n_rows + 1,).
     """
-    b = ids.shape[0]
-    counts[:] = 0
     total = 0
-    for i in range(b):
-        for a in range(nact[i]):
-            counts[ids[i, a] + 1] += 1
+    for i in range(ids.shape[0]):
         total += nact[i]
-    n_touched = 0
-    for j in range(n_rows):
-        if counts[j + 1] > 0:
-            n_touched += 1
-        counts[j + 1] += counts[j]
-    row_start = counts.copy()
-    fill = counts[:-1].copy()
-    pair_point = np.empty(total, dtype=np.int32)
-    pair_slot = np.empty(total, dtype=np.int32)
-    for i in range(b):
+    keys = np.empty(total, dtype=np.int64)
+    point = np.empty(total, dtype=np.int32)
+    slot = np.empty(total, dtype=np.int32)
+    q = 0
+    for i in range(ids.shape[0]):
         for a in range(nact[i]):
-            j = ids[i, a]
-            pair_point[fill[j]] = i
-            pair_slot[fill[j]] = a
-            fill[j] += 1
-    touched = np.empty(n_touched, dtype=np.int64)
-    t = 0
-    for j in range(n_rows):
-        if row_start[j + 1] > row_start[j]:
-            touched[t] = j
-            t += 1
-    return row_start, pair_point, pair_slot, touched
+            keys[q] = ids[i, a]
+            point[q] = i
+            slot[q] = a
+            q += 1
+    row_start, order, touched = counting_sort(keys, n_rows, counts)
+    return row_start, point[order], slot[order], touched
 
 
 @fast_parallel_kernel
@@ -129,38 +143,22 @@ def update_dense_layer(w, m, v, steps, drift, vals, inputs, lr, beta1, beta2, ep
 
 @kernel
 def group_by_feature(points, x_indptr, x_indices, n_features, counts):
-    """Counting sort of the batch's non-zeros by feature id: row_start, pair_point, pair_nz, touched."""
-    b = points.shape[0]
-    counts[:] = 0
+    """The batch's non-zeros grouped by feature id: row_start, pair_point, pair_nz, touched."""
     total = 0
-    for i in range(b):
-        p = points[i]
-        for q in range(x_indptr[p], x_indptr[p + 1]):
-            counts[x_indices[q] + 1] += 1
-        total += x_indptr[p + 1] - x_indptr[p]
-    n_touched = 0
-    for f in range(n_features):
-        if counts[f + 1] > 0:
-            n_touched += 1
-        counts[f + 1] += counts[f]
-    row_start = counts.copy()
-    fill = counts[:-1].copy()
-    pair_point = np.empty(total, dtype=np.int32)
-    pair_nz = np.empty(total, dtype=np.int64)
-    for i in range(b):
-        p = points[i]
-        for q in range(x_indptr[p], x_indptr[p + 1]):
-            f = x_indices[q]
-            pair_point[fill[f]] = i
-            pair_nz[fill[f]] = q
-            fill[f] += 1
-    touched = np.empty(n_touched, dtype=np.int64)
-    t = 0
-    for f in range(n_features):
-        if row_start[f + 1] > row_start[f]:
-            touched[t] = f
-            t += 1
-    return row_start, pair_point, pair_nz, touched
+    for i in range(points.shape[0]):
+        total += x_indptr[points[i] + 1] - x_indptr[points[i]]
+    keys = np.empty(total, dtype=np.int64)
+    point = np.empty(total, dtype=np.int32)
+    nz = np.empty(total, dtype=np.int64)
+    q = 0
+    for i in range(points.shape[0]):
+        for z in range(x_indptr[points[i]], x_indptr[points[i] + 1]):
+            keys[q] = x_indices[z]
+            point[q] = i
+            nz[q] = z
+            q += 1
+    row_start, order, touched = counting_sort(keys, n_features, counts)
+    return row_start, point[order], nz[order], touched
 
 
 @fast_parallel_kernel

@@ -104,28 +104,18 @@ def filter_candidates(out, n, cnt, threshold, max_active, max_count, ties):
 
 
 @kernel
-def add_hubs(out, n, hubs, mark, cnt, gen):
-    """Add the layer's hub neurons (high scores for any input) not already active; returns the new n."""
-    for q in range(hubs.shape[0]):
-        j = hubs[q]
+def add_ids(out, n, ids, mark, cnt, gen, flag):
+    """Make the given neurons active; returns the new n. flag -1 marks them as true labels (even when
+    already active), flag 1 leaves an already-active neuron as it was."""
+    for q in range(ids.shape[0]):
+        j = ids[q]
         if mark[j] != gen or cnt[j] == 0:
             mark[j] = gen
-            cnt[j] = 1
+            cnt[j] = flag
             out[n] = j
             n += 1
-    return n
-
-
-@kernel
-def add_labels(out, n, labels, mark, cnt, gen):
-    """Make sure every true label is active and flag it with cnt = -1; returns the new n."""
-    for q in range(labels.shape[0]):
-        y = labels[q]
-        if mark[y] != gen or cnt[y] == 0:
-            mark[y] = gen
-            out[n] = y
-            n += 1
-        cnt[y] = -1
+        elif flag == -1:
+            cnt[j] = -1
     return n
 
 

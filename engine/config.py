@@ -68,8 +68,9 @@ class SlideConfig:
     rehash_n0: int = 20
     """Steps before the first rehash; the i-th interval is rehash_n0 * exp(rehash_lambda * i)."""
     rehash_lambda: float = 0.1
-    rehash_max_interval: int = 2000
-    """Upper bound on the interval between rehashes, in steps."""
+    rehash_max_interval: int = 100
+    """Upper bound on the interval between rehashes, in steps: rows change direction within a few
+    hundred Adam steps, and stale buckets stop returning the neurons that score high."""
     rebuild_every: int = 0
     """Draw new hash functions every this many rehashes (0 = never)."""
     drift_threshold: float = 0.0

@@ -44,6 +44,15 @@ def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
     return math.sqrt(sq)
 
 
+@fast_kernel
+def add_scaled_input(g, d, x):
+    """g += d * [x, 1]: one point's contribution to a neuron row's gradient (bias input is 1)."""
+    in_dim = x.shape[0]
+    for k in range(in_dim):
+        g[k] += d * x[k]
+    g[in_dim] += d
+
+
 @kernel
 def counting_sort(keys, n_keys, counts):
     """Stable counting sort of int keys < n_keys: (start int64 (n_keys+1,), order int64 (len(keys),),
@@ -110,11 +119,7 @@ def update_sampled_layer(w, m, v, steps, drift, vals, inputs, row_start, pair_po
             g[:] = 0.0
             for q in range(row_start[j], row_start[j + 1]):
                 i = pair_point[q]
-                d = vals[i, pair_slot[q]]
-                x = inputs[i]
-                for k in range(in_dim):
-                    g[k] += d * x[k]
-                g[in_dim] += d
+                add_scaled_input(g, vals[i, pair_slot[q]], inputs[i])
             steps[j] += 1
             drift[j] += adam_row(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
 
@@ -131,12 +136,8 @@ def update_dense_layer(w, m, v, steps, drift, vals, inputs, lr, beta1, beta2, ep
         for j in range(c, out_dim, n_chunks):
             g[:] = 0.0
             for i in range(b):
-                d = vals[i, j]
-                if d != 0.0:
-                    x = inputs[i]
-                    for k in range(in_dim):
-                        g[k] += d * x[k]
-                    g[in_dim] += d
+                if vals[i, j] != 0.0:
+                    add_scaled_input(g, vals[i, j], inputs[i])
             steps[j] += 1
             drift[j] += adam_row(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
 

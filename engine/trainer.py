@@ -183,6 +183,10 @@ class Trainer:
         cfg, model, data = self.config, self.model, self.train
         points = np.ascontiguousarray(points, dtype=np.int64)
         b = points.shape[0]
+        if b == 0:
+            raise ValueError("train_step needs at least one point")
+        if b > cfg.batch_size:
+            raise ValueError(f"a batch holds at most batch_size={cfg.batch_size} points, got {b}")
         (hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens, qcodes, qbuck, gin, gprev) = \
             self._buffers(cfg.batch_size)
         if b != cfg.batch_size:

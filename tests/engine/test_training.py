@@ -282,3 +282,16 @@ def test_default_hashing_learns_on_tiny_synthetic_data(tiny):
     exact = trainer.evaluate(mode="exact")["p_at_1"]
     assert exact > 3 * baseline, (exact, baseline)
     assert final["p_at_1"] > 3 * baseline, (final["p_at_1"], baseline)
+
+
+def test_train_step_refuses_empty_and_oversized_batches():
+    """An empty batch would average nothing into the running input mean (NaN); an oversized one would
+    overrun the batch buffers."""
+    data = naive.planted_dataset(40, 30, 20, seed=3)
+    trainer = Trainer(SlideConfig(hidden=(8,), batch_size=8, hub_neurons=2), data)
+    with pytest.raises(ValueError, match="at least one point"):
+        trainer.train_step(np.arange(0))
+    with pytest.raises(ValueError, match="at most batch_size=8"):
+        trainer.train_step(np.arange(9))
+    trainer.train_step(np.arange(8))
+    assert all(np.all(np.isfinite(m)) for m in trainer.input_mean.values())

@@ -29,8 +29,9 @@ def _start(client, xmc_files, **config):
 def test_killed_trainer_fails_with_reason_then_resumes_from_its_snapshot(tmp_path, client_for, xmc_files):
     client = client_for(make_settings(tmp_path / "data"))
     services = client.app.state.services
-    job_id = _start(client, xmc_files)
-    wait_for(lambda: (_job(client, job_id)["model_version"] or 0) >= 2, what="two snapshots")
+    job_id = _start(client, xmc_files, epochs=150)  # long enough that it cannot finish before the kill
+    wait_for(lambda: (j := _job(client, job_id))["state"] == "running" and (j["model_version"] or 0) >= 2,
+             what="two snapshots while running")
     pid = services.jobs.get(job_id).pid
     assert pid and pid != os.getpid()
     os.kill(pid, signal.SIGKILL)
@@ -48,7 +49,7 @@ def test_killed_trainer_fails_with_reason_then_resumes_from_its_snapshot(tmp_pat
     assert done["runs"] == 2 and done["error"] is None
     assert done["model_version"] > version_at_death
     steps = [m["step"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
-    assert steps == sorted(set(steps)) and len(steps) == 60  # one point per epoch, none twice
+    assert steps == sorted(set(steps)) and len(steps) == 150  # one point per epoch, none twice
 
 
 def test_shutdown_interrupts_and_the_next_start_resumes(tmp_path, client_for, xmc_files):

@@ -349,7 +349,6 @@ def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train
     _, z, _ = naive.forward(w0, b0, ws, x)
     sizes, capped = [], 0
     for i in range(n):
-        s, e = data.x_indptr[i], data.x_indptr[i + 1]
         h = engine_hidden(model, data, i)
         buckets = lsh.hash_dense(h, hf)
         found = tables.query(tb, buckets)

@@ -8,7 +8,6 @@ import mmap
 import numpy as np
 import pytest
 
-from engine._numba import set_threads
 from engine.config import SlideConfig
 from engine.snapshot import MANIFEST, SnapshotError, SnapshotStore, load_arrays, load_model, read_manifest
 from engine.trainer import Trainer
@@ -18,12 +17,6 @@ from . import naive
 CFG = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=5, bucket_size=32, min_active=4,
                   batch_size=16, lr=5e-3, init_std=0.05, epochs=2, rehash_n0=3, rehash_lambda=0.3,
                   rebuild_every=2, seed=5, threads=1, eval_every=0)
-
-
-@pytest.fixture(autouse=True)
-def restore_threads():
-    yield
-    set_threads(None)
 
 
 @pytest.fixture(scope="module")

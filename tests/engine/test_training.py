@@ -15,12 +15,6 @@ from engine.trainer import Trainer
 from . import naive
 
 
-@pytest.fixture(autouse=True)
-def restore_threads():
-    yield
-    set_threads(None)
-
-
 @pytest.fixture(scope="module")
 def data():
     return naive.planted_dataset(160, 80, 150, seed=4, vocab=6, noise=3, max_labels=3, unlabelled=0.05)

@@ -14,7 +14,6 @@ import numba
 import numpy as np
 
 from . import lsh, tables
-from ._numba import set_threads
 from .config import SlideConfig
 from .kernels.inference import predict_batch, predict_batch_serial
 from .lsh import HashFunctions
@@ -188,9 +187,6 @@ class SlideModel:
     def _return_scratch(self, scratch: tuple) -> None:
         with self._scratch_lock:
             self._scratch.append(scratch)
-
-    def set_threads(self, threads: int | None) -> int:
-        return set_threads(threads)
 
 
 def layer_widths(config: SlideConfig, num_features: int, num_labels: int) -> list[int]:

@@ -38,10 +38,8 @@ def model_arrays(model: SlideModel) -> dict[str, np.ndarray]:
     arrays = {f"w{l}": w for l, w in enumerate(model.weights)}
     arrays["b0"] = model.b0
     for s, (hf, tb) in enumerate(zip(model.hashes, model.tables)):
-        arrays.update({f"hash{s}_idx": hf.idx, f"hash{s}_sign": hf.sign, f"hash{s}_params": hf.params,
-                       f"table{s}_codes": tb.codes, f"table{s}_inserted": tb.inserted,
-                       f"table{s}_offsets": tb.offsets, f"table{s}_ids": tb.ids, f"table{s}_center": tb.center,
-                       f"table{s}_query_center": tb.query_center, f"table{s}_hubs": tb.hubs})
+        arrays.update({f"hash{s}_{name}": a for name, a in zip(HashFunctions._fields, hf)})
+        arrays.update({f"table{s}_{name}": a for name, a in zip(Tables._fields, tb)})
     return arrays
 
 
@@ -50,7 +48,7 @@ def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, a
     depth = len(slots)
     n_sampled = int((slots >= 0).sum())
     weights = tuple(np.asarray(arrays[f"w{l}"]) for l in range(depth))
-    hashes = [HashFunctions(*(np.asarray(arrays[f"hash{s}_{p}"]) for p in ("idx", "sign", "params")))
+    hashes = [HashFunctions(*(np.asarray(arrays[f"hash{s}_{p}"]) for p in HashFunctions._fields))
               for s in range(n_sampled)]
     tabs = [Tables(*(np.asarray(arrays[f"table{s}_{p}"]) for p in Tables._fields))
             for s in range(n_sampled)]

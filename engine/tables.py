@@ -102,11 +102,6 @@ def rebuild(tables: Tables, num_buckets: int, capacity: int, policy: str, seed: 
                  tables.offsets, tables.ids)
 
 
-@kernel
-def bucket_members(offsets, ids, table, bucket):
-    return ids[table, offsets[table, bucket] : offsets[table, bucket + 1]]
-
-
 def query(tables: Tables, buckets: np.ndarray) -> np.ndarray:
     """Neuron ids found in the given bucket of each table, with repeats, as int32 (for tests/tools)."""
     parts = [tables.ids[t, tables.offsets[t, b] : tables.offsets[t, b + 1]] for t, b in enumerate(buckets)]

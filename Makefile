@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test bench demo clean
+.PHONY: install run test bench load demo clean
 
 install: $(STAMP)
 
@@ -27,6 +27,12 @@ test: install
 bench: install
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/run.py
+
+# Predict load (locust) while a job trains on amazon670k-shaped data, then after it stops; ~30 minutes with
+# the defaults. A quick look: make load LOAD_ARGS="--preset small --duration 30"
+load: install
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) benchmarks/load.py $(LOAD_ARGS)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

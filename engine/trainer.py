@@ -173,7 +173,7 @@ class Trainer:
             np.zeros((threads, n_codes), np.int32), np.zeros((threads, cfg.hash_l), np.int32),
             np.zeros((threads, width_max), np.float32), np.zeros((threads, width_max), np.float32),
         )
-        self._row_counts = [np.zeros(w.shape[0] + 1, np.int64) for w in model.weights]
+        self._group_of_row = [np.full(w.shape[0], -1, np.int32) for w in model.weights]
         self._buffers_for = batch
         return self._bufs
 
@@ -205,17 +205,17 @@ class Trainer:
         for l in range(1, model.depth):
             w = model.weights[l]
             if model.layer_slot[l] >= 0:
-                row_start, pair_point, pair_slot, touched = group_by_row(
-                    act_ids[l - 1], nact[:, l], w.shape[0], self._row_counts[l])
+                group_start, pair_point, pair_slot, touched = group_by_row(
+                    act_ids[l - 1], nact[:, l], self._group_of_row[l])
                 update_sampled_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
-                                     hid[l - 1], row_start, pair_point, pair_slot, touched, lr, b1, b2, eps)
+                                     hid[l - 1], group_start, pair_point, pair_slot, touched, lr, b1, b2, eps)
             else:
                 update_dense_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
                                    hid[l - 1], lr, b1, b2, eps)
-        row_start, pair_point, pair_nz, touched = group_by_feature(
-            points, data.x_indptr, data.x_indices, model.num_features, self._row_counts[0])
+        group_start, pair_point, pair_nz, touched = group_by_feature(
+            points, data.x_indptr, data.x_indices, self._group_of_row[0])
         update_input_layer(model.weights[0], self.m[0], self.v[0], self.steps[0], data.x_values, delta0,
-                           row_start, pair_point, pair_nz, touched, lr, b1, b2, eps)
+                           group_start, pair_point, pair_nz, touched, lr, b1, b2, eps)
         update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
         for l in model.sampled_layers():
             # running mean of the layer's inputs, which picks the hubs at the next rehash

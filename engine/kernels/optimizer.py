@@ -54,39 +54,49 @@ def add_scaled_input(g, d, x):
 
 
 @kernel
-def counting_sort(keys, n_keys, counts):
-    """Stable counting sort of int keys < n_keys: (start int64 (n_keys+1,), order int64 (len(keys),),
-    touched int64 (distinct keys, ascending)); entries of key j are order[start[j]:start[j+1]].
-    counts is int64 scratch (n_keys + 1,), reused across batches to avoid a large allocation."""
-    counts[:] = 0
-    for q in range(keys.shape[0]):
-        counts[keys[q] + 1] += 1
-    n_touched = 0
-    for j in range(n_keys):
-        if counts[j + 1] > 0:
-            n_touched += 1
-        counts[j + 1] += counts[j]
-    start = counts.copy()
-    fill = counts[:-1].copy()
-    order = np.empty(keys.shape[0], dtype=np.int64)
-    for q in range(keys.shape[0]):
-        order[fill[keys[q]]] = q
-        fill[keys[q]] += 1
-    touched = np.empty(n_touched, dtype=np.int64)
-    t = 0
-    for j in range(n_keys):
-        if start[j + 1] > start[j]:
-            touched[t] = j
-            t += 1
-    return start, order, touched
+def group_keys(keys, group_of_key):
+    """Stable grouping of int keys in O(len(keys)) time, however large the key range.
+
+    Returns (start int64 (groups+1,), order int64 (len(keys),), touched int64 (groups,)): group r
+    holds key touched[r] (groups in order of first appearance) and its entries are
+    order[start[r]:start[r+1]], in their original order. group_of_key is int32 scratch (key range,)
+    that must be all -1 on entry and is all -1 again on return, so one array serves every batch
+    without a pass over the whole key range (a layer of 670k neurons, a batch touching ~100k).
+    """
+    n = keys.shape[0]
+    group = np.empty(n, dtype=np.int64)
+    touched = np.empty(n, dtype=np.int64)
+    counts = np.zeros(n + 1, dtype=np.int64)
+    groups = 0
+    for q in range(n):
+        key = keys[q]
+        r = group_of_key[key]
+        if r < 0:
+            r = groups
+            group_of_key[key] = r
+            touched[r] = key
+            groups += 1
+        group[q] = r
+        counts[r + 1] += 1
+    for r in range(groups):
+        counts[r + 1] += counts[r]
+        group_of_key[touched[r]] = -1
+    fill = counts[:groups].copy()
+    order = np.empty(n, dtype=np.int64)
+    for q in range(n):
+        r = group[q]
+        order[fill[r]] = q
+        fill[r] += 1
+    return counts[: groups + 1].copy(), order, touched[:groups].copy()
 
 
 @kernel
-def group_by_row(ids, nact, n_rows, counts):
+def group_by_row(ids, nact, group_of_row):
     """The batch's (point, slot) pairs grouped by neuron id.
 
-    ids int32 (b, cap), nact int32 (b,) -> row_start int64 (n_rows + 1,), pair_point, pair_slot
-    int32 (pairs,), touched int64 (distinct rows, ascending). counts is int64 scratch (n_rows + 1,).
+    ids int32 (b, cap), nact int32 (b,) -> group_start int64 (rows + 1,), pair_point, pair_slot
+    int32 (pairs,), touched int64 (rows,): the pairs of neuron touched[r] are
+    group_start[r]:group_start[r+1], in point order. group_of_row: see group_keys.
     """
     total = 0
     for i in range(ids.shape[0]):
@@ -101,12 +111,12 @@ def group_by_row(ids, nact, n_rows, counts):
             point[q] = i
             slot[q] = a
             q += 1
-    row_start, order, touched = counting_sort(keys, n_rows, counts)
-    return row_start, point[order], slot[order], touched
+    group_start, order, touched = group_keys(keys, group_of_row)
+    return group_start, point[order], slot[order], touched
 
 
 @fast_parallel_kernel
-def update_sampled_layer(w, m, v, steps, drift, vals, inputs, row_start, pair_point, pair_slot, touched,
+def update_sampled_layer(w, m, v, steps, drift, vals, inputs, group_start, pair_point, pair_slot, touched,
                          lr, beta1, beta2, eps):
     """Adam on the touched rows of a layer with rows (out, in+1); gradient = sum delta * [input, 1]."""
     in_dim = w.shape[1] - 1
@@ -117,7 +127,7 @@ def update_sampled_layer(w, m, v, steps, drift, vals, inputs, row_start, pair_po
         for r in range(c, n, n_chunks):
             j = touched[r]
             g[:] = 0.0
-            for q in range(row_start[j], row_start[j + 1]):
+            for q in range(group_start[r], group_start[r + 1]):
                 i = pair_point[q]
                 add_scaled_input(g, vals[i, pair_slot[q]], inputs[i])
             steps[j] += 1
@@ -143,8 +153,8 @@ def update_dense_layer(w, m, v, steps, drift, vals, inputs, lr, beta1, beta2, ep
 
 
 @kernel
-def group_by_feature(points, x_indptr, x_indices, n_features, counts):
-    """The batch's non-zeros grouped by feature id: row_start, pair_point, pair_nz, touched."""
+def group_by_feature(points, x_indptr, x_indices, group_of_feature):
+    """The batch's non-zeros grouped by feature id: group_start, pair_point, pair_nz, touched."""
     total = 0
     for i in range(points.shape[0]):
         total += x_indptr[points[i] + 1] - x_indptr[points[i]]
@@ -158,12 +168,12 @@ def group_by_feature(points, x_indptr, x_indices, n_features, counts):
             point[q] = i
             nz[q] = z
             q += 1
-    row_start, order, touched = counting_sort(keys, n_features, counts)
-    return row_start, point[order], nz[order], touched
+    group_start, order, touched = group_keys(keys, group_of_feature)
+    return group_start, point[order], nz[order], touched
 
 
 @fast_parallel_kernel
-def update_input_layer(w0, m0, v0, steps0, x_values, delta0, row_start, pair_point, pair_nz, touched,
+def update_input_layer(w0, m0, v0, steps0, x_values, delta0, group_start, pair_point, pair_nz, touched,
                        lr, beta1, beta2, eps):
     """Adam on the rows of W0 (num_features, h1) of features present in the batch."""
     width = w0.shape[1]
@@ -174,7 +184,7 @@ def update_input_layer(w0, m0, v0, steps0, x_values, delta0, row_start, pair_poi
         for r in range(c, n, n_chunks):
             f = touched[r]
             g[:] = 0.0
-            for q in range(row_start[f], row_start[f + 1]):
+            for q in range(group_start[r], group_start[r + 1]):
                 x = x_values[pair_nz[q]]
                 d = delta0[pair_point[q]]
                 for k in range(width):

@@ -2,7 +2,7 @@
 
 Body: `{type, title, status, detail, instance}` plus, where they apply, `errors` (one `{loc, msg, type}` per
 invalid value), `field` (dotted path of the first value at fault), `line`/`column` (dataset uploads) and
-`limit_bytes` (uploads over the limit).
+`limit_bytes` (uploads over the limit), `reason` (507: the errno name of a storage fault, e.g. ENOSPC).
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from app.services.errors import (
     Conflict,
+    InsufficientStorage,
     InvalidContent,
     NotFound,
     NotReady,
     PayloadTooLarge,
     ServiceError,
     UnsupportedMediaType,
+    storage_cause,
 )
 
 log = logging.getLogger("app.errors")
@@ -48,6 +50,7 @@ ERROR_TABLE: dict[type[Exception], ProblemKind] = {
     UnsupportedMediaType: ProblemKind(415, "unsupported-media-type", "Unsupported media type"),
     InvalidContent: ProblemKind(422, "invalid-content", "Invalid content"),
     NotReady: ProblemKind(503, "not-ready", "Not ready yet"),
+    InsufficientStorage: ProblemKind(507, "insufficient-storage", "Insufficient storage"),
     ServiceError: ProblemKind(400, "bad-request", "Bad request"),
 }
 
@@ -127,6 +130,11 @@ async def http_exception_handler(request: Request, exc: Exception) -> ProblemRes
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> ProblemResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    cause = storage_cause(exc)
+    if cause is not None:  # a full or unwritable data dir is the operator's to fix, not a bug: say so
+        kind = ERROR_TABLE[InsufficientStorage]
+        return problem(request, kind.status, f"the service could not write to its data dir or database: {cause[0]} "
+                       f"({cause[1]})", slug=kind.slug, title=kind.title, reason=cause[0])
     return problem(request, 500, "internal server error; the service log has the details", slug="internal-error")
 
 

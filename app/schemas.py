@@ -38,6 +38,7 @@ class Problem(BaseModel):
     line: int | None = Field(None, description="Dataset uploads: 1-based line at fault (the header is line 1).")
     column: int | None = Field(None, description="Dataset uploads: 1-based column at fault, when known.")
     errors: list[dict[str, Any]] | None = Field(None, description="One `{loc, msg, type}` per invalid value.")
+    reason: str | None = Field(None, description="507: the storage fault, as an errno name.", examples=["ENOSPC"])
 
 
 # --------------------------------------------------------------------------------------------------- datasets

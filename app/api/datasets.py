@@ -51,7 +51,7 @@ def _public(row: DatasetRow) -> DatasetPublic:
     response_model=DatasetPublic,
     summary="Upload a dataset (streamed)",
     openapi_extra=_UPLOAD_BODY,
-    responses=problem_responses(400, 401, 413, 415, 422),
+    responses=problem_responses(400, 401, 413, 415, 422, 507),
 )
 async def upload_dataset(
     request: Request,
@@ -61,7 +61,8 @@ async def upload_dataset(
                                       openapi_examples={"tiny": {"value": "tiny-train"}})] = None,
 ) -> DatasetPublic:
     """Parsed while it streams into CSR arrays (never held whole in memory), saved atomically. A failed upload
-    leaves nothing behind: 413 over the size limit, 422 naming the line at fault for malformed content."""
+    leaves nothing behind: 413 over the size limit, 422 naming the line at fault for malformed content, 507 when the
+    data dir is full or cannot be written (`reason` names the fault: ENOSPC, EFBIG, EROFS, EACCES...)."""
     length = request.headers.get("content-length")
     row = await datasets.upload(
         request.stream(),

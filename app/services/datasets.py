@@ -2,7 +2,8 @@
 
 Ids are server-generated (uuid4 hex); a name is only a label, never part of a path. An upload is parsed into
 in-memory arrays while it streams (the raw text is never held), then `engine.save_dataset` writes the arrays
-atomically (temp dir + rename), then the DB row is inserted; any failure on the way removes what was written.
+atomically (temp dir + rename), then the DB row is inserted; any failure on the way removes what was written. A
+full or unwritable data dir (or database) is an `InsufficientStorage` error (HTTP 507) naming the errno.
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from sqlalchemy import select
 
 import engine
 from app.db import Database, DatasetRow, JobRow
-from app.services.errors import Conflict, InvalidContent, NotFound, PayloadTooLarge, UnsupportedMediaType
+from app.services.errors import (
+    Conflict,
+    InsufficientStorage,
+    InvalidContent,
+    NotFound,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    storage_cause,
+)
 from app.settings import Settings
 from engine import XMCParseError, XMCStreamParser
 from engine.data import XMCTooLargeError  # not re-exported by `engine` (yet)
@@ -229,9 +238,17 @@ class DatasetService:
             )
             with self.db.session() as s:
                 s.add(row)
-        except BaseException:
+        except BaseException as exc:
             shutil.rmtree(target, ignore_errors=True)
-            raise
+            cause = storage_cause(exc)
+            if cause is None:
+                raise
+            log.error("dataset %s not stored (%s): %s", dataset_id, cause[0], exc)
+            raise InsufficientStorage(
+                f"the dataset could not be stored: {cause[0]} ({cause[1]}) in the service's data dir "
+                "(SLIDE_DATA_DIR) or database; nothing was kept. Free space or make the data dir writable, then "
+                "upload again", reason=cause[0],
+            ) from exc
         log.info("dataset %s (%s): %d points, %d features, %d labels", dataset_id, row.name, row.num_points,
                  row.num_features, row.num_labels)
         return row

@@ -109,7 +109,7 @@ class JobProcess:
             self._train()
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the job row
             log.error("training failed:\n%s", traceback.format_exc())
-            self._finish("failed", error=f"{type(exc).__name__}: {exc}")
+            self._finish("failed", error=self._failure_message(exc))
         finally:
             self._done.set()
             if self.row_gone or self._row_state() is None:
@@ -133,6 +133,25 @@ class JobProcess:
                                                  f"({self.job_dir / LOCK_FILE}); resume the job once it has exited")
                     return None
                 time.sleep(0.2)
+
+    def _failure_message(self, exc: BaseException) -> str:
+        """The job's `error`: the exception, and for a full or unwritable data dir what is kept and what to do."""
+        from app.services.errors import storage_cause
+
+        text = f"{type(exc).__name__}: {exc}"
+        cause = storage_cause(exc)
+        if cause is None:
+            return text
+        try:
+            import engine
+
+            latest = engine.SnapshotStore(self.spec["snapshots_dir"]).latest()
+        except Exception:  # noqa: BLE001
+            latest = None
+        kept = (f"snapshot v{latest[0]} is intact and keeps serving predictions" if latest is not None
+                else "no snapshot had been written yet")
+        return (f"storage error: {cause[0]} ({cause[1]}) while writing to the data dir ({text}); {kept}. Free space "
+                "or make the data dir writable, then resume the job: it continues from its newest snapshot")
 
     def _train(self) -> None:
         import engine

@@ -251,18 +251,19 @@ class Supervisor:
         with self.db.session() as s:
             jobs = list(s.scalars(select(JobRow).where(JobRow.state.in_(("running", "stopping", "interrupted")))))
             for job in jobs:
-                if job.state == "stopping":  # the user asked to stop; its last snapshot is where it stopped
+                state = job.state  # read before the update: the session refreshes `job` with the new values
+                if state == "stopping":  # the user asked to stop; its last snapshot is where it stopped
                     _transition(s, job.id, ("stopping",), state="stopped", pid=None, finished_at=utcnow())
                     continue
                 values: dict[str, Any] = {"pid": None}
-                if job.state == "running":
+                if state == "running":
                     values["interruptions"] = job.interruptions + 1
                 if self.settings.auto_resume:
-                    _transition(s, job.id, (job.state,), state="queued", **values)
-                    log.info("job %s was %s when the service stopped: resuming it", job.id, job.state)
+                    _transition(s, job.id, (state,), state="queued", **values)
+                    log.info("job %s was %s when the service stopped: resuming it", job.id, state)
                 else:
-                    _transition(s, job.id, (job.state,), state="interrupted", finished_at=utcnow(), **values)
-                    log.info("job %s was %s when the service stopped: left interrupted", job.id, job.state)
+                    _transition(s, job.id, (state,), state="interrupted", finished_at=utcnow(), **values)
+                    log.info("job %s was %s when the service stopped: left interrupted", job.id, state)
 
     def sweep(self) -> None:
         """Job dirs without a row are leftovers of a delete that did not finish."""

@@ -108,6 +108,8 @@ class ModelRegistry:
             try:
                 model = engine.load_model(path, mmap=True)
             except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: engine.snapshot.SnapshotError
+                log.warning("model %s: snapshot v%d could not be opened: %s: %s", job_id, version,
+                            type(exc).__name__, exc)
                 last_exc = exc
                 continue
             log.info("model %s: serving snapshot v%d", job_id, version)

@@ -21,6 +21,7 @@ import fcntl
 import logging
 import math
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -106,6 +107,7 @@ class JobProcess:
         if lock is None:
             return
         try:
+            self._clear_unfinished_publications()
             self._train()
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the job row
             log.error("training failed:\n%s", traceback.format_exc())
@@ -113,8 +115,6 @@ class JobProcess:
         finally:
             self._done.set()
             if self.row_gone or self._row_state() is None:
-                import shutil
-
                 shutil.rmtree(self.job_dir, ignore_errors=True)  # deleted while we ran: leave nothing behind
             self.db.dispose()
             lock.close()
@@ -127,12 +127,24 @@ class JobProcess:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                 return fh
             except BlockingIOError:
+                if os.getppid() != self.parent_pid:  # the service died while we waited: nothing to do here
+                    fh.close()
+                    return None
                 if time.monotonic() > deadline or self.interrupted():
                     fh.close()
                     self._finish("failed", error="another trainer process still holds this job's lock "
                                                  f"({self.job_dir / LOCK_FILE}); resume the job once it has exited")
                     return None
                 time.sleep(0.2)
+
+    def _clear_unfinished_publications(self) -> None:
+        """Remove the temp dirs of snapshot publications a killed trainer never finished (readers ignore them, but
+        they hold disk space). Safe: this process holds the job's lock, so no other trainer writes this store."""
+        root = Path(self.spec["snapshots_dir"])
+        if root.is_dir():
+            for entry in root.glob(".publish-*"):
+                log.warning("removing %s, left by a publication that did not finish", entry.name)
+                shutil.rmtree(entry, ignore_errors=True)
 
     def _failure_message(self, exc: BaseException) -> str:
         """The job's `error`: the exception, and for a full or unwritable data dir what is kept and what to do."""
@@ -169,7 +181,7 @@ class JobProcess:
             log.info("started: %d points, %d features, %d labels", train.num_points, train.num_features,
                      train.num_labels)
         self.trainer = trainer
-        self._forget_beyond(trainer.step, store.versions())
+        self._forget_beyond(trainer.step, trainer.epoch, store.versions())
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
         heartbeat.start()
         self.training_event.set()
@@ -206,15 +218,18 @@ class JobProcess:
         t = self.trainer
         return {"step": int(t.step), "epoch": int(t.epoch), "samples": int(t.samples_seen)}
 
-    def _forget_beyond(self, step: int, versions: list[int]) -> None:
-        """After a resume, metrics newer than the checkpoint will be produced again: drop the old copies. Record
-        snapshot versions that exist on disk but have no row (the process died between publish and insert)."""
-        from sqlalchemy import delete, select
+    def _forget_beyond(self, step: int, epoch: int, versions: list[int]) -> None:
+        """After a resume, metrics newer than the checkpoint will be produced again: drop the old copies (a
+        checkpoint taken on an epoch's last batch precedes that epoch's report at the same step, so a point at
+        the checkpoint's step but a later epoch is newer too). Record snapshot versions that exist on disk but have
+        no row (the process died between publish and insert)."""
+        from sqlalchemy import and_, delete, or_, select
 
         from app.db import MetricRow, ModelVersionRow
 
         with self.db.session() as s:
-            s.execute(delete(MetricRow).where(MetricRow.job_id == self.job_id, MetricRow.step > step))
+            newer = or_(MetricRow.step > step, and_(MetricRow.step == step, MetricRow.epoch > epoch))
+            s.execute(delete(MetricRow).where(MetricRow.job_id == self.job_id, newer))
             known = set(s.scalars(select(ModelVersionRow.version).where(ModelVersionRow.job_id == self.job_id)))
             for v in versions:
                 if v not in known:

@@ -1,19 +1,13 @@
 """End to end: a real `uvicorn app.main:app` in a subprocess, the real engine, a temp data dir.
 
 upload -> job -> live predictions while it trains (model_version increases) -> SSE -> stop -> resume ->
-completed; then restart the server and find datasets, jobs and the model still there and answering; then kill
-the server mid-training and see the next start resume the job.
+completed; then restart the server and find datasets, jobs and the model still there and answering. Killing the
+server mid-training is in tests/faults/test_service_crash.py.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,76 +15,10 @@ import httpx
 import pytest
 
 from tests.app.helpers import wait_for
+from tests.e2e.server import Server
 
-ROOT = Path(__file__).resolve().parents[2]
 CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 100}
 QUERY = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "lsh"}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    def __init__(self, data_dir: Path, log_path: Path, **settings: str):
-        self.data_dir = data_dir
-        self.log_path = log_path
-        self.settings = settings
-        self.proc: subprocess.Popen | None = None
-        self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def start(self) -> "Server":
-        env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDE_")}
-        env.update(
-            SLIDE_DATA_DIR=str(self.data_dir),
-            SLIDE_SNAPSHOT_INTERVAL_S="0.3",
-            SLIDE_PROGRESS_INTERVAL_S="0.2",
-            SLIDE_SUPERVISOR_POLL_S="0.1",
-            SLIDE_TRAINER_THREADS="1",
-            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            **self.settings,
-        )
-        self.port = _free_port()
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-        )
-        log.close()
-
-        def up() -> bool:
-            assert self.proc.poll() is None, f"server exited early:\n{self.log()}"
-            try:
-                return httpx.get(self.url + "/readyz", timeout=1).status_code == 200
-            except httpx.TransportError:
-                return False
-
-        wait_for(up, timeout=60, interval=0.2, what="the server to be ready")
-        return self
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 60) -> int:
-        assert self.proc is not None
-        self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            raise AssertionError(f"server did not exit after {sig!r}:\n{self.log()}")
-
-    def stop_gracefully(self) -> None:
-        """SIGTERM; uvicorn finishes the lifespan (trainers checkpoint) and re-raises the signal on exit."""
-        code = self.stop(signal.SIGTERM)
-        assert code in (0, -signal.SIGTERM), self.log()
-        assert "Application shutdown complete" in self.log(), self.log()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-5000:]
 
 
 @pytest.fixture
@@ -98,8 +26,7 @@ def servers(tmp_path: Path, warm_engine: None) -> Iterator[list[Server]]:
     started: list[Server] = []
     yield started
     for s in started:
-        if s.proc is not None and s.proc.poll() is None:
-            s.stop(signal.SIGKILL)
+        s.cleanup()
 
 
 def _job(c: httpx.Client, job_id: str) -> dict:
@@ -204,14 +131,4 @@ def test_upload_train_live_predict_stop_resume_restart(tmp_path: Path, servers, 
     r = c.post(f"/v1/models/{job_id}/predict", json=QUERY)
     assert r.status_code == 200 and r.json() == final
 
-    # Crash (SIGKILL) mid-training: the trainer checkpoints when its parent disappears; the next start resumes it.
-    job2 = c.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": dict(CONFIG, seed=12)}).json()["id"]
-    wait_for(lambda: (_job(c, job2)["model_version"] or 0) >= 1, timeout=60, what="a snapshot of the second job")
-    server.stop(signal.SIGKILL)
-    time.sleep(1.0)  # the orphaned trainer notices within SLIDE_PROGRESS_INTERVAL_S and checkpoints
-    server = Server(data, log).start()
-    servers.append(server)
-    c = httpx.Client(base_url=server.url, timeout=30)
-    resumed = _until_state(c, job2, "completed")
-    assert resumed["interruptions"] == 1 and resumed["runs"] == 2, resumed
     server.stop_gracefully()

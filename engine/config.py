@@ -51,6 +51,11 @@ class SlideConfig:
     predict_max_active: int = -1
     """The same cap when serving predictions: -1 = none beyond the buckets themselves (at most
     hash_l * bucket_size candidates), 0 = as in training, > 0 = this many."""
+    probes: int = 0
+    """Multi-probe SimHash in training: extra buckets read per table, each one least-confident bit
+    away from the input's own (0 = the input's own bucket only)."""
+    predict_probes: int = -1
+    """The same when serving predictions: -1 = as in training."""
     hub_neurons: int = 0
     """Neurons with the highest score for the average input, added to every active set: 0 = auto (a
     quarter of the target active size, at most 256, for layers wider than 20,000 neurons), -1 = none."""
@@ -100,6 +105,10 @@ class SlideConfig:
         _check(1 <= self.active_threshold <= self.hash_l, "active_threshold", "must be in [1, hash_l]")
         _check(self.max_active >= -1, "max_active", "must be -1 (no cap), 0 (auto) or a positive cap")
         _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (as training) or > 0")
+        _check(0 <= self.probes <= 64, "probes", "must be in [0, 64]")
+        _check(-1 <= self.predict_probes <= 64, "predict_probes", "must be -1 (as probes) or in [0, 64]")
+        _check(self.hash_family == "simhash" or (self.probes == 0 and self.predict_probes <= 0), "probes",
+               "multi-probe needs the simhash family (WTA/DWTA codes have no confidence margin)")
         _check(self.min_active >= 0, "min_active", "must be >= 0")
         _check(self.hub_neurons >= -1, "hub_neurons", "must be -1 (none), 0 (auto) or a count")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")

@@ -196,21 +196,26 @@ def densify(codes, seed):
 
 
 @kernel
+def table_bucket(codes, t, params):
+    """Bucket id of table t from its K codes codes[t*K : (t+1)*K]."""
+    k, radix, fold, table_bits, seed = params[1], params[3], params[5], params[6], params[7]
+    if fold == 0:
+        b = 0
+        for j in range(k - 1, -1, -1):
+            b = b * radix + codes[t * k + j]
+        return np.int32(b)
+    h = splitmix64(np.uint64(seed) + np.uint64(t))
+    for j in range(k):
+        h = (h ^ np.uint64(codes[t * k + j] + 1)) * _FNV_PRIME
+    h = splitmix64(h)
+    return np.int32(h >> np.uint64(64 - table_bits))
+
+
+@kernel
 def combine_codes(codes, params, buckets):
     """Fold per-table codes (L*K,) into bucket ids int32 (L,)."""
-    k, l, radix, fold, table_bits, seed = params[1], params[2], params[3], params[5], params[6], params[7]
-    for t in range(l):
-        if fold == 0:
-            b = 0
-            for j in range(k - 1, -1, -1):
-                b = b * radix + codes[t * k + j]
-            buckets[t] = b
-        else:
-            h = splitmix64(np.uint64(seed) + np.uint64(t))
-            for j in range(k):
-                h = (h ^ np.uint64(codes[t * k + j] + 1)) * _FNV_PRIME
-            h = splitmix64(h)
-            buckets[t] = np.int32(h >> np.uint64(64 - table_bits))
+    for t in range(params[2]):
+        buckets[t] = table_bucket(codes, t, params)
 
 
 @kernel
@@ -221,6 +226,50 @@ def hash_vector(x, idx, sign, params, scratch, buckets):
     if family == DWTA:
         densify(scratch, params[7])
     combine_codes(scratch, params, buckets)
+
+
+@kernel
+def probe_buckets(x, idx, sign, params, probes, margins, codes, buckets):
+    """Multi-probe SimHash (Lv et al., VLDB 2007): each table's own bucket of x and `probes` more.
+
+    buckets int32 (L * (1 + probes),), table-major: buckets[t * (1 + probes)] is table t's bucket
+    (as hash_vector gives it) and the next `probes` entries flip one of the table's least confident
+    bits each (smallest |<r, x>|), where a key that only just fell across a hyperplane sits. More
+    probes find the same neighbours with fewer tables. margins float64 and codes int32 are (L*K,)
+    scratch. For WTA/DWTA (no margins) the extra entries repeat the table's own bucket.
+    """
+    k, l, family = params[1], params[2], params[0]
+    n_codes, m = idx.shape
+    stride = 1 + probes
+    if family != SIMHASH:
+        raw_codes(x, idx, sign, family, codes)
+        if family == DWTA:
+            densify(codes, params[7])
+        for t in range(l):
+            b = table_bucket(codes, t, params)
+            for p in range(stride):
+                buckets[t * stride + p] = b
+        return
+    for c in range(n_codes):
+        acc = 0.0
+        for q in range(m):
+            acc += sign[c, q] * x[idx[c, q]]
+        codes[c] = 1 if acc > 0.0 else 0
+        margins[c] = abs(acc)
+    for t in range(l):
+        buckets[t * stride] = table_bucket(codes, t, params)
+        for p in range(1, stride):
+            best = -1
+            for j in range(t * k, (t + 1) * k):
+                if margins[j] >= 0.0 and (best < 0 or margins[j] < margins[best]):
+                    best = j
+            if best < 0:
+                buckets[t * stride + p] = buckets[t * stride]
+                continue
+            margins[best] = -1.0
+            codes[best] = 1 - codes[best]
+            buckets[t * stride + p] = table_bucket(codes, t, params)
+            codes[best] = 1 - codes[best]
 
 
 @parallel_kernel
@@ -323,6 +372,19 @@ def hash_dense(x: np.ndarray, hf: HashFunctions) -> np.ndarray:
     out = np.empty(hf.l, dtype=np.int32)
     hash_vector(x, hf.idx, hf.sign, hf.params, np.empty(hf.idx.shape[0], dtype=np.int32), out)
     return out
+
+
+def probe_dense(x: np.ndarray, hf: HashFunctions, probes: int) -> np.ndarray:
+    """Multi-probe bucket ids int32 (L, 1 + probes) of one dense float32 vector (tests and tools)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if x.ndim != 1 or int(hf.idx.max(initial=0)) >= x.shape[0]:
+        raise ValueError(f"expected a 1-d vector of width > {int(hf.idx.max(initial=0))}, got shape {x.shape}")
+    if probes < 0:
+        raise ValueError("probes must be >= 0")
+    out = np.empty(hf.l * (1 + probes), dtype=np.int32)
+    n_codes = hf.idx.shape[0]
+    probe_buckets(x, hf.idx, hf.sign, hf.params, probes, np.empty(n_codes), np.empty(n_codes, np.int32), out)
+    return out.reshape(hf.l, 1 + probes)
 
 
 def hash_matrix(weights: np.ndarray, hf: HashFunctions, rows: np.ndarray | None = None,

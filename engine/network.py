@@ -40,6 +40,7 @@ class SlideModel:
         sampled = np.flatnonzero(self.layer_slot >= 0)
         self.max_active = np.array([lsh.resolve_max_active(config, self.weights[l].shape[0]) for l in sampled]
                                    or [0], dtype=np.int64)
+        self.predict_probes = config.probes if config.predict_probes == -1 else config.predict_probes
         self.predict_max_active = np.array([lsh.resolve_max_active(config, self.weights[l].shape[0], True)
                                             for l in sampled] or [0], dtype=np.int64)
         if len(self.hashes) != int((self.layer_slot >= 0).sum()) or len(self.tables) != len(self.hashes):
@@ -123,18 +124,23 @@ class SlideModel:
 
     # ---- prediction ---------------------------------------------------------------------------
     def predict(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, k: int = 5,
-                mode: PredictMode = "lsh") -> tuple[np.ndarray, np.ndarray]:
+                mode: PredictMode = "lsh", probes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top-k labels int32 (n, k) and raw scores float32 (n, k) of n sparse points (CSR arrays).
 
         `lsh` scores only the output neurons the hash tables return (rows with fewer candidates than
         k are padded with -1 / -inf); `exact` scores every label. Scores are output-layer logits, the
-        same number for a label in both modes.
+        same number for a label in both modes. probes: multi-probe buckets per table in `lsh` mode
+        (None = the config's predict_probes): more candidates, higher recall of the exact top-k.
         """
-        labels, scores, _ = self.predict_with_stats(indptr, indices, values, k, mode)
+        labels, scores, _ = self.predict_with_stats(indptr, indices, values, k, mode, probes)
         return labels, scores
 
-    def predict_with_stats(self, indptr, indices, values, k: int = 5, mode: PredictMode = "lsh"):
+    def predict_with_stats(self, indptr, indices, values, k: int = 5, mode: PredictMode = "lsh",
+                           probes: int | None = None):
         """As `predict`, plus int64 (n,): how many output neurons were scored for each point."""
+        probes = self.predict_probes if probes is None else int(probes)
+        if not 0 <= probes <= 64 or (probes and self.config.hash_family != "simhash"):
+            raise ValueError(f"probes must be in [0, 64] (and 0 unless the hash family is simhash), got {probes}")
         indptr, indices, values = check_csr(indptr, indices, values, self.num_features)
         if mode not in ("lsh", "exact"):
             raise ValueError(f"mode must be 'lsh' or 'exact', got {mode!r}")
@@ -146,15 +152,16 @@ class SlideModel:
         n_scored = np.zeros(n, dtype=np.int64)
         if n == 0:
             return out_labels, out_scores, n_scored
-        scratch = self._take_scratch()
+        scratch = self._take_scratch(probes)
         try:
-            hid, ids, mark, cnt, gens, qcodes, qbuck = scratch
+            _, hid, ids, mark, cnt, gens, qmargins, qcodes, qbuck = scratch
             n_chunks = max(1, min(n, numba.get_num_threads(), mark.shape[0]))
             hidx, hsign, hparams, toffsets, tids, hubs = self.kernel_tables()
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
             run(indptr, indices, values, mode == "exact", self.weights[0], self.b0, self.weights, self.layer_slot,
-                hidx, hsign, hparams, toffsets, tids, hubs, hid, ids, mark, cnt, gens, qcodes, qbuck, n_chunks,
-                self.config.active_threshold, self.predict_max_active, out_labels, out_scores, n_scored)
+                hidx, hsign, hparams, toffsets, tids, hubs, hid, ids, mark, cnt, gens, qmargins, qcodes, qbuck,
+                n_chunks, probes, self.config.active_threshold, self.predict_max_active, out_labels, out_scores,
+                n_scored)
         finally:
             self._return_scratch(scratch)
         return out_labels, out_scores, n_scored
@@ -169,20 +176,24 @@ class SlideModel:
                 tuple(h.params for h in self.hashes), tuple(t.offsets for t in self.tables),
                 tuple(t.ids for t in self.tables), tuple(t.hubs for t in self.tables))
 
-    def _take_scratch(self) -> tuple:
+    def _take_scratch(self, probes: int) -> tuple:
+        """Per-thread buffers for prediction with up to `probes` probes: (probes, hid, ids, mark, cnt, gens,
+        qmargins, qcodes, qbuck), pooled so concurrent requests never share one."""
         with self._scratch_lock:
-            if self._scratch:
-                return self._scratch.pop()
+            for i, scratch in enumerate(self._scratch):
+                if scratch[0] >= probes:
+                    return self._scratch.pop(i)
         threads = numba.config.NUMBA_NUM_THREADS
         widths = [w.shape[1] - 1 for w in self.weights[1:]]
         hid = tuple(np.zeros((threads, width), dtype=np.float32) for width in widths)
-        cap = max([min(self.weights[l].shape[0], self.config.hash_l * self.config.bucket_size
+        cap = max([min(self.weights[l].shape[0], self.config.hash_l * (1 + probes) * self.config.bucket_size
                        + self.tables[self.layer_slot[l]].hubs.shape[0]) for l in self.sampled_layers()] or [1])
         n_max = max([self.weights[l].shape[0] for l in self.sampled_layers()] or [1])
         n_codes = max([h.idx.shape[0] for h in self.hashes] or [1])
-        return (hid, np.zeros((threads, cap), np.int32), np.zeros((threads, n_max), np.int32),
+        return (probes, hid, np.zeros((threads, cap), np.int32), np.zeros((threads, n_max), np.int32),
                 np.zeros((threads, n_max), np.int32), np.zeros(threads, np.int64),
-                np.zeros((threads, n_codes), np.int32), np.zeros((threads, self.config.hash_l), np.int32))
+                np.zeros((threads, n_codes), np.float64), np.zeros((threads, n_codes), np.int32),
+                np.zeros((threads, self.config.hash_l * (1 + probes)), np.int32))
 
     def _return_scratch(self, scratch: tuple) -> None:
         with self._scratch_lock:

@@ -155,7 +155,7 @@ class Trainer:
             out = model.weights[l].shape[0]
             if model.layer_slot[l] >= 0:
                 n_hubs = model.tables[model.layer_slot[l]].hubs.shape[0]
-                cap = min(out, cfg.hash_l * cfg.bucket_size + n_hubs + max_labels + cfg.min_active)
+                cap = min(out, cfg.hash_l * (1 + cfg.probes) * cfg.bucket_size + n_hubs + max_labels + cfg.min_active)
                 act_ids.append(np.zeros((batch, cap), np.int32))
             else:
                 cap = out
@@ -170,7 +170,8 @@ class Trainer:
             hid, tuple(act_ids), tuple(act_val), np.zeros((batch, depth), np.int32),
             np.zeros((batch, model.weights[0].shape[1]), np.float32), np.zeros(batch, np.float32),
             np.zeros((threads, n_max), np.int32), np.zeros((threads, n_max), np.int32), np.zeros(threads, np.int64),
-            np.zeros((threads, n_codes), np.int32), np.zeros((threads, cfg.hash_l), np.int32),
+            np.zeros((threads, n_codes), np.float64), np.zeros((threads, n_codes), np.int32),
+            np.zeros((threads, cfg.hash_l * (1 + cfg.probes)), np.int32),
             np.zeros((threads, width_max), np.float32), np.zeros((threads, width_max), np.float32),
         )
         self._group_of_row = [np.full(w.shape[0], -1, np.int32) for w in model.weights]
@@ -187,7 +188,7 @@ class Trainer:
             raise ValueError("train_step needs at least one point")
         if b > cfg.batch_size:
             raise ValueError(f"a batch holds at most batch_size={cfg.batch_size} points, got {b}")
-        (hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens, qcodes, qbuck, gin, gprev) = \
+        (hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens, qmargins, qcodes, qbuck, gin, gprev) = \
             self._buffers(cfg.batch_size)
         if b != cfg.batch_size:
             hid = tuple(h[:b] for h in hid)
@@ -199,7 +200,8 @@ class Trainer:
         train_batch(points, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
                     data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
                     hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens,
-                    qcodes, qbuck, gin, gprev, n_chunks, cfg.active_threshold, model.max_active, cfg.min_active,
+                    qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
+                    model.max_active, cfg.min_active,
                     cfg.seed)
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
         for l in range(1, model.depth):

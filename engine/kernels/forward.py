@@ -22,7 +22,7 @@ import numpy as np
 from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
-from ..lsh import hash_vector
+from ..lsh import hash_vector, probe_buckets
 from .sampling import add_ids, collect_candidates, filter_candidates, next_generation, pad_random, tie_seed
 
 
@@ -54,20 +54,26 @@ def neuron_preactivation(w, j, inp):
 
 
 @kernel
-def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark, cnt, gen, qcodes, qbuck,
-                   threshold, max_active, ids):
+def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark, cnt, gen, qmargins, qcodes, qbuck,
+                   probes, threshold, max_active, ids):
     """Retrieve the candidates of one input from a sampled layer's tables into ids; returns how many.
 
     The layer's hubs (the neurons scoring highest on its average input) join every set: they score
     high for most inputs, so they must keep meeting negative gradients, but cosine buckets centred on
-    the keys do not always return them.
+    the keys do not always return them. probes > 0 also reads that many neighbouring buckets per table
+    (multi-probe, see lsh.probe_buckets); qbuck must hold L * (1 + probes) entries.
     """
     hp = hparams[slot]
     n_tables = hp[2]
-    buckets = qbuck[:n_tables]
-    hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[: hidx[slot].shape[0]], buckets)
-    n = collect_candidates(buckets, toffsets[slot], tids[slot], mark, cnt, gen, ids)
-    n = filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables, tie_seed(hp[7], buckets))
+    n_codes = hidx[slot].shape[0]
+    stride = 1 + probes
+    buckets = qbuck[: n_tables * stride]
+    if probes == 0:
+        hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[:n_codes], buckets)
+    else:
+        probe_buckets(inp, hidx[slot], hsign[slot], hp, probes, qmargins[:n_codes], qcodes[:n_codes], buckets)
+    n = collect_candidates(buckets, stride, toffsets[slot], tids[slot], mark, cnt, gen, ids)
+    n = filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables * stride, tie_seed(hp[7], buckets))
     return add_ids(ids, n, hubs[slot], mark, cnt, gen, 1)
 
 
@@ -91,8 +97,8 @@ def softmax_inplace(vals, n):
 def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices, inv_batch,
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, delta0,
-                mark, cnt, gens, chunk, qcodes, qbuck, gin, gprev,
-                threshold, max_active, min_active, seed):
+                mark, cnt, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
+                probes, threshold, max_active, min_active, seed):
     """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled)."""
     depth = len(weights)
     sparse_input_layer(w0, b0, x_indices, x_values, x_indptr[p], x_indptr[p + 1], hid[0][i])
@@ -110,7 +116,8 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
         if slot >= 0:
             gen = next_generation(mark, gens, chunk)
             n = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark[chunk], cnt[chunk],
-                               gen, qcodes[chunk], qbuck[chunk], threshold, max_active, ids)
+                               gen, qmargins[chunk], qcodes[chunk], qbuck[chunk], probes, threshold, max_active,
+                               ids)
             if is_output:
                 n = add_ids(ids, n, labels, mark[chunk], cnt[chunk], gen, -1)
             n = pad_random(ids, n, min_active, out_dim, mark[chunk], cnt[chunk], gen, seed, stream * depth + l)
@@ -192,8 +199,8 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
 def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y_indices,
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, delta0, losses,
-                mark, cnt, gens, qcodes, qbuck, gin, gprev, n_chunks,
-                threshold, max_active, min_active, seed):
+                mark, cnt, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
+                probes, threshold, max_active, min_active, seed):
     """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
 
     Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
@@ -205,4 +212,5 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
             losses[i] = train_point(i, points[i], first_stream + i, x_indptr, x_indices, x_values, y_indptr,
                                     y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
                                     toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, mark, cnt, gens, c,
-                                    qcodes, qbuck, gin, gprev, threshold, max_active, min_active, seed)
+                                    qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
+                                    min_active, seed)

@@ -28,11 +28,12 @@ def next_generation(mark, gens, chunk):
 
 
 @kernel
-def collect_candidates(buckets, offsets, ids, mark, cnt, gen, out):
-    """Union of the buckets (one per table) into out; returns how many; counts in cnt."""
+def collect_candidates(buckets, stride, offsets, ids, mark, cnt, gen, out):
+    """Union of the buckets (`stride` consecutive ones per table) into out; returns how many; counts in cnt."""
     n = 0
-    for t in range(buckets.shape[0]):
-        b = buckets[t]
+    for q in range(buckets.shape[0]):
+        t = q // stride
+        b = buckets[q]
         for p in range(offsets[t, b], offsets[t, b + 1]):
             j = ids[t, p]
             if mark[j] != gen:

@@ -89,6 +89,44 @@ def test_hash_matrix_hashes_centred_rows(family):
         np.testing.assert_array_equal(plain[:, j], naive.bucket_ids(w[j, :16], hf.idx, hf.sign, hf.params))
 
 
+@pytest.mark.parametrize("table_bits", [0, 5])
+def test_multi_probe_flips_the_least_confident_bits(table_bits):
+    hf = draw("simhash", 6, 8, dim=32, table_bits=table_bits, seed=4)
+    k, l = hf.k, hf.l
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        x = rng.standard_normal(32).astype(np.float32)
+        got = lsh.probe_dense(x, hf, probes=3)
+        np.testing.assert_array_equal(got[:, 0], lsh.hash_dense(x, hf))
+        margins = np.abs((hf.sign.astype(np.float64) * x[hf.idx]).sum(axis=1))
+        codes = naive.simhash_codes(x, hf.idx, hf.sign)
+        for t in range(l):
+            order = t * k + np.argsort(margins[t * k : (t + 1) * k], kind="stable")
+            for p in range(1, 4):
+                flipped = codes.copy()
+                flipped[order[p - 1]] ^= 1
+                want = naive.combine(flipped, k, l, 2, int(hf.params[5]), int(hf.params[6]), int(hf.params[7]))
+                assert got[t, p] == want[t]
+
+
+def test_multi_probe_finds_near_neighbours_more_often():
+    hf = draw("simhash", 8, 16, dim=64, density=0.2, seed=6)
+    rng = np.random.default_rng(8)
+    pairs = [pair_at_cosine(rng, 64, 0.8) for _ in range(300)]
+
+    def found(probes):
+        hits = []
+        for x, y in pairs:
+            probed = lsh.probe_dense(x.astype(np.float32), hf, probes)
+            own = lsh.hash_dense(y.astype(np.float32), hf)
+            hits.append(np.mean([own[t] in probed[t] for t in range(hf.l)]))
+        return float(np.mean(hits))
+
+    none, one, three = found(0), found(1), found(3)
+    assert none < one < three
+    assert one > 1.3 * none  # the flipped bit is the one most likely to differ
+
+
 def test_dwta_equals_wta_without_empty_bins():
     wta = draw("wta", 3, 10, dim=48, seed=9)
     dwta = draw("dwta", 3, 10, dim=48, seed=9)

@@ -267,15 +267,46 @@ def test_training_on_tiny_synthetic_data_learns(tiny):
     assert final["p_at_1"] > max(0.2, 2.5 * baseline), (final["p_at_1"], baseline)
 
 
-def test_default_hashing_learns_on_tiny_synthetic_data(tiny):
+@pytest.fixture(scope="module")
+def default_trained(tiny):
+    return train_tiny(tiny)
+
+
+def test_default_hashing_learns_on_tiny_synthetic_data(tiny, default_trained):
     """What a user gets without tuning: auto K, default L, the automatic active-set cap."""
     train, test = tiny
     baseline = popularity_p_at_1(train, test)
-    trainer, history, final = train_tiny(tiny)
+    trainer, history, final = default_trained
     assert final["active_fraction"] <= 0.1
     exact = trainer.evaluate(mode="exact")["p_at_1"]
     assert exact > 3 * baseline, (exact, baseline)
     assert final["p_at_1"] > 3 * baseline, (final["p_at_1"], baseline)
+
+
+def test_multi_probe_prediction_scores_more_candidates_and_recalls_more_of_exact(tiny, default_trained):
+    _, test = tiny
+    model = default_trained[0].model
+    x = (test.x_indptr, test.x_indices, test.x_values)
+    exact, _ = model.predict(*x, k=5, mode="exact")
+
+    def recall(labels):
+        return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, labels)])
+
+    plain, plain_scores, plain_scored = model.predict_with_stats(*x, k=5, mode="lsh", probes=0)
+    np.testing.assert_array_equal(plain, model.predict(*x, k=5, mode="lsh")[0])  # the default: no probes
+    probed, probed_scores, probed_scored = model.predict_with_stats(*x, k=5, mode="lsh", probes=2)
+    assert np.all(probed_scored >= plain_scored) and probed_scored.mean() > 1.2 * plain_scored.mean()
+    assert recall(probed) >= recall(plain)
+    assert np.all(probed_scores[:, 0] >= plain_scores[:, 0])  # a superset of candidates never scores lower
+    with pytest.raises(ValueError, match="probes"):
+        model.predict(*x, k=5, probes=65)
+
+
+def test_training_with_multi_probe_learns(tiny):
+    train, test = tiny
+    trainer, _, final = train_tiny(tiny, probes=1)
+    assert trainer.model.predict_probes == 1
+    assert final["p_at_1"] > 3 * popularity_p_at_1(train, test)
 
 
 def test_train_step_refuses_empty_and_oversized_batches():

@@ -97,35 +97,40 @@ def compile_kernels(config) -> None:
 
 
 def measure_inference(model, test, args) -> dict:
+    """Single-query latency, batch throughput and candidates scored for exact and for lsh with 0, 1
+    and 2 probes per table; recall@5 of each lsh variant against exact on the same queries."""
     from engine.cli import topk_recall
     rng = np.random.default_rng(args.seed)
     n = test.num_points
     rows = rng.choice(n, size=min(n, args.queries), replace=False)
     out = {}
-    exact_top = {}
-    for mode, count in (("lsh", len(rows)), ("exact", min(len(rows), args.exact_queries))):
+    tops = {}
+    variants = [("exact", "exact", 0, min(len(rows), args.exact_queries))]
+    variants += [("lsh" if p == 0 else f"lsh+{p}probe", "lsh", p, len(rows)) for p in (0, 1, 2)]
+    for name, mode, probes, count in variants:
         lat = []
-        tops = []
+        top = []
         for r in rows[:count]:
             s, e = test.x_indptr[r], test.x_indptr[r + 1]
             ip = np.array([0, e - s], dtype=np.int64)
             t0 = time.perf_counter()
-            lab, _ = model.predict(ip, test.x_indices[s:e], test.x_values[s:e], k=5, mode=mode)
+            lab, _ = model.predict(ip, test.x_indices[s:e], test.x_values[s:e], k=5, mode=mode, probes=probes)
             lat.append(time.perf_counter() - t0)
-            tops.append(lab[0])
-        exact_top[mode] = np.array(tops)
+            top.append(lab[0])
+        tops[name] = np.array(top)
         batch = rows[:count]
         sub_ip = np.concatenate([[0], np.cumsum(test.x_indptr[batch + 1] - test.x_indptr[batch])]).astype(np.int64)
         idx = np.concatenate([test.x_indices[test.x_indptr[r]:test.x_indptr[r + 1]] for r in batch])
         val = np.concatenate([test.x_values[test.x_indptr[r]:test.x_indptr[r + 1]] for r in batch])
         t0 = time.perf_counter()
-        _, _, scored = model.predict_with_stats(sub_ip, idx, val, k=5, mode=mode)
+        _, _, scored = model.predict_with_stats(sub_ip, idx, val, k=5, mode=mode, probes=probes)
         bt = time.perf_counter() - t0
-        out[mode] = {"queries": count, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+        out[name] = {"queries": count, "probes": probes, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
                      "p99_ms": 1e3 * float(np.percentile(lat, 99)), "batch_queries_per_s": count / bt,
                      "mean_scored": float(scored.mean())}
-    m = min(len(exact_top["lsh"]), len(exact_top["exact"]))
-    out["lsh"]["recall_at_5_vs_exact"] = topk_recall(exact_top["lsh"][:m], exact_top["exact"][:m])
+        if mode == "lsh":
+            m = len(tops["exact"])
+            out[name]["recall_at_5_vs_exact"] = topk_recall(tops[name][:m], tops["exact"][:m])
     return out
 
 
@@ -224,9 +229,9 @@ def main() -> int:
               f"{r['peak_rss_bytes'] / 1e9:>13.2f}")
     sp = results.get("ours-sparse", {})
     if "inference" in sp:
-        print(f"\n{'mode':<8}{'p50 ms':>9}{'p99 ms':>9}{'batch q/s':>11}{'scored':>9}{'recall@5':>10}")
+        print(f"\n{'mode':<13}{'p50 ms':>9}{'p99 ms':>9}{'batch q/s':>11}{'scored':>9}{'recall@5':>10}")
         for mode, r in sp["inference"].items():
-            print(f"{mode:<8}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['batch_queries_per_s']:>11.0f}"
+            print(f"{mode:<13}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['batch_queries_per_s']:>11.0f}"
                   f"{r['mean_scored']:>9.0f}{fmt(r.get('recall_at_5_vs_exact')):>10}")
         print(f"\nours-sparse peak RSS / (weights + Adam + tables) = {sp['peak_rss_bytes'] / sp['state_bytes']:.2f}")
     if "torch-dense" in results and "samples_per_s" in results["torch-dense"] and "samples_per_s" in sp:

@@ -16,6 +16,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from app.services.errors import (
     Conflict,
@@ -33,6 +34,7 @@ log = logging.getLogger("app.errors")
 
 PROBLEM_JSON = "application/problem+json"
 TYPE_PREFIX = "urn:slide:problem:"
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
 
 @dataclass(frozen=True)
@@ -125,7 +127,24 @@ async def validation_error_handler(request: Request, exc: Exception) -> ProblemR
 async def http_exception_handler(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, StarletteHTTPException)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    return problem(request, exc.status_code, detail, headers=dict(exc.headers) if exc.headers else None)
+    headers = dict(exc.headers) if exc.headers else {}
+    if exc.status_code == 405:
+        # Starlette names only the methods of the first route whose path matched; RFC 9110 wants every method
+        # the resource supports (GET and DELETE on /v1/datasets/{id} are two routes).
+        headers["Allow"] = ", ".join(_allowed_methods(request))
+        detail = f"{request.method} is not supported here; use {headers['Allow']}"
+    return problem(request, exc.status_code, detail, headers=headers or None)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route serves at this path: each method asked of the route table in a fresh scope."""
+    allowed = []
+    for method in HTTP_METHODS:
+        scope = {"type": "http", "method": method, "path": request.scope["path"],
+                 "root_path": request.scope.get("root_path", ""), "headers": [], "query_string": b""}
+        if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return allowed
 
 
 async def unhandled_error_handler(request: Request, exc: Exception) -> ProblemResponse:

@@ -15,6 +15,7 @@ from fastapi import FastAPI
 
 from app.errors import tidy_openapi
 from app.services.container import Services
+from app.settings import Settings
 
 log = logging.getLogger("app.openapi")
 
@@ -24,10 +25,21 @@ def install_openapi(app: FastAPI, services: Services) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = tidy_openapi(build())
+            app.openapi_schema = with_limits(tidy_openapi(build()), services.settings)
         return with_live_examples(app.openapi_schema, services)
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+def with_limits(spec: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The predict limits are settings of this service, so its document states them (a client can then stay
+    inside them; the schema and the 422 agree)."""
+    predict = spec.get("components", {}).get("schemas", {}).get("PredictRequest", {}).get("properties", {})
+    if "k" in predict:
+        predict["k"]["maximum"] = settings.predict_max_k
+    if "instances" in predict:
+        predict["instances"]["maxItems"] = settings.predict_max_instances
+    return spec
 
 
 def _newest_ids(services: Services) -> dict[str, str]:

@@ -3,6 +3,9 @@
 The job `config` schema is generated from `engine.SlideConfig`: same fields, same defaults, same descriptions, so
 the two cannot drift apart. Range checks stay in the engine (`SlideConfig.from_dict`), whose `ConfigError.field`
 becomes the `field` of the 422 problem.
+
+Request bodies are strict: JSON types as the schema states them (`true` is not an integer, `"5"` is not a number),
+so what the OpenAPI document promises to refuse is refused.
 """
 
 from __future__ import annotations
@@ -98,7 +101,7 @@ def _config_model() -> type[BaseModel]:
         fields[f.name] = (tp, Field(defaults[f.name], description=docs.get(f.name)))  # pydantic copies list defaults
     return create_model(
         "SlideConfig",
-        __config__=ConfigDict(extra="forbid", json_schema_extra={"description": inspect.cleandoc(SlideConfig.__doc__ or "")}),
+        __config__=ConfigDict(extra="forbid", strict=True, json_schema_extra={"description": inspect.cleandoc(SlideConfig.__doc__ or "")}),
         **fields,
     )
 
@@ -112,7 +115,7 @@ JOB_CONFIG_EXAMPLE = {"hidden": [128], "hash_family": "dwta", "hash_k": 6, "hash
 
 
 class JobCreate(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     train_dataset_id: str = Field(description="Id returned by `POST /v1/datasets`.", examples=[EXAMPLE_ID])
     eval_dataset_id: str | None = Field(
@@ -207,9 +210,12 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 class Instance(BaseModel):
     """One sparse query: feature ids and their values (same length)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    indices: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(examples=[[0, 5, 17]])
+    indices: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
+        examples=[[0, 5, 17]], json_schema_extra={"uniqueItems": True},
+        description="Feature ids, each below the model's `num_features`, none repeated.",
+    )
     values: list[FiniteFloat] = Field(examples=[[1.0, 0.5, 0.25]])
 
     @model_validator(mode="after")
@@ -223,7 +229,7 @@ class Instance(BaseModel):
 
 
 class PredictRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     instances: list[Instance] = Field(min_length=1, examples=[[{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}]])
     k: int = Field(5, ge=1, description="Labels returned per instance.", examples=[5])

@@ -124,7 +124,10 @@ def test_unknown_ids_and_problem_shape(client):
     assert p["id"] == "nope"
     assert_problem(client.delete("/v1/datasets/nope"), 404)
     assert_problem(client.get("/v1/no-such-route"), 404)
-    assert_problem(client.put("/v1/datasets"), 405)
+    r = client.put("/v1/datasets")
+    assert_problem(r, 405)
+    assert r.headers["allow"] == "GET, POST"  # every method of the resource, though each is its own route
+    assert client.request("OPTIONS", "/v1/datasets/nope").headers["allow"] == "GET, DELETE"
 
 
 def test_delete_in_use_is_409(client, xmc_files):

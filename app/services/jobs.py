@@ -150,20 +150,23 @@ class JobService:
 
     # ---- control --------------------------------------------------------------------------------------
     def stop(self, job_id: str) -> JobRow:
-        """Running -> stopping (the trainer checkpoints, then records `stopped`); queued/interrupted -> stopped."""
-        with self.db.session() as s:
-            job = s.get(JobRow, job_id)
-            if job is None:
-                raise NotFound("job", job_id)
-            if job.state in ("stopping", "stopped"):
-                return job
-            if _transition(s, job_id, ("running",), state="stopping"):
-                pass
-            elif _transition(s, job_id, ("queued", "interrupted"), state="stopped", finished_at=utcnow()):
-                pass
-            else:
-                raise Conflict(f"job {job_id} is {job.state}; only queued, running or interrupted jobs can be "
-                               "stopped", state=job.state)
+        """Running -> stopping (the trainer checkpoints, then records `stopped`); queued/interrupted -> stopped.
+        Idempotent: a stopping or stopped job is returned as it is. Completed and failed jobs are a Conflict."""
+        for _ in range(10):  # the supervisor may start it (queued -> running) between our read and our write
+            with self.db.session() as s:
+                job = s.get(JobRow, job_id)
+                if job is None:
+                    raise NotFound("job", job_id)
+                if job.state in ("stopping", "stopped"):
+                    return job
+                if job.state not in ("queued", "running", "interrupted"):
+                    raise Conflict(f"job {job_id} is {job.state}; only queued, running or interrupted jobs can be "
+                                   "stopped", state=job.state)
+                if (_transition(s, job_id, ("running",), state="stopping")
+                        or _transition(s, job_id, ("queued", "interrupted"), state="stopped", finished_at=utcnow())):
+                    break
+        else:
+            raise Conflict(f"job {job_id} kept changing state; retry the stop", state=job.state)
         self.supervisor.request_stop(job_id)
         return self.get(job_id)
 
@@ -177,20 +180,22 @@ class JobService:
             if missing:
                 raise Conflict(f"job {job_id} cannot resume: its dataset {missing[0]} was deleted", state=job.state)
             if not _transition(s, job_id, RESUMABLE, state="queued", error=None, finished_at=None):
-                hint = ("it is already queued or training" if job.state in ACTIVE
-                        else "it completed its epochs; start a new job to train further")
+                hint = {"stopping": "it is writing its checkpoint; resume it once it is stopped",
+                        "completed": "it completed its epochs; start a new job to train further"}.get(
+                            job.state, "it is already queued or training")
                 raise Conflict(f"job {job_id} is {job.state}: {hint}", state=job.state)
         self.supervisor.wake()
         return self.get(job_id)
 
     def delete(self, job_id: str) -> None:
-        """Cancel (kill its process if it runs) and remove the job, its metrics, versions and snapshots."""
+        """Remove the job, its metrics, versions and snapshots; a trainer still running is killed first (no
+        checkpoint: its files go too). The rows go first, so the supervisor cannot start the job meanwhile."""
         self.get(job_id)
-        self.supervisor.cancel(job_id)
         with self.db.session() as s:
             s.execute(delete(MetricRow).where(MetricRow.job_id == job_id))
             s.execute(delete(ModelVersionRow).where(ModelVersionRow.job_id == job_id))
             s.execute(delete(JobRow).where(JobRow.id == job_id))
+        self.supervisor.cancel(job_id)
         _remove_tree(self.settings.job_dir(job_id))
         log.info("job %s deleted", job_id)
 
@@ -378,17 +383,20 @@ class Supervisor:
             queued = list(s.scalars(select(JobRow).where(JobRow.state == "queued")
                                     .order_by(JobRow.created_at).limit(free)))
         for job in queued:
-            with self.db.session() as s:
-                if not _transition(s, job.id, ("queued",), state="running", runs=job.runs + 1, started_at=utcnow(),
-                                   finished_at=None, error=None):
-                    continue
-            try:
-                self._spawn(job)
-            except Exception as exc:  # noqa: BLE001
-                log.exception("could not start job %s", job.id)
+            # Under the lock from the transition until the handle is registered: cancel() (a delete) waits for a
+            # launch in progress, so it always finds the process it must kill.
+            with self._lock:
                 with self.db.session() as s:
-                    _transition(s, job.id, ("running",), state="failed", finished_at=utcnow(),
-                                error=f"could not start the trainer process: {type(exc).__name__}: {exc}")
+                    if not _transition(s, job.id, ("queued",), state="running", runs=job.runs + 1,
+                                       started_at=utcnow(), finished_at=None, error=None):
+                        continue
+                try:
+                    self._spawn(job)
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("could not start job %s", job.id)
+                    with self.db.session() as s:
+                        _transition(s, job.id, ("running",), state="failed", finished_at=utcnow(),
+                                    error=f"could not start the trainer process: {type(exc).__name__}: {exc}")
 
     def _spawn(self, job: JobRow) -> None:
         st = self.settings

@@ -103,7 +103,9 @@ def get_job(job_id: str, jobs: JobsDep) -> JobPublic:
 @router.post("/{job_id}/stop", status_code=202, response_model=JobPublic, summary="Stop a job (checkpoints first)",
              responses=problem_responses(401, 404, 409))
 def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
-    """A running job becomes `stopping`, writes a checkpoint, then `stopped`; poll the job to see it."""
+    """A running job becomes `stopping`, writes a checkpoint, then `stopped`; poll the job to see it. A queued or
+    interrupted job is `stopped` at once. Idempotent: stopping a stopping or stopped job is a 202 too; a completed
+    or failed job is a 409."""
     job = jobs.stop(job_id)
     return job_public(job, jobs.latest_versions([job_id]).get(job_id))
 
@@ -112,6 +114,7 @@ def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
              summary="Resume a stopped, failed or interrupted job from its checkpoint",
              responses=problem_responses(401, 404, 409))
 def resume_job(job_id: str, jobs: JobsDep) -> JobPublic:
+    """409 for a job that is queued, running, still `stopping` (retry once it is `stopped`) or completed."""
     job = jobs.resume(job_id)
     return job_public(job, jobs.latest_versions([job_id]).get(job_id))
 
@@ -119,6 +122,7 @@ def resume_job(job_id: str, jobs: JobsDep) -> JobPublic:
 @router.delete("/{job_id}", status_code=204, summary="Cancel and remove a job, its metrics and its model",
                responses=problem_responses(401, 404))
 def delete_job(job_id: str, jobs: JobsDep, registry: RegistryDep) -> Response:
+    """In any state: a trainer still running is killed first (no checkpoint), then the job's rows and files go."""
     jobs.delete(job_id)
     registry.evict(job_id)
     return Response(status_code=204)

@@ -14,6 +14,7 @@ says so, the previous snapshot stays intact and keeps serving, and `resume` cont
 from __future__ import annotations
 
 import errno
+import os
 import resource
 import signal
 from pathlib import Path
@@ -161,7 +162,12 @@ def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_
               settings.job_dir(job_id) / "trainer.log"]
     limit = max(4 * MiB, 2 * max(p.stat().st_size for p in others if p.exists()))
     assert limit < biggest, (limit, biggest)
-    resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ
+    os.kill(pid, signal.SIGSTOP)  # it cannot finish between our look and the limit
+    try:
+        assert services.jobs.get(job_id).state == "running", diagnose()
+        resource.prlimit(pid, resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))  # Python ignores SIGXFSZ
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
     failed = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("failed", "completed")
                       and j, timeout=120, what="the job to fail", diagnose=diagnose)

@@ -10,6 +10,7 @@ Two crashes, two defined outcomes:
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import sqlite3
@@ -95,7 +96,10 @@ def test_sigkill_of_the_server_alone_orphan_checkpoints_and_exits_then_restart_r
     trainer_pid = _row(data, job_id)["pid"]
     assert trainer_pid in children, (trainer_pid, children)
 
+    os.kill(trainer_pid, signal.SIGSTOP)  # so it is still mid-training when the server dies
+    assert _row(data, job_id)["state"] == "running"
     assert server.stop(signal.SIGKILL) == -signal.SIGKILL
+    os.kill(trainer_pid, signal.SIGCONT)
     # Orphans are not left behind: everything the server started exits on its own.
     wait_for(lambda: not any(alive(p) for p in children), timeout=90, what="the orphaned processes to exit",
              diagnose=lambda: (data / "jobs" / job_id / "trainer.log").read_text()[-3000:])
@@ -124,7 +128,9 @@ def test_sigkill_of_the_server_and_its_trainers_then_restart_resumes_from_the_la
     _, job_id = _start_training(c, xmc_files)
     before = _record(c, job_id)
     children = descendants(server.pid)
-    step_at_kill = _job(c, job_id)["progress"]["step"]
+    trainer_pid = _row(data, job_id)["pid"]
+    os.kill(trainer_pid, signal.SIGSTOP)  # so it is still mid-training when it dies
+    step_at_kill = _job(c, job_id)["progress"]["step"]  # its last heartbeat
 
     server.kill_group()
     wait_for(lambda: not any(alive(p) for p in children), timeout=30, what="the process group to die")

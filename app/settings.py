@@ -30,6 +30,9 @@ class Settings(BaseSettings):
     """Snapshot versions kept per job (older ones are pruned by the trainer)."""
     trainer_threads: int = Field(0, ge=0, le=1024)
     """Numba threads per training process when the job's config says `threads: 0` (0 = all cores)."""
+    trainer_nice: int = Field(10, ge=0, le=19)
+    """Niceness added to training processes: when predictions and training want the same cores, predictions (a
+    user waiting) get them first and training (throughput) takes the rest; 0 = the service's own priority."""
     max_concurrent_jobs: int = Field(1, ge=1, le=64)
     """Jobs training at once; the rest wait in `queued`."""
     auto_resume: bool = True

@@ -79,6 +79,7 @@ def make_settings(data_dir: Path, **overrides: Any):
         events_poll_s=0.1,
         shutdown_grace_s=15,
         trainer_threads=1,
+        trainer_nice=0,  # the machine running tests may be busy: a niced trainer would only make them slower
     )
     values.update(overrides)
     return Settings(_env_file=None, **values)

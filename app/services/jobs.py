@@ -411,6 +411,7 @@ class Supervisor:
             "snapshot_interval_s": st.snapshot_interval_s,
             "snapshot_keep": st.snapshot_keep,
             "trainer_threads": int(job.config.get("threads") or st.trainer_threads or 0),
+            "nice": st.trainer_nice,
             "progress_interval_s": st.progress_interval_s,
             "parent_pid": os.getpid(),
             "run": job.runs + 1,  # what _launch just wrote: the child's writes are fenced by it

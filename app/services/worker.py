@@ -38,6 +38,9 @@ LOG_FILE = "trainer.log"
 
 def run_job(spec: dict[str, Any], stop_event: Any, interrupt_event: Any, training_event: Any) -> None:
     """Process entry point (must stay a picklable top-level function)."""
+    nice = int(spec.get("nice") or 0)
+    if nice > 0:  # before any thread starts: Linux keeps niceness per thread, and new threads inherit it
+        os.nice(nice)
     threads = int(spec.get("trainer_threads") or 0)
     if threads > 0:
         os.environ["NUMBA_NUM_THREADS"] = str(min(threads, os.cpu_count() or threads))

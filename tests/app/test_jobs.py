@@ -4,6 +4,8 @@ events, idempotency, config errors naming the field, predict validation."""
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 
 import pytest
 
@@ -216,3 +218,33 @@ def test_predict_validation(tmp_path, client_for, xmc_files):
             assert words in p["detail"], p
     assert_problem(client.post("/v1/models/nope/predict", json={"instances": [{"indices": [1], "values": [1.0]}]}), 404)
     assert_problem(client.get("/v1/models/nope"), 404)
+
+
+def _thread_nices(pid: int) -> list[int]:
+    """Niceness of every thread of a process (Linux keeps it per thread): field 19 of /proc/<pid>/task/<tid>/stat."""
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        out.append(int(stat.rsplit(")", 1)[1].split()[16]))
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_trainer_threads_run_niced(tmp_path, client_for, xmc_files):
+    """SLIDE_TRAINER_NICE: every thread of a trainer runs that much nicer than the service, so predictions get the
+    CPU first when both want it."""
+    client = client_for(make_settings(tmp_path / "data", trainer_nice=5, trainer_threads=2))
+    train_id = upload(client, xmc_files["train"]).json()["id"]
+    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": dict(FAST, epochs=1000)}).json()["id"]
+    jobs = client.app.state.services.jobs
+    wait_for(lambda: (_state_is(client, job_id, "running") or {}).get("progress", {}).get("step", 0) > 0,
+             what="training steps", diagnose=job_diagnosis(client, client.app.state.services.settings, job_id))
+    pid = jobs.get(job_id).pid
+    expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
+    nices = _thread_nices(pid)
+    assert nices and all(n == expected for n in nices), (expected, nices)
+    assert client.post(f"/v1/jobs/{job_id}/stop").status_code == 202
+    wait_for(lambda: _state_is(client, job_id, "stopped"), what="stopped")

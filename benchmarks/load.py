@@ -166,6 +166,8 @@ class Service:
                        SLIDE_MAX_UPLOAD_BYTES="64GiB")
             if a.trainer_threads:
                 env["SLIDE_TRAINER_THREADS"] = str(a.trainer_threads)
+            if a.trainer_nice is not None:
+                env["SLIDE_TRAINER_NICE"] = str(a.trainer_nice)
             cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
                    "--log-level", "warning"]
             if not a.access_log:
@@ -272,7 +274,8 @@ class Sampler:
         try:
             with p.oneshot():
                 m = p.memory_info()
-                return {"rss": m.rss, "anon": m.rss - m.shared, "cpu": p.cpu_percent(None), "threads": p.num_threads()}
+                return {"rss": m.rss, "anon": m.rss - m.shared, "cpu": p.cpu_percent(None), "threads": p.num_threads(),
+                        "nice": p.nice()}
         except psutil.Error:
             return None
 
@@ -316,16 +319,26 @@ class Sampler:
 
 
 def memory_summary(samples: list[dict], who: str) -> dict | None:
+    """RSS at the start, end and peak of a phase, and its growth: after a warm-up (the first 25% of the phase,
+    at most 60 s: new threads, scratch buffers, the first answers of a new model), the median of the last fifth
+    of the samples minus the median of the first fifth, and the least-squares slope. Total RSS counts the file
+    pages of the memory-mapped snapshot (they come and go with swaps); anonymous RSS (rss - shared) is the
+    process's own memory, where a leak would show."""
     pts = [(s["t"], s[who]["rss"], s[who]["anon"]) for s in samples if s.get(who)]
     if len(pts) < 2:
         return None
     t = np.array([p[0] for p in pts])
     rss = np.array([p[1] for p in pts], dtype=float) / MB
     anon = np.array([p[2] for p in pts], dtype=float) / MB
-    fifth = max(1, len(pts) // 5)
+    steady = t >= t[0] + min(60.0, 0.25 * (t[-1] - t[0]))
+    if steady.sum() < 5:
+        steady[:] = True
+    ts = t[steady]
+    fifth = max(1, int(steady.sum()) // 5)
 
-    def growth(x):  # median of the last fifth minus median of the first fifth, and the least-squares slope
-        slope = float(np.polyfit((t - t[0]) / 60.0, x, 1)[0]) if t[-1] > t[0] else 0.0
+    def growth(x):
+        x = x[steady]
+        slope = float(np.polyfit((ts - ts[0]) / 60.0, x, 1)[0]) if ts[-1] > ts[0] else 0.0
         return float(np.median(x[-fifth:]) - np.median(x[:fifth])), slope
 
     rss_growth, rss_slope = growth(rss)
@@ -335,7 +348,8 @@ def memory_summary(samples: list[dict], who: str) -> dict | None:
             "rss_growth_mb": rss_growth, "rss_slope_mb_per_min": rss_slope,
             "anon_start_mb": float(anon[0]), "anon_end_mb": float(anon[-1]), "anon_max_mb": float(anon.max()),
             "anon_growth_mb": anon_growth, "anon_slope_mb_per_min": anon_slope,
-            "cpu_percent_mean": float(np.mean(cpu)) if cpu else None, "samples": len(pts)}
+            "warm_up_s": float(ts[0] - t[0]), "cpu_percent_mean": float(np.mean(cpu)) if cpu else None,
+            "samples": len(pts)}
 
 
 # ----------------------------------------------------------------------------------------------- load
@@ -345,12 +359,11 @@ def run_load(url: str, path: str, bodies: list[bytes], users: int, rate: float, 
              headers: dict[str, str]) -> dict:
     """`users` locust users posting `bodies` (random order) for `duration` s; `rate` = total requests/s
     (0 = each user sends its next request as soon as the last is answered)."""
-    lat: list[float] = []
+    rec: list[tuple[float, float, int]] = []  # (sent at, seconds, model version or -1), requests sent in the window
     statuses: Counter = Counter()
     errors: Counter = Counter()
-    versions: Counter = Counter()
     short = [0]
-    recording = [False]
+    window = [float("inf"), float("-inf")]
     hdrs = {"Content-Type": "application/json", **headers}
 
     class PredictUser(FastHttpUser):
@@ -365,23 +378,21 @@ def run_load(url: str, path: str, bodies: list[bytes], users: int, rate: float, 
             t0 = time.perf_counter()
             with self.client.post(path, data=body, headers=hdrs, name="predict", catch_response=True) as r:
                 dt = time.perf_counter() - t0
-                problem = None
+                problem, version = None, -1
                 if r.status_code != 200:
                     problem = f"HTTP {r.status_code}" if r.status_code else f"connection: {r.error!r}"[:200]
                 else:
                     try:
                         doc = json.loads(r.content)
-                        labels = doc["predictions"][0]["labels"]
-                        if recording[0]:
-                            versions[doc["model_version"]] += 1
-                            if len(labels) < 5:
-                                short[0] += 1
+                        version = int(doc["model_version"])
+                        if len(doc["predictions"][0]["labels"]) < 5:
+                            short[0] += 1
                     except (ValueError, KeyError, IndexError, TypeError) as exc:
                         problem = f"bad body: {type(exc).__name__}"
                 if problem:
                     r.failure(problem)
-                if recording[0]:
-                    lat.append(dt)
+                if window[0] <= t0 < window[1]:
+                    rec.append((t0, dt, version))
                     statuses[r.status_code] += 1
                     if problem:
                         errors[problem] += 1
@@ -390,22 +401,57 @@ def run_load(url: str, path: str, bodies: list[bytes], users: int, rate: float, 
     runner = env.create_local_runner()
     runner.start(users, spawn_rate=max(users, 1) * 10)
     gevent.sleep(1.0)  # users spawned and connected
-    recording[0] = True
-    t0 = time.monotonic()
+    window[0] = time.perf_counter()
+    window[1] = window[0] + duration
     gevent.sleep(duration)
-    recording[0] = False
-    elapsed = time.monotonic() - t0
+    gevent.sleep(min(10.0, 1.0 + 0.1 * duration))  # let requests sent inside the window come back
     runner.quit()
-    a = np.array(lat) * 1e3
+    return load_summary(rec, window[0], duration, users, rate, statuses, errors, short[0])
+
+
+def _pct(a: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(a, q)) if a.size else None
+
+
+def load_summary(rec, t_begin, duration, users, rate, statuses, errors, short) -> dict:
+    """Throughput and latency percentiles of the requests sent in the window, a per-second timeline, and the
+    latency right after each snapshot swap (the first answer from a newer model version) against the rest."""
+    t = np.array([r[0] - t_begin for r in rec])
+    a = np.array([r[1] for r in rec]) * 1e3
+    v = np.array([r[2] for r in rec], dtype=np.int64)
+    order = np.argsort(t)
+    t, a, v = t[order], a[order], v[order]
     n = int(a.size)
-    pct = (lambda q: float(np.percentile(a, q)) if n else None)
-    return {"users": users, "rate_target": rate or None, "seconds": elapsed, "requests": n,
-            "requests_per_s": n / elapsed, "p50_ms": pct(50), "p95_ms": pct(95), "p99_ms": pct(99),
+    versions = Counter(int(x) for x in v if x >= 0)
+    # a swap: the first request answered by a version newer than every earlier answer
+    swaps, newest = [], None
+    for ti, vi in zip(t, v):
+        if vi >= 0 and (newest is None or vi > newest):
+            if newest is not None:
+                swaps.append((float(ti), int(vi)))
+            newest = vi
+    near = np.zeros(n, dtype=bool)
+    for ts, _ in swaps:
+        near |= (t >= ts - 1.0) & (t < ts + 2.0)
+    timeline = []
+    for sec in range(int(np.ceil(duration))):
+        m = (t >= sec) & (t < sec + 1)
+        if m.any():
+            timeline.append({"s": sec, "n": int(m.sum()), "p50_ms": _pct(a[m], 50), "p99_ms": _pct(a[m], 99),
+                             "max_ms": float(a[m].max())})
+    return {"users": users, "rate_target": rate or None, "seconds": duration, "requests": n,
+            "requests_per_s": n / duration, "p50_ms": _pct(a, 50), "p95_ms": _pct(a, 95), "p99_ms": _pct(a, 99),
             "max_ms": float(a.max()) if n else None, "mean_ms": float(a.mean()) if n else None,
             "errors": int(sum(errors.values())), "error_kinds": dict(errors),
-            "status_codes": {str(k): v for k, v in statuses.items()},
-            "model_versions": {str(k): v for k, v in sorted(versions.items())},
-            "fewer_than_k_labels": short[0]}
+            "status_codes": {str(k): c for k, c in statuses.items()},
+            "model_versions": {str(k): c for k, c in sorted(versions.items())}, "fewer_than_k_labels": short,
+            "swaps": [{"at_s": ts, "version": vs} for ts, vs in swaps],
+            "near_swaps": {"requests": int(near.sum()), "p50_ms": _pct(a[near], 50), "p99_ms": _pct(a[near], 99),
+                           "max_ms": float(a[near].max()) if near.any() else None},
+            "away_from_swaps": {"requests": int((~near).sum()), "p50_ms": _pct(a[~near], 50),
+                                "p99_ms": _pct(a[~near], 99),
+                                "max_ms": float(a[~near].max()) if (~near).any() else None},
+            "timeline": timeline}
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -594,7 +640,7 @@ class Run:
                     if self.job()["state"] in ("running", "queued", "stopping"):
                         self.service.call("POST", f"/v1/jobs/{self.job_id}/stop", "stop job")
                         time.sleep(2)
-                    if a.url:  # a service of ours goes away with its temp dir; on someone else's, tidy up
+                    if a.url or a.service_data_dir:  # a temp data dir goes away whole
                         self.service.call("DELETE", f"/v1/jobs/{self.job_id}", "delete job")
                 except Exception as exc:  # noqa: BLE001
                     log(f"could not clean up job {self.job_id}: {exc}")
@@ -615,8 +661,9 @@ class Run:
             "zero_errors": errors == 0,
             "no_memory_growth_while_training_lsh": (abs(lsh_mem["anon_growth_mb"]) <= growth_limit)
             if lsh_mem else None,
-            "memory_growth_rule": f"service anonymous RSS, median of the last fifth of the phase minus the first "
-                                  f"fifth, within {growth_limit:.0f} MB (max(16 MB, 2%))",
+            "memory_growth_rule": f"service anonymous RSS after the phase's warm-up (first 25%, at most 60 s): "
+                                  f"median of the last fifth minus the first fifth within {growth_limit:.0f} MB "
+                                  f"(max(16 MB, 2%))",
             "total_errors": errors,
             "lsh_phase_seconds": tl.get("duration_s"),
         }
@@ -629,6 +676,7 @@ class Run:
                 pass
         return {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
+            "git": _git_state(),
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
             "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 1e9,
                         "platform": platform.platform()},
@@ -637,6 +685,8 @@ class Run:
             "service": {"url": self.service.url, "started_here": self.service.proc is not None,
                         "snapshot_interval_s": a.snapshot_interval if self.service.proc is not None else None,
                         "trainer_threads": a.trainer_threads or "service default (all cores)",
+                        "trainer_nice": next((s["trainer"]["nice"] for s in self.sampler.samples if s.get("trainer")),
+                                             None),
                         "access_log": a.access_log},
             "job": {"id": self.job_id, "config": getattr(self, "job_config", None),
                     "first_snapshot_s": getattr(self, "first_snapshot_s", None), "stop_s": getattr(self, "stop_s", None)},
@@ -689,6 +739,14 @@ def print_table(report: dict) -> None:
               f"{len(load.get('model_versions', {})) or '-':>9}{rss:>16}{_fmt(sm.get('anon_growth_mb'), '+.1f'):>13}"
               f"{_fmt(tm.get('rss_end_mb'), '.0f'):>16}{_fmt(tr.get('samples_per_s'), '.0f'):>12}"
               f"{_fmt(tr.get('wall_samples_per_s'), '.0f'):>11}{cpu:>22}")
+    for p in report["phases"]:
+        load = p.get("load") or {}
+        if load.get("swaps"):
+            near, away = load["near_swaps"], load["away_from_swaps"]
+            print(f"{p['phase']}: {len(load['swaps'])} snapshot swap(s) under load; requests sent from 1 s before to "
+                  f"2 s after one: p99 {_fmt(near['p99_ms'], '.1f')} ms, max {_fmt(near['max_ms'], '.1f')} ms "
+                  f"({near['requests']}); the rest: p99 {_fmt(away['p99_ms'], '.1f')} ms, max "
+                  f"{_fmt(away['max_ms'], '.1f')} ms")
     t = report["targets"]
     w = report.get("whole_run_service_memory") or {}
     print(f"\nservice RSS over the whole run: {_fmt(w.get('rss_start_mb'), '.0f')} -> {_fmt(w.get('rss_end_mb'), '.0f')} MB "
@@ -698,6 +756,17 @@ def print_table(report: dict) -> None:
           f"zero errors: {_yes(t['zero_errors'])} ({t['total_errors']}); no memory growth while training + lsh "
           f"({_fmt(t['lsh_phase_seconds'], '.0f')} s): {_yes(t['no_memory_growth_while_training_lsh'])} "
           f"[{t['memory_growth_rule']}]")
+
+
+def _git_state() -> dict:
+    """The commit measured, and the files that differed from it (a shared checkout may have edits in flight)."""
+    def git(*cmd):
+        try:
+            return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+    changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
+    return {"commit": git("rev-parse", "HEAD"), "modified": [f for f in changed if f.startswith(("app/", "engine/"))]}
 
 
 def _yes(v) -> str:
@@ -730,7 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--snapshot-interval", type=float, default=30.0, help="SLIDE_SNAPSHOT_INTERVAL_S of the service "
                                                                          "started here (default 30, the service's)")
     p.add_argument("--trainer-threads", type=int, default=0, help="trainer threads (default: the service's, all cores)")
-    p.add_argument("--eval-every", type=int, default=100, help="steps between the job's metric points")
+    p.add_argument("--trainer-nice", type=int, help="SLIDE_TRAINER_NICE of the service started here (default: the "
+                                                    "service's, 10)")
+    p.add_argument("--eval-every", type=int, default=20, help="steps between the job's metric points")
     p.add_argument("--job-config", help="JSON merged into the job's config")
     p.add_argument("--snapshot-timeout", type=float, default=1200.0)
     p.add_argument("--mode", choices=("lsh", "exact", "both"), default="both")

@@ -59,6 +59,10 @@ class SlideConfig:
     hub_neurons: int = 0
     """Neurons with the highest score for the average input, added to every active set: 0 = auto (a
     quarter of the target active size, at most 256, for layers wider than 20,000 neurons), -1 = none."""
+    predict_hubs: int = 0
+    """Hub neurons added to every candidate set when serving: 0 = auto (twice the target active size,
+    half by score on the mean input and half by weight norm, for layers wider than 20,000 neurons;
+    else the training hubs), -1 = the training hubs only."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""
 
@@ -110,6 +114,7 @@ class SlideConfig:
         _check(self.hash_family == "simhash" or (self.probes == 0 and self.predict_probes <= 0), "probes",
                "multi-probe needs the simhash family (WTA/DWTA codes have no confidence margin)")
         _check(self.min_active >= 0, "min_active", "must be >= 0")
+        _check(self.predict_hubs >= -1, "predict_hubs", "must be -1 (the training hubs), 0 (auto) or a count")
         _check(self.hub_neurons >= -1, "hub_neurons", "must be -1 (none), 0 (auto) or a count")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
         _check(self.epochs >= 0, "epochs", "must be >= 0")

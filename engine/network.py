@@ -65,7 +65,7 @@ class SlideModel:
         sampled = np.flatnonzero(layer_slots(config) >= 0)
         hashes = [lsh.draw_hash_functions(config, widths[l], widths[l + 1], rng) for l in sampled]
         tabs = [tables.empty_tables(config.hash_l, widths[l + 1], hf.num_buckets, widths[l],
-                                    lsh.resolve_hubs(config, widths[l + 1]))
+                                    lsh.resolve_hubs(config, widths[l + 1]), lsh.resolve_serve_hubs(config, widths[l + 1]))
                 for l, hf in zip(sampled, hashes)]
         model = cls(config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32),
                     hashes, tabs)
@@ -111,16 +111,28 @@ class SlideModel:
         self.update_hubs(layer)
         return count
 
-    def update_hubs(self, layer: int) -> None:
-        """Pick the layer's hubs: the neurons scoring highest on its running mean input (query_center)."""
+    def update_hubs(self, layer: int, serving_only: bool = False, center: np.ndarray | None = None) -> None:
+        """Pick the layer's hubs: the neurons scoring highest on its mean input (`center`, default the
+        tables' query_center); and its serving hubs: half the same way, half the largest weight norms.
+
+        serving_only leaves the training hubs alone, so refreshing what a snapshot serves never
+        changes the training run.
+        """
         tb = self.tables[int(self.layer_slot[layer])]
-        m = tb.hubs.shape[0]
-        if m == 0:
+        n_serve = tb.serve_hubs.shape[0]
+        if tb.hubs.shape[0] == 0 and n_serve == 0:
             return
         w = self.weights[layer]
-        static = w[:, :-1] @ tb.query_center + w[:, -1]
-        top = np.argpartition(-static, m - 1)[:m] if m < w.shape[0] else np.arange(w.shape[0])
-        tb.hubs[:] = np.sort(top).astype(np.int32)
+        static = w[:, :-1] @ (tb.query_center if center is None else center) + w[:, -1]
+        if not serving_only and tb.hubs.shape[0]:
+            tb.hubs[:] = np.sort(_top(static, tb.hubs.shape[0])).astype(np.int32)
+        if n_serve:
+            by_score = _top(static, n_serve // 2)
+            norms = np.einsum("ij,ij->i", w[:, :-1], w[:, :-1])
+            longest = _top(norms, n_serve)
+            longest = longest[np.argsort(-norms[longest], kind="stable")]
+            extra = longest[~np.isin(longest, by_score)][: n_serve - by_score.shape[0]]
+            tb.serve_hubs[:] = np.sort(np.concatenate([by_score, extra])).astype(np.int32)
 
     # ---- prediction ---------------------------------------------------------------------------
     def predict(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, k: int = 5,
@@ -156,7 +168,7 @@ class SlideModel:
         try:
             _, hid, ids, mark, cnt, gens, qmargins, qcodes, qbuck = scratch
             n_chunks = max(1, min(n, numba.get_num_threads(), mark.shape[0]))
-            hidx, hsign, hparams, toffsets, tids, hubs = self.kernel_tables()
+            hidx, hsign, hparams, toffsets, tids, hubs = self.kernel_tables(serving=True)
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
             run(indptr, indices, values, mode == "exact", self.weights[0], self.b0, self.weights, self.layer_slot,
                 hidx, hsign, hparams, toffsets, tids, hubs, hid, ids, mark, cnt, gens, qmargins, qcodes, qbuck,
@@ -166,15 +178,16 @@ class SlideModel:
             self._return_scratch(scratch)
         return out_labels, out_scores, n_scored
 
-    def kernel_tables(self) -> tuple:
+    def kernel_tables(self, serving: bool = False) -> tuple:
         """(hidx, hsign, hparams, toffsets, tids, hubs) tuples as the kernels take them (a dummy when no
-        layer is sampled)."""
+        layer is sampled); `serving` gives each layer's serving hubs (its training hubs if it has none)."""
         if not self.hashes:
             return ((np.zeros((1, 1), np.int32),), (np.ones((1, 1), np.float32),), (np.zeros(8, np.int64),),
                     (np.zeros((1, 2), np.int64),), (np.zeros((1, 1), np.int32),), (np.zeros(0, np.int32),))
         return (tuple(h.idx for h in self.hashes), tuple(h.sign for h in self.hashes),
                 tuple(h.params for h in self.hashes), tuple(t.offsets for t in self.tables),
-                tuple(t.ids for t in self.tables), tuple(t.hubs for t in self.tables))
+                tuple(t.ids for t in self.tables),
+                tuple(t.serve_hubs if serving and t.serve_hubs.shape[0] else t.hubs for t in self.tables))
 
     def _take_scratch(self, probes: int) -> tuple:
         """Per-thread buffers for prediction with up to `probes` probes: (probes, hid, ids, mark, cnt, gens,
@@ -187,7 +200,9 @@ class SlideModel:
         widths = [w.shape[1] - 1 for w in self.weights[1:]]
         hid = tuple(np.zeros((threads, width), dtype=np.float32) for width in widths)
         cap = max([min(self.weights[l].shape[0], self.config.hash_l * (1 + probes) * self.config.bucket_size
-                       + self.tables[self.layer_slot[l]].hubs.shape[0]) for l in self.sampled_layers()] or [1])
+                       + max(self.tables[self.layer_slot[l]].hubs.shape[0],
+                             self.tables[self.layer_slot[l]].serve_hubs.shape[0]))
+                   for l in self.sampled_layers()] or [1])
         n_max = max([self.weights[l].shape[0] for l in self.sampled_layers()] or [1])
         n_codes = max([h.idx.shape[0] for h in self.hashes] or [1])
         return (probes, hid, np.zeros((threads, cap), np.int32), np.zeros((threads, n_max), np.int32),
@@ -198,6 +213,13 @@ class SlideModel:
     def _return_scratch(self, scratch: tuple) -> None:
         with self._scratch_lock:
             self._scratch.append(scratch)
+
+
+def _top(values: np.ndarray, m: int) -> np.ndarray:
+    """Indices of the m largest values (any order)."""
+    if m >= values.shape[0]:
+        return np.arange(values.shape[0])
+    return np.argpartition(-values, m - 1)[:m] if m > 0 else np.zeros(0, dtype=np.int64)
 
 
 def layer_widths(config: SlideConfig, num_features: int, num_labels: int) -> list[int]:

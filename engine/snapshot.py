@@ -50,8 +50,14 @@ def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, a
     weights = tuple(np.asarray(arrays[f"w{l}"]) for l in range(depth))
     hashes = [HashFunctions(*(np.asarray(arrays[f"hash{s}_{p}"]) for p in HashFunctions._fields))
               for s in range(n_sampled)]
-    tabs = [Tables(*(np.asarray(arrays[f"table{s}_{p}"]) for p in Tables._fields))
-            for s in range(n_sampled)]
+
+    def table_array(s: int, name: str) -> np.ndarray:
+        key = f"table{s}_{name}"
+        if name == "serve_hubs" and key not in arrays:
+            return np.zeros(0, np.int32)  # written before serving hubs existed: serve with the training hubs
+        return np.asarray(arrays[key])
+
+    tabs = [Tables(*(table_array(s, name) for name in Tables._fields)) for s in range(n_sampled)]
     return SlideModel(config, num_features, num_labels, weights, np.asarray(arrays["b0"]), hashes, tabs)
 
 

@@ -25,7 +25,10 @@ POLICY_IDS = {"fifo": FIFO, "reservoir": RESERVOIR}
 class Tables(NamedTuple):
     """codes int32 (L, n): bucket of each neuron per table; inserted int32 (n,): rehash round of
     each neuron's last insertion; offsets int64 (L, num_buckets+1) and ids int32 (L, n): the buckets;
-    center float32 (dim,): the vector subtracted from every key before hashing (see lsh.hash_rows)."""
+    center float32 (dim,): the vector subtracted from every key before hashing (see lsh.hash_rows);
+    query_center float64 (dim,): the layer's running mean input; hubs int32: neurons added to every
+    active set in training; serve_hubs int32: the (larger) set added to every candidate set when
+    serving, empty = the training hubs (see SlideModel.update_hubs)."""
 
     codes: np.ndarray
     inserted: np.ndarray
@@ -34,9 +37,10 @@ class Tables(NamedTuple):
     center: np.ndarray
     query_center: np.ndarray
     hubs: np.ndarray
+    serve_hubs: np.ndarray
 
 
-def empty_tables(l: int, n: int, num_buckets: int, dim: int, n_hubs: int = 0) -> Tables:
+def empty_tables(l: int, n: int, num_buckets: int, dim: int, n_hubs: int = 0, n_serve_hubs: int = 0) -> Tables:
     return Tables(
         np.zeros((l, n), dtype=np.int32),
         np.zeros(n, dtype=np.int32),
@@ -45,6 +49,7 @@ def empty_tables(l: int, n: int, num_buckets: int, dim: int, n_hubs: int = 0) ->
         np.zeros(dim, dtype=np.float32),
         np.zeros(dim, dtype=np.float32),
         np.arange(min(n_hubs, n), dtype=np.int32),
+        np.arange(min(n_serve_hubs, n), dtype=np.int32),
     )
 
 

@@ -102,9 +102,16 @@ class Trainer:
         """Write a snapshot of model + optimizer + progress to the store (if any)."""
         if self.store is None:
             return None
+        self.refresh_serving_hubs()
         meta = {"config": self.config.to_dict(), "num_features": self.model.num_features,
                 "num_labels": self.model.num_labels, "trainer_state": self.state()}
         return self.store.publish(self.arrays(), meta)
+
+    def refresh_serving_hubs(self) -> None:
+        """Re-pick what predictions add to every candidate set from the current weights: the tables are
+        only as fresh as the last rehash, and the longest rows change fastest (training is unaffected)."""
+        for l in self.model.sampled_layers():
+            self.model.update_hubs(l, serving_only=True, center=self.input_mean[l])
 
     @classmethod
     def resume(cls, store: SnapshotStore, train: Dataset, test: Dataset | None = None) -> "Trainer":
@@ -261,6 +268,8 @@ class Trainer:
         if self._eval_rows is None:
             return {"p_at_1": None, "p_at_5": None}
         mode = mode or ("lsh" if self.config.sample_output else "exact")
+        if mode == "lsh":
+            self.refresh_serving_hubs()
         sub = self.test.row_slice(0, self.test.num_points) if len(self._eval_rows) == self.test.num_points \
             else _take_rows(self.test, self._eval_rows)
         pred, _ = self.model.predict(sub.x_indptr, sub.x_indices, sub.x_values, k=min(k, self.model.num_labels),

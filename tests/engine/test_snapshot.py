@@ -180,6 +180,22 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data, split):
     assert resumed.samples_seen == straight.samples_seen
 
 
+def test_snapshot_from_before_serving_hubs_serves_with_the_training_hubs(tmp_path, data):
+    from engine.snapshot import model_arrays, model_from_arrays
+    train, test = data
+    cfg = SlideConfig(hidden=(8,), hash_k=3, hash_l=4, hub_neurons=3, predict_hubs=6, epochs=1, seed=2)
+    trainer = Trainer(cfg, train)
+    trainer.train_step(np.arange(16))
+    arrays = model_arrays(trainer.model)
+    assert arrays["table0_serve_hubs"].shape == (6,)
+    del arrays["table0_serve_hubs"]
+    old = model_from_arrays(cfg, train.num_features, train.num_labels, arrays)
+    assert old.tables[0].serve_hubs.shape == (0,)
+    np.testing.assert_array_equal(old.kernel_tables(serving=True)[5][0], trainer.model.tables[0].hubs)
+    labels, _ = predict_both(old, test, "lsh")
+    assert labels.shape == (test.num_points, 5)
+
+
 def test_resume_without_snapshot_or_with_other_data(tmp_path, data):
     train, _ = data
     with pytest.raises(FileNotFoundError):

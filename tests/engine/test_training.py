@@ -309,6 +309,41 @@ def test_training_with_multi_probe_learns(tiny):
     assert final["p_at_1"] > 3 * popularity_p_at_1(train, test)
 
 
+def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(tiny):
+    train, test = tiny
+    trainer, _, _ = train_tiny(tiny, predict_hubs=40, epochs=1)
+    model = trainer.model
+    tb = model.tables[0]
+    assert tb.serve_hubs.shape == (40,) and len(set(tb.serve_hubs.tolist())) == 40
+    w = model.weights[1]
+    static = w[:, :-1] @ trainer.input_mean[1] + w[:, -1]
+    norms = np.linalg.norm(w[:, :-1], axis=1)
+    serve = set(tb.serve_hubs.tolist())
+    assert set(np.argsort(-static)[:20].tolist()) <= serve
+    assert set(np.argsort(-norms)[:20].tolist()) <= serve  # at least the 20 longest rows
+
+    # Every serving hub is scored for every query: the lsh top-1 beats each of them.
+    x = (test.x_indptr[:51], test.x_indices[: test.x_indptr[50]], test.x_values[: test.x_indptr[50]])
+    _, top, scored = model.predict_with_stats(*x, k=1, mode="lsh")
+    assert np.all(scored >= 40)
+    dense = naive.dense_rows(*x, model.num_features, dtype=np.float32)
+    hidden = np.maximum(dense @ model.weights[0] + model.b0, 0)
+    hub_scores = hidden @ w[tb.serve_hubs, :-1].T + w[tb.serve_hubs, -1]
+    assert np.all(top[:, 0] >= hub_scores.max(axis=1) - 1e-4)
+
+    # Refreshing serving hubs between steps changes nothing else.
+    cfg = SlideConfig(hidden=(16,), batch_size=16, epochs=1, rehash_n0=4, predict_hubs=30, seed=5, threads=1)
+    plain, refreshed = Trainer(cfg, train), Trainer(cfg, train)
+    order = plain.epoch_order(0)
+    for s in range(0, 160, 16):
+        plain.train_step(order[s : s + 16])
+        refreshed.train_step(order[s : s + 16])
+        refreshed.refresh_serving_hubs()
+    a, b = all_arrays(plain), all_arrays(refreshed)
+    a.pop("table0_serve_hubs"), b.pop("table0_serve_hubs")
+    assert_same_arrays(a, b)
+
+
 def test_train_step_refuses_empty_and_oversized_batches():
     """An empty batch would average nothing into the running input mean (NaN); an oversized one would
     overrun the batch buffers."""

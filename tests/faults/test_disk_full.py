@@ -192,3 +192,43 @@ def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_
     assert done["state"] == "completed" and done["error"] is None, done
     assert done["model_version"] > version
     assert f"resumed from snapshot v{version} " in (settings.job_dir(job_id) / "trainer.log").read_text()
+
+
+# ---------------------------------------------------------------------------------------- the error's wording
+
+
+def _raised_from(cause: BaseException) -> RuntimeError:
+    exc = RuntimeError("could not publish")
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.parametrize("exc,reason", [
+    (OSError(errno.ENOSPC, "No space left on device"), "ENOSPC"),
+    (_raised_from(OSError(errno.EDQUOT, "Disk quota exceeded")), "EDQUOT"),
+    (OSError(errno.EROFS, "Read-only file system"), "EROFS"),
+    (PermissionError(errno.EACCES, "Permission denied"), "EACCES"),
+    (OSError("300000 requested and 262112 written"), "ENOSPC"),  # numpy's short write; no file size limit here
+    (_raised_from(ValueError("not storage")), None),
+    (OSError(errno.ENOENT, "No such file or directory"), None),
+    (ValueError("bad"), None),
+], ids=lambda v: v if isinstance(v, (str, type(None))) else type(v).__name__)
+def test_storage_faults_are_told_from_other_errors(tmp_path, exc, reason):
+    from app.services.errors import storage_cause
+    from app.services.worker import JobProcess
+
+    cause = storage_cause(exc)
+    assert (cause[0] if cause else None) == reason
+    # A trainer's job error says what failed, which snapshot is intact, and what to do.
+    store = SnapshotStore(tmp_path / "snapshots")
+    store.publish({"w0": np.zeros(3, dtype=np.float32)}, {})
+    worker = JobProcess({"job_id": "j", "job_dir": str(tmp_path), "snapshots_dir": str(store.root),
+                         "parent_pid": os.getpid(), "run": 1, "database_url": f"sqlite:///{tmp_path / 'x.db'}"},
+                        None, None, None, None)
+    message = worker._failure_message(exc)
+    worker.db.dispose()
+    if reason is None:
+        assert message == f"{type(exc).__name__}: {exc}"
+    else:
+        assert message.startswith(f"storage error: {reason} (") and "snapshot v1 is intact" in message, message
+        assert "resume the job" in message

@@ -17,7 +17,7 @@ from fastapi import APIRouter, Header, Query, Request
 from sse_starlette import EventSourceResponse
 
 from app.api.deps import JobsDep, SettingsDep
-from app.api.jobs import metric_point
+from app.api.jobs import MAX_STEP, metric_point
 from app.errors import problem_responses
 from app.services.errors import NotFound
 from app.services.jobs import TERMINAL
@@ -37,12 +37,13 @@ async def job_events(
     request: Request,
     jobs: JobsDep,
     settings: SettingsDep,
-    since_step: Annotated[int, Query(ge=-1, description="Replay metrics with step > since_step first.")] = -1,
+    since_step: Annotated[int, Query(ge=-1, le=MAX_STEP,
+                                     description="Replay metrics with step > since_step first.")] = -1,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> EventSourceResponse:
     await anyio.to_thread.run_sync(jobs.get, job_id)  # 404 before the stream starts
     if last_event_id and last_event_id.lstrip("-").isdigit():
-        since_step = max(since_step, int(last_event_id))
+        since_step = max(since_step, min(int(last_event_id), MAX_STEP))
 
     def poll(after: int):
         try:

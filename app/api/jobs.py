@@ -24,6 +24,7 @@ from app.schemas import (
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
 _CONFIG_FIELDS = set(SlideConfigModel.model_fields)
+MAX_STEP = 2**63 - 1  # steps are BIGINT in the database: a larger bound cannot even be compared there
 
 
 def job_public(row: JobRow, model_version: int | None) -> JobPublic:
@@ -133,7 +134,8 @@ def delete_job(job_id: str, jobs: JobsDep, registry: RegistryDep) -> Response:
 def job_metrics(
     job_id: str,
     jobs: JobsDep,
-    since_step: Annotated[int, Query(ge=-1, description="Only points with step > since_step (-1 = all).")] = -1,
+    since_step: Annotated[int, Query(ge=-1, le=MAX_STEP,
+                                     description="Only points with step > since_step (-1 = all).")] = -1,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
 ) -> MetricSeries:
     rows = jobs.metrics(job_id, since_step=since_step, limit=limit)

@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import schemathesis
+from schemathesis.generation.meta import TestPhase
 from schemathesis.python import asgi
 
 from tests.app.helpers import wait_for
@@ -100,7 +101,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) -> Iterato
                 r = client.post("/v1/jobs", json={"train_dataset_id": ds["fuzz-train"], "config": {"epochs": 1}})
                 assert r.status_code == 201 and r.json()["state"] == "queued", r.text
                 queued = r.json()["id"]
-                spec = client.get("/openapi.json").json()  # its examples carry these ids
+                spec = client.get("/openapi.json").json()
                 yield Live(app, spec, {"dataset_id": list(ds.values()), "job_id": [trained, queued],
                                        "model_id": [trained, queued]})
 
@@ -124,16 +125,27 @@ schema = schemathesis.pytest.from_fixture("api_schema")
 
 
 def _aim_at_live_ids(case: schemathesis.Case, live: Live) -> None:
-    """Generated ids never exist, so valid-data cases would all stop at the 404. Every other one is pointed at a
-    real dataset / job / model instead (deterministically), so the handlers behind the lookup get fuzzed too."""
+    """Generated ids never exist, so valid-data cases would all stop at the 404 (or the 422 of a job on a missing
+    dataset). The schema's own examples are pointed at the trained model and its datasets, and about half of the
+    generated cases at one of the live ids (deterministically), so the handlers behind the lookup get fuzzed too.
+    (With an API key the document carries no live ids of its own.)"""
     if case.meta is None or not case.meta.generation.mode.is_positive:
         return
-    for name, value in list((case.path_parameters or {}).items()):
-        choices = live.ids.get(name)
-        if choices and value not in choices:  # explicit examples already carry live ids
-            pick = zlib.crc32(repr(value).encode()) % (len(choices) + 1)
-            if pick < len(choices):
-                case.path_parameters[name] = choices[pick]
+    example = case.meta.phase.name == TestPhase.EXAMPLES
+
+    def aim(container: dict[str, Any], name: str, choices: list[str]) -> None:
+        value = container[name]
+        pick = 0 if example else zlib.crc32(repr(value).encode()) % (len(choices) + 1)
+        if value not in choices and pick < len(choices):
+            container[name] = choices[pick]
+
+    for name in list(case.path_parameters or {}):
+        if name in live.ids:
+            aim(case.path_parameters, name, live.ids[name])
+    if isinstance(case.body, dict):
+        for name in ("train_dataset_id", "eval_dataset_id"):
+            if isinstance(case.body.get(name), str):
+                aim(case.body, name, live.ids["dataset_id"])
 
 
 def _call_and_validate(case: schemathesis.Case, live: Live) -> None:

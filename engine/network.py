@@ -166,12 +166,12 @@ class SlideModel:
             return out_labels, out_scores, n_scored
         scratch = self._take_scratch(probes)
         try:
-            _, hid, ids, mark, cnt, gens, qmargins, qcodes, qbuck = scratch
-            n_chunks = max(1, min(n, numba.get_num_threads(), mark.shape[0]))
+            _, hid, ids, tags, counts, gens, qmargins, qcodes, qbuck = scratch
+            n_chunks = max(1, min(n, numba.get_num_threads(), tags.shape[0]))
             hidx, hsign, hparams, toffsets, tids, hubs = self.kernel_tables(serving=True)
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
             run(indptr, indices, values, mode == "exact", self.weights[0], self.b0, self.weights, self.layer_slot,
-                hidx, hsign, hparams, toffsets, tids, hubs, hid, ids, mark, cnt, gens, qmargins, qcodes, qbuck,
+                hidx, hsign, hparams, toffsets, tids, hubs, hid, ids, tags, counts, gens, qmargins, qcodes, qbuck,
                 n_chunks, probes, self.config.active_threshold, self.predict_max_active, out_labels, out_scores,
                 n_scored)
         finally:
@@ -190,7 +190,7 @@ class SlideModel:
                 tuple(t.serve_hubs if serving and t.serve_hubs.shape[0] else t.hubs for t in self.tables))
 
     def _take_scratch(self, probes: int) -> tuple:
-        """Per-thread buffers for prediction with up to `probes` probes: (probes, hid, ids, mark, cnt, gens,
+        """Per-thread buffers for prediction with up to `probes` probes: (probes, hid, ids, tags, counts, gens,
         qmargins, qcodes, qbuck), pooled so concurrent requests never share one."""
         with self._scratch_lock:
             for i, scratch in enumerate(self._scratch):
@@ -205,8 +205,8 @@ class SlideModel:
                    for l in self.sampled_layers()] or [1])
         n_max = max([self.weights[l].shape[0] for l in self.sampled_layers()] or [1])
         n_codes = max([h.idx.shape[0] for h in self.hashes] or [1])
-        return (probes, hid, np.zeros((threads, cap), np.int32), np.zeros((threads, n_max), np.int32),
-                np.zeros((threads, n_max), np.int32), np.zeros(threads, np.int64),
+        return (probes, hid, np.zeros((threads, cap), np.int32), np.zeros((threads, n_max), np.int64),
+                np.zeros((threads, cap), np.int32), np.zeros(threads, np.int64),
                 np.zeros((threads, n_codes), np.float64), np.zeros((threads, n_codes), np.int32),
                 np.zeros((threads, self.config.hash_l * (1 + probes)), np.int32))
 

@@ -176,7 +176,8 @@ class Trainer:
         self._bufs = (
             hid, tuple(act_ids), tuple(act_val), np.zeros((batch, depth), np.int32),
             np.zeros((batch, model.weights[0].shape[1]), np.float32), np.zeros(batch, np.float32),
-            np.zeros((threads, n_max), np.int32), np.zeros((threads, n_max), np.int32), np.zeros(threads, np.int64),
+            np.zeros((threads, n_max), np.int64), np.zeros((threads, max(a.shape[1] for a in act_ids)), np.int32),
+            np.zeros(threads, np.int64),
             np.zeros((threads, n_codes), np.float64), np.zeros((threads, n_codes), np.int32),
             np.zeros((threads, cfg.hash_l * (1 + cfg.probes)), np.int32),
             np.zeros((threads, width_max), np.float32), np.zeros((threads, width_max), np.float32),
@@ -195,7 +196,7 @@ class Trainer:
             raise ValueError("train_step needs at least one point")
         if b > cfg.batch_size:
             raise ValueError(f"a batch holds at most batch_size={cfg.batch_size} points, got {b}")
-        (hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens, qmargins, qcodes, qbuck, gin, gprev) = \
+        (hid, act_ids, act_val, nact, delta0, losses, tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev) = \
             self._buffers(cfg.batch_size)
         if b != cfg.batch_size:
             hid = tuple(h[:b] for h in hid)
@@ -206,7 +207,7 @@ class Trainer:
         n_chunks = max(1, min(b, numba.get_num_threads()))
         train_batch(points, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
                     data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
-                    hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, losses, mark, cnt, gens,
+                    hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, losses, tags, counts, gens,
                     qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
                     model.max_active, cfg.min_active,
                     cfg.seed)

@@ -23,7 +23,8 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import hash_vector, probe_buckets
-from .sampling import add_ids, collect_candidates, filter_candidates, next_generation, pad_random, tie_seed
+from .sampling import (add_ids, collect_candidates, filter_candidates, is_label, mark_active, next_generation,
+                       pad_random, tie_seed)
 
 
 @fast_kernel
@@ -54,14 +55,15 @@ def neuron_preactivation(w, j, inp):
 
 
 @kernel
-def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark, cnt, gen, qmargins, qcodes, qbuck,
+def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, tags, counts, gen, qmargins, qcodes, qbuck,
                    probes, threshold, max_active, ids):
     """Retrieve the candidates of one input from a sampled layer's tables into ids; returns how many.
 
     The layer's hubs (the neurons scoring highest on its average input) join every set: they score
     high for most inputs, so they must keep meeting negative gradients, but cosine buckets centred on
     the keys do not always return them. probes > 0 also reads that many neighbouring buckets per table
-    (multi-probe, see lsh.probe_buckets); qbuck must hold L * (1 + probes) entries.
+    (multi-probe, see lsh.probe_buckets); qbuck must hold L * (1 + probes) entries. tags int64 (layer
+    width,) and gen: see sampling; counts int32 holds as many entries as ids.
     """
     hp = hparams[slot]
     n_tables = hp[2]
@@ -72,9 +74,10 @@ def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark, 
         hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[:n_codes], buckets)
     else:
         probe_buckets(inp, hidx[slot], hsign[slot], hp, probes, qmargins[:n_codes], qcodes[:n_codes], buckets)
-    n = collect_candidates(buckets, stride, toffsets[slot], tids[slot], mark, cnt, gen, ids)
-    n = filter_candidates(ids, n, cnt, threshold, max_active[slot], n_tables * stride, tie_seed(hp[7], buckets))
-    return add_ids(ids, n, hubs[slot], mark, cnt, gen, 1)
+    n = collect_candidates(buckets, stride, toffsets[slot], tids[slot], tags, gen, ids, counts)
+    n = filter_candidates(ids, n, counts, threshold, max_active[slot], n_tables * stride, tie_seed(hp[7], buckets))
+    mark_active(ids, n, tags, gen)
+    return add_ids(ids, n, hubs[slot], tags, gen, 1)
 
 
 @fast_kernel
@@ -97,14 +100,14 @@ def softmax_inplace(vals, n):
 def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices, inv_batch,
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, delta0,
-                mark, cnt, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
+                tags, counts, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
                 probes, threshold, max_active, min_active, seed):
     """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled)."""
     depth = len(weights)
     sparse_input_layer(w0, b0, x_indices, x_values, x_indptr[p], x_indptr[p + 1], hid[0][i])
     labels = y_indices[y_indptr[p] : y_indptr[p + 1]]
     n_labels = labels.shape[0]
-    gen = np.int32(0)
+    gen = np.int64(0)
     for l in range(1, depth):
         w = weights[l]
         out_dim = w.shape[0]
@@ -114,13 +117,13 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
         slot = layer_slot[l]
         is_output = l == depth - 1
         if slot >= 0:
-            gen = next_generation(mark, gens, chunk)
-            n = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, mark[chunk], cnt[chunk],
+            gen = next_generation(tags, gens, chunk)
+            n = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, tags[chunk], counts[chunk],
                                gen, qmargins[chunk], qcodes[chunk], qbuck[chunk], probes, threshold, max_active,
                                ids)
             if is_output:
-                n = add_ids(ids, n, labels, mark[chunk], cnt[chunk], gen, -1)
-            n = pad_random(ids, n, min_active, out_dim, mark[chunk], cnt[chunk], gen, seed, stream * depth + l)
+                n = add_ids(ids, n, labels, tags[chunk], gen, -1)
+            n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + l)
             for a in range(n):
                 vals[a] = neuron_preactivation(w, ids[a], inp)
         else:
@@ -151,10 +154,10 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
         return 0.0
     share = 1.0 / n_labels
     if sampled:
-        c = cnt[chunk]
+        row_tags = tags[chunk]
         for a in range(n):
             target = 0.0
-            if c[ids[a]] == -1:
+            if is_label(row_tags, ids[a]):
                 target = share
                 loss -= share * math.log(max(vals[a], 1e-30))
             vals[a] = (vals[a] - target) * inv_batch
@@ -199,7 +202,7 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
 def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y_indices,
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, delta0, losses,
-                mark, cnt, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
+                tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
                 probes, threshold, max_active, min_active, seed):
     """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
 
@@ -211,6 +214,6 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
         for i in range(c, b, n_chunks):
             losses[i] = train_point(i, points[i], first_stream + i, x_indptr, x_indices, x_values, y_indptr,
                                     y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
-                                    toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, mark, cnt, gens, c,
+                                    toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, tags, counts, gens, c,
                                     qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
                                     min_active, seed)

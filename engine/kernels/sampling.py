@@ -4,8 +4,11 @@ The union of the input's L buckets, each neuron counted by how many buckets retu
 only neurons seen >= `threshold` times, or the `max_active` most frequent; during training the true
 labels are always added; random neurons pad the set up to `min_active`.
 
-Membership is tracked without clearing arrays per input: mark[j] == gen means "seen for this input",
-and cnt[j] holds its count (0 = seen but dropped, -1 = a true label).
+Membership is tracked without clearing arrays per input, with one random access per visit: tags is
+int64 (layer width,) per thread, tags[j] = generation << 32 | value. Each input takes two
+generations: under the first (candidates) the value is the neuron's position in the candidate list,
+whose counts live in a small dense array beside it; under the second (active) the value is 1 for a
+true label, 0 otherwise. Dropped candidates keep the first generation, so they are simply not active.
 """
 
 from __future__ import annotations
@@ -15,34 +18,42 @@ import numpy as np
 from .._numba import kernel
 from ..lsh import mix3
 
+_LOW = np.int64(0xFFFFFFFF)
+_SHIFT = np.int64(32)
+IS_LABEL = 1
+
 
 @kernel
-def next_generation(mark, gens, chunk):
-    """A fresh marker value for chunk's scratch row, clearing the row when the counter wraps."""
-    g = gens[chunk] + 1
+def next_generation(tags, gens, chunk):
+    """The candidate generation for chunk's next input (the active one is this + 1), clearing the
+    row when the counter nears the limit of 31 bits."""
+    g = gens[chunk] + 2
     if g >= 2_000_000_000:
-        mark[chunk, :] = 0
-        g = 1
+        tags[chunk, :] = 0
+        g = 2
     gens[chunk] = g
-    return np.int32(g)
+    return np.int64(g)
 
 
 @kernel
-def collect_candidates(buckets, stride, offsets, ids, mark, cnt, gen, out):
-    """Union of the buckets (`stride` consecutive ones per table) into out; returns how many; counts in cnt."""
+def collect_candidates(buckets, stride, offsets, ids, tags, gen, out, counts):
+    """Union of the buckets (`stride` consecutive ones per table) into out, in the order found, with
+    counts[a] = how many buckets returned out[a]; returns how many."""
     n = 0
+    stamp = gen << _SHIFT
     for q in range(buckets.shape[0]):
         t = q // stride
         b = buckets[q]
         for p in range(offsets[t, b], offsets[t, b + 1]):
             j = ids[t, p]
-            if mark[j] != gen:
-                mark[j] = gen
-                cnt[j] = 1
+            tag = tags[j]
+            if (tag >> _SHIFT) != gen:
+                tags[j] = stamp | n
                 out[n] = j
+                counts[n] = 1
                 n += 1
             else:
-                cnt[j] += 1
+                counts[tag & _LOW] += 1
     return n
 
 
@@ -56,27 +67,25 @@ def tie_seed(seed, buckets):
 
 
 @kernel
-def filter_candidates(out, n, cnt, threshold, max_active, max_count, ties):
+def filter_candidates(out, n, counts, threshold, max_active, max_count, ties):
     """Keep candidates with count >= threshold, then the max_active most frequent; returns the new n.
 
     Among candidates tied at the cut-off count, a uniform random subset of the right size is kept
     (selection sampling keyed by `ties` and the neuron id), so no table or id range is favoured.
-    Dropped ids get cnt 0; survivors keep the order found.
+    Survivors keep the order found (out and counts are compacted together).
     """
     if threshold > 1:
         kept = 0
         for a in range(n):
-            j = out[a]
-            if cnt[j] >= threshold:
-                out[kept] = j
+            if counts[a] >= threshold:
+                out[kept] = out[a]
+                counts[kept] = counts[a]
                 kept += 1
-            else:
-                cnt[j] = 0
         n = kept
     if max_active > 0 and n > max_active:
         hist = np.zeros(max_count + 2, dtype=np.int64)
         for a in range(n):
-            hist[cnt[out[a]]] += 1
+            hist[counts[a]] += 1
         cutoff = max_count
         above = 0
         while cutoff > 0 and above + hist[cutoff] < max_active:
@@ -87,7 +96,7 @@ def filter_candidates(out, n, cnt, threshold, max_active, max_count, ties):
         kept = 0
         for a in range(n):
             j = out[a]
-            c = cnt[j]
+            c = counts[a]
             keep = c > cutoff
             if c == cutoff:
                 u = np.float64(mix3(ties, j, 0) >> np.uint64(11)) * (1.0 / 9007199254740992.0)
@@ -97,41 +106,55 @@ def filter_candidates(out, n, cnt, threshold, max_active, max_count, ties):
                     ties_left -= 1
             if keep:
                 out[kept] = j
+                counts[kept] = c
                 kept += 1
-            else:
-                cnt[j] = 0
         n = kept
     return n
 
 
 @kernel
-def add_ids(out, n, ids, mark, cnt, gen, flag):
+def mark_active(out, n, tags, gen):
+    """Stamp out[:n] with the active generation gen + 1 (not labels)."""
+    stamp = (gen + 1) << _SHIFT
+    for a in range(n):
+        tags[out[a]] = stamp
+
+
+@kernel
+def add_ids(out, n, ids, tags, gen, flag):
     """Make the given neurons active; returns the new n. flag -1 marks them as true labels (even when
     already active), flag 1 leaves an already-active neuron as it was."""
+    active = gen + 1
+    stamp = active << _SHIFT
     for q in range(ids.shape[0]):
         j = ids[q]
-        if mark[j] != gen or cnt[j] == 0:
-            mark[j] = gen
-            cnt[j] = flag
+        if (tags[j] >> _SHIFT) != active:
+            tags[j] = stamp | (IS_LABEL if flag == -1 else 0)
             out[n] = j
             n += 1
         elif flag == -1:
-            cnt[j] = -1
+            tags[j] = stamp | IS_LABEL
     return n
 
 
 @kernel
-def pad_random(out, n, min_active, n_neurons, mark, cnt, gen, seed, stream):
+def is_label(tags, j):
+    """Whether active neuron j was added as a true label (valid for the current input's active set)."""
+    return (tags[j] & _LOW) == IS_LABEL
+
+
+@kernel
+def pad_random(out, n, min_active, n_neurons, tags, gen, seed, stream):
     """Add distinct random neurons until n >= min_active (bounded attempts); returns the new n."""
     target = min(min_active, n_neurons, out.shape[0])
+    active = gen + 1
     attempt = 0
     limit = 8 * target + 64
     while n < target and attempt < limit:
         j = np.int64(mix3(seed, stream, attempt) % np.uint64(n_neurons))
         attempt += 1
-        if mark[j] != gen or cnt[j] == 0:
-            mark[j] = gen
-            cnt[j] = 1
+        if (tags[j] >> _SHIFT) != active:
+            tags[j] = active << _SHIFT
             out[n] = j
             n += 1
     return n

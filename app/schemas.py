@@ -17,6 +17,7 @@ import inspect
 import typing
 from typing import Annotated, Any, Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from engine import SlideConfig
@@ -204,7 +205,9 @@ class ModelList(BaseModel):
     count: int
 
 
-FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# The model computes in float32: a larger value (JSON allows 1e300) would become infinity there.
+Float32 = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
 class Instance(BaseModel):
@@ -216,7 +219,7 @@ class Instance(BaseModel):
         examples=[[0, 5, 17]], json_schema_extra={"uniqueItems": True},
         description="Feature ids, each below the model's `num_features`, none repeated.",
     )
-    values: list[FiniteFloat] = Field(examples=[[1.0, 0.5, 0.25]])
+    values: list[Float32] = Field(examples=[[1.0, 0.5, 0.25]])
 
     @model_validator(mode="after")
     def _same_length(self) -> "Instance":

@@ -57,7 +57,9 @@ async def upload_dataset(
     request: Request,
     response: Response,
     datasets: DatasetsDep,
-    name: Annotated[str | None, Query(min_length=1, max_length=200, description="A label for people; not unique.",
+    name: Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
+                                      description="A label for people (no control characters); not unique, never "
+                                                  "part of a path.",
                                       openapi_examples={"tiny": {"value": "tiny-train"}})] = None,
 ) -> DatasetPublic:
     """Parsed while it streams into CSR arrays (never held whole in memory), saved atomically. A failed upload

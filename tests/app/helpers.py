@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
+import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -55,3 +59,127 @@ def assert_problem(response: Any, status: int) -> dict[str, Any]:
     assert body["status"] == status
     assert body["title"] and body["detail"] and body["type"]
     return body
+
+
+# ------------------------------------------------------------------------------------------ bad-input helpers
+
+
+@dataclass(frozen=True)
+class DataState:
+    """Everything a request could leave behind: every file and directory under the data dir (by content hash),
+    and every row of every table. The SQLite files themselves are compared through their rows."""
+
+    files: dict[str, str]
+    rows: dict[str, list[str]]
+
+    def diff(self, other: "DataState") -> str:
+        lines = []
+        for path in sorted(self.files.keys() | other.files.keys()):
+            if self.files.get(path) != other.files.get(path):
+                what = "added" if path not in self.files else "removed" if path not in other.files else "changed"
+                lines.append(f"file {what}: {path}")
+        for table in sorted(self.rows.keys() | other.rows.keys()):
+            before, after = self.rows.get(table, []), other.rows.get(table, [])
+            for row in sorted(set(after) - set(before)):
+                lines.append(f"row added to {table}: {row[:200]}")
+            for row in sorted(set(before) - set(after)):
+                lines.append(f"row gone from {table}: {row[:200]}")
+        return "\n".join(lines)
+
+
+def data_state(client: Any) -> DataState:
+    from sqlalchemy import select
+    from sqlalchemy.engine import make_url
+
+    from app.db import Base
+
+    services = client.app.state.services
+    root: Path = services.settings.data_dir
+    database = make_url(services.settings.database_url).database or ""
+    db_files = {database, database + "-wal", database + "-shm", database + "-journal"}
+    files: dict[str, str] = {}
+    for directory, dirnames, filenames in os.walk(root):
+        for name in dirnames:
+            files[os.path.relpath(os.path.join(directory, name), root) + "/"] = "dir"
+        for name in filenames:
+            path = os.path.join(directory, name)
+            if path not in db_files:
+                files[os.path.relpath(path, root)] = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    with services.db.engine.connect() as conn:
+        rows = {t.name: sorted(repr(tuple(r)) for r in conn.execute(select(t))) for t in Base.metadata.sorted_tables}
+    return DataState(files, rows)
+
+
+def assert_unchanged(before: DataState, after: DataState) -> None:
+    assert before == after, "the request left the data dir or the database changed:\n" + before.diff(after)
+
+
+@dataclass
+class StreamedResponse:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+    bytes_read: int
+    """How much of the request body the app pulled before it answered."""
+    seconds: float
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+def asgi_request(client: Any, method: str, path: str, chunks: Iterable[bytes] = (),
+                 headers: dict[str, str] | None = None, query: str = "") -> StreamedResponse:
+    """Call the app as a server would: `path` reaches it exactly as given (percent-decoded, dot segments and all;
+    the TestClient's httpx would normalise `..` away), and the body goes one ASGI message per chunk, pulled only
+    when the app asks (as a slow upload arrives), counting how much it read. The TestClient hands it all at once."""
+    import anyio
+    from urllib.parse import quote
+
+    pending = iter(chunks)
+    pulled = 0
+    done = False
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal pulled, done
+        if done:
+            return {"type": "http.disconnect"}
+        chunk = next(pending, None)
+        if chunk is None:
+            done = True
+            return {"type": "http.request", "body": b"", "more_body": False}
+        pulled += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+        "path": path, "raw_path": quote(path, safe="/").encode(), "query_string": query.encode(), "root_path": "",
+        "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()],
+        "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "state": {},
+    }
+    start = time.perf_counter()
+    try:
+        anyio.run(client.app, scope, receive, send)
+    except Exception:  # Starlette re-raises after sending its 500: that answer is what a client gets
+        if not messages:
+            raise
+    seconds = time.perf_counter() - start
+    head = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return StreamedResponse(head["status"], {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head["headers"]},
+                            body, pulled, seconds)
+
+
+def all_routes(app: Any) -> list[tuple[str, str]]:
+    """(method, path) of every route the app serves, included routers too, as its route table has them."""
+    try:  # FastAPI >= 0.16x keeps included routers nested; this is what it builds the OpenAPI document from
+        from fastapi.routing import iter_route_contexts
+
+        routes: Iterable[Any] = iter_route_contexts(app.routes)
+    except ImportError:  # older FastAPI flattens them into app.routes
+        routes = app.routes
+    return sorted((method, route.path) for route in routes for method in (getattr(route, "methods", None) or ())
+                  if method != "HEAD")

@@ -192,34 +192,6 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     assert client.delete(f"/v1/datasets/{train_id}").status_code == 204
 
 
-def test_predict_validation(tmp_path, client_for, xmc_files):
-    client = client_for(make_settings(tmp_path / "data"))
-    train_id = upload(client, xmc_files["train"]).json()["id"]
-    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": dict(FAST, epochs=1)}).json()["id"]
-    wait_for(lambda: _state_is(client, job_id, "completed"), what="completed")
-    url = f"/v1/models/{job_id}/predict"
-    ok = client.post(url, json={"instances": [{"indices": [1, 2], "values": [1, 1]}], "k": 3, "mode": "exact"})
-    assert ok.status_code == 200 and len(ok.json()["predictions"][0]["labels"]) == 3
-    cases = [
-        ({"instances": [{"indices": [1], "values": [1.0]}, {"indices": [7, 2000], "values": [1.0, 1.0]}]},
-         "body.instances[1].indices[1]", "2000"),
-        ({"instances": [{"indices": [1, 2], "values": [1.0]}]}, "body.instances[0]", "pair up"),
-        ({"instances": [{"indices": [-1], "values": [1.0]}]}, "body.instances[0].indices[0]", None),
-        ({"instances": [{"indices": [3, 3], "values": [1.0, 1.0]}]}, "body.instances[0]", "repeat"),
-        ({"instances": []}, "body.instances", None),
-        ({"instances": [{"indices": [1], "values": [1.0]}], "k": 0}, "body.k", None),
-        ({"instances": [{"indices": [1], "values": [1.0]}], "k": 5000}, "body.k", "at most"),
-        ({"instances": [{"indices": [1], "values": [1.0]}], "mode": "fast"}, "body.mode", None),
-    ]
-    for body, field, words in cases:
-        p = assert_problem(client.post(url, json=body), 422)
-        assert p["field"] == field, p
-        if words:
-            assert words in p["detail"], p
-    assert_problem(client.post("/v1/models/nope/predict", json={"instances": [{"indices": [1], "values": [1.0]}]}), 404)
-    assert_problem(client.get("/v1/models/nope"), 404)
-
-
 def _thread_nices(pid: int) -> list[int]:
     """Niceness of every thread of a process (Linux keeps it per thread): field 19 of /proc/<pid>/task/<tid>/stat."""
     out = []

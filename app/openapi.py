@@ -61,6 +61,8 @@ def _newest_ids(services: Services) -> dict[str, str]:
 
 
 def with_live_examples(spec: dict[str, Any], services: Services) -> dict[str, Any]:
+    if services.settings.api_key is not None:  # the document is public (Swagger loads it unauthenticated); ids are not
+        return spec
     try:
         ids = _newest_ids(services)
     except Exception:  # noqa: BLE001 - docs must render even if the database is not open yet

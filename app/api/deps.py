@@ -55,7 +55,8 @@ TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
 api_key_header = APIKeyHeader(
     name="X-API-Key",
     auto_error=False,
-    description="Needed on every endpoint except /healthz and /readyz when the service has SLIDE_API_KEY set.",
+    description="Needed on every endpoint except /healthz, /readyz and the docs when the service has SLIDE_API_KEY "
+                "set.",
 )
 
 

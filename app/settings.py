@@ -45,6 +45,9 @@ class Settings(BaseSettings):
     """Most instances in one predict request."""
     predict_max_k: int = Field(1000, ge=1)
     """Largest `k` a predict request may ask for."""
+    predict_concurrency: int = Field(0, ge=0, le=1024)
+    """Predict requests computed at once; more wait their turn without holding a thread. Each one computing holds
+    scratch buffers the size of the output layer, so this bounds memory and threads under load. 0 = 2 x CPU cores."""
 
     progress_interval_s: PositiveSeconds = 1.0
     """How often a training process records its progress (step, samples/s) and checks for a stop request."""

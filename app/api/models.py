@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from typing import Annotated
 
+import anyio.to_thread
 from fastapi import APIRouter, Body
 
 import engine
@@ -13,6 +14,7 @@ from app.db import JobRow, ModelVersionRow
 from app.errors import problem_responses
 from app.schemas import ModelList, ModelPublic, ModelVersionPublic, Prediction, PredictRequest, PredictResponse
 from app.services.errors import NotFound
+from app.services.registry import PredictResult
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
@@ -64,7 +66,7 @@ def get_model(model_id: str, jobs: JobsDep, datasets: DatasetsDep, registry: Reg
 
 @router.post("/{model_id}/predict", response_model=PredictResponse, summary="Top-k labels from the live model",
              responses=problem_responses(400, 401, 404, 422, 503))
-def predict(
+async def predict(
     model_id: str,
     jobs: JobsDep,
     registry: RegistryDep,
@@ -79,10 +81,15 @@ def predict(
 ) -> PredictResponse:
     """Served from the newest published snapshot of the job's weights and hash tables: while the job trains,
     answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first."""
-    jobs.get(model_id)  # 404 for an unknown id
-    start = time.perf_counter()
-    result = registry.predict(model_id, [(i.indices, i.values) for i in body.instances], body.k, body.mode)
-    telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)
+    def work() -> PredictResult:
+        jobs.get(model_id)  # 404 for an unknown id
+        start = time.perf_counter()
+        result = registry.predict(model_id, [(i.indices, i.values) for i in body.instances], body.k, body.mode)
+        telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)
+        return result
+
+    # One hop to a thread of the predict pool (bounded: see ModelRegistry.limiter); the response is built here.
+    result = await anyio.to_thread.run_sync(work, limiter=registry.limiter)
     return PredictResponse(
         model_id=model_id,
         model_version=result.version,

@@ -220,3 +220,37 @@ def test_trainer_threads_run_niced(tmp_path, client_for, xmc_files):
     assert nices and all(n == expected for n in nices), (expected, nices)
     assert client.post(f"/v1/jobs/{job_id}/stop").status_code == 202
     wait_for(lambda: _state_is(client, job_id, "stopped"), what="stopped")
+
+
+def test_predictions_computed_at_once_are_bounded(tmp_path, client_for, xmc_files):
+    """SLIDE_PREDICT_CONCURRENCY: however many requests come at once, at most that many predictions compute (each
+    holds scratch buffers the size of the output layer); the others wait their turn and all are answered."""
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = client_for(make_settings(tmp_path / "data", predict_concurrency=2))
+    train_id = upload(client, xmc_files["train"]).json()["id"]
+    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": dict(FAST, epochs=1)}).json()["id"]
+    wait_for(lambda: _state_is(client, job_id, "completed"), what="completed")
+    registry = client.app.state.services.registry
+    inner = registry.predict
+    lock, now, peak = threading.Lock(), [0], [0]
+
+    def counting(*args, **kwargs):
+        with lock:
+            now[0] += 1
+            peak[0] = max(peak[0], now[0])
+        try:
+            time.sleep(0.05)  # long enough for the other requests to pile up
+            return inner(*args, **kwargs)
+        finally:
+            with lock:
+                now[0] -= 1
+
+    registry.predict = counting
+    query = {"instances": [{"indices": [1, 2], "values": [1.0, 0.5]}], "k": 3}
+    with ThreadPoolExecutor(12) as pool:
+        codes = list(pool.map(lambda _: client.post(f"/v1/models/{job_id}/predict", json=query).status_code, range(24)))
+    assert codes == [200] * 24
+    assert registry.limiter.total_tokens == 2 and peak[0] == 2, peak

@@ -48,9 +48,12 @@ class SlideConfig:
     max_active: int = 0
     """Cap on retrieved neurons per point, keeping the most frequently retrieved: 0 = auto (the
     layer's target active size: 5% of a small layer, at most 1,000), -1 = no cap."""
-    predict_max_active: int = -1
-    """The same cap when serving predictions: -1 = none beyond the buckets themselves (at most
-    hash_l * bucket_size candidates), 0 = as in training, > 0 = this many."""
+    predict_max_active: int = 0
+    """The same cap when serving predictions (the serving hubs come on top): 0 = auto (as in training
+    for a layer with serving hubs, else none), -1 = none beyond the buckets themselves (at most
+    hash_l * bucket_size), > 0 = this many. At amazon670k scale the training cap keeps recall@5 of
+    exact at 0.986 (0.992 uncapped) while scoring 3.0k instead of 6.7k candidates; a small layer's
+    few training slots are too few to serve from without hubs."""
     probes: int = 0
     """Multi-probe SimHash in training: extra buckets read per table, each one least-confident bit
     away from the input's own (0 = the input's own bucket only)."""
@@ -108,7 +111,7 @@ class SlideConfig:
         _check(self.bucket_size >= 1, "bucket_size", "must be >= 1")
         _check(1 <= self.active_threshold <= self.hash_l, "active_threshold", "must be in [1, hash_l]")
         _check(self.max_active >= -1, "max_active", "must be -1 (no cap), 0 (auto) or a positive cap")
-        _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (as training) or > 0")
+        _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (auto) or > 0")
         _check(0 <= self.probes <= 64, "probes", "must be in [0, 64]")
         _check(-1 <= self.predict_probes <= 64, "predict_probes", "must be -1 (as probes) or in [0, 64]")
         _check(self.hash_family == "simhash" or (self.probes == 0 and self.predict_probes <= 0), "probes",

@@ -64,8 +64,14 @@ def target_active(n_neurons: int) -> int:
 
 
 def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = False) -> int:
-    """The cap on retrieved neurons per input for a layer in training or prediction (0 = no cap)."""
-    cap = config.predict_max_active if predict and config.predict_max_active != 0 else config.max_active
+    """The cap on retrieved neurons per input for a layer in training or prediction (0 = no cap).
+    Serving with predict_max_active = 0 (auto) uses the training cap when the layer has serving hubs
+    to cover what the cap leaves out, and no cap otherwise."""
+    if predict and config.predict_max_active != 0:
+        return max(0, config.predict_max_active)
+    if predict and resolve_serve_hubs(config, n_neurons) == 0:
+        return 0
+    cap = config.max_active
     if cap == -1:
         return 0
     return cap or target_active(n_neurons)

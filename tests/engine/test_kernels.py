@@ -330,15 +330,17 @@ def test_lsh_scores_are_exact_scores_of_the_same_labels(trained_model):
                 assert s == -np.inf
 
 
-@pytest.mark.parametrize("threshold, train_cap, predict_cap, cap", [
-    (1, 0, -1, 0),  # serving default: every bucket member is scored
-    (2, 0, -1, 0),  # only neurons found in >= 2 of the L buckets
-    (1, 0, 7, 7),  # a serving cap: the 7 most frequently retrieved
-    (1, 9, 0, 9),  # predict_max_active = 0: the training cap
+@pytest.mark.parametrize("threshold, train_cap, predict_cap, predict_hubs, cap", [
+    (1, 0, -1, 0, 0),  # no serving cap: every bucket member is scored
+    (2, 0, -1, 0, 0),  # only neurons found in >= 2 of the L buckets
+    (1, 0, 7, 0, 7),  # a serving cap: the 7 most frequently retrieved
+    (1, 9, 0, 0, 0),  # predict_max_active = 0 (auto) on a layer without serving hubs: no cap
+    (1, 9, 0, 4, 9),  # ... and on one configured with serving hubs: the training cap
 ])
-def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train_cap, predict_cap, cap):
+def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train_cap, predict_cap, predict_hubs, cap):
     base, data = trained_model
-    cfg = base.config.replace(active_threshold=threshold, max_active=train_cap, predict_max_active=predict_cap)
+    cfg = base.config.replace(active_threshold=threshold, max_active=train_cap, predict_max_active=predict_cap,
+                              predict_hubs=predict_hubs)
     model = SlideModel(cfg, base.num_features, base.num_labels, base.weights, base.b0, base.hashes, base.tables)
     hf, tb = model.hashes[0], model.tables[0]
     n = 60

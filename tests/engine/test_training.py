@@ -10,6 +10,7 @@ import pytest
 from engine import lsh
 from engine._numba import set_threads
 from engine.config import SlideConfig
+from engine.network import SlideModel
 from engine.trainer import Trainer
 
 from . import naive
@@ -285,7 +286,10 @@ def test_default_hashing_learns_on_tiny_synthetic_data(tiny, default_trained):
 
 def test_multi_probe_prediction_scores_more_candidates_and_recalls_more_of_exact(tiny, default_trained):
     _, test = tiny
-    model = default_trained[0].model
+    trained = default_trained[0].model
+    # The same arrays without a serving cap, so that every probed candidate is scored.
+    model = SlideModel(trained.config.replace(predict_max_active=-1), trained.num_features, trained.num_labels,
+                       trained.weights, trained.b0, trained.hashes, trained.tables)
     x = (test.x_indptr, test.x_indices, test.x_values)
     exact, _ = model.predict(*x, k=5, mode="exact")
 

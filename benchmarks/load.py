@@ -16,7 +16,7 @@ models under load), the RSS of the service and trainer processes sampled every -
 anonymous, i.e. not counting file pages of the memory-mapped snapshot, and how many snapshot versions the
 service still has mapped), CPU use of each process and of the whole machine, and the trainer's samples/s
 (from the job's metrics endpoint, training-step time only, and from its progress counter, wall clock).
-Prints a table and writes benchmarks/results/load.json.
+Prints a table and writes benchmarks/results/load.json (load-<data>.json for other data).
 
     python benchmarks/load.py --preset small --duration 30                  # a quick look (~4 minutes)
     python benchmarks/load.py --preset amazon670k --duration 60             # medium
@@ -817,14 +817,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="sequential requests per mode before the phases")
     p.add_argument("--sample-s", type=float, default=1.0, help="memory/CPU sampling interval")
     p.add_argument("--keep", action="store_true", help="keep the job (and the temp data dir)")
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "load.json"))
+    p.add_argument("--out", help="default benchmarks/results/load.json for the amazon670k preset (the recorded run), "
+                                 "load-<data>.json for anything else (a quick look does not overwrite it)")
     args = p.parse_args(argv)
     if args.url is None and args.service_pid:
         p.error("--service-pid goes with --url")
     logging.getLogger("locust").setLevel(logging.WARNING)
 
     report = Run(args).main()
-    out = Path(args.out)
+    name = "load" if not args.data and args.preset == "amazon670k" else f"load-{Path(report['data']['dir']).name}"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{name}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
     print_table(report)

@@ -123,7 +123,8 @@ class SlideModel:
         if tb.hubs.shape[0] == 0 and n_serve == 0:
             return
         w = self.weights[layer]
-        static = w[:, :-1] @ (tb.query_center if center is None else center) + w[:, -1]
+        # float32 on both sides: a float64 centre would make numpy copy the whole layer as float64
+        static = w[:, :-1] @ np.asarray(tb.query_center if center is None else center, dtype=np.float32) + w[:, -1]
         if not serving_only and tb.hubs.shape[0]:
             tb.hubs[:] = np.sort(_top(static, tb.hubs.shape[0])).astype(np.int32)
         if n_serve:

@@ -58,6 +58,9 @@ import psutil
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from machine import cpu_name  # noqa: E402
 
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 SNAPSHOT_MAP = re.compile(r"/snapshots/(v\d+)/\S+\.npy( \(deleted\))?$")
@@ -678,7 +681,7 @@ class Run:
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "git": _git_state(),
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
-            "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 1e9,
+            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 1e9,
                         "platform": platform.platform()},
             "versions": versions,
             "data": {"dir": str(data_dir), "train": train_meta},
@@ -771,16 +774,6 @@ def _git_state() -> dict:
 
 def _yes(v) -> str:
     return "n/a" if v is None else ("met" if v else "NOT met")
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 def main(argv: list[str] | None = None) -> int:

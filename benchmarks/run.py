@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+from machine import cpu_name  # noqa: E402
+
 
 def prepare(args) -> dict:
     from engine import load_dataset, save_dataset
@@ -211,7 +213,7 @@ def main() -> int:
         versions["torch"] = torch.__version__
     except ImportError:
         pass
-    report = {"command": " ".join(sys.argv), "machine": {"cpu": _cpu_name(), "cores": os.cpu_count(),
+    report = {"command": " ".join(sys.argv), "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
               "platform": platform.platform()}, "versions": versions, "data": info, "budget_s": args.budget,
               "threads": args.threads, "results": results}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -237,16 +239,6 @@ def main() -> int:
     if "torch-dense" in results and "samples_per_s" in results["torch-dense"] and "samples_per_s" in sp:
         print(f"ours-sparse / torch-dense training speed = {sp['samples_per_s'] / results['torch-dense']['samples_per_s']:.1f}x")
     return 0
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
 
 
 if __name__ == "__main__":

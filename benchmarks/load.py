@@ -630,7 +630,8 @@ class Run:
                 self.phase(f"training / {m}", m, True, phase_len[m], bodies)
             self.stop_job()
             for m in modes:
-                self.phase(f"stopped / {m}", m, False, phase_len[m], bodies)
+                stopped_len = phase_len[m] if a.stopped_duration is None else min(phase_len[m], a.stopped_duration)
+                self.phase(f"stopped / {m}", m, False, stopped_len, bodies)
             self.sampler.phase = "end"
             self.sampler.sample()
             self.sampler.stop()
@@ -802,6 +803,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--exact-duration", type=float, help="seconds per exact phase (default min(120, --duration))")
     p.add_argument("--idle-duration", type=float, help="seconds of training without load, 0 = none "
                                                        "(default min(120, --duration))")
+    p.add_argument("--stopped-duration", type=float, help="at most this many seconds per phase after the stop "
+                   "(default: as while training)")
     p.add_argument("--users", type=int, default=4, help="concurrent lsh clients")
     p.add_argument("--rate", type=float, default=0.0, help="total lsh requests/s to offer (0 = as fast as answered)")
     p.add_argument("--exact-users", type=int, default=1)

@@ -427,3 +427,28 @@ def test_hubs_are_the_top_scores_on_the_mean_input(trained_model):
     assert np.all(static[tb.hubs] >= threshold - 1e-6)
     labels, _, n_scored = model.predict_with_stats(*rows(data, 20), k=5, mode="lsh")
     assert np.all(n_scored >= tb.hubs.shape[0])
+
+
+def test_model_versions_of_one_shape_share_prediction_buffers(trained_model):
+    """A service swaps in a new version of a model every snapshot: it must reuse the buffers of the old
+    one (a fresh ~45 MB set per version at 670k labels made the allocator's footprint creep), and
+    concurrent requests must never share a set."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from engine import network
+
+    base, data = trained_model
+    args = rows(data, 20)
+    want = base.predict(*args, k=5, mode="lsh")
+    pooled = sum(len(free) for free in network._SCRATCH_POOL.values())
+    version2 = SlideModel(base.config, base.num_features, base.num_labels, base.weights, base.b0, base.hashes,
+                          base.tables)
+    got = version2.predict(*args, k=5, mode="lsh")
+    assert sum(len(free) for free in network._SCRATCH_POOL.values()) == pooled
+    np.testing.assert_array_equal(got[0], want[0])
+    np.testing.assert_array_equal(got[1], want[1])
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda m: m.predict(*args, k=5, mode="lsh"), [base, version2] * 16))
+    for labels, scores in answers:
+        np.testing.assert_array_equal(labels, want[0])
+        np.testing.assert_array_equal(scores, want[1])

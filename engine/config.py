@@ -63,9 +63,9 @@ class SlideConfig:
     """Neurons with the highest score for the average input, added to every active set: 0 = auto (a
     quarter of the target active size, at most 256, for layers wider than 20,000 neurons), -1 = none."""
     predict_hubs: int = 0
-    """Hub neurons added to every candidate set when serving: 0 = auto (twice the target active size,
-    half by score on the mean input and half by weight norm, for layers wider than 20,000 neurons;
-    else the training hubs), -1 = the training hubs only."""
+    """Hub neurons added to every candidate set when serving: 0 = auto (for layers wider than 20,000
+    neurons the larger of twice the target active size and 1% of the layer, half by score on the
+    mean input and half by weight norm; else the training hubs), -1 = the training hubs only."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""
 

@@ -74,6 +74,20 @@ def _check_preserved(c: httpx.Client, job_id: str, before: dict, checkpoint_step
             assert now["versions"][number]["step"] == v["step"], (number, now["versions"])
 
 
+def _training_then_frozen(servers, data, xmc_files):
+    """A server whose job is mid-training, its trainer frozen (SIGSTOP) so that it is still mid-training when
+    it dies: (server, client, job id, the record before, the server's descendants, the trainer's pid)."""
+    server = servers(data)
+    c = server.client()
+    _, job_id = _start_training(c, xmc_files)
+    before = _record(c, job_id)
+    children = descendants(server.pid)
+    trainer_pid = _row(data, job_id)["pid"]
+    assert trainer_pid in children, (trainer_pid, children)
+    os.kill(trainer_pid, signal.SIGSTOP)
+    return server, c, job_id, before, children, trainer_pid
+
+
 def _finish(c: httpx.Client, job_id: str, stop_points: int = 0) -> dict:
     """Completed, one metric point per epoch (plus `stop_points` at mid-epoch stops), none twice; predicting."""
     done = wait_for(lambda: (j := _job(c, job_id))["state"] in STABLE and j, timeout=180, what="the job to finish")
@@ -89,15 +103,7 @@ def _finish(c: httpx.Client, job_id: str, stop_points: int = 0) -> dict:
 def test_sigkill_of_the_server_alone_orphan_checkpoints_and_exits_then_restart_resumes(tmp_path, servers,
                                                                                         xmc_files):
     data = tmp_path / "data"
-    server = servers(data)
-    c = server.client()
-    _, job_id = _start_training(c, xmc_files)
-    before = _record(c, job_id)
-    children = descendants(server.pid)
-    trainer_pid = _row(data, job_id)["pid"]
-    assert trainer_pid in children, (trainer_pid, children)
-
-    os.kill(trainer_pid, signal.SIGSTOP)  # so it is still mid-training when the server dies
+    server, c, job_id, before, children, trainer_pid = _training_then_frozen(servers, data, xmc_files)
     assert _row(data, job_id)["state"] == "running"
     assert server.stop(signal.SIGKILL) == -signal.SIGKILL
     os.kill(trainer_pid, signal.SIGCONT)
@@ -124,13 +130,7 @@ def test_sigkill_of_the_server_alone_orphan_checkpoints_and_exits_then_restart_r
 def test_sigkill_of_the_server_and_its_trainers_then_restart_resumes_from_the_last_snapshot(tmp_path, servers,
                                                                                             xmc_files):
     data = tmp_path / "data"
-    server = servers(data)
-    c = server.client()
-    _, job_id = _start_training(c, xmc_files)
-    before = _record(c, job_id)
-    children = descendants(server.pid)
-    trainer_pid = _row(data, job_id)["pid"]
-    os.kill(trainer_pid, signal.SIGSTOP)  # so it is still mid-training when it dies
+    server, c, job_id, before, children, trainer_pid = _training_then_frozen(servers, data, xmc_files)
     step_at_kill = _job(c, job_id)["progress"]["step"]  # its last heartbeat
 
     server.kill_group()

@@ -180,7 +180,7 @@ def raw_codes(x, idx, sign, family, codes):
     n_codes, m = idx.shape
     for c in range(n_codes):
         if family == SIMHASH:
-            acc = 0.0
+            acc = np.float32(0.0)
             for t in range(m):
                 acc += sign[c, t] * x[idx[c, t]]
             codes[c] = 1 if acc > 0.0 else 0
@@ -273,7 +273,7 @@ def probe_buckets(x, idx, sign, params, probes, margins, codes, buckets):
                 buckets[t * stride + p] = b
         return
     for c in range(n_codes):
-        acc = 0.0
+        acc = np.float32(0.0)
         for q in range(m):
             acc += sign[c, q] * x[idx[c, q]]
         codes[c] = 1 if acc > 0.0 else 0
@@ -312,7 +312,7 @@ def hash_rows(weights, rows, center, idx, sign, params, out):
     for chunk in prange(n_chunks):
         keys = np.empty((dim, _HASH_BLOCK), dtype=np.float32)
         codes = np.empty((n_codes, _HASH_BLOCK), dtype=np.int32)
-        acc = np.empty(_HASH_BLOCK, dtype=np.float64)
+        acc = np.empty(_HASH_BLOCK, dtype=np.float32)
         best = np.empty(_HASH_BLOCK, dtype=np.float32)
         nonzero = np.empty(_HASH_BLOCK, dtype=np.bool_)
         scratch = np.empty(n_codes, dtype=np.int32)
@@ -410,14 +410,18 @@ def probe_dense(x: np.ndarray, hf: HashFunctions, probes: int) -> np.ndarray:
 
 
 def hash_matrix(weights: np.ndarray, hf: HashFunctions, rows: np.ndarray | None = None,
-                center: np.ndarray | None = None) -> np.ndarray:
+                center: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Bucket ids int32 (L, n) of the rows of a float32 (n_rows, >= dim) matrix (all rows or `rows`),
-    each row's first dim entries minus `center` (default zeros, dim = the hashed width)."""
+    each row's first dim entries minus `center` (default zeros, dim = the hashed width). out: an
+    int32 (L, n) array to write them into (a layer's own codes, with no temporary of the same size)."""
     weights = np.ascontiguousarray(weights, dtype=np.float32)
     dim = int(hf.idx.max(initial=0)) + 1 if center is None else center.shape[0]
     center = np.zeros(dim, np.float32) if center is None else np.ascontiguousarray(center, dtype=np.float32)
     rows = np.arange(weights.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
-    out = np.empty((hf.l, rows.shape[0]), dtype=np.int32)
+    if out is None:
+        out = np.empty((hf.l, rows.shape[0]), dtype=np.int32)
+    elif out.shape != (hf.l, rows.shape[0]) or out.dtype != np.int32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous int32 array of shape {(hf.l, rows.shape[0])}")
     if rows.shape[0]:
         hash_rows(weights, rows, center, hf.idx, hf.sign, hf.params, out)
     return out

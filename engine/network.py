@@ -97,7 +97,7 @@ class SlideModel:
         hf, tb = self.hashes[slot], self.tables[slot]
         if rows is None:
             tb.center[:] = w[:, :-1].mean(axis=0)
-            tb.codes[:] = lsh.hash_matrix(w, hf, center=tb.center)
+            lsh.hash_matrix(w, hf, center=tb.center, out=tb.codes)
             tb.inserted[:] = round_id
             count = w.shape[0]
         else:

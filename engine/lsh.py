@@ -89,6 +89,18 @@ def resolve_hubs(config: SlideConfig, n_neurons: int) -> int:
     return 0 if target >= 0.05 * n_neurons else min(256, target // 4)
 
 
+def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
+    """How many non-label neurons of an output active set get a gradient per point (0 = all):
+    config.hard_negatives, or (auto) half the target active size once the layer is too wide for the
+    target to be 5% of it (> 20,000 neurons), like the hubs."""
+    if config.hard_negatives == -1:
+        return 0
+    if config.hard_negatives:
+        return config.hard_negatives
+    target = target_active(n_neurons)
+    return 0 if target >= 0.05 * n_neurons else target // 2
+
+
 def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:
     """How many hubs a sampled layer adds to every candidate set when serving: config.predict_hubs, or
     (auto) for layers wider than 20,000 neurons the larger of twice the target active size and 1% of

@@ -16,6 +16,7 @@ from typing import Callable
 import numba
 import numpy as np
 
+from . import lsh
 from ._numba import set_threads
 from .config import SlideConfig
 from .kernels.forward import train_batch
@@ -69,12 +70,15 @@ class Trainer:
         self._init_optimizer()
         self._eval_rows = self._pick_eval_rows()
         self._labelled = np.diff(np.asarray(train.y_indptr)) > 0
+        out = self.model.depth - 1
+        self._hard_negatives = lsh.resolve_hard_negatives(config, self.model.num_labels) \
+            if self.model.layer_slot[out] >= 0 else 0
         self._buffers_for = None
 
     # ---- state ------------------------------------------------------------------------------
     def _init_optimizer(self) -> None:
         w = self.model.weights
-        self.m = tuple(np.zeros_like(x) for x in w)
+        self.m = tuple(np.zeros(x.shape, self._moment_dtype(l)) for l, x in enumerate(w))
         self.v = tuple(np.zeros_like(x) for x in w)
         self.steps = tuple(np.zeros(x.shape[0], dtype=np.int64) for x in w)
         self.drift = tuple(np.zeros(x.shape[0], dtype=np.float32) for x in w)
@@ -82,6 +86,11 @@ class Trainer:
         self.vb0 = np.zeros_like(self.model.b0)
         self.input_mean = {l: self.model.tables[self.model.layer_slot[l]].query_center.astype(np.float64)
                            for l in self.model.sampled_layers()}
+
+    def _moment_dtype(self, layer: int) -> type:
+        """dtype of layer's first moment: bfloat16 bits (uint16) for a sampled layer if configured."""
+        compact = self.config.moment_dtype == "bfloat16" and self.model.layer_slot[layer] >= 0
+        return np.uint16 if compact else np.float32
 
     def state(self) -> dict:
         return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
@@ -121,7 +130,8 @@ class Trainer:
             raise FileNotFoundError(f"no snapshot to resume from in {store.root}")
         _, path = latest
         manifest = read_manifest(path)
-        config = SlideConfig.from_dict(manifest["config"])
+        # snapshots from before moment_dtype existed hold float32 moments
+        config = SlideConfig.from_dict({"moment_dtype": "float32", **manifest["config"]})
         if (manifest["num_features"], manifest["num_labels"]) != (train.num_features, train.num_labels):
             raise ValueError("the training set's dimensions differ from the snapshot's")
         arrays = load_arrays(path, mmap=False, verify=True)
@@ -129,6 +139,9 @@ class Trainer:
         trainer = cls(config, train, test, store, model=model)
         depth = len(model.weights)
         trainer.m = tuple(arrays[f"opt_m{l}"] for l in range(depth))
+        for l, m in enumerate(trainer.m):
+            if m.dtype != trainer._moment_dtype(l):
+                raise ValueError(f"snapshot {path}: opt_m{l} is {m.dtype}, its config says {trainer._moment_dtype(l)}")
         trainer.v = tuple(arrays[f"opt_v{l}"] for l in range(depth))
         trainer.steps = tuple(arrays[f"opt_steps{l}"] for l in range(depth))
         trainer.drift = tuple(arrays[f"opt_drift{l}"] for l in range(depth))
@@ -210,13 +223,14 @@ class Trainer:
                     hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, losses, tags, counts, gens,
                     qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
                     model.max_active, cfg.min_active,
-                    cfg.seed)
+                    cfg.seed, self._hard_negatives)
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
         for l in range(1, model.depth):
             w = model.weights[l]
             if model.layer_slot[l] >= 0:
                 group_start, pair_point, pair_slot, touched = group_by_row(
-                    act_ids[l - 1], nact[:, l], self._group_of_row[l])
+                    act_ids[l - 1], nact[:, l], self._group_of_row[l], act_val[l - 1],
+                    self._hard_negatives > 0 and l == model.depth - 1)
                 update_sampled_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
                                      hid[l - 1], group_start, pair_point, pair_slot, touched, lr, b1, b2, eps)
             else:

@@ -101,8 +101,12 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, delta0,
                 tags, counts, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
-                probes, threshold, max_active, min_active, seed):
-    """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled)."""
+                probes, threshold, max_active, min_active, seed, hard_negatives):
+    """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled).
+
+    hard_negatives > 0: only that many non-label neurons of a sampled output layer, those with the
+    highest probability, keep their delta; the others' are set to exactly 0 (no gradient).
+    """
     depth = len(weights)
     sparse_input_layer(w0, b0, x_indices, x_values, x_indptr[p], x_indptr[p + 1], hid[0][i])
     labels = y_indices[y_indptr[p] : y_indptr[p + 1]]
@@ -155,11 +159,23 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
     share = 1.0 / n_labels
     if sampled:
         row_tags = tags[chunk]
+        cut = -1.0
+        if hard_negatives > 0 and n - n_labels > hard_negatives:
+            probs = np.empty(n, dtype=np.float32)
+            c = 0
+            for a in range(n):
+                if not is_label(row_tags, ids[a]):
+                    probs[c] = vals[a]
+                    c += 1
+            if c > hard_negatives:
+                cut = np.partition(probs[:c], c - hard_negatives)[c - hard_negatives]
         for a in range(n):
             target = 0.0
             if is_label(row_tags, ids[a]):
                 target = share
                 loss -= share * math.log(max(vals[a], 1e-30))
+            elif vals[a] < cut:
+                vals[a] = 0.0
             vals[a] = (vals[a] - target) * inv_batch
     else:
         for q in range(n_labels):
@@ -203,7 +219,7 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, delta0, losses,
                 tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
-                probes, threshold, max_active, min_active, seed):
+                probes, threshold, max_active, min_active, seed, hard_negatives):
     """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
 
     Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
@@ -216,4 +232,4 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
                                     y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
                                     toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, tags, counts, gens, c,
                                     qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
-                                    min_active, seed)
+                                    min_active, seed, hard_negatives)

@@ -5,6 +5,11 @@ get the same effective step size as in dense Adam at their first updates. Update
 over rows: each row is owned by one thread, so no lock is needed and no update is lost; every
 row's gradient is summed over the batch in point order, which keeps results independent of the
 number of threads.
+
+A sampled layer may keep its first moment in bfloat16 (uint16 arrays: the top half of a float32):
+the update of such a layer is memory-bound (~100k random rows of weights and both moments per batch
+at 670k labels), and m's 8-bit mantissa is ample for a running mean that only scales a step. The
+second moment stays float32: beta2 = 0.999 moves it by 0.1% a step, below bfloat16's resolution.
 """
 
 from __future__ import annotations
@@ -12,7 +17,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
-from numba import prange
+from numba import prange, types
+from numba.extending import overload
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 
@@ -42,6 +48,62 @@ def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
         w[k] -= u
         sq += u * u
     return math.sqrt(sq)
+
+
+@fast_kernel
+def adam_row_bf16(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
+    """adam_row with m uint16 (bfloat16 bits), rounded to nearest even on the way back; scratch is
+    float32 (len(w),), where m lives as float32 during the step."""
+    wide = scratch.view(np.uint32)
+    n = w.shape[0]
+    for k in range(n):
+        wide[k] = np.uint32(m[k]) << np.uint32(16)
+    bc1 = 1.0 - beta1**t
+    bc2 = 1.0 - beta2**t
+    step = np.float32(lr * math.sqrt(bc2) / bc1)
+    eps_hat = np.float32(eps * math.sqrt(bc2))
+    b1 = np.float32(beta1)
+    b2 = np.float32(beta2)
+    c1 = np.float32(1.0 - beta1)
+    c2 = np.float32(1.0 - beta2)
+    sq = np.float32(0.0)
+    for k in range(n):
+        gk = g[k]
+        mk = b1 * scratch[k] + c1 * gk
+        vk = b2 * v[k] + c2 * gk * gk
+        scratch[k] = mk
+        v[k] = vk
+        u = step * mk / (np.sqrt(vk) + eps_hat)
+        w[k] -= u
+        sq += u * u
+    for k in range(n):
+        bits = wide[k]
+        m[k] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+    return math.sqrt(sq)
+
+
+def adam_step(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
+    """One lazy-Adam step of row w (see adam_row), m float32 or bfloat16 bits (uint16); kernels only."""
+    raise NotImplementedError("adam_step is compiled into kernels by Numba")
+
+
+@overload(adam_step)
+def _adam_step(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
+    if isinstance(m, types.Array) and m.dtype == types.uint16:
+        return lambda w, m, v, g, scratch, t, lr, beta1, beta2, eps: adam_row_bf16(
+            w, m, v, g, scratch, t, lr, beta1, beta2, eps)
+    return lambda w, m, v, g, scratch, t, lr, beta1, beta2, eps: adam_row(w, m, v, g, t, lr, beta1, beta2, eps)
+
+
+def to_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 -> bfloat16 bits (uint16), rounded to nearest even, as the kernels store m."""
+    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
+    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+
+
+def from_bfloat16(x: np.ndarray) -> np.ndarray:
+    """bfloat16 bits (uint16) -> float32, exactly."""
+    return (np.asarray(x, dtype=np.uint16).astype(np.uint32) << np.uint32(16)).view(np.float32)
 
 
 @fast_kernel
@@ -91,12 +153,14 @@ def group_keys(keys, group_of_key):
 
 
 @kernel
-def group_by_row(ids, nact, group_of_row):
+def group_by_row(ids, nact, group_of_row, vals, skip_zero):
     """The batch's (point, slot) pairs grouped by neuron id.
 
     ids int32 (b, cap), nact int32 (b,) -> group_start int64 (rows + 1,), pair_point, pair_slot
     int32 (pairs,), touched int64 (rows,): the pairs of neuron touched[r] are
-    group_start[r]:group_start[r+1], in point order. group_of_row: see group_keys.
+    group_start[r]:group_start[r+1], in point order. group_of_row: see group_keys. skip_zero leaves
+    out pairs whose delta in vals float32 (b, cap) is exactly 0 (the negatives that hard_negatives
+    dropped), so a row that only they touched takes no Adam step.
     """
     total = 0
     for i in range(ids.shape[0]):
@@ -107,23 +171,27 @@ def group_by_row(ids, nact, group_of_row):
     q = 0
     for i in range(ids.shape[0]):
         for a in range(nact[i]):
+            if skip_zero and vals[i, a] == 0.0:
+                continue
             keys[q] = ids[i, a]
             point[q] = i
             slot[q] = a
             q += 1
-    group_start, order, touched = group_keys(keys, group_of_row)
+    group_start, order, touched = group_keys(keys[:q], group_of_row)
     return group_start, point[order], slot[order], touched
 
 
 @fast_parallel_kernel
 def update_sampled_layer(w, m, v, steps, drift, vals, inputs, group_start, pair_point, pair_slot, touched,
                          lr, beta1, beta2, eps):
-    """Adam on the touched rows of a layer with rows (out, in+1); gradient = sum delta * [input, 1]."""
+    """Adam on the touched rows of a layer with rows (out, in+1); gradient = sum delta * [input, 1];
+    m float32 or bfloat16 bits (uint16)."""
     in_dim = w.shape[1] - 1
     n = touched.shape[0]
     n_chunks = min(n, 1024)
     for c in prange(n_chunks):
         g = np.empty(in_dim + 1, dtype=np.float32)
+        scratch = np.empty(in_dim + 1, dtype=np.float32)
         for r in range(c, n, n_chunks):
             j = touched[r]
             g[:] = 0.0
@@ -131,7 +199,7 @@ def update_sampled_layer(w, m, v, steps, drift, vals, inputs, group_start, pair_
                 i = pair_point[q]
                 add_scaled_input(g, vals[i, pair_slot[q]], inputs[i])
             steps[j] += 1
-            drift[j] += adam_row(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
+            drift[j] += adam_step(w[j], m[j], v[j], g, scratch, steps[j], lr, beta1, beta2, eps)
 
 
 @fast_parallel_kernel

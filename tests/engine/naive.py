@@ -86,11 +86,12 @@ def loss(w0, b0, weights, x, labels, active=None) -> float:
     return float(-(t * logp).sum() / len(labels))
 
 
-def gradients(w0, b0, weights, x, labels, active=None):
+def gradients(w0, b0, weights, x, labels, active=None, keep=None):
     """Gradients of `loss` (the batch mean): (g_w0, g_b0, [g_weights[l] for l >= 1]).
 
     With `active`, the gradient of the loss whose softmax (and hidden layers) are restricted to the
-    active set: the dense gradient restricted to the active neurons.
+    active set: the dense gradient restricted to the active neurons. keep: optional boolean mask
+    (n, out) of the output neurons whose delta is kept (the others' is zeroed: hard negatives).
     """
     active = active or {}
     x = np.asarray(x, dtype=np.float64)
@@ -99,6 +100,8 @@ def gradients(w0, b0, weights, x, labels, active=None):
     t = target_matrix(labels, z.shape[1])
     labelled = np.array([len(y) > 0 for y in labels])
     dz = np.where(labelled[:, None], p - t, 0.0) / n
+    if keep is not None:
+        dz = np.where(keep, dz, 0.0)
     depth = len(weights) + 1
     grads = [None] * (depth - 1)
     d = dz
@@ -116,6 +119,17 @@ def gradients(w0, b0, weights, x, labels, active=None):
     g_w0 = x.T @ d0
     g_b0 = d0.sum(axis=0)
     return g_w0, g_b0, grads
+
+
+def hard_negative_mask(w0, b0, weights, x, labels, active, count):
+    """bool (n, out): each point's labels and its `count` most probable active non-labels (softmax over
+    the active set), the output deltas the engine keeps with hard_negatives = count."""
+    _, z, p = forward(w0, b0, weights, x, active)
+    keep = target_matrix(labels, z.shape[1]) > 0
+    for i in range(x.shape[0]):
+        negatives = np.flatnonzero(active[len(weights)][i] & ~keep[i])
+        keep[i, negatives[np.argsort(-p[i, negatives], kind="stable")[:count]]] = True
+    return keep
 
 
 def adam_rows(w, m, v, steps, g, rows, lr, beta1, beta2, eps):

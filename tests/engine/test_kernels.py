@@ -9,6 +9,7 @@ from engine import lsh, tables
 from engine._numba import set_threads
 from engine.config import SlideConfig
 from engine.kernels.forward import sparse_input_layer
+from engine.kernels.optimizer import from_bfloat16, to_bfloat16
 from engine.network import SlideModel
 from engine.trainer import Trainer
 
@@ -71,7 +72,8 @@ def active_masks(trainer, n_points):
 
 
 class NaiveAdam:
-    """Lazy Adam over (w0, b0, [w1, ...]) in float64, with the engine's choice of touched rows."""
+    """Lazy Adam over (w0, b0, [w1, ...]) in float64, with the engine's choice of touched rows; the first
+    moment of a sampled layer is stored rounded to bfloat16 when the config says so."""
 
     def __init__(self, params, cfg):
         self.w0, self.b0, self.ws = params
@@ -83,18 +85,24 @@ class NaiveAdam:
         self.mb0, self.vb0 = np.zeros_like(self.b0), np.zeros_like(self.b0)
         self.t = 0
 
-    def step(self, x, labels, active=None):
+    def step(self, x, labels, active=None, keep=None):
+        """keep: the output deltas kept (hard negatives); the output rows none of them touch take no step."""
         cfg = self.cfg
         hp = (cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
-        g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active)
+        g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep)
         rows0 = np.flatnonzero(np.any(x != 0, axis=0))
         naive.adam_rows(self.w0, self.m[0], self.v[0], self.steps[0], g_w0, rows0, *hp)
         for l, (w, g) in enumerate(zip(self.ws, gs), start=1):
-            if active and l in active:
+            if keep is not None and l == len(self.ws):
+                labelled = np.array([len(y) > 0 for y in labels])
+                rows = np.flatnonzero((keep & labelled[:, None]).any(axis=0))
+            elif active and l in active:
                 rows = np.flatnonzero(active[l].any(axis=0))
             else:
                 rows = np.arange(w.shape[0])
             naive.adam_rows(w, self.m[l], self.v[l], self.steps[l], g, rows, *hp)
+            if active and l in active and cfg.moment_dtype == "bfloat16":
+                self.m[l][rows] = from_bfloat16(to_bfloat16(self.m[l][rows]))
         self.t += 1
         naive.adam_vector(self.b0, self.mb0, self.vb0, self.t, g_b0, *hp)
         return g_w0, g_b0, gs
@@ -105,7 +113,12 @@ class NaiveAdam:
         ours = [self.w0, *self.ws]
         for l, w in enumerate(model.weights):
             np.testing.assert_array_equal(trainer.steps[l], self.steps[l], err_msg=f"step counts of layer {l}")
-            np.testing.assert_allclose(trainer.m[l], self.m[l], rtol=rtol, atol=1e-9, err_msg=f"m of layer {l}")
+            m = trainer.m[l]
+            if m.dtype == np.uint16:
+                # one bfloat16 step (2^-8) where float32 and float64 round a value to different sides
+                np.testing.assert_allclose(from_bfloat16(m), self.m[l], rtol=2**-7, atol=1e-9, err_msg=f"m of layer {l}")
+            else:
+                np.testing.assert_allclose(m, self.m[l], rtol=rtol, atol=1e-9, err_msg=f"m of layer {l}")
             np.testing.assert_allclose(trainer.v[l], self.v[l], rtol=rtol, atol=1e-12, err_msg=f"v of layer {l}")
             np.testing.assert_allclose(w, ours[l], rtol=rtol, atol=atol_w, err_msg=f"weights of layer {l}")
         np.testing.assert_allclose(model.b0, self.b0, rtol=rtol, atol=atol_w)
@@ -204,6 +217,40 @@ def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(dat
         assert never.any()
         assert np.all(gs[-1][never] == 0)
         ref.assert_matches(trainer)
+
+
+def test_hard_negatives_keep_the_most_probable_non_labels(data):
+    """With hard_negatives = h, a point's softmax still spans its whole active set, but only its labels
+    and its h most probable other active neurons get a delta; rows no kept delta touches take no
+    Adam step. Checked against the naive gradient with the same mask and naive lazy Adam."""
+    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=10,
+                      hard_negatives=3, batch_size=8, lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000)
+    trainer = Trainer(cfg, data)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg)
+    out = trainer.model.depth - 1
+    for points in (np.arange(8), np.arange(5, 13), np.array([30, 31, 1, 2])):
+        x, labels = batch(data, points)
+        before = trainer.steps[out].copy()
+        trainer.train_step(points)
+        masks = active_masks(trainer, len(points))
+        keep = naive.hard_negative_mask(ref.w0, ref.b0, ref.ws, x, labels, masks, 3)
+        _, act_ids, act_val, nact = trainer._bufs[:4]
+        for i, y in enumerate(labels):
+            n = nact[i, out]
+            kept = act_ids[out - 1][i, :n][act_val[out - 1][i, :n] != 0]
+            assert sorted(kept) == sorted(np.flatnonzero(keep[i])), f"point {i}"
+            assert n - len(y) > 3 + 2, "enough negatives for the cut to bite"
+        ref.step(x, labels, active=masks, keep=keep)
+        ref.assert_matches(trainer)
+        stepped = np.flatnonzero(trainer.steps[out] != before)
+        assert 0 < len(stepped) < len(np.flatnonzero(masks[out].any(axis=0)))
+
+
+def test_hard_negatives_auto_only_for_wide_output_layers():
+    assert lsh.resolve_hard_negatives(SlideConfig(), 670_091) == lsh.target_active(670_091) // 2 == 500
+    assert lsh.resolve_hard_negatives(SlideConfig(), 2_000) == 0
+    assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives=-1), 670_091) == 0
+    assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives=7), 2_000) == 7
 
 
 @pytest.mark.parametrize("max_active", [-1, 6])
@@ -452,3 +499,48 @@ def test_model_versions_of_one_shape_share_prediction_buffers(trained_model):
     for labels, scores in answers:
         np.testing.assert_array_equal(labels, want[0])
         np.testing.assert_array_equal(scores, want[1])
+
+
+# ---- bfloat16 first moments ------------------------------------------------------------------------------
+def test_bfloat16_rounds_to_nearest_even():
+    rng = np.random.default_rng(3)
+    x = np.concatenate([rng.standard_normal(20000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 20000),
+                        np.array([0.0, -0.0, 1.0, -2.5, 3.3e38, 1e-40], np.float32)]).astype(np.float32)
+    got = from_bfloat16(to_bfloat16(x)).astype(np.float64)
+    # the two bfloat16 neighbours of each value: its float32 bits truncated, and one step up
+    bits = x.view(np.uint32)
+    low = (bits & np.uint32(0xFFFF0000)).view(np.float32).astype(np.float64)
+    high = ((bits & np.uint32(0xFFFF0000)) + np.uint32(0x10000)).view(np.float32).astype(np.float64)
+    xd = x.astype(np.float64)
+    nearest = np.where(np.abs(xd - low) < np.abs(high - xd), low, high)
+    tie = np.abs(xd - low) == np.abs(high - xd)
+    even = np.where(((bits >> np.uint32(16)) & np.uint32(1)) == 0, low, high)
+    np.testing.assert_array_equal(got, np.where(tie, even, nearest))
+    representable = from_bfloat16(np.arange(0, 0x7F80, 7, dtype=np.uint16))
+    np.testing.assert_array_equal(from_bfloat16(to_bfloat16(representable)), representable)
+    assert from_bfloat16(to_bfloat16(np.float32([3.4e38])))[0] == np.inf  # past the largest bfloat16
+
+
+def test_bfloat16_first_moments_follow_float32_adam(data):
+    """The first step is the same update (the moment is rounded only when stored), the stored moment
+    is the float32 one rounded; later steps stay within bfloat16's resolution of the float32 run."""
+    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=4, bucket_size=8, min_active=8,
+                      batch_size=8, lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000, moment_dtype="float32")
+    exact, compact = Trainer(cfg, data), Trainer(cfg.replace(moment_dtype="bfloat16"), data)
+    assert compact.m[1].dtype == np.uint16 and exact.m[1].dtype == np.float32
+    assert compact.m[0].dtype == np.float32, "dense layers keep float32 moments"
+    start = compact.model.weights[1].copy()
+    exact.train_step(np.arange(8))
+    compact.train_step(np.arange(8))
+    for a, b in zip(exact.model.weights, compact.model.weights):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(compact.m[1], to_bfloat16(exact.m[1]))
+    assert np.count_nonzero(compact.m[1]) > 0
+    for s in range(1, 6):
+        points = np.arange(8 * s, 8 * s + 8) % data.num_points
+        exact.train_step(points)
+        compact.train_step(points)
+    moved = np.abs(exact.model.weights[1] - start).max()
+    assert moved > 3 * cfg.lr
+    np.testing.assert_allclose(compact.model.weights[1], exact.model.weights[1], rtol=0, atol=0.01 * moved)
+    assert not np.array_equal(compact.model.weights[1], exact.model.weights[1])

@@ -205,3 +205,17 @@ def test_resume_without_snapshot_or_with_other_data(tmp_path, data):
     other = naive.planted_dataset(30, 71, 90, seed=1)
     with pytest.raises(ValueError, match="dimensions"):
         Trainer.resume(store, other)
+
+
+def test_snapshot_from_before_moment_dtype_resumes_with_float32_moments(tmp_path, data):
+    train, test = data
+    store = SnapshotStore(tmp_path / "old")
+    run_until(Trainer(CFG.replace(moment_dtype="float32"), train, test, store=store), 4)
+    _, path = store.latest()
+    manifest = json.loads((path / MANIFEST).read_text())
+    del manifest["config"]["moment_dtype"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    resumed = Trainer.resume(store, train, test)
+    assert resumed.config.moment_dtype == "float32" and resumed.m[1].dtype == np.float32
+    resumed.run()
+    assert resumed.step == 16

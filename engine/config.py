@@ -71,8 +71,9 @@ class SlideConfig:
     """Per point, only this many of the output active set's non-label neurons, those with the highest
     softmax probability, receive a gradient (the softmax still normalises over the whole active set):
     0 = auto (half the target active size for layers wider than 20,000 neurons, else all), -1 = all.
-    At amazon670k scale 500 of ~1,250 cut the optimizer's rows per batch ~3x and learned faster per
-    step too; 64 stopped learning, so keep a margin."""
+    At amazon670k scale 500 of ~1,250 (the 250 hubs and as many others) cut the optimizer's rows per
+    batch ~3x and learned faster per step too; 64, fewer than the hubs, stopped learning: the
+    retrieved neurons must keep meeting negative gradients."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""
 

@@ -92,7 +92,8 @@ def resolve_hubs(config: SlideConfig, n_neurons: int) -> int:
 def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
     """How many non-label neurons of an output active set get a gradient per point (0 = all):
     config.hard_negatives, or (auto) half the target active size once the layer is too wide for the
-    target to be 5% of it (> 20,000 neurons), like the hubs."""
+    target to be 5% of it (> 20,000 neurons), like the hubs: room for every hub (a quarter of the
+    target) and as many retrieved neurons, which must keep meeting negative gradients too."""
     if config.hard_negatives == -1:
         return 0
     if config.hard_negatives:

@@ -52,34 +52,17 @@ def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
 
 @fast_kernel
 def adam_row_bf16(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
-    """adam_row with m uint16 (bfloat16 bits), rounded to nearest even on the way back; scratch is
-    float32 (len(w),), where m lives as float32 during the step."""
+    """adam_row with m uint16 (bfloat16 bits): m is widened into scratch float32 (len(w),), stepped
+    there, and rounded back to nearest even."""
     wide = scratch.view(np.uint32)
     n = w.shape[0]
     for k in range(n):
         wide[k] = np.uint32(m[k]) << np.uint32(16)
-    bc1 = 1.0 - beta1**t
-    bc2 = 1.0 - beta2**t
-    step = np.float32(lr * math.sqrt(bc2) / bc1)
-    eps_hat = np.float32(eps * math.sqrt(bc2))
-    b1 = np.float32(beta1)
-    b2 = np.float32(beta2)
-    c1 = np.float32(1.0 - beta1)
-    c2 = np.float32(1.0 - beta2)
-    sq = np.float32(0.0)
-    for k in range(n):
-        gk = g[k]
-        mk = b1 * scratch[k] + c1 * gk
-        vk = b2 * v[k] + c2 * gk * gk
-        scratch[k] = mk
-        v[k] = vk
-        u = step * mk / (np.sqrt(vk) + eps_hat)
-        w[k] -= u
-        sq += u * u
+    norm = adam_row(w, scratch, v, g, t, lr, beta1, beta2, eps)
     for k in range(n):
         bits = wide[k]
         m[k] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
-    return math.sqrt(sq)
+    return norm
 
 
 def adam_step(w, m, v, g, scratch, t, lr, beta1, beta2, eps):

@@ -50,6 +50,13 @@ def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
     return math.sqrt(sq)
 
 
+@kernel
+def bfloat16_bits(bits):
+    """float32 bits (uint32, a scalar or an array) -> those of the nearest bfloat16 in the low 16 bits,
+    ties to even: the one rounding rule of the kernels and of to_bfloat16."""
+    return (bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)
+
+
 @fast_kernel
 def adam_row_bf16(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
     """adam_row with m uint16 (bfloat16 bits): m is widened into scratch float32 (len(w),), stepped
@@ -60,8 +67,7 @@ def adam_row_bf16(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
         wide[k] = np.uint32(m[k]) << np.uint32(16)
     norm = adam_row(w, scratch, v, g, t, lr, beta1, beta2, eps)
     for k in range(n):
-        bits = wide[k]
-        m[k] = np.uint16((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16))
+        m[k] = np.uint16(bfloat16_bits(wide[k]))
     return norm
 
 
@@ -80,8 +86,7 @@ def _adam_step(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
     """float32 -> bfloat16 bits (uint16), rounded to nearest even, as the kernels store m."""
-    bits = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)
-    return ((bits + np.uint32(0x7FFF) + ((bits >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype(np.uint16)
+    return bfloat16_bits(np.ascontiguousarray(x, dtype=np.float32).view(np.uint32)).astype(np.uint16)
 
 
 def from_bfloat16(x: np.ndarray) -> np.ndarray:

@@ -112,7 +112,7 @@ SlideConfigModel: type[BaseModel] = _config_model()
 # --------------------------------------------------------------------------------------------------- jobs
 
 JOB_CONFIG_EXAMPLE = {"hidden": [128], "hash_family": "dwta", "hash_k": 6, "hash_l": 50, "batch_size": 128,
-                      "lr": 0.001, "epochs": 5, "seed": 0}
+                      "lr": 0.003, "epochs": 5, "seed": 0}
 
 
 class JobCreate(BaseModel):

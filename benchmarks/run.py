@@ -167,7 +167,7 @@ def measure_inference(model, test, args) -> dict:
 
 
 def worker_torch(args) -> dict:
-    from engine import load_dataset
+    from engine import SlideConfig, load_dataset
     from engine.trainer import epoch_order
     from torch_dense import train_torch_dense
     d = Path(args.data)
@@ -177,7 +177,7 @@ def worker_torch(args) -> dict:
     def order(epoch):
         return epoch_order(args.seed, epoch, n)
 
-    res = train_torch_dense(train, test, hidden=128, batch_size=args.batch_size, lr=1e-3, epochs=1000,
+    res = train_torch_dense(train, test, hidden=128, batch_size=args.batch_size, lr=SlideConfig().lr, epochs=1000,
                             time_budget_s=args.budget, threads=args.threads, seed=args.seed,
                             eval_points=args.eval_points, eval_every_s=args.budget / args.segments,
                             epoch_order=order,

@@ -102,6 +102,19 @@ def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
     return 0 if target >= 0.05 * n_neurons else target // 2
 
 
+def resolve_random_negatives(config: SlideConfig, n_neurons: int) -> int:
+    """How many uniformly drawn, log-Q-corrected neurons join each output active set in training:
+    config.random_negatives, or (auto) as many as the auto hubs (a quarter of the target active size,
+    at most 256) for layers wider than 20,000 neurons; a small layer's active set is already a sizeable
+    share of it."""
+    if config.random_negatives == -1:
+        return 0
+    if config.random_negatives:
+        return min(n_neurons, config.random_negatives)
+    target = target_active(n_neurons)
+    return 0 if target >= 0.05 * n_neurons else min(256, target // 4)
+
+
 def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:
     """How many hubs a sampled layer adds to every candidate set when serving: config.predict_hubs, or
     (auto) for layers wider than 20,000 neurons the larger of twice the target active size and 1% of

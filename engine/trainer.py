@@ -71,8 +71,9 @@ class Trainer:
         self._eval_rows = self._pick_eval_rows()
         self._labelled = np.diff(np.asarray(train.y_indptr)) > 0
         out = self.model.depth - 1
-        self._hard_negatives = lsh.resolve_hard_negatives(config, self.model.num_labels) \
-            if self.model.layer_slot[out] >= 0 else 0
+        sampled_output = self.model.layer_slot[out] >= 0
+        self._hard_negatives = lsh.resolve_hard_negatives(config, self.model.num_labels) if sampled_output else 0
+        self._random_negatives = lsh.resolve_random_negatives(config, self.model.num_labels) if sampled_output else 0
         self._buffers_for = None
 
     # ---- state ------------------------------------------------------------------------------
@@ -175,7 +176,8 @@ class Trainer:
             out = model.weights[l].shape[0]
             if model.layer_slot[l] >= 0:
                 n_hubs = model.tables[model.layer_slot[l]].hubs.shape[0]
-                cap = min(out, cfg.hash_l * (1 + cfg.probes) * cfg.bucket_size + n_hubs + max_labels + cfg.min_active)
+                cap = min(out, cfg.hash_l * (1 + cfg.probes) * cfg.bucket_size + n_hubs + max_labels + cfg.min_active
+                          + (self._random_negatives if l == depth - 1 else 0))
                 act_ids.append(np.zeros((batch, cap), np.int32))
             else:
                 cap = out
@@ -194,10 +196,22 @@ class Trainer:
             np.zeros((threads, n_codes), np.float64), np.zeros((threads, n_codes), np.int32),
             np.zeros((threads, cfg.hash_l * (1 + cfg.probes)), np.int32),
             np.zeros((threads, width_max), np.float32), np.zeros((threads, width_max), np.float32),
+            np.zeros(batch, np.int32),
         )
         self._group_of_row = [np.full(w.shape[0], -1, np.int32) for w in model.weights]
         self._buffers_for = batch
         return self._bufs
+
+    def random_negatives(self, step: int) -> np.ndarray:
+        """int32 (r,): step's random negatives, r output neurons drawn uniformly without replacement,
+        shared by the batch's points: every point's sampled softmax is unbiased, and the optimizer
+        touches r extra rows per step, not r per point. A function of (seed, step), so resuming and
+        any thread count draw the same."""
+        r = self._random_negatives
+        if r == 0:
+            return np.zeros(0, np.int32)
+        rng = np.random.default_rng([self.config.seed, step, 0x6E6567])
+        return rng.choice(self.model.num_labels, r, replace=False).astype(np.int32)
 
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self, points: np.ndarray) -> tuple[float, int, float]:
@@ -209,21 +223,21 @@ class Trainer:
             raise ValueError("train_step needs at least one point")
         if b > cfg.batch_size:
             raise ValueError(f"a batch holds at most batch_size={cfg.batch_size} points, got {b}")
-        (hid, act_ids, act_val, nact, delta0, losses, tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev) = \
-            self._buffers(cfg.batch_size)
+        (hid, act_ids, act_val, nact, delta0, losses, tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev,
+         nkept) = self._buffers(cfg.batch_size)
         if b != cfg.batch_size:
             hid = tuple(h[:b] for h in hid)
             act_ids = tuple(a[:b] for a in act_ids)
             act_val = tuple(a[:b] for a in act_val)
-            nact, delta0, losses = nact[:b], delta0[:b], losses[:b]
+            nact, nkept, delta0, losses = nact[:b], nkept[:b], delta0[:b], losses[:b]
         hidx, hsign, hparams, toffsets, tids, hubs = model.kernel_tables()
         n_chunks = max(1, min(b, numba.get_num_threads()))
         train_batch(points, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
                     data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
-                    hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, losses, tags, counts, gens,
-                    qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
-                    model.max_active, cfg.min_active,
-                    cfg.seed, self._hard_negatives)
+                    hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, losses, tags, counts,
+                    gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
+                    model.max_active, cfg.min_active, cfg.seed, self._hard_negatives,
+                    self.random_negatives(self.step))
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
         for l in range(1, model.depth):
             w = model.weights[l]

@@ -11,6 +11,8 @@ Batch buffers (b = batch size, cap_l = most active neurons of layer l):
   act_ids[l-1] int32  (b, cap_l)    active neuron ids of layer l (unused for dense layers)
   act_val[l-1] float32 (b, cap_l)   activations, overwritten by the backward pass with deltas
   nact        int32 (b, D+1)        number of active neurons per layer
+  nkept       int32 (b,)            output active neurons before the random negatives, which follow
+  negatives   int32 (r,)            the batch's random negatives (shared by its points)
   delta0      float32 (b, h1)       gradient at layer 0's pre-activation
 """
 
@@ -99,13 +101,17 @@ def softmax_inplace(vals, n):
 @fast_kernel
 def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices, inv_batch,
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
-                hid, act_ids, act_val, nact, delta0,
+                hid, act_ids, act_val, nact, nkept, delta0,
                 tags, counts, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
-                probes, threshold, max_active, min_active, seed, hard_negatives):
+                probes, threshold, max_active, min_active, seed, hard_negatives, negatives):
     """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled).
 
-    hard_negatives > 0: only that many non-label neurons of a sampled output layer, those with the
-    highest probability, keep their delta; the others' are set to exactly 0 (no gradient).
+    negatives int32 (r,): the batch's random negatives, a uniform sample of the output layer. Those
+    not already active join a sampled output layer's active set with their logits raised by
+    log(not yet active / joined), so the softmax's normaliser is an unbiased estimate of the full one
+    and the loss cannot fall by pushing every unretrieved label down at once. hard_negatives > 0:
+    only that many retrieved non-label neurons, those with the highest probability, keep their delta;
+    the others' are set to exactly 0 (no gradient). Random negatives always keep theirs.
     """
     depth = len(weights)
     sparse_input_layer(w0, b0, x_indices, x_values, x_indptr[p], x_indptr[p + 1], hid[0][i])
@@ -128,12 +134,23 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
             if is_output:
                 n = add_ids(ids, n, labels, tags[chunk], gen, -1)
             n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + l)
+            n_kept = n
+            if is_output:
+                n = add_ids(ids, n, negatives, tags[chunk], gen, 1)
             for a in range(n):
                 vals[a] = neuron_preactivation(w, ids[a], inp)
+            if n > n_kept:
+                shift = math.log((out_dim - n_kept) / (n - n_kept))
+                for a in range(n_kept, n):
+                    vals[a] += shift
+            if is_output:
+                nkept[i] = n_kept
         else:
             n = out_dim
             for j in range(n):
                 vals[j] = neuron_preactivation(w, j, inp)
+            if is_output:
+                nkept[i] = n
         nact[i, l] = n
         if not is_output:
             h = hid[l][i]
@@ -159,11 +176,12 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
     share = 1.0 / n_labels
     if sampled:
         row_tags = tags[chunk]
+        n_kept = nkept[i]
         cut = -1.0
-        if hard_negatives > 0 and n - n_labels > hard_negatives:
-            probs = np.empty(n, dtype=np.float32)
+        if hard_negatives > 0 and n_kept - n_labels > hard_negatives:
+            probs = np.empty(n_kept, dtype=np.float32)
             c = 0
-            for a in range(n):
+            for a in range(n_kept):
                 if not is_label(row_tags, ids[a]):
                     probs[c] = vals[a]
                     c += 1
@@ -174,7 +192,7 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
             if is_label(row_tags, ids[a]):
                 target = share
                 loss -= share * math.log(max(vals[a], 1e-30))
-            elif vals[a] < cut:
+            elif vals[a] < cut and a < n_kept:
                 vals[a] = 0.0
             vals[a] = (vals[a] - target) * inv_batch
     else:
@@ -217,9 +235,9 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
 @fast_parallel_kernel
 def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y_indices,
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
-                hid, act_ids, act_val, nact, delta0, losses,
+                hid, act_ids, act_val, nact, nkept, delta0, losses,
                 tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
-                probes, threshold, max_active, min_active, seed, hard_negatives):
+                probes, threshold, max_active, min_active, seed, hard_negatives, negatives):
     """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
 
     Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
@@ -230,6 +248,6 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
         for i in range(c, b, n_chunks):
             losses[i] = train_point(i, points[i], first_stream + i, x_indptr, x_indices, x_values, y_indptr,
                                     y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
-                                    toffsets, tids, hubs, hid, act_ids, act_val, nact, delta0, tags, counts, gens, c,
-                                    qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
-                                    min_active, seed, hard_negatives)
+                                    toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, tags, counts, gens,
+                                    c, qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
+                                    min_active, seed, hard_negatives, negatives)

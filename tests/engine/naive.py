@@ -37,14 +37,15 @@ def label_lists(y_indptr, y_indices, rows=None) -> list[np.ndarray]:
 
 
 # ---- the network ----------------------------------------------------------------------------------
-def forward(w0, b0, weights, x, active=None):
+def forward(w0, b0, weights, x, active=None, shift=None):
     """Dense forward pass of a batch x (n, num_features).
 
     weights: the layers after the input layer (the engine's weights[1:]). active: optional dict
     {layer index l >= 1: boolean mask (n, out_l)} of the neurons each point computes in layer l
     (inactive hidden neurons output 0; the output softmax is normalised over the active set).
+    shift: optional (n, out) added to the output logits before the softmax (log-Q correction).
     Returns (hs, z, p): hs[0] = relu(x w0 + b0), hs[l] the output of hidden layer l, z the output
-    logits and p the softmax (zero outside the active set).
+    logits (shifted) and p the softmax (zero outside the active set).
     """
     active = active or {}
     x = np.asarray(x, dtype=np.float64)
@@ -60,7 +61,7 @@ def forward(w0, b0, weights, x, active=None):
                 h = np.where(active[l], h, 0.0)
             hs.append(h)
         else:
-            z = a
+            z = a if shift is None else a + shift
     mask = active.get(depth - 1, np.ones_like(z, dtype=bool))
     zm = np.where(mask, z, -np.inf)
     e = np.exp(zm - zm.max(axis=1, keepdims=True))
@@ -77,26 +78,27 @@ def target_matrix(labels: list[np.ndarray], num_labels: int) -> np.ndarray:
     return t
 
 
-def loss(w0, b0, weights, x, labels, active=None) -> float:
+def loss(w0, b0, weights, x, labels, active=None, shift=None) -> float:
     """Mean over the batch of -sum_{y in Y_i} 1/|Y_i| log p_iy (unlabelled points count 0)."""
-    _, _, p = forward(w0, b0, weights, x, active)
+    _, _, p = forward(w0, b0, weights, x, active, shift)
     t = target_matrix(labels, p.shape[1])
     with np.errstate(divide="ignore"):
         logp = np.where(t > 0, np.log(np.where(t > 0, p, 1.0)), 0.0)
     return float(-(t * logp).sum() / len(labels))
 
 
-def gradients(w0, b0, weights, x, labels, active=None, keep=None):
+def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None):
     """Gradients of `loss` (the batch mean): (g_w0, g_b0, [g_weights[l] for l >= 1]).
 
     With `active`, the gradient of the loss whose softmax (and hidden layers) are restricted to the
     active set: the dense gradient restricted to the active neurons. keep: optional boolean mask
     (n, out) of the output neurons whose delta is kept (the others' is zeroed: hard negatives).
+    shift: see forward; a constant per logit, so it changes p but not the chain rule.
     """
     active = active or {}
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
-    hs, z, p = forward(w0, b0, weights, x, active)
+    hs, z, p = forward(w0, b0, weights, x, active, shift)
     t = target_matrix(labels, z.shape[1])
     labelled = np.array([len(y) > 0 for y in labels])
     dz = np.where(labelled[:, None], p - t, 0.0) / n
@@ -121,11 +123,14 @@ def gradients(w0, b0, weights, x, labels, active=None, keep=None):
     return g_w0, g_b0, grads
 
 
-def hard_negative_mask(w0, b0, weights, x, labels, active, count):
-    """bool (n, out): each point's labels and its `count` most probable active non-labels (softmax over
-    the active set), the output deltas the engine keeps with hard_negatives = count."""
-    _, z, p = forward(w0, b0, weights, x, active)
+def hard_negative_mask(w0, b0, weights, x, labels, active, count, drawn=None, shift=None):
+    """bool (n, out): each point's labels, its randomly drawn negatives (`drawn`, bool (n, out)) and
+    its `count` most probable other active non-labels (softmax over the active set), the output deltas
+    the engine keeps with hard_negatives = count."""
+    _, z, p = forward(w0, b0, weights, x, active, shift)
     keep = target_matrix(labels, z.shape[1]) > 0
+    if drawn is not None:
+        keep |= drawn
     for i in range(x.shape[0]):
         negatives = np.flatnonzero(active[len(weights)][i] & ~keep[i])
         keep[i, negatives[np.argsort(-p[i, negatives], kind="stable")[:count]]] = True

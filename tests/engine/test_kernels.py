@@ -85,11 +85,12 @@ class NaiveAdam:
         self.mb0, self.vb0 = np.zeros_like(self.b0), np.zeros_like(self.b0)
         self.t = 0
 
-    def step(self, x, labels, active=None, keep=None):
-        """keep: the output deltas kept (hard negatives); the output rows none of them touch take no step."""
+    def step(self, x, labels, active=None, keep=None, shift=None):
+        """keep: the output deltas kept (hard negatives); the output rows none of them touch take no step.
+        shift: the output logits' log-Q correction (random negatives)."""
         cfg = self.cfg
         hp = (cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
-        g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep)
+        g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep, shift)
         rows0 = np.flatnonzero(np.any(x != 0, axis=0))
         naive.adam_rows(self.w0, self.m[0], self.v[0], self.steps[0], g_w0, rows0, *hp)
         for l, (w, g) in enumerate(zip(self.ws, gs), start=1):
@@ -244,6 +245,98 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
         ref.assert_matches(trainer)
         stepped = np.flatnonzero(trainer.steps[out] != before)
         assert 0 < len(stepped) < len(np.flatnonzero(masks[out].any(axis=0)))
+
+
+def drawn_negatives(trainer, n_points):
+    """(drawn, shift): bool (b, L) of the random negatives of each point of the last batch, and the
+    log-Q shift the engine should have added to their logits: log(not yet active / drawn)."""
+    _, act_ids, _, nact = trainer._bufs[:4]
+    nkept = trainer._bufs[-1]
+    out = trainer.model.depth - 1
+    drawn = np.zeros((n_points, L), dtype=bool)
+    shift = np.zeros((n_points, L))
+    for i in range(n_points):
+        kept, n = int(nkept[i]), int(nact[i, out])
+        ids = act_ids[out - 1][i, :n]
+        assert len(set(ids.tolist())) == n, "an active set holds each neuron once"
+        drawn[i, ids[kept:]] = True
+        if n > kept:
+            shift[i, ids[kept:]] = np.log((L - kept) / (n - kept))
+    return drawn, shift
+
+
+@pytest.mark.parametrize("hard_negatives, r", [(-1, 6), (3, 24)])
+def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_negatives, r):
+    """random_negatives = r draws r output neurons per batch; those a point has not retrieved (nor as
+    labels) join its active set with their logits raised by log((L - kept) / joined). The step equals
+    naive Adam on the gradient of that shifted softmax, and the hard-negative cut ranks only the
+    retrieved neurons (the drawn ones keep their delta; with many of them the shift is small and some
+    rank below the cut)."""
+    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=8,
+                      random_negatives=r, hard_negatives=hard_negatives, batch_size=8, lr=1e-2, init_std=0.3,
+                      seed=7, rehash_n0=1000)
+    trainer = Trainer(cfg, data)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg)
+    out = trainer.model.depth - 1
+    seen = set()
+    for points in (np.arange(8), np.arange(5, 13), np.array([30, 31, 1, 2])):
+        x, labels = batch(data, points)
+        shared = trainer.random_negatives(trainer.step)
+        assert len(set(shared.tolist())) == r
+        trainer.train_step(points)
+        masks = active_masks(trainer, len(points))
+        drawn, shift = drawn_negatives(trainer, len(points))
+        _, act_ids, act_val, nact = trainer._bufs[:4]
+        nkept = trainer._bufs[-1]
+        for i, y in enumerate(labels):
+            kept = act_ids[out - 1][i, : nkept[i]]
+            assert set(y) <= set(kept.tolist()), "labels are never drawn: they are already active"
+            assert set(np.flatnonzero(drawn[i])) == set(shared.tolist()) - set(kept.tolist())
+        assert drawn.any()
+        seen |= set(shared.tolist())
+        keep = None
+        if hard_negatives > 0:
+            keep = naive.hard_negative_mask(ref.w0, ref.b0, ref.ws, x, labels, masks, hard_negatives, drawn, shift)
+            for i in range(len(points)):
+                n = nact[i, out]
+                kept = act_ids[out - 1][i, :n][act_val[out - 1][i, :n] != 0]
+                assert sorted(kept) == sorted(np.flatnonzero(keep[i])), f"point {i}"
+                assert drawn[i][kept].sum() == drawn[i].sum()
+        ref.step(x, labels, active=masks, keep=keep, shift=shift)
+        ref.assert_matches(trainer)
+    assert len(seen) > r, "each step draws anew"
+
+
+def test_random_negatives_are_uniform_and_reproducible(data):
+    """A step's negatives are r distinct neurons drawn uniformly (per-label counts over many steps
+    against r / L: chi-square, fixed seed), the same for the same (seed, step) and different across
+    steps."""
+    r = 5
+    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
+                      random_negatives=r, seed=3)
+    trainer = Trainer(cfg, data)
+    steps = 800
+    counts = np.zeros(L)
+    for step in range(steps):
+        shared = trainer.random_negatives(step)
+        assert shared.dtype == np.int32 and len(np.unique(shared)) == r
+        counts += np.bincount(shared, minlength=L)
+    expected = steps * r / L
+    chi2 = float(((counts - expected) ** 2 / expected).sum())
+    dof = L - 1
+    assert chi2 < dof + 4 * np.sqrt(2 * dof), chi2
+    np.testing.assert_array_equal(trainer.random_negatives(7), Trainer(cfg, data).random_negatives(7))
+    assert not np.array_equal(trainer.random_negatives(7), trainer.random_negatives(8))
+    assert Trainer(cfg.replace(random_negatives=-1), data).random_negatives(7).shape == (0,)
+
+
+def test_random_negatives_auto_only_for_wide_output_layers():
+    assert lsh.resolve_random_negatives(SlideConfig(), 670_091) == 250
+    assert lsh.resolve_random_negatives(SlideConfig(), 205_443) == 250
+    assert lsh.resolve_random_negatives(SlideConfig(), 2_000) == 0
+    assert lsh.resolve_random_negatives(SlideConfig(random_negatives=-1), 670_091) == 0
+    assert lsh.resolve_random_negatives(SlideConfig(random_negatives=7), 2_000) == 7
+    assert lsh.resolve_random_negatives(SlideConfig(random_negatives=70), 40) == 40
 
 
 def test_hard_negatives_auto_only_for_wide_output_layers():

@@ -77,16 +77,21 @@ def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = Fals
     return cap or target_active(n_neurons)
 
 
+def _wide_layer_setting(value: int, n_neurons: int, auto: int) -> int:
+    """A count setting of a sampled layer: -1 = none, > 0 = that many (at most the layer), 0 = `auto`
+    once the layer is too wide for its target active size to be 5% of it (> 20,000 neurons), else none."""
+    if value == -1:
+        return 0
+    if value:
+        return min(n_neurons, value)
+    return 0 if target_active(n_neurons) >= 0.05 * n_neurons else auto
+
+
 def resolve_hubs(config: SlideConfig, n_neurons: int) -> int:
     """How many hub neurons a sampled layer adds to every active set: config.hub_neurons, or (auto) a
     quarter of the target active size (at most 256) once the layer is too wide for the target to be 5%
     of it (> 20,000 neurons); small layers spend their few active slots on retrieved neurons instead."""
-    if config.hub_neurons == -1:
-        return 0
-    if config.hub_neurons:
-        return min(n_neurons, config.hub_neurons)
-    target = target_active(n_neurons)
-    return 0 if target >= 0.05 * n_neurons else min(256, target // 4)
+    return _wide_layer_setting(config.hub_neurons, n_neurons, min(256, target_active(n_neurons) // 4))
 
 
 def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
@@ -94,25 +99,15 @@ def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
     config.hard_negatives, or (auto) half the target active size once the layer is too wide for the
     target to be 5% of it (> 20,000 neurons), like the hubs: room for every hub (a quarter of the
     target) and as many retrieved neurons, which must keep meeting negative gradients too."""
-    if config.hard_negatives == -1:
-        return 0
-    if config.hard_negatives:
-        return config.hard_negatives
-    target = target_active(n_neurons)
-    return 0 if target >= 0.05 * n_neurons else target // 2
+    return _wide_layer_setting(config.hard_negatives, n_neurons, target_active(n_neurons) // 2)
 
 
 def resolve_random_negatives(config: SlideConfig, n_neurons: int) -> int:
-    """How many uniformly drawn, log-Q-corrected neurons join each output active set in training:
+    """How many uniformly drawn, log-Q-corrected output neurons a batch shares in training:
     config.random_negatives, or (auto) as many as the auto hubs (a quarter of the target active size,
     at most 256) for layers wider than 20,000 neurons; a small layer's active set is already a sizeable
-    share of it."""
-    if config.random_negatives == -1:
-        return 0
-    if config.random_negatives:
-        return min(n_neurons, config.random_negatives)
-    target = target_active(n_neurons)
-    return 0 if target >= 0.05 * n_neurons else min(256, target // 4)
+    share of it, and its softmax close to the full one."""
+    return _wide_layer_setting(config.random_negatives, n_neurons, min(256, target_active(n_neurons) // 4))
 
 
 def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:

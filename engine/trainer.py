@@ -202,17 +202,6 @@ class Trainer:
         self._buffers_for = batch
         return self._bufs
 
-    def random_negatives(self, step: int) -> np.ndarray:
-        """int32 (r,): step's random negatives, r output neurons drawn uniformly without replacement,
-        shared by the batch's points: every point's sampled softmax is unbiased, and the optimizer
-        touches r extra rows per step, not r per point. A function of (seed, step), so resuming and
-        any thread count draw the same."""
-        r = self._random_negatives
-        if r == 0:
-            return np.zeros(0, np.int32)
-        rng = np.random.default_rng([self.config.seed, step, 0x6E6567])
-        return rng.choice(self.model.num_labels, r, replace=False).astype(np.int32)
-
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self, points: np.ndarray) -> tuple[float, int, float]:
         """Train on one batch of dataset rows; returns (summed loss, labelled points, mean output active)."""
@@ -237,7 +226,7 @@ class Trainer:
                     hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, losses, tags, counts,
                     gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
                     model.max_active, cfg.min_active, cfg.seed, self._hard_negatives,
-                    self.random_negatives(self.step))
+                    self._random_negatives)
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
         for l in range(1, model.depth):
             w = model.weights[l]

@@ -12,7 +12,6 @@ Batch buffers (b = batch size, cap_l = most active neurons of layer l):
   act_val[l-1] float32 (b, cap_l)   activations, overwritten by the backward pass with deltas
   nact        int32 (b, D+1)        number of active neurons per layer
   nkept       int32 (b,)            output active neurons before the random negatives, which follow
-  negatives   int32 (r,)            the batch's random negatives (shared by its points)
   delta0      float32 (b, h1)       gradient at layer 0's pre-activation
 """
 
@@ -103,13 +102,14 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, nkept, delta0,
                 tags, counts, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
-                probes, threshold, max_active, min_active, seed, hard_negatives, negatives):
+                probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives):
     """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled).
 
-    negatives int32 (r,): the batch's random negatives, a uniform sample of the output layer. Those
-    not already active join a sampled output layer's active set with their logits raised by
-    log(not yet active / joined), so the softmax's normaliser is an unbiased estimate of the full one
-    and the loss cannot fall by pushing every unretrieved label down at once. hard_negatives > 0:
+    random_negatives > 0: a sampled output layer also draws that many neurons uniformly from those not
+    yet active, their logits raised by log(not yet active / drawn), so the softmax's normaliser is an
+    unbiased estimate of the full one and the loss cannot fall by pushing every unretrieved label down
+    at once. Drawn per point, not per batch, so that every row meets a negative gradient every few
+    steps: the unretrieved labels must be pushed down row by row. hard_negatives > 0:
     only that many retrieved non-label neurons, those with the highest probability, keep their delta;
     the others' are set to exactly 0 (no gradient). Random negatives always keep theirs.
     """
@@ -135,8 +135,9 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
                 n = add_ids(ids, n, labels, tags[chunk], gen, -1)
             n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + l)
             n_kept = n
-            if is_output:
-                n = add_ids(ids, n, negatives, tags[chunk], gen, 1)
+            if is_output and random_negatives > 0:
+                # stream * depth + 0 is free: the input layer is never sampled
+                n = pad_random(ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed, stream * depth)
             for a in range(n):
                 vals[a] = neuron_preactivation(w, ids[a], inp)
             if n > n_kept:
@@ -237,7 +238,7 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, nkept, delta0, losses,
                 tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
-                probes, threshold, max_active, min_active, seed, hard_negatives, negatives):
+                probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives):
     """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
 
     Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
@@ -250,4 +251,4 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
                                     y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
                                     toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, tags, counts, gens,
                                     c, qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
-                                    min_active, seed, hard_negatives, negatives)
+                                    min_active, seed, hard_negatives, random_negatives)

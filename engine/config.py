@@ -75,15 +75,17 @@ class SlideConfig:
     batch ~3x and learned faster per step too; 64, fewer than the hubs, stopped learning: the
     retrieved neurons must keep meeting negative gradients."""
     random_negatives: int = 0
-    """Output neurons drawn uniformly per batch (shared by its points) that join each point's active
-    set, unless already in it, with their logits raised by log(unretrieved labels / joined): together
-    they stand for every label the tables did not return, so the softmax's normaliser estimates the
-    full one (a log-Q-corrected sampled softmax). They always get a gradient (the hard-negative cut
-    ranks only the retrieved). 0 = auto (as many as the auto hubs, for output layers wider than 20,000
-    neurons), -1 = none. Without them the softmax spans only the retrieved neurons and the labels, and
-    with many labels per point it can fall by making the hidden output input-independent: on
-    delicious200k-shaped data (~75 labels per point) P@1 collapsed to 0.003 where the dense network
-    reached 0.79. On amazon670k-shaped data (~5 labels per point) -1 learns faster per second."""
+    """Output neurons each point draws uniformly from those it did not retrieve, added to its active
+    set with their logits raised by log(unretrieved labels / drawn): together they stand for every label
+    the tables did not return, so the softmax's normaliser estimates the full one (a log-Q-corrected
+    sampled softmax). They always get a gradient (the hard-negative cut ranks only the retrieved).
+    0 = auto (as many as the auto hubs, 250, for output layers wider than 20,000 neurons), -1 = none.
+    Without them the softmax spans only the retrieved neurons and the labels, and with many labels per
+    point it can fall by making the hidden output input-independent: on delicious200k-shaped data (~75
+    labels per point) P@1 fell to 0.002; with them it reached 0.94 after 2,000 steps. 64 per point, or
+    250 shared by a batch, pushed the unretrieved labels down too slowly to leave the popularity
+    plateau. They cost ~1.7x in speed on amazon670k's shape (~5 labels per point), where -1 with
+    lr=1e-3 learns faster per second (BENCHMARKS.md)."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""
 

@@ -68,6 +68,27 @@ def _keep_order(members, inserted, table, policy, seed, round_id):
     return keys
 
 
+@kernel
+def _best_members(members, keys, capacity):
+    """The `capacity` members with the lowest keys (earlier members first among equal keys), sorted by
+    id: what a stable argsort would keep, in linear time (crowded buckets hold thousands of members)."""
+    kth = np.partition(keys, capacity - 1)[capacity - 1]
+    chosen = np.empty(capacity, dtype=members.dtype)
+    c = 0
+    for p in range(members.shape[0]):
+        if keys[p] < kth:
+            chosen[c] = members[p]
+            c += 1
+    for p in range(members.shape[0]):
+        if c == capacity:
+            break
+        if keys[p] == kth:
+            chosen[c] = members[p]
+            c += 1
+    chosen.sort()
+    return chosen
+
+
 @parallel_kernel
 def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id, offsets, ids):
     """Fill offsets (L, B+1) and ids (L, n) from codes (L, n), keeping <= capacity ids per bucket."""
@@ -93,8 +114,7 @@ def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id,
                     out += 1
             else:
                 members = order[s:e]
-                keep = np.argsort(_keep_order(members, inserted, t, policy, seed, round_id), kind="mergesort")
-                chosen = np.sort(members[keep[:capacity]])
+                chosen = _best_members(members, _keep_order(members, inserted, t, policy, seed, round_id), capacity)
                 for p in range(capacity):
                     ids[t, out] = chosen[p]
                     out += 1

@@ -167,3 +167,15 @@ def test_model_tables_hold_every_neuron_once_per_table(family):
     # Centring spreads the neurons: no table puts more than half of them in one bucket.
     for t in range(hf.l):
         assert np.bincount(tb.codes[t]).max() < 150
+
+
+@pytest.mark.parametrize("capacity", [1, 7, 50, 99])
+def test_full_bucket_keeps_what_a_stable_sort_would(capacity):
+    """The linear-time selection of a full bucket's members equals a stable argsort's first `capacity`,
+    sorted by id, including ties at the cut (keys drawn from a small range: many equal keys)."""
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        members = rng.permutation(10_000)[:100].astype(np.int32)
+        keys = rng.integers(-6, 6, size=100).astype(np.int64)
+        expected = np.sort(members[np.argsort(keys, kind="mergesort")[:capacity]])
+        np.testing.assert_array_equal(tables._best_members(members, keys.copy(), capacity), expected)

@@ -103,7 +103,7 @@ def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
 
 
 def resolve_random_negatives(config: SlideConfig, n_neurons: int) -> int:
-    """How many uniformly drawn, log-Q-corrected output neurons a batch shares in training:
+    """How many uniformly drawn, log-Q-corrected output neurons each point adds in training:
     config.random_negatives, or (auto) as many as the auto hubs (a quarter of the target active size,
     at most 256) for layers wider than 20,000 neurons; a small layer's active set is already a sizeable
     share of it, and its softmax close to the full one."""

@@ -84,8 +84,8 @@ class SlideConfig:
     point it can fall by making the hidden output input-independent: on delicious200k-shaped data (~75
     labels per point) P@1 fell to 0.002; with them it reached 0.94 after 2,000 steps. 64 per point, or
     250 shared by a batch, pushed the unretrieved labels down too slowly to leave the popularity
-    plateau. They cost ~1.7x in speed on amazon670k's shape (~5 labels per point), where -1 with
-    lr=1e-3 learns faster per second (BENCHMARKS.md)."""
+    plateau. They cost ~1.3x in speed on amazon670k's shape (~5 labels per point: 86.5 against 67.5 ms
+    a step), where -1 with lr=1e-3 learns faster per second (BENCHMARKS.md)."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""
 
@@ -94,7 +94,7 @@ class SlideConfig:
     lr: float = 3e-3
     """Adam's step size. 3e-3 rather than the usual 1e-3: with random negatives the softmax estimates
     the full one, whose many unretrieved labels must first be pushed down row by row (at 1/10 of
-    amazon670k's shape P@1 after 300 / 1,200 steps: 0.022 / 0.32 at 1e-3, 0.22 / 0.49 at 3e-3)."""
+    amazon670k's shape P@1 after 300 / 1,200 steps: 0.022 / 0.32 at 1e-3, 0.17 / 0.56 at 3e-3)."""
     beta1: float = 0.9
     beta2: float = 0.999
     eps: float = 1e-8

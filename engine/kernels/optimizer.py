@@ -21,18 +21,28 @@ from numba import prange, types
 from numba.extending import overload
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
+from .lowlevel import float_bits, float_from_bits, prefetch_row
+
+_PREFETCH_AHEAD = 2
+"""Rows a thread asks the cache for ahead of the one it updates (the touched rows are scattered)."""
+
+
+@fast_kernel
+def adam_coefficients(t, lr, beta1, beta2, eps):
+    """(step, eps_hat) of Adam's bias-corrected update at step t >= 1, in float64 once per row:
+    the update is step * m / (sqrt(v) + eps_hat)."""
+    bc1 = 1.0 - beta1**t
+    bc2 = 1.0 - beta2**t
+    return np.float32(lr * math.sqrt(bc2) / bc1), np.float32(eps * math.sqrt(bc2))
 
 
 @fast_kernel
 def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
     """One Adam step of row w with gradient g at this row's step t >= 1; returns the update's L2 norm.
 
-    The step is computed in float64 once per row, the element loop in float32 so that it vectorises.
+    The element loop runs in float32 so that it vectorises.
     """
-    bc1 = 1.0 - beta1**t
-    bc2 = 1.0 - beta2**t
-    step = np.float32(lr * math.sqrt(bc2) / bc1)
-    eps_hat = np.float32(eps * math.sqrt(bc2))
+    step, eps_hat = adam_coefficients(t, lr, beta1, beta2, eps)
     b1 = np.float32(beta1)
     b2 = np.float32(beta2)
     c1 = np.float32(1.0 - beta1)
@@ -58,30 +68,37 @@ def bfloat16_bits(bits):
 
 
 @fast_kernel
-def adam_row_bf16(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
-    """adam_row with m uint16 (bfloat16 bits): m is widened into scratch float32 (len(w),), stepped
-    there, and rounded back to nearest even."""
-    wide = scratch.view(np.uint32)
-    n = w.shape[0]
-    for k in range(n):
-        wide[k] = np.uint32(m[k]) << np.uint32(16)
-    norm = adam_row(w, scratch, v, g, t, lr, beta1, beta2, eps)
-    for k in range(n):
-        m[k] = np.uint16(bfloat16_bits(wide[k]))
-    return norm
+def adam_row_bf16(w, m, v, g, t, lr, beta1, beta2, eps):
+    """adam_row with m uint16 (bfloat16 bits): each element of m is widened to float32, stepped, and
+    rounded back to nearest even in the same loop (one pass over the row, as for float32 m)."""
+    step, eps_hat = adam_coefficients(t, lr, beta1, beta2, eps)
+    b1 = np.float32(beta1)
+    b2 = np.float32(beta2)
+    c1 = np.float32(1.0 - beta1)
+    c2 = np.float32(1.0 - beta2)
+    sq = np.float32(0.0)
+    for k in range(w.shape[0]):
+        gk = g[k]
+        mk = b1 * float_from_bits(np.uint32(m[k]) << np.uint32(16)) + c1 * gk
+        vk = b2 * v[k] + c2 * gk * gk
+        m[k] = np.uint16(bfloat16_bits(float_bits(mk)))
+        v[k] = vk
+        u = step * mk / (np.sqrt(vk) + eps_hat)
+        w[k] -= u
+        sq += u * u
+    return math.sqrt(sq)
 
 
-def adam_step(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
+def adam_step(w, m, v, g, t, lr, beta1, beta2, eps):
     """One lazy-Adam step of row w (see adam_row), m float32 or bfloat16 bits (uint16); kernels only."""
     raise NotImplementedError("adam_step is compiled into kernels by Numba")
 
 
 @overload(adam_step)
-def _adam_step(w, m, v, g, scratch, t, lr, beta1, beta2, eps):
+def _adam_step(w, m, v, g, t, lr, beta1, beta2, eps):
     if isinstance(m, types.Array) and m.dtype == types.uint16:
-        return lambda w, m, v, g, scratch, t, lr, beta1, beta2, eps: adam_row_bf16(
-            w, m, v, g, scratch, t, lr, beta1, beta2, eps)
-    return lambda w, m, v, g, scratch, t, lr, beta1, beta2, eps: adam_row(w, m, v, g, t, lr, beta1, beta2, eps)
+        return lambda w, m, v, g, t, lr, beta1, beta2, eps: adam_row_bf16(w, m, v, g, t, lr, beta1, beta2, eps)
+    return lambda w, m, v, g, t, lr, beta1, beta2, eps: adam_row(w, m, v, g, t, lr, beta1, beta2, eps)
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
@@ -179,15 +196,19 @@ def update_sampled_layer(w, m, v, steps, drift, vals, inputs, group_start, pair_
     n_chunks = min(n, 1024)
     for c in prange(n_chunks):
         g = np.empty(in_dim + 1, dtype=np.float32)
-        scratch = np.empty(in_dim + 1, dtype=np.float32)
         for r in range(c, n, n_chunks):
+            ahead = r + _PREFETCH_AHEAD * n_chunks
+            if ahead < n:
+                prefetch_row(w, touched[ahead])
+                prefetch_row(m, touched[ahead])
+                prefetch_row(v, touched[ahead])
             j = touched[r]
             g[:] = 0.0
             for q in range(group_start[r], group_start[r + 1]):
                 i = pair_point[q]
                 add_scaled_input(g, vals[i, pair_slot[q]], inputs[i])
             steps[j] += 1
-            drift[j] += adam_step(w[j], m[j], v[j], g, scratch, steps[j], lr, beta1, beta2, eps)
+            drift[j] += adam_step(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
 
 
 @fast_parallel_kernel

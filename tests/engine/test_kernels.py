@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from numba import njit
 
 from engine import lsh, tables
 from engine._numba import set_threads
 from engine.config import SlideConfig
 from engine.kernels.forward import sparse_input_layer
-from engine.kernels.optimizer import from_bfloat16, to_bfloat16
+from engine.kernels.lowlevel import float_bits, float_from_bits
+from engine.kernels.optimizer import adam_row, adam_row_bf16, from_bfloat16, to_bfloat16
 from engine.network import SlideModel
 from engine.trainer import Trainer
 
@@ -635,3 +637,40 @@ def test_bfloat16_first_moments_follow_float32_adam(data):
     assert moved > 3 * cfg.lr
     np.testing.assert_allclose(compact.model.weights[1], exact.model.weights[1], rtol=0, atol=0.01 * moved)
     assert not np.array_equal(compact.model.weights[1], exact.model.weights[1])
+
+
+def test_bfloat16_adam_row_is_the_float32_step_on_the_widened_moment():
+    """adam_row_bf16 widens, steps and rounds each element in one loop: at every step its w, v and
+    update norm equal adam_row's on the widened moment, and its stored moment is that one rounded."""
+    rng = np.random.default_rng(11)
+    rows, width = 64, 129
+    w = rng.standard_normal((rows, width)).astype(np.float32)
+    m_bits = to_bfloat16(rng.standard_normal((rows, width)).astype(np.float32) * 1e-2)
+    v = rng.random((rows, width)).astype(np.float32) * 1e-4
+    w_ref, v_ref = w.copy(), v.copy()
+    for t in range(1, 8):
+        g = (rng.standard_normal((rows, width)) * 10.0 ** rng.integers(-6, 1, (rows, 1))).astype(np.float32)
+        m_ref = from_bfloat16(m_bits)
+        for r in range(rows):
+            norm = adam_row_bf16(w[r], m_bits[r], v[r], g[r], t, 3e-3, 0.9, 0.999, 1e-8)
+            norm_ref = adam_row(w_ref[r], m_ref[r], v_ref[r], g[r], t, 3e-3, 0.9, 0.999, 1e-8)
+            assert norm == norm_ref
+        np.testing.assert_array_equal(w, w_ref)
+        np.testing.assert_array_equal(v, v_ref)
+        np.testing.assert_array_equal(m_bits, to_bfloat16(m_ref))
+
+
+def test_float_bit_casts_round_trip():
+    @njit
+    def round_trip(x):
+        out = np.empty_like(x)
+        bits = np.empty(x.shape[0], np.uint32)
+        for k in range(x.shape[0]):
+            bits[k] = float_bits(x[k])
+            out[k] = float_from_bits(bits[k])
+        return out, bits
+
+    x = np.array([0.0, -0.0, 1.5, -3.25e-39, np.inf, 3.4e38], np.float32)
+    out, bits = round_trip(x)
+    np.testing.assert_array_equal(bits, x.view(np.uint32))
+    np.testing.assert_array_equal(out.view(np.uint32), x.view(np.uint32))

@@ -1,0 +1,72 @@
+"""Numba intrinsics the numerical kernels need and Numba does not offer: software prefetch of a
+matrix row, and float32 <-> uint32 bit casts of scalars.
+
+A sampled layer's rows are read and updated in random order (the active neurons of a point, the
+rows a batch touched), so every row starts with cache misses the hardware prefetcher cannot
+foresee; asking for the next row while the current one is computed hides part of that latency
+(lazy Adam on amazon670k's output layer: ~15 -> ~11 ms a batch).
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+_CACHE_LINE = 64
+
+
+@intrinsic
+def prefetch_row(typingctx, matrix, row):
+    """Hint the CPU to fetch every cache line of matrix[row] (a C-contiguous 2-D array) for writing;
+    no effect on results, and no bounds check (pass a valid row)."""
+    if not (isinstance(matrix, types.Array) and matrix.ndim == 2 and matrix.layout == "C"
+            and isinstance(row, types.Integer)):
+        return None
+    sig = types.void(matrix, row)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        intp = context.get_value_type(types.intp)
+        row_index = context.cast(builder, args[1], signature.args[1], types.intp)
+        start = cgutils.get_item_pointer(context, builder, aryty, ary, [row_index, ir.Constant(intp, 0)],
+                                         wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        base = builder.bitcast(start, i8p)
+        row_bytes = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), row_bytes, ir.Constant(intp, _CACHE_LINE)) as (off, _):
+            # rw = 1 (write), locality = 3 (keep in all cache levels), cache type = 1 (data)
+            builder.call(fn, [builder.gep(base, [off]), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def float_from_bits(typingctx, bits):
+    """The float32 whose bit pattern is the low 32 bits of the unsigned integer `bits`."""
+    if not (isinstance(bits, types.Integer) and not bits.signed):
+        return None
+
+    def codegen(context, builder, signature, args):
+        low = context.cast(builder, args[0], signature.args[0], types.uint32)
+        return builder.bitcast(low, ir.FloatType())
+
+    return types.float32(bits), codegen
+
+
+@intrinsic
+def float_bits(typingctx, x):
+    """The bit pattern of the float32 x, as a uint32."""
+    if x != types.float32:
+        return None
+
+    def codegen(context, builder, signature, args):
+        return builder.bitcast(args[0], ir.IntType(32))
+
+    return types.uint32(types.float32), codegen

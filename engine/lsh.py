@@ -338,6 +338,7 @@ def hash_rows(weights, rows, center, idx, sign, params, out):
         nonzero = np.empty(_HASH_BLOCK, dtype=np.bool_)
         scratch = np.empty(n_codes, dtype=np.int32)
         hashes = np.empty(_HASH_BLOCK, dtype=np.uint64)
+        bucket_acc = np.empty(_HASH_BLOCK, dtype=np.int32)
         for blk in range(chunk, n_blocks, n_chunks):
             start = blk * _HASH_BLOCK
             bn = min(n, start + _HASH_BLOCK) - start
@@ -380,21 +381,26 @@ def hash_rows(weights, rows, center, idx, sign, params, out):
                     densify(scratch, params[7])
                     for c in range(n_codes):
                         codes[c, j] = scratch[c]
-            combine_block(codes, params, bn, hashes, out[:, start:start + bn])
+            combine_block(codes, params, bn, hashes, bucket_acc, out[:, start:start + bn])
 
 
 @kernel
-def combine_block(codes, params, bn, hashes, out):
-    """combine_codes for a block: codes int32 (L*K, >= bn) -> out int32 (L, bn); hashes is uint64 scratch."""
+def combine_block(codes, params, bn, hashes, acc, out):
+    """combine_codes for a block: codes int32 (L*K, >= bn) -> out int32 (L, bn); hashes uint64 and
+    acc int32 (>= bn,) are scratch, so that every inner loop runs over contiguous 1-d arrays."""
     k, l, radix, fold, table_bits, seed = params[1], params[2], params[3], params[5], params[6], params[7]
     for t in range(l):
         if fold == 0:
+            # radix^K <= 2^24 buckets when codes are not folded, so int32 cannot overflow
+            r = np.int32(radix)
             for j in range(bn):
-                out[t, j] = 0
+                acc[j] = 0
             for kk in range(k - 1, -1, -1):
                 code = codes[t * k + kk]
                 for j in range(bn):
-                    out[t, j] = out[t, j] * radix + code[j]
+                    acc[j] = acc[j] * r + code[j]
+            for j in range(bn):
+                out[t, j] = acc[j]
         else:
             h0 = splitmix64(np.uint64(seed) + np.uint64(t))
             for j in range(bn):

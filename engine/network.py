@@ -83,11 +83,12 @@ class SlideModel:
 
     # ---- hashing --------------------------------------------------------------------------------
     def rehash_layer(self, layer: int, round_id: int, rows: np.ndarray | None = None,
-                     new_functions: np.random.Generator | None = None) -> int:
+                     new_functions: np.random.Generator | None = None, serving_hubs: bool = True) -> int:
         """Re-insert neurons of a sampled layer into their current buckets; returns how many were hashed.
 
         rows: the neurons to rehash (None = all). new_functions: draw new hash functions from this rng
-        first (a rebuild), which rehashes every neuron.
+        first (a rebuild), which rehashes every neuron. serving_hubs: re-pick the serving hubs too (a
+        trainer leaves them to `Trainer.refresh_serving_hubs`, before it evaluates or publishes).
         """
         slot = int(self.layer_slot[layer])
         w = self.weights[layer]
@@ -108,24 +109,27 @@ class SlideModel:
             count = int(rows.size)
         tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion,
                        int(hf.params[7]), round_id)
-        self.update_hubs(layer)
+        self.update_hubs(layer, serving=serving_hubs)
         return count
 
-    def update_hubs(self, layer: int, serving_only: bool = False, center: np.ndarray | None = None) -> None:
-        """Pick the layer's hubs: the neurons scoring highest on its mean input (`center`, default the
-        tables' query_center); and its serving hubs: half the same way, half the largest weight norms.
+    def update_hubs(self, layer: int, training: bool = True, serving: bool = True,
+                    center: np.ndarray | None = None) -> None:
+        """Pick the layer's hubs (training): the neurons scoring highest on its mean input (`center`,
+        default the tables' query_center); and its serving hubs (serving): half the same way, half the
+        largest weight norms.
 
-        serving_only leaves the training hubs alone, so refreshing what a snapshot serves never
-        changes the training run.
+        Picking only the serving hubs leaves the training run unchanged, so refreshing what a snapshot
+        serves never changes what training computes.
         """
         tb = self.tables[int(self.layer_slot[layer])]
-        n_serve = tb.serve_hubs.shape[0]
-        if tb.hubs.shape[0] == 0 and n_serve == 0:
+        n_train = tb.hubs.shape[0] if training else 0
+        n_serve = tb.serve_hubs.shape[0] if serving else 0
+        if n_train == 0 and n_serve == 0:
             return
         w = self.weights[layer]
         # float32 on both sides: a float64 centre would make numpy copy the whole layer as float64
         static = w[:, :-1] @ np.asarray(tb.query_center if center is None else center, dtype=np.float32) + w[:, -1]
-        if not serving_only and tb.hubs.shape[0]:
+        if n_train:
             tb.hubs[:] = np.sort(_top(static, tb.hubs.shape[0])).astype(np.int32)
         if n_serve:
             by_score = _top(static, n_serve // 2)

@@ -121,7 +121,7 @@ class Trainer:
         """Re-pick what predictions add to every candidate set from the current weights: the tables are
         only as fresh as the last rehash, and the longest rows change fastest (training is unaffected)."""
         for l in self.model.sampled_layers():
-            self.model.update_hubs(l, serving_only=True, center=self.input_mean[l])
+            self.model.update_hubs(l, training=False, center=self.input_mean[l])
 
     @classmethod
     def resume(cls, store: SnapshotStore, train: Dataset, test: Dataset | None = None) -> "Trainer":
@@ -271,7 +271,7 @@ class Trainer:
             if cfg.drift_threshold > 0 and not rebuild:
                 norms = np.sqrt(np.einsum("ij,ij->i", w[:, :-1], w[:, :-1]))
                 rows = np.flatnonzero(self.drift[l] > cfg.drift_threshold * np.maximum(norms, 1e-12))
-            hashed += model.rehash_layer(l, self.rehash_round, rows=rows, new_functions=rng)
+            hashed += model.rehash_layer(l, self.rehash_round, rows=rows, new_functions=rng, serving_hubs=False)
             if rows is None:
                 self.drift[l][:] = 0.0
             else:
@@ -365,6 +365,8 @@ class Trainer:
                 last = report()
         if last is None or window["batches"]:
             last = report()
+        if self.store is None:
+            self.refresh_serving_hubs()  # publishing does it otherwise
         snapshot()
         return {**last, "stopped": stopped}
 

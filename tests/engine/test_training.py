@@ -347,6 +347,19 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
     a.pop("table0_serve_hubs"), b.pop("table0_serve_hubs")
     assert_same_arrays(a, b)
 
+    # A training rehash leaves the serving hubs to the refresh (which publishing and evaluating do).
+    before = plain.model.tables[0].serve_hubs.copy()
+    plain.rehash()
+    np.testing.assert_array_equal(plain.model.tables[0].serve_hubs, before)
+    plain.refresh_serving_hubs()
+    assert not np.array_equal(plain.model.tables[0].serve_hubs, before)
+    # A run with nowhere to publish refreshes them at its end.
+    bare = Trainer(cfg.replace(eval_points=0), train)
+    bare.run(time_budget_s=0.5)
+    served = bare.model.tables[0].serve_hubs.copy()
+    bare.model.update_hubs(1, training=False, center=bare.input_mean[1])
+    np.testing.assert_array_equal(bare.model.tables[0].serve_hubs, served)
+
 
 def test_train_step_refuses_empty_and_oversized_batches():
     """An empty batch would average nothing into the running input mean (NaN); an oversized one would

@@ -29,11 +29,12 @@ _PREFETCH_AHEAD = 2
 
 @fast_kernel
 def adam_coefficients(t, lr, beta1, beta2, eps):
-    """(step, eps_hat) of Adam's bias-corrected update at step t >= 1, in float64 once per row:
-    the update is step * m / (sqrt(v) + eps_hat)."""
+    """float32 (step, eps_hat, beta1, beta2, 1 - beta1, 1 - beta2) of Adam's bias-corrected update at
+    step t >= 1, computed in float64 once per row: the update is step * m / (sqrt(v) + eps_hat)."""
     bc1 = 1.0 - beta1**t
     bc2 = 1.0 - beta2**t
-    return np.float32(lr * math.sqrt(bc2) / bc1), np.float32(eps * math.sqrt(bc2))
+    return (np.float32(lr * math.sqrt(bc2) / bc1), np.float32(eps * math.sqrt(bc2)), np.float32(beta1),
+            np.float32(beta2), np.float32(1.0 - beta1), np.float32(1.0 - beta2))
 
 
 @fast_kernel
@@ -42,11 +43,7 @@ def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
 
     The element loop runs in float32 so that it vectorises.
     """
-    step, eps_hat = adam_coefficients(t, lr, beta1, beta2, eps)
-    b1 = np.float32(beta1)
-    b2 = np.float32(beta2)
-    c1 = np.float32(1.0 - beta1)
-    c2 = np.float32(1.0 - beta2)
+    step, eps_hat, b1, b2, c1, c2 = adam_coefficients(t, lr, beta1, beta2, eps)
     sq = np.float32(0.0)
     for k in range(w.shape[0]):
         gk = g[k]
@@ -71,11 +68,7 @@ def bfloat16_bits(bits):
 def adam_row_bf16(w, m, v, g, t, lr, beta1, beta2, eps):
     """adam_row with m uint16 (bfloat16 bits): each element of m is widened to float32, stepped, and
     rounded back to nearest even in the same loop (one pass over the row, as for float32 m)."""
-    step, eps_hat = adam_coefficients(t, lr, beta1, beta2, eps)
-    b1 = np.float32(beta1)
-    b2 = np.float32(beta2)
-    c1 = np.float32(1.0 - beta1)
-    c2 = np.float32(1.0 - beta2)
+    step, eps_hat, b1, b2, c1, c2 = adam_coefficients(t, lr, beta1, beta2, eps)
     sq = np.float32(0.0)
     for k in range(w.shape[0]):
         gk = g[k]

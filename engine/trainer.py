@@ -75,6 +75,7 @@ class Trainer:
         self._hard_negatives = lsh.resolve_hard_negatives(config, self.model.num_labels) if sampled_output else 0
         self._random_negatives = lsh.resolve_random_negatives(config, self.model.num_labels) if sampled_output else 0
         self._buffers_for = None
+        self._serving_hubs_step = -1
 
     # ---- state ------------------------------------------------------------------------------
     def _init_optimizer(self) -> None:
@@ -120,8 +121,11 @@ class Trainer:
     def refresh_serving_hubs(self) -> None:
         """Re-pick what predictions add to every candidate set from the current weights: the tables are
         only as fresh as the last rehash, and the longest rows change fastest (training is unaffected)."""
+        if self._serving_hubs_step == self.step:
+            return  # weights and input means change only in a step
         for l in self.model.sampled_layers():
             self.model.update_hubs(l, training=False, center=self.input_mean[l])
+        self._serving_hubs_step = self.step
 
     @classmethod
     def resume(cls, store: SnapshotStore, train: Dataset, test: Dataset | None = None) -> "Trainer":
@@ -365,8 +369,7 @@ class Trainer:
                 last = report()
         if last is None or window["batches"]:
             last = report()
-        if self.store is None:
-            self.refresh_serving_hubs()  # publishing does it otherwise
+        self.refresh_serving_hubs()
         snapshot()
         return {**last, "stopped": stopped}
 

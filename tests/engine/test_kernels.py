@@ -641,7 +641,9 @@ def test_bfloat16_first_moments_follow_float32_adam(data):
 
 def test_bfloat16_adam_row_is_the_float32_step_on_the_widened_moment():
     """adam_row_bf16 widens, steps and rounds each element in one loop: at every step its w, v and
-    update norm equal adam_row's on the widened moment, and its stored moment is that one rounded."""
+    update norm equal adam_row's on the widened moment, and its stored moment is that one rounded. The
+    norm is a fast-math reduction that the two loops may vectorise in different orders (it differed in
+    the last bit on an AMD EPYC), so it is equal to float32 rounding only."""
     rng = np.random.default_rng(11)
     rows, width = 64, 129
     w = rng.standard_normal((rows, width)).astype(np.float32)
@@ -654,7 +656,7 @@ def test_bfloat16_adam_row_is_the_float32_step_on_the_widened_moment():
         for r in range(rows):
             norm = adam_row_bf16(w[r], m_bits[r], v[r], g[r], t, 3e-3, 0.9, 0.999, 1e-8)
             norm_ref = adam_row(w_ref[r], m_ref[r], v_ref[r], g[r], t, 3e-3, 0.9, 0.999, 1e-8)
-            assert norm == norm_ref
+            assert norm == pytest.approx(norm_ref, rel=1e-6, abs=1e-30)
         np.testing.assert_array_equal(w, w_ref)
         np.testing.assert_array_equal(v, v_ref)
         np.testing.assert_array_equal(m_bits, to_bfloat16(m_ref))

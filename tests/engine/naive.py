@@ -260,8 +260,8 @@ def tie_seed(params, buckets) -> int:
 def retrieve(found: np.ndarray, threshold: int = 1, cap: int = 0, ties: int = 0) -> np.ndarray:
     """The candidates an input keeps from the concatenated members of its L buckets (`found`, in table
     order): ids seen >= threshold times, then (cap > 0) the `cap` most frequently seen, ties at the
-    cut-off count resolved by selection sampling keyed by `ties` (see tie_seed). Returned in order of
-    first appearance."""
+    cut-off count resolved by systematic sampling (every (ties / needed)-th tie in order of first
+    appearance, from a start keyed by `ties`; see tie_seed). Returned in order of first appearance."""
     ids, first, counts = np.unique(found, return_index=True, return_counts=True)
     order = np.argsort(first, kind="stable")
     ids, counts = ids[order], counts[order]
@@ -269,19 +269,13 @@ def retrieve(found: np.ndarray, threshold: int = 1, cap: int = 0, ties: int = 0)
     ids, counts = ids[keep], counts[keep]
     if cap > 0 and len(ids) > cap:
         cutoff = np.sort(counts)[::-1][cap - 1]
-        ties_left = cap - int(np.count_nonzero(counts > cutoff))
-        ties_seen = int(np.count_nonzero(counts == cutoff))
-        chosen = []
-        for j, c in zip(ids, counts):
-            if c > cutoff:
-                chosen.append(j)
-            elif c == cutoff:
-                u = (mix3(ties, int(j), 0) >> 11) / 2.0**53
-                if u * ties_seen < ties_left:
-                    chosen.append(j)
-                    ties_left -= 1
-                ties_seen -= 1
-        ids = np.array(chosen, dtype=ids.dtype)
+        needed = cap - int(np.count_nonzero(counts > cutoff))
+        tied = int(np.count_nonzero(counts == cutoff))
+        start = int(ties) % tied
+        # tie number t (0-based) is kept when start + (t + 1) * needed crosses a multiple of tied
+        t = np.cumsum(counts == cutoff) - 1
+        crosses = (start + (t + 1) * needed) // tied > (start + t * needed) // tied
+        ids = ids[(counts > cutoff) | ((counts == cutoff) & crosses)]
     return ids
 
 

@@ -346,6 +346,32 @@ def test_hard_negatives_auto_only_for_wide_output_layers():
     assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives=7), 2_000) == 7
 
 
+def test_capped_candidates_keep_the_frequent_and_a_uniform_share_of_the_ties():
+    """Over many inputs (seeds), the cap keeps every candidate above the cut-off count and exactly the
+    remaining number of ties, each tie equally often whatever its position (chi-square, fixed seed)."""
+    from engine.kernels.sampling import filter_candidates
+    rng = np.random.default_rng(4)
+    n, cap, trials = 60, 20, 3000
+    counts0 = np.ones(n, np.int32)
+    counts0[[3, 17, 40]] = 2
+    counts0[25] = 3
+    ids0 = rng.permutation(1000)[:n].astype(np.int32)
+    chosen = np.zeros(n)
+    for seed in rng.integers(0, 2**63, size=trials, dtype=np.uint64):
+        ids, counts = ids0.copy(), counts0.copy()
+        kept = filter_candidates(ids, n, counts, 1, cap, 3, seed)
+        assert kept == cap
+        np.testing.assert_array_equal(ids[:kept], naive.retrieve(np.repeat(ids0, counts0), 1, cap, int(seed)))
+        chosen[np.isin(ids0, ids[:kept])] += 1
+    above = counts0 > 1
+    assert (chosen[above] == trials).all()
+    expected = trials * (cap - above.sum()) / (~above).sum()
+    ties = chosen[~above]
+    chi2 = float(((ties - expected) ** 2 / expected).sum())
+    dof = ties.size - 1
+    assert chi2 < dof + 4 * np.sqrt(2 * dof), (chi2, dof)
+
+
 @pytest.mark.parametrize("max_active", [-1, 6])
 def test_active_set_follows_the_buckets(data, max_active):
     """The output active set of a point = union of its L buckets (capped to the most frequently

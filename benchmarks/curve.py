@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import engine.trainer as trainer_module  # noqa: E402
 from run import prepare  # noqa: E402
 
-PHASES = ("train_batch", "group_by_row", "update_sampled_layer", "group_by_feature", "update_input_layer")
+PHASES = ("train_batch", "group_by_row", "update_sampled_layer", "backward_batch", "group_by_feature",
+          "update_input_layer")
 
 
 def main() -> int:

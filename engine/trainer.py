@@ -19,7 +19,7 @@ import numpy as np
 from . import lsh
 from ._numba import set_threads
 from .config import SlideConfig
-from .kernels.forward import train_batch
+from .kernels.forward import backward_batch, train_batch
 from .kernels.optimizer import (group_by_feature, group_by_row, update_dense_layer, update_input_bias,
                                 update_input_layer, update_sampled_layer)
 from .metrics import precision_at_k
@@ -29,6 +29,9 @@ from .sparse import Dataset
 
 MetricsCallback = Callable[[dict], None]
 _INPUT_MEAN_DECAY = 0.99
+_UPDATE_CHUNKS = 16
+"""Row chunks of a sampled layer's update; also the partial sums of the fused backward pass through
+the output layer, so results are bit-identical for any thread count up to this many."""
 SnapshotCallback = Callable[[int, Path], None]
 
 
@@ -203,6 +206,11 @@ class Trainer:
             np.zeros(batch, np.int32),
         )
         self._group_of_row = [np.full(w.shape[0], -1, np.int32) for w in model.weights]
+        out = model.depth - 1
+        self._fused_output = model.layer_slot[out] >= 0
+        self._update_chunks = max(_UPDATE_CHUNKS, threads)
+        shape = (self._update_chunks, batch, model.weights[out].shape[1] - 1) if self._fused_output else (0, 0, 0)
+        self._grad_inputs = np.zeros(shape, np.float32)
         self._buffers_for = batch
         return self._bufs
 
@@ -225,26 +233,28 @@ class Trainer:
             nact, nkept, delta0, losses = nact[:b], nkept[:b], delta0[:b], losses[:b]
         hidx, hsign, hparams, toffsets, tids, hubs = model.kernel_tables()
         n_chunks = max(1, min(b, numba.get_num_threads()))
+        fused = self._fused_output
         train_batch(points, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
                     data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
                     hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, losses, tags, counts,
                     gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
                     model.max_active, cfg.min_active, cfg.seed, self._hard_negatives,
-                    self._random_negatives)
-        lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
-        for l in range(1, model.depth):
-            w = model.weights[l]
-            if model.layer_slot[l] >= 0:
-                group_start, pair_point, pair_slot, touched = group_by_row(
-                    act_ids[l - 1], nact[:, l], self._group_of_row[l], act_val[l - 1],
-                    self._hard_negatives > 0 and l == model.depth - 1)
-                update_sampled_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
-                                     hid[l - 1], group_start, pair_point, pair_slot, touched, lr, b1, b2, eps)
-            else:
-                update_dense_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
-                                   hid[l - 1], lr, b1, b2, eps)
+                    self._random_negatives, not fused)
+        out = model.depth - 1
+        layers = list(range(1, model.depth))
+        if fused:
+            # the output layer first: its update is also the backward pass into the layers below
+            grad_inputs = self._grad_inputs[:, :b]
+            grad_inputs[:] = 0.0
+            self._update_layer(out, act_ids, act_val, nact, hid, grad_inputs)
+            backward_batch(grad_inputs, n_chunks, model.weights, model.layer_slot, hid, act_ids, act_val, nact,
+                           delta0, gin, gprev)
+            layers.remove(out)
+        for l in layers:
+            self._update_layer(l, act_ids, act_val, nact, hid, self._grad_inputs[:0])
         group_start, pair_point, pair_nz, touched = group_by_feature(
             points, data.x_indptr, data.x_indices, self._group_of_row[0])
+        lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
         update_input_layer(model.weights[0], self.m[0], self.v[0], self.steps[0], data.x_values, delta0,
                            group_start, pair_point, pair_nz, touched, lr, b1, b2, eps)
         update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
@@ -259,6 +269,22 @@ class Trainer:
         if self.step >= self.next_rehash_step:
             self.rehash()
         return float(losses.sum()), labelled, out_active
+
+    def _update_layer(self, l: int, act_ids, act_val, nact, hid, grad_inputs) -> None:
+        """Adam on layer l >= 1 from the batch's deltas; grad_inputs: see update_sampled_layer."""
+        cfg, model = self.config, self.model
+        w = model.weights[l]
+        lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
+        if model.layer_slot[l] >= 0:
+            group_start, pair_point, pair_slot, touched = group_by_row(
+                act_ids[l - 1], nact[:, l], self._group_of_row[l], act_val[l - 1],
+                self._hard_negatives > 0 and l == model.depth - 1)
+            update_sampled_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
+                                 hid[l - 1], group_start, pair_point, pair_slot, touched, lr, b1, b2, eps,
+                                 self._update_chunks, grad_inputs)
+        else:
+            update_dense_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
+                               hid[l - 1], lr, b1, b2, eps)
 
     def rehash(self) -> int:
         """Re-insert drifted (or all) neurons of every sampled layer; draw new functions every

@@ -102,8 +102,12 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, nkept, delta0,
                 tags, counts, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
-                probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives):
+                probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives,
+                backprop_output):
     """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled).
+
+    backprop_output False stops at the output layer's deltas: the caller runs the backward pass through
+    that layer fused with its update (optimizer.update_sampled_layer) and the rest with backward_batch.
 
     random_negatives > 0: a sampled output layer also draws that many neurons uniformly from those not
     yet active, their logits raised by log(not yet active / drawn), so the softmax's normaliser is an
@@ -204,10 +208,20 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
         for q in range(n_labels):
             vals[labels[q]] -= share * inv_batch
 
-    # Backward through the active neurons only.
-    g = gin[chunk]
-    g_prev = gprev[chunk]
-    for l in range(out_l, 0, -1):
+    if backprop_output:
+        backward_point(i, out_l, gin[chunk], gprev[chunk], weights, layer_slot, hid, act_ids, act_val, nact, delta0)
+    return loss
+
+
+@fast_kernel
+def backward_point(i, top, g, g_prev, weights, layer_slot, hid, act_ids, act_val, nact, delta0):
+    """Backward of batch slot i through layers top .. 1 (active neurons only), then delta0.
+
+    top = the output layer starts from its deltas in act_val; a lower top starts from g, the gradient
+    at layer top's outputs (hid[top][i]). g and g_prev are float32 scratch rows of the widest layer.
+    """
+    out_l = len(weights) - 1
+    for l in range(top, 0, -1):
         w = weights[l]
         in_dim = w.shape[1] - 1
         vals = act_val[l - 1][i]
@@ -230,7 +244,26 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
     h0 = hid[0][i]
     for k in range(h0.shape[0]):
         delta0[i, k] = g[k] if h0[k] > 0.0 else 0.0
-    return loss
+
+
+@fast_parallel_kernel
+def backward_batch(grad_inputs, n_chunks, weights, layer_slot, hid, act_ids, act_val, nact, delta0, gin, gprev):
+    """The backward pass below the output layer for every point of a batch, from the gradient at the
+    output layer's inputs: grad_inputs float32 (chunks, b, width) summed over chunks in order (see
+    optimizer.update_sampled_layer). Chunk c of n_chunks owns scratch row c and points c, c+n_chunks, ...
+    """
+    top = len(weights) - 2
+    b = grad_inputs.shape[1]
+    width = grad_inputs.shape[2]
+    for c in prange(n_chunks):
+        g = gin[c]
+        for i in range(c, b, n_chunks):
+            g[:width] = 0.0
+            for part in range(grad_inputs.shape[0]):
+                src = grad_inputs[part, i]
+                for k in range(width):
+                    g[k] += src[k]
+            backward_point(i, top, g, gprev[c], weights, layer_slot, hid, act_ids, act_val, nact, delta0)
 
 
 @fast_parallel_kernel
@@ -238,7 +271,8 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
                 w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
                 hid, act_ids, act_val, nact, nkept, delta0, losses,
                 tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
-                probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives):
+                probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives,
+                backprop_output):
     """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
 
     Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
@@ -251,4 +285,4 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
                                     y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
                                     toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, tags, counts, gens,
                                     c, qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
-                                    min_active, seed, hard_negatives, random_negatives)
+                                    min_active, seed, hard_negatives, random_negatives, backprop_output)

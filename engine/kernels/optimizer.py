@@ -179,16 +179,29 @@ def group_by_row(ids, nact, group_of_row, vals, skip_zero):
     return group_start, point[order], slot[order], touched
 
 
+@fast_kernel
+def add_scaled_row(acc, d, row):
+    """acc += d * row[:len(acc)]: one pair's share of the gradient at a layer's inputs (no bias)."""
+    for k in range(acc.shape[0]):
+        acc[k] += d * row[k]
+
+
 @fast_parallel_kernel
 def update_sampled_layer(w, m, v, steps, drift, vals, inputs, group_start, pair_point, pair_slot, touched,
-                         lr, beta1, beta2, eps):
+                         lr, beta1, beta2, eps, n_chunks, grad_inputs):
     """Adam on the touched rows of a layer with rows (out, in+1); gradient = sum delta * [input, 1];
-    m float32 or bfloat16 bits (uint16)."""
-    in_dim = w.shape[1] - 1
+    m float32 or bfloat16 bits (uint16).
+
+    grad_inputs float32 (n_chunks, b, in), zeroed by the caller, or (0, 0, 0): when given, this is
+    also the backward pass through the layer, fused with the update so that each row is read once
+    (not once per point that uses it, then again here): chunk c adds delta * w_old[j, :in] of its
+    rows' pairs to grad_inputs[c, point]. Rows go to chunks by position, so the caller's sum over
+    chunks in order does not depend on the thread count.
+    """
     n = touched.shape[0]
-    n_chunks = min(n, 1024)
+    backprop = grad_inputs.shape[0] > 0
     for c in prange(n_chunks):
-        g = np.empty(in_dim + 1, dtype=np.float32)
+        g = np.empty(w.shape[1], dtype=np.float32)
         for r in range(c, n, n_chunks):
             ahead = r + _PREFETCH_AHEAD * n_chunks
             if ahead < n:
@@ -199,7 +212,10 @@ def update_sampled_layer(w, m, v, steps, drift, vals, inputs, group_start, pair_
             g[:] = 0.0
             for q in range(group_start[r], group_start[r + 1]):
                 i = pair_point[q]
-                add_scaled_input(g, vals[i, pair_slot[q]], inputs[i])
+                d = vals[i, pair_slot[q]]
+                add_scaled_input(g, d, inputs[i])
+                if backprop:
+                    add_scaled_row(grad_inputs[c, i], d, w[j])
             steps[j] += 1
             drift[j] += adam_step(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
 

@@ -24,8 +24,9 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import hash_vector, probe_buckets
-from .sampling import (add_ids, collect_candidates, filter_candidates, is_label, mark_active, next_generation,
-                       pad_random, tie_seed)
+from .lowlevel import float_bits, float_from_bits
+from .sampling import (add_ids, collect_candidates, filter_candidates, is_label, kth_largest, mark_active,
+                       next_generation, pad_random, tie_seed)
 
 
 @fast_kernel
@@ -184,14 +185,15 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
         n_kept = nkept[i]
         cut = -1.0
         if hard_negatives > 0 and n_kept - n_labels > hard_negatives:
-            probs = np.empty(n_kept, dtype=np.float32)
+            # probabilities are >= 0, so their float32 bit patterns order as they do
+            keys = counts[chunk]
             c = 0
             for a in range(n_kept):
                 if not is_label(row_tags, ids[a]):
-                    probs[c] = vals[a]
+                    keys[c] = np.int32(float_bits(vals[a]))
                     c += 1
             if c > hard_negatives:
-                cut = np.partition(probs[:c], c - hard_negatives)[c - hard_negatives]
+                cut = float_from_bits(np.uint32(kth_largest(keys, c, hard_negatives)))
         for a in range(n):
             target = 0.0
             if is_label(row_tags, ids[a]):

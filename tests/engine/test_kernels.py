@@ -372,6 +372,22 @@ def test_capped_candidates_keep_the_frequent_and_a_uniform_share_of_the_ties():
     assert chi2 < dof + 4 * np.sqrt(2 * dof), (chi2, dof)
 
 
+def test_kth_largest_is_the_sorted_value():
+    from engine.kernels.sampling import kth_largest
+    rng = np.random.default_rng(9)
+    for trial in range(300):
+        n = int(rng.integers(1, 300))
+        high = int(rng.choice([3, 50, 2**31 - 1]))  # many ties, some, almost none
+        keys = rng.integers(0, high, size=n + 5).astype(np.int32)
+        k = int(rng.integers(1, n + 1))
+        expected = np.sort(keys[:n])[::-1][k - 1]
+        tail = keys[n:].copy()
+        before = np.sort(keys[:n])
+        assert kth_largest(keys, n, k) == expected
+        np.testing.assert_array_equal(np.sort(keys[:n]), before)  # a permutation of keys[:n]
+        np.testing.assert_array_equal(keys[n:], tail)  # nothing beyond n touched
+
+
 @pytest.mark.parametrize("max_active", [-1, 6])
 def test_active_set_follows_the_buckets(data, max_active):
     """The output active set of a point = union of its L buckets (capped to the most frequently

@@ -13,6 +13,10 @@ Batch buffers (b = batch size, cap_l = most active neurons of layer l):
   nact        int32 (b, D+1)        number of active neurons per layer
   nkept       int32 (b,)            output active neurons before the random negatives, which follow
   delta0      float32 (b, h1)       gradient at layer 0's pre-activation
+
+With a sampled output layer the trainer runs train_batch only up to the output deltas: the backward
+pass through that layer happens inside its Adam update, which reads each touched row once anyway, and
+backward_batch takes it on from there.
 """
 
 from __future__ import annotations

@@ -60,8 +60,9 @@ def test_same_seed_one_thread_is_bit_identical(data, config):
     SAMPLED.replace(hidden=(16, 12), sample_hidden=True, insertion="reservoir"),
 ], ids=["sampled", "sampled-hidden"])
 def test_one_and_two_threads_are_bit_identical(data, config):
-    """Updates are row-owned and summed in point order, and per-point randomness is keyed by the point's
-    stream, so the thread count must not change a single bit."""
+    """Updates are row-owned and summed in point order, the fused backward pass through the output
+    layer keeps its partial sums per row chunk (a fixed number) and adds them in order, and per-point
+    randomness is keyed by the point's stream, so the thread count must not change a single bit."""
     one = Trainer(config.replace(threads=1), data)
     two = Trainer(config.replace(threads=2), data)
     one.run()

@@ -1,5 +1,5 @@
 """Numba intrinsics the numerical kernels need and Numba does not offer: software prefetch of a
-matrix row, and float32 <-> uint32 bit casts of scalars.
+matrix row or of one array element, and float32 <-> uint32 bit casts of scalars.
 
 A sampled layer's rows are read and updated in random order (the active neurons of a point, the
 rows a batch touched), so every row starts with cache misses the hardware prefetcher cannot
@@ -15,6 +15,29 @@ from numba.core import cgutils
 from numba.extending import intrinsic
 
 _CACHE_LINE = 64
+
+
+@intrinsic
+def prefetch_item(typingctx, vector, index):
+    """Hint the CPU to fetch the cache line of vector[index] (a 1-D array) for writing; no effect on
+    results, and no bounds check (pass a valid index)."""
+    if not (isinstance(vector, types.Array) and vector.ndim == 1 and isinstance(index, types.Integer)):
+        return None
+    sig = types.void(vector, index)
+
+    def codegen(context, builder, signature, args):
+        aryty = signature.args[0]
+        ary = context.make_array(aryty)(context, builder, args[0])
+        idx = context.cast(builder, args[1], signature.args[1], types.intp)
+        ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [idx], wraparound=False)
+        i8p = ir.IntType(8).as_pointer()
+        i32 = ir.IntType(32)
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                            "llvm.prefetch.p0")
+        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic

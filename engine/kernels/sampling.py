@@ -17,10 +17,13 @@ import numpy as np
 
 from .._numba import kernel
 from ..lsh import mix3
+from .lowlevel import prefetch_item
 
 _LOW = np.int64(0xFFFFFFFF)
 _SHIFT = np.int64(32)
 IS_LABEL = 1
+_TAGS_AHEAD = 8
+"""Bucket members ahead whose tag collect_candidates asks the cache for (tags are read at random)."""
 
 
 @kernel
@@ -44,7 +47,10 @@ def collect_candidates(buckets, stride, offsets, ids, tags, gen, out, counts):
     for q in range(buckets.shape[0]):
         t = q // stride
         b = buckets[q]
-        for p in range(offsets[t, b], offsets[t, b + 1]):
+        end = offsets[t, b + 1]
+        for p in range(offsets[t, b], end):
+            if p + _TAGS_AHEAD < end:
+                prefetch_item(tags, ids[t, p + _TAGS_AHEAD])
             j = ids[t, p]
             tag = tags[j]
             if (tag >> _SHIFT) != gen:

@@ -17,6 +17,16 @@ from numba.extending import intrinsic
 _CACHE_LINE = 64
 
 
+def _emit_prefetch(builder, address):
+    """Emit llvm.prefetch of the i8* address: rw = 1 (write), locality = 3 (keep in all cache levels),
+    cache type = 1 (data)."""
+    i8p = ir.IntType(8).as_pointer()
+    i32 = ir.IntType(32)
+    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
+                                        "llvm.prefetch.p0")
+    builder.call(fn, [address, i32(1), i32(3), i32(1)])
+
+
 @intrinsic
 def prefetch_item(typingctx, vector, index):
     """Hint the CPU to fetch the cache line of vector[index] (a 1-D array) for writing; no effect on
@@ -30,11 +40,7 @@ def prefetch_item(typingctx, vector, index):
         ary = context.make_array(aryty)(context, builder, args[0])
         idx = context.cast(builder, args[1], signature.args[1], types.intp)
         ptr = cgutils.get_item_pointer(context, builder, aryty, ary, [idx], wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        builder.call(fn, [builder.bitcast(ptr, i8p), i32(1), i32(3), i32(1)])
+        _emit_prefetch(builder, builder.bitcast(ptr, ir.IntType(8).as_pointer()))
         return context.get_dummy_value()
 
     return sig, codegen
@@ -56,15 +62,10 @@ def prefetch_row(typingctx, matrix, row):
         row_index = context.cast(builder, args[1], signature.args[1], types.intp)
         start = cgutils.get_item_pointer(context, builder, aryty, ary, [row_index, ir.Constant(intp, 0)],
                                          wraparound=False)
-        i8p = ir.IntType(8).as_pointer()
-        i32 = ir.IntType(32)
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                            "llvm.prefetch.p0")
-        base = builder.bitcast(start, i8p)
+        base = builder.bitcast(start, ir.IntType(8).as_pointer())
         row_bytes = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), row_bytes, ir.Constant(intp, _CACHE_LINE)) as (off, _):
-            # rw = 1 (write), locality = 3 (keep in all cache levels), cache type = 1 (data)
-            builder.call(fn, [builder.gep(base, [off]), i32(1), i32(3), i32(1)])
+            _emit_prefetch(builder, builder.gep(base, [off]))
         return context.get_dummy_value()
 
     return sig, codegen

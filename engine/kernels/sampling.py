@@ -123,7 +123,7 @@ def kth_largest(keys, n, k):
     """The k-th largest (1 <= k <= n) of keys[:n], found by quickselect; reorders keys[:n].
 
     In place and allocation-free: the hard-negative cut runs it once per point on scratch it already
-    has (np.partition copied the probabilities and allocated twice per point, ~4% of a step).
+    has (np.partition copied the probabilities and allocated twice per point).
     """
     target = k - 1
     lo = 0

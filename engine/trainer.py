@@ -239,7 +239,7 @@ class Trainer:
                     hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, losses, tags, counts,
                     gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
                     model.max_active, cfg.min_active, cfg.seed, self._hard_negatives,
-                    self._random_negatives, not fused)
+                    self._random_negatives, cfg.random_negative_group, not fused)
         out = model.depth - 1
         layers = list(range(1, model.depth))
         if fused:

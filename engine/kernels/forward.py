@@ -108,7 +108,7 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
                 hid, act_ids, act_val, nact, nkept, delta0,
                 tags, counts, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
                 probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives,
-                backprop_output):
+                negative_group, backprop_output):
     """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled).
 
     backprop_output False stops at the output layer's deltas: the caller runs the backward pass through
@@ -146,7 +146,8 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
             n_kept = n
             if is_output and random_negatives > 0:
                 # stream * depth + 0 is free: the input layer is never sampled
-                n = pad_random(ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed, stream * depth)
+                n = pad_random(ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed,
+                               (stream // negative_group) * depth)
             for a in range(n):
                 vals[a] = neuron_preactivation(w, ids[a], inp)
             if n > n_kept:
@@ -278,7 +279,7 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
                 hid, act_ids, act_val, nact, nkept, delta0, losses,
                 tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
                 probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives,
-                backprop_output):
+                negative_group, backprop_output):
     """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
 
     Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
@@ -291,4 +292,5 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
                                     y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
                                     toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, tags, counts, gens,
                                     c, qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
-                                    min_active, seed, hard_negatives, random_negatives, backprop_output)
+                                    min_active, seed, hard_negatives, random_negatives, negative_group,
+                                    backprop_output)

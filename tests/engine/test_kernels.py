@@ -250,20 +250,21 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
 
 
 def drawn_negatives(trainer, n_points):
-    """(drawn, shift): bool (b, L) of the random negatives of each point of the last batch, and the
-    log-Q shift the engine should have added to their logits: log(not yet active / drawn)."""
+    """(drawn, shift): bool (b, labels) of the random negatives of each point of the last batch, and
+    the log-Q shift the engine should have added to their logits: log(not yet active / drawn)."""
     _, act_ids, _, nact = trainer._bufs[:4]
+    n_labels = trainer.model.num_labels
     nkept = trainer._bufs[-1]
     out = trainer.model.depth - 1
-    drawn = np.zeros((n_points, L), dtype=bool)
-    shift = np.zeros((n_points, L))
+    drawn = np.zeros((n_points, n_labels), dtype=bool)
+    shift = np.zeros((n_points, n_labels))
     for i in range(n_points):
         kept, n = int(nkept[i]), int(nact[i, out])
         ids = act_ids[out - 1][i, :n]
         assert len(set(ids.tolist())) == n, "an active set holds each neuron once"
         drawn[i, ids[kept:]] = True
         if n > kept:
-            shift[i, ids[kept:]] = np.log((L - kept) / (n - kept))
+            shift[i, ids[kept:]] = np.log((n_labels - kept) / (n - kept))
     return drawn, shift
 
 
@@ -274,8 +275,8 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
     shifted softmax, and the hard-negative cut ranks only the retrieved neurons (the drawn ones keep
     their delta; with many of them the shift is small and some rank below the cut)."""
     cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=8,
-                      random_negatives=r, hard_negatives=hard_negatives, batch_size=8, lr=1e-2, init_std=0.3,
-                      seed=7, rehash_n0=1000)
+                      random_negatives=r, random_negative_group=1, hard_negatives=hard_negatives, batch_size=8,
+                      lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000)
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg)
     out = trainer.model.depth - 1
@@ -309,7 +310,7 @@ def test_random_negatives_are_uniform_over_the_unretrieved(data):
     per-label counts over many points against their expectation (chi-square, fixed seed)."""
     r = 5
     cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
-                      random_negatives=r, batch_size=40, lr=1e-6, seed=3, rehash_n0=1000)
+                      random_negatives=r, random_negative_group=1, batch_size=40, lr=1e-6, seed=3, rehash_n0=1000)
     trainer = Trainer(cfg, data)
     counts, expected = np.zeros(L), np.zeros(L)
     for _ in range(25):
@@ -328,6 +329,27 @@ def test_random_negatives_are_uniform_over_the_unretrieved(data):
     chi2 = float((((counts - expected) ** 2 / np.maximum(expected, 1e-9))[ok]).sum())
     dof = int(ok.sum()) - 1
     assert chi2 < dof + 4 * np.sqrt(2 * dof), (chi2, dof)
+
+
+def test_random_negatives_are_shared_within_a_group():
+    """random_negative_group = G: the G consecutive points of a group (by position in the training
+    stream) read one random sequence, each keeping the first r neurons it does not already have, so
+    the group shares its draws but for the few a point had retrieved; different groups draw apart."""
+    wide = naive.planted_dataset(32, F, 3000, seed=2, vocab=5, noise=2, max_labels=3)
+    r, g = 20, 4
+    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
+                      random_negatives=r, random_negative_group=g, batch_size=16, seed=5, rehash_n0=1000)
+    trainer = Trainer(cfg, wide)
+    for _ in range(2):
+        trainer.train_step(np.arange(16))
+        drawn, _ = drawn_negatives(trainer, 16)
+        assert (drawn.sum(axis=1) == r).all()
+        shared = drawn.astype(np.int64) @ drawn.T.astype(np.int64)
+        group = np.arange(16) // g
+        same = group[:, None] == group[None, :]
+        assert shared[same].min() >= r - 2
+        assert shared[~same].max() <= 2
+        assert len({tuple(np.flatnonzero(d)) for d in drawn}) >= 16 // g
 
 
 def test_random_negatives_auto_only_for_wide_output_layers():

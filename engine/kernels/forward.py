@@ -117,8 +117,10 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
     random_negatives > 0: a sampled output layer also draws that many neurons uniformly from those not
     yet active, their logits raised by log(not yet active / drawn), so the softmax's normaliser is an
     unbiased estimate of the full one and the loss cannot fall by pushing every unretrieved label down
-    at once. Drawn per point, not per batch, so that every row meets a negative gradient every few
-    steps: the unretrieved labels must be pushed down row by row. hard_negatives > 0:
+    at once. The negative_group consecutive points of a stream group read one random sequence, each
+    keeping the first draws it had not retrieved: few enough share it that every row still meets a
+    negative gradient every few steps (the unretrieved labels must be pushed down row by row), while
+    the optimizer steps on fewer distinct rows. hard_negatives > 0:
     only that many retrieved non-label neurons, those with the highest probability, keep their delta;
     the others' are set to exactly 0 (no gradient). Random negatives always keep theirs.
     """

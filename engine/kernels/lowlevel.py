@@ -17,14 +17,14 @@ from numba.extending import intrinsic
 _CACHE_LINE = 64
 
 
-def _emit_prefetch(builder, address):
-    """Emit llvm.prefetch of the i8* address: rw = 1 (write), locality = 3 (keep in all cache levels),
-    cache type = 1 (data)."""
+def _emit_prefetch(builder, address, write=True):
+    """Emit llvm.prefetch of the i8* address: rw = 1 (write) or 0 (read), locality = 3 (keep in all
+    cache levels), cache type = 1 (data)."""
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
     fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
                                         "llvm.prefetch.p0")
-    builder.call(fn, [address, i32(1), i32(3), i32(1)])
+    builder.call(fn, [address, i32(int(write)), i32(3), i32(1)])
 
 
 @intrinsic
@@ -46,15 +46,7 @@ def prefetch_item(typingctx, vector, index):
     return sig, codegen
 
 
-@intrinsic
-def prefetch_row(typingctx, matrix, row):
-    """Hint the CPU to fetch every cache line of matrix[row] (a C-contiguous 2-D array) for writing;
-    no effect on results, and no bounds check (pass a valid row)."""
-    if not (isinstance(matrix, types.Array) and matrix.ndim == 2 and matrix.layout == "C"
-            and isinstance(row, types.Integer)):
-        return None
-    sig = types.void(matrix, row)
-
+def _row_prefetch(write):
     def codegen(context, builder, signature, args):
         aryty = signature.args[0]
         ary = context.make_array(aryty)(context, builder, args[0])
@@ -65,10 +57,32 @@ def prefetch_row(typingctx, matrix, row):
         base = builder.bitcast(start, ir.IntType(8).as_pointer())
         row_bytes = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
         with cgutils.for_range_slice(builder, ir.Constant(intp, 0), row_bytes, ir.Constant(intp, _CACHE_LINE)) as (off, _):
-            _emit_prefetch(builder, builder.gep(base, [off]))
+            _emit_prefetch(builder, builder.gep(base, [off]), write)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+def _row_signature(matrix, row):
+    if not (isinstance(matrix, types.Array) and matrix.ndim == 2 and matrix.layout == "C"
+            and isinstance(row, types.Integer)):
+        return None
+    return types.void(matrix, row)
+
+
+@intrinsic
+def prefetch_row(typingctx, matrix, row):
+    """Hint the CPU to fetch every cache line of matrix[row] (a C-contiguous 2-D array) for writing;
+    no effect on results, and no bounds check (pass a valid row)."""
+    sig = _row_signature(matrix, row)
+    return None if sig is None else (sig, _row_prefetch(True))
+
+
+@intrinsic
+def prefetch_row_read(typingctx, matrix, row):
+    """prefetch_row for reading: the line may stay shared with other cores that read the row too."""
+    sig = _row_signature(matrix, row)
+    return None if sig is None else (sig, _row_prefetch(False))
 
 
 @intrinsic

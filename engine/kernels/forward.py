@@ -32,7 +32,7 @@ from .lowlevel import float_bits, float_from_bits, prefetch_row_read
 from .sampling import (add_ids, collect_candidates, filter_candidates, is_label, kth_largest, mark_active,
                        next_generation, pad_random, tie_seed)
 
-_ROWS_AHEAD = 4
+ROWS_AHEAD = 4
 """Active rows a point prefetches ahead of the one it scores (each row is ~8 cache lines)."""
 
 
@@ -154,8 +154,8 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
                 n = pad_random(ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed,
                                (stream // negative_group) * depth)
             for a in range(n):
-                if a + _ROWS_AHEAD < n:
-                    prefetch_row_read(w, ids[a + _ROWS_AHEAD])
+                if a + ROWS_AHEAD < n:
+                    prefetch_row_read(w, ids[a + ROWS_AHEAD])
                 vals[a] = neuron_preactivation(w, ids[a], inp)
             if n > n_kept:
                 shift = math.log((out_dim - n_kept) / (n - n_kept))

@@ -6,7 +6,8 @@ import numpy as np
 from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
-from .forward import lsh_active_set, neuron_preactivation, sparse_input_layer
+from .forward import ROWS_AHEAD, lsh_active_set, neuron_preactivation, sparse_input_layer
+from .lowlevel import prefetch_row_read
 from .sampling import next_generation
 
 
@@ -57,11 +58,15 @@ def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, h
                     h[:] = 0.0
                     for a in range(m):
                         j = ids[c, a] if sampled else a
+                        if sampled and a + ROWS_AHEAD < m:
+                            prefetch_row_read(w, ids[c, a + ROWS_AHEAD])
                         z = neuron_preactivation(w, j, inp)
                         h[j] = z if z > 0.0 else 0.0
                 else:
                     for a in range(m):
                         j = ids[c, a] if sampled else a
+                        if sampled and a + ROWS_AHEAD < m:
+                            prefetch_row_read(w, ids[c, a + ROWS_AHEAD])
                         push_topk(labels, scores, j, neuron_preactivation(w, j, inp))
                     n_scored[i] = m
 

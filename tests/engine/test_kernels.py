@@ -11,7 +11,7 @@ from engine._numba import set_threads
 from engine.config import SlideConfig
 from engine.kernels.forward import sparse_input_layer
 from engine.kernels.lowlevel import float_bits, float_from_bits
-from engine.kernels.optimizer import adam_row, adam_row_bf16, from_bfloat16, to_bfloat16
+from engine.kernels.optimizer import adam_row, adam_row_bf16, from_bfloat16, group_by_row, to_bfloat16
 from engine.network import SlideModel
 from engine.trainer import Trainer
 
@@ -350,6 +350,39 @@ def test_random_negatives_are_shared_within_a_group():
         assert shared[same].min() >= r - 2
         assert shared[~same].max() <= 2
         assert len({tuple(np.flatnonzero(d)) for d in drawn}) >= 16 // g
+
+
+@pytest.mark.parametrize("skip_zero", [False, True])
+def test_group_by_row_lists_each_pair_once_under_its_row_in_point_order(skip_zero):
+    """The optimizer's grouping of a batch's (point, slot) pairs by neuron: every pair (but those with
+    a zero delta, when told to skip them) exactly once, each row's pairs in point order, the scratch
+    back to all -1, and the same arrays on 1 and 2 threads."""
+    rng = np.random.default_rng(4)
+    b, cap, rows = 37, 60, 500
+    nact = rng.integers(0, cap + 1, size=b).astype(np.int32)
+    ids = np.zeros((b, cap), np.int32)
+    vals = np.zeros((b, cap), np.float32)
+    for i in range(b):
+        ids[i, : nact[i]] = rng.choice(rows, size=nact[i], replace=False)
+        vals[i, : nact[i]] = rng.choice(np.array([0.0, 0.5, -1.0], np.float32), size=nact[i])
+    scratch = np.full(rows, -1, np.int32)
+    results = []
+    for threads in (1, 2):
+        set_threads(threads)
+        results.append(group_by_row(ids, nact, scratch, vals, skip_zero))
+        assert (scratch == -1).all()
+    for one, two in zip(*results):
+        np.testing.assert_array_equal(one, two)
+    start, pair_point, pair_slot, touched = results[0]
+    expected = {}
+    for i in range(b):
+        for a in range(nact[i]):
+            if not (skip_zero and vals[i, a] == 0.0):
+                expected.setdefault(int(ids[i, a]), []).append((i, a))
+    assert len(touched) == len(expected)
+    got = {int(j): list(zip(pair_point[start[r]:start[r + 1]].tolist(), pair_slot[start[r]:start[r + 1]].tolist()))
+           for r, j in enumerate(touched)}
+    assert got == expected
 
 
 def test_random_negatives_auto_only_for_wide_output_layers():

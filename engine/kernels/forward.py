@@ -36,6 +36,14 @@ ROWS_AHEAD = 4
 """Active rows a point prefetches ahead of the one it scores (each row is ~8 cache lines)."""
 
 
+@kernel
+def prefetch_ahead(w, ids, a, n):
+    """Ask the cache for row ids[a + ROWS_AHEAD] of w, if a + ROWS_AHEAD < n: active rows are scattered,
+    so each would otherwise start with misses the hardware prefetcher cannot foresee."""
+    if a + ROWS_AHEAD < n:
+        prefetch_row_read(w, ids[a + ROWS_AHEAD])
+
+
 @fast_kernel
 def sparse_input_layer(w0, b0, indices, values, start, end, h):
     """h = relu(b0 + sum_q values[q] * w0[indices[q]]) over one point's non-zeros [start, end)."""
@@ -154,8 +162,7 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
                 n = pad_random(ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed,
                                (stream // negative_group) * depth)
             for a in range(n):
-                if a + ROWS_AHEAD < n:
-                    prefetch_row_read(w, ids[a + ROWS_AHEAD])
+                prefetch_ahead(w, ids, a, n)
                 vals[a] = neuron_preactivation(w, ids[a], inp)
             if n > n_kept:
                 shift = math.log((out_dim - n_kept) / (n - n_kept))

@@ -6,8 +6,7 @@ import numpy as np
 from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
-from .forward import ROWS_AHEAD, lsh_active_set, neuron_preactivation, sparse_input_layer
-from .lowlevel import prefetch_row_read
+from .forward import lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
 from .sampling import next_generation
 
 
@@ -58,15 +57,15 @@ def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, h
                     h[:] = 0.0
                     for a in range(m):
                         j = ids[c, a] if sampled else a
-                        if sampled and a + ROWS_AHEAD < m:
-                            prefetch_row_read(w, ids[c, a + ROWS_AHEAD])
+                        if sampled:
+                            prefetch_ahead(w, ids[c], a, m)
                         z = neuron_preactivation(w, j, inp)
                         h[j] = z if z > 0.0 else 0.0
                 else:
                     for a in range(m):
                         j = ids[c, a] if sampled else a
-                        if sampled and a + ROWS_AHEAD < m:
-                            prefetch_row_read(w, ids[c, a + ROWS_AHEAD])
+                        if sampled:
+                            prefetch_ahead(w, ids[c], a, m)
                         push_topk(labels, scores, j, neuron_preactivation(w, j, inp))
                     n_scored[i] = m
 

@@ -90,8 +90,9 @@ class SlideConfig:
     """Consecutive training points that draw their random negatives from one random sequence (each
     keeps the first `random_negatives` it has not retrieved, so each point's draw stays uniform over
     its own unretrieved labels): 1 = every point its own. Sharing by 4 cuts the distinct rows the
-    optimizer steps on a batch (amazon670k: ~32,000 random rows to ~8,000): 240 s back to back, 1,917 vs 1,576 samples/s, P@1 0.553 vs 0.538; on
-    delicious200k P@1 0.151 / 0.722 / 0.916 / 0.938 at 500-2,000 steps vs 0.152 / 0.795 / 0.924 / 0.936.
+    optimizer steps on a batch (amazon670k: ~32,000 random rows to ~8,000): 240 s back to back,
+    1,917 vs 1,576 samples/s, P@1 0.553 vs 0.538; on delicious200k P@1 0.151 / 0.722 / 0.916 / 0.938
+    at 500-2,000 steps vs 0.152 / 0.795 / 0.924 / 0.936.
     Shared by a whole batch, the unretrieved labels were pushed down too rarely (BENCHMARKS.md)."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""

@@ -395,7 +395,7 @@ def test_random_negatives_auto_only_for_wide_output_layers():
 
 
 def test_hard_negatives_auto_only_for_wide_output_layers():
-    assert lsh.resolve_hard_negatives(SlideConfig(), 670_091) == lsh.target_active(670_091) // 2 == 500
+    assert lsh.resolve_hard_negatives(SlideConfig(), 670_091) == lsh.target_active(670_091) // 4 == 250
     assert lsh.resolve_hard_negatives(SlideConfig(), 2_000) == 0
     assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives=-1), 670_091) == 0
     assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives=7), 2_000) == 7

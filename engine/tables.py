@@ -2,14 +2,15 @@
 
 A table keeps, per bucket, at most `bucket_size` ids. Which ones a full bucket keeps follows its
 insertion policy: FIFO keeps the most recently inserted ids (a neuron is re-inserted when it is
-rehashed; ties inside one rehash round are broken by a per-round random rank, so no id range is
-favoured), reservoir keeps a uniform random sample. Storing buckets as CSR arrays costs
+rehashed; among ids of one rehash round it keeps a random sample, so no id range is favoured),
+reservoir keeps a uniform random sample. Storing buckets as CSR arrays costs
 L * (n + num_buckets) ints instead of L * num_buckets * bucket_size, and a rebuild from the stored
 codes is one counting sort per table.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -89,10 +90,33 @@ def _best_members(members, keys, capacity):
     return chosen
 
 
+@kernel
+def _sample_members(members, capacity, key, out):
+    """A uniform sample of capacity of the members into out, in ascending order: positions
+    (start + i * stride) mod len(members), i < capacity, for start uniform in [0, len) and a stride
+    coprime with len, both from the uint64 key. Each member is kept with probability exactly
+    capacity / len; the stride varies the sets. No key per member: at amazon670k scale most rows sit
+    in full buckets, where a hash and a partition per member took a third of a rehash."""
+    size = np.int64(members.shape[0])
+    start = np.int64(key % np.uint64(size))
+    stride = np.int64((key >> np.uint64(32)) % np.uint64(size - 1)) + 1 if size > 1 else np.int64(1)
+    while math.gcd(stride, size) != 1:
+        stride += 1
+    pos = start
+    for i in range(capacity):
+        out[i] = members[pos]
+        pos += stride
+        if pos >= size:
+            pos -= size
+    out[:capacity].sort()
+
+
 @parallel_kernel
 def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id, offsets, ids):
     """Fill offsets (L, B+1) and ids (L, n) from codes (L, n), keeping <= capacity ids per bucket."""
     l, n = codes.shape
+    # one insertion round for all (a full rehash): FIFO's order is the random tie order, as reservoir's
+    uniform = policy == RESERVOIR or n == 0 or inserted.min() == inserted.max()
     for t in prange(l):
         counts = np.zeros(num_buckets + 1, dtype=np.int64)
         for j in range(n):
@@ -112,6 +136,9 @@ def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id,
                 for p in range(s, e):
                     ids[t, out] = order[p]
                     out += 1
+            elif uniform:
+                _sample_members(order[s:e], capacity, mix3(seed, t * 1_000_003 + round_id, b), ids[t, out:out + capacity])
+                out += capacity
             else:
                 members = order[s:e]
                 chosen = _best_members(members, _keep_order(members, inserted, t, policy, seed, round_id), capacity)

@@ -179,3 +179,24 @@ def test_full_bucket_keeps_what_a_stable_sort_would(capacity):
         keys = rng.integers(-6, 6, size=100).astype(np.int64)
         expected = np.sort(members[np.argsort(keys, kind="mergesort")[:capacity]])
         np.testing.assert_array_equal(tables._best_members(members, keys.copy(), capacity), expected)
+
+
+@pytest.mark.parametrize("size, capacity", [(2, 1), (30, 6), (97, 40), (564, 128)])
+def test_sample_members_keeps_each_member_equally_often_and_varies_the_sets(size, capacity):
+    """A full bucket of one insertion round keeps capacity distinct members in ascending order, each
+    with probability capacity / size over random keys, and not always the same few sets."""
+    rng = np.random.default_rng(size)
+    members = np.sort(rng.permutation(10 * size)[:size]).astype(np.int32)
+    draws = 4000
+    freq = np.zeros(size)
+    sets = set()
+    out = np.empty(capacity, dtype=np.int32)
+    for key in rng.integers(0, 2**63, size=draws, dtype=np.uint64):
+        tables._sample_members(members, capacity, key, out)
+        assert np.all(np.diff(out) > 0) and np.isin(out, members).all()
+        freq += np.isin(members, out)
+        sets.add(out.tobytes())
+    expected = capacity / size
+    sd = math.sqrt(expected * (1 - expected) / draws)
+    assert np.all(np.abs(freq / draws - expected) < 5 * sd + 1e-12), freq / draws
+    assert len(sets) >= min(math.comb(size, capacity), 50)

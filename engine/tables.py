@@ -95,8 +95,9 @@ def _sample_members(members, capacity, key, out):
     """A uniform sample of capacity of the members into out, in ascending order: positions
     (start + i * stride) mod len(members), i < capacity, for start uniform in [0, len) and a stride
     coprime with len, both from the uint64 key. Each member is kept with probability exactly
-    capacity / len; the stride varies the sets. No key per member: at amazon670k scale most rows sit
-    in full buckets, where a hash and a partition per member took a third of a rehash."""
+    capacity / len; the stride varies the sets. No key per member: at amazon670k scale a third of a
+    table's rows sit in full buckets, where a hash and a partition per member took a quarter of a
+    rehash."""
     size = np.int64(members.shape[0])
     start = np.int64(key % np.uint64(size))
     stride = np.int64((key >> np.uint64(32)) % np.uint64(size - 1)) + 1 if size > 1 else np.int64(1)
@@ -137,7 +138,8 @@ def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id,
                     ids[t, out] = order[p]
                     out += 1
             elif uniform:
-                _sample_members(order[s:e], capacity, mix3(seed, t * 1_000_003 + round_id, b), ids[t, out:out + capacity])
+                key = mix3(seed, t * 1_000_003 + round_id, b)
+                _sample_members(order[s:e], capacity, key, ids[t, out:out + capacity])
                 out += capacity
             else:
                 members = order[s:e]

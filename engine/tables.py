@@ -55,17 +55,15 @@ def empty_tables(l: int, n: int, num_buckets: int, dim: int, n_hubs: int = 0, n_
 
 
 @kernel
-def _keep_order(members, inserted, table, policy, seed, round_id):
-    """Keys whose ascending order ranks a full bucket's members, best to keep first."""
+def _fifo_order(members, inserted, table, seed, round_id):
+    """Keys whose ascending order ranks a full FIFO bucket's members of mixed insertion rounds, best
+    to keep first: newest round first, a random rank within a round (one round: see _sample_members)."""
     n = members.shape[0]
     keys = np.empty(n, dtype=np.int64)
     for i in range(n):
         j = members[i]
         tie = np.int64(mix3(seed, j, table * 1_000_003 + round_id) >> np.uint64(33))
-        if policy == FIFO:
-            keys[i] = -(np.int64(inserted[j]) << np.int64(31)) - tie
-        else:
-            keys[i] = tie
+        keys[i] = -(np.int64(inserted[j]) << np.int64(31)) - tie
     return keys
 
 
@@ -143,7 +141,7 @@ def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id,
                 out += capacity
             else:
                 members = order[s:e]
-                chosen = _best_members(members, _keep_order(members, inserted, t, policy, seed, round_id), capacity)
+                chosen = _best_members(members, _fifo_order(members, inserted, t, seed, round_id), capacity)
                 for p in range(capacity):
                     ids[t, out] = chosen[p]
                     out += 1

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numba
 import numpy as np
@@ -33,6 +33,31 @@ _UPDATE_CHUNKS = 16
 """Row chunks of a sampled layer's update; also the partial sums of the fused backward pass through
 the output layer, so results are bit-identical for any thread count up to this many."""
 SnapshotCallback = Callable[[int, Path], None]
+
+
+class StepBuffers(NamedTuple):
+    """Scratch of one training step, allocated once per batch size (shapes: kernels.forward).
+
+    Per batch slot: hid, act_ids, act_val (tuples over layers), nact, delta0, losses, nkept. Per
+    worker chunk: tags, counts, gens (active-set membership, see kernels.sampling), qmargins, qcodes,
+    qbuck (one input's hash codes and buckets), gin, gprev (backward scratch rows).
+    """
+
+    hid: tuple
+    act_ids: tuple
+    act_val: tuple
+    nact: np.ndarray
+    delta0: np.ndarray
+    losses: np.ndarray
+    tags: np.ndarray
+    counts: np.ndarray
+    gens: np.ndarray
+    qmargins: np.ndarray
+    qcodes: np.ndarray
+    qbuck: np.ndarray
+    gin: np.ndarray
+    gprev: np.ndarray
+    nkept: np.ndarray
 
 
 def epoch_order(seed: int, epoch: int, num_points: int) -> np.ndarray:
@@ -77,6 +102,8 @@ class Trainer:
         sampled_output = self.model.layer_slot[out] >= 0
         self._hard_negatives = lsh.resolve_hard_negatives(config, self.model.num_labels) if sampled_output else 0
         self._random_negatives = lsh.resolve_random_negatives(config, self.model.num_labels) if sampled_output else 0
+        # the backward pass through a sampled output layer runs inside its update (see train_step)
+        self._fused_output = bool(sampled_output)
         self._buffers_for = None
         self._serving_hubs_step = -1
 
@@ -171,7 +198,7 @@ class Trainer:
             return None
         return eval_rows(self.test.num_points, self.config.eval_points, self.config.seed)
 
-    def _buffers(self, batch: int) -> tuple:
+    def _buffers(self, batch: int) -> StepBuffers:
         if self._buffers_for == batch:
             return self._bufs
         model, cfg = self.model, self.config
@@ -195,19 +222,21 @@ class Trainer:
         n_max = max([model.weights[l].shape[0] for l in sampled] or [1])
         n_codes = max([h.idx.shape[0] for h in model.hashes] or [1])
         width_max = max(w.shape[1] - 1 for w in model.weights[1:])
-        self._bufs = (
-            hid, tuple(act_ids), tuple(act_val), np.zeros((batch, depth), np.int32),
-            np.zeros((batch, model.weights[0].shape[1]), np.float32), np.zeros(batch, np.float32),
-            np.zeros((threads, n_max), np.int64), np.zeros((threads, max(a.shape[1] for a in act_ids)), np.int32),
-            np.zeros(threads, np.int64),
-            np.zeros((threads, n_codes), np.float64), np.zeros((threads, n_codes), np.int32),
-            np.zeros((threads, cfg.hash_l * (1 + cfg.probes)), np.int32),
-            np.zeros((threads, width_max), np.float32), np.zeros((threads, width_max), np.float32),
-            np.zeros(batch, np.int32),
+
+        def per_chunk(width: int, dtype: type) -> np.ndarray:
+            return np.zeros((threads, width), dtype)
+
+        self._bufs = StepBuffers(
+            hid=hid, act_ids=tuple(act_ids), act_val=tuple(act_val), nact=np.zeros((batch, depth), np.int32),
+            delta0=np.zeros((batch, model.weights[0].shape[1]), np.float32), losses=np.zeros(batch, np.float32),
+            tags=per_chunk(n_max, np.int64), counts=per_chunk(max(a.shape[1] for a in act_ids), np.int32),
+            gens=np.zeros(threads, np.int64), qmargins=per_chunk(n_codes, np.float64),
+            qcodes=per_chunk(n_codes, np.int32), qbuck=per_chunk(cfg.hash_l * (1 + cfg.probes), np.int32),
+            gin=per_chunk(width_max, np.float32), gprev=per_chunk(width_max, np.float32),
+            nkept=np.zeros(batch, np.int32),
         )
         self._group_of_row = [np.full(w.shape[0], -1, np.int32) for w in model.weights]
         out = model.depth - 1
-        self._fused_output = model.layer_slot[out] >= 0
         self._update_chunks = max(_UPDATE_CHUNKS, threads)
         shape = (self._update_chunks, batch, model.weights[out].shape[1] - 1) if self._fused_output else (0, 0, 0)
         self._grad_inputs = np.zeros(shape, np.float32)

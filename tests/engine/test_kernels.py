@@ -63,7 +63,7 @@ def engine_hidden(model, data, p):
 
 def active_masks(trainer, n_points):
     """{layer: bool (b, out)} of the neurons each point of the last batch computed (sampled layers)."""
-    _, act_ids, _, nact = trainer._bufs[:4]
+    act_ids, nact = trainer._bufs.act_ids, trainer._bufs.nact
     masks = {}
     for l in trainer.model.sampled_layers():
         mask = np.zeros((n_points, trainer.model.weights[l].shape[0]), dtype=bool)
@@ -241,7 +241,8 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
         trainer.train_step(points)
         masks = active_masks(trainer, len(points))
         keep = naive.hard_negative_mask(ref.w0, ref.b0, ref.ws, x, labels, masks, 3)
-        _, act_ids, act_val, nact = trainer._bufs[:4]
+        bufs = trainer._bufs
+        act_ids, act_val, nact = bufs.act_ids, bufs.act_val, bufs.nact
         for i, y in enumerate(labels):
             n = nact[i, out]
             kept = act_ids[out - 1][i, :n][act_val[out - 1][i, :n] != 0]
@@ -256,9 +257,9 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
 def drawn_negatives(trainer, n_points):
     """(drawn, shift): bool (b, labels) of the random negatives of each point of the last batch, and
     the log-Q shift the engine should have added to their logits: log(not yet active / drawn)."""
-    _, act_ids, _, nact = trainer._bufs[:4]
+    act_ids, nact = trainer._bufs.act_ids, trainer._bufs.nact
     n_labels = trainer.model.num_labels
-    nkept = trainer._bufs[-1]
+    nkept = trainer._bufs.nkept
     out = trainer.model.depth - 1
     drawn = np.zeros((n_points, n_labels), dtype=bool)
     shift = np.zeros((n_points, n_labels))
@@ -290,8 +291,9 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
         trainer.train_step(points)
         masks = active_masks(trainer, len(points))
         drawn, shift = drawn_negatives(trainer, len(points))
-        _, act_ids, act_val, nact = trainer._bufs[:4]
-        nkept = trainer._bufs[-1][: len(points)]
+        bufs = trainer._bufs
+        act_ids, act_val, nact = bufs.act_ids, bufs.act_val, bufs.nact
+        nkept = trainer._bufs.nkept[: len(points)]
         assert (drawn.sum(axis=1) == np.minimum(r, L - nkept)).all()
         for i, y in enumerate(labels):
             assert not drawn[i, y].any(), "labels are never drawn: they are already active"
@@ -320,8 +322,8 @@ def test_random_negatives_are_uniform_over_the_unretrieved(data):
     for _ in range(25):
         trainer.train_step(np.arange(40))
         drawn, _ = drawn_negatives(trainer, 40)
-        _, act_ids, _, nact = trainer._bufs[:4]
-        nkept = trainer._bufs[-1]
+        act_ids, nact = trainer._bufs.act_ids, trainer._bufs.nact
+        nkept = trainer._bufs.nkept
         for i in range(40):
             retrieved = np.zeros(L, dtype=bool)
             retrieved[act_ids[0][i, : nkept[i]]] = True
@@ -461,7 +463,7 @@ def test_active_set_follows_the_buckets(data, max_active):
     trainer.train_step(points)
     masks = active_masks(trainer, 8)[1]
     for i, p in enumerate(points):
-        h = trainer._bufs[0][0][i]  # the hidden vector the step hashed (bits matter for SimHash)
+        h = trainer._bufs.hid[0][i]  # the hidden vector the step hashed (bits matter for SimHash)
         s, e = data.x_indptr[p], data.x_indptr[p + 1]
         np.testing.assert_allclose(h, naive.hidden_float32(w0, b0, data.x_indices[s:e], data.x_values[s:e]),
                                    rtol=1e-5, atol=1e-6)

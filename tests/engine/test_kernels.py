@@ -293,7 +293,7 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
         drawn, shift = drawn_negatives(trainer, len(points))
         bufs = trainer._bufs
         act_ids, act_val, nact = bufs.act_ids, bufs.act_val, bufs.nact
-        nkept = trainer._bufs.nkept[: len(points)]
+        nkept = bufs.nkept[: len(points)]
         assert (drawn.sum(axis=1) == np.minimum(r, L - nkept)).all()
         for i, y in enumerate(labels):
             assert not drawn[i, y].any(), "labels are never drawn: they are already active"

@@ -14,6 +14,7 @@ from typing import Any, Literal
 HashFamily = Literal["simhash", "wta", "dwta"]
 Insertion = Literal["fifo", "reservoir"]
 MomentDtype = Literal["float32", "bfloat16"]
+WeightDtype = Literal["float32", "bfloat16"]
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,13 @@ class SlideConfig:
     """How LSH-sampled layers store Adam's first moment: bfloat16 halves its memory and snapshot size
     (173 MB at 670k labels; P@1 matched float32's over 3,000 amazon670k steps, speed the same within
     noise), float32 is textbook Adam. The second moment and dense layers stay float32."""
+    weight_dtype: WeightDtype = "bfloat16"
+    """How the weight matrices are stored: bfloat16 (the top half of a float32) halves the bytes that
+    every forward pass, backward pass, update and rehash reads, and a SLIDE step's cost is reading
+    scattered rows; it also halves the model's memory and snapshot size. Sums, the softmax and Adam's
+    update run in float32; the updated weight is rounded stochastically, so an Adam step below
+    bfloat16's resolution (1/128 of the weight) still moves it in expectation. float32 is exact
+    textbook storage. The input layer's biases and the optimizer's state keep their own dtypes."""
     init_std: float = 0.01
 
     rehash_n0: int = 20
@@ -143,6 +151,7 @@ class SlideConfig:
         _check(self.hash_family in ("simhash", "wta", "dwta"), "hash_family", "must be simhash, wta or dwta")
         _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
         _check(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype", "must be float32 or bfloat16")
+        _check(self.weight_dtype in ("float32", "bfloat16"), "weight_dtype", "must be float32 or bfloat16")
         _check(1 <= self.hash_l <= 1024, "hash_l", "number of tables must be in [1, 1024]")
         _check(2 <= self.bin_size <= 256, "bin_size", "must be in [2, 256]")
         _check(0 <= self.hash_k <= 64, "hash_k", "must be 0 (auto) or in [1, 64]")
@@ -212,4 +221,4 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(name, message)
 
 
-__all__ = ["SlideConfig", "ConfigError", "HashFamily", "Insertion", "field"]
+__all__ = ["SlideConfig", "ConfigError", "HashFamily", "Insertion", "MomentDtype", "WeightDtype", "field"]

@@ -21,6 +21,7 @@ from numba import prange
 
 from ._numba import kernel, parallel_kernel
 from .config import SlideConfig
+from .kernels.lowlevel import weight_at
 
 SIMHASH, WTA, DWTA = 0, 1, 2
 FAMILY_IDS = {"simhash": SIMHASH, "wta": WTA, "dwta": DWTA}
@@ -346,7 +347,7 @@ def hash_rows(weights, rows, center, idx, sign, params, out):
             for j in range(bn):
                 row = weights[rows[start + j]]
                 for d in range(dim):
-                    keys[d, j] = row[d] - center[d]
+                    keys[d, j] = weight_at(row, d) - center[d]
             for c in range(n_codes):
                 if family == SIMHASH:
                     acc[:bn] = 0.0
@@ -439,10 +440,11 @@ def probe_dense(x: np.ndarray, hf: HashFunctions, probes: int) -> np.ndarray:
 
 def hash_matrix(weights: np.ndarray, hf: HashFunctions, rows: np.ndarray | None = None,
                 center: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
-    """Bucket ids int32 (L, n) of the rows of a float32 (n_rows, >= dim) matrix (all rows or `rows`),
-    each row's first dim entries minus `center` (default zeros, dim = the hashed width). out: an
-    int32 (L, n) array to write them into (a layer's own codes, with no temporary of the same size)."""
-    weights = np.ascontiguousarray(weights, dtype=np.float32)
+    """Bucket ids int32 (L, n) of the rows of a (n_rows, >= dim) matrix, float32 or bfloat16 bits (uint16)
+    (all rows or `rows`), each row's first dim entries minus `center` (default zeros, dim = the hashed
+    width). out: an int32 (L, n) array to write them into (a layer's own codes, with no temporary of
+    the same size)."""
+    weights = np.ascontiguousarray(weights, dtype=np.uint16 if weights.dtype == np.uint16 else np.float32)
     dim = int(hf.idx.max(initial=0)) + 1 if center is None else center.shape[0]
     center = np.zeros(dim, np.float32) if center is None else np.ascontiguousarray(center, dtype=np.float32)
     rows = np.arange(weights.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)

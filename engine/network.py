@@ -1,8 +1,9 @@
 """The SLIDE network: parameters, per-layer hash functions and tables, and top-k prediction.
 
-Layer 0 is the sparse input layer, W0 float32 (num_features, h1) with bias b0 (h1,). Layers
-1..D have W[l] float32 (out_l, in_l + 1), neuron-major with the bias in the last column; D is the
-output layer (one neuron per label). A layer is LSH-sampled when it has a hash-table slot.
+Layer 0 is the sparse input layer, W0 (num_features, h1) with bias b0 float32 (h1,). Layers
+1..D have W[l] (out_l, in_l + 1), neuron-major with the bias in the last column; D is the
+output layer (one neuron per label). A layer is LSH-sampled when it has a hash-table slot. Every W
+is float32 or bfloat16 bits (uint16), as config.weight_dtype says; `float_weights` decodes one.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import numpy as np
 from . import lsh, tables
 from .config import SlideConfig
 from .kernels.inference import predict_batch, predict_batch_serial
+from .kernels.optimizer import from_bfloat16, to_bfloat16
+from .kernels.rows import column_sums, row_norms, row_scores
 from .lsh import HashFunctions
 from .tables import Tables
 
@@ -24,6 +27,8 @@ _MAX_K = 1000
 _SERIAL_BELOW = 4
 _SCRATCH_POOL: dict[tuple, list[tuple]] = {}
 _SCRATCH_LOCK = threading.Lock()
+_INIT_ROWS = 1 << 15
+"""Rows drawn at a time when a layer is initialised (16 MB of float32 at width 128)."""
 
 
 class SlideModel:
@@ -35,6 +40,10 @@ class SlideModel:
         self.num_features = int(num_features)
         self.num_labels = int(num_labels)
         self.weights = tuple(weights)
+        want = np.uint16 if config.weight_dtype == "bfloat16" else np.float32
+        if any(w.dtype != want for w in self.weights):
+            raise ValueError(f"weights must be {np.dtype(want)} for weight_dtype={config.weight_dtype}, "
+                             f"got {[str(w.dtype) for w in self.weights]}")
         self.b0 = b0
         self.hashes = list(hashes)
         self.tables = list(tables_)
@@ -56,12 +65,10 @@ class SlideModel:
             raise ValueError("a model needs at least one feature and one label")
         rng = np.random.default_rng(config.seed)
         widths = layer_widths(config, num_features, num_labels)
-        w0 = (rng.standard_normal((num_features, widths[1]), dtype=np.float32) * config.init_std)
-        weights = [w0]
+        dtype = np.uint16 if config.weight_dtype == "bfloat16" else np.float32
+        weights = [_random_layer(rng, num_features, widths[1], config.init_std, dtype, bias=False)]
         for l in range(1, len(widths) - 1):
-            w = rng.standard_normal((widths[l + 1], widths[l] + 1), dtype=np.float32) * config.init_std
-            w[:, -1] = 0.0
-            weights.append(np.ascontiguousarray(w))
+            weights.append(_random_layer(rng, widths[l + 1], widths[l] + 1, config.init_std, dtype, bias=True))
         sampled = np.flatnonzero(layer_slots(config) >= 0)
         hashes = [lsh.draw_hash_functions(config, widths[l], widths[l + 1], rng) for l in sampled]
         tabs = [tables.empty_tables(config.hash_l, widths[l + 1], hf.num_buckets, widths[l],
@@ -81,6 +88,17 @@ class SlideModel:
     def sampled_layers(self) -> list[int]:
         return [int(l) for l in np.flatnonzero(self.layer_slot >= 0)]
 
+    def float_weights(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows start:stop of W[layer] as float32: a view of float32 storage, a decoded copy of bfloat16."""
+        w = self.weights[layer][start:stop]
+        return from_bfloat16(w) if w.dtype == np.uint16 else w
+
+    def row_norms(self, layer: int) -> np.ndarray:
+        """float32 (out,): the L2 norm of each neuron's weights (bias excluded), for layers >= 1."""
+        norms = np.empty(self.weights[layer].shape[0], dtype=np.float32)
+        row_norms(self.weights[layer], norms)
+        return norms
+
     # ---- hashing --------------------------------------------------------------------------------
     def rehash_layer(self, layer: int, round_id: int, rows: np.ndarray | None = None,
                      new_functions: np.random.Generator | None = None, serving_hubs: bool = True) -> int:
@@ -97,7 +115,9 @@ class SlideModel:
             rows = None
         hf, tb = self.hashes[slot], self.tables[slot]
         if rows is None:
-            tb.center[:] = w[:, :-1].mean(axis=0)
+            total = np.empty(w.shape[1] - 1, dtype=np.float64)
+            column_sums(w, total)
+            tb.center[:] = total / w.shape[0]
             lsh.hash_matrix(w, hf, center=tb.center, out=tb.codes)
             tb.inserted[:] = round_id
             count = w.shape[0]
@@ -126,14 +146,14 @@ class SlideModel:
         n_serve = tb.serve_hubs.shape[0] if serving else 0
         if n_train == 0 and n_serve == 0:
             return
-        w = self.weights[layer]
-        # float32 on both sides: a float64 centre would make numpy copy the whole layer as float64
-        static = w[:, :-1] @ np.asarray(tb.query_center if center is None else center, dtype=np.float32) + w[:, -1]
+        query = np.ascontiguousarray(tb.query_center if center is None else center, dtype=np.float32)
+        static = np.empty(self.weights[layer].shape[0], dtype=np.float32)
+        row_scores(self.weights[layer], query, static)
         if n_train:
             tb.hubs[:] = np.sort(_top(static, tb.hubs.shape[0])).astype(np.int32)
         if n_serve:
             by_score = _top(static, n_serve // 2)
-            norms = np.einsum("ij,ij->i", w[:, :-1], w[:, :-1])
+            norms = self.row_norms(layer)
             longest = _top(norms, n_serve)
             longest = longest[np.argsort(-norms[longest], kind="stable")]
             extra = longest[~np.isin(longest, by_score)][: n_serve - by_score.shape[0]]
@@ -223,6 +243,19 @@ class SlideModel:
     def _return_scratch(scratch: tuple) -> None:
         with _SCRATCH_LOCK:
             _SCRATCH_POOL.setdefault(scratch[0], []).append(scratch)
+
+
+def _random_layer(rng: np.random.Generator, rows: int, cols: int, std: float, dtype: type, bias: bool) -> np.ndarray:
+    """N(0, std) weights (a zero last column when bias), drawn a block of rows at a time (the same
+    numbers as one draw) so that a bfloat16 layer never has a float32 copy in memory."""
+    w = np.empty((rows, cols), dtype=dtype)
+    for start in range(0, rows, _INIT_ROWS):
+        block = rng.standard_normal((min(rows, start + _INIT_ROWS) - start, cols), dtype=np.float32)
+        block *= np.float32(std)
+        if bias:
+            block[:, -1] = 0.0
+        w[start : start + block.shape[0]] = to_bfloat16(block) if dtype == np.uint16 else block
+    return w
 
 
 def _top(values: np.ndarray, m: int) -> np.ndarray:

@@ -43,6 +43,12 @@ def model_arrays(model: SlideModel) -> dict[str, np.ndarray]:
     return arrays
 
 
+def manifest_config(manifest: dict) -> SlideConfig:
+    """The config a snapshot was written with; settings added since keep the meaning its arrays had
+    (float32 weights and moments before weight_dtype and moment_dtype existed)."""
+    return SlideConfig.from_dict({"moment_dtype": "float32", "weight_dtype": "float32", **manifest["config"]})
+
+
 def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, arrays) -> SlideModel:
     slots = layer_slots(config)
     depth = len(slots)
@@ -168,7 +174,7 @@ def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False)
     manifest = read_manifest(path)
     names = [n for n in manifest["arrays"] if not n.startswith("opt_")]
     arrays = load_arrays(path, names, mmap=mmap, verify=verify)
-    config = SlideConfig.from_dict(manifest["config"])
+    config = manifest_config(manifest)
     model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
     model.version = int(manifest["version"])
     model.trainer_state = manifest.get("trainer_state", {})

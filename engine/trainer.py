@@ -24,7 +24,7 @@ from .kernels.optimizer import (group_by_feature, group_by_row, update_dense_lay
                                 update_input_layer, update_sampled_layer)
 from .metrics import precision_at_k
 from .network import SlideModel
-from .snapshot import SnapshotStore, load_arrays, model_arrays, model_from_arrays, read_manifest
+from .snapshot import SnapshotStore, load_arrays, manifest_config, model_arrays, model_from_arrays, read_manifest
 from .sparse import Dataset
 
 MetricsCallback = Callable[[dict], None]
@@ -111,7 +111,7 @@ class Trainer:
     def _init_optimizer(self) -> None:
         w = self.model.weights
         self.m = tuple(np.zeros(x.shape, self._moment_dtype(l)) for l, x in enumerate(w))
-        self.v = tuple(np.zeros_like(x) for x in w)
+        self.v = tuple(np.zeros(x.shape, np.float32) for x in w)
         self.steps = tuple(np.zeros(x.shape[0], dtype=np.int64) for x in w)
         self.drift = tuple(np.zeros(x.shape[0], dtype=np.float32) for x in w)
         self.mb0 = np.zeros_like(self.model.b0)
@@ -165,8 +165,7 @@ class Trainer:
             raise FileNotFoundError(f"no snapshot to resume from in {store.root}")
         _, path = latest
         manifest = read_manifest(path)
-        # snapshots from before moment_dtype existed hold float32 moments
-        config = SlideConfig.from_dict({"moment_dtype": "float32", **manifest["config"]})
+        config = manifest_config(manifest)
         if (manifest["num_features"], manifest["num_labels"]) != (train.num_features, train.num_labels):
             raise ValueError("the training set's dimensions differ from the snapshot's")
         arrays = load_arrays(path, mmap=False, verify=True)
@@ -323,12 +322,11 @@ class Trainer:
         rebuild = cfg.rebuild_every > 0 and self.rehash_round % cfg.rebuild_every == 0
         hashed = 0
         for l in model.sampled_layers():
-            w = model.weights[l]
             model.tables[model.layer_slot[l]].query_center[:] = self.input_mean[l]
             rng = np.random.default_rng([cfg.seed, 11, self.rehash_round, l]) if rebuild else None
             rows = None
             if cfg.drift_threshold > 0 and not rebuild:
-                norms = np.sqrt(np.einsum("ij,ij->i", w[:, :-1], w[:, :-1]))
+                norms = model.row_norms(l)
                 rows = np.flatnonzero(self.drift[l] > cfg.drift_threshold * np.maximum(norms, 1e-12))
             hashed += model.rehash_layer(l, self.rehash_round, rows=rows, new_functions=rng, serving_hubs=False)
             if rows is None:

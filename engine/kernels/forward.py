@@ -4,7 +4,8 @@ Layer 0 maps the sparse input through W0 (num_features, h1), stored input-major 
 reads and its gradient touches only the rows of its non-zero features. Every later layer l has
 W[l] (out_l, in_l + 1), one row per neuron with its bias in the last column, so a neuron is one
 contiguous row to hash, score and update. A layer with a hash-table slot computes only its active
-neurons; the output layer normalises its softmax over the active set.
+neurons; the output layer normalises its softmax over the active set. Weights are float32 or
+bfloat16 bits (lowlevel.weight_at widens them); activations and sums are float32.
 
 Batch buffers (b = batch size, cap_l = most active neurons of layer l):
   hid[l]      float32 (b, width_l)  dense ReLU output of hidden layer l (l = 0 .. D-1)
@@ -28,7 +29,7 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import hash_vector, probe_buckets
-from .lowlevel import float_bits, float_from_bits, prefetch_row_read
+from .lowlevel import float_bits, float_from_bits, prefetch_row_read, weight_at
 from .sampling import (add_ids, collect_candidates, filter_candidates, is_label, kth_largest, mark_active,
                        next_generation, pad_random, tie_seed)
 
@@ -54,7 +55,7 @@ def sparse_input_layer(w0, b0, indices, values, start, end, h):
         row = w0[indices[q]]
         val = values[q]
         for k in range(width):
-            h[k] += val * row[k]
+            h[k] += val * weight_at(row, k)
     for k in range(width):
         if h[k] < 0.0:
             h[k] = 0.0
@@ -65,9 +66,9 @@ def neuron_preactivation(w, j, inp):
     """<w[j, :in], inp> + w[j, in] (bias in the last column)."""
     in_dim = inp.shape[0]
     row = w[j]
-    acc = row[in_dim]
+    acc = weight_at(row, in_dim)
     for k in range(in_dim):
-        acc += row[k] * inp[k]
+        acc += weight_at(row, k) * inp[k]
     return acc
 
 
@@ -260,7 +261,7 @@ def backward_point(i, top, g, g_prev, weights, layer_slot, hid, act_ids, act_val
             if d != 0.0:
                 row = w[ids[a] if sampled else a]
                 for k in range(in_dim):
-                    g_prev[k] += d * row[k]
+                    g_prev[k] += d * weight_at(row, k)
         g, g_prev = g_prev, g
     h0 = hid[0][i]
     for k in range(h0.shape[0]):

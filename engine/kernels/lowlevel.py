@@ -1,5 +1,6 @@
 """Numba intrinsics the numerical kernels need and Numba does not offer: software prefetch of a
-matrix row or of one array element, and float32 <-> uint32 bit casts of scalars.
+matrix row or of one array element, float32 <-> uint32 bit casts of scalars, and reads and writes of
+weights stored as float32 or as bfloat16 bits (uint16).
 
 A sampled layer's rows are read and updated in random order (the active neurons of a point, the
 rows a batch touched), so every row starts with cache misses the hardware prefetcher cannot
@@ -11,8 +12,9 @@ from __future__ import annotations
 
 from llvmlite import ir
 from numba import types
+import numpy as np
 from numba.core import cgutils
-from numba.extending import intrinsic
+from numba.extending import intrinsic, overload, register_jitable
 
 _CACHE_LINE = 64
 
@@ -108,3 +110,49 @@ def float_bits(typingctx, x):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(types.float32), codegen
+
+
+def weight_at(row, k):
+    """row[k] as float32, for a weight row stored as float32 or as bfloat16 bits (uint16); kernels only.
+
+    A bfloat16 is the top half of a float32, so widening is a shift: the dot-product loops that read
+    rows this way still vectorise, and read half the bytes."""
+    raise NotImplementedError("weight_at is compiled into kernels by Numba")
+
+
+@overload(weight_at)
+def _weight_at(row, k):
+    if isinstance(row, types.Array) and row.dtype == types.uint16:
+        return lambda row, k: float_from_bits(np.uint32(row[k]) << np.uint32(16))
+    return lambda row, k: row[k]
+
+
+@register_jitable
+def rounding_noise(salt, k):
+    """16 random bits (a uint32 < 2^16) for element k of an update keyed by salt (uint64, random): the top
+    of salt + k * 2^32 / golden ratio, mod 2^32. Over a row's updates (a fresh salt each) every element's
+    bits are uniform and independent; within one update they are evenly spread (a Weyl sequence), which
+    costs one add per element, so the update loop stays a vector loop."""
+    return np.uint32((salt + np.uint64(k) * np.uint64(0x9E3779B9)) & np.uint64(0xFFFFFFFF)) >> np.uint32(16)
+
+
+def store_weight(row, k, value, salt):
+    """row[k] = value (float32), rounded stochastically to bfloat16 when row holds bfloat16 bits; kernels only.
+
+    Stochastic rounding keeps updates smaller than a bfloat16 step (1/128 of the weight) in
+    expectation: rounding to nearest would drop every Adam step below half of one, and a weight
+    that receives many small steps would stop moving. salt (uint64) keys the random bits, so a
+    run is as reproducible as with float32 weights."""
+    raise NotImplementedError("store_weight is compiled into kernels by Numba")
+
+
+@overload(store_weight)
+def _store_weight(row, k, value, salt):
+    if isinstance(row, types.Array) and row.dtype == types.uint16:
+        def store(row, k, value, salt):
+            row[k] = np.uint16((float_bits(value) + rounding_noise(salt, k)) >> np.uint32(16))
+        return store
+
+    def store_float(row, k, value, salt):
+        row[k] = value
+    return store_float

@@ -10,6 +10,9 @@ A sampled layer may keep its first moment in bfloat16 (uint16 arrays: the top ha
 which halves the memory and snapshot size of m (173 MB at 670k labels); its 8-bit mantissa is ample
 for a running mean that only scales a step (P@1 matched float32 over 3,000 amazon670k steps). The
 second moment stays float32: beta2 = 0.999 moves it by 0.1% a step, below bfloat16's resolution.
+
+Weights stored as bfloat16 (config.weight_dtype) are widened, stepped in float32 and rounded back
+stochastically with a key per row and row step (row_salt), so a run stays reproducible.
 """
 
 from __future__ import annotations
@@ -21,7 +24,8 @@ from numba import prange, types
 from numba.extending import overload
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
-from .lowlevel import float_bits, float_from_bits, prefetch_row
+from ..lsh import mix3
+from .lowlevel import float_bits, float_from_bits, prefetch_row, store_weight, weight_at
 
 _PREFETCH_AHEAD = 2
 """Rows a thread asks the cache for ahead of the one it updates (the touched rows are scattered)."""
@@ -37,9 +41,16 @@ def adam_coefficients(t, lr, beta1, beta2, eps):
             np.float32(beta2), np.float32(1.0 - beta1), np.float32(1.0 - beta2))
 
 
+@kernel
+def row_salt(row, t):
+    """The random key of row's t-th update, for the stochastic rounding of bfloat16 weights."""
+    return mix3(0x5EED, row, t)
+
+
 @fast_kernel
-def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
-    """One Adam step of row w with gradient g at this row's step t >= 1; returns the update's L2 norm.
+def adam_row(w, m, v, g, t, lr, beta1, beta2, eps, salt):
+    """One Adam step of row w (float32, or bfloat16 bits rounded stochastically with key salt, see
+    lowlevel.store_weight) with gradient g at this row's step t >= 1; returns the update's L2 norm.
 
     The element loop runs in float32 so that it vectorises.
     """
@@ -52,7 +63,7 @@ def adam_row(w, m, v, g, t, lr, beta1, beta2, eps):
         m[k] = mk
         v[k] = vk
         u = step * mk / (np.sqrt(vk) + eps_hat)
-        w[k] -= u
+        store_weight(w, k, weight_at(w, k) - u, salt)
         sq += u * u
     return math.sqrt(sq)
 
@@ -65,7 +76,7 @@ def bfloat16_bits(bits):
 
 
 @fast_kernel
-def adam_row_bf16(w, m, v, g, t, lr, beta1, beta2, eps):
+def adam_row_bf16(w, m, v, g, t, lr, beta1, beta2, eps, salt):
     """adam_row with m uint16 (bfloat16 bits): each element of m is widened to float32, stepped, and
     rounded back to nearest even in the same loop (one pass over the row, as for float32 m)."""
     step, eps_hat, b1, b2, c1, c2 = adam_coefficients(t, lr, beta1, beta2, eps)
@@ -77,21 +88,22 @@ def adam_row_bf16(w, m, v, g, t, lr, beta1, beta2, eps):
         m[k] = np.uint16(bfloat16_bits(float_bits(mk)))
         v[k] = vk
         u = step * mk / (np.sqrt(vk) + eps_hat)
-        w[k] -= u
+        store_weight(w, k, weight_at(w, k) - u, salt)
         sq += u * u
     return math.sqrt(sq)
 
 
-def adam_step(w, m, v, g, t, lr, beta1, beta2, eps):
+def adam_step(w, m, v, g, t, lr, beta1, beta2, eps, salt):
     """One lazy-Adam step of row w (see adam_row), m float32 or bfloat16 bits (uint16); kernels only."""
     raise NotImplementedError("adam_step is compiled into kernels by Numba")
 
 
 @overload(adam_step)
-def _adam_step(w, m, v, g, t, lr, beta1, beta2, eps):
+def _adam_step(w, m, v, g, t, lr, beta1, beta2, eps, salt):
     if isinstance(m, types.Array) and m.dtype == types.uint16:
-        return lambda w, m, v, g, t, lr, beta1, beta2, eps: adam_row_bf16(w, m, v, g, t, lr, beta1, beta2, eps)
-    return lambda w, m, v, g, t, lr, beta1, beta2, eps: adam_row(w, m, v, g, t, lr, beta1, beta2, eps)
+        return lambda w, m, v, g, t, lr, beta1, beta2, eps, salt: adam_row_bf16(w, m, v, g, t, lr, beta1, beta2,
+                                                                                eps, salt)
+    return lambda w, m, v, g, t, lr, beta1, beta2, eps, salt: adam_row(w, m, v, g, t, lr, beta1, beta2, eps, salt)
 
 
 def to_bfloat16(x: np.ndarray) -> np.ndarray:
@@ -183,7 +195,7 @@ def group_by_row(ids, nact, group_of_row, vals, skip_zero):
 def add_scaled_row(acc, d, row):
     """acc += d * row[:len(acc)]: one pair's share of the gradient at a layer's inputs (no bias)."""
     for k in range(acc.shape[0]):
-        acc[k] += d * row[k]
+        acc[k] += d * weight_at(row, k)
 
 
 @fast_parallel_kernel
@@ -217,7 +229,7 @@ def update_sampled_layer(w, m, v, steps, drift, vals, inputs, group_start, pair_
                 if backprop:
                     add_scaled_row(grad_inputs[c, i], d, w[j])
             steps[j] += 1
-            drift[j] += adam_step(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
+            drift[j] += adam_step(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps, row_salt(j, steps[j]))
 
 
 @fast_parallel_kernel
@@ -235,7 +247,7 @@ def update_dense_layer(w, m, v, steps, drift, vals, inputs, lr, beta1, beta2, ep
                 if vals[i, j] != 0.0:
                     add_scaled_input(g, vals[i, j], inputs[i])
             steps[j] += 1
-            drift[j] += adam_row(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps)
+            drift[j] += adam_row(w[j], m[j], v[j], g, steps[j], lr, beta1, beta2, eps, row_salt(j, steps[j]))
 
 
 @kernel
@@ -276,7 +288,7 @@ def update_input_layer(w0, m0, v0, steps0, x_values, delta0, group_start, pair_p
                 for k in range(width):
                     g[k] += x * d[k]
             steps0[f] += 1
-            adam_row(w0[f], m0[f], v0[f], g, steps0[f], lr, beta1, beta2, eps)
+            adam_row(w0[f], m0[f], v0[f], g, steps0[f], lr, beta1, beta2, eps, row_salt(f, steps0[f]))
 
 
 @fast_kernel
@@ -285,4 +297,4 @@ def update_input_bias(b0, m, v, delta0, t, lr, beta1, beta2, eps):
     for i in range(delta0.shape[0]):
         for k in range(b0.shape[0]):
             g[k] += delta0[i, k]
-    adam_row(b0, m, v, g, t, lr, beta1, beta2, eps)
+    adam_row(b0, m, v, g, t, lr, beta1, beta2, eps, np.uint64(0))

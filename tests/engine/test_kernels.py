@@ -10,8 +10,8 @@ from engine import lsh, tables
 from engine._numba import set_threads
 from engine.config import SlideConfig
 from engine.kernels.forward import sparse_input_layer
-from engine.kernels.lowlevel import float_bits, float_from_bits
-from engine.kernels.optimizer import adam_row, adam_row_bf16, from_bfloat16, group_by_row, to_bfloat16
+from engine.kernels.lowlevel import float_bits, float_from_bits, store_weight
+from engine.kernels.optimizer import adam_row, adam_row_bf16, from_bfloat16, group_by_row, row_salt, to_bfloat16
 from engine.network import SlideModel
 from engine.trainer import Trainer
 
@@ -32,10 +32,16 @@ def data():
     return naive.planted_dataset(40, F, L, seed=1, vocab=5, noise=2, max_labels=3)
 
 
+def exact_config(**settings) -> SlideConfig:
+    """A config with float32 weights: these tests hold the engine to float64 textbook Adam, which
+    bfloat16 storage would only meet within its resolution (tested on its own below)."""
+    return SlideConfig(weight_dtype="float32", **settings)
+
+
 def snapshot_params(model):
     """float64 copies of (w0, b0, [w1, ...])."""
-    return (model.weights[0].astype(np.float64), model.b0.astype(np.float64),
-            [w.astype(np.float64) for w in model.weights[1:]])
+    return (model.float_weights(0).astype(np.float64), model.b0.astype(np.float64),
+            [model.float_weights(l).astype(np.float64) for l in range(1, model.depth)])
 
 
 def batch(data, points):
@@ -135,7 +141,7 @@ class NaiveAdam:
 # ---- dense training step == naive gradient + naive lazy Adam -----------------------------------------
 @pytest.mark.parametrize("hidden", [(8,), (8, 6)])
 def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
-    cfg = SlideConfig(hidden=hidden, sample_output=False, batch_size=6, lr=1e-2, init_std=0.3, seed=4)
+    cfg = exact_config(hidden=hidden, sample_output=False, batch_size=6, lr=1e-2, init_std=0.3, seed=4)
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg)
     # Two full batches and a partial one (4 < batch_size); features and rows overlap between batches.
@@ -154,7 +160,7 @@ def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
 
 def test_first_moment_is_the_batch_gradient(data):
     """After one step from zero state m = (1 - beta1) g exactly: the gradient itself, not just its sign."""
-    cfg = SlideConfig(hidden=(8, 6), sample_output=False, batch_size=8, lr=1e-3, init_std=0.3, seed=2)
+    cfg = exact_config(hidden=(8, 6), sample_output=False, batch_size=8, lr=1e-3, init_std=0.3, seed=2)
     trainer = Trainer(cfg, data)
     w0, b0, ws = snapshot_params(trainer.model)
     points = np.arange(8)
@@ -173,7 +179,7 @@ def test_unlabelled_points_contribute_no_gradient(data):
     unlabelled = naive.planted_dataset(8, F, L, seed=3, unlabelled=1.0)
     assert unlabelled.num_label_entries == 0
     for hidden in [(8,), (8, 6)]:
-        cfg = SlideConfig(hidden=hidden, sample_output=False, batch_size=8, lr=1e-2, init_std=0.3, seed=1)
+        cfg = exact_config(hidden=hidden, sample_output=False, batch_size=8, lr=1e-2, init_std=0.3, seed=1)
         trainer = Trainer(cfg, unlabelled)
         before = [w.copy() for w in trainer.model.weights]
         loss, labelled, _ = trainer.train_step(np.arange(8))
@@ -186,7 +192,7 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
     mixed = naive.planted_dataset(12, F, L, seed=8, unlabelled=0.4)
     lens = np.diff(mixed.y_indptr)
     assert (lens == 0).any() and (lens > 0).any()
-    cfg = SlideConfig(hidden=(8, 6), sample_output=False, batch_size=12, lr=1e-2, init_std=0.3, seed=3)
+    cfg = exact_config(hidden=(8, 6), sample_output=False, batch_size=12, lr=1e-2, init_std=0.3, seed=3)
     trainer = Trainer(cfg, mixed)
     w0, b0, ws = snapshot_params(trainer.model)
     x, labels = batch(mixed, np.arange(12))
@@ -201,7 +207,7 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
 @pytest.mark.parametrize("sample_hidden", [False, True])
 def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(data, sample_hidden):
     hidden = (16, 12) if sample_hidden else (16,)
-    cfg = SlideConfig(hidden=hidden, sample_hidden=sample_hidden, hash_family="simhash", hash_k=3, hash_l=2,
+    cfg = exact_config(hidden=hidden, sample_hidden=sample_hidden, hash_family="simhash", hash_k=3, hash_l=2,
                       bucket_size=4, min_active=6, batch_size=8, lr=1e-2, init_std=0.3, seed=7,
                       rehash_n0=1000)
     trainer = Trainer(cfg, data)
@@ -230,7 +236,7 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
     """With hard_negatives = h, a point's softmax still spans its whole active set, but only its labels
     and its h most probable other active neurons get a delta; rows no kept delta touches take no
     Adam step. Checked against the naive gradient with the same mask and naive lazy Adam."""
-    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=10,
+    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=10,
                       hard_negatives=3, batch_size=8, lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000)
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg)
@@ -279,7 +285,7 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
     their logits raised by log((L - kept) / r). The step equals naive Adam on the gradient of that
     shifted softmax, and the hard-negative cut ranks only the retrieved neurons (the drawn ones keep
     their delta; with many of them the shift is small and some rank below the cut)."""
-    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=8,
+    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=8,
                       random_negatives=r, random_negative_group=1, hard_negatives=hard_negatives, batch_size=8,
                       lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000)
     trainer = Trainer(cfg, data)
@@ -315,7 +321,7 @@ def test_random_negatives_are_uniform_over_the_unretrieved(data):
     """Each neuron outside a point's retrieved set + labels is drawn with probability r / (L - kept):
     per-label counts over many points against their expectation (chi-square, fixed seed)."""
     r = 5
-    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
+    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
                       random_negatives=r, random_negative_group=1, batch_size=40, lr=1e-6, seed=3, rehash_n0=1000)
     trainer = Trainer(cfg, data)
     counts, expected = np.zeros(L), np.zeros(L)
@@ -343,7 +349,7 @@ def test_random_negatives_are_shared_within_a_group():
     the group shares its draws but for the few a point had retrieved; different groups draw apart."""
     wide = naive.planted_dataset(32, F, 3000, seed=2, vocab=5, noise=2, max_labels=3)
     r, g = 20, 4
-    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
+    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
                       random_negatives=r, random_negative_group=g, batch_size=16, seed=5, rehash_n0=1000)
     trainer = Trainer(cfg, wide)
     for _ in range(2):
@@ -453,7 +459,7 @@ def test_kth_largest_is_the_sorted_value():
 def test_active_set_follows_the_buckets(data, max_active):
     """The output active set of a point = union of its L buckets (capped to the most frequently
     retrieved when max_active > 0) + its labels."""
-    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=2, hash_l=3, bucket_size=1000, batch_size=8,
+    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=2, hash_l=3, bucket_size=1000, batch_size=8,
                       max_active=max_active, init_std=0.3, seed=5, rehash_n0=1000)
     trainer = Trainer(cfg, data)
     model = trainer.model
@@ -480,7 +486,7 @@ def test_active_set_follows_the_buckets(data, max_active):
 # ---- finite differences --------------------------------------------------------------------------------
 def test_naive_gradient_matches_finite_differences(data):
     rng = np.random.default_rng(0)
-    cfg = SlideConfig(hidden=(7, 5), sample_output=False, init_std=0.4, seed=11)
+    cfg = exact_config(hidden=(7, 5), sample_output=False, init_std=0.4, seed=11)
     model = SlideModel.initialize(cfg, F, L)
     w0, b0, ws = snapshot_params(model)
     b0 += rng.normal(0, 0.1, size=b0.shape)
@@ -503,7 +509,7 @@ def test_naive_gradient_matches_finite_differences(data):
 
 def test_engine_gradient_matches_finite_differences_of_the_engine_loss(data):
     """The engine's own float32 loss, differentiated numerically, against the gradient its optimizer saw."""
-    cfg = SlideConfig(hidden=(7, 5), sample_output=False, batch_size=10, init_std=0.5, lr=1e-3, seed=13)
+    cfg = exact_config(hidden=(7, 5), sample_output=False, batch_size=10, init_std=0.5, lr=1e-3, seed=13)
     base = SlideModel.initialize(cfg, F, L)
     points = np.arange(10)
 
@@ -538,8 +544,8 @@ def trained_model():
     """A small sampled model with weights moved by a few steps of training."""
     set_threads(1)
     train = naive.planted_dataset(300, 60, 120, seed=2, vocab=6, noise=2)
-    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=6, bucket_size=64, batch_size=32, hub_neurons=8,
-                      lr=5e-3, init_std=0.1, seed=21, rehash_n0=5, epochs=2, eval_every=0)
+    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=6, bucket_size=64, batch_size=32,
+                       hub_neurons=8, lr=5e-3, init_std=0.1, seed=21, rehash_n0=5, epochs=2, eval_every=0)
     trainer = Trainer(cfg, train)
     trainer.run()
     return trainer.model, train
@@ -637,11 +643,13 @@ def test_predict_validates_its_input(trained_model):
     assert labels.shape == (0, 3) and scores.shape == (0, 3)
 
 
-def test_exact_predict_ignores_hidden_sampling():
-    """With sampled hidden layers, `exact` computes every neuron of every layer: the dense network."""
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+def test_exact_predict_ignores_hidden_sampling(weight_dtype):
+    """With sampled hidden layers, `exact` computes every neuron of every layer: the dense network (of
+    the decoded weights, when they are stored as bfloat16)."""
     data = naive.planted_dataset(30, F, L, seed=9)
     cfg = SlideConfig(hidden=(12, 10), sample_hidden=True, hash_family="simhash", hash_k=2, hash_l=2, bucket_size=2,
-                      init_std=0.3, seed=2)
+                      init_std=0.3, seed=2, weight_dtype=weight_dtype)
     model = SlideModel.initialize(cfg, F, L)
     x, _ = batch(data, np.arange(30))
     w0, b0, ws = snapshot_params(model)
@@ -720,7 +728,7 @@ def test_bfloat16_rounds_to_nearest_even():
 def test_bfloat16_first_moments_follow_float32_adam(data):
     """The first step is the same update (the moment is rounded only when stored), the stored moment
     is the float32 one rounded; later steps stay within bfloat16's resolution of the float32 run."""
-    cfg = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=4, bucket_size=8, min_active=8,
+    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=4, bucket_size=8, min_active=8,
                       batch_size=8, lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000, moment_dtype="float32")
     exact, compact = Trainer(cfg, data), Trainer(cfg.replace(moment_dtype="bfloat16"), data)
     assert compact.m[1].dtype == np.uint16 and exact.m[1].dtype == np.float32
@@ -757,12 +765,79 @@ def test_bfloat16_adam_row_is_the_float32_step_on_the_widened_moment():
         g = (rng.standard_normal((rows, width)) * 10.0 ** rng.integers(-6, 1, (rows, 1))).astype(np.float32)
         m_ref = from_bfloat16(m_bits)
         for r in range(rows):
-            norm = adam_row_bf16(w[r], m_bits[r], v[r], g[r], t, 3e-3, 0.9, 0.999, 1e-8)
-            norm_ref = adam_row(w_ref[r], m_ref[r], v_ref[r], g[r], t, 3e-3, 0.9, 0.999, 1e-8)
+            norm = adam_row_bf16(w[r], m_bits[r], v[r], g[r], t, 3e-3, 0.9, 0.999, 1e-8, np.uint64(0))
+            norm_ref = adam_row(w_ref[r], m_ref[r], v_ref[r], g[r], t, 3e-3, 0.9, 0.999, 1e-8, np.uint64(0))
             assert norm == pytest.approx(norm_ref, rel=1e-6, abs=1e-30)
         np.testing.assert_array_equal(w, w_ref)
         np.testing.assert_array_equal(v, v_ref)
         np.testing.assert_array_equal(m_bits, to_bfloat16(m_ref))
+
+
+@njit
+def store_all(row, value, salt):
+    for k in range(row.shape[0]):
+        store_weight(row, k, value, salt)
+
+
+def test_bfloat16_weights_round_stochastically_without_bias():
+    """A value a quarter of the way between two bfloat16 neighbours is stored as the upper one in a
+    quarter of a row's updates, for every element (rounding to nearest never would); the same salt
+    gives the same bits; values a bfloat16 holds exactly are stored exactly."""
+    spacing = 2.0**-7  # between bfloat16 numbers in [1, 2)
+    updates = 4000
+    for value in (1.0 + spacing / 4, -(1.0 + spacing / 4)):
+        row = np.zeros(64, np.uint16)
+        up = np.zeros(row.size)
+        for t in range(1, updates + 1):
+            store_all(row, np.float32(value), np.uint64(row_salt(7, t)))
+            stored = np.abs(from_bfloat16(row))
+            assert set(stored.tolist()) <= {1.0, 1.0 + spacing}
+            up += stored > 1.0
+        sigma = np.sqrt(0.25 * 0.75 / updates)
+        assert np.all(np.abs(up / updates - 0.25) < 4 * sigma), up / updates
+        assert abs(up.mean() / updates - 0.25) < 4 * sigma / np.sqrt(row.size)
+        again = np.zeros_like(row)
+        store_all(again, np.float32(value), np.uint64(row_salt(7, updates)))
+        np.testing.assert_array_equal(again, row)
+    for exact in (0.0, 1.0, -3.5, 1.0 + spacing):
+        store_all(row, np.float32(exact), np.uint64(row_salt(8, 1)))
+        assert np.all(from_bfloat16(row) == np.float32(exact))
+
+
+def test_bfloat16_weights_take_the_float32_step_rounded_to_a_neighbour(data):
+    """From the same weights (bfloat16 values) a step computes the same activations, deltas and
+    moments with either storage; each bfloat16 weight a step updates lands on one of the two bfloat16
+    neighbours of the float32 result, rows the step did not touch keep their bits, and the roundings
+    go both ways."""
+    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=4, bucket_size=8, min_active=8,
+                       batch_size=8, lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000)
+    exact, compact = Trainer(cfg, data), Trainer(cfg.replace(weight_dtype="bfloat16"), data)
+    assert all(w.dtype == np.uint16 for w in compact.model.weights)
+    assert compact.v[1].dtype == np.float32 and compact.model.b0.dtype == np.float32
+    for l in range(exact.model.depth):
+        exact.model.weights[l][:] = compact.model.float_weights(l)
+    exact.model.rehash_layer(1, round_id=0)
+    np.testing.assert_array_equal(exact.model.tables[0].ids, compact.model.tables[0].ids)
+    start = [w.copy() for w in compact.model.weights]
+    points = np.arange(8)
+    loss_exact, _, _ = exact.train_step(points)
+    loss_compact, _, _ = compact.train_step(points)
+    assert loss_compact == pytest.approx(loss_exact, rel=1e-5)
+    for l in range(exact.model.depth):
+        np.testing.assert_array_equal(compact.steps[l], exact.steps[l])
+        np.testing.assert_allclose(compact.v[l], exact.v[l], rtol=1e-5, atol=1e-12)
+        want = exact.model.weights[l]
+        bits = want.view(np.uint32)
+        down = from_bfloat16((bits >> 16).astype(np.uint16))  # toward zero
+        up = from_bfloat16(((bits >> 16) + 1).astype(np.uint16))  # away from zero
+        got = compact.model.float_weights(l)
+        on_grid = (bits & 0xFFFF) == 0
+        np.testing.assert_array_equal(got[on_grid], want[on_grid])
+        off = ~on_grid
+        assert np.all((got[off] == down[off]) | (got[off] == up[off])), f"layer {l}"
+        assert np.any(got[off] == down[off]) and np.any(got[off] == up[off])
+        idle = exact.steps[l] == 0
+        np.testing.assert_array_equal(compact.model.weights[l][idle], start[l][idle])
 
 
 def test_float_bit_casts_round_trip():

@@ -219,3 +219,39 @@ def test_snapshot_from_before_moment_dtype_resumes_with_float32_moments(tmp_path
     assert resumed.config.moment_dtype == "float32" and resumed.m[1].dtype == np.float32
     resumed.run()
     assert resumed.step == 16
+
+
+def test_snapshot_from_before_weight_dtype_serves_and_resumes_with_float32_weights(tmp_path, data):
+    train, test = data
+    store = SnapshotStore(tmp_path / "old")
+    old = Trainer(CFG.replace(weight_dtype="float32"), train, test, store=store)
+    run_until(old, 4)
+    _, path = store.latest()
+    manifest = json.loads((path / MANIFEST).read_text())
+    del manifest["config"]["weight_dtype"]
+    (path / MANIFEST).write_text(json.dumps(manifest))
+    served = load_model(path)
+    assert served.config.weight_dtype == "float32" and served.weights[-1].dtype == np.float32
+    np.testing.assert_array_equal(predict_both(served, test, "exact")[0], predict_both(old.model, test, "exact")[0])
+    resumed = Trainer.resume(store, train, test)
+    assert resumed.config.weight_dtype == "float32" and resumed.model.weights[0].dtype == np.float32
+    resumed.run()
+    assert resumed.step == 16
+
+
+def test_bfloat16_weights_are_stored_as_they_are(tmp_path, data):
+    """A bfloat16 model's snapshot holds uint16 weights (half the bytes) and serves the same answers."""
+    train, test = data
+    store = SnapshotStore(tmp_path)
+    trainer = Trainer(CFG.replace(weight_dtype="bfloat16"), train, test, store=store)
+    run_until(trainer, 4)
+    _, path = store.latest()
+    manifest = read_manifest(path)
+    assert manifest["arrays"]["w1"]["dtype"] == "uint16" and manifest["arrays"]["opt_v1"]["dtype"] == "float32"
+    served = load_model(path)
+    for mode in ("lsh", "exact"):
+        np.testing.assert_array_equal(predict_both(served, test, mode)[1], predict_both(trainer.model, test, mode)[1])
+    arrays = load_arrays(path, ["w1"], mmap=False)
+    with pytest.raises(ValueError, match="weight_dtype"):
+        type(served)(CFG.replace(weight_dtype="float32"), served.num_features, served.num_labels,
+                     (served.weights[0], arrays["w1"]), served.b0, served.hashes, served.tables)

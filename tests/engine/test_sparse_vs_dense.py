@@ -4,7 +4,9 @@ On the `tiny` synthetic preset (500 labels) both networks train the same epochs 
 order; the sampled one computes at most 5% of the output layer per point. Its P@1 with every label
 scored (exact) must be within 0.03 of the dense network's: sampling costs no accuracy. Served
 through the hash tables (lsh) it may lose a little more, because at 500 labels a bucket union is a
-coarse filter; that gap is bounded separately.
+coarse filter; that gap is bounded separately. P@1 on tiny's 500 test points has a standard error
+of ~0.02 per run, so both sides are means over three seeds (one seed's gap once was 0.038 where
+the next three were -0.02 to +0.01).
 """
 
 from __future__ import annotations
@@ -31,15 +33,25 @@ def p_at_1(trainer: Trainer, test, mode: str) -> float:
     return precision_at_k(pred, test.y_indptr, test.y_indices, 1)
 
 
+SEEDS = (0, 1, 2)
+
+
 @pytest.fixture(scope="module")
 def trained(tiny):
+    """([dense trainer per seed], [sparse trainer per seed])."""
     set_threads(1)
     train, test = tiny
-    dense = Trainer(SlideConfig(sample_output=False, **COMMON), train, test)
-    dense.run()
-    sparse = Trainer(SlideConfig(**COMMON, **SPARSE), train, test)
-    sparse.run()
+    dense, sparse = [], []
+    for seed in SEEDS:
+        dense.append(Trainer(SlideConfig(sample_output=False, **{**COMMON, "seed": seed}), train, test))
+        sparse.append(Trainer(SlideConfig(**{**COMMON, "seed": seed}, **SPARSE), train, test))
+        dense[-1].run()
+        sparse[-1].run()
     return dense, sparse
+
+
+def mean_p_at_1(trainers: list[Trainer], test, mode: str) -> float:
+    return float(np.mean([p_at_1(t, test, mode) for t in trainers]))
 
 
 def test_sparse_training_matches_dense_at_five_percent_active(tiny, trained):
@@ -48,9 +60,9 @@ def test_sparse_training_matches_dense_at_five_percent_active(tiny, trained):
     popular = int(np.argmax(train.label_counts()))
     baseline = np.mean([popular in test.y_indices[test.y_indptr[i]:test.y_indptr[i + 1]]
                         for i in range(test.num_points)])
-    dense_p1 = p_at_1(dense, test, "exact")
-    sparse_p1 = p_at_1(sparse, test, "exact")
-    active = [h["active_fraction"] for h in sparse.history]
+    dense_p1 = mean_p_at_1(dense, test, "exact")
+    sparse_p1 = mean_p_at_1(sparse, test, "exact")
+    active = [h["active_fraction"] for t in sparse for h in t.history]
     assert max(active) <= 0.05, active
     assert dense_p1 > 5 * baseline, (dense_p1, baseline)
     assert sparse_p1 >= dense_p1 - 0.03, (sparse_p1, dense_p1)
@@ -59,4 +71,4 @@ def test_sparse_training_matches_dense_at_five_percent_active(tiny, trained):
 def test_lsh_serving_of_the_sparse_model_stays_close(tiny, trained):
     _, test = tiny
     dense, sparse = trained
-    assert p_at_1(sparse, test, "lsh") >= p_at_1(dense, test, "exact") - 0.10
+    assert mean_p_at_1(sparse, test, "lsh") >= mean_p_at_1(dense, test, "exact") - 0.10

@@ -153,7 +153,7 @@ def test_rehash_reinserts_every_neuron_at_its_current_bucket(data):
     stale = lsh.hash_matrix(w, hf, center=tb.center)
     assert not np.array_equal(stale, tb.codes), "weights moved, so some codes are stale"
     assert trainer.rehash() == model.num_labels
-    np.testing.assert_allclose(tb.center, w[:, :-1].mean(axis=0), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(tb.center, model.float_weights(-1)[:, :-1].mean(axis=0), rtol=1e-5, atol=1e-8)
     np.testing.assert_array_equal(tb.codes, lsh.hash_matrix(w, hf, center=tb.center))
     assert np.all(tb.inserted == 1)
     assert np.all(trainer.drift[-1] == 0)
@@ -168,7 +168,7 @@ def test_drift_threshold_rehashes_only_drifted_rows(data):
     for s in range(6):
         trainer.train_step(np.arange(16 * s, 16 * s + 16))
     w = model.weights[out]
-    norms = np.linalg.norm(w[:, :-1], axis=1)
+    norms = np.linalg.norm(model.float_weights(out)[:, :-1], axis=1)
     ratio = trainer.drift[out] / norms
     # Pick the threshold so that about half of the touched rows count as drifted.
     threshold = float(np.median(ratio[ratio > 0]))
@@ -320,7 +320,7 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
     model = trainer.model
     tb = model.tables[0]
     assert tb.serve_hubs.shape == (40,) and len(set(tb.serve_hubs.tolist())) == 40
-    w = model.weights[1]
+    w = model.float_weights(1)
     static = w[:, :-1] @ trainer.input_mean[1] + w[:, -1]
     norms = np.linalg.norm(w[:, :-1], axis=1)
     serve = set(tb.serve_hubs.tolist())
@@ -332,7 +332,7 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
     _, top, scored = model.predict_with_stats(*x, k=1, mode="lsh")
     assert np.all(scored >= 40)
     dense = naive.dense_rows(*x, model.num_features, dtype=np.float32)
-    hidden = np.maximum(dense @ model.weights[0] + model.b0, 0)
+    hidden = np.maximum(dense @ model.float_weights(0) + model.b0, 0)
     hub_scores = hidden @ w[tb.serve_hubs, :-1].T + w[tb.serve_hubs, -1]
     assert np.all(top[:, 0] >= hub_scores.max(axis=1) - 1e-4)
 

@@ -10,9 +10,9 @@ foresee; asking for the next row while the current one is computed hides part of
 
 from __future__ import annotations
 
+import numpy as np
 from llvmlite import ir
 from numba import types
-import numpy as np
 from numba.core import cgutils
 from numba.extending import intrinsic, overload, register_jitable
 

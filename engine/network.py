@@ -40,7 +40,7 @@ class SlideModel:
         self.num_features = int(num_features)
         self.num_labels = int(num_labels)
         self.weights = tuple(weights)
-        want = np.uint16 if config.weight_dtype == "bfloat16" else np.float32
+        want = weight_storage(config)
         if any(w.dtype != want for w in self.weights):
             raise ValueError(f"weights must be {np.dtype(want)} for weight_dtype={config.weight_dtype}, "
                              f"got {[str(w.dtype) for w in self.weights]}")
@@ -65,7 +65,7 @@ class SlideModel:
             raise ValueError("a model needs at least one feature and one label")
         rng = np.random.default_rng(config.seed)
         widths = layer_widths(config, num_features, num_labels)
-        dtype = np.uint16 if config.weight_dtype == "bfloat16" else np.float32
+        dtype = weight_storage(config)
         weights = [_random_layer(rng, num_features, widths[1], config.init_std, dtype, bias=False)]
         for l in range(1, len(widths) - 1):
             weights.append(_random_layer(rng, widths[l + 1], widths[l] + 1, config.init_std, dtype, bias=True))
@@ -88,9 +88,9 @@ class SlideModel:
     def sampled_layers(self) -> list[int]:
         return [int(l) for l in np.flatnonzero(self.layer_slot >= 0)]
 
-    def float_weights(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
-        """Rows start:stop of W[layer] as float32: a view of float32 storage, a decoded copy of bfloat16."""
-        w = self.weights[layer][start:stop]
+    def float_weights(self, layer: int) -> np.ndarray:
+        """W[layer] as float32: the array itself for float32 storage, a decoded copy of bfloat16."""
+        w = self.weights[layer]
         return from_bfloat16(w) if w.dtype == np.uint16 else w
 
     def row_norms(self, layer: int) -> np.ndarray:
@@ -243,6 +243,11 @@ class SlideModel:
     def _return_scratch(scratch: tuple) -> None:
         with _SCRATCH_LOCK:
             _SCRATCH_POOL.setdefault(scratch[0], []).append(scratch)
+
+
+def weight_storage(config: SlideConfig) -> type:
+    """The dtype of a model's weight arrays: uint16 (bfloat16 bits) or float32, as config.weight_dtype says."""
+    return np.uint16 if config.weight_dtype == "bfloat16" else np.float32
 
 
 def _random_layer(rng: np.random.Generator, rows: int, cols: int, std: float, dtype: type, bias: bool) -> np.ndarray:

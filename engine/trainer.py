@@ -25,7 +25,7 @@ from .kernels.optimizer import (group_by_feature, group_by_row, update_dense_lay
 from .metrics import precision_at_k
 from .network import SlideModel
 from .snapshot import SnapshotStore, load_arrays, manifest_config, model_arrays, model_from_arrays, read_manifest
-from .sparse import Dataset
+from .sparse import Dataset, RowReader
 
 MetricsCallback = Callable[[dict], None]
 _INPUT_MEAN_DECAY = 0.99
@@ -97,7 +97,9 @@ class Trainer:
         self.history: list[dict] = []
         self._init_optimizer()
         self._eval_rows = self._pick_eval_rows()
-        self._labelled = np.diff(np.asarray(train.y_indptr)) > 0
+        self._train_rows = RowReader(train)
+        self._test_rows = RowReader(test) if test is not None else None
+        self._labelled = np.diff(self._train_rows.y_indptr) > 0
         out = self.model.depth - 1
         sampled_output = self.model.layer_slot[out] >= 0
         self._hard_negatives = lsh.resolve_hard_negatives(config, self.model.num_labels) if sampled_output else 0
@@ -202,7 +204,7 @@ class Trainer:
             return self._bufs
         model, cfg = self.model, self.config
         depth = model.depth
-        max_labels = int(np.diff(self.train.y_indptr).max(initial=0))
+        max_labels = int(np.diff(self._train_rows.y_indptr).max(initial=0))
         hid = tuple(np.zeros((batch, w.shape[1] - 1), np.float32) for w in model.weights[1:])
         act_ids, act_val = [], []
         for l in range(1, depth):
@@ -245,7 +247,7 @@ class Trainer:
     # ---- one step -----------------------------------------------------------------------------
     def train_step(self, points: np.ndarray) -> tuple[float, int, float]:
         """Train on one batch of dataset rows; returns (summed loss, labelled points, mean output active)."""
-        cfg, model, data = self.config, self.model, self.train
+        cfg, model = self.config, self.model
         points = np.ascontiguousarray(points, dtype=np.int64)
         b = points.shape[0]
         if b == 0:
@@ -262,7 +264,9 @@ class Trainer:
         hidx, hsign, hparams, toffsets, tids, hubs = model.kernel_tables()
         n_chunks = max(1, min(b, numba.get_num_threads()))
         fused = self._fused_output
-        train_batch(points, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
+        data = self._train_rows.take(points)
+        slots = np.arange(b, dtype=np.int64)
+        train_batch(slots, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
                     data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
                     hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, losses, tags, counts,
                     gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
@@ -281,7 +285,7 @@ class Trainer:
         for l in layers:
             self._update_layer(l, act_ids, act_val, nact, hid, self._grad_inputs[:0])
         group_start, pair_point, pair_nz, touched = group_by_feature(
-            points, data.x_indptr, data.x_indices, self._group_of_row[0])
+            slots, data.x_indptr, data.x_indices, self._group_of_row[0])
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
         update_input_layer(model.weights[0], self.m[0], self.v[0], self.steps[0], data.x_values, delta0,
                            group_start, pair_point, pair_nz, touched, lr, b1, b2, eps)
@@ -346,7 +350,7 @@ class Trainer:
         if mode == "lsh":
             self.refresh_serving_hubs()
         sub = self.test.row_slice(0, self.test.num_points) if len(self._eval_rows) == self.test.num_points \
-            else _take_rows(self.test, self._eval_rows)
+            else self._test_rows.take(self._eval_rows)
         pred, _ = self.model.predict(sub.x_indptr, sub.x_indices, sub.x_values, k=min(k, self.model.num_labels),
                                      mode=mode)
         return {"p_at_1": precision_at_k(pred, sub.y_indptr, sub.y_indices, 1),
@@ -425,15 +429,3 @@ class Trainer:
         self.refresh_serving_hubs()
         snapshot()
         return {**last, "stopped": stopped}
-
-
-def _take_rows(data: Dataset, rows: np.ndarray) -> Dataset:
-    """A new Dataset of the given rows (copied)."""
-    xs = [np.arange(data.x_indptr[r], data.x_indptr[r + 1]) for r in rows]
-    ys = [np.arange(data.y_indptr[r], data.y_indptr[r + 1]) for r in rows]
-    xi = np.concatenate(xs) if xs else np.empty(0, np.int64)
-    yi = np.concatenate(ys) if ys else np.empty(0, np.int64)
-    x_indptr = np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64)
-    y_indptr = np.concatenate([[0], np.cumsum([len(y) for y in ys])]).astype(np.int64)
-    return Dataset(x_indptr, np.asarray(data.x_indices)[xi], np.asarray(data.x_values)[xi], y_indptr,
-                   np.asarray(data.y_indices)[yi], data.num_features, data.num_labels)

@@ -1,6 +1,6 @@
 """Numba intrinsics the numerical kernels need and Numba does not offer: software prefetch of a
-matrix row or of one array element, float32 <-> uint32 bit casts of scalars, and reads and writes of
-weights stored as float32 or as bfloat16 bits (uint16).
+matrix row or of one array element, float32 <-> uint32 bit casts of scalars, reads and writes of
+weights stored as float32 or as bfloat16 bits (uint16), and pread(2) into an array.
 
 A sampled layer's rows are read and updated in random order (the active neurons of a point, the
 rows a batch touched), so every row starts with cache misses the hardware prefetcher cannot
@@ -110,6 +110,34 @@ def float_bits(typingctx, x):
         return builder.bitcast(args[0], ir.IntType(32))
 
     return types.uint32(types.float32), codegen
+
+
+@intrinsic
+def pread_into(typingctx, fd, out, start, count, offset):
+    """pread(fd, &out[start], count * out.itemsize, offset): the bytes read, 0 at the end of the file
+    or -1 on an error. out is a C-contiguous 1-D array; no bounds check (pass a range inside it).
+
+    libc's pread is named in the object code and resolved when it is loaded, so kernels that call it
+    can be cached (a ctypes function pointer could not: its address changes from process to process)."""
+    if not (isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C"
+            and all(isinstance(a, types.Integer) for a in (fd, start, count, offset))):
+        return None
+    sig = types.int64(fd, out, start, count, offset)
+
+    def codegen(context, builder, signature, args):
+        fd_v, out_v, start_v, count_v, offset_v = args
+        i64, i8p = ir.IntType(64), ir.IntType(8).as_pointer()
+        array = context.make_array(signature.args[1])(context, builder, out_v)
+        item = context.get_abi_sizeof(context.get_data_type(signature.args[1].dtype))
+        first = builder.gep(array.data, [context.cast(builder, start_v, signature.args[2], types.int64)])
+        nbytes = builder.mul(context.cast(builder, count_v, signature.args[3], types.int64), i64(item))
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [ir.IntType(32), i8p, i64, i64]),
+                                            "pread")
+        return builder.call(fn, [context.cast(builder, fd_v, signature.args[0], types.int32),
+                                 builder.bitcast(first, i8p), nbytes,
+                                 context.cast(builder, offset_v, signature.args[4], types.int64)])
+
+    return sig, codegen
 
 
 def weight_at(row, k):

@@ -11,6 +11,7 @@ from engine import lsh
 from engine._numba import set_threads
 from engine.config import SlideConfig
 from engine.network import SlideModel
+from engine.sparse import load_dataset, save_dataset
 from engine.trainer import Trainer
 
 from . import naive
@@ -68,6 +69,19 @@ def test_one_and_two_threads_are_bit_identical(data, config):
     one.run()
     two.run()
     assert_same_arrays(all_arrays(one), all_arrays(two))
+
+
+def test_a_memory_mapped_training_set_trains_bit_identically(data, tmp_path):
+    """Batches of a memory-mapped dataset are read with pread (sparse.RowReader), not through the map:
+    the model must be the same bits as one trained from the arrays in memory."""
+    save_dataset(data, tmp_path / "train")
+    mapped = load_dataset(tmp_path / "train")
+    assert mapped.x_values._mmap is not None
+    a = Trainer(SAMPLED.replace(threads=2), data)
+    b = Trainer(SAMPLED.replace(threads=2), mapped, mapped)
+    a.run()
+    b.run()
+    assert_same_arrays(all_arrays(a), all_arrays(b))
 
 
 # ---- lazy updates ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ demo: install
 	$(PY) -m app.demo
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 bench: install
 	$(PY) -m pip install -q -e '.[dev,bench]'

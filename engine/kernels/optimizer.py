@@ -29,6 +29,8 @@ from .lowlevel import float_bits, float_from_bits, prefetch_row, store_weight, w
 
 _PREFETCH_AHEAD = 2
 """Rows a thread asks the cache for ahead of the one it updates (the touched rows are scattered)."""
+_INPUT_ROWS_AHEAD = 4
+"""The same for the input layer's rows (best of 2, 4 and 8 on amazon670k)."""
 
 
 @fast_kernel
@@ -273,13 +275,24 @@ def group_by_feature(points, x_indptr, x_indices, group_of_feature):
 @fast_parallel_kernel
 def update_input_layer(w0, m0, v0, steps0, x_values, delta0, group_start, pair_point, pair_nz, touched,
                        lr, beta1, beta2, eps):
-    """Adam on the rows of W0 (num_features, h1) of features present in the batch."""
+    """Adam on the rows of W0 (num_features, h1) of features present in the batch.
+
+    Rows are independent, so each chunk takes a contiguous block of touched and prefetches the row
+    _INPUT_ROWS_AHEAD places ahead in it (a batch touches only ~7,500 rows: in strided chunks of ~7
+    rows there was no "ahead"; 4.4 -> 3.1 ms a batch on amazon670k)."""
     width = w0.shape[1]
     n = touched.shape[0]
-    n_chunks = min(n, 1024)
+    n_chunks = min(n, 64)
+    per_chunk = (n + n_chunks - 1) // n_chunks
     for c in prange(n_chunks):
         g = np.empty(width, dtype=np.float32)
-        for r in range(c, n, n_chunks):
+        end = min(n, (c + 1) * per_chunk)
+        for r in range(c * per_chunk, end):
+            if r + _INPUT_ROWS_AHEAD < end:
+                ahead = touched[r + _INPUT_ROWS_AHEAD]
+                prefetch_row(w0, ahead)
+                prefetch_row(m0, ahead)
+                prefetch_row(v0, ahead)
             f = touched[r]
             g[:] = 0.0
             for q in range(group_start[r], group_start[r + 1]):

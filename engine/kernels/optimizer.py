@@ -25,12 +25,15 @@ from numba.extending import overload
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import mix3
-from .lowlevel import float_bits, float_from_bits, prefetch_row, store_weight, weight_at
+from .lowlevel import float_bits, float_from_bits, prefetch_item, prefetch_row, store_weight, weight_at
 
 _PREFETCH_AHEAD = 2
 """Rows a thread asks the cache for ahead of the one it updates (the touched rows are scattered)."""
 _INPUT_ROWS_AHEAD = 4
 """The same for the input layer's rows (best of 2, 4 and 8 on amazon670k)."""
+_KEYS_AHEAD = 16
+"""Keys group_keys looks up ahead in its scratch (the output layer's is 2.7 MB, read at random: grouping
+~190k pairs took 1.5 ms a batch without, 1.0 with)."""
 
 
 @fast_kernel
@@ -143,6 +146,8 @@ def group_keys(keys, group_of_key):
     counts = np.zeros(n + 1, dtype=np.int64)
     groups = 0
     for q in range(n):
+        if q + _KEYS_AHEAD < n:
+            prefetch_item(group_of_key, keys[q + _KEYS_AHEAD])
         key = keys[q]
         r = group_of_key[key]
         if r < 0:

@@ -33,8 +33,9 @@ from .lowlevel import float_bits, float_from_bits, prefetch_row_read, weight_at
 from .sampling import (add_ids, collect_candidates, filter_candidates, is_label, kth_largest, mark_active,
                        next_generation, pad_random, tie_seed)
 
-ROWS_AHEAD = 4
-"""Active rows a point prefetches ahead of the one it scores (each row is ~8 cache lines)."""
+ROWS_AHEAD = 16
+"""Active rows a point prefetches ahead of the one it scores (4 cache lines a row of 128 bfloat16
+weights). 16 against 4: 0.966x the time a training step on amazon670k (8: 0.978x, 32: 0.969x)."""
 
 
 @kernel

@@ -27,8 +27,9 @@ from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import mix3
 from .lowlevel import float_bits, float_from_bits, prefetch_item, prefetch_row, store_weight, weight_at
 
-_PREFETCH_AHEAD = 2
-"""Rows a thread asks the cache for ahead of the one it updates (the touched rows are scattered)."""
+_PREFETCH_AHEAD = 8
+"""Rows a thread asks the cache for ahead of the one it updates (the touched rows are scattered);
+8 against 2: 0.89x the time of the output layer's update on recorded amazon670k batches."""
 _INPUT_ROWS_AHEAD = 4
 """The same for the input layer's rows (best of 2, 4 and 8 on amazon670k)."""
 _KEYS_AHEAD = 16

@@ -112,13 +112,13 @@ class RowReader:
     map would stay mapped into its resident set (the whole ~300 MB of amazon670k's features within a
     few hundred steps). The two indptr arrays are copied into memory once (8 bytes a point each)."""
 
-    _ROWS = (("x_indices", "x_indptr"), ("x_values", "x_indptr"), ("y_indices", "y_indptr"))
+    _ROWS = (("x_indptr", ("x_indices", "x_values")), ("y_indptr", ("y_indices",)))
 
     def __init__(self, data: Dataset):
         self.data = data
         self.x_indptr = np.array(data.x_indptr, dtype=np.int64)
         self.y_indptr = np.array(data.y_indptr, dtype=np.int64)
-        self._files = {name: _open_mapped(getattr(data, name)) for name, _ in self._ROWS}
+        self._files = {name: _open_mapped(getattr(data, name)) for _, names in self._ROWS for name in names}
         fds = [f[0] for f in self._files.values() if f is not None]
         self._close = weakref.finalize(self, _close_all, fds)
 
@@ -129,18 +129,20 @@ class RowReader:
         if rows.ndim != 1 or (rows.size and (rows.min() < 0 or rows.max() >= n)):
             raise IndexError(f"rows must be a 1-D array of row ids in [0, {n})")
         out = {}
-        for name, indptr_name in self._ROWS:
+        for indptr_name, names in self._ROWS:
             indptr = getattr(self, indptr_name)
             starts, stops = indptr[rows], indptr[rows + 1]
             out[indptr_name] = np.concatenate(([0], np.cumsum(stops - starts))).astype(np.int64)
-            src = getattr(self.data, name)
-            dst = np.empty(int(out[indptr_name][-1]), dtype=src.dtype)
-            file = self._files[name]
-            if file is None:
-                rows_from_memory(src, starts, stops, dst)
-            elif rows_from_file(file[0], file[1], starts, stops, dst) != 0:
-                raise OSError(f"could not read {name} rows from {file[2]} (changed or shorter than its header says?)")
-            out[name] = dst
+            for name in names:
+                src = getattr(self.data, name)
+                dst = np.empty(int(out[indptr_name][-1]), dtype=src.dtype)
+                file = self._files[name]
+                if file is None:
+                    rows_from_memory(src, starts, stops, dst)
+                elif rows_from_file(file[0], file[1], starts, stops, dst) != 0:
+                    raise OSError(f"could not read {name} rows from {file[2]} "
+                                  "(changed, or shorter than its header says?)")
+                out[name] = dst
         return Dataset(out["x_indptr"], out["x_indices"], out["x_values"], out["y_indptr"], out["y_indices"],
                        self.data.num_features, self.data.num_labels)
 

@@ -40,4 +40,3 @@ def rows_from_memory(src, starts, stops, out):
             out[q] = src[z]
             q += 1
     return 0
-

@@ -39,7 +39,8 @@ class SlideConfig:
     fill the cap without it, and rehash at a third of the cost. amazon670k, same batches: 16 against
     50 0.705x the time a step, P@1 0.512 / 0.517 after 3,000 steps; 24 1.09x the time of 16, P@1
     0.512; 12 0.92x, P@1 0.513 (not checked on delicious200k). delicious200k, 16 against 50: 0.90x
-    the time, P@1 0.932 / 0.935 after 2,000 steps."""
+    the time, P@1 0.932 / 0.935 after 2,000 steps. Per sample 50 tables pull ahead later (amazon670k
+    0.606 / 0.595 after 8,000 steps, about equal at equal time): long runs may want more."""
     bin_size: int = 8
     """WTA/DWTA bin width: each code is an argmax position in [0, bin_size)."""
     simhash_density: float = 0.05

@@ -85,6 +85,16 @@ def engine_config(args, dense: bool):
                        sample_output=not dense, batch_size=args.batch_size)
 
 
+def epoch_records(history: list[dict], num_points: int) -> list[dict]:
+    """The evaluations a trainer made at the end of each epoch (eval_every=0 evaluates there), once
+    each: a budget that ends on an epoch's last batch reports that point twice."""
+    ends = {}
+    for h in history:
+        if h["epoch"] > 0 and h["samples"] == h["epoch"] * num_points:
+            ends.setdefault(h["epoch"], {key: h[key] for key in ("epoch", "samples", "elapsed_s", "p_at_1", "p_at_5")})
+    return [ends[e] for e in sorted(ends)]
+
+
 def worker_engine(args, dense: bool) -> dict:
     from engine import Trainer, load_dataset
     d = Path(args.data)
@@ -107,6 +117,7 @@ def worker_engine(args, dense: bool) -> dict:
               "p_at_1": records[-1]["p_at_1"], "p_at_5": records[-1]["p_at_5"],
               "active_fraction": records[-1]["active_fraction"], "rehashes": trainer.rehash_round,
               "seconds_per_epoch": train.num_points / (trainer.samples_seen / trainer.train_seconds)}
+    result["epochs"] = epoch_records(trainer.history, train.num_points)
     arrays = trainer.arrays()
     result["state_bytes"] = int(sum(a.nbytes for a in arrays.values()))
     result["peak_rss_bytes"] = peak_rss_bytes()
@@ -275,6 +286,11 @@ def main() -> int:
         print(f"{name:<13}{fmt(r['samples_per_s'], '.0f'):>11}{fmt(r['seconds_per_epoch'], '.0f'):>10}"
               f"{fmt(r['p_at_1']):>8}{fmt(r['p_at_5']):>8}{fmt(r.get('active_fraction'), '.4f'):>8}"
               f"{r['peak_rss_bytes'] / 1e9:>13.2f}")
+    for name, r in results.items():
+        if "epochs" in r:
+            ends = ", ".join(f"{e['epoch']} ({e['elapsed_s']:.0f} s): {fmt(e['p_at_1'])} / {fmt(e['p_at_5'])}"
+                             for e in r["epochs"])
+            print(f"{name} P@1 / P@5 after each epoch: {ends or 'no epoch ended within the budget'}")
     sp = results.get("ours-sparse", {})
     if "inference" in sp:
         print(f"\n{'mode':<13}{'p50 ms':>9}{'p99 ms':>9}{'batch q/s':>11}{'scored':>9}{'recall@5':>10}")

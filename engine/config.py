@@ -32,15 +32,17 @@ class SlideConfig:
     hash_k: int = 0
     """Codes (WTA/DWTA) or bits (SimHash) concatenated per table; 0 = chosen from the layer width so
     that an input's L buckets hold about 5% of the layer's neurons (at most 1,000)."""
-    hash_l: int = 16
-    """Number of independent tables. Trained output rows crowd into full buckets, so an input's L
-    buckets return about L * bucket_size candidates, nearly all of them once, and a wide layer's
-    1,000-neuron cap then keeps a random subset: 50 tables read ~3,150 to keep 1,000. 16 tables of 64
-    fill the cap without it, and rehash at a third of the cost. amazon670k, same batches: 16 against
-    50 0.705x the time a step, P@1 0.512 / 0.517 after 3,000 steps; 24 1.09x the time of 16, P@1
-    0.512; 12 0.92x, P@1 0.513 (not checked on delicious200k). delicious200k, 16 against 50: 0.90x
-    the time, P@1 0.932 / 0.935 after 2,000 steps. Per sample 50 tables pull ahead later (amazon670k
-    0.606 / 0.595 after 8,000 steps, about equal at equal time): long runs may want more."""
+    hash_l: int = 0
+    """Number of independent tables; 0 = auto: 16 for layers wider than 20,000 neurons, else 50.
+    Trained output rows of a wide layer crowd into full buckets, so an input's L buckets return about
+    L * bucket_size candidates, nearly all of them once, and the 1,000-neuron cap then keeps a random
+    subset: 50 tables read ~3,150 to keep 1,000. 16 tables of 64 fill the cap without it, and rehash
+    at a third of the cost. amazon670k, same batches: 16 against 50 0.705x the time a step, P@1
+    0.512 / 0.517 after 3,000 steps; 24 1.09x the time of 16, P@1 0.512; 12 0.92x, P@1 0.513.
+    delicious200k, 16 against 50: 0.90x the time, P@1 0.932 / 0.935 after 2,000 steps. Per sample 50
+    tables pull ahead later (amazon670k 0.606 / 0.595 after 8,000 steps, about equal at equal time):
+    long runs may want more. A small layer's buckets are not full and 16 tables retrieve worse (small
+    preset, 5,000 labels, 6 epochs: exact P@1 0.549 against 0.572), so it keeps 50."""
     bin_size: int = 8
     """WTA/DWTA bin width: each code is an argmax position in [0, bin_size)."""
     simhash_density: float = 0.05
@@ -159,14 +161,15 @@ class SlideConfig:
         _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
         _check(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype", "must be float32 or bfloat16")
         _check(self.weight_dtype in ("float32", "bfloat16"), "weight_dtype", "must be float32 or bfloat16")
-        _check(1 <= self.hash_l <= 1024, "hash_l", "number of tables must be in [1, 1024]")
+        _check(0 <= self.hash_l <= 1024, "hash_l", "number of tables must be 0 (auto) or in [1, 1024]")
         _check(2 <= self.bin_size <= 256, "bin_size", "must be in [2, 256]")
         _check(0 <= self.hash_k <= 64, "hash_k", "must be 0 (auto) or in [1, 64]")
         _check(0 < self.simhash_density <= 1, "simhash_density", "must be in (0, 1]")
         _check(self.table_bits == 0 or 1 <= self.table_bits <= 24, "table_bits",
                f"buckets per table are 2^table_bits, so table_bits must be 0 (auto) or in [1, 24]; got {self.table_bits}")
         _check(self.bucket_size >= 1, "bucket_size", "must be >= 1")
-        _check(1 <= self.active_threshold <= self.hash_l, "active_threshold", "must be in [1, hash_l]")
+        _check(1 <= self.active_threshold <= (self.hash_l or 16), "active_threshold",
+               "must be in [1, hash_l] (16 when hash_l is 0, auto)")
         _check(self.max_active >= -1, "max_active", "must be -1 (no cap), 0 (auto) or a positive cap")
         _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (auto) or > 0")
         _check(0 <= self.probes <= 64, "probes", "must be in [0, 64]")

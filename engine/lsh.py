@@ -128,13 +128,22 @@ def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:
     return 0 if target >= 0.05 * n_neurons else min(n_neurons, max(2 * target, n_neurons // 100))
 
 
+def resolve_l(config: SlideConfig, n_neurons: int) -> int:
+    """Tables of a sampled layer of n_neurons: config.hash_l, or (0 = auto) 16 once the layer is too
+    wide for its target active size to be 5% of it (> 20,000 neurons: its buckets fill, and 16 full
+    buckets already hold the target), else 50 (see SlideConfig.hash_l)."""
+    if config.hash_l:
+        return config.hash_l
+    return 16 if target_active(n_neurons) < 0.05 * n_neurons else 50
+
+
 def resolve_k(config: SlideConfig, n_neurons: int) -> int:
     """Codes per table: config.hash_k, or (0 = auto) enough that the L buckets of an input hold about
     `target_active(n_neurons)` neurons together, so the active set stays a small fraction of the layer."""
     if config.hash_k:
         return config.hash_k
     radix = 2 if config.hash_family == "simhash" else config.bin_size
-    per_bucket = max(1.0, target_active(n_neurons) / config.hash_l)
+    per_bucket = max(1.0, target_active(n_neurons) / resolve_l(config, n_neurons))
     return max(1, int(round(math.log(max(2.0, n_neurons / per_bucket)) / math.log(radix))))
 
 
@@ -151,7 +160,7 @@ def table_geometry(config: SlideConfig, k: int) -> tuple[int, int, bool, int]:
 
 def draw_hash_functions(config: SlideConfig, dim: int, n_neurons: int, rng: np.random.Generator) -> HashFunctions:
     """Draw the hash functions of one sampled layer of `n_neurons` neurons with `dim` inputs each."""
-    k, l = resolve_k(config, n_neurons), config.hash_l
+    k, l = resolve_k(config, n_neurons), resolve_l(config, n_neurons)
     family = FAMILY_IDS[config.hash_family]
     n_codes = k * l
     if family == SIMHASH:

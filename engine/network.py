@@ -71,7 +71,7 @@ class SlideModel:
             weights.append(_random_layer(rng, widths[l + 1], widths[l] + 1, config.init_std, dtype, bias=True))
         sampled = np.flatnonzero(layer_slots(config) >= 0)
         hashes = [lsh.draw_hash_functions(config, widths[l], widths[l + 1], rng) for l in sampled]
-        tabs = [tables.empty_tables(config.hash_l, widths[l + 1], hf.num_buckets, widths[l],
+        tabs = [tables.empty_tables(hf.l, widths[l + 1], hf.num_buckets, widths[l],
                                     lsh.resolve_hubs(config, widths[l + 1]), lsh.resolve_serve_hubs(config, widths[l + 1]))
                 for l, hf in zip(sampled, hashes)]
         model = cls(config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32),
@@ -221,13 +221,14 @@ class SlideModel:
         per request at 670k labels) instead of leaving the allocator a fresh set at every swap."""
         threads = numba.config.NUMBA_NUM_THREADS
         widths = tuple(w.shape[1] - 1 for w in self.weights[1:])
-        cap = max([min(self.weights[l].shape[0], self.config.hash_l * (1 + probes) * self.config.bucket_size
+        cap = max([min(self.weights[l].shape[0],
+                       self.hashes[self.layer_slot[l]].l * (1 + probes) * self.config.bucket_size
                        + max(self.tables[self.layer_slot[l]].hubs.shape[0],
                              self.tables[self.layer_slot[l]].serve_hubs.shape[0]))
                    for l in self.sampled_layers()] or [1])
         n_max = max([self.weights[l].shape[0] for l in self.sampled_layers()] or [1])
         n_codes = max([h.idx.shape[0] for h in self.hashes] or [1])
-        n_buckets = self.config.hash_l * (1 + probes)
+        n_buckets = max([h.l for h in self.hashes] or [1]) * (1 + probes)
         key = (threads, widths, cap, n_max, n_codes, n_buckets)
         with _SCRATCH_LOCK:
             free = _SCRATCH_POOL.get(key)

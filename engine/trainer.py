@@ -211,7 +211,8 @@ class Trainer:
             out = model.weights[l].shape[0]
             if model.layer_slot[l] >= 0:
                 n_hubs = model.tables[model.layer_slot[l]].hubs.shape[0]
-                cap = min(out, cfg.hash_l * (1 + cfg.probes) * cfg.bucket_size + n_hubs + max_labels + cfg.min_active
+                n_tables = model.hashes[model.layer_slot[l]].l
+                cap = min(out, n_tables * (1 + cfg.probes) * cfg.bucket_size + n_hubs + max_labels + cfg.min_active
                           + (self._random_negatives if l == depth - 1 else 0))
                 act_ids.append(np.zeros((batch, cap), np.int32))
             else:
@@ -222,6 +223,7 @@ class Trainer:
         sampled = model.sampled_layers()
         n_max = max([model.weights[l].shape[0] for l in sampled] or [1])
         n_codes = max([h.idx.shape[0] for h in model.hashes] or [1])
+        n_tables_max = max([h.l for h in model.hashes] or [1])
         width_max = max(w.shape[1] - 1 for w in model.weights[1:])
 
         def per_chunk(width: int, dtype: type) -> np.ndarray:
@@ -232,7 +234,7 @@ class Trainer:
             delta0=np.zeros((batch, model.weights[0].shape[1]), np.float32), losses=np.zeros(batch, np.float32),
             tags=per_chunk(n_max, np.int64), counts=per_chunk(max(a.shape[1] for a in act_ids), np.int32),
             gens=np.zeros(threads, np.int64), qmargins=per_chunk(n_codes, np.float64),
-            qcodes=per_chunk(n_codes, np.int32), qbuck=per_chunk(cfg.hash_l * (1 + cfg.probes), np.int32),
+            qcodes=per_chunk(n_codes, np.int32), qbuck=per_chunk(n_tables_max * (1 + cfg.probes), np.int32),
             gin=per_chunk(width_max, np.float32), gprev=per_chunk(width_max, np.float32),
             nkept=np.zeros(batch, np.int32),
         )

@@ -39,7 +39,7 @@ def datasets(client, xmc_files):
 def test_config_and_reference_errors_name_the_field(client, datasets):
     train_id, _ = datasets
     cases = [
-        ({"train_dataset_id": train_id, "config": {"hash_l": 0}}, "body.config.hash_l"),
+        ({"train_dataset_id": train_id, "config": {"hash_l": -1}}, "body.config.hash_l"),
         ({"train_dataset_id": train_id, "config": {"hiden": [64]}}, "body.config.hiden"),
         ({"train_dataset_id": train_id, "config": {"hash_family": "md5"}}, "body.config.hash_family"),
         ({"train_dataset_id": train_id, "config": {"lr": "fast"}}, "body.config.lr"),

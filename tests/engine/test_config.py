@@ -9,7 +9,8 @@ from engine.config import ConfigError, SlideConfig
 
 @pytest.mark.parametrize("changes, field", [
     ({"hash_family": "minhash"}, "hash_family"),
-    ({"hash_l": 0}, "hash_l"),
+    ({"hash_l": -1}, "hash_l"),
+    ({"hash_l": 1025}, "hash_l"),
     ({"probes": -1}, "probes"),
     ({"probes": 65}, "probes"),
     ({"predict_probes": -2}, "predict_probes"),

@@ -195,6 +195,19 @@ def test_auto_k_keeps_the_expected_active_set_a_small_fraction():
         assert lsh.resolve_k(cfg.replace(hash_k=5), 65536) == 5
 
 
+def test_auto_tables_are_16_for_wide_layers_and_50_for_small_ones():
+    """hash_l = 0: a layer past 20,000 neurons (target active size < 5% of it) gets 16 tables, a
+    smaller one 50; an explicit hash_l wins; the drawn functions and auto K follow the resolved L."""
+    cfg = SlideConfig(hash_l=0)
+    assert [lsh.resolve_l(cfg, n) for n in (100, 5_000, 20_000, 20_001, 670_091)] == [50, 50, 50, 16, 16]
+    assert lsh.resolve_l(cfg.replace(hash_l=7), 670_091) == 7
+    rng = np.random.default_rng(0)
+    wide, small = lsh.draw_hash_functions(cfg, 32, 100_000, rng), lsh.draw_hash_functions(cfg, 32, 5_000, rng)
+    assert (wide.l, small.l) == (16, 50)
+    assert wide.idx.shape[0] == 16 * lsh.resolve_k(cfg, 100_000)
+    assert lsh.resolve_k(cfg, 100_000) == lsh.resolve_k(cfg.replace(hash_l=16), 100_000)
+
+
 def test_folded_index_reaches_every_bucket_with_uniform_load():
     k, bits = 16, 8
     combos = ((np.arange(2**k)[:, None] >> np.arange(k)) & 1).astype(np.int32)

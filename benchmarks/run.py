@@ -91,7 +91,8 @@ def epoch_records(history: list[dict], num_points: int) -> list[dict]:
     ends = {}
     for h in history:
         if h["epoch"] > 0 and h["samples"] == h["epoch"] * num_points:
-            ends.setdefault(h["epoch"], {key: h[key] for key in ("epoch", "samples", "elapsed_s", "p_at_1", "p_at_5")})
+            keys = ("epoch", "samples", "elapsed_s", "p_at_1", "p_at_5")
+            ends.setdefault(h["epoch"], {key: h[key] for key in keys})
     return [ends[e] for e in sorted(ends)]
 
 

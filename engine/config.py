@@ -17,6 +17,12 @@ MomentDtype = Literal["float32", "bfloat16"]
 WeightDtype = Literal["float32", "bfloat16"]
 
 
+WIDE_LAYER_TABLES = 16
+"""Tables of a sampled layer wider than 20,000 neurons when hash_l is 0 (auto)."""
+SMALL_LAYER_TABLES = 50
+"""Tables of a narrower sampled layer when hash_l is 0 (auto)."""
+
+
 @dataclass(frozen=True)
 class SlideConfig:
     """Network, hashing, optimizer and schedule of one SLIDE training run."""
@@ -168,8 +174,8 @@ class SlideConfig:
         _check(self.table_bits == 0 or 1 <= self.table_bits <= 24, "table_bits",
                f"buckets per table are 2^table_bits, so table_bits must be 0 (auto) or in [1, 24]; got {self.table_bits}")
         _check(self.bucket_size >= 1, "bucket_size", "must be >= 1")
-        _check(1 <= self.active_threshold <= (self.hash_l or 16), "active_threshold",
-               "must be in [1, hash_l] (16 when hash_l is 0, auto)")
+        _check(1 <= self.active_threshold <= (self.hash_l or WIDE_LAYER_TABLES), "active_threshold",
+               f"must be in [1, hash_l] ({WIDE_LAYER_TABLES} when hash_l is 0, auto)")
         _check(self.max_active >= -1, "max_active", "must be -1 (no cap), 0 (auto) or a positive cap")
         _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (auto) or > 0")
         _check(0 <= self.probes <= 64, "probes", "must be in [0, 64]")

@@ -20,7 +20,7 @@ import numpy as np
 from numba import prange
 
 from ._numba import kernel, parallel_kernel
-from .config import SlideConfig
+from .config import SMALL_LAYER_TABLES, WIDE_LAYER_TABLES, SlideConfig
 from .kernels.lowlevel import weight_at
 
 SIMHASH, WTA, DWTA = 0, 1, 2
@@ -64,6 +64,12 @@ def target_active(n_neurons: int) -> int:
     return int(min(1000, max(32, 0.05 * n_neurons)))
 
 
+def is_wide_layer(n_neurons: int) -> bool:
+    """Whether a layer is too wide for its target active size to be 5% of it (> 20,000 neurons): the
+    auto hubs, negatives and table count of such a layer differ from a small one's."""
+    return target_active(n_neurons) < 0.05 * n_neurons
+
+
 def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = False) -> int:
     """The cap on retrieved neurons per input for a layer in training or prediction (0 = no cap).
     Serving with predict_max_active = 0 (auto) uses the training cap when the layer has serving hubs
@@ -85,7 +91,7 @@ def _wide_layer_setting(value: int, n_neurons: int, auto: int) -> int:
         return 0
     if value:
         return min(n_neurons, value)
-    return 0 if target_active(n_neurons) >= 0.05 * n_neurons else auto
+    return auto if is_wide_layer(n_neurons) else 0
 
 
 def resolve_hubs(config: SlideConfig, n_neurons: int) -> int:
@@ -125,7 +131,7 @@ def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:
     if config.predict_hubs:
         return min(n_neurons, config.predict_hubs)
     target = target_active(n_neurons)
-    return 0 if target >= 0.05 * n_neurons else min(n_neurons, max(2 * target, n_neurons // 100))
+    return min(n_neurons, max(2 * target, n_neurons // 100)) if is_wide_layer(n_neurons) else 0
 
 
 def resolve_l(config: SlideConfig, n_neurons: int) -> int:
@@ -134,7 +140,7 @@ def resolve_l(config: SlideConfig, n_neurons: int) -> int:
     buckets already hold the target), else 50 (see SlideConfig.hash_l)."""
     if config.hash_l:
         return config.hash_l
-    return 16 if target_active(n_neurons) < 0.05 * n_neurons else 50
+    return WIDE_LAYER_TABLES if is_wide_layer(n_neurons) else SMALL_LAYER_TABLES
 
 
 def resolve_k(config: SlideConfig, n_neurons: int) -> int:

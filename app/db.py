@@ -34,7 +34,7 @@ ID_LENGTH = 32  # uuid4().hex
 
 
 def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+    return dt.datetime.now(dt.UTC)
 
 
 class UTCDateTime(TypeDecorator):
@@ -45,12 +45,12 @@ class UTCDateTime(TypeDecorator):
 
     def process_bind_param(self, value: Any, dialect: Any) -> Any:
         if isinstance(value, dt.datetime) and value.tzinfo is not None and dialect.name == "sqlite":
-            value = value.astimezone(dt.timezone.utc).replace(tzinfo=None)
+            value = value.astimezone(dt.UTC).replace(tzinfo=None)
         return value
 
     def process_result_value(self, value: Any, dialect: Any) -> Any:
         if isinstance(value, dt.datetime) and value.tzinfo is None:
-            value = value.replace(tzinfo=dt.timezone.utc)
+            value = value.replace(tzinfo=dt.UTC)
         return value
 
 
@@ -134,7 +134,17 @@ class ModelVersionRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
-METRIC_FIELDS = ("step", "epoch", "samples", "loss", "p_at_1", "p_at_5", "samples_per_s", "active_fraction", "elapsed_s")
+METRIC_FIELDS = (
+    "step",
+    "epoch",
+    "samples",
+    "loss",
+    "p_at_1",
+    "p_at_5",
+    "samples_per_s",
+    "active_fraction",
+    "elapsed_s",
+)
 
 
 class Database:
@@ -144,7 +154,9 @@ class Database:
         self.url = url
         parsed = make_url(url)
         self.is_sqlite = parsed.get_backend_name() == "sqlite"
-        self._sqlite_file = parsed.database if self.is_sqlite and parsed.database not in (None, "", ":memory:") else None
+        self._sqlite_file = (
+            parsed.database if self.is_sqlite and parsed.database not in (None, "", ":memory:") else None
+        )
         kwargs: dict[str, Any] = {"echo": echo}
         if self.is_sqlite:
             kwargs["connect_args"] = {"check_same_thread": False, "timeout": 30}

@@ -51,14 +51,19 @@ def _wait_ready(client: httpx.Client, timeout: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m app.demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m app.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--url", default=os.environ.get("SLIDE_URL", "http://127.0.0.1:8000"))
     parser.add_argument("--preset", default="tiny", help="engine.synth preset (default: tiny)")
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the demo job (default: 100)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--wait", type=float, default=120.0,
-                        help="seconds to wait for the first snapshot (0 = start the job and return)")
+    parser.add_argument(
+        "--wait",
+        type=float,
+        default=120.0,
+        help="seconds to wait for the first snapshot (0 = start the job and return)",
+    )
     args = parser.parse_args(argv)
 
     from engine import generate, write_xmc  # numpy/numba only here: --help stays fast
@@ -73,23 +78,43 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="slide-demo-") as tmp:
         for split, data in (("train", train), ("test", test)):
             path = write_xmc(data, Path(tmp) / f"{args.preset}_{split}.txt.gz")
-            body = _check(client.post("/v1/datasets", params={"name": f"demo-{args.preset}-{split}"},
-                                      content=_chunks(path), headers={"Content-Type": "application/gzip"}),
-                          f"uploading {split}")
+            body = _check(
+                client.post(
+                    "/v1/datasets",
+                    params={"name": f"demo-{args.preset}-{split}"},
+                    content=_chunks(path),
+                    headers={"Content-Type": "application/gzip"},
+                ),
+                f"uploading {split}",
+            )
             ids[split] = body["id"]
-            print(f"demo: uploaded {split}: id {body['id']}, {body['num_points']} points, "
-                  f"{body['num_features']} features, {body['num_labels']} labels")
+            print(
+                f"demo: uploaded {split}: id {body['id']}, {body['num_points']} points, "
+                f"{body['num_features']} features, {body['num_labels']} labels"
+            )
 
-    job = _check(client.post("/v1/jobs", json={
-        "train_dataset_id": ids["train"], "eval_dataset_id": ids["test"],
-        "config": {"epochs": args.epochs, "seed": args.seed},
-    }), "starting the job")
+    job = _check(
+        client.post(
+            "/v1/jobs",
+            json={
+                "train_dataset_id": ids["train"],
+                "eval_dataset_id": ids["test"],
+                "config": {"epochs": args.epochs, "seed": args.seed},
+            },
+        ),
+        "starting the job",
+    )
     job_id = job["id"]
     print(f"demo: job {job_id} is {job['state']} ({args.epochs} epochs)")
 
     n = int(test.x_indptr[1])
-    query = {"instances": [{"indices": [int(i) for i in test.x_indices[:n]],
-                            "values": [round(float(v), 4) for v in test.x_values[:n]]}], "k": 5, "mode": "lsh"}
+    query = {
+        "instances": [
+            {"indices": [int(i) for i in test.x_indices[:n]], "values": [round(float(v), 4) for v in test.x_values[:n]]}
+        ],
+        "k": 5,
+        "mode": "lsh",
+    }
     truth = [int(label) for label in test.y_indices[: int(test.y_indptr[1])]]
 
     if args.wait > 0:
@@ -100,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             if r.status_code == 200:
                 answer = r.json()
                 state = client.get(f"/v1/jobs/{job_id}").json()
-                print(f"demo: model v{answer['model_version']} (job {state['state']}, epoch "
-                      f"{state['progress']['epoch']}/{args.epochs}) predicts {answer['predictions'][0]['labels']} "
-                      f"for the first test point; its true labels are {truth}")
+                print(
+                    f"demo: model v{answer['model_version']} (job {state['state']}, epoch "
+                    f"{state['progress']['epoch']}/{args.epochs}) predicts {answer['predictions'][0]['labels']} "
+                    f"for the first test point; its true labels are {truth}"
+                )
                 break
             if r.status_code != 503:
                 _check(r, "predicting")

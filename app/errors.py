@@ -113,14 +113,23 @@ async def validation_error_handler(request: Request, exc: Exception) -> ProblemR
     if any(e["type"] == "json_invalid" for e in errors):
         first = next(e for e in errors if e["type"] == "json_invalid")
         return problem(
-            request, 400, f"the request body is not valid JSON: {first['msg']}", slug="malformed-json",
-            title="Malformed request body", errors=errors,
+            request,
+            400,
+            f"the request body is not valid JSON: {first['msg']}",
+            slug="malformed-json",
+            title="Malformed request body",
+            errors=errors,
         )
     shown = "; ".join(f"{_dotted(e['loc'])}: {e['msg']}" for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return problem(
-        request, 422, shown + more, slug="validation-error", title="Request validation failed",
-        field=_dotted(errors[0]["loc"]) if errors else None, errors=errors,
+        request,
+        422,
+        shown + more,
+        slug="validation-error",
+        title="Request validation failed",
+        field=_dotted(errors[0]["loc"]) if errors else None,
+        errors=errors,
     )
 
 
@@ -140,8 +149,14 @@ def _allowed_methods(request: Request) -> list[str]:
     """Every method some route serves at this path: each method asked of the route table in a fresh scope."""
     allowed = []
     for method in HTTP_METHODS:
-        scope = {"type": "http", "method": method, "path": request.scope["path"],
-                 "root_path": request.scope.get("root_path", ""), "headers": [], "query_string": b""}
+        scope = {
+            "type": "http",
+            "method": method,
+            "path": request.scope["path"],
+            "root_path": request.scope.get("root_path", ""),
+            "headers": [],
+            "query_string": b"",
+        }
         if any(route.matches(scope)[0] == Match.FULL for route in request.app.router.routes):
             allowed.append(method)
     return allowed
@@ -152,8 +167,14 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> ProblemRe
     cause = storage_cause(exc)
     if cause is not None:  # a full or unwritable data dir is the operator's to fix, not a bug: say so
         kind = ERROR_TABLE[InsufficientStorage]
-        return problem(request, kind.status, f"the service could not write to its data dir or database: {cause[0]} "
-                       f"({cause[1]})", slug=kind.slug, title=kind.title, reason=cause[0])
+        return problem(
+            request,
+            kind.status,
+            f"the service could not write to its data dir or database: {cause[0]} ({cause[1]})",
+            slug=kind.slug,
+            title=kind.title,
+            reason=cause[0],
+        )
     return problem(request, 500, "internal server error; the service log has the details", slug="internal-error")
 
 

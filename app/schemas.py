@@ -38,7 +38,9 @@ class Problem(BaseModel):
     status: int = Field(examples=[422])
     detail: str = Field(examples=["line 7: expected 'feature:value', got '12-0.5'"])
     instance: str | None = Field(None, examples=["/v1/datasets"])
-    field: str | None = Field(None, description="Dotted path of the first value at fault.", examples=["body.config.hash_l"])
+    field: str | None = Field(
+        None, description="Dotted path of the first value at fault.", examples=["body.config.hash_l"]
+    )
     line: int | None = Field(None, description="Dataset uploads: 1-based line at fault (the header is line 1).")
     column: int | None = Field(None, description="Dataset uploads: 1-based column at fault, when known.")
     errors: list[dict[str, Any]] | None = Field(None, description="One `{loc, msg, type}` per invalid value.")
@@ -102,7 +104,9 @@ def _config_model() -> type[BaseModel]:
         fields[f.name] = (tp, Field(defaults[f.name], description=docs.get(f.name)))  # pydantic copies list defaults
     return create_model(
         "SlideConfig",
-        __config__=ConfigDict(extra="forbid", strict=True, json_schema_extra={"description": inspect.cleandoc(SlideConfig.__doc__ or "")}),
+        __config__=ConfigDict(
+            extra="forbid", strict=True, json_schema_extra={"description": inspect.cleandoc(SlideConfig.__doc__ or "")}
+        ),
         **fields,
     )
 
@@ -111,8 +115,16 @@ SlideConfigModel: type[BaseModel] = _config_model()
 
 # --------------------------------------------------------------------------------------------------- jobs
 
-JOB_CONFIG_EXAMPLE = {"hidden": [128], "hash_family": "dwta", "hash_k": 6, "hash_l": 50, "batch_size": 128,
-                      "lr": 0.003, "epochs": 5, "seed": 0}
+JOB_CONFIG_EXAMPLE = {
+    "hidden": [128],
+    "hash_family": "dwta",
+    "hash_k": 6,
+    "hash_l": 50,
+    "batch_size": 128,
+    "lr": 0.003,
+    "epochs": 5,
+    "seed": 0,
+}
 
 
 class JobCreate(BaseModel):
@@ -120,10 +132,12 @@ class JobCreate(BaseModel):
 
     train_dataset_id: str = Field(description="Id returned by `POST /v1/datasets`.", examples=[EXAMPLE_ID])
     eval_dataset_id: str | None = Field(
-        None, description="Optional held-out dataset (same feature and label space): enables P@1 and P@5.",
+        None,
+        description="Optional held-out dataset (same feature and label space): enables P@1 and P@5.",
     )
     config: SlideConfigModel = Field(  # type: ignore[valid-type]
-        default_factory=SlideConfigModel, description="Engine settings; omitted fields take the engine defaults.",
+        default_factory=SlideConfigModel,
+        description="Engine settings; omitted fields take the engine defaults.",
         examples=[JOB_CONFIG_EXAMPLE],
     )
 
@@ -216,16 +230,18 @@ class Instance(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     indices: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
-        examples=[[0, 5, 17]], json_schema_extra={"uniqueItems": True},
+        examples=[[0, 5, 17]],
+        json_schema_extra={"uniqueItems": True},
         description="Feature ids, each below the model's `num_features`, none repeated.",
     )
     values: list[Float32] = Field(examples=[[1.0, 0.5, 0.25]])
 
     @model_validator(mode="after")
-    def _same_length(self) -> "Instance":
+    def _same_length(self) -> Instance:
         if len(self.indices) != len(self.values):
-            raise ValueError(f"indices has {len(self.indices)} entries but values has {len(self.values)}; "
-                             "they must pair up")
+            raise ValueError(
+                f"indices has {len(self.indices)} entries but values has {len(self.values)}; they must pair up"
+            )
         if len(set(self.indices)) != len(self.indices):
             raise ValueError("indices must not repeat a feature id")
         return self
@@ -237,7 +253,8 @@ class PredictRequest(BaseModel):
     instances: list[Instance] = Field(min_length=1, examples=[[{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}]])
     k: int = Field(5, ge=1, description="Labels returned per instance.", examples=[5])
     mode: Literal["lsh", "exact"] = Field(
-        "lsh", description="`lsh`: score only the labels the hash tables retrieve (sub-linear); `exact`: score all.",
+        "lsh",
+        description="`lsh`: score only the labels the hash tables retrieve (sub-linear); `exact`: score all.",
     )
 
 

@@ -78,7 +78,7 @@ class Settings(BaseSettings):
         return v.expanduser().resolve()
 
     @model_validator(mode="after")
-    def _default_database(self) -> "Settings":
+    def _default_database(self) -> Settings:
         if not self.database_url:
             db = (self.data_dir / "slide.db").resolve()
             object.__setattr__(self, "database_url", f"sqlite:///{db}")

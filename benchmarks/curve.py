@@ -22,11 +22,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import engine.trainer as trainer_module  # noqa: E402
 from run import prepare  # noqa: E402
 
-PHASES = ("train_batch", "group_by_row", "update_sampled_layer", "backward_batch", "group_by_feature",
-          "update_input_layer")
+import engine.trainer as trainer_module  # noqa: E402
+
+PHASES = (
+    "train_batch",
+    "group_by_row",
+    "update_sampled_layer",
+    "backward_batch",
+    "group_by_feature",
+    "update_input_layer",
+)
 
 
 def main() -> int:
@@ -43,10 +50,12 @@ def main() -> int:
 
     from engine import SlideConfig, Trainer, load_dataset
     from engine._numba import set_threads
+
     data = Path(prepare(args)["dir"])
     train, test = load_dataset(data / "train"), load_dataset(data / "test")
-    config = SlideConfig(epochs=1000, threads=args.threads, seed=args.seed, eval_points=args.eval_points,
-                         **json.loads(args.config))
+    config = SlideConfig(
+        epochs=1000, threads=args.threads, seed=args.seed, eval_points=args.eval_points, **json.loads(args.config)
+    )
     set_threads(config.threads)
     trainer = Trainer(config, train, test)
 
@@ -58,6 +67,7 @@ def main() -> int:
             out = fn(*a, **k)
             spent[name] += time.perf_counter() - t0
             return out
+
         return call
 
     for name in PHASES:
@@ -75,15 +85,33 @@ def main() -> int:
             orders = {epoch: trainer.epoch_order(epoch)}
         order = orders[epoch]
         t0 = time.perf_counter()
-        trainer.train_step(order[i * b:(i + 1) * b])
+        trainer.train_step(order[i * b : (i + 1) * b])
         trained += time.perf_counter() - t0
         if (s + 1) % every == 0 or s + 1 == args.steps:
             lsh, exact = trainer.evaluate(), trainer.evaluate(mode="exact")
-            print(json.dumps({"step": s + 1, "samples": trainer.samples_seen, "train_s": round(trained, 1),
-                              "p_at_1_lsh": lsh["p_at_1"], "p_at_1_exact": exact["p_at_1"]}), flush=True)
+            print(
+                json.dumps(
+                    {
+                        "step": s + 1,
+                        "samples": trainer.samples_seen,
+                        "train_s": round(trained, 1),
+                        "p_at_1_lsh": lsh["p_at_1"],
+                        "p_at_1_exact": exact["p_at_1"],
+                    }
+                ),
+                flush=True,
+            )
     ms = {name: round(1e3 * v / args.steps, 2) for name, v in spent.items()}
-    print(json.dumps({"config": json.loads(args.config), "ms_per_step": round(1e3 * trained / args.steps, 1),
-                      "samples_per_s": round(args.steps * b / trained), "phases_ms_per_step": ms}))
+    print(
+        json.dumps(
+            {
+                "config": json.loads(args.config),
+                "ms_per_step": round(1e3 * trained / args.steps, 1),
+                "samples_per_s": round(args.steps * b / trained),
+                "phases_ms_per_step": ms,
+            }
+        )
+    )
     return 0
 
 

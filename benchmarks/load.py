@@ -26,12 +26,6 @@ Prints a table and writes benchmarks/results/load.json (load-<data>.json for oth
 
 from __future__ import annotations
 
-# locust patches the standard library for gevent when it is imported: that has to come before anything
-# else opens sockets or starts threads.
-import locust  # noqa: I001
-from locust import FastHttpUser, constant, constant_throughput, task
-from locust.env import Environment
-
 import argparse
 import json
 import logging
@@ -53,8 +47,14 @@ from urllib.parse import urlsplit
 
 import gevent
 import httpx
+
+# locust patches the standard library for gevent when it is imported: that has to come before anything
+# else opens sockets or starts threads.
+import locust  # noqa: I001
 import numpy as np
 import psutil
+from locust import FastHttpUser, constant, constant_throughput, task
+from locust.env import Environment
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -87,8 +87,10 @@ def prepare_data(args) -> Path:
     d = ROOT / "bench-data" / f"{args.preset}-s{args.seed}"
     if not (d / "test" / "meta.json").exists():
         if args.preset == "amazon670k":
-            sys.exit(f"load: {d} is missing; generate it first with `python benchmarks/run.py --preset amazon670k "
-                     "--systems none` or `slide gen --preset amazon670k` + engine.save_dataset")
+            sys.exit(
+                f"load: {d} is missing; generate it first with `python benchmarks/run.py --preset amazon670k "
+                "--systems none` or `slide gen --preset amazon670k` + engine.save_dataset"
+            )
         t0 = time.perf_counter()
         train, test = generate(args.preset, seed=args.seed)
         save_dataset(train, d / "train")
@@ -165,21 +167,41 @@ class Service:
                 self.data_dir = Path(self.tmp_dir)
             port = a.port or _free_port()
             self.url = f"http://127.0.0.1:{port}"
-            env = dict(os.environ, SLIDE_DATA_DIR=str(self.data_dir), SLIDE_SNAPSHOT_INTERVAL_S=str(a.snapshot_interval),
-                       SLIDE_MAX_UPLOAD_BYTES="64GiB")
+            env = dict(
+                os.environ,
+                SLIDE_DATA_DIR=str(self.data_dir),
+                SLIDE_SNAPSHOT_INTERVAL_S=str(a.snapshot_interval),
+                SLIDE_MAX_UPLOAD_BYTES="64GiB",
+            )
             if a.trainer_threads:
                 env["SLIDE_TRAINER_THREADS"] = str(a.trainer_threads)
             if a.trainer_nice is not None:
                 env["SLIDE_TRAINER_NICE"] = str(a.trainer_nice)
-            cmd = [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port),
-                   "--log-level", "warning"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "app.main:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "warning",
+            ]
             if not a.access_log:
                 cmd.append("--no-access-log")
             log_path = self.data_dir / "service.log"
             log(f"starting the service: {' '.join(cmd[1:])} (data dir {self.data_dir}, log {log_path})")
             # cwd = the data dir: a .env in the checkout must not change the service under test
-            self.proc = subprocess.Popen(cmd, cwd=self.data_dir, env=env, stdout=open(log_path, "ab"),
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(
+                cmd,
+                cwd=self.data_dir,
+                env=env,
+                stdout=open(log_path, "ab"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
             self.pid = self.proc.pid
         self.client = httpx.Client(base_url=self.url, headers=self.headers, timeout=httpx.Timeout(60.0))
         deadline = time.monotonic() + 120
@@ -277,8 +299,13 @@ class Sampler:
         try:
             with p.oneshot():
                 m = p.memory_info()
-                return {"rss": m.rss, "anon": m.rss - m.shared, "cpu": p.cpu_percent(None), "threads": p.num_threads(),
-                        "nice": p.nice()}
+                return {
+                    "rss": m.rss,
+                    "anon": m.rss - m.shared,
+                    "cpu": p.cpu_percent(None),
+                    "threads": p.num_threads(),
+                    "nice": p.nice(),
+                }
         except psutil.Error:
             return None
 
@@ -300,9 +327,15 @@ class Sampler:
         return len(versions), len(deleted)
 
     def sample(self) -> None:
-        s = {"t": time.time(), "phase": self.phase, "service": self._mem(self.service),
-             "trainer": self._mem(self._find_trainer()), "loadgen": self._mem(self.me),
-             "machine_cpu": psutil.cpu_percent(None), "mapped": self._mapped_versions()}
+        s = {
+            "t": time.time(),
+            "phase": self.phase,
+            "service": self._mem(self.service),
+            "trainer": self._mem(self._find_trainer()),
+            "loadgen": self._mem(self.me),
+            "machine_cpu": psutil.cpu_percent(None),
+            "mapped": self._mapped_versions(),
+        }
         self.samples.append(s)
 
     def _loop(self) -> None:
@@ -347,19 +380,29 @@ def memory_summary(samples: list[dict], who: str) -> dict | None:
     rss_growth, rss_slope = growth(rss)
     anon_growth, anon_slope = growth(anon)
     cpu = [s[who]["cpu"] for s in samples if s.get(who)][1:]
-    return {"rss_start_mb": float(rss[0]), "rss_end_mb": float(rss[-1]), "rss_max_mb": float(rss.max()),
-            "rss_growth_mb": rss_growth, "rss_slope_mb_per_min": rss_slope,
-            "anon_start_mb": float(anon[0]), "anon_end_mb": float(anon[-1]), "anon_max_mb": float(anon.max()),
-            "anon_growth_mb": anon_growth, "anon_slope_mb_per_min": anon_slope,
-            "warm_up_s": float(ts[0] - t[0]), "cpu_percent_mean": float(np.mean(cpu)) if cpu else None,
-            "samples": len(pts)}
+    return {
+        "rss_start_mb": float(rss[0]),
+        "rss_end_mb": float(rss[-1]),
+        "rss_max_mb": float(rss.max()),
+        "rss_growth_mb": rss_growth,
+        "rss_slope_mb_per_min": rss_slope,
+        "anon_start_mb": float(anon[0]),
+        "anon_end_mb": float(anon[-1]),
+        "anon_max_mb": float(anon.max()),
+        "anon_growth_mb": anon_growth,
+        "anon_slope_mb_per_min": anon_slope,
+        "warm_up_s": float(ts[0] - t[0]),
+        "cpu_percent_mean": float(np.mean(cpu)) if cpu else None,
+        "samples": len(pts),
+    }
 
 
 # ----------------------------------------------------------------------------------------------- load
 
 
-def run_load(url: str, path: str, bodies: list[bytes], users: int, rate: float, duration: float,
-             headers: dict[str, str]) -> dict:
+def run_load(
+    url: str, path: str, bodies: list[bytes], users: int, rate: float, duration: float, headers: dict[str, str]
+) -> dict:
     """`users` locust users posting `bodies` (random order) for `duration` s; `rate` = total requests/s
     (0 = each user sends its next request as soon as the last is answered)."""
     rec: list[tuple[float, float, int]] = []  # (sent at, seconds, model version or -1), requests sent in the window
@@ -440,21 +483,46 @@ def load_summary(rec, t_begin, duration, users, rate, statuses, errors, short) -
     for sec in range(int(np.ceil(duration))):
         m = (t >= sec) & (t < sec + 1)
         if m.any():
-            timeline.append({"s": sec, "n": int(m.sum()), "p50_ms": _pct(a[m], 50), "p99_ms": _pct(a[m], 99),
-                             "max_ms": float(a[m].max())})
-    return {"users": users, "rate_target": rate or None, "seconds": duration, "requests": n,
-            "requests_per_s": n / duration, "p50_ms": _pct(a, 50), "p95_ms": _pct(a, 95), "p99_ms": _pct(a, 99),
-            "max_ms": float(a.max()) if n else None, "mean_ms": float(a.mean()) if n else None,
-            "errors": int(sum(errors.values())), "error_kinds": dict(errors),
-            "status_codes": {str(k): c for k, c in statuses.items()},
-            "model_versions": {str(k): c for k, c in sorted(versions.items())}, "fewer_than_k_labels": short,
-            "swaps": [{"at_s": ts, "version": vs} for ts, vs in swaps],
-            "near_swaps": {"requests": int(near.sum()), "p50_ms": _pct(a[near], 50), "p99_ms": _pct(a[near], 99),
-                           "max_ms": float(a[near].max()) if near.any() else None},
-            "away_from_swaps": {"requests": int((~near).sum()), "p50_ms": _pct(a[~near], 50),
-                                "p99_ms": _pct(a[~near], 99),
-                                "max_ms": float(a[~near].max()) if (~near).any() else None},
-            "timeline": timeline}
+            timeline.append(
+                {
+                    "s": sec,
+                    "n": int(m.sum()),
+                    "p50_ms": _pct(a[m], 50),
+                    "p99_ms": _pct(a[m], 99),
+                    "max_ms": float(a[m].max()),
+                }
+            )
+    return {
+        "users": users,
+        "rate_target": rate or None,
+        "seconds": duration,
+        "requests": n,
+        "requests_per_s": n / duration,
+        "p50_ms": _pct(a, 50),
+        "p95_ms": _pct(a, 95),
+        "p99_ms": _pct(a, 99),
+        "max_ms": float(a.max()) if n else None,
+        "mean_ms": float(a.mean()) if n else None,
+        "errors": int(sum(errors.values())),
+        "error_kinds": dict(errors),
+        "status_codes": {str(k): c for k, c in statuses.items()},
+        "model_versions": {str(k): c for k, c in sorted(versions.items())},
+        "fewer_than_k_labels": short,
+        "swaps": [{"at_s": ts, "version": vs} for ts, vs in swaps],
+        "near_swaps": {
+            "requests": int(near.sum()),
+            "p50_ms": _pct(a[near], 50),
+            "p99_ms": _pct(a[near], 99),
+            "max_ms": float(a[near].max()) if near.any() else None,
+        },
+        "away_from_swaps": {
+            "requests": int((~near).sum()),
+            "p50_ms": _pct(a[~near], 50),
+            "p99_ms": _pct(a[~near], 99),
+            "max_ms": float(a[~near].max()) if (~near).any() else None,
+        },
+        "timeline": timeline,
+    }
 
 
 # ----------------------------------------------------------------------------------------------- the run
@@ -492,12 +560,20 @@ class Run:
 
         t0 = time.perf_counter()
         log(f"uploading {text} ({size / MB:.0f} MB)")
-        ds = svc.call("POST", "/v1/datasets", "upload", params={"name": name}, content=chunks(),
-                      headers={"Content-Type": "text/plain", "Content-Length": str(size)},
-                      timeout=httpx.Timeout(3600.0))
+        ds = svc.call(
+            "POST",
+            "/v1/datasets",
+            "upload",
+            params={"name": name},
+            content=chunks(),
+            headers={"Content-Type": "text/plain", "Content-Length": str(size)},
+            timeout=httpx.Timeout(3600.0),
+        )
         dt = time.perf_counter() - t0
-        log(f"uploaded dataset {ds['id']}: {ds['num_points']} points, {ds['num_labels']} labels "
-            f"in {dt:.1f}s ({size / MB / dt:.0f} MB/s)")
+        log(
+            f"uploaded dataset {ds['id']}: {ds['num_points']} points, {ds['num_labels']} labels "
+            f"in {dt:.1f}s ({size / MB / dt:.0f} MB/s)"
+        )
         self.upload_s = dt
         return ds["id"]
 
@@ -508,8 +584,9 @@ class Run:
             config["threads"] = a.trainer_threads
         config.update(json.loads(a.job_config) if a.job_config else {})
         self.job_config = config
-        job = self.service.call("POST", "/v1/jobs", "start job", json={"train_dataset_id": dataset_id,
-                                                                       "config": config})
+        job = self.service.call(
+            "POST", "/v1/jobs", "start job", json={"train_dataset_id": dataset_id, "config": config}
+        )
         self.job_id = job["id"]
         log(f"job {self.job_id} started: {config}")
         t0 = time.monotonic()
@@ -534,8 +611,9 @@ class Run:
             times = []
             for body in bodies[mode][: self.args.warmup]:
                 t0 = time.perf_counter()
-                r = self.service.client.post(f"/v1/models/{self.job_id}/predict", content=body,
-                                             headers={"Content-Type": "application/json"})
+                r = self.service.client.post(
+                    f"/v1/models/{self.job_id}/predict", content=body, headers={"Content-Type": "application/json"}
+                )
                 times.append(time.perf_counter() - t0)
                 if r.status_code != 200:
                     raise RuntimeError(f"warm-up {mode} prediction: HTTP {r.status_code}: {r.text[:300]}")
@@ -550,12 +628,15 @@ class Run:
         s0, s1 = before["progress"]["samples"], after["progress"]["samples"]
         out["wall_samples_per_s"] = (s1 - s0) / (t_after - t_before) if t_after > t_before else None
         step0, step1 = before["progress"]["step"], after["progress"]["step"]
-        pts = self.service.call("GET", f"/v1/jobs/{self.job_id}/metrics", "metrics",
-                                params={"since_step": step0})["data"]
+        pts = self.service.call("GET", f"/v1/jobs/{self.job_id}/metrics", "metrics", params={"since_step": step0})[
+            "data"
+        ]
         pts = [p for p in pts if p["step"] <= step1 and p.get("elapsed_s") is not None]
         out["metric_points"] = len(pts)
         if len(pts) >= 2 and pts[-1]["elapsed_s"] > pts[0]["elapsed_s"]:
-            out["samples_per_s"] = (pts[-1]["samples"] - pts[0]["samples"]) / (pts[-1]["elapsed_s"] - pts[0]["elapsed_s"])
+            out["samples_per_s"] = (pts[-1]["samples"] - pts[0]["samples"]) / (
+                pts[-1]["elapsed_s"] - pts[0]["elapsed_s"]
+            )
         elif pts and pts[-1].get("samples_per_s"):
             out["samples_per_s"] = float(np.mean([p["samples_per_s"] for p in pts if p.get("samples_per_s")]))
         else:
@@ -563,8 +644,9 @@ class Run:
         out["steps"] = step1 - step0
         return out
 
-    def phase(self, name: str, mode: str | None, training: bool, duration: float,
-              bodies: dict[str, list[bytes]]) -> dict:
+    def phase(
+        self, name: str, mode: str | None, training: bool, duration: float, bodies: dict[str, list[bytes]]
+    ) -> dict:
         a = self.args
         log(f"phase {name}: {duration:.0f}s")
         self.sampler.phase = name
@@ -575,8 +657,15 @@ class Run:
             gevent.sleep(duration)
         else:
             users, rate = (a.users, a.rate) if mode == "lsh" else (a.exact_users, a.exact_rate)
-            result["load"] = run_load(self.service.url, f"/v1/models/{self.job_id}/predict", bodies[mode], users,
-                                      rate, duration, self.service.headers)
+            result["load"] = run_load(
+                self.service.url,
+                f"/v1/models/{self.job_id}/predict",
+                bodies[mode],
+                users,
+                rate,
+                duration,
+                self.service.headers,
+            )
         self.sampler.sample()
         if training:
             after, t_after = self.job(), time.time()
@@ -621,8 +710,10 @@ class Run:
             dataset_id = self.upload(data_dir)
             self.start_job(dataset_id)
             warm = self.warm_up(bodies, modes)
-            phase_len = {"lsh": a.duration,
-                         "exact": a.exact_duration if a.exact_duration is not None else min(a.duration, 120.0)}
+            phase_len = {
+                "lsh": a.duration,
+                "exact": a.exact_duration if a.exact_duration is not None else min(a.duration, 120.0),
+            }
             idle = a.idle_duration if a.idle_duration is not None else min(a.duration, 120.0)
             if idle > 0:
                 self.phase("training / no load", None, True, idle, bodies)
@@ -664,15 +755,20 @@ class Run:
             "lsh_p99_while_training_under_50ms": (tl.get("load", {}).get("p99_ms") or 1e9) < 50.0 if tl else None,
             "zero_errors": errors == 0,
             "no_memory_growth_while_training_lsh": (abs(lsh_mem["anon_growth_mb"]) <= growth_limit)
-            if lsh_mem else None,
+            if lsh_mem
+            else None,
             "memory_growth_rule": f"service anonymous RSS after the phase's warm-up (first 25%, at most 60 s): "
-                                  f"median of the last fifth minus the first fifth within {growth_limit:.0f} MB "
-                                  f"(max(16 MB, 2%))",
+            f"median of the last fifth minus the first fifth within {growth_limit:.0f} MB "
+            f"(max(16 MB, 2%))",
             "total_errors": errors,
             "lsh_phase_seconds": tl.get("duration_s"),
         }
-        versions = {"python": platform.python_version(), "numpy": np.__version__, "locust": locust.__version__,
-                    "psutil": psutil.__version__}
+        versions = {
+            "python": platform.python_version(),
+            "numpy": np.__version__,
+            "locust": locust.__version__,
+            "psutil": psutil.__version__,
+        }
         for mod in ("numba", "fastapi", "uvicorn", "starlette"):
             try:
                 versions[mod] = __import__(mod).__version__
@@ -682,18 +778,28 @@ class Run:
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "git": _git_state(),
             "started_at": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t_start)),
-            "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 1e9,
-                        "platform": platform.platform()},
+            "machine": {
+                "cpu": cpu_name(),
+                "cores": os.cpu_count(),
+                "memory_gb": psutil.virtual_memory().total / 1e9,
+                "platform": platform.platform(),
+            },
             "versions": versions,
             "data": {"dir": str(data_dir), "train": train_meta},
-            "service": {"url": self.service.url, "started_here": self.service.proc is not None,
-                        "snapshot_interval_s": a.snapshot_interval if self.service.proc is not None else None,
-                        "trainer_threads": a.trainer_threads or "service default (all cores)",
-                        "trainer_nice": next((s["trainer"]["nice"] for s in self.sampler.samples if s.get("trainer")),
-                                             None),
-                        "access_log": a.access_log},
-            "job": {"id": self.job_id, "config": getattr(self, "job_config", None),
-                    "first_snapshot_s": getattr(self, "first_snapshot_s", None), "stop_s": getattr(self, "stop_s", None)},
+            "service": {
+                "url": self.service.url,
+                "started_here": self.service.proc is not None,
+                "snapshot_interval_s": a.snapshot_interval if self.service.proc is not None else None,
+                "trainer_threads": a.trainer_threads or "service default (all cores)",
+                "trainer_nice": next((s["trainer"]["nice"] for s in self.sampler.samples if s.get("trainer")), None),
+                "access_log": a.access_log,
+            },
+            "job": {
+                "id": self.job_id,
+                "config": getattr(self, "job_config", None),
+                "first_snapshot_s": getattr(self, "first_snapshot_s", None),
+                "stop_s": getattr(self, "stop_s", None),
+            },
             "upload_s": getattr(self, "upload_s", None),
             "warm_up": warm,
             "phases": self.phases,
@@ -711,20 +817,26 @@ def _print_phase(p: dict) -> None:
     load = p.get("load") or {}
     sm, tm = p.get("service_memory") or {}, p.get("trainer_memory") or {}
     tr = p.get("trainer_rate") or {}
-    log(f"  {p['phase']}: {_fmt(load.get('requests_per_s'), '.0f')} req/s, p50 {_fmt(load.get('p50_ms'), '.2f')} "
+    log(
+        f"  {p['phase']}: {_fmt(load.get('requests_per_s'), '.0f')} req/s, p50 {_fmt(load.get('p50_ms'), '.2f')} "
         f"p99 {_fmt(load.get('p99_ms'), '.2f')} ms, errors {load.get('errors', '-')}, service RSS "
         f"{_fmt(sm.get('rss_start_mb'), '.0f')}->{_fmt(sm.get('rss_end_mb'), '.0f')} MB "
         f"(anon {_fmt(sm.get('anon_growth_mb'), '+.0f')}), trainer RSS {_fmt(tm.get('rss_end_mb'), '.0f')} MB, "
-        f"trainer {_fmt(tr.get('samples_per_s'), '.0f')} samples/s (wall {_fmt(tr.get('wall_samples_per_s'), '.0f')})")
+        f"trainer {_fmt(tr.get('samples_per_s'), '.0f')} samples/s (wall {_fmt(tr.get('wall_samples_per_s'), '.0f')})"
+    )
 
 
 def print_table(report: dict) -> None:
-    print(f"\n{report['data']['dir']}: {report['data']['train'].get('num_points')} train points, "
-          f"{report['data']['train'].get('num_labels')} labels; {report['machine']['cores']} cores; "
-          f"single-query top-5 predictions of real test points")
-    head = (f"{'phase':<20}{'users':>6}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>7}"
-            f"{'versions':>9}{'svc RSS MB':>16}{'svc anon +MB':>13}{'trainer RSS MB':>16}{'train smp/s':>12}"
-            f"{'wall smp/s':>11}{'CPU% svc/trn/gen/all':>22}")
+    print(
+        f"\n{report['data']['dir']}: {report['data']['train'].get('num_points')} train points, "
+        f"{report['data']['train'].get('num_labels')} labels; {report['machine']['cores']} cores; "
+        f"single-query top-5 predictions of real test points"
+    )
+    head = (
+        f"{'phase':<20}{'users':>6}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'max ms':>9}{'errors':>7}"
+        f"{'versions':>9}{'svc RSS MB':>16}{'svc anon +MB':>13}{'trainer RSS MB':>16}{'train smp/s':>12}"
+        f"{'wall smp/s':>11}{'CPU% svc/trn/gen/all':>22}"
+    )
     print(head)
     for p in report["phases"]:
         load = p.get("load") or {}
@@ -734,41 +846,58 @@ def print_table(report: dict) -> None:
         users = load.get("users")
         if users and load.get("rate_target"):
             users = f"{users}@{load['rate_target']:g}"
-        cpu = "/".join(_fmt(x, ".0f") for x in (sm.get("cpu_percent_mean"), tm.get("cpu_percent_mean"),
-                                                gm.get("cpu_percent_mean"), p.get("machine_cpu_percent_mean")))
+        cpu = "/".join(
+            _fmt(x, ".0f")
+            for x in (
+                sm.get("cpu_percent_mean"),
+                tm.get("cpu_percent_mean"),
+                gm.get("cpu_percent_mean"),
+                p.get("machine_cpu_percent_mean"),
+            )
+        )
         rss = f"{_fmt(sm.get('rss_start_mb'), '.0f')}->{_fmt(sm.get('rss_end_mb'), '.0f')}" if sm else "-"
-        print(f"{p['phase']:<20}{str(users or '-'):>6}{_fmt(load.get('requests_per_s'), '.0f'):>8}"
-              f"{_fmt(load.get('p50_ms'), '.2f'):>9}{_fmt(load.get('p95_ms'), '.2f'):>9}{_fmt(load.get('p99_ms'), '.2f'):>9}"
-              f"{_fmt(load.get('max_ms'), '.1f'):>9}{str(load.get('errors', '-')):>7}"
-              f"{len(load.get('model_versions', {})) or '-':>9}{rss:>16}{_fmt(sm.get('anon_growth_mb'), '+.1f'):>13}"
-              f"{_fmt(tm.get('rss_end_mb'), '.0f'):>16}{_fmt(tr.get('samples_per_s'), '.0f'):>12}"
-              f"{_fmt(tr.get('wall_samples_per_s'), '.0f'):>11}{cpu:>22}")
+        print(
+            f"{p['phase']:<20}{str(users or '-'):>6}{_fmt(load.get('requests_per_s'), '.0f'):>8}"
+            f"{_fmt(load.get('p50_ms'), '.2f'):>9}{_fmt(load.get('p95_ms'), '.2f'):>9}{_fmt(load.get('p99_ms'), '.2f'):>9}"
+            f"{_fmt(load.get('max_ms'), '.1f'):>9}{str(load.get('errors', '-')):>7}"
+            f"{len(load.get('model_versions', {})) or '-':>9}{rss:>16}{_fmt(sm.get('anon_growth_mb'), '+.1f'):>13}"
+            f"{_fmt(tm.get('rss_end_mb'), '.0f'):>16}{_fmt(tr.get('samples_per_s'), '.0f'):>12}"
+            f"{_fmt(tr.get('wall_samples_per_s'), '.0f'):>11}{cpu:>22}"
+        )
     for p in report["phases"]:
         load = p.get("load") or {}
         if load.get("swaps"):
             near, away = load["near_swaps"], load["away_from_swaps"]
-            print(f"{p['phase']}: {len(load['swaps'])} snapshot swap(s) under load; requests sent from 1 s before to "
-                  f"2 s after one: p99 {_fmt(near['p99_ms'], '.1f')} ms, max {_fmt(near['max_ms'], '.1f')} ms "
-                  f"({near['requests']}); the rest: p99 {_fmt(away['p99_ms'], '.1f')} ms, max "
-                  f"{_fmt(away['max_ms'], '.1f')} ms")
+            print(
+                f"{p['phase']}: {len(load['swaps'])} snapshot swap(s) under load; requests sent from 1 s before to "
+                f"2 s after one: p99 {_fmt(near['p99_ms'], '.1f')} ms, max {_fmt(near['max_ms'], '.1f')} ms "
+                f"({near['requests']}); the rest: p99 {_fmt(away['p99_ms'], '.1f')} ms, max "
+                f"{_fmt(away['max_ms'], '.1f')} ms"
+            )
     t = report["targets"]
     w = report.get("whole_run_service_memory") or {}
-    print(f"\nservice RSS over the whole run: {_fmt(w.get('rss_start_mb'), '.0f')} -> {_fmt(w.get('rss_end_mb'), '.0f')} MB "
-          f"(max {_fmt(w.get('rss_max_mb'), '.0f')}); anonymous {_fmt(w.get('anon_start_mb'), '.0f')} -> "
-          f"{_fmt(w.get('anon_end_mb'), '.0f')} MB")
-    print(f"targets: lsh p99 < 50 ms while training: {_yes(t['lsh_p99_while_training_under_50ms'])}; "
-          f"zero errors: {_yes(t['zero_errors'])} ({t['total_errors']}); no memory growth while training + lsh "
-          f"({_fmt(t['lsh_phase_seconds'], '.0f')} s): {_yes(t['no_memory_growth_while_training_lsh'])} "
-          f"[{t['memory_growth_rule']}]")
+    print(
+        f"\nservice RSS over the whole run: {_fmt(w.get('rss_start_mb'), '.0f')} -> {_fmt(w.get('rss_end_mb'), '.0f')} MB "
+        f"(max {_fmt(w.get('rss_max_mb'), '.0f')}); anonymous {_fmt(w.get('anon_start_mb'), '.0f')} -> "
+        f"{_fmt(w.get('anon_end_mb'), '.0f')} MB"
+    )
+    print(
+        f"targets: lsh p99 < 50 ms while training: {_yes(t['lsh_p99_while_training_under_50ms'])}; "
+        f"zero errors: {_yes(t['zero_errors'])} ({t['total_errors']}); no memory growth while training + lsh "
+        f"({_fmt(t['lsh_phase_seconds'], '.0f')} s): {_yes(t['no_memory_growth_while_training_lsh'])} "
+        f"[{t['memory_growth_rule']}]"
+    )
 
 
 def _git_state() -> dict:
     """The commit measured, and the files that differed from it (a shared checkout may have edits in flight)."""
+
     def git(*cmd):
         try:
             return subprocess.run(["git", *cmd], cwd=ROOT, capture_output=True, text=True, timeout=30).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             return ""
+
     changed = [line[3:] for line in git("status", "--porcelain", "--untracked-files=no").splitlines()]
     return {"commit": git("rev-parse", "HEAD"), "modified": [f for f in changed if f.startswith(("app/", "engine/"))]}
 
@@ -784,27 +913,39 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--url", help="a running service on 127.0.0.1 (default: start one)")
     p.add_argument("--service-pid", type=int, help="its process id, when --url's listening socket cannot be looked up")
-    p.add_argument("--service-data-dir", help="data dir of the service started here (default: a temp dir, removed "
-                                              "after; a kept one lets later runs reuse the upload)")
+    p.add_argument(
+        "--service-data-dir",
+        help="data dir of the service started here (default: a temp dir, removed "
+        "after; a kept one lets later runs reuse the upload)",
+    )
     p.add_argument("--tmp-dir", help="where the temp data dir goes (default: the system's)")
     p.add_argument("--port", type=int, default=0)
     p.add_argument("--access-log", action="store_true", help="keep uvicorn's access log (off by default)")
     p.add_argument("--train-dataset-id", help="reuse this uploaded dataset")
-    p.add_argument("--snapshot-interval", type=float, default=30.0, help="SLIDE_SNAPSHOT_INTERVAL_S of the service "
-                                                                         "started here (default 30, the service's)")
+    p.add_argument(
+        "--snapshot-interval",
+        type=float,
+        default=30.0,
+        help="SLIDE_SNAPSHOT_INTERVAL_S of the service started here (default 30, the service's)",
+    )
     p.add_argument("--trainer-threads", type=int, default=0, help="trainer threads (default: the service's, all cores)")
-    p.add_argument("--trainer-nice", type=int, help="SLIDE_TRAINER_NICE of the service started here (default: the "
-                                                    "service's, 10)")
+    p.add_argument(
+        "--trainer-nice", type=int, help="SLIDE_TRAINER_NICE of the service started here (default: the service's, 10)"
+    )
     p.add_argument("--eval-every", type=int, default=20, help="steps between the job's metric points")
     p.add_argument("--job-config", help="JSON merged into the job's config")
     p.add_argument("--snapshot-timeout", type=float, default=1200.0)
     p.add_argument("--mode", choices=("lsh", "exact", "both"), default="both")
     p.add_argument("--duration", type=float, default=600.0, help="seconds per lsh phase (and exact, see below)")
     p.add_argument("--exact-duration", type=float, help="seconds per exact phase (default min(120, --duration))")
-    p.add_argument("--idle-duration", type=float, help="seconds of training without load, 0 = none "
-                                                       "(default min(120, --duration))")
-    p.add_argument("--stopped-duration", type=float, help="at most this many seconds per phase after the stop "
-                   "(default: as while training)")
+    p.add_argument(
+        "--idle-duration", type=float, help="seconds of training without load, 0 = none (default min(120, --duration))"
+    )
+    p.add_argument(
+        "--stopped-duration",
+        type=float,
+        help="at most this many seconds per phase after the stop (default: as while training)",
+    )
     p.add_argument("--users", type=int, default=4, help="concurrent lsh clients")
     p.add_argument("--rate", type=float, default=0.0, help="total lsh requests/s to offer (0 = as fast as answered)")
     p.add_argument("--exact-users", type=int, default=1)
@@ -813,8 +954,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=20, help="sequential requests per mode before the phases")
     p.add_argument("--sample-s", type=float, default=1.0, help="memory/CPU sampling interval")
     p.add_argument("--keep", action="store_true", help="keep the job (and the temp data dir)")
-    p.add_argument("--out", help="default benchmarks/results/load.json for the amazon670k preset (the recorded run), "
-                                 "load-<data>.json for anything else (a quick look does not overwrite it)")
+    p.add_argument(
+        "--out",
+        help="default benchmarks/results/load.json for the amazon670k preset (the recorded run), "
+        "load-<data>.json for anything else (a quick look does not overwrite it)",
+    )
     args = p.parse_args(argv)
     if args.url is None and args.service_pid:
         p.error("--service-pid goes with --url")

@@ -33,7 +33,10 @@ from machine import cpu_name  # noqa: E402
 def prepare(args) -> dict:
     from engine import load_dataset, save_dataset
     from engine.synth import generate
-    d = Path(str(ROOT / "bench-data" / f"{args.preset}-s{args.seed}") + (f"-n{args.num_train}" if args.num_train else ""))
+
+    d = Path(
+        str(ROOT / "bench-data" / f"{args.preset}-s{args.seed}") + (f"-n{args.num_train}" if args.num_train else "")
+    )
     if not (d / "test" / "meta.json").exists():
         t0 = time.perf_counter()
         overrides = {"num_train": args.num_train} if args.num_train else {}
@@ -60,6 +63,7 @@ class RssSampler:
 
     def __init__(self, interval: float = 0.05):
         import threading
+
         self.peak = {"RssAnon": 0, "RssFile": 0}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, args=(interval,), daemon=True)
@@ -81,8 +85,15 @@ class RssSampler:
 
 def engine_config(args, dense: bool):
     from engine import SlideConfig
-    return SlideConfig(epochs=1000, threads=args.threads, seed=args.seed, eval_points=args.eval_points,
-                       sample_output=not dense, batch_size=args.batch_size)
+
+    return SlideConfig(
+        epochs=1000,
+        threads=args.threads,
+        seed=args.seed,
+        eval_points=args.eval_points,
+        sample_output=not dense,
+        batch_size=args.batch_size,
+    )
 
 
 def epoch_records(history: list[dict], num_points: int) -> list[dict]:
@@ -98,6 +109,7 @@ def epoch_records(history: list[dict], num_points: int) -> list[dict]:
 
 def worker_engine(args, dense: bool) -> dict:
     from engine import Trainer, load_dataset
+
     d = Path(args.data)
     train, test = load_dataset(d / "train"), load_dataset(d / "test")
     config = engine_config(args, dense)
@@ -114,10 +126,16 @@ def worker_engine(args, dense: bool) -> dict:
         rec["samples_per_s"] = trainer.samples_seen / trainer.train_seconds
         records.append(rec)
         print(json.dumps({"system": "ours-dense" if dense else "ours-sparse", **rec}), file=sys.stderr, flush=True)
-    result = {"records": records, "init_s": init_s, "samples_per_s": trainer.samples_seen / trainer.train_seconds,
-              "p_at_1": records[-1]["p_at_1"], "p_at_5": records[-1]["p_at_5"],
-              "active_fraction": records[-1]["active_fraction"], "rehashes": trainer.rehash_round,
-              "seconds_per_epoch": train.num_points / (trainer.samples_seen / trainer.train_seconds)}
+    result = {
+        "records": records,
+        "init_s": init_s,
+        "samples_per_s": trainer.samples_seen / trainer.train_seconds,
+        "p_at_1": records[-1]["p_at_1"],
+        "p_at_5": records[-1]["p_at_5"],
+        "active_fraction": records[-1]["active_fraction"],
+        "rehashes": trainer.rehash_round,
+        "seconds_per_epoch": train.num_points / (trainer.samples_seen / trainer.train_seconds),
+    }
     result["epochs"] = epoch_records(trainer.history, train.num_points)
     arrays = trainer.arrays()
     result["state_bytes"] = int(sum(a.nbytes for a in arrays.values()))
@@ -138,6 +156,7 @@ def compile_kernels(config) -> None:
 
     from engine import Trainer, load_dataset, save_dataset
     from engine.synth import generate
+
     with tempfile.TemporaryDirectory() as tmp:
         small, _ = generate("tiny", seed=1)
         save_dataset(small, Path(tmp) / "tiny")
@@ -153,6 +172,7 @@ def measure_inference(model, test, args) -> dict:
     """Single-query latency, batch throughput and candidates scored for exact and for lsh with 0, 1
     and 2 probes per table; recall@5 of each lsh variant against exact on the same queries."""
     from engine.cli import topk_recall
+
     rng = np.random.default_rng(args.seed)
     n = test.num_points
     rows = rng.choice(n, size=min(n, args.queries), replace=False)
@@ -173,14 +193,19 @@ def measure_inference(model, test, args) -> dict:
         tops[name] = np.array(top)
         batch = rows[:count]
         sub_ip = np.concatenate([[0], np.cumsum(test.x_indptr[batch + 1] - test.x_indptr[batch])]).astype(np.int64)
-        idx = np.concatenate([test.x_indices[test.x_indptr[r]:test.x_indptr[r + 1]] for r in batch])
-        val = np.concatenate([test.x_values[test.x_indptr[r]:test.x_indptr[r + 1]] for r in batch])
+        idx = np.concatenate([test.x_indices[test.x_indptr[r] : test.x_indptr[r + 1]] for r in batch])
+        val = np.concatenate([test.x_values[test.x_indptr[r] : test.x_indptr[r + 1]] for r in batch])
         t0 = time.perf_counter()
         _, _, scored = model.predict_with_stats(sub_ip, idx, val, k=5, mode=mode, probes=probes)
         bt = time.perf_counter() - t0
-        out[name] = {"queries": count, "probes": probes, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
-                     "p99_ms": 1e3 * float(np.percentile(lat, 99)), "batch_queries_per_s": count / bt,
-                     "mean_scored": float(scored.mean())}
+        out[name] = {
+            "queries": count,
+            "probes": probes,
+            "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+            "p99_ms": 1e3 * float(np.percentile(lat, 99)),
+            "batch_queries_per_s": count / bt,
+            "mean_scored": float(scored.mean()),
+        }
         if mode == "lsh":
             m = len(tops["exact"])
             out[name]["recall_at_5_vs_exact"] = topk_recall(tops[name][:m], tops["exact"][:m])
@@ -188,9 +213,11 @@ def measure_inference(model, test, args) -> dict:
 
 
 def worker_torch(args) -> dict:
+    from torch_dense import train_torch_dense
+
     from engine import SlideConfig, load_dataset
     from engine.trainer import epoch_order
-    from torch_dense import train_torch_dense
+
     d = Path(args.data)
     train, test = load_dataset(d / "train", mmap=False), load_dataset(d / "test", mmap=False)
     n = train.num_points
@@ -198,11 +225,21 @@ def worker_torch(args) -> dict:
     def order(epoch):
         return epoch_order(args.seed, epoch, n)
 
-    res = train_torch_dense(train, test, hidden=128, batch_size=args.batch_size, lr=SlideConfig().lr, epochs=1000,
-                            time_budget_s=args.budget, threads=args.threads, seed=args.seed,
-                            eval_points=args.eval_points, eval_every_s=args.budget / args.segments,
-                            epoch_order=order,
-                            on_eval=lambda r: print(json.dumps({"system": "torch-dense", **r}), file=sys.stderr, flush=True))
+    res = train_torch_dense(
+        train,
+        test,
+        hidden=128,
+        batch_size=args.batch_size,
+        lr=SlideConfig().lr,
+        epochs=1000,
+        time_budget_s=args.budget,
+        threads=args.threads,
+        seed=args.seed,
+        eval_points=args.eval_points,
+        eval_every_s=args.budget / args.segments,
+        epoch_order=order,
+        on_eval=lambda r: print(json.dumps({"system": "torch-dense", **r}), file=sys.stderr, flush=True),
+    )
     res.pop("model", None)
     res["seconds_per_epoch"] = n / res["samples_per_s"] if res["samples_per_s"] else None
     res["peak_rss_bytes"] = peak_rss_bytes()
@@ -210,10 +247,30 @@ def worker_torch(args) -> dict:
 
 
 def run_worker(system: str, args, data: str) -> dict:
-    cmd = [sys.executable, __file__, "--worker", system, "--data", data, "--budget", str(args.budget),
-           "--threads", str(args.threads), "--seed", str(args.seed), "--eval-points", str(args.eval_points),
-           "--segments", str(args.segments), "--batch-size", str(args.batch_size), "--queries", str(args.queries),
-           "--exact-queries", str(args.exact_queries)]
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        system,
+        "--data",
+        data,
+        "--budget",
+        str(args.budget),
+        "--threads",
+        str(args.threads),
+        "--seed",
+        str(args.seed),
+        "--eval-points",
+        str(args.eval_points),
+        "--segments",
+        str(args.segments),
+        "--batch-size",
+        str(args.batch_size),
+        "--queries",
+        str(args.queries),
+        "--exact-queries",
+        str(args.exact_queries),
+    ]
     env = dict(os.environ, NUMBA_NUM_THREADS=str(args.threads), OMP_NUM_THREADS=str(args.threads))
     proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
@@ -237,8 +294,11 @@ def main() -> int:
     p.add_argument("--eval-points", type=int, default=2000)
     p.add_argument("--queries", type=int, default=1000)
     p.add_argument("--exact-queries", type=int, default=200)
-    p.add_argument("--systems", default="ours-sparse,ours-dense,torch-dense",
-                   help="systems to (re)run; results of others from an earlier run with the same budget are kept")
+    p.add_argument(
+        "--systems",
+        default="ours-sparse,ours-dense,torch-dense",
+        help="systems to (re)run; results of others from an earlier run with the same budget are kept",
+    )
     p.add_argument("--worker")
     p.add_argument("--data")
     args = p.parse_args()
@@ -249,7 +309,9 @@ def main() -> int:
         print("{}")
         return 0
     if args.worker:
-        result = worker_torch(args) if args.worker == "torch-dense" else worker_engine(args, args.worker == "ours-dense")
+        result = (
+            worker_torch(args) if args.worker == "torch-dense" else worker_engine(args, args.worker == "ours-dense")
+        )
         print(json.dumps(result))
         return 0
 
@@ -266,45 +328,64 @@ def main() -> int:
     versions = {"python": platform.python_version(), "numpy": np.__version__}
     try:
         import numba
+
         versions["numba"] = numba.__version__
         import torch
+
         versions["torch"] = torch.__version__
     except ImportError:
         pass
-    report = {"command": " ".join(sys.argv), "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
-              "platform": platform.platform()}, "versions": versions, "data": info, "budget_s": args.budget,
-              "threads": args.threads, "results": results}
+    report = {
+        "command": " ".join(sys.argv),
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "platform": platform.platform()},
+        "versions": versions,
+        "data": info,
+        "budget_s": args.budget,
+        "threads": args.threads,
+        "results": results,
+    }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1))
 
-    print(f"\n{args.preset}: {info['train']['num_points']} train points, {info['train']['num_labels']} labels, "
-          f"{args.threads} threads, {args.budget:.0f}s training budget each")
+    print(
+        f"\n{args.preset}: {info['train']['num_points']} train points, {info['train']['num_labels']} labels, "
+        f"{args.threads} threads, {args.budget:.0f}s training budget each"
+    )
     print(f"{'system':<13}{'samples/s':>11}{'s/epoch':>10}{'P@1':>8}{'P@5':>8}{'active':>8}{'peak RSS GB':>13}")
     for name, r in results.items():
         if "error" in r:
             print(f"{name:<13} {r['error']}")
             continue
-        print(f"{name:<13}{fmt(r['samples_per_s'], '.0f'):>11}{fmt(r['seconds_per_epoch'], '.0f'):>10}"
-              f"{fmt(r['p_at_1']):>8}{fmt(r['p_at_5']):>8}{fmt(r.get('active_fraction'), '.4f'):>8}"
-              f"{r['peak_rss_bytes'] / 1e9:>13.2f}")
+        print(
+            f"{name:<13}{fmt(r['samples_per_s'], '.0f'):>11}{fmt(r['seconds_per_epoch'], '.0f'):>10}"
+            f"{fmt(r['p_at_1']):>8}{fmt(r['p_at_5']):>8}{fmt(r.get('active_fraction'), '.4f'):>8}"
+            f"{r['peak_rss_bytes'] / 1e9:>13.2f}"
+        )
     for name, r in results.items():
         if "epochs" in r:
-            ends = ", ".join(f"{e['epoch']} ({e['elapsed_s']:.0f} s): {fmt(e['p_at_1'])} / {fmt(e['p_at_5'])}"
-                             for e in r["epochs"])
+            ends = ", ".join(
+                f"{e['epoch']} ({e['elapsed_s']:.0f} s): {fmt(e['p_at_1'])} / {fmt(e['p_at_5'])}" for e in r["epochs"]
+            )
             print(f"{name} P@1 / P@5 after each epoch: {ends or 'no epoch ended within the budget'}")
     sp = results.get("ours-sparse", {})
     if "inference" in sp:
         print(f"\n{'mode':<13}{'p50 ms':>9}{'p99 ms':>9}{'batch q/s':>11}{'scored':>9}{'recall@5':>10}")
         for mode, r in sp["inference"].items():
-            print(f"{mode:<13}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['batch_queries_per_s']:>11.0f}"
-                  f"{r['mean_scored']:>9.0f}{fmt(r.get('recall_at_5_vs_exact')):>10}")
+            print(
+                f"{mode:<13}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['batch_queries_per_s']:>11.0f}"
+                f"{r['mean_scored']:>9.0f}{fmt(r.get('recall_at_5_vs_exact')):>10}"
+            )
         print(f"\nours-sparse peak RSS / (weights + Adam + tables) = {sp['peak_rss_bytes'] / sp['state_bytes']:.2f}")
         if "peak_anon_rss_bytes" in sp:
-            print(f"ours-sparse peak anonymous RSS / (weights + Adam + tables) = "
-                  f"{sp['peak_anon_rss_bytes'] / sp['state_bytes']:.2f} (file-backed peak "
-                  f"{sp['peak_file_rss_bytes'] / 1e9:.2f} GB: the memory-mapped data and libraries)")
+            print(
+                f"ours-sparse peak anonymous RSS / (weights + Adam + tables) = "
+                f"{sp['peak_anon_rss_bytes'] / sp['state_bytes']:.2f} (file-backed peak "
+                f"{sp['peak_file_rss_bytes'] / 1e9:.2f} GB: the memory-mapped data and libraries)"
+            )
     if "torch-dense" in results and "samples_per_s" in results["torch-dense"] and "samples_per_s" in sp:
-        print(f"ours-sparse / torch-dense training speed = {sp['samples_per_s'] / results['torch-dense']['samples_per_s']:.1f}x")
+        print(
+            f"ours-sparse / torch-dense training speed = {sp['samples_per_s'] / results['torch-dense']['samples_per_s']:.1f}x"
+        )
     return 0
 
 

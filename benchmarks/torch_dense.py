@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ class DenseSlideNet(nn.Module):
     def num_labels(self) -> int:
         return self.out_weight.shape[0]
 
-    def hidden(self, batch: "_Batch") -> torch.Tensor:
+    def hidden(self, batch: _Batch) -> torch.Tensor:
         """(b, hidden) activations of the hidden layer (autograd-tracked)."""
         pre = self.embedding(batch.indices, batch.offsets, per_sample_weights=batch.values)
         return torch.relu(pre + self.hidden_bias)
@@ -155,8 +155,9 @@ class DenseTrainer:
 
 
 @torch.no_grad()
-def predict_topk(model: DenseSlideNet, dataset: Dataset, k: int = 5, batch_size: int = 128,
-                 buffer: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray]:
+def predict_topk(
+    model: DenseSlideNet, dataset: Dataset, k: int = 5, batch_size: int = 128, buffer: torch.Tensor | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-k over all labels: (labels int64 (N, k), scores float32 (N, k)); scores are logits.
 
     `buffer` (>= batch_size * num_labels floats, e.g. a trainer's) avoids allocating the logits block.
@@ -179,6 +180,7 @@ def predict_topk(model: DenseSlideNet, dataset: Dataset, k: int = 5, batch_size:
 def engine_eval_rows(num_test: int, eval_points: int, seed: int) -> np.ndarray:
     """The test subset the engine's Trainer evaluates on, so both report on the same points."""
     from engine.trainer import eval_rows
+
     return eval_rows(num_test, eval_points, seed)
 
 
@@ -238,9 +240,16 @@ def train_torch_dense(
     def evaluate(epoch_pos: float) -> None:
         nonlocal eval_total_s, loss_sum, loss_n, last_eval_s, last_eval_samples
         t0 = time.perf_counter()
-        rec = {"step": step, "epoch": round(epoch_pos, 4), "samples": samples, "elapsed_s": train_s,
-               "samples_per_s": samples / train_s if train_s else 0.0,
-               "loss": loss_sum / loss_n if loss_n else None, "p_at_1": None, "p_at_5": None}
+        rec = {
+            "step": step,
+            "epoch": round(epoch_pos, 4),
+            "samples": samples,
+            "elapsed_s": train_s,
+            "samples_per_s": samples / train_s if train_s else 0.0,
+            "loss": loss_sum / loss_n if loss_n else None,
+            "p_at_1": None,
+            "p_at_5": None,
+        }
         if eval_set is not None:
             pred, _ = predict_topk(model, eval_set, 5, batch_size=batch_size, buffer=trainer.buffer)
             rec["p_at_1"] = precision_at_k(pred, eval_set.y_indptr, eval_set.y_indices, 1)
@@ -291,9 +300,17 @@ def train_torch_dense(
         "stopped_by_budget": stopped,
         "p_at_1": records[-1]["p_at_1"] if records else None,
         "p_at_5": records[-1]["p_at_5"] if records else None,
-        "config": {"hidden": hidden, "batch_size": batch_size, "lr": lr, "epochs": epochs, "threads": threads,
-                   "seed": seed, "init_std": init_std, "time_budget_s": time_budget_s,
-                   "eval_points": 0 if eval_set is None else eval_set.num_points},
+        "config": {
+            "hidden": hidden,
+            "batch_size": batch_size,
+            "lr": lr,
+            "epochs": epochs,
+            "threads": threads,
+            "seed": seed,
+            "init_std": init_std,
+            "time_budget_s": time_budget_s,
+            "eval_points": 0 if eval_set is None else eval_set.num_points,
+        },
         "versions": {"torch": torch.__version__, "numpy": np.__version__},
     }
     if return_model:
@@ -305,17 +322,31 @@ def _take(ds: Dataset, rows: np.ndarray) -> Dataset:
     rows = np.asarray(rows, dtype=np.int64)
     xi, xv, xc = _gather_csr(ds.x_indptr, ds.x_indices, rows, ds.x_values)
     yi, _, yc = _gather_csr(ds.y_indptr, ds.y_indices, rows)
-    return Dataset(np.concatenate(([0], np.cumsum(xc))).astype(np.int64), xi.astype(np.int32), xv,
-                   np.concatenate(([0], np.cumsum(yc))).astype(np.int64), yi.astype(np.int32),
-                   ds.num_features, ds.num_labels)
+    return Dataset(
+        np.concatenate(([0], np.cumsum(xc))).astype(np.int64),
+        xi.astype(np.int32),
+        xv,
+        np.concatenate(([0], np.cumsum(yc))).astype(np.int64),
+        yi.astype(np.int32),
+        ds.num_features,
+        ds.num_labels,
+    )
 
 
 # ------------------------------------------------------------------------------------------------
 # Self-check: `python benchmarks/torch_dense.py [--speed [N_POINTS]]`
 
 
-def planted_dataset(num_points: int, num_features: int, num_labels: int, seed: int = 0, feats_per_point: int = 40,
-                    labels_per_point: float = 2.0, feats_per_label: int = 20, noise: float = 0.3) -> Dataset:
+def planted_dataset(
+    num_points: int,
+    num_features: int,
+    num_labels: int,
+    seed: int = 0,
+    feats_per_point: int = 40,
+    labels_per_point: float = 2.0,
+    feats_per_label: int = 20,
+    noise: float = 0.3,
+) -> Dataset:
     """Learnable synthetic data: Zipf label popularity, each label owns a few topic features; a point's features
     are drawn from its labels' topic features plus `noise` fraction of uniform ones. Rows are vectorised."""
     rng = np.random.default_rng(seed)
@@ -350,15 +381,25 @@ def _check_gradients() -> None:
     """Hand-written output layer + loss == autograd through log_softmax, unlabeled points included."""
     torch.manual_seed(1)
     ds = planted_dataset(7, 50, 30, seed=3, feats_per_point=6)
-    ds = Dataset(ds.x_indptr, ds.x_indices, ds.x_values,  # make point 2 label-less
-                 np.concatenate((ds.y_indptr[:3], ds.y_indptr[3:] - (ds.y_indptr[3] - ds.y_indptr[2]))),
-                 np.concatenate((ds.y_indices[: ds.y_indptr[2]], ds.y_indices[ds.y_indptr[3]:])), 50, 30)
+    ds = Dataset(
+        ds.x_indptr,
+        ds.x_indices,
+        ds.x_values,  # make point 2 label-less
+        np.concatenate((ds.y_indptr[:3], ds.y_indptr[3:] - (ds.y_indptr[3] - ds.y_indptr[2]))),
+        np.concatenate((ds.y_indices[: ds.y_indptr[2]], ds.y_indices[ds.y_indptr[3] :])),
+        50,
+        30,
+    )
     model = DenseSlideNet(50, 30, hidden=8, init_std=0.3)
     trainer = DenseTrainer(model, batch_size=8)
     batch = _Batch(ds, slice(0, 7))
     loss = trainer.compute_gradients(batch)
-    got = [model.out_weight.grad.clone(), model.out_bias.grad.clone(), model.hidden_bias.grad.clone(),
-           model.embedding.weight.grad.to_dense().clone()]
+    got = [
+        model.out_weight.grad.clone(),
+        model.out_bias.grad.clone(),
+        model.hidden_bias.grad.clone(),
+        model.embedding.weight.grad.to_dense().clone(),
+    ]
     for p in model.parameters():
         p.grad = None
     logits = model.hidden(batch) @ model.out_weight.t() + model.out_bias
@@ -376,6 +417,7 @@ def _check_gradients() -> None:
 def _check_learning() -> None:
     try:
         from engine.synth import generate  # noqa: PLC0415 (written concurrently; used when present)
+
         train, test = generate("tiny")[:2]
         source = "engine.synth tiny"
     except (ImportError, TypeError, ValueError):
@@ -386,12 +428,24 @@ def _check_learning() -> None:
     popular = np.argsort(-counts)[:5]
     pop_p1 = precision_at_k(np.tile(popular, (test.num_points, 1)), test.y_indptr, test.y_indices, 1)
     # lr 1e-2: at 1e-3 (the benchmark's setting, thousands of steps) 120 steps sit on the popularity plateau.
-    res = train_torch_dense(train, test, epochs=3, batch_size=128, lr=1e-2, threads=2, eval_points=0,
-                            on_eval=lambda r: print(f"  epoch {r['epoch']:.2f} loss {r['loss']:.3f} "
-                                                    f"P@1 {r['p_at_1']:.3f} P@5 {r['p_at_5']:.3f} "
-                                                    f"{r['samples_per_s']:.0f} samples/s"))
-    print(f"{source}: {train.num_points} train / {test.num_points} test points, {train.num_labels} labels; "
-          f"P@1 {res['p_at_1']:.3f} vs popularity {pop_p1:.3f}")
+    res = train_torch_dense(
+        train,
+        test,
+        epochs=3,
+        batch_size=128,
+        lr=1e-2,
+        threads=2,
+        eval_points=0,
+        on_eval=lambda r: print(
+            f"  epoch {r['epoch']:.2f} loss {r['loss']:.3f} "
+            f"P@1 {r['p_at_1']:.3f} P@5 {r['p_at_5']:.3f} "
+            f"{r['samples_per_s']:.0f} samples/s"
+        ),
+    )
+    print(
+        f"{source}: {train.num_points} train / {test.num_points} test points, {train.num_labels} labels; "
+        f"P@1 {res['p_at_1']:.3f} vs popularity {pop_p1:.3f}"
+    )
     assert res["p_at_1"] > max(3 * pop_p1, pop_p1 + 0.2), "the dense baseline did not learn"
 
 
@@ -409,13 +463,23 @@ def _amazon_shaped(num_train: int, num_test: int) -> tuple[Dataset, Dataset, str
 
 def _measure_speed(num_points: int = 3000, threads: int = 2) -> None:
     train, test, source = _amazon_shaped(num_points, 256)
-    res = train_torch_dense(train, test, epochs=1, threads=threads, eval_points=256,
-                            eval_every_samples=num_points // 3,
-                            on_eval=lambda r: print(f"  {r['samples']} samples in {r['elapsed_s']:.1f}s: "
-                                                    f"{r['samples_per_s']:.1f} samples/s (eval {r['eval_s']:.1f}s)"))
-    print(f"{source}, {train.nnz / train.num_points:.0f} features/point, {threads} threads, batch 128: "
-          f"{res['samples_per_s']:.1f} samples/s ({res['train_s'] / res['steps'] * 1000:.0f} ms/step, "
-          f"torch {torch.__version__})")
+    res = train_torch_dense(
+        train,
+        test,
+        epochs=1,
+        threads=threads,
+        eval_points=256,
+        eval_every_samples=num_points // 3,
+        on_eval=lambda r: print(
+            f"  {r['samples']} samples in {r['elapsed_s']:.1f}s: "
+            f"{r['samples_per_s']:.1f} samples/s (eval {r['eval_s']:.1f}s)"
+        ),
+    )
+    print(
+        f"{source}, {train.nnz / train.num_points:.0f} features/point, {threads} threads, batch 128: "
+        f"{res['samples_per_s']:.1f} samples/s ({res['train_s'] / res['steps'] * 1000:.0f} ms/step, "
+        f"torch {torch.__version__})"
+    )
 
 
 def _autograd_reference_speed(steps: int = 6, threads: int = 2, batch_size: int = 128) -> None:
@@ -447,7 +511,7 @@ def _autograd_reference_speed(steps: int = 6, threads: int = 2, batch_size: int 
 if __name__ == "__main__":
     _check_gradients()
     if "--speed" in sys.argv:
-        rest = [a for a in sys.argv[sys.argv.index("--speed") + 1:] if a.isdigit()]
+        rest = [a for a in sys.argv[sys.argv.index("--speed") + 1 :] if a.isdigit()]
         _measure_speed(int(rest[0]) if rest else 3000)
         if "--autograd" in sys.argv:
             _autograd_reference_speed()

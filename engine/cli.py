@@ -1,9 +1,9 @@
 """The `slide` command: generate data, train, evaluate and predict without the service.
 
-    slide gen --preset tiny --out data/tiny
-    slide train --train data/tiny/train.txt --test data/tiny/test.txt --out models/tiny [--dense] [--lr 1e-3 ...]
-    slide eval --model models/tiny --test data/tiny/test.txt --mode lsh
-    slide predict --model models/tiny --input data/tiny/test.txt --k 5
+slide gen --preset tiny --out data/tiny
+slide train --train data/tiny/train.txt --test data/tiny/test.txt --out models/tiny [--dense] [--lr 1e-3 ...]
+slide eval --model models/tiny --test data/tiny/test.txt --mode lsh
+slide predict --model models/tiny --input data/tiny/test.txt --k 5
 """
 
 from __future__ import annotations
@@ -30,8 +30,12 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
         if f.name == "hidden":
-            group.add_argument(flag, type=lambda s: tuple(int(x) for x in s.split(",")), default=None,
-                               help=f"comma-separated hidden widths (default {','.join(map(str, f.default))})")
+            group.add_argument(
+                flag,
+                type=lambda s: tuple(int(x) for x in s.split(",")),
+                default=None,
+                help=f"comma-separated hidden widths (default {','.join(map(str, f.default))})",
+            )
         elif kind is bool:
             group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help=f"default {f.default}")
         elif kind in (int, float):
@@ -66,12 +70,14 @@ def build_config(args: argparse.Namespace) -> SlideConfig:
 
 def _load(path: str):
     from .data import read_xmc
+
     return read_xmc(path)
 
 
 def _model_dir(path: str) -> Path:
     """A snapshot directory, or the newest version inside a store directory."""
     from .snapshot import MANIFEST, SnapshotStore
+
     p = Path(path)
     if (p / MANIFEST).is_file():
         return p
@@ -87,6 +93,7 @@ def _emit(record: dict) -> None:
 
 def cmd_gen(args) -> int:
     from .synth import generate_to_files
+
     overrides = {k: v for k, v in (("num_train", args.num_train), ("num_test", args.num_test)) if v is not None}
     t0 = time.perf_counter()
     train, test = generate_to_files(args.preset, args.out, seed=args.seed, gzip=args.gzip, **overrides)
@@ -99,6 +106,7 @@ def cmd_train(args) -> int:
 
     from .snapshot import SnapshotStore
     from .trainer import Trainer
+
     train = _load(args.train)
     test = _load(args.test) if args.test else None
     store = SnapshotStore(args.out, keep=args.keep)
@@ -107,20 +115,26 @@ def cmd_train(args) -> int:
     else:
         trainer = Trainer(build_config(args), train, test, store)
     total = trainer.config.epochs * train.num_points
-    with tqdm(total=total, initial=min(total, trainer.epoch * train.num_points + trainer.batch_in_epoch *
-                                       trainer.config.batch_size), unit="pt", file=sys.stderr,
-              disable=args.quiet, dynamic_ncols=True) as bar:
-        result = trainer.run(on_metrics=_emit, progress=bar.update, snapshot_every_s=args.snapshot_every,
-                             time_budget_s=args.time_budget)
+    with tqdm(
+        total=total,
+        initial=min(total, trainer.epoch * train.num_points + trainer.batch_in_epoch * trainer.config.batch_size),
+        unit="pt",
+        file=sys.stderr,
+        disable=args.quiet,
+        dynamic_ncols=True,
+    ) as bar:
+        result = trainer.run(
+            on_metrics=_emit, progress=bar.update, snapshot_every_s=args.snapshot_every, time_budget_s=args.time_budget
+        )
     latest = store.latest()
     _emit({"done": True, "stopped": result["stopped"], "model": str(latest[1]) if latest else None})
     return 0
 
 
-
 def cmd_eval(args) -> int:
     from .metrics import evaluate, propensity_scores
     from .snapshot import load_model
+
     model = load_model(_model_dir(args.model))
     test = _load(args.test)
     t0 = time.perf_counter()
@@ -130,10 +144,14 @@ def cmd_eval(args) -> int:
     if args.train:
         train = _load(args.train)
         inv_p = propensity_scores(train.label_counts(), train.num_points, *_propensity_ab(args.propensity))
-    record = {"mode": args.mode, "points": test.num_points, **evaluate(pred, test, inv_propensity=inv_p),
-              "queries_per_s": test.num_points / seconds if seconds > 0 else None,
-              "mean_scored": float(scored.mean()) if len(scored) else 0.0,
-              "scored_fraction": float(scored.mean()) / model.num_labels if len(scored) else 0.0}
+    record = {
+        "mode": args.mode,
+        "points": test.num_points,
+        **evaluate(pred, test, inv_propensity=inv_p),
+        "queries_per_s": test.num_points / seconds if seconds > 0 else None,
+        "mean_scored": float(scored.mean()) if len(scored) else 0.0,
+        "scored_fraction": float(scored.mean()) / model.num_labels if len(scored) else 0.0,
+    }
     if args.mode == "lsh" and args.recall:
         exact, _ = model.predict(test.x_indptr, test.x_indices, test.x_values, k=5, mode="exact")
         record["recall_at_5_vs_exact"] = topk_recall(pred, exact)
@@ -143,6 +161,7 @@ def cmd_eval(args) -> int:
 
 def _propensity_ab(name: str) -> tuple[float, float]:
     from .metrics import AMAZON_PROPENSITY, DEFAULT_PROPENSITY
+
     return AMAZON_PROPENSITY if name == "amazon" else DEFAULT_PROPENSITY
 
 
@@ -150,13 +169,15 @@ def topk_recall(approx: np.ndarray, exact: np.ndarray) -> float:
     """Mean fraction of each row's exact top-k labels that the approximate top-k also returns."""
     if exact.shape[0] == 0:
         return 0.0
-    hits = sum(len(set(a.tolist()) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum()))
-               for a, e in zip(approx, exact))
+    hits = sum(
+        len(set(a.tolist()) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum())) for a, e in zip(approx, exact)
+    )
     return hits / exact.shape[0]
 
 
 def cmd_predict(args) -> int:
     from .snapshot import load_model
+
     model = load_model(_model_dir(args.model))
     data = _load(args.input)
     labels, scores = model.predict(data.x_indptr, data.x_indices, data.x_values, k=args.k, mode=args.mode)
@@ -168,7 +189,9 @@ def cmd_predict(args) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="slide", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="slide", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("gen", help="write a synthetic dataset (train.txt, test.txt) in XMC format")

@@ -161,8 +161,11 @@ class SlideConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        _check(len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden), "hidden",
-               "give at least one hidden layer, each of width >= 1")
+        _check(
+            len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+            "hidden",
+            "give at least one hidden layer, each of width >= 1",
+        )
         _check(self.hash_family in ("simhash", "wta", "dwta"), "hash_family", "must be simhash, wta or dwta")
         _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
         _check(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype", "must be float32 or bfloat16")
@@ -171,17 +174,26 @@ class SlideConfig:
         _check(2 <= self.bin_size <= 256, "bin_size", "must be in [2, 256]")
         _check(0 <= self.hash_k <= 64, "hash_k", "must be 0 (auto) or in [1, 64]")
         _check(0 < self.simhash_density <= 1, "simhash_density", "must be in (0, 1]")
-        _check(self.table_bits == 0 or 1 <= self.table_bits <= 24, "table_bits",
-               f"buckets per table are 2^table_bits, so table_bits must be 0 (auto) or in [1, 24]; got {self.table_bits}")
+        _check(
+            self.table_bits == 0 or 1 <= self.table_bits <= 24,
+            "table_bits",
+            f"buckets per table are 2^table_bits, so table_bits must be 0 (auto) or in [1, 24]; got {self.table_bits}",
+        )
         _check(self.bucket_size >= 1, "bucket_size", "must be >= 1")
-        _check(1 <= self.active_threshold <= (self.hash_l or WIDE_LAYER_TABLES), "active_threshold",
-               f"must be in [1, hash_l] ({WIDE_LAYER_TABLES} when hash_l is 0, auto)")
+        _check(
+            1 <= self.active_threshold <= (self.hash_l or WIDE_LAYER_TABLES),
+            "active_threshold",
+            f"must be in [1, hash_l] ({WIDE_LAYER_TABLES} when hash_l is 0, auto)",
+        )
         _check(self.max_active >= -1, "max_active", "must be -1 (no cap), 0 (auto) or a positive cap")
         _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (auto) or > 0")
         _check(0 <= self.probes <= 64, "probes", "must be in [0, 64]")
         _check(-1 <= self.predict_probes <= 64, "predict_probes", "must be -1 (as probes) or in [0, 64]")
-        _check(self.hash_family == "simhash" or (self.probes == 0 and self.predict_probes <= 0), "probes",
-               "multi-probe needs the simhash family (WTA/DWTA codes have no confidence margin)")
+        _check(
+            self.hash_family == "simhash" or (self.probes == 0 and self.predict_probes <= 0),
+            "probes",
+            "multi-probe needs the simhash family (WTA/DWTA codes have no confidence margin)",
+        )
         _check(self.min_active >= 0, "min_active", "must be >= 0")
         _check(self.random_negative_group >= 1, "random_negative_group", "must be >= 1 (1 = no sharing)")
         _check(self.random_negatives >= -1, "random_negatives", "must be -1 (none), 0 (auto) or a count")
@@ -209,7 +221,7 @@ class SlideConfig:
         return d
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any] | None) -> "SlideConfig":
+    def from_dict(cls, values: dict[str, Any] | None) -> SlideConfig:
         """Build from a plain mapping; unknown keys are an error naming them."""
         values = dict(values or {})
         known = {f.name for f in dataclasses.fields(cls)}
@@ -220,7 +232,7 @@ class SlideConfig:
             values["hidden"] = (values["hidden"],)
         return cls(**values)
 
-    def replace(self, **changes: Any) -> "SlideConfig":
+    def replace(self, **changes: Any) -> SlideConfig:
         return dataclasses.replace(self, **changes)
 
 

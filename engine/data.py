@@ -176,8 +176,22 @@ def _sort_row(idx, val, start, stop, has_values):
 
 @kernel
 def _parse_lines(
-    buf, pos, end, line_no, max_points, num_features, num_labels,
-    x_indptr, x_indices, x_values, y_indptr, y_indices, npts, nx, ny, pow10,
+    buf,
+    pos,
+    end,
+    line_no,
+    max_points,
+    num_features,
+    num_labels,
+    x_indptr,
+    x_indices,
+    x_values,
+    y_indptr,
+    y_indices,
+    npts,
+    nx,
+    ny,
+    pow10,
 ):
     """Parse the complete lines in buf[pos:end] (buf[end-1] is '\\n') into the CSR arrays.
 
@@ -552,16 +566,20 @@ class XMCStreamParser:
                 self._gzip = False
                 self._feed_text(chunk)
             if self._gzip and self._inflater is not None and not self._inflater.eof:
-                raise XMCParseError(None, f"the gzip stream is truncated after {self.raw_bytes_seen} bytes "
-                                          f"(no end-of-stream marker); the upload was cut short, send the "
-                                          f"whole file")
+                raise XMCParseError(
+                    None,
+                    f"the gzip stream is truncated after {self.raw_bytes_seen} bytes "
+                    f"(no end-of-stream marker); the upload was cut short, send the "
+                    f"whole file",
+                )
             if self._tail:
                 tail = bytes(self._tail) + b"\n"
                 self._tail = bytearray()
                 self._feed_text(tail, count=False)
             if self._header is None:
-                raise XMCParseError(1, "empty input: the file must start with a header line "
-                                       "'num_points num_features num_labels'")
+                raise XMCParseError(
+                    1, "empty input: the file must start with a header line 'num_points num_features num_labels'"
+                )
             n = self._header[0]
             if self._npts != n:
                 raise XMCParseError(
@@ -586,15 +604,19 @@ class XMCStreamParser:
                 if not data:
                     return
                 if data[:1] != GZIP_MAGIC[:1]:
-                    raise XMCParseError(None, "unexpected bytes after the end of the gzip data; the "
-                                              "upload is not a single gzip file")
+                    raise XMCParseError(
+                        None, "unexpected bytes after the end of the gzip data; the upload is not a single gzip file"
+                    )
                 self._inflater = zlib.decompressobj(16 + zlib.MAX_WBITS)
             d = self._inflater
             try:
                 out = d.decompress(data, INFLATE_PIECE)
             except zlib.error as exc:
-                raise XMCParseError(None, f"corrupt gzip data near input byte {self.raw_bytes_seen} "
-                                          f"({exc}); upload the file again or send it uncompressed") from None
+                raise XMCParseError(
+                    None,
+                    f"corrupt gzip data near input byte {self.raw_bytes_seen} "
+                    f"({exc}); upload the file again or send it uncompressed",
+                ) from None
             self._feed_text(out)
             if d.eof:  # a member ended; what follows is another member (as `cat a.gz b.gz`)
                 data = d.unused_data
@@ -637,7 +659,7 @@ class XMCStreamParser:
             start = first_nl + 1
         if last_nl + 1 > start:
             self._parse(_readonly_u8(chunk), start, last_nl + 1)
-        self._tail += chunk[last_nl + 1:]
+        self._tail += chunk[last_nl + 1 :]
 
     def _read_header(self, line: bytes) -> None:
         text = line.rstrip(b"\r\n")
@@ -649,13 +671,19 @@ class XMCStreamParser:
             hint = ""
             if b":" in text:
                 hint = " (this looks like a data line: is the header missing?)"
-            raise XMCParseError(1, f"the header must be 'num_points num_features num_labels' (three "
-                                   f"non-negative integers separated by spaces); got {shown!r}{hint}")
+            raise XMCParseError(
+                1,
+                f"the header must be 'num_points num_features num_labels' (three "
+                f"non-negative integers separated by spaces); got {shown!r}{hint}",
+            )
         n, d, l = (int(p) for p in parts)
         for name, value in (("num_features", d), ("num_labels", l)):
             if value > MAX_ID:
-                raise XMCParseError(1, f"header {name} {value} is larger than {MAX_ID}: ids are stored as "
-                                       f"int32; remap the ids to a dense range")
+                raise XMCParseError(
+                    1,
+                    f"header {name} {value} is larger than {MAX_ID}: ids are stored as "
+                    f"int32; remap the ids to a dense range",
+                )
         self._header = (n, d, l)
         self._line_no = 2
         cap_p = min(n, 1 << 16) + 1
@@ -670,9 +698,22 @@ class XMCStreamParser:
         pos = start
         while True:
             status, pos, line_no, npts, nx, ny, col, val = _parse_lines(
-                buf, pos, end, self._line_no, n, d, l,
-                self._x_indptr, self._x_indices, self._x_values, self._y_indptr, self._y_indices,
-                self._npts, self._nx, self._ny, _POW10,
+                buf,
+                pos,
+                end,
+                self._line_no,
+                n,
+                d,
+                l,
+                self._x_indptr,
+                self._x_indices,
+                self._x_values,
+                self._y_indptr,
+                self._y_indices,
+                self._npts,
+                self._nx,
+                self._ny,
+                _POW10,
             )
             self._line_no, self._npts, self._nx, self._ny = line_no, npts, nx, ny
             if status == OK:
@@ -699,8 +740,13 @@ class XMCStreamParser:
         n, d, l = self._header
         np_, nx, ny = self._npts, self._nx, self._ny
         arrays = []
-        for arr, size in ((self._x_indptr, np_ + 1), (self._x_indices, nx), (self._x_values, nx),
-                          (self._y_indptr, np_ + 1), (self._y_indices, ny)):
+        for arr, size in (
+            (self._x_indptr, np_ + 1),
+            (self._x_indices, nx),
+            (self._x_values, nx),
+            (self._y_indptr, np_ + 1),
+            (self._y_indices, ny),
+        ):
             arr.resize(size, refcheck=False)
             arrays.append(arr)
         self._x_indptr = self._y_indptr = self._x_indices = self._x_values = self._y_indices = None
@@ -778,8 +824,10 @@ def _raise_kernel_error(status, buf, line_start, line_no, col, val, header) -> N
     if status == E_NUMBER:
         reason = f"expected a number in {tok!r}; ids are non-negative integers and values decimal numbers"
     elif status == E_COLON:
-        reason = (f"feature token {tok!r} has no ':'; features are written 'index:value' "
-                  f"(labels go first, comma-separated, with no blank between them)")
+        reason = (
+            f"feature token {tok!r} has no ':'; features are written 'index:value' "
+            f"(labels go first, comma-separated, with no blank between them)"
+        )
     elif status == E_FEATURE_ID:
         reason = f"feature index in {tok!r} is not a non-negative integer; features are written 'index:value'"
     elif status == E_FEATURE_RANGE:
@@ -809,13 +857,17 @@ def _raise_kernel_error(status, buf, line_start, line_no, col, val, header) -> N
         reason = f"label {val} appears more than once in this point; list each label once"
     elif status == E_TOO_MANY_POINTS:
         column = None
-        reason = (f"more points than the {n} declared in the header; fix the first number of the "
-                  f"header or remove the extra lines")
+        reason = (
+            f"more points than the {n} declared in the header; fix the first number of the "
+            f"header or remove the extra lines"
+        )
     elif status == E_LABEL_AFTER_COMMA:
         reason = f"expected a label after ',' in {tok!r}; remove the trailing or doubled comma"
     elif status == E_AFTER_LABEL:
-        reason = (f"unexpected character {chr(line[col - 1])!r} in label list {tok!r}; labels are "
-                  f"comma-separated non-negative integers")
+        reason = (
+            f"unexpected character {chr(line[col - 1])!r} in label list {tok!r}; labels are "
+            f"comma-separated non-negative integers"
+        )
     elif status == E_AFTER_VALUE:
         reason = f"unexpected character {chr(line[col - 1])!r} after the value in {tok!r}; separate features by blanks"
     else:  # pragma: no cover - every status above is mapped
@@ -857,8 +909,9 @@ def format_xmc_rows(dataset: Dataset, start: int = 0, stop: int | None = None) -
     return _format_range(x_indptr, x_indices, x_values, y_indptr, y_indices, start, stop)
 
 
-def write_xmc(dataset: Dataset, path: str | os.PathLike, gzip: bool | None = None,
-              rows_per_chunk: int = 1 << 15) -> Path:
+def write_xmc(
+    dataset: Dataset, path: str | os.PathLike, gzip: bool | None = None, rows_per_chunk: int = 1 << 15
+) -> Path:
     """Write `dataset` as XMC text; gzip-compressed when `gzip` is True, or None and path ends in '.gz'.
 
     Streams `rows_per_chunk` points at a time; the gzip header carries no name or time, so the same
@@ -887,18 +940,29 @@ def _writer_arrays(dataset: Dataset):
     x_values = np.ascontiguousarray(dataset.x_values, dtype=np.float32)
     if not np.all(np.isfinite(x_values)):
         bad = int(np.flatnonzero(~np.isfinite(x_values))[0])
-        raise ValueError(f"x_values[{bad}] is {x_values[bad]}; XMC text cannot hold NaN or infinity, "
-                         f"replace or drop those features before writing")
+        raise ValueError(
+            f"x_values[{bad}] is {x_values[bad]}; XMC text cannot hold NaN or infinity, "
+            f"replace or drop those features before writing"
+        )
     x_indices = np.ascontiguousarray(dataset.x_indices, dtype=np.int64)
     y_indices = np.ascontiguousarray(dataset.y_indices, dtype=np.int64)
     if len(x_indices) and (x_indices.min() < 0 or x_indices.max() >= dataset.num_features):
-        raise ValueError(f"feature ids must be in [0, num_features={dataset.num_features}); "
-                         f"got range [{x_indices.min()}, {x_indices.max()}]")
+        raise ValueError(
+            f"feature ids must be in [0, num_features={dataset.num_features}); "
+            f"got range [{x_indices.min()}, {x_indices.max()}]"
+        )
     if len(y_indices) and (y_indices.min() < 0 or y_indices.max() >= dataset.num_labels):
-        raise ValueError(f"label ids must be in [0, num_labels={dataset.num_labels}); "
-                         f"got range [{y_indices.min()}, {y_indices.max()}]")
-    return (np.ascontiguousarray(dataset.x_indptr, dtype=np.int64), x_indices, x_values,
-            np.ascontiguousarray(dataset.y_indptr, dtype=np.int64), y_indices)
+        raise ValueError(
+            f"label ids must be in [0, num_labels={dataset.num_labels}); "
+            f"got range [{y_indices.min()}, {y_indices.max()}]"
+        )
+    return (
+        np.ascontiguousarray(dataset.x_indptr, dtype=np.int64),
+        x_indices,
+        x_values,
+        np.ascontiguousarray(dataset.y_indptr, dtype=np.int64),
+        y_indices,
+    )
 
 
 def _format_range(x_indptr, x_indices, x_values, y_indptr, y_indices, r0: int, r1: int) -> bytes:

@@ -398,7 +398,7 @@ def hash_rows(weights, rows, center, idx, sign, params, out):
                     densify(scratch, params[7])
                     for c in range(n_codes):
                         codes[c, j] = scratch[c]
-            combine_block(codes, params, bn, hashes, bucket_acc, out[:, start:start + bn])
+            combine_block(codes, params, bn, hashes, bucket_acc, out[:, start : start + bn])
 
 
 @kernel
@@ -453,8 +453,13 @@ def probe_dense(x: np.ndarray, hf: HashFunctions, probes: int) -> np.ndarray:
     return out.reshape(hf.l, 1 + probes)
 
 
-def hash_matrix(weights: np.ndarray, hf: HashFunctions, rows: np.ndarray | None = None,
-                center: np.ndarray | None = None, out: np.ndarray | None = None) -> np.ndarray:
+def hash_matrix(
+    weights: np.ndarray,
+    hf: HashFunctions,
+    rows: np.ndarray | None = None,
+    center: np.ndarray | None = None,
+    out: np.ndarray | None = None,
+) -> np.ndarray:
     """Bucket ids int32 (L, n) of the rows of a (n_rows, >= dim) matrix, float32 or bfloat16 bits (uint16)
     (all rows or `rows`), each row's first dim entries minus `center` (default zeros, dim = the hashed
     width). out: an int32 (L, n) array to write them into (a layer's own codes, with no temporary of
@@ -487,4 +492,3 @@ def tables_for_recall(p: float, k: int, recall: float) -> int:
     if not (0 < p < 1 and 0 < recall < 1):
         raise ValueError("p and recall must be in (0, 1)")
     return max(1, math.ceil(math.log(1 - recall) / math.log(1 - p**k)))
-

@@ -92,22 +92,28 @@ def _checked(pred_labels, y_indptr, y_indices, k: int, num_labels: int | None = 
     if pred.ndim == 1:
         pred = pred[:, None]
     if pred.ndim != 2 or (pred.size and not np.issubdtype(pred.dtype, np.integer)):
-        raise ValueError(f"pred_labels must be an integer array of shape (n, k) holding label ids, best "
-                         f"first (-1 for padding); got dtype {pred.dtype} shape {pred.shape}")
+        raise ValueError(
+            f"pred_labels must be an integer array of shape (n, k) holding label ids, best "
+            f"first (-1 for padding); got dtype {pred.dtype} shape {pred.shape}"
+        )
     y_indptr = np.ascontiguousarray(y_indptr, dtype=np.int64)
     y_indices = np.ascontiguousarray(y_indices, dtype=np.int32)
     n = len(y_indptr) - 1
     if pred.shape[0] != n:
-        raise ValueError(f"pred_labels has {pred.shape[0]} rows but the labels describe {n} points; "
-                         f"predict for every point of the evaluated dataset, in order")
+        raise ValueError(
+            f"pred_labels has {pred.shape[0]} rows but the labels describe {n} points; "
+            f"predict for every point of the evaluated dataset, in order"
+        )
     if pred.shape[1] < k:
         pred = np.concatenate([pred, np.full((n, k - pred.shape[1]), -1, dtype=pred.dtype)], axis=1)
     pred = np.ascontiguousarray(pred[:, :k], dtype=np.int64)
     if pred.size and pred.min() < -1:
         raise ValueError(f"pred_labels holds {pred.min()}; label ids are >= 0 and -1 marks padding")
     if num_labels is not None and pred.size and pred.max() >= num_labels:
-        raise ValueError(f"pred_labels holds label {pred.max()} but inv_propensity has only {num_labels} "
-                         f"entries; compute propensities over all labels of the dataset")
+        raise ValueError(
+            f"pred_labels holds label {pred.max()} but inv_propensity has only {num_labels} "
+            f"entries; compute propensities over all labels of the dataset"
+        )
     return pred, y_indptr, y_indices, k
 
 
@@ -175,8 +181,9 @@ def psp_at_k(pred_labels, y_indptr, y_indices, inv_propensity, k: int) -> float:
     return _psp(hits, pred, y_indptr, y_indices, inv_p, k)
 
 
-def propensity_scores(label_counts, num_points: int, A: float = DEFAULT_PROPENSITY[0],
-                      B: float = DEFAULT_PROPENSITY[1]) -> np.ndarray:
+def propensity_scores(
+    label_counts, num_points: int, A: float = DEFAULT_PROPENSITY[0], B: float = DEFAULT_PROPENSITY[1]
+) -> np.ndarray:
     """Inverse propensities 1/p_l = 1 + C (N_l + B)^-A, C = (ln N - 1)(B + 1)^A (Jain et al. 2016).
 
     Returns the *inverse* propensity (>= 1, large for rare labels): the weight PSP@k gives a hit.
@@ -208,10 +215,10 @@ def evaluate(pred_labels, dataset, ks=(1, 3, 5), inv_propensity=None) -> dict[st
     if inv_propensity is not None:
         inv_p = np.ascontiguousarray(inv_propensity, dtype=np.float64)
         if len(inv_p) != dataset.num_labels:
-            raise ValueError(f"inv_propensity has {len(inv_p)} entries but the dataset has "
-                             f"{dataset.num_labels} labels")
-    pred, y_indptr, y_indices, kmax = _checked(pred_labels, dataset.y_indptr, dataset.y_indices, kmax,
-                                               num_labels=None if inv_p is None else len(inv_p))
+            raise ValueError(f"inv_propensity has {len(inv_p)} entries but the dataset has {dataset.num_labels} labels")
+    pred, y_indptr, y_indices, kmax = _checked(
+        pred_labels, dataset.y_indptr, dataset.y_indices, kmax, num_labels=None if inv_p is None else len(inv_p)
+    )
     if inv_p is not None:
         _check_label_range(y_indices, len(inv_p))
     hits = np.empty((pred.shape[0], kmax), dtype=np.uint8)
@@ -230,5 +237,7 @@ def evaluate(pred_labels, dataset, ks=(1, 3, 5), inv_propensity=None) -> dict[st
 
 def _check_label_range(y_indices: np.ndarray, num_labels: int) -> None:
     if y_indices.size and (y_indices.min() < 0 or y_indices.max() >= num_labels):
-        raise ValueError(f"true labels range over [{y_indices.min()}, {y_indices.max()}] but inv_propensity "
-                         f"has {num_labels} entries; compute propensities over all labels")
+        raise ValueError(
+            f"true labels range over [{y_indices.min()}, {y_indices.max()}] but inv_propensity "
+            f"has {num_labels} entries; compute propensities over all labels"
+        )

@@ -34,32 +34,44 @@ _INIT_ROWS = 1 << 15
 class SlideModel:
     """Weights + hash tables; `predict` serves top-k labels, sub-linearly in `lsh` mode."""
 
-    def __init__(self, config: SlideConfig, num_features: int, num_labels: int, weights: tuple,
-                 b0: np.ndarray, hashes: list[HashFunctions], tables_: list[Tables]):
+    def __init__(
+        self,
+        config: SlideConfig,
+        num_features: int,
+        num_labels: int,
+        weights: tuple,
+        b0: np.ndarray,
+        hashes: list[HashFunctions],
+        tables_: list[Tables],
+    ):
         self.config = config
         self.num_features = int(num_features)
         self.num_labels = int(num_labels)
         self.weights = tuple(weights)
         want = weight_storage(config)
         if any(w.dtype != want for w in self.weights):
-            raise ValueError(f"weights must be {np.dtype(want)} for weight_dtype={config.weight_dtype}, "
-                             f"got {[str(w.dtype) for w in self.weights]}")
+            raise ValueError(
+                f"weights must be {np.dtype(want)} for weight_dtype={config.weight_dtype}, "
+                f"got {[str(w.dtype) for w in self.weights]}"
+            )
         self.b0 = b0
         self.hashes = list(hashes)
         self.tables = list(tables_)
         self.layer_slot = layer_slots(config)
         sampled = np.flatnonzero(self.layer_slot >= 0)
-        self.max_active = np.array([lsh.resolve_max_active(config, self.weights[l].shape[0]) for l in sampled]
-                                   or [0], dtype=np.int64)
+        self.max_active = np.array(
+            [lsh.resolve_max_active(config, self.weights[l].shape[0]) for l in sampled] or [0], dtype=np.int64
+        )
         self.predict_probes = config.probes if config.predict_probes == -1 else config.predict_probes
-        self.predict_max_active = np.array([lsh.resolve_max_active(config, self.weights[l].shape[0], True)
-                                            for l in sampled] or [0], dtype=np.int64)
+        self.predict_max_active = np.array(
+            [lsh.resolve_max_active(config, self.weights[l].shape[0], True) for l in sampled] or [0], dtype=np.int64
+        )
         if len(self.hashes) != int((self.layer_slot >= 0).sum()) or len(self.tables) != len(self.hashes):
             raise ValueError("one hash family and one table set are needed per sampled layer")
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def initialize(cls, config: SlideConfig, num_features: int, num_labels: int) -> "SlideModel":
+    def initialize(cls, config: SlideConfig, num_features: int, num_labels: int) -> SlideModel:
         """Random weights N(0, init_std), zero biases, hash functions drawn and tables built from `seed`."""
         if num_features < 1 or num_labels < 1:
             raise ValueError("a model needs at least one feature and one label")
@@ -71,11 +83,20 @@ class SlideModel:
             weights.append(_random_layer(rng, widths[l + 1], widths[l] + 1, config.init_std, dtype, bias=True))
         sampled = np.flatnonzero(layer_slots(config) >= 0)
         hashes = [lsh.draw_hash_functions(config, widths[l], widths[l + 1], rng) for l in sampled]
-        tabs = [tables.empty_tables(hf.l, widths[l + 1], hf.num_buckets, widths[l],
-                                    lsh.resolve_hubs(config, widths[l + 1]), lsh.resolve_serve_hubs(config, widths[l + 1]))
-                for l, hf in zip(sampled, hashes)]
-        model = cls(config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32),
-                    hashes, tabs)
+        tabs = [
+            tables.empty_tables(
+                hf.l,
+                widths[l + 1],
+                hf.num_buckets,
+                widths[l],
+                lsh.resolve_hubs(config, widths[l + 1]),
+                lsh.resolve_serve_hubs(config, widths[l + 1]),
+            )
+            for l, hf in zip(sampled, hashes)
+        ]
+        model = cls(
+            config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32), hashes, tabs
+        )
         for l in sampled:
             model.rehash_layer(int(l), round_id=0)
         return model
@@ -100,8 +121,14 @@ class SlideModel:
         return norms
 
     # ---- hashing --------------------------------------------------------------------------------
-    def rehash_layer(self, layer: int, round_id: int, rows: np.ndarray | None = None,
-                     new_functions: np.random.Generator | None = None, serving_hubs: bool = True) -> int:
+    def rehash_layer(
+        self,
+        layer: int,
+        round_id: int,
+        rows: np.ndarray | None = None,
+        new_functions: np.random.Generator | None = None,
+        serving_hubs: bool = True,
+    ) -> int:
         """Re-insert neurons of a sampled layer into their current buckets; returns how many were hashed.
 
         rows: the neurons to rehash (None = all). new_functions: draw new hash functions from this rng
@@ -127,13 +154,13 @@ class SlideModel:
                 tb.codes[:, rows] = lsh.hash_matrix(w, hf, rows, center=tb.center)
                 tb.inserted[rows] = round_id
             count = int(rows.size)
-        tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion,
-                       int(hf.params[7]), round_id)
+        tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion, int(hf.params[7]), round_id)
         self.update_hubs(layer, serving=serving_hubs)
         return count
 
-    def update_hubs(self, layer: int, training: bool = True, serving: bool = True,
-                    center: np.ndarray | None = None) -> None:
+    def update_hubs(
+        self, layer: int, training: bool = True, serving: bool = True, center: np.ndarray | None = None
+    ) -> None:
         """Pick the layer's hubs (training): the neurons scoring highest on its mean input (`center`,
         default the tables' query_center); and its serving hubs (serving): half the same way, half the
         largest weight norms.
@@ -160,8 +187,15 @@ class SlideModel:
             tb.serve_hubs[:] = np.sort(np.concatenate([by_score, extra])).astype(np.int32)
 
     # ---- prediction ---------------------------------------------------------------------------
-    def predict(self, indptr: np.ndarray, indices: np.ndarray, values: np.ndarray, k: int = 5,
-                mode: PredictMode = "lsh", probes: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def predict(
+        self,
+        indptr: np.ndarray,
+        indices: np.ndarray,
+        values: np.ndarray,
+        k: int = 5,
+        mode: PredictMode = "lsh",
+        probes: int | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k labels int32 (n, k) and raw scores float32 (n, k) of n sparse points (CSR arrays).
 
         `lsh` scores only the output neurons the hash tables return (rows with fewer candidates than
@@ -172,8 +206,9 @@ class SlideModel:
         labels, scores, _ = self.predict_with_stats(indptr, indices, values, k, mode, probes)
         return labels, scores
 
-    def predict_with_stats(self, indptr, indices, values, k: int = 5, mode: PredictMode = "lsh",
-                           probes: int | None = None):
+    def predict_with_stats(
+        self, indptr, indices, values, k: int = 5, mode: PredictMode = "lsh", probes: int | None = None
+    ):
         """As `predict`, plus int64 (n,): how many output neurons were scored for each point."""
         probes = self.predict_probes if probes is None else int(probes)
         if not 0 <= probes <= 64 or (probes and self.config.hash_family != "simhash"):
@@ -195,10 +230,37 @@ class SlideModel:
             n_chunks = max(1, min(n, numba.get_num_threads(), tags.shape[0]))
             hidx, hsign, hparams, toffsets, tids, hubs = self.kernel_tables(serving=True)
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
-            run(indptr, indices, values, mode == "exact", self.weights[0], self.b0, self.weights, self.layer_slot,
-                hidx, hsign, hparams, toffsets, tids, hubs, hid, ids, tags, counts, gens, qmargins, qcodes, qbuck,
-                n_chunks, probes, self.config.active_threshold, self.predict_max_active, out_labels, out_scores,
-                n_scored)
+            run(
+                indptr,
+                indices,
+                values,
+                mode == "exact",
+                self.weights[0],
+                self.b0,
+                self.weights,
+                self.layer_slot,
+                hidx,
+                hsign,
+                hparams,
+                toffsets,
+                tids,
+                hubs,
+                hid,
+                ids,
+                tags,
+                counts,
+                gens,
+                qmargins,
+                qcodes,
+                qbuck,
+                n_chunks,
+                probes,
+                self.config.active_threshold,
+                self.predict_max_active,
+                out_labels,
+                out_scores,
+                n_scored,
+            )
         finally:
             self._return_scratch(scratch)
         return out_labels, out_scores, n_scored
@@ -207,12 +269,22 @@ class SlideModel:
         """(hidx, hsign, hparams, toffsets, tids, hubs) tuples as the kernels take them (a dummy when no
         layer is sampled); `serving` gives each layer's serving hubs (its training hubs if it has none)."""
         if not self.hashes:
-            return ((np.zeros((1, 1), np.int32),), (np.ones((1, 1), np.float32),), (np.zeros(8, np.int64),),
-                    (np.zeros((1, 2), np.int64),), (np.zeros((1, 1), np.int32),), (np.zeros(0, np.int32),))
-        return (tuple(h.idx for h in self.hashes), tuple(h.sign for h in self.hashes),
-                tuple(h.params for h in self.hashes), tuple(t.offsets for t in self.tables),
-                tuple(t.ids for t in self.tables),
-                tuple(t.serve_hubs if serving and t.serve_hubs.shape[0] else t.hubs for t in self.tables))
+            return (
+                (np.zeros((1, 1), np.int32),),
+                (np.ones((1, 1), np.float32),),
+                (np.zeros(8, np.int64),),
+                (np.zeros((1, 2), np.int64),),
+                (np.zeros((1, 1), np.int32),),
+                (np.zeros(0, np.int32),),
+            )
+        return (
+            tuple(h.idx for h in self.hashes),
+            tuple(h.sign for h in self.hashes),
+            tuple(h.params for h in self.hashes),
+            tuple(t.offsets for t in self.tables),
+            tuple(t.ids for t in self.tables),
+            tuple(t.serve_hubs if serving and t.serve_hubs.shape[0] else t.hubs for t in self.tables),
+        )
 
     def _take_scratch(self, probes: int) -> tuple:
         """Per-thread buffers for prediction with `probes` probes: (key, hid, ids, tags, counts, gens,
@@ -221,11 +293,20 @@ class SlideModel:
         per request at 670k labels) instead of leaving the allocator a fresh set at every swap."""
         threads = numba.config.NUMBA_NUM_THREADS
         widths = tuple(w.shape[1] - 1 for w in self.weights[1:])
-        cap = max([min(self.weights[l].shape[0],
-                       self.hashes[self.layer_slot[l]].l * (1 + probes) * self.config.bucket_size
-                       + max(self.tables[self.layer_slot[l]].hubs.shape[0],
-                             self.tables[self.layer_slot[l]].serve_hubs.shape[0]))
-                   for l in self.sampled_layers()] or [1])
+        cap = max(
+            [
+                min(
+                    self.weights[l].shape[0],
+                    self.hashes[self.layer_slot[l]].l * (1 + probes) * self.config.bucket_size
+                    + max(
+                        self.tables[self.layer_slot[l]].hubs.shape[0],
+                        self.tables[self.layer_slot[l]].serve_hubs.shape[0],
+                    ),
+                )
+                for l in self.sampled_layers()
+            ]
+            or [1]
+        )
         n_max = max([self.weights[l].shape[0] for l in self.sampled_layers()] or [1])
         n_codes = max([h.idx.shape[0] for h in self.hashes] or [1])
         n_buckets = max([h.l for h in self.hashes] or [1]) * (1 + probes)
@@ -235,10 +316,17 @@ class SlideModel:
             if free:
                 return free.pop()
         hid = tuple(np.zeros((threads, width), dtype=np.float32) for width in widths)
-        return (key, hid, np.zeros((threads, cap), np.int32), np.zeros((threads, n_max), np.int64),
-                np.zeros((threads, cap), np.int32), np.zeros(threads, np.int64),
-                np.zeros((threads, n_codes), np.float64), np.zeros((threads, n_codes), np.int32),
-                np.zeros((threads, n_buckets), np.int32))
+        return (
+            key,
+            hid,
+            np.zeros((threads, cap), np.int32),
+            np.zeros((threads, n_max), np.int64),
+            np.zeros((threads, cap), np.int32),
+            np.zeros(threads, np.int64),
+            np.zeros((threads, n_codes), np.float64),
+            np.zeros((threads, n_codes), np.int32),
+            np.zeros((threads, n_buckets), np.int32),
+        )
 
     @staticmethod
     def _return_scratch(scratch: tuple) -> None:

@@ -54,8 +54,9 @@ def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, a
     depth = len(slots)
     n_sampled = int((slots >= 0).sum())
     weights = tuple(np.asarray(arrays[f"w{l}"]) for l in range(depth))
-    hashes = [HashFunctions(*(np.asarray(arrays[f"hash{s}_{p}"]) for p in HashFunctions._fields))
-              for s in range(n_sampled)]
+    hashes = [
+        HashFunctions(*(np.asarray(arrays[f"hash{s}_{p}"]) for p in HashFunctions._fields)) for s in range(n_sampled)
+    ]
 
     def table_array(s: int, name: str) -> np.ndarray:
         key = f"table{s}_{name}"
@@ -110,8 +111,13 @@ class SnapshotStore:
                 path = tmp / f"{name}.npy"
                 np.save(path, np.ascontiguousarray(arr))
                 files[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": _file_crc32(path)}
-            manifest = {"format_version": FORMAT_VERSION, "version": version, "created_at": time.time(),
-                        **meta, "arrays": files}
+            manifest = {
+                "format_version": FORMAT_VERSION,
+                "version": version,
+                "created_at": time.time(),
+                **meta,
+                "arrays": files,
+            }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             for f in tmp.iterdir():
                 with open(f, "rb") as fh:
@@ -161,8 +167,6 @@ def load_arrays(path: str | os.PathLike, names=None, mmap: bool = True, verify: 
             raise SnapshotError(f"{file}: shape/dtype differ from the manifest")
         out[name] = np.asarray(arr) if mmap else arr
     return out
-
-
 
 
 def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False) -> SlideModel:

@@ -56,7 +56,7 @@ class Dataset:
     def num_label_entries(self) -> int:
         return int(self.y_indptr[-1])
 
-    def row_slice(self, start: int, stop: int) -> "Dataset":
+    def row_slice(self, start: int, stop: int) -> Dataset:
         """Points [start, stop) as a new Dataset (views where possible, indptr rebased)."""
         xs, xe = int(self.x_indptr[start]), int(self.x_indptr[stop])
         ys, ye = int(self.y_indptr[start]), int(self.y_indptr[stop])
@@ -140,11 +140,19 @@ class RowReader:
                 if file is None:
                     rows_from_memory(src, starts, stops, dst)
                 elif rows_from_file(file[0], file[1], starts, stops, dst) != 0:
-                    raise OSError(f"could not read {name} rows from {file[2]} "
-                                  "(changed, or shorter than its header says?)")
+                    raise OSError(
+                        f"could not read {name} rows from {file[2]} (changed, or shorter than its header says?)"
+                    )
                 out[name] = dst
-        return Dataset(out["x_indptr"], out["x_indices"], out["x_values"], out["y_indptr"], out["y_indices"],
-                       self.data.num_features, self.data.num_labels)
+        return Dataset(
+            out["x_indptr"],
+            out["x_indices"],
+            out["x_values"],
+            out["y_indptr"],
+            out["y_indices"],
+            self.data.num_features,
+            self.data.num_labels,
+        )
 
     def close(self) -> None:
         """Close the files now (otherwise when the reader is collected)."""

@@ -89,15 +89,22 @@ class SynthParams:
         need(1 <= self.num_features <= 2**31 - 1, "num_features", "must be in [1, 2^31-1] (int32 ids)")
         need(1 <= self.num_labels <= 2**31 - 1, "num_labels", "must be in [1, 2^31-1] (int32 ids)")
         need(1 <= self.avg_labels <= self.num_labels, "avg_labels", "must be in [1, num_labels]")
-        need(1 <= self.avg_features <= self.num_features / 4, "avg_features",
-             "must be in [1, num_features / 4] so points stay sparse; raise num_features")
+        need(
+            1 <= self.avg_features <= self.num_features / 4,
+            "avg_features",
+            "must be in [1, num_features / 4] so points stay sparse; raise num_features",
+        )
         need(self.labels_per_topic >= 1, "labels_per_topic", "must be >= 1")
         need(self.topic_vocab >= 1 and self.label_vocab >= 1, "topic_vocab", "vocabularies must be >= 1")
         need(self.label_zipf >= 0 and self.feature_zipf >= 0, "label_zipf", "Zipf exponents must be >= 0")
         need(self.label_zipf_offset > 0, "label_zipf_offset", "must be > 0")
-        need(0 <= self.label_token_share and 0 <= self.topic_token_share
-             and self.label_token_share + self.topic_token_share <= 1, "label_token_share",
-             "label_token_share and topic_token_share must be >= 0 with a sum <= 1")
+        need(
+            0 <= self.label_token_share
+            and 0 <= self.topic_token_share
+            and self.label_token_share + self.topic_token_share <= 1,
+            "label_token_share",
+            "label_token_share and topic_token_share must be >= 0 with a sum <= 1",
+        )
         need(self.labels_per_topic_point >= 1, "labels_per_topic_point", "must be >= 1")
         need(0 <= self.stray_label_share <= 1, "stray_label_share", "must be in [0, 1]")
         need(self.feature_dispersion > 0, "feature_dispersion", "must be > 0")
@@ -113,7 +120,7 @@ class SynthParams:
         """Cap on labels per point (keeps the Poisson tail and deduplication in check)."""
         return int(min(self.num_labels, math.ceil(3 * self.avg_labels + 10)))
 
-    def scaled(self, factor: float | None = None, **overrides: Any) -> "SynthParams":
+    def scaled(self, factor: float | None = None, **overrides: Any) -> SynthParams:
         """Multiply point, feature and label counts by `factor` (per-point averages kept), then apply overrides.
 
         `PRESETS["amazon670k"].scaled(0.05)` keeps Amazon's statistics at 1/20 of the size;
@@ -134,21 +141,55 @@ class SynthParams:
         changes.update(overrides)
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
-            raise ValueError(f"unknown SynthParams field {unknown[0]!r}; known fields are "
-                             f"{[f.name for f in dataclasses.fields(self)]}")
+            raise ValueError(
+                f"unknown SynthParams field {unknown[0]!r}; known fields are "
+                f"{[f.name for f in dataclasses.fields(self)]}"
+            )
         return dataclasses.replace(self, **changes)
 
 
 PRESETS: dict[str, SynthParams] = {
-    "tiny": SynthParams(2_000, 500, 2_000, 500, avg_features=40, avg_labels=3, name="tiny",
-                        labels_per_topic=25, topic_vocab=100, label_vocab=10),
-    "small": SynthParams(20_000, 5_000, 20_000, 5_000, avg_features=60, avg_labels=4, name="small",
-                         topic_vocab=200, label_vocab=12),
-    "amazon670k": SynthParams(490_449, 153_025, 135_909, 670_091, avg_features=75, avg_labels=5.4,
-                              name="amazon670k", topic_vocab=256, label_vocab=16, label_zipf_offset=20),
-    "delicious200k": SynthParams(196_606, 100_095, 782_585, 205_443, avg_features=300, avg_labels=75,
-                                 name="delicious200k", labels_per_topic=64, labels_per_topic_point=4,
-                                 topic_vocab=512, label_vocab=16, label_zipf_offset=20),
+    "tiny": SynthParams(
+        2_000,
+        500,
+        2_000,
+        500,
+        avg_features=40,
+        avg_labels=3,
+        name="tiny",
+        labels_per_topic=25,
+        topic_vocab=100,
+        label_vocab=10,
+    ),
+    "small": SynthParams(
+        20_000, 5_000, 20_000, 5_000, avg_features=60, avg_labels=4, name="small", topic_vocab=200, label_vocab=12
+    ),
+    "amazon670k": SynthParams(
+        490_449,
+        153_025,
+        135_909,
+        670_091,
+        avg_features=75,
+        avg_labels=5.4,
+        name="amazon670k",
+        topic_vocab=256,
+        label_vocab=16,
+        label_zipf_offset=20,
+    ),
+    "delicious200k": SynthParams(
+        196_606,
+        100_095,
+        782_585,
+        205_443,
+        avg_features=300,
+        avg_labels=75,
+        name="delicious200k",
+        labels_per_topic=64,
+        labels_per_topic_point=4,
+        topic_vocab=512,
+        label_vocab=16,
+        label_zipf_offset=20,
+    ),
 }
 
 
@@ -160,8 +201,9 @@ def resolve_params(preset_or_params: str | SynthParams, **overrides: Any) -> Syn
         try:
             params = PRESETS[preset_or_params]
         except KeyError:
-            raise ValueError(f"unknown preset {preset_or_params!r}; choose one of {sorted(PRESETS)} "
-                             f"or pass a SynthParams") from None
+            raise ValueError(
+                f"unknown preset {preset_or_params!r}; choose one of {sorted(PRESETS)} or pass a SynthParams"
+            ) from None
     return params.scaled(**overrides) if overrides else params
 
 
@@ -395,9 +437,17 @@ def _group(rows: np.ndarray, ids: np.ndarray, weights: np.ndarray, n: int, dim: 
     indptr = np.empty(n + 1, dtype=np.int64)
     out_ids = np.empty(len(rows), dtype=np.int32)
     out_w = np.empty(len(rows), dtype=np.float64)
-    nnz = _group_rows(np.ascontiguousarray(rows, dtype=np.int64), np.ascontiguousarray(ids, dtype=np.int64),
-                      np.ascontiguousarray(weights, dtype=np.float64), n, dim, sort_rows, indptr,
-                      out_ids, out_w)
+    nnz = _group_rows(
+        np.ascontiguousarray(rows, dtype=np.int64),
+        np.ascontiguousarray(ids, dtype=np.int64),
+        np.ascontiguousarray(weights, dtype=np.float64),
+        n,
+        dim,
+        sort_rows,
+        indptr,
+        out_ids,
+        out_w,
+    )
     return indptr, out_ids[:nnz], out_w[:nnz]
 
 
@@ -436,8 +486,9 @@ def _chunk_labels(p: SynthParams, m: _Model, rng: np.random.Generator, n: int):
             break
         new_rows, new_labels = extra(np.maximum(deficit, 0))
         rows = np.concatenate([_csr_rows(indptr), new_rows])
-        indptr, labels, _ = _group(rows, np.concatenate([labels, new_labels]), np.ones(len(rows)), n, L,
-                                   sort_rows=False)
+        indptr, labels, _ = _group(
+            rows, np.concatenate([labels, new_labels]), np.ones(len(rows)), n, L, sort_rows=False
+        )
     indptr, labels, _ = _group(_csr_rows(indptr), labels, np.ones(len(labels)), n, L)
     return indptr, labels
 
@@ -472,9 +523,14 @@ def _chunk_features(p: SynthParams, m: _Model, rng: np.random.Generator, n: int,
         if not (deficit > 0).any():
             break
         new_rows, new_feats = tokens(np.maximum(deficit, 0))
-        x_indptr, feats, tf = _group(np.concatenate([_csr_rows(x_indptr), new_rows]),
-                                     np.concatenate([feats, new_feats]),
-                                     np.concatenate([tf, np.ones(len(new_rows))]), n, D, sort_rows=False)
+        x_indptr, feats, tf = _group(
+            np.concatenate([_csr_rows(x_indptr), new_rows]),
+            np.concatenate([feats, new_feats]),
+            np.concatenate([tf, np.ones(len(new_rows))]),
+            n,
+            D,
+            sort_rows=False,
+        )
     rows = _csr_rows(x_indptr)
     x_indptr, feats, tf = _group(rows, feats, tf, n, D)
     vals = (1.0 + np.log(tf)) * m.idf[feats]
@@ -501,8 +557,15 @@ def _chunks(p: SynthParams, m: _Model, seed: int, split: int):
 
 def _concat(parts: list[Dataset], p: SynthParams) -> Dataset:
     if not parts:
-        return Dataset(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32),
-                       np.zeros(1, np.int64), np.zeros(0, np.int32), p.num_features, p.num_labels)
+        return Dataset(
+            np.zeros(1, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.float32),
+            np.zeros(1, np.int64),
+            np.zeros(0, np.int32),
+            p.num_features,
+            p.num_labels,
+        )
 
     def indptr(name: str) -> np.ndarray:
         offsets = np.cumsum([0] + [int(getattr(d, name)[-1]) for d in parts[:-1]])
@@ -544,8 +607,9 @@ def generate_split(preset_or_params: str | SynthParams, split: str, seed: int = 
     return _chunks(p, _build_model(p, seed), seed, _TRAIN if split == "train" else _TEST)
 
 
-def generate_to_files(preset_or_params: str | SynthParams, out_dir: str | os.PathLike, seed: int = 0,
-                      gzip: bool = False, **overrides: Any) -> tuple[Path, Path]:
+def generate_to_files(
+    preset_or_params: str | SynthParams, out_dir: str | os.PathLike, seed: int = 0, gzip: bool = False, **overrides: Any
+) -> tuple[Path, Path]:
     """Stream train and test to `out_dir/{name}_train.txt` and `..._test.txt` (`.txt.gz` with gzip).
 
     Bounded memory (one chunk of points at a time); each file is written under a temporary name and

@@ -137,7 +137,7 @@ def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id,
                     out += 1
             elif uniform:
                 key = mix3(seed, t * 1_000_003 + round_id, b)
-                _sample_members(order[s:e], capacity, key, ids[t, out:out + capacity])
+                _sample_members(order[s:e], capacity, key, ids[t, out : out + capacity])
                 out += capacity
             else:
                 members = order[s:e]
@@ -150,8 +150,17 @@ def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id,
 
 def rebuild(tables: Tables, num_buckets: int, capacity: int, policy: str, seed: int, round_id: int) -> None:
     """Recompute the bucket CSR of every table from `tables.codes` in place."""
-    build_tables(tables.codes, tables.inserted, num_buckets, capacity, POLICY_IDS[policy], seed, round_id,
-                 tables.offsets, tables.ids)
+    build_tables(
+        tables.codes,
+        tables.inserted,
+        num_buckets,
+        capacity,
+        POLICY_IDS[policy],
+        seed,
+        round_id,
+        tables.offsets,
+        tables.ids,
+    )
 
 
 def query(tables: Tables, buckets: np.ndarray) -> np.ndarray:

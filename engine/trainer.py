@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import numba
 import numpy as np
@@ -20,8 +21,14 @@ from . import lsh
 from ._numba import set_threads
 from .config import SlideConfig
 from .kernels.forward import backward_batch, train_batch
-from .kernels.optimizer import (group_by_feature, group_by_row, update_dense_layer, update_input_bias,
-                                update_input_layer, update_sampled_layer)
+from .kernels.optimizer import (
+    group_by_feature,
+    group_by_row,
+    update_dense_layer,
+    update_input_bias,
+    update_input_layer,
+    update_sampled_layer,
+)
 from .metrics import precision_at_k
 from .network import SlideModel
 from .snapshot import SnapshotStore, load_arrays, manifest_config, model_arrays, model_from_arrays, read_manifest
@@ -76,8 +83,14 @@ def eval_rows(num_test: int, eval_points: int, seed: int) -> np.ndarray:
 class Trainer:
     """Trains a SlideModel on a Dataset; see `run`."""
 
-    def __init__(self, config: SlideConfig, train: Dataset, test: Dataset | None = None,
-                 store: SnapshotStore | None = None, model: SlideModel | None = None):
+    def __init__(
+        self,
+        config: SlideConfig,
+        train: Dataset,
+        test: Dataset | None = None,
+        store: SnapshotStore | None = None,
+        model: SlideModel | None = None,
+    ):
         if train.num_points == 0:
             raise ValueError("the training set has no points")
         if test is not None and (test.num_features > train.num_features or test.num_labels > train.num_labels):
@@ -118,8 +131,10 @@ class Trainer:
         self.drift = tuple(np.zeros(x.shape[0], dtype=np.float32) for x in w)
         self.mb0 = np.zeros_like(self.model.b0)
         self.vb0 = np.zeros_like(self.model.b0)
-        self.input_mean = {l: self.model.tables[self.model.layer_slot[l]].query_center.astype(np.float64)
-                           for l in self.model.sampled_layers()}
+        self.input_mean = {
+            l: self.model.tables[self.model.layer_slot[l]].query_center.astype(np.float64)
+            for l in self.model.sampled_layers()
+        }
 
     def _moment_dtype(self, layer: int) -> type:
         """dtype of layer's first moment: bfloat16 bits (uint16) for a sampled layer if configured."""
@@ -127,16 +142,28 @@ class Trainer:
         return np.uint16 if compact else np.float32
 
     def state(self) -> dict:
-        return {"step": self.step, "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
-                "samples_seen": self.samples_seen, "rehash_round": self.rehash_round,
-                "next_rehash_step": self.next_rehash_step, "train_seconds": self.train_seconds,
-                "history": self.history[-1000:]}
+        return {
+            "step": self.step,
+            "epoch": self.epoch,
+            "batch_in_epoch": self.batch_in_epoch,
+            "samples_seen": self.samples_seen,
+            "rehash_round": self.rehash_round,
+            "next_rehash_step": self.next_rehash_step,
+            "train_seconds": self.train_seconds,
+            "history": self.history[-1000:],
+        }
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = model_arrays(self.model)
         for l in range(len(self.m)):
-            arrays.update({f"opt_m{l}": self.m[l], f"opt_v{l}": self.v[l], f"opt_steps{l}": self.steps[l],
-                           f"opt_drift{l}": self.drift[l]})
+            arrays.update(
+                {
+                    f"opt_m{l}": self.m[l],
+                    f"opt_v{l}": self.v[l],
+                    f"opt_steps{l}": self.steps[l],
+                    f"opt_drift{l}": self.drift[l],
+                }
+            )
         arrays.update({"opt_mb0": self.mb0, "opt_vb0": self.vb0})
         arrays.update({f"opt_input_mean{l}": m for l, m in self.input_mean.items()})
         return arrays
@@ -146,8 +173,12 @@ class Trainer:
         if self.store is None:
             return None
         self.refresh_serving_hubs()
-        meta = {"config": self.config.to_dict(), "num_features": self.model.num_features,
-                "num_labels": self.model.num_labels, "trainer_state": self.state()}
+        meta = {
+            "config": self.config.to_dict(),
+            "num_features": self.model.num_features,
+            "num_labels": self.model.num_labels,
+            "trainer_state": self.state(),
+        }
         return self.store.publish(self.arrays(), meta)
 
     def refresh_serving_hubs(self) -> None:
@@ -160,7 +191,7 @@ class Trainer:
         self._serving_hubs_step = self.step
 
     @classmethod
-    def resume(cls, store: SnapshotStore, train: Dataset, test: Dataset | None = None) -> "Trainer":
+    def resume(cls, store: SnapshotStore, train: Dataset, test: Dataset | None = None) -> Trainer:
         """A trainer continuing from the newest snapshot in `store` (same config, step and data order)."""
         latest = store.latest()
         if latest is None:
@@ -212,8 +243,14 @@ class Trainer:
             if model.layer_slot[l] >= 0:
                 n_hubs = model.tables[model.layer_slot[l]].hubs.shape[0]
                 n_tables = model.hashes[model.layer_slot[l]].l
-                cap = min(out, n_tables * (1 + cfg.probes) * cfg.bucket_size + n_hubs + max_labels + cfg.min_active
-                          + (self._random_negatives if l == depth - 1 else 0))
+                cap = min(
+                    out,
+                    n_tables * (1 + cfg.probes) * cfg.bucket_size
+                    + n_hubs
+                    + max_labels
+                    + cfg.min_active
+                    + (self._random_negatives if l == depth - 1 else 0),
+                )
                 act_ids.append(np.zeros((batch, cap), np.int32))
             else:
                 cap = out
@@ -230,12 +267,20 @@ class Trainer:
             return np.zeros((threads, width), dtype)
 
         self._bufs = StepBuffers(
-            hid=hid, act_ids=tuple(act_ids), act_val=tuple(act_val), nact=np.zeros((batch, depth), np.int32),
-            delta0=np.zeros((batch, model.weights[0].shape[1]), np.float32), losses=np.zeros(batch, np.float32),
-            tags=per_chunk(n_max, np.int64), counts=per_chunk(max(a.shape[1] for a in act_ids), np.int32),
-            gens=np.zeros(threads, np.int64), qmargins=per_chunk(n_codes, np.float64),
-            qcodes=per_chunk(n_codes, np.int32), qbuck=per_chunk(n_tables_max * (1 + cfg.probes), np.int32),
-            gin=per_chunk(width_max, np.float32), gprev=per_chunk(width_max, np.float32),
+            hid=hid,
+            act_ids=tuple(act_ids),
+            act_val=tuple(act_val),
+            nact=np.zeros((batch, depth), np.int32),
+            delta0=np.zeros((batch, model.weights[0].shape[1]), np.float32),
+            losses=np.zeros(batch, np.float32),
+            tags=per_chunk(n_max, np.int64),
+            counts=per_chunk(max(a.shape[1] for a in act_ids), np.int32),
+            gens=np.zeros(threads, np.int64),
+            qmargins=per_chunk(n_codes, np.float64),
+            qcodes=per_chunk(n_codes, np.int32),
+            qbuck=per_chunk(n_tables_max * (1 + cfg.probes), np.int32),
+            gin=per_chunk(width_max, np.float32),
+            gprev=per_chunk(width_max, np.float32),
             nkept=np.zeros(batch, np.int32),
         )
         self._group_of_row = [np.full(w.shape[0], -1, np.int32) for w in model.weights]
@@ -256,8 +301,23 @@ class Trainer:
             raise ValueError("train_step needs at least one point")
         if b > cfg.batch_size:
             raise ValueError(f"a batch holds at most batch_size={cfg.batch_size} points, got {b}")
-        (hid, act_ids, act_val, nact, delta0, losses, tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev,
-         nkept) = self._buffers(cfg.batch_size)
+        (
+            hid,
+            act_ids,
+            act_val,
+            nact,
+            delta0,
+            losses,
+            tags,
+            counts,
+            gens,
+            qmargins,
+            qcodes,
+            qbuck,
+            gin,
+            gprev,
+            nkept,
+        ) = self._buffers(cfg.batch_size)
         if b != cfg.batch_size:
             hid = tuple(h[:b] for h in hid)
             act_ids = tuple(a[:b] for a in act_ids)
@@ -268,12 +328,50 @@ class Trainer:
         fused = self._fused_output
         data = self._train_rows.take(points)
         slots = np.arange(b, dtype=np.int64)
-        train_batch(slots, self.samples_seen, data.x_indptr, data.x_indices, data.x_values, data.y_indptr,
-                    data.y_indices, model.weights[0], model.b0, model.weights, model.layer_slot, hidx, hsign,
-                    hparams, toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, losses, tags, counts,
-                    gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks, cfg.probes, cfg.active_threshold,
-                    model.max_active, cfg.min_active, cfg.seed, self._hard_negatives,
-                    self._random_negatives, cfg.random_negative_group, not fused)
+        train_batch(
+            slots,
+            self.samples_seen,
+            data.x_indptr,
+            data.x_indices,
+            data.x_values,
+            data.y_indptr,
+            data.y_indices,
+            model.weights[0],
+            model.b0,
+            model.weights,
+            model.layer_slot,
+            hidx,
+            hsign,
+            hparams,
+            toffsets,
+            tids,
+            hubs,
+            hid,
+            act_ids,
+            act_val,
+            nact,
+            nkept,
+            delta0,
+            losses,
+            tags,
+            counts,
+            gens,
+            qmargins,
+            qcodes,
+            qbuck,
+            gin,
+            gprev,
+            n_chunks,
+            cfg.probes,
+            cfg.active_threshold,
+            model.max_active,
+            cfg.min_active,
+            cfg.seed,
+            self._hard_negatives,
+            self._random_negatives,
+            cfg.random_negative_group,
+            not fused,
+        )
         out = model.depth - 1
         layers = list(range(1, model.depth))
         if fused:
@@ -281,16 +379,32 @@ class Trainer:
             grad_inputs = self._grad_inputs[:, :b]
             grad_inputs[:] = 0.0
             self._update_layer(out, act_ids, act_val, nact, hid, grad_inputs)
-            backward_batch(grad_inputs, n_chunks, model.weights, model.layer_slot, hid, act_ids, act_val, nact,
-                           delta0, gin, gprev)
+            backward_batch(
+                grad_inputs, n_chunks, model.weights, model.layer_slot, hid, act_ids, act_val, nact, delta0, gin, gprev
+            )
             layers.remove(out)
         for l in layers:
             self._update_layer(l, act_ids, act_val, nact, hid, self._grad_inputs[:0])
         group_start, pair_point, pair_nz, touched = group_by_feature(
-            slots, data.x_indptr, data.x_indices, self._group_of_row[0])
+            slots, data.x_indptr, data.x_indices, self._group_of_row[0]
+        )
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
-        update_input_layer(model.weights[0], self.m[0], self.v[0], self.steps[0], data.x_values, delta0,
-                           group_start, pair_point, pair_nz, touched, lr, b1, b2, eps)
+        update_input_layer(
+            model.weights[0],
+            self.m[0],
+            self.v[0],
+            self.steps[0],
+            data.x_values,
+            delta0,
+            group_start,
+            pair_point,
+            pair_nz,
+            touched,
+            lr,
+            b1,
+            b2,
+            eps,
+        )
         update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
         for l in model.sampled_layers():
             # running mean of the layer's inputs, which picks the hubs at the next rehash
@@ -311,14 +425,35 @@ class Trainer:
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
         if model.layer_slot[l] >= 0:
             group_start, pair_point, pair_slot, touched = group_by_row(
-                act_ids[l - 1], nact[:, l], self._group_of_row[l], act_val[l - 1],
-                self._hard_negatives > 0 and l == model.depth - 1)
-            update_sampled_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
-                                 hid[l - 1], group_start, pair_point, pair_slot, touched, lr, b1, b2, eps,
-                                 self._update_chunks, grad_inputs)
+                act_ids[l - 1],
+                nact[:, l],
+                self._group_of_row[l],
+                act_val[l - 1],
+                self._hard_negatives > 0 and l == model.depth - 1,
+            )
+            update_sampled_layer(
+                w,
+                self.m[l],
+                self.v[l],
+                self.steps[l],
+                self.drift[l],
+                act_val[l - 1],
+                hid[l - 1],
+                group_start,
+                pair_point,
+                pair_slot,
+                touched,
+                lr,
+                b1,
+                b2,
+                eps,
+                self._update_chunks,
+                grad_inputs,
+            )
         else:
-            update_dense_layer(w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1],
-                               hid[l - 1], lr, b1, b2, eps)
+            update_dense_layer(
+                w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1], hid[l - 1], lr, b1, b2, eps
+            )
 
     def rehash(self) -> int:
         """Re-insert drifted (or all) neurons of every sampled layer; draw new functions every
@@ -351,17 +486,30 @@ class Trainer:
         mode = mode or ("lsh" if self.config.sample_output else "exact")
         if mode == "lsh":
             self.refresh_serving_hubs()
-        sub = self.test.row_slice(0, self.test.num_points) if len(self._eval_rows) == self.test.num_points \
+        sub = (
+            self.test.row_slice(0, self.test.num_points)
+            if len(self._eval_rows) == self.test.num_points
             else self._test_rows.take(self._eval_rows)
-        pred, _ = self.model.predict(sub.x_indptr, sub.x_indices, sub.x_values, k=min(k, self.model.num_labels),
-                                     mode=mode)
-        return {"p_at_1": precision_at_k(pred, sub.y_indptr, sub.y_indices, 1),
-                "p_at_5": precision_at_k(pred, sub.y_indptr, sub.y_indices, 5), "eval_mode": mode}
+        )
+        pred, _ = self.model.predict(
+            sub.x_indptr, sub.x_indices, sub.x_values, k=min(k, self.model.num_labels), mode=mode
+        )
+        return {
+            "p_at_1": precision_at_k(pred, sub.y_indptr, sub.y_indices, 1),
+            "p_at_5": precision_at_k(pred, sub.y_indptr, sub.y_indices, 5),
+            "eval_mode": mode,
+        }
 
     # ---- the loop -----------------------------------------------------------------------------
-    def run(self, should_stop: Callable[[], bool] = lambda: False, on_metrics: MetricsCallback | None = None,
-            on_snapshot: SnapshotCallback | None = None, snapshot_every_s: float = 30.0,
-            progress: Callable[[int], None] | None = None, time_budget_s: float | None = None) -> dict:
+    def run(
+        self,
+        should_stop: Callable[[], bool] = lambda: False,
+        on_metrics: MetricsCallback | None = None,
+        on_snapshot: SnapshotCallback | None = None,
+        snapshot_every_s: float = 30.0,
+        progress: Callable[[int], None] | None = None,
+        time_budget_s: float | None = None,
+    ) -> dict:
         """Train until `config.epochs` are done, `should_stop()` is true (checked between batches) or the
         time budget is spent. Returns the last metrics with "stopped" (True when interrupted early)."""
         cfg = self.config
@@ -376,11 +524,14 @@ class Trainer:
 
         def report() -> dict:
             metrics = {
-                "step": self.step, "epoch": self.epoch, "samples": self.samples_seen,
+                "step": self.step,
+                "epoch": self.epoch,
+                "samples": self.samples_seen,
                 "loss": window["loss"] / window["labelled"] if window["labelled"] else None,
                 "samples_per_s": window["samples"] / window["seconds"] if window["seconds"] > 0 else None,
                 "active_fraction": (window["active"] / window["batches"] / self.model.num_labels)
-                if window["batches"] else None,
+                if window["batches"]
+                else None,
                 "elapsed_s": self.train_seconds,
             }
             metrics.update(self.evaluate())

@@ -56,8 +56,7 @@ def warm_engine(tmp_path_factory: pytest.TempPathFactory) -> None:
     Trainer(SlideConfig(hidden=(32,), batch_size=64, epochs=1, threads=1), train, test, store).run()
     model = load_model(store.latest()[1])
     for mode in ("lsh", "exact"):
-        model.predict(np.asarray(test.x_indptr), np.asarray(test.x_indices), np.asarray(test.x_values), k=5,
-                      mode=mode)
+        model.predict(np.asarray(test.x_indptr), np.asarray(test.x_indices), np.asarray(test.x_values), k=5, mode=mode)
 
 
 @pytest.fixture(scope="session")

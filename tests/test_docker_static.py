@@ -222,7 +222,9 @@ def test_every_copy_source_exists_and_is_in_the_build_context():
 
 def test_pip_installs_the_project_from_pyproject():
     runs = " ".join(instr("RUN"))
-    assert re.search(r"pip install [^&;|]*\s\.(\s|$)", runs), "the project itself must be installed with `pip install .`"
+    assert re.search(r"pip install [^&;|]*\s\.(\s|$)", runs), (
+        "the project itself must be installed with `pip install .`"
+    )
     copied = {s for args in instr("COPY") for s in strip_flags(args)[:-1]}
     assert {"pyproject.toml", "engine", "app"} <= {c.rstrip("/").removeprefix("./") for c in copied}
 
@@ -341,9 +343,7 @@ def fake_path(tmp_path):
 
 def run_entrypoint(args, fake_path, tmp_path, **env):
     base = {"PATH": fake_path, "SLIDE_DATA_DIR": str(tmp_path / "data"), "NUMBA_CACHE_DIR": str(tmp_path / "nc")}
-    return subprocess.run(
-        [str(ENTRYPOINT), *args], env=base | env, capture_output=True, text=True, timeout=30
-    )
+    return subprocess.run([str(ENTRYPOINT), *args], env=base | env, capture_output=True, text=True, timeout=30)
 
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX shell script")
@@ -396,7 +396,9 @@ def service(compose) -> dict:
 
 def test_compose_builds_this_dockerfile(service):
     build = service["build"]
-    context, dockerfile = (build, "Dockerfile") if isinstance(build, str) else (build["context"], build.get("dockerfile", "Dockerfile"))
+    context, dockerfile = (
+        (build, "Dockerfile") if isinstance(build, str) else (build["context"], build.get("dockerfile", "Dockerfile"))
+    )
     assert (COMPOSE.parent / context / dockerfile).resolve() == DOCKERFILE
 
 
@@ -458,7 +460,9 @@ def test_compose_env_file_exists_and_agrees_with_the_image(service):
             assert values["SLIDE_DATA_DIR"] == data_dir(), "example.env and the Dockerfile disagree on the data dir"
         url = values.get("SLIDE_DATABASE_URL", "")
         if url.startswith("sqlite:////"):
-            assert url.removeprefix("sqlite:///").startswith(data_dir() + "/"), "the SQLite file must live in the volume"
+            assert url.removeprefix("sqlite:///").startswith(data_dir() + "/"), (
+                "the SQLite file must live in the volume"
+            )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -538,7 +542,7 @@ def test_example_env_names_real_settings_with_valid_values():
     prefix = Settings.model_config.get("env_prefix", "")
     entries = {k: v for k, v in example_env_entries(include_commented=True).items() if k.startswith(prefix)}
     assert entries, "example.env documents no service settings"
-    fields = {k[len(prefix):].lower(): v for k, v in entries.items()}
+    fields = {k[len(prefix) :].lower(): v for k, v in entries.items()}
     unknown = sorted(f"{prefix}{f.upper()}" for f in fields if f not in Settings.model_fields)
     assert not unknown, f"example.env names settings the service does not have: {unknown}"
     Settings(**fields)  # every example value passes the service's own validation

@@ -27,8 +27,9 @@ _UPLOAD_BODY = {
                 "schema": {
                     "type": "object",
                     "required": ["file"],
-                    "properties": {"file": {"type": "string", "format": "binary",
-                                            "description": "train.txt or train.txt.gz"}},
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": "train.txt or train.txt.gz"}
+                    },
                 }
             },
             "text/plain": {
@@ -57,10 +58,16 @@ async def upload_dataset(
     request: Request,
     response: Response,
     datasets: DatasetsDep,
-    name: Annotated[str | None, Query(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f]+$",
-                                      description="A label for people (no control characters); not unique, never "
-                                                  "part of a path.",
-                                      openapi_examples={"tiny": {"value": "tiny-train"}})] = None,
+    name: Annotated[
+        str | None,
+        Query(
+            min_length=1,
+            max_length=200,
+            pattern=r"^[^\x00-\x1f\x7f]+$",
+            description="A label for people (no control characters); not unique, never part of a path.",
+            openapi_examples={"tiny": {"value": "tiny-train"}},
+        ),
+    ] = None,
 ) -> DatasetPublic:
     """Parsed while it streams into CSR arrays (never held whole in memory), saved atomically. A failed upload
     leaves nothing behind: 413 over the size limit, 422 naming the line at fault for malformed content, 507 when the
@@ -83,8 +90,9 @@ def list_datasets(datasets: DatasetsDep) -> DatasetList:
     return DatasetList(data=[_public(r) for r in rows], count=len(rows))
 
 
-@router.get("/{dataset_id}", response_model=DatasetPublic, summary="Get a dataset",
-            responses=problem_responses(401, 404))
+@router.get(
+    "/{dataset_id}", response_model=DatasetPublic, summary="Get a dataset", responses=problem_responses(401, 404)
+)
 def get_dataset(dataset_id: str, datasets: DatasetsDep) -> DatasetPublic:
     return _public(datasets.get(dataset_id))
 

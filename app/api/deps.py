@@ -56,7 +56,7 @@ api_key_header = APIKeyHeader(
     name="X-API-Key",
     auto_error=False,
     description="Needed on every endpoint except /healthz, /readyz and the docs when the service has SLIDE_API_KEY "
-                "set.",
+    "set.",
 )
 
 

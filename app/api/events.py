@@ -29,16 +29,19 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
     "/{job_id}/events",
     summary="Live metrics as Server-Sent Events",
     response_class=EventSourceResponse,
-    responses={200: {"content": {"text/event-stream": {}}, "description": "An event stream"},
-               **problem_responses(401, 404)},
+    responses={
+        200: {"content": {"text/event-stream": {}}, "description": "An event stream"},
+        **problem_responses(401, 404),
+    },
 )
 async def job_events(
     job_id: str,
     request: Request,
     jobs: JobsDep,
     settings: SettingsDep,
-    since_step: Annotated[int, Query(ge=-1, le=MAX_STEP,
-                                     description="Replay metrics with step > since_step first.")] = -1,
+    since_step: Annotated[
+        int, Query(ge=-1, le=MAX_STEP, description="Replay metrics with step > since_step first.")
+    ] = -1,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID", include_in_schema=False)] = None,
 ) -> EventSourceResponse:
     await anyio.to_thread.run_sync(jobs.get, job_id)  # 404 before the stream starts
@@ -64,8 +67,13 @@ async def job_events(
             for p in points:
                 after = max(after, p.step)
                 yield {"event": "metrics", "id": str(p.step), "data": metric_point(p).model_dump_json()}
-            progress = {"step": job.step, "epoch": job.epoch, "samples": job.samples,
-                        "samples_per_s": job.samples_per_s, "model_version": version}
+            progress = {
+                "step": job.step,
+                "epoch": job.epoch,
+                "samples": job.samples,
+                "samples_per_s": job.samples_per_s,
+                "model_version": version,
+            }
             if progress != last_progress:
                 last_progress = progress
                 yield {"event": "progress", "data": json.dumps(progress)}

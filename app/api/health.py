@@ -25,8 +25,12 @@ def healthz() -> Health:
     return Health()
 
 
-@router.get("/readyz", response_model=Readiness, summary="Readiness: database, data dir, job supervisor",
-            responses=problem_responses(503))
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    summary="Readiness: database, data dir, job supervisor",
+    responses=problem_responses(503),
+)
 def readyz(request: Request, services: ServicesDep):
     checks: dict[str, str] = {}
     try:

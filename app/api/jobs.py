@@ -10,8 +10,8 @@ from app.api.deps import JobsDep, RegistryDep
 from app.db import METRIC_FIELDS, JobRow, MetricRow
 from app.errors import problem_responses
 from app.schemas import (
-    JOB_CONFIG_EXAMPLE,
     EXAMPLE_ID,
+    JOB_CONFIG_EXAMPLE,
     JobCreate,
     JobList,
     JobProgress,
@@ -36,8 +36,13 @@ def job_public(row: JobRow, model_version: int | None) -> JobPublic:
         train_dataset_id=row.train_dataset_id,
         eval_dataset_id=row.eval_dataset_id,
         config=SlideConfigModel.model_validate(config),
-        progress=JobProgress(epoch=row.epoch or 0, epochs=int(config.get("epochs", 0)), step=row.step or 0,
-                             samples=row.samples or 0, samples_per_s=row.samples_per_s),
+        progress=JobProgress(
+            epoch=row.epoch or 0,
+            epochs=int(config.get("epochs", 0)),
+            step=row.step or 0,
+            samples=row.samples or 0,
+            samples_per_s=row.samples_per_s,
+        ),
         latest_metrics=MetricPoint.model_validate(latest) if latest and latest.get("step") is not None else None,
         model_version=model_version,
         error=row.error,
@@ -56,32 +61,55 @@ def metric_point(row: MetricRow) -> MetricPoint:
 
 IdempotencyKey = Annotated[
     str | None,
-    Header(alias="Idempotency-Key", min_length=1, max_length=255,
-           description="Retry-safe creation: the same key with the same body returns the same job (200), never a "
-                       "second one; the same key with a different body is a 409."),
+    Header(
+        alias="Idempotency-Key",
+        min_length=1,
+        max_length=255,
+        description="Retry-safe creation: the same key with the same body returns the same job (200), never a "
+        "second one; the same key with a different body is a 409.",
+    ),
 ]
 
 
-@router.post("", status_code=201, response_model=JobPublic, summary="Start a training job",
-             responses={200: {"model": JobPublic, "description": "Replay: the job created earlier with this "
-                                                                 "Idempotency-Key"},
-                        **problem_responses(400, 401, 409, 422)})
+@router.post(
+    "",
+    status_code=201,
+    response_model=JobPublic,
+    summary="Start a training job",
+    responses={
+        200: {"model": JobPublic, "description": "Replay: the job created earlier with this Idempotency-Key"},
+        **problem_responses(400, 401, 409, 422),
+    },
+)
 def create_job(
     jobs: JobsDep,
     response: Response,
-    body: Annotated[JobCreate, Body(openapi_examples={
-        "small": {"summary": "A small run (paste the id of an uploaded dataset)",
-                  "value": {"train_dataset_id": EXAMPLE_ID, "config": JOB_CONFIG_EXAMPLE}},
-        "with_eval": {"summary": "With a held-out set for P@1 / P@5",
-                      "value": {"train_dataset_id": EXAMPLE_ID, "eval_dataset_id": "<id of the test set>",
-                                "config": {"epochs": 10, "hash_l": 32}}},
-    })],
+    body: Annotated[
+        JobCreate,
+        Body(
+            openapi_examples={
+                "small": {
+                    "summary": "A small run (paste the id of an uploaded dataset)",
+                    "value": {"train_dataset_id": EXAMPLE_ID, "config": JOB_CONFIG_EXAMPLE},
+                },
+                "with_eval": {
+                    "summary": "With a held-out set for P@1 / P@5",
+                    "value": {
+                        "train_dataset_id": EXAMPLE_ID,
+                        "eval_dataset_id": "<id of the test set>",
+                        "config": {"epochs": 10, "hash_l": 32},
+                    },
+                },
+            }
+        ),
+    ],
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """The job trains in its own process; it is `queued` until a slot is free (SLIDE_MAX_CONCURRENT_JOBS), then
     `running`. Omitted config fields take the engine's defaults; a bad one is a 422 naming it."""
-    job, created = jobs.create(body.train_dataset_id, body.eval_dataset_id, body.config.model_dump(),
-                               idempotency_key=idempotency_key)
+    job, created = jobs.create(
+        body.train_dataset_id, body.eval_dataset_id, body.config.model_dump(), idempotency_key=idempotency_key
+    )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_public(job, jobs.latest_versions([job.id]).get(job.id))
@@ -94,15 +122,24 @@ def list_jobs(jobs: JobsDep) -> JobList:
     return JobList(data=[job_public(r, versions.get(r.id)) for r in rows], count=len(rows))
 
 
-@router.get("/{job_id}", response_model=JobPublic, summary="Get a job: state, progress, latest metrics",
-            responses=problem_responses(401, 404))
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    summary="Get a job: state, progress, latest metrics",
+    responses=problem_responses(401, 404),
+)
 def get_job(job_id: str, jobs: JobsDep) -> JobPublic:
     job = jobs.get(job_id)
     return job_public(job, jobs.latest_versions([job_id]).get(job_id))
 
 
-@router.post("/{job_id}/stop", status_code=202, response_model=JobPublic, summary="Stop a job (checkpoints first)",
-             responses=problem_responses(401, 404, 409))
+@router.post(
+    "/{job_id}/stop",
+    status_code=202,
+    response_model=JobPublic,
+    summary="Stop a job (checkpoints first)",
+    responses=problem_responses(401, 404, 409),
+)
 def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
     """A running job becomes `stopping`, writes a checkpoint, then `stopped`; poll the job to see it. A queued or
     interrupted job is `stopped` at once. Idempotent: stopping a stopping or stopped job is a 202 too; a completed
@@ -111,17 +148,25 @@ def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
     return job_public(job, jobs.latest_versions([job_id]).get(job_id))
 
 
-@router.post("/{job_id}/resume", status_code=202, response_model=JobPublic,
-             summary="Resume a stopped, failed or interrupted job from its checkpoint",
-             responses=problem_responses(401, 404, 409))
+@router.post(
+    "/{job_id}/resume",
+    status_code=202,
+    response_model=JobPublic,
+    summary="Resume a stopped, failed or interrupted job from its checkpoint",
+    responses=problem_responses(401, 404, 409),
+)
 def resume_job(job_id: str, jobs: JobsDep) -> JobPublic:
     """409 for a job that is queued, running, still `stopping` (retry once it is `stopped`) or completed."""
     job = jobs.resume(job_id)
     return job_public(job, jobs.latest_versions([job_id]).get(job_id))
 
 
-@router.delete("/{job_id}", status_code=204, summary="Cancel and remove a job, its metrics and its model",
-               responses=problem_responses(401, 404))
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    summary="Cancel and remove a job, its metrics and its model",
+    responses=problem_responses(401, 404),
+)
 def delete_job(job_id: str, jobs: JobsDep, registry: RegistryDep) -> Response:
     """In any state: a trainer still running is killed first (no checkpoint), then the job's rows and files go."""
     jobs.delete(job_id)
@@ -129,13 +174,18 @@ def delete_job(job_id: str, jobs: JobsDep, registry: RegistryDep) -> Response:
     return Response(status_code=204)
 
 
-@router.get("/{job_id}/metrics", response_model=MetricSeries, summary="The job's metric time series",
-            responses=problem_responses(401, 404))
+@router.get(
+    "/{job_id}/metrics",
+    response_model=MetricSeries,
+    summary="The job's metric time series",
+    responses=problem_responses(401, 404),
+)
 def job_metrics(
     job_id: str,
     jobs: JobsDep,
-    since_step: Annotated[int, Query(ge=-1, le=MAX_STEP,
-                                     description="Only points with step > since_step (-1 = all).")] = -1,
+    since_step: Annotated[
+        int, Query(ge=-1, le=MAX_STEP, description="Only points with step > since_step (-1 = all).")
+    ] = -1,
     limit: Annotated[int, Query(ge=1, le=100_000)] = 10_000,
 ) -> MetricSeries:
     rows = jobs.metrics(job_id, since_step=since_step, limit=limit)

@@ -11,9 +11,12 @@ from app.errors import problem_responses
 router = APIRouter(tags=["health"])
 
 
-@router.get("/metrics", summary="Prometheus metrics", response_class=Response,
-            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"},
-                       **problem_responses(401)})
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}, **problem_responses(401)},
+)
 def metrics(telemetry: TelemetryDep) -> Response:
     """Request counts and latency by route, predictions per model, and per job: training samples/s, latest
     P@1 / P@5, steps; jobs by state."""

@@ -24,15 +24,25 @@ def _model_public(job: JobRow, versions: list[ModelVersionRow], on_disk: list[in
     listed = []
     for number in sorted(set(by_version) | set(on_disk)):
         row = by_version.get(number)
-        listed.append(ModelVersionPublic(
-            version=number,
-            step=row.step if row else None, epoch=row.epoch if row else None, samples=row.samples if row else None,
-            created_at=row.created_at if row else None, available=number in on_disk,
-        ))
+        listed.append(
+            ModelVersionPublic(
+                version=number,
+                step=row.step if row else None,
+                epoch=row.epoch if row else None,
+                samples=row.samples if row else None,
+                created_at=row.created_at if row else None,
+                available=number in on_disk,
+            )
+        )
     return ModelPublic(
-        id=job.id, job_state=job.state, ready=bool(on_disk), latest_version=max(on_disk) if on_disk else None,  # type: ignore[arg-type]
-        num_features=dims[0] if dims else None, num_labels=dims[1] if dims else None,
-        train_dataset_id=job.train_dataset_id, versions=listed,
+        id=job.id,
+        job_state=job.state,
+        ready=bool(on_disk),
+        latest_version=max(on_disk) if on_disk else None,  # type: ignore[arg-type]
+        num_features=dims[0] if dims else None,
+        num_labels=dims[1] if dims else None,
+        train_dataset_id=job.train_dataset_id,
+        versions=listed,
     )
 
 
@@ -57,30 +67,56 @@ def list_models(jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep, set
     return ModelList(data=data, count=len(data))
 
 
-@router.get("/{model_id}", response_model=ModelPublic, summary="Get a model and its snapshot versions",
-            responses=problem_responses(401, 404))
-def get_model(model_id: str, jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep,
-              settings: SettingsDep) -> ModelPublic:
+@router.get(
+    "/{model_id}",
+    response_model=ModelPublic,
+    summary="Get a model and its snapshot versions",
+    responses=problem_responses(401, 404),
+)
+def get_model(
+    model_id: str, jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep, settings: SettingsDep
+) -> ModelPublic:
     return _describe(jobs.get(model_id), jobs, datasets, registry, settings)
 
 
-@router.post("/{model_id}/predict", response_model=PredictResponse, summary="Top-k labels from the live model",
-             responses=problem_responses(400, 401, 404, 422, 503))
+@router.post(
+    "/{model_id}/predict",
+    response_model=PredictResponse,
+    summary="Top-k labels from the live model",
+    responses=problem_responses(400, 401, 404, 422, 503),
+)
 async def predict(
     model_id: str,
     jobs: JobsDep,
     registry: RegistryDep,
     telemetry: TelemetryDep,
-    body: Annotated[PredictRequest, Body(openapi_examples={
-        "one": {"summary": "One query, sub-linear (LSH) candidates",
-                "value": {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "lsh"}},
-        "exact": {"summary": "Two queries, all labels scored",
-                  "value": {"instances": [{"indices": [1, 2], "values": [1.0, 1.0]},
-                                          {"indices": [3], "values": [0.7]}], "k": 3, "mode": "exact"}},
-    })],
+    body: Annotated[
+        PredictRequest,
+        Body(
+            openapi_examples={
+                "one": {
+                    "summary": "One query, sub-linear (LSH) candidates",
+                    "value": {
+                        "instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}],
+                        "k": 5,
+                        "mode": "lsh",
+                    },
+                },
+                "exact": {
+                    "summary": "Two queries, all labels scored",
+                    "value": {
+                        "instances": [{"indices": [1, 2], "values": [1.0, 1.0]}, {"indices": [3], "values": [0.7]}],
+                        "k": 3,
+                        "mode": "exact",
+                    },
+                },
+            }
+        ),
+    ],
 ) -> PredictResponse:
     """Served from the newest published snapshot of the job's weights and hash tables: while the job trains,
     answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first."""
+
     def work() -> PredictResult:
         jobs.get(model_id)  # 404 for an unknown id
         start = time.perf_counter()

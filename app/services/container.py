@@ -26,7 +26,7 @@ class Services:
     telemetry: Telemetry
 
     @classmethod
-    def build(cls, settings: Settings) -> "Services":
+    def build(cls, settings: Settings) -> Services:
         """No I/O here: the app object can be created (e.g. imported by uvicorn) before anything is opened."""
         db = Database(settings.database_url)
         supervisor = Supervisor(settings, db)
@@ -48,8 +48,11 @@ class Services:
         self.supervisor.start()
         if self.supervisor.active:  # only the process that owns the data dir cleans it
             self.datasets.sweep()
-        log.info("SLIDE service ready: data dir %s, database %s", self.settings.data_dir,
-                 self.db.engine.url.render_as_string(hide_password=True))
+        log.info(
+            "SLIDE service ready: data dir %s, database %s",
+            self.settings.data_dir,
+            self.db.engine.url.render_as_string(hide_password=True),
+        )
 
     def close(self) -> None:
         self.supervisor.shutdown()

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import AsyncIterator
 import time
 import uuid
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -114,8 +114,10 @@ class UploadSink:
             _, options = parse_options_header(state["disposition"])
             if options.get(b"name") == b"file":
                 if self._file_started:
-                    raise InvalidContent("multipart body has more than one `file` part; send one dataset per request",
-                                         loc=("body", "file"))
+                    raise InvalidContent(
+                        "multipart body has more than one `file` part; send one dataset per request",
+                        loc=("body", "file"),
+                    )
                 self._file_started = self._part_is_file = True
 
         def on_part_data(data: bytes, start: int, end: int) -> None:
@@ -128,9 +130,13 @@ class UploadSink:
             self._part_is_file = False
 
         callbacks = {
-            "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished,
-            "on_part_data": on_part_data, "on_part_end": on_part_end,
+            "on_part_begin": on_part_begin,
+            "on_header_field": on_header_field,
+            "on_header_value": on_header_value,
+            "on_header_end": on_header_end,
+            "on_headers_finished": on_headers_finished,
+            "on_part_data": on_part_data,
+            "on_part_end": on_part_end,
         }
         return MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
 
@@ -170,8 +176,10 @@ class UploadSink:
             except FormParserError as exc:
                 raise InvalidContent(f"malformed multipart/form-data body: {exc}", loc=("body",)) from exc
             if not self._file_started:
-                raise InvalidContent("the multipart/form-data body has no `file` part; put the dataset file in a "
-                                     "field named `file`", loc=("body", "file"))
+                raise InvalidContent(
+                    "the multipart/form-data body has no `file` part; put the dataset file in a field named `file`",
+                    loc=("body", "file"),
+                )
             if not self._file_done:
                 raise InvalidContent("the multipart/form-data body ended inside the `file` part", loc=("body", "file"))
         try:
@@ -198,8 +206,15 @@ class DatasetService:
     def new_upload(self, content_type: str | None, content_encoding: str | None) -> UploadSink:
         return UploadSink(content_type, content_encoding, int(self.settings.max_upload_bytes))
 
-    async def upload(self, body: AsyncIterator[bytes], *, name: str | None, content_type: str | None,
-                     content_encoding: str | None, content_length: int | None) -> DatasetRow:
+    async def upload(
+        self,
+        body: AsyncIterator[bytes],
+        *,
+        name: str | None,
+        content_type: str | None,
+        content_encoding: str | None,
+        content_length: int | None,
+    ) -> DatasetRow:
         """Stream the body into the parser (parsing runs in worker threads, a batch of chunks at a time), then
         save and register the dataset."""
         sink = self.new_upload(content_type, content_encoding)
@@ -247,10 +262,17 @@ class DatasetService:
             raise InsufficientStorage(
                 f"the dataset could not be stored: {cause[0]} ({cause[1]}) in the service's data dir "
                 "(SLIDE_DATA_DIR) or database; nothing was kept. Free space or make the data dir writable, then "
-                "upload again", reason=cause[0],
+                "upload again",
+                reason=cause[0],
             ) from exc
-        log.info("dataset %s (%s): %d points, %d features, %d labels", dataset_id, row.name, row.num_points,
-                 row.num_features, row.num_labels)
+        log.info(
+            "dataset %s (%s): %d points, %d features, %d labels",
+            dataset_id,
+            row.name,
+            row.num_points,
+            row.num_features,
+            row.num_labels,
+        )
         return row
 
     def list(self) -> list[DatasetRow]:
@@ -272,12 +294,14 @@ class DatasetService:
             row = s.get(DatasetRow, dataset_id)
             if row is None:
                 raise NotFound("dataset", dataset_id)
-            users = list(s.scalars(
-                select(JobRow.id).where(
-                    (JobRow.train_dataset_id == dataset_id) | (JobRow.eval_dataset_id == dataset_id),
-                    JobRow.state.in_(JOB_STATES_USING_DATA),
+            users = list(
+                s.scalars(
+                    select(JobRow.id).where(
+                        (JobRow.train_dataset_id == dataset_id) | (JobRow.eval_dataset_id == dataset_id),
+                        JobRow.state.in_(JOB_STATES_USING_DATA),
+                    )
                 )
-            ))
+            )
             if users:
                 raise Conflict(
                     f"dataset {dataset_id} is used by job(s) {', '.join(users)}; delete those jobs (or let them "

@@ -49,18 +49,27 @@ def _transition(s: Any, job_id: str, from_states: tuple[str, ...], **values: Any
 
 
 class JobService:
-    def __init__(self, settings: Settings, db: Database, supervisor: "Supervisor"):
+    def __init__(self, settings: Settings, db: Database, supervisor: Supervisor):
         self.settings = settings
         self.db = db
         self.supervisor = supervisor
 
     # ---- create ---------------------------------------------------------------------------------------
-    def create(self, train_dataset_id: str, eval_dataset_id: str | None, config: dict[str, Any],
-               idempotency_key: str | None = None) -> tuple[JobRow, bool]:
+    def create(
+        self,
+        train_dataset_id: str,
+        eval_dataset_id: str | None,
+        config: dict[str, Any],
+        idempotency_key: str | None = None,
+    ) -> tuple[JobRow, bool]:
         """Returns (job, created). The same Idempotency-Key with the same request returns the first job."""
-        request_hash = hashlib.sha256(json.dumps(
-            {"train": train_dataset_id, "eval": eval_dataset_id, "config": config}, sort_keys=True, default=str,
-        ).encode()).hexdigest()
+        request_hash = hashlib.sha256(
+            json.dumps(
+                {"train": train_dataset_id, "eval": eval_dataset_id, "config": config},
+                sort_keys=True,
+                default=str,
+            ).encode()
+        ).hexdigest()
         if idempotency_key is not None:
             existing = self._by_key(idempotency_key, request_hash)
             if existing is not None:
@@ -77,21 +86,37 @@ class JobService:
         with self.db.session() as s:
             train = s.get(DatasetRow, train_dataset_id)
             if train is None:
-                raise InvalidContent(f"train_dataset_id: no dataset with id {train_dataset_id!r}; upload one with "
-                                     "POST /v1/datasets", loc=("body", "train_dataset_id"))
+                raise InvalidContent(
+                    f"train_dataset_id: no dataset with id {train_dataset_id!r}; upload one with POST /v1/datasets",
+                    loc=("body", "train_dataset_id"),
+                )
             if eval_dataset_id is not None:
                 test = s.get(DatasetRow, eval_dataset_id)
                 if test is None:
-                    raise InvalidContent(f"eval_dataset_id: no dataset with id {eval_dataset_id!r}",
-                                         loc=("body", "eval_dataset_id"))
+                    raise InvalidContent(
+                        f"eval_dataset_id: no dataset with id {eval_dataset_id!r}", loc=("body", "eval_dataset_id")
+                    )
                 if test.num_features > train.num_features or test.num_labels > train.num_labels:
                     raise InvalidContent(
                         f"eval_dataset_id: the eval set has {test.num_features} features and {test.num_labels} "
                         f"labels but the training set only {train.num_features} and {train.num_labels}; they must "
-                        "share one feature and label space", loc=("body", "eval_dataset_id"))
-        job = JobRow(id=uuid.uuid4().hex, train_dataset_id=train_dataset_id, eval_dataset_id=eval_dataset_id,
-                     config=cfg.to_dict(), state="queued", idempotency_key=idempotency_key,
-                     request_hash=request_hash, step=0, epoch=0, samples=0, runs=0, interruptions=0)
+                        "share one feature and label space",
+                        loc=("body", "eval_dataset_id"),
+                    )
+        job = JobRow(
+            id=uuid.uuid4().hex,
+            train_dataset_id=train_dataset_id,
+            eval_dataset_id=eval_dataset_id,
+            config=cfg.to_dict(),
+            state="queued",
+            idempotency_key=idempotency_key,
+            request_hash=request_hash,
+            step=0,
+            epoch=0,
+            samples=0,
+            runs=0,
+            interruptions=0,
+        )
         try:
             with self.db.session() as s:
                 s.add(job)
@@ -111,8 +136,11 @@ class JobService:
         with self.db.session() as s:
             job = s.scalars(select(JobRow).where(JobRow.idempotency_key == key)).first()
         if job is not None and job.request_hash != request_hash:
-            raise Conflict(f"Idempotency-Key {key!r} was already used for a different request (job {job.id}); "
-                           "use a new key for a new job", job_id=job.id)
+            raise Conflict(
+                f"Idempotency-Key {key!r} was already used for a different request (job {job.id}); "
+                "use a new key for a new job",
+                job_id=job.id,
+            )
         return job
 
     # ---- read -----------------------------------------------------------------------------------------
@@ -136,17 +164,24 @@ class JobService:
 
     def versions(self, job_id: str) -> list[ModelVersionRow]:
         with self.db.session() as s:
-            return list(s.scalars(select(ModelVersionRow).where(ModelVersionRow.job_id == job_id)
-                                  .order_by(ModelVersionRow.version)))
+            return list(
+                s.scalars(
+                    select(ModelVersionRow).where(ModelVersionRow.job_id == job_id).order_by(ModelVersionRow.version)
+                )
+            )
 
     def metrics(self, job_id: str, since_step: int = -1, limit: int = 10_000) -> list[MetricRow]:
         """Metric points with step > since_step, oldest first."""
         self.get(job_id)
         with self.db.session() as s:
-            return list(s.scalars(
-                select(MetricRow).where(MetricRow.job_id == job_id, MetricRow.step > since_step)
-                .order_by(MetricRow.step, MetricRow.id).limit(limit)
-            ))
+            return list(
+                s.scalars(
+                    select(MetricRow)
+                    .where(MetricRow.job_id == job_id, MetricRow.step > since_step)
+                    .order_by(MetricRow.step, MetricRow.id)
+                    .limit(limit)
+                )
+            )
 
     # ---- control --------------------------------------------------------------------------------------
     def stop(self, job_id: str) -> JobRow:
@@ -160,10 +195,13 @@ class JobService:
                 if job.state in ("stopping", "stopped"):
                     return job
                 if job.state not in ("queued", "running", "interrupted"):
-                    raise Conflict(f"job {job_id} is {job.state}; only queued, running or interrupted jobs can be "
-                                   "stopped", state=job.state)
-                if (_transition(s, job_id, ("running",), state="stopping")
-                        or _transition(s, job_id, ("queued", "interrupted"), state="stopped", finished_at=utcnow())):
+                    raise Conflict(
+                        f"job {job_id} is {job.state}; only queued, running or interrupted jobs can be stopped",
+                        state=job.state,
+                    )
+                if _transition(s, job_id, ("running",), state="stopping") or _transition(
+                    s, job_id, ("queued", "interrupted"), state="stopped", finished_at=utcnow()
+                ):
                     break
         else:
             raise Conflict(f"job {job_id} kept changing state; retry the stop", state=job.state)
@@ -180,9 +218,10 @@ class JobService:
             if missing:
                 raise Conflict(f"job {job_id} cannot resume: its dataset {missing[0]} was deleted", state=job.state)
             if not _transition(s, job_id, RESUMABLE, state="queued", error=None, finished_at=None):
-                hint = {"stopping": "it is writing its checkpoint; resume it once it is stopped",
-                        "completed": "it completed its epochs; start a new job to train further"}.get(
-                            job.state, "it is already queued or training")
+                hint = {
+                    "stopping": "it is writing its checkpoint; resume it once it is stopped",
+                    "completed": "it completed its epochs; start a new job to train further",
+                }.get(job.state, "it is already queued or training")
                 raise Conflict(f"job {job_id} is {job.state}: {hint}", state=job.state)
         self.supervisor.wake()
         return self.get(job_id)
@@ -298,15 +337,25 @@ class Supervisor:
         for job_id, h in handles.items():
             h.process.join(timeout=max(0.1, end - time.monotonic()))
             if h.process.is_alive():
-                log.warning("job %s did not checkpoint within SLIDE_SHUTDOWN_GRACE_S=%gs: killing it", job_id,
-                            self.settings.shutdown_grace_s)
+                log.warning(
+                    "job %s did not checkpoint within SLIDE_SHUTDOWN_GRACE_S=%gs: killing it",
+                    job_id,
+                    self.settings.shutdown_grace_s,
+                )
                 h.process.kill()
                 h.process.join(timeout=5)
             if h.process.exitcode is not None and h.process.exitcode < 0:  # killed: it recorded nothing
                 with self.db.session() as s:
                     _transition(s, job_id, ("stopping",), state="stopped", pid=None, finished_at=utcnow())
-                    _transition(s, job_id, ("running",), state="interrupted", pid=None, finished_at=utcnow(),
-                                interruptions=JobRow.interruptions + 1)
+                    _transition(
+                        s,
+                        job_id,
+                        ("running",),
+                        state="interrupted",
+                        pid=None,
+                        finished_at=utcnow(),
+                        interruptions=JobRow.interruptions + 1,
+                    )
         with self._lock:
             self._handles.clear()
         if self._lock_file is not None:
@@ -359,9 +408,14 @@ class Supervisor:
             code = h.process.exitcode
             with self.db.session() as s:
                 failed = _transition(
-                    s, job_id, ("running", "stopping"), state="failed", pid=None, finished_at=utcnow(),
+                    s,
+                    job_id,
+                    ("running", "stopping"),
+                    state="failed",
+                    pid=None,
+                    finished_at=utcnow(),
                     error=f"the trainer process exited with code {code} without finishing"
-                          f"{_signal_hint(code)}; last log lines: {_log_tail(self.settings.job_dir(job_id))}",
+                    f"{_signal_hint(code)}; last log lines: {_log_tail(self.settings.job_dir(job_id))}",
                 )
             if failed:
                 log.error("job %s: trainer process died (exit code %s)", job_id, code)
@@ -380,23 +434,38 @@ class Supervisor:
         if free <= 0 or self._stopping.is_set():
             return
         with self.db.session() as s:
-            queued = list(s.scalars(select(JobRow).where(JobRow.state == "queued")
-                                    .order_by(JobRow.created_at).limit(free)))
+            queued = list(
+                s.scalars(select(JobRow).where(JobRow.state == "queued").order_by(JobRow.created_at).limit(free))
+            )
         for job in queued:
             # Under the lock from the transition until the handle is registered: cancel() (a delete) waits for a
             # launch in progress, so it always finds the process it must kill.
             with self._lock:
                 with self.db.session() as s:
-                    if not _transition(s, job.id, ("queued",), state="running", runs=job.runs + 1,
-                                       started_at=utcnow(), finished_at=None, error=None):
+                    if not _transition(
+                        s,
+                        job.id,
+                        ("queued",),
+                        state="running",
+                        runs=job.runs + 1,
+                        started_at=utcnow(),
+                        finished_at=None,
+                        error=None,
+                    ):
                         continue
                 try:
                     self._spawn(job)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("could not start job %s", job.id)
                     with self.db.session() as s:
-                        _transition(s, job.id, ("running",), state="failed", finished_at=utcnow(),
-                                    error=f"could not start the trainer process: {type(exc).__name__}: {exc}")
+                        _transition(
+                            s,
+                            job.id,
+                            ("running",),
+                            state="failed",
+                            finished_at=utcnow(),
+                            error=f"could not start the trainer process: {type(exc).__name__}: {exc}",
+                        )
 
     def _spawn(self, job: JobRow) -> None:
         st = self.settings
@@ -418,8 +487,12 @@ class Supervisor:
         }
         st.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         stop_event, interrupt_event, training_event = self.ctx.Event(), self.ctx.Event(), self.ctx.Event()
-        process = self.ctx.Process(target=run_job, args=(spec, stop_event, interrupt_event, training_event),
-                                   name=f"slide-job-{job.id[:8]}", daemon=True)
+        process = self.ctx.Process(
+            target=run_job,
+            args=(spec, stop_event, interrupt_event, training_event),
+            name=f"slide-job-{job.id[:8]}",
+            daemon=True,
+        )
         process.start()
         with self._lock:
             self._handles[job.id] = _Handle(process, stop_event, interrupt_event, training_event)

@@ -111,16 +111,18 @@ class ModelRegistry:
             try:
                 model = engine.load_model(path, mmap=True)
             except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: engine.snapshot.SnapshotError
-                log.warning("model %s: snapshot v%d could not be opened: %s: %s", job_id, version,
-                            type(exc).__name__, exc)
+                log.warning(
+                    "model %s: snapshot v%d could not be opened: %s: %s", job_id, version, type(exc).__name__, exc
+                )
                 last_exc = exc
                 continue
             log.info("model %s: serving snapshot v%d", job_id, version)
             return LoadedModel(job_id, int(version), model, time.time())
         if held is not None:
             return held
-        raise NotReady(f"model {job_id}: its newest snapshot could not be opened ({last_exc}); retry shortly",
-                       retry_after_s=1)
+        raise NotReady(
+            f"model {job_id}: its newest snapshot could not be opened ({last_exc}); retry shortly", retry_after_s=1
+        )
 
     @property
     def limiter(self) -> Any:
@@ -149,8 +151,11 @@ class ModelRegistry:
         predict with the current model. CPU work: call from a thread, never from `async def`."""
         st = self.settings
         if len(instances) > st.predict_max_instances:
-            raise InvalidContent(f"instances: at most {st.predict_max_instances} per request "
-                                 f"(SLIDE_PREDICT_MAX_INSTANCES); got {len(instances)}", loc=("body", "instances"))
+            raise InvalidContent(
+                f"instances: at most {st.predict_max_instances} per request "
+                f"(SLIDE_PREDICT_MAX_INSTANCES); got {len(instances)}",
+                loc=("body", "instances"),
+            )
         if k > st.predict_max_k:
             raise InvalidContent(f"k: at most {st.predict_max_k} (SLIDE_PREDICT_MAX_K); got {k}", loc=("body", "k"))
         loaded = self.current(job_id)

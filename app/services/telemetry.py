@@ -31,16 +31,18 @@ class JobCollector:
         return []
 
     def collect(self):
-        rate = GaugeMetricFamily("slide_training_samples_per_second", "Training throughput of a running job",
-                                 labels=["job_id"])
+        rate = GaugeMetricFamily(
+            "slide_training_samples_per_second", "Training throughput of a running job", labels=["job_id"]
+        )
         p1 = GaugeMetricFamily("slide_training_p_at_1", "Latest evaluated precision@1 of a job", labels=["job_id"])
         p5 = GaugeMetricFamily("slide_training_p_at_5", "Latest evaluated precision@5 of a job", labels=["job_id"])
         steps = GaugeMetricFamily("slide_training_step", "Training steps done by a job", labels=["job_id"])
         states = GaugeMetricFamily("slide_jobs", "Jobs by state", labels=["state"])
         try:
             with self.db.session() as s:
-                rows = s.execute(select(JobRow.id, JobRow.state, JobRow.samples_per_s, JobRow.latest_metrics,
-                                        JobRow.step)).all()
+                rows = s.execute(
+                    select(JobRow.id, JobRow.state, JobRow.samples_per_s, JobRow.latest_metrics, JobRow.step)
+                ).all()
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is busy
             log.exception("could not read jobs for /metrics")
             rows = []
@@ -63,18 +65,29 @@ class JobCollector:
 class Telemetry:
     def __init__(self, db: Database):
         self.registry = CollectorRegistry(auto_describe=False)
-        self.requests = Counter("slide_http_requests", "HTTP requests", ["method", "route", "status"],
-                                registry=self.registry)
-        self.latency = Histogram("slide_http_request_duration_seconds", "HTTP request latency", ["method", "route"],
-                                 registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
-        self.predict_requests = Counter("slide_predict_requests", "Predict requests", ["model_id", "mode"],
-                                        registry=self.registry)
-        self.predicted_instances = Counter("slide_predicted_instances", "Instances predicted", ["model_id", "mode"],
-                                           registry=self.registry)
-        self.predict_latency = Histogram("slide_predict_duration_seconds", "Model time per predict request", ["mode"],
-                                         registry=self.registry,
-                                         buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5))
+        self.requests = Counter(
+            "slide_http_requests", "HTTP requests", ["method", "route", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "slide_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route"],
+            registry=self.registry,
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+        )
+        self.predict_requests = Counter(
+            "slide_predict_requests", "Predict requests", ["model_id", "mode"], registry=self.registry
+        )
+        self.predicted_instances = Counter(
+            "slide_predicted_instances", "Instances predicted", ["model_id", "mode"], registry=self.registry
+        )
+        self.predict_latency = Histogram(
+            "slide_predict_duration_seconds",
+            "Model time per predict request",
+            ["mode"],
+            registry=self.registry,
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1, 5),
+        )
         self.registry.register(JobCollector(db))
 
     def observe_request(self, method: str, route: str, status: int, seconds: float) -> None:
@@ -111,5 +124,6 @@ class MetricsMiddleware:
         finally:
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.telemetry.observe_request(scope.get("method", ""), template, status["code"],
-                                           time.perf_counter() - start)
+            self.telemetry.observe_request(
+                scope.get("method", ""), template, status["code"], time.perf_counter() - start
+            )

@@ -47,8 +47,12 @@ def run_job(spec: dict[str, Any], stop_event: Any, interrupt_event: Any, trainin
     job_dir = Path(spec["job_dir"])
     job_dir.mkdir(parents=True, exist_ok=True)
     _redirect_output(job_dir / LOG_FILE)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s [job " + spec["job_id"][:8] + "] %(message)s")
+    logging.basicConfig(
+        level=logging.INFO,
+        stream=sys.stderr,
+        force=True,
+        format="%(asctime)s %(levelname)s %(name)s [job " + spec["job_id"][:8] + "] %(message)s",
+    )
     # Ctrl-C in a terminal reaches the whole process group: the parent decides what happens to its trainers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     local_interrupt = threading.Event()
@@ -78,8 +82,14 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 class JobProcess:
-    def __init__(self, spec: dict[str, Any], stop_event: Any, interrupt_event: Any, local_interrupt: threading.Event,
-                 training_event: Any):
+    def __init__(
+        self,
+        spec: dict[str, Any],
+        stop_event: Any,
+        interrupt_event: Any,
+        local_interrupt: threading.Event,
+        training_event: Any,
+    ):
         from app.db import Database
 
         self.spec = spec
@@ -135,8 +145,11 @@ class JobProcess:
                     return None
                 if time.monotonic() > deadline or self.interrupted():
                     fh.close()
-                    self._finish("failed", error="another trainer process still holds this job's lock "
-                                                 f"({self.job_dir / LOCK_FILE}); resume the job once it has exited")
+                    self._finish(
+                        "failed",
+                        error="another trainer process still holds this job's lock "
+                        f"({self.job_dir / LOCK_FILE}); resume the job once it has exited",
+                    )
                     return None
                 time.sleep(0.2)
 
@@ -163,10 +176,15 @@ class JobProcess:
             latest = engine.SnapshotStore(self.spec["snapshots_dir"]).latest()
         except Exception:  # noqa: BLE001
             latest = None
-        kept = (f"snapshot v{latest[0]} is intact and keeps serving predictions" if latest is not None
-                else "no snapshot had been written yet")
-        return (f"storage error: {cause[0]} ({cause[1]}) while writing to the data dir ({text}); {kept}. Free space "
-                "or make the data dir writable, then resume the job: it continues from its newest snapshot")
+        kept = (
+            f"snapshot v{latest[0]} is intact and keeps serving predictions"
+            if latest is not None
+            else "no snapshot had been written yet"
+        )
+        return (
+            f"storage error: {cause[0]} ({cause[1]}) while writing to the data dir ({text}); {kept}. Free space "
+            "or make the data dir writable, then resume the job: it continues from its newest snapshot"
+        )
 
     def _train(self) -> None:
         import engine
@@ -181,8 +199,9 @@ class JobProcess:
         else:
             config = engine.SlideConfig.from_dict(spec["config"])
             trainer = engine.Trainer(config, train, test, store)
-            log.info("started: %d points, %d features, %d labels", train.num_points, train.num_features,
-                     train.num_labels)
+            log.info(
+                "started: %d points, %d features, %d labels", train.num_points, train.num_features, train.num_labels
+            )
         self.trainer = trainer
         self._forget_beyond(trainer.step, trainer.epoch, store.versions())
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
@@ -257,7 +276,8 @@ class JobProcess:
             try:
                 with self.db.session() as s:
                     result = s.execute(
-                        update(JobRow).where(JobRow.id == self.job_id, JobRow.runs == self.run)
+                        update(JobRow)
+                        .where(JobRow.id == self.job_id, JobRow.runs == self.run)
                         .values(**self._progress(), samples_per_s=rate, heartbeat_at=utcnow())
                     )
                     if result.rowcount == 0:  # deleted, or another process owns the job now
@@ -279,10 +299,16 @@ class JobProcess:
         try:
             with self.db.session() as s:
                 s.add(MetricRow(job_id=self.job_id, **{k: m.get(k) for k in METRIC_FIELDS}))
-                s.execute(update(JobRow).where(JobRow.id == self.job_id, JobRow.runs == self.run).values(
-                    latest_metrics={k: m.get(k) for k in METRIC_FIELDS},
-                    step=int(m.get("step") or 0), epoch=int(m.get("epoch") or 0), samples=int(m.get("samples") or 0),
-                ))
+                s.execute(
+                    update(JobRow)
+                    .where(JobRow.id == self.job_id, JobRow.runs == self.run)
+                    .values(
+                        latest_metrics={k: m.get(k) for k in METRIC_FIELDS},
+                        step=int(m.get("step") or 0),
+                        epoch=int(m.get("epoch") or 0),
+                        samples=int(m.get("samples") or 0),
+                    )
+                )
         except Exception:  # noqa: BLE001
             log.exception("could not record metrics at step %s", m.get("step"))
 
@@ -291,8 +317,14 @@ class JobProcess:
 
         try:
             with self.db.session() as s:
-                s.merge(ModelVersionRow(job_id=self.job_id, version=int(version), **self._progress(),
-                                        created_at=dt.datetime.now(dt.timezone.utc)))
+                s.merge(
+                    ModelVersionRow(
+                        job_id=self.job_id,
+                        version=int(version),
+                        **self._progress(),
+                        created_at=dt.datetime.now(dt.UTC),
+                    )
+                )
         except Exception:  # noqa: BLE001
             log.exception("could not record snapshot v%s", version)
 
@@ -311,8 +343,13 @@ class JobProcess:
         for attempt in range(5):
             try:
                 with self.db.session() as s:
-                    s.execute(update(JobRow).where(JobRow.id == self.job_id, JobRow.runs == self.run,
-                                                   JobRow.state.in_(("running", "stopping"))).values(**values))
+                    s.execute(
+                        update(JobRow)
+                        .where(
+                            JobRow.id == self.job_id, JobRow.runs == self.run, JobRow.state.in_(("running", "stopping"))
+                        )
+                        .values(**values)
+                    )
                 return
             except Exception:  # noqa: BLE001
                 log.exception("could not record the final state (attempt %d)", attempt + 1)

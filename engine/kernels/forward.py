@@ -30,8 +30,17 @@ from numba import prange
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from ..lsh import hash_vector, probe_buckets
 from .lowlevel import float_bits, float_from_bits, prefetch_row_read, weight_at
-from .sampling import (add_ids, collect_candidates, filter_candidates, is_label, kth_largest, mark_active,
-                       next_generation, pad_random, tie_seed)
+from .sampling import (
+    add_ids,
+    collect_candidates,
+    filter_candidates,
+    is_label,
+    kth_largest,
+    mark_active,
+    next_generation,
+    pad_random,
+    tie_seed,
+)
 
 ROWS_AHEAD = 16
 """Active rows a point prefetches ahead of the one it scores (4 cache lines a row of 128 bfloat16
@@ -74,8 +83,26 @@ def neuron_preactivation(w, j, inp):
 
 
 @kernel
-def lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, tags, counts, gen, qmargins, qcodes, qbuck,
-                   probes, threshold, max_active, ids):
+def lsh_active_set(
+    inp,
+    slot,
+    hidx,
+    hsign,
+    hparams,
+    toffsets,
+    tids,
+    hubs,
+    tags,
+    counts,
+    gen,
+    qmargins,
+    qcodes,
+    qbuck,
+    probes,
+    threshold,
+    max_active,
+    ids,
+):
     """Retrieve the candidates of one input from a sampled layer's tables into ids; returns how many.
 
     The layer's hubs (the neurons scoring highest on its average input) join every set: they score
@@ -116,12 +143,51 @@ def softmax_inplace(vals, n):
 
 
 @fast_kernel
-def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices, inv_batch,
-                w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
-                hid, act_ids, act_val, nact, nkept, delta0,
-                tags, counts, gens, chunk, qmargins, qcodes, qbuck, gin, gprev,
-                probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives,
-                negative_group, backprop_output):
+def train_point(
+    i,
+    p,
+    stream,
+    x_indptr,
+    x_indices,
+    x_values,
+    y_indptr,
+    y_indices,
+    inv_batch,
+    w0,
+    b0,
+    weights,
+    layer_slot,
+    hidx,
+    hsign,
+    hparams,
+    toffsets,
+    tids,
+    hubs,
+    hid,
+    act_ids,
+    act_val,
+    nact,
+    nkept,
+    delta0,
+    tags,
+    counts,
+    gens,
+    chunk,
+    qmargins,
+    qcodes,
+    qbuck,
+    gin,
+    gprev,
+    probes,
+    threshold,
+    max_active,
+    min_active,
+    seed,
+    hard_negatives,
+    random_negatives,
+    negative_group,
+    backprop_output,
+):
     """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled).
 
     backprop_output False stops at the output layer's deltas: the caller runs the backward pass through
@@ -152,17 +218,35 @@ def train_point(i, p, stream, x_indptr, x_indices, x_values, y_indptr, y_indices
         is_output = l == depth - 1
         if slot >= 0:
             gen = next_generation(tags, gens, chunk)
-            n = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, tags[chunk], counts[chunk],
-                               gen, qmargins[chunk], qcodes[chunk], qbuck[chunk], probes, threshold, max_active,
-                               ids)
+            n = lsh_active_set(
+                inp,
+                slot,
+                hidx,
+                hsign,
+                hparams,
+                toffsets,
+                tids,
+                hubs,
+                tags[chunk],
+                counts[chunk],
+                gen,
+                qmargins[chunk],
+                qcodes[chunk],
+                qbuck[chunk],
+                probes,
+                threshold,
+                max_active,
+                ids,
+            )
             if is_output:
                 n = add_ids(ids, n, labels, tags[chunk], gen, -1)
             n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + l)
             n_kept = n
             if is_output and random_negatives > 0:
                 # stream * depth + 0 is free: the input layer is never sampled
-                n = pad_random(ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed,
-                               (stream // negative_group) * depth)
+                n = pad_random(
+                    ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed, (stream // negative_group) * depth
+                )
             for a in range(n):
                 prefetch_ahead(w, ids, a, n)
                 vals[a] = neuron_preactivation(w, ids[a], inp)
@@ -290,12 +374,50 @@ def backward_batch(grad_inputs, n_chunks, weights, layer_slot, hid, act_ids, act
 
 
 @fast_parallel_kernel
-def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y_indices,
-                w0, b0, weights, layer_slot, hidx, hsign, hparams, toffsets, tids, hubs,
-                hid, act_ids, act_val, nact, nkept, delta0, losses,
-                tags, counts, gens, qmargins, qcodes, qbuck, gin, gprev, n_chunks,
-                probes, threshold, max_active, min_active, seed, hard_negatives, random_negatives,
-                negative_group, backprop_output):
+def train_batch(
+    points,
+    first_stream,
+    x_indptr,
+    x_indices,
+    x_values,
+    y_indptr,
+    y_indices,
+    w0,
+    b0,
+    weights,
+    layer_slot,
+    hidx,
+    hsign,
+    hparams,
+    toffsets,
+    tids,
+    hubs,
+    hid,
+    act_ids,
+    act_val,
+    nact,
+    nkept,
+    delta0,
+    losses,
+    tags,
+    counts,
+    gens,
+    qmargins,
+    qcodes,
+    qbuck,
+    gin,
+    gprev,
+    n_chunks,
+    probes,
+    threshold,
+    max_active,
+    min_active,
+    seed,
+    hard_negatives,
+    random_negatives,
+    negative_group,
+    backprop_output,
+):
     """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
 
     Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
@@ -304,9 +426,48 @@ def train_batch(points, first_stream, x_indptr, x_indices, x_values, y_indptr, y
     inv_batch = 1.0 / b
     for c in prange(n_chunks):
         for i in range(c, b, n_chunks):
-            losses[i] = train_point(i, points[i], first_stream + i, x_indptr, x_indices, x_values, y_indptr,
-                                    y_indices, inv_batch, w0, b0, weights, layer_slot, hidx, hsign, hparams,
-                                    toffsets, tids, hubs, hid, act_ids, act_val, nact, nkept, delta0, tags, counts, gens,
-                                    c, qmargins, qcodes, qbuck, gin, gprev, probes, threshold, max_active,
-                                    min_active, seed, hard_negatives, random_negatives, negative_group,
-                                    backprop_output)
+            losses[i] = train_point(
+                i,
+                points[i],
+                first_stream + i,
+                x_indptr,
+                x_indices,
+                x_values,
+                y_indptr,
+                y_indices,
+                inv_batch,
+                w0,
+                b0,
+                weights,
+                layer_slot,
+                hidx,
+                hsign,
+                hparams,
+                toffsets,
+                tids,
+                hubs,
+                hid,
+                act_ids,
+                act_val,
+                nact,
+                nkept,
+                delta0,
+                tags,
+                counts,
+                gens,
+                c,
+                qmargins,
+                qcodes,
+                qbuck,
+                gin,
+                gprev,
+                probes,
+                threshold,
+                max_active,
+                min_active,
+                seed,
+                hard_negatives,
+                random_negatives,
+                negative_group,
+                backprop_output,
+            )

@@ -26,9 +26,37 @@ def push_topk(labels, scores, j, s):
 
 
 @fast_parallel_kernel
-def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, hidx, hsign, hparams,
-                  toffsets, tids, hubs, hid, ids, tags, counts, gens, qmargins, qcodes, qbuck, n_chunks,
-                  probes, threshold, max_active, out_labels, out_scores, n_scored):
+def predict_batch(
+    indptr,
+    indices,
+    values,
+    exact,
+    w0,
+    b0,
+    weights,
+    layer_slot,
+    hidx,
+    hsign,
+    hparams,
+    toffsets,
+    tids,
+    hubs,
+    hid,
+    ids,
+    tags,
+    counts,
+    gens,
+    qmargins,
+    qcodes,
+    qbuck,
+    n_chunks,
+    probes,
+    threshold,
+    max_active,
+    out_labels,
+    out_scores,
+    n_scored,
+):
     """out_labels int32 (n, k) (-1 where fewer than k were scored), out_scores float32 (n, k): raw
     output-layer scores; n_scored int64 (n,): how many output neurons were scored per point."""
     n = indptr.shape[0] - 1
@@ -47,9 +75,26 @@ def predict_batch(indptr, indices, values, exact, w0, b0, weights, layer_slot, h
                 sampled = slot >= 0 and not exact
                 if sampled:
                     gen = next_generation(tags, gens, c)
-                    m = lsh_active_set(inp, slot, hidx, hsign, hparams, toffsets, tids, hubs, tags[c], counts[c],
-                                       gen, qmargins[c], qcodes[c], qbuck[c], probes, threshold, max_active,
-                                       ids[c])
+                    m = lsh_active_set(
+                        inp,
+                        slot,
+                        hidx,
+                        hsign,
+                        hparams,
+                        toffsets,
+                        tids,
+                        hubs,
+                        tags[c],
+                        counts[c],
+                        gen,
+                        qmargins[c],
+                        qcodes[c],
+                        qbuck[c],
+                        probes,
+                        threshold,
+                        max_active,
+                        ids[c],
+                    )
                 else:
                     m = w.shape[0]
                 if l < depth - 1:

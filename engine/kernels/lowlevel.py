@@ -24,8 +24,9 @@ def _emit_prefetch(builder, address, write=True):
     cache levels), cache type = 1 (data)."""
     i8p = ir.IntType(8).as_pointer()
     i32 = ir.IntType(32)
-    fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]),
-                                        "llvm.prefetch.p0")
+    fn = cgutils.get_or_insert_function(
+        builder.module, ir.FunctionType(ir.VoidType(), [i8p, i32, i32, i32]), "llvm.prefetch.p0"
+    )
     builder.call(fn, [address, i32(int(write)), i32(3), i32(1)])
 
 
@@ -54,11 +55,15 @@ def _row_prefetch(write):
         ary = context.make_array(aryty)(context, builder, args[0])
         intp = context.get_value_type(types.intp)
         row_index = context.cast(builder, args[1], signature.args[1], types.intp)
-        start = cgutils.get_item_pointer(context, builder, aryty, ary, [row_index, ir.Constant(intp, 0)],
-                                         wraparound=False)
+        start = cgutils.get_item_pointer(
+            context, builder, aryty, ary, [row_index, ir.Constant(intp, 0)], wraparound=False
+        )
         base = builder.bitcast(start, ir.IntType(8).as_pointer())
         row_bytes = cgutils.unpack_tuple(builder, ary.strides, 2)[0]
-        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), row_bytes, ir.Constant(intp, _CACHE_LINE)) as (off, _):
+        with cgutils.for_range_slice(builder, ir.Constant(intp, 0), row_bytes, ir.Constant(intp, _CACHE_LINE)) as (
+            off,
+            _,
+        ):
             _emit_prefetch(builder, builder.gep(base, [off]), write)
         return context.get_dummy_value()
 
@@ -66,8 +71,9 @@ def _row_prefetch(write):
 
 
 def _row_signature(matrix, row):
-    if not (isinstance(matrix, types.Array) and matrix.ndim == 2 and matrix.layout == "C"
-            and isinstance(row, types.Integer)):
+    if not (
+        isinstance(matrix, types.Array) and matrix.ndim == 2 and matrix.layout == "C" and isinstance(row, types.Integer)
+    ):
         return None
     return types.void(matrix, row)
 
@@ -119,8 +125,12 @@ def pread_into(typingctx, fd, out, start, count, offset):
 
     libc's pread is named in the object code and resolved when it is loaded, so kernels that call it
     can be cached (a ctypes function pointer could not: its address changes from process to process)."""
-    if not (isinstance(out, types.Array) and out.ndim == 1 and out.layout == "C"
-            and all(isinstance(a, types.Integer) for a in (fd, start, count, offset))):
+    if not (
+        isinstance(out, types.Array)
+        and out.ndim == 1
+        and out.layout == "C"
+        and all(isinstance(a, types.Integer) for a in (fd, start, count, offset))
+    ):
         return None
     sig = types.int64(fd, out, start, count, offset)
 
@@ -131,11 +141,18 @@ def pread_into(typingctx, fd, out, start, count, offset):
         item = context.get_abi_sizeof(context.get_data_type(signature.args[1].dtype))
         first = builder.gep(array.data, [context.cast(builder, start_v, signature.args[2], types.int64)])
         nbytes = builder.mul(context.cast(builder, count_v, signature.args[3], types.int64), i64(item))
-        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(i64, [ir.IntType(32), i8p, i64, i64]),
-                                            "pread")
-        return builder.call(fn, [context.cast(builder, fd_v, signature.args[0], types.int32),
-                                 builder.bitcast(first, i8p), nbytes,
-                                 context.cast(builder, offset_v, signature.args[4], types.int64)])
+        fn = cgutils.get_or_insert_function(
+            builder.module, ir.FunctionType(i64, [ir.IntType(32), i8p, i64, i64]), "pread"
+        )
+        return builder.call(
+            fn,
+            [
+                context.cast(builder, fd_v, signature.args[0], types.int32),
+                builder.bitcast(first, i8p),
+                nbytes,
+                context.cast(builder, offset_v, signature.args[4], types.int64),
+            ],
+        )
 
     return sig, codegen
 
@@ -177,10 +194,13 @@ def store_weight(row, k, value, salt):
 @overload(store_weight)
 def _store_weight(row, k, value, salt):
     if isinstance(row, types.Array) and row.dtype == types.uint16:
+
         def store(row, k, value, salt):
             row[k] = np.uint16((float_bits(value) + rounding_noise(salt, k)) >> np.uint32(16))
+
         return store
 
     def store_float(row, k, value, salt):
         row[k] = value
+
     return store_float

@@ -43,8 +43,14 @@ def adam_coefficients(t, lr, beta1, beta2, eps):
     step t >= 1, computed in float64 once per row: the update is step * m / (sqrt(v) + eps_hat)."""
     bc1 = 1.0 - beta1**t
     bc2 = 1.0 - beta2**t
-    return (np.float32(lr * math.sqrt(bc2) / bc1), np.float32(eps * math.sqrt(bc2)), np.float32(beta1),
-            np.float32(beta2), np.float32(1.0 - beta1), np.float32(1.0 - beta2))
+    return (
+        np.float32(lr * math.sqrt(bc2) / bc1),
+        np.float32(eps * math.sqrt(bc2)),
+        np.float32(beta1),
+        np.float32(beta2),
+        np.float32(1.0 - beta1),
+        np.float32(1.0 - beta2),
+    )
 
 
 @kernel
@@ -107,8 +113,9 @@ def adam_step(w, m, v, g, t, lr, beta1, beta2, eps, salt):
 @overload(adam_step)
 def _adam_step(w, m, v, g, t, lr, beta1, beta2, eps, salt):
     if isinstance(m, types.Array) and m.dtype == types.uint16:
-        return lambda w, m, v, g, t, lr, beta1, beta2, eps, salt: adam_row_bf16(w, m, v, g, t, lr, beta1, beta2,
-                                                                                eps, salt)
+        return lambda w, m, v, g, t, lr, beta1, beta2, eps, salt: adam_row_bf16(
+            w, m, v, g, t, lr, beta1, beta2, eps, salt
+        )
     return lambda w, m, v, g, t, lr, beta1, beta2, eps, salt: adam_row(w, m, v, g, t, lr, beta1, beta2, eps, salt)
 
 
@@ -207,8 +214,25 @@ def add_scaled_row(acc, d, row):
 
 
 @fast_parallel_kernel
-def update_sampled_layer(w, m, v, steps, drift, vals, inputs, group_start, pair_point, pair_slot, touched,
-                         lr, beta1, beta2, eps, n_chunks, grad_inputs):
+def update_sampled_layer(
+    w,
+    m,
+    v,
+    steps,
+    drift,
+    vals,
+    inputs,
+    group_start,
+    pair_point,
+    pair_slot,
+    touched,
+    lr,
+    beta1,
+    beta2,
+    eps,
+    n_chunks,
+    grad_inputs,
+):
     """Adam on the touched rows of a layer with rows (out, in+1); gradient = sum delta * [input, 1];
     m float32 or bfloat16 bits (uint16).
 
@@ -279,8 +303,9 @@ def group_by_feature(points, x_indptr, x_indices, group_of_feature):
 
 
 @fast_parallel_kernel
-def update_input_layer(w0, m0, v0, steps0, x_values, delta0, group_start, pair_point, pair_nz, touched,
-                       lr, beta1, beta2, eps):
+def update_input_layer(
+    w0, m0, v0, steps0, x_values, delta0, group_start, pair_point, pair_nz, touched, lr, beta1, beta2, eps
+):
     """Adam on the rows of W0 (num_features, h1) of features present in the batch.
 
     Rows are independent, so each chunk takes a contiguous block of touched and prefetches the row

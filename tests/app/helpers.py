@@ -22,8 +22,13 @@ def upload(client: Any, path: Path, name: str = "tiny", **kwargs: Any):
     return client.post("/v1/datasets", params={"name": name}, content=data, headers=headers, **kwargs)
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.1, what: str = "condition",
-             diagnose: Callable[[], str] | None = None):
+def wait_for(
+    predicate: Callable[[], Any],
+    timeout: float = 60.0,
+    interval: float = 0.1,
+    what: str = "condition",
+    diagnose: Callable[[], str] | None = None,
+):
     """Poll until predicate() is truthy; returns its value. On timeout, `diagnose()` adds context."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -72,7 +77,7 @@ class DataState:
     files: dict[str, str]
     rows: dict[str, list[str]]
 
-    def diff(self, other: "DataState") -> str:
+    def diff(self, other: DataState) -> str:
         lines = []
         for path in sorted(self.files.keys() | other.files.keys()):
             if self.files.get(path) != other.files.get(path):
@@ -127,13 +132,20 @@ class StreamedResponse:
         return json.loads(self.body)
 
 
-def asgi_request(client: Any, method: str, path: str, chunks: Iterable[bytes] = (),
-                 headers: dict[str, str] | None = None, query: str = "") -> StreamedResponse:
+def asgi_request(
+    client: Any,
+    method: str,
+    path: str,
+    chunks: Iterable[bytes] = (),
+    headers: dict[str, str] | None = None,
+    query: str = "",
+) -> StreamedResponse:
     """Call the app as a server would: `path` reaches it exactly as given (percent-decoded, dot segments and all;
     the TestClient's httpx would normalise `..` away), and the body goes one ASGI message per chunk, pulled only
     when the app asks (as a slow upload arrives), counting how much it read. The TestClient hands it all at once."""
-    import anyio
     from urllib.parse import quote
+
+    import anyio
 
     pending = iter(chunks)
     pulled = 0
@@ -155,10 +167,19 @@ def asgi_request(client: Any, method: str, path: str, chunks: Iterable[bytes] = 
         messages.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
-        "path": path, "raw_path": quote(path, safe="/").encode(), "query_string": query.encode(), "root_path": "",
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": method,
+        "scheme": "http",
+        "path": path,
+        "raw_path": quote(path, safe="/").encode(),
+        "query_string": query.encode(),
+        "root_path": "",
         "headers": [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in (headers or {}).items()],
-        "client": ("127.0.0.1", 50000), "server": ("testserver", 80), "state": {},
+        "client": ("127.0.0.1", 50000),
+        "server": ("testserver", 80),
+        "state": {},
     }
     start = time.perf_counter()
     try:
@@ -169,8 +190,13 @@ def asgi_request(client: Any, method: str, path: str, chunks: Iterable[bytes] = 
     seconds = time.perf_counter() - start
     head = next(m for m in messages if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
-    return StreamedResponse(head["status"], {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head["headers"]},
-                            body, pulled, seconds)
+    return StreamedResponse(
+        head["status"],
+        {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in head["headers"]},
+        body,
+        pulled,
+        seconds,
+    )
 
 
 def all_routes(app: Any) -> list[tuple[str, str]]:
@@ -181,5 +207,9 @@ def all_routes(app: Any) -> list[tuple[str, str]]:
         routes: Iterable[Any] = iter_route_contexts(app.routes)
     except ImportError:  # older FastAPI flattens them into app.routes
         routes = app.routes
-    return sorted((method, route.path) for route in routes for method in (getattr(route, "methods", None) or ())
-                  if method != "HEAD")
+    return sorted(
+        (method, route.path)
+        for route in routes
+        for method in (getattr(route, "methods", None) or ())
+        if method != "HEAD"
+    )

@@ -23,11 +23,11 @@ import pytest
 
 from tests.app.helpers import (
     all_routes,
+    asgi_request,
     assert_problem,
     assert_unchanged,
     data_state,
     gzip_bytes,
-    asgi_request,
     wait_for,
 )
 from tests.conftest import make_settings
@@ -67,11 +67,17 @@ def svc(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) -> Iterator
         for name in list(os.environ):
             if name.startswith("SLIDE_"):
                 mp.delenv(name)
-        settings = make_settings(root / "svc" / "data", max_upload_bytes=LIMIT, predict_max_k=MAX_K,
-                                 predict_max_instances=MAX_INSTANCES, max_concurrent_jobs=1)
+        settings = make_settings(
+            root / "svc" / "data",
+            max_upload_bytes=LIMIT,
+            predict_max_k=MAX_K,
+            predict_max_instances=MAX_INSTANCES,
+            max_concurrent_jobs=1,
+        )
         with TestClient(create_app(settings)) as client:
-            r = client.post("/v1/datasets", params={"name": "train"}, content=text,
-                            headers={"Content-Type": "text/plain"})
+            r = client.post(
+                "/v1/datasets", params={"name": "train"}, content=text, headers={"Content-Type": "text/plain"}
+            )
             assert r.status_code == 201, r.text
             dataset_id = r.json()["id"]
             config = {"hidden": [16], "batch_size": 64, "epochs": 1, "seed": 1}
@@ -79,8 +85,11 @@ def svc(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) -> Iterator
             # One job at a time: this one waits behind the first and is stopped before it ever trains.
             untrained = client.post("/v1/jobs", json={"train_dataset_id": dataset_id, "config": config}).json()["id"]
             assert client.post(f"/v1/jobs/{untrained}/stop").json()["state"] == "stopped"
-            wait_for(lambda: client.get(f"/v1/jobs/{trained}").json()["state"] in ("completed", "failed"),
-                     timeout=120, what="the trained job to finish")
+            wait_for(
+                lambda: client.get(f"/v1/jobs/{trained}").json()["state"] in ("completed", "failed"),
+                timeout=120,
+                what="the trained job to finish",
+            )
             assert client.get(f"/v1/jobs/{trained}").json()["state"] == "completed"
             yield Svc(client, settings, dataset_id, trained, untrained, train.num_features, root, outside)
 
@@ -120,15 +129,17 @@ def _send(client: Any, text: bytes, transport: str, **kwargs: Any):
     if transport == "text/plain":
         return client.post("/v1/datasets", content=text, headers={"Content-Type": "text/plain"}, **kwargs)
     if transport == "gzip":
-        return client.post("/v1/datasets", content=gzip_bytes(text), headers={"Content-Type": "application/gzip"},
-                           **kwargs)
+        return client.post(
+            "/v1/datasets", content=gzip_bytes(text), headers={"Content-Type": "application/gzip"}, **kwargs
+        )
     return client.post("/v1/datasets", files={"file": ("bad.txt", text, "text/plain")}, **kwargs)
 
 
 @pytest.mark.parametrize("transport", ["text/plain", "gzip", "multipart"])
 @pytest.mark.parametrize(("text", "line", "words"), [pytest.param(*c[1:], id=c[0]) for c in MALFORMED])
-def test_malformed_upload_is_422_naming_the_line_and_leaves_nothing(svc: Svc, text: bytes, line: int | None,
-                                                                     words: str, transport: str) -> None:
+def test_malformed_upload_is_422_naming_the_line_and_leaves_nothing(
+    svc: Svc, text: bytes, line: int | None, words: str, transport: str
+) -> None:
     before = data_state(svc.client)
     p = assert_problem(_send(svc.client, text, transport), 422)
     assert p["type"] == "urn:slide:problem:invalid-content" and p["field"] == "body", p
@@ -142,43 +153,79 @@ GARBAGE = random.Random(7).randbytes(8192)  # deterministic; not gzip (does not 
 VALID = b"2 10 4\n0,1 1:0.5 3:1\n2 4:1\n"
 _rng = random.Random(3)
 VARIED = b"400 1000 50\n" + b"".join(  # valid, and compresses too little for a cut gzip to hold all of it
-    f"{_rng.randrange(50)} {_rng.randrange(500)}:{_rng.random():.4f} {500 + _rng.randrange(500)}:{_rng.random():.4f}\n"
-    .encode() for _ in range(400))
+    f"{_rng.randrange(50)} {_rng.randrange(500)}:{_rng.random():.4f} {500 + _rng.randrange(500)}:{_rng.random():.4f}\n".encode()
+    for _ in range(400)
+)
 TOO_BIG = b"12000 10 4\n" + b"0 1:1\n" * 12000  # 72 KB of valid lines > LIMIT
 
 
 def _multipart(body: bytes, boundary: str = "b0undary") -> tuple[bytes, dict[str, str]]:
-    data = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"x\"\r\n\r\n".encode()
-            + body + f"\r\n--{boundary}--\r\n".encode())
+    data = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="x"\r\n\r\n'.encode()
+        + body
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
     return data, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
 
 
 # (id, body, headers, status, field, words)
 OTHER_UPLOADS = [
     ("binary garbage", GARBAGE, {"Content-Type": "application/octet-stream"}, 422, "body", "line 1: the header"),
-    ("gzip without its trailer", gzip_bytes(VARIED)[:-8], {"Content-Type": "application/gzip"}, 422, "body",
-     "truncated"),
-    ("gzip cut in half", gzip_bytes(VARIED)[:len(gzip_bytes(VARIED)) // 2], {"Content-Encoding": "gzip"}, 422, "body",
-     "truncated"),
-    ("corrupt gzip", gzip_bytes(VALID)[:10] + GARBAGE, {"Content-Type": "application/gzip"}, 422, "body",
-     "corrupt gzip"),
+    (
+        "gzip without its trailer",
+        gzip_bytes(VARIED)[:-8],
+        {"Content-Type": "application/gzip"},
+        422,
+        "body",
+        "truncated",
+    ),
+    (
+        "gzip cut in half",
+        gzip_bytes(VARIED)[: len(gzip_bytes(VARIED)) // 2],
+        {"Content-Encoding": "gzip"},
+        422,
+        "body",
+        "truncated",
+    ),
+    (
+        "corrupt gzip",
+        gzip_bytes(VALID)[:10] + GARBAGE,
+        {"Content-Type": "application/gzip"},
+        422,
+        "body",
+        "corrupt gzip",
+    ),
     ("declared gzip, sent plain", VALID, {"Content-Type": "text/plain", "Content-Encoding": "gzip"}, 422, "body", ""),
     ("unknown Content-Encoding", VALID, {"Content-Encoding": "br"}, 415, None, "Content-Encoding 'br'"),
     ("JSON instead of a file", b'{"a": 1}', {"Content-Type": "application/json"}, 415, None, "application/json"),
-    ("multipart without boundary", VALID, {"Content-Type": "multipart/form-data"}, 422, "header.content-type",
-     "boundary"),
-    ("multipart without a file part", _multipart(VALID)[0].replace(b'name="file"', b'name="other"'),
-     _multipart(b"")[1], 422, "body.file", "no `file` part"),
+    (
+        "multipart without boundary",
+        VALID,
+        {"Content-Type": "multipart/form-data"},
+        422,
+        "header.content-type",
+        "boundary",
+    ),
+    (
+        "multipart without a file part",
+        _multipart(VALID)[0].replace(b'name="file"', b'name="other"'),
+        _multipart(b"")[1],
+        422,
+        "body.file",
+        "no `file` part",
+    ),
     ("multipart cut short", _multipart(VALID)[0][:-20], _multipart(b"")[1], 422, "body.file", "ended inside"),
     ("over the limit (Content-Length)", TOO_BIG, {"Content-Type": "text/plain"}, 413, None, "larger than the limit"),
     ("over the limit in multipart", *_multipart(TOO_BIG), 413, None, "larger than the limit"),
 ]
 
 
-@pytest.mark.parametrize(("body", "headers", "status", "field", "words"),
-                         [pytest.param(*c[1:], id=c[0]) for c in OTHER_UPLOADS])
-def test_other_bad_uploads_are_refused_and_leave_nothing(svc: Svc, body: bytes, headers: dict[str, str], status: int,
-                                                         field: str | None, words: str) -> None:
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "field", "words"), [pytest.param(*c[1:], id=c[0]) for c in OTHER_UPLOADS]
+)
+def test_other_bad_uploads_are_refused_and_leave_nothing(
+    svc: Svc, body: bytes, headers: dict[str, str], status: int, field: str | None, words: str
+) -> None:
     before = data_state(svc.client)
     p = assert_problem(svc.client.post("/v1/datasets", content=body, headers=headers), status)
     assert words in p["detail"], p
@@ -192,8 +239,10 @@ def test_other_bad_uploads_are_refused_and_leave_nothing(svc: Svc, body: bytes, 
 @pytest.mark.parametrize("name", ["a\x00b", "tab\there", "line\nbreak", "x" * 201, ""])
 def test_bad_dataset_name_is_422_naming_the_parameter(svc: Svc, name: str) -> None:
     before = data_state(svc.client)
-    p = assert_problem(svc.client.post("/v1/datasets", params={"name": name}, content=VALID,
-                                       headers={"Content-Type": "text/plain"}), 422)
+    p = assert_problem(
+        svc.client.post("/v1/datasets", params={"name": name}, content=VALID, headers={"Content-Type": "text/plain"}),
+        422,
+    )
     assert p["field"] == "query.name", p
     assert_unchanged(before, data_state(svc.client))
 
@@ -214,8 +263,9 @@ def test_gzip_bomb_is_stopped_while_streaming(svc: Svc, how: str) -> None:
         bomb, headers = _multipart(bomb)
     assert len(bomb) > 4 * FEED_BATCH_BYTES
     before = data_state(svc.client)
-    r = asgi_request(svc.client, "POST", "/v1/datasets", (bomb[i:i + 65536] for i in range(0, len(bomb), 65536)),
-                     headers)
+    r = asgi_request(
+        svc.client, "POST", "/v1/datasets", (bomb[i : i + 65536] for i in range(0, len(bomb), 65536)), headers
+    )
     assert r.status == 413 and r.headers["content-type"] == "application/problem+json", r.body
     assert r.json()["limit_bytes"] == LIMIT
     # Refused within the first batch of the body, long before the rest was read or inflated (inflating it all
@@ -227,11 +277,12 @@ def test_gzip_bomb_is_stopped_while_streaming(svc: Svc, how: str) -> None:
 
 def test_over_the_limit_is_refused_without_reading_it_or_as_soon_as_it_passes(svc: Svc) -> None:
     big = b"999999 10 4\n" + b"0 1:1\n" * 700_000  # 4.2 MB
-    chunks = [big[i:i + 65536] for i in range(0, len(big), 65536)]
+    chunks = [big[i : i + 65536] for i in range(0, len(big), 65536)]
     before = data_state(svc.client)
     # Content-Length says too much: refused before a byte is read.
-    r = asgi_request(svc.client, "POST", "/v1/datasets", chunks, {"Content-Type": "text/plain",
-                                                                  "Content-Length": str(len(big))})
+    r = asgi_request(
+        svc.client, "POST", "/v1/datasets", chunks, {"Content-Type": "text/plain", "Content-Length": str(len(big))}
+    )
     assert r.status == 413 and r.bytes_read == 0, (r.status, r.bytes_read)
     # Chunked, no length: refused at the batch that passes the limit.
     r = asgi_request(svc.client, "POST", "/v1/datasets", chunks, {"Content-Type": "text/plain"})
@@ -250,23 +301,55 @@ BAD_PREDICTS = [
     ("instances missing", {"k": 3}, "body.instances", "required"),
     ("instances not a list", {"instances": {"indices": [1], "values": [1.0]}}, "body.instances", "valid list"),
     ("too many instances", {"instances": [ONE] * (MAX_INSTANCES + 1)}, "body.instances", f"at most {MAX_INSTANCES}"),
-    ("index out of range", {"instances": [ONE, {"indices": [7, 2000], "values": [1.0, 1.0]}]},
-     "body.instances[1].indices[1]", "feature id 2000 is out of range"),
-    ("index past int32", {"instances": [{"indices": [2**31], "values": [1.0]}]}, "body.instances[0].indices[0]",
-     "less than 2147483648"),
-    ("negative index", {"instances": [{"indices": [-1], "values": [1.0]}]}, "body.instances[0].indices[0]",
-     "greater than or equal to 0"),
+    (
+        "index out of range",
+        {"instances": [ONE, {"indices": [7, 2000], "values": [1.0, 1.0]}]},
+        "body.instances[1].indices[1]",
+        "feature id 2000 is out of range",
+    ),
+    (
+        "index past int32",
+        {"instances": [{"indices": [2**31], "values": [1.0]}]},
+        "body.instances[0].indices[0]",
+        "less than 2147483648",
+    ),
+    (
+        "negative index",
+        {"instances": [{"indices": [-1], "values": [1.0]}]},
+        "body.instances[0].indices[0]",
+        "greater than or equal to 0",
+    ),
     ("repeated index", {"instances": [{"indices": [3, 3], "values": [1.0, 1.0]}]}, "body.instances[0]", "repeat"),
-    ("more indices than values", {"instances": [{"indices": [1, 2], "values": [1.0]}]}, "body.instances[0]",
-     "indices has 2 entries but values has 1"),
-    ("more values than indices", {"instances": [{"indices": [1], "values": [1.0, 2.0]}]}, "body.instances[0]",
-     "pair up"),
-    ("value past float32", {"instances": [{"indices": [1], "values": [1e39]}]}, "body.instances[0].values[0]",
-     "less than or equal to"),
-    ("index as a string", {"instances": [{"indices": ["1"], "values": [1.0]}]}, "body.instances[0].indices[0]",
-     "valid integer"),
-    ("value as a boolean", {"instances": [{"indices": [1], "values": [True]}]}, "body.instances[0].values[0]",
-     "valid number"),
+    (
+        "more indices than values",
+        {"instances": [{"indices": [1, 2], "values": [1.0]}]},
+        "body.instances[0]",
+        "indices has 2 entries but values has 1",
+    ),
+    (
+        "more values than indices",
+        {"instances": [{"indices": [1], "values": [1.0, 2.0]}]},
+        "body.instances[0]",
+        "pair up",
+    ),
+    (
+        "value past float32",
+        {"instances": [{"indices": [1], "values": [1e39]}]},
+        "body.instances[0].values[0]",
+        "less than or equal to",
+    ),
+    (
+        "index as a string",
+        {"instances": [{"indices": ["1"], "values": [1.0]}]},
+        "body.instances[0].indices[0]",
+        "valid integer",
+    ),
+    (
+        "value as a boolean",
+        {"instances": [{"indices": [1], "values": [True]}]},
+        "body.instances[0].values[0]",
+        "valid number",
+    ),
     ("k zero", {"instances": [ONE], "k": 0}, "body.k", "greater than or equal to 1"),
     ("k negative", {"instances": [ONE], "k": -5}, "body.k", "greater than or equal to 1"),
     ("k over the limit", {"instances": [ONE], "k": MAX_K + 1}, "body.k", f"at most {MAX_K}"),
@@ -284,20 +367,35 @@ def test_bad_predict_is_422_naming_the_field(svc: Svc, body: dict[str, Any], fie
     assert p["field"] == field and words in p["detail"], p
 
 
-@pytest.mark.parametrize(("raw", "content_type", "status", "words"), [
-    pytest.param(b'{"instances": [{"indices": [1], "values": [NaN]}]}', "application/json", 422, "finite",
-                 id="NaN literal"),
-    pytest.param(b'{"instances": [{"indices": [1], "values": [-Infinity]}]}', "application/json", 422, "finite",
-                 id="Infinity literal"),
-    pytest.param(b'{"instances": [', "application/json", 400, "not valid JSON", id="truncated JSON"),
-    pytest.param(b"\xff\xfe\x00", "application/json", 400, "error parsing the body", id="binary body"),
-    pytest.param(b"[1, 2]", "application/json", 422, "valid dictionary", id="JSON array"),
-    pytest.param(b"", "application/json", 422, "required", id="empty body"),
-    pytest.param(b'{"instances": [{"indices": [1], "values": [1.0]}]}', "text/plain", 422, "valid dictionary",
-                 id="not declared as JSON"),
-])
-def test_malformed_predict_body_is_a_clear_4xx(svc: Svc, raw: bytes, content_type: str, status: int,
-                                               words: str) -> None:
+@pytest.mark.parametrize(
+    ("raw", "content_type", "status", "words"),
+    [
+        pytest.param(
+            b'{"instances": [{"indices": [1], "values": [NaN]}]}', "application/json", 422, "finite", id="NaN literal"
+        ),
+        pytest.param(
+            b'{"instances": [{"indices": [1], "values": [-Infinity]}]}',
+            "application/json",
+            422,
+            "finite",
+            id="Infinity literal",
+        ),
+        pytest.param(b'{"instances": [', "application/json", 400, "not valid JSON", id="truncated JSON"),
+        pytest.param(b"\xff\xfe\x00", "application/json", 400, "error parsing the body", id="binary body"),
+        pytest.param(b"[1, 2]", "application/json", 422, "valid dictionary", id="JSON array"),
+        pytest.param(b"", "application/json", 422, "required", id="empty body"),
+        pytest.param(
+            b'{"instances": [{"indices": [1], "values": [1.0]}]}',
+            "text/plain",
+            422,
+            "valid dictionary",
+            id="not declared as JSON",
+        ),
+    ],
+)
+def test_malformed_predict_body_is_a_clear_4xx(
+    svc: Svc, raw: bytes, content_type: str, status: int, words: str
+) -> None:
     r = svc.client.post(f"/v1/models/{svc.trained}/predict", content=raw, headers={"Content-Type": content_type})
     assert words in assert_problem(r, status)["detail"]
 
@@ -351,9 +449,20 @@ def _outside_state(svc: Svc) -> dict[str, tuple[str, int]]:
 def _hostile_ids(svc: Svc) -> list[str]:
     to_outside = os.path.relpath(svc.outside, svc.settings.datasets_dir)  # ../../../outside from datasets/ and jobs/
     return [
-        "..", "../..", to_outside, to_outside + "/secret.txt", str(svc.outside), str(svc.outside / "secret.txt"),
-        "/etc/passwd", "..\\..\\outside", "./" + svc.dataset_id, svc.dataset_id + "/../../../outside",
-        svc.dataset_id + "\x00", "a\x00b", "~", "x" * 5000,
+        "..",
+        "../..",
+        to_outside,
+        to_outside + "/secret.txt",
+        str(svc.outside),
+        str(svc.outside / "secret.txt"),
+        "/etc/passwd",
+        "..\\..\\outside",
+        "./" + svc.dataset_id,
+        svc.dataset_id + "/../../../outside",
+        svc.dataset_id + "\x00",
+        "a\x00b",
+        "~",
+        "x" * 5000,
     ]
 
 
@@ -366,8 +475,10 @@ def test_hostile_ids_never_touch_files_outside_the_data_dir(svc: Svc) -> None:
     predict_body = json.dumps({"instances": [ONE]}).encode()
     for hostile in _hostile_ids(svc):
         for method, template in routes:
-            path = template.replace(template[template.index("{"):template.index("}") + 1], hostile)
-            body, headers = ([predict_body], {"Content-Type": "application/json"}) if path.endswith("/predict") else ([], {})
+            path = template.replace(template[template.index("{") : template.index("}") + 1], hostile)
+            body, headers = (
+                ([predict_body], {"Content-Type": "application/json"}) if path.endswith("/predict") else ([], {})
+            )
             r = asgi_request(svc.client, method, path, body, headers)
             assert 400 <= r.status < 500, (method, path[:120], r.status, r.body[:300])
             assert r.headers["content-type"] == "application/problem+json", (method, path[:120], r.headers)

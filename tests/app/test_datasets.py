@@ -53,8 +53,12 @@ def test_upload_gzip_both_ways_and_multipart(client, xmc_files, xmc_summaries):
     assert r.json()["name"].startswith("dataset-")
 
     plain = xmc_files["train"].read_bytes()
-    r = client.post("/v1/datasets", params={"name": "picked"}, data={"note": "ignored"},
-                    files={"file": ("train.txt", plain, "text/plain")})
+    r = client.post(
+        "/v1/datasets",
+        params={"name": "picked"},
+        data={"note": "ignored"},
+        files={"file": ("train.txt", plain, "text/plain")},
+    )
     assert r.status_code == 201, r.text
     _check_fields(r.json(), summary, len(plain))
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from engine import SlideConfig
-
 from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
 from tests.conftest import make_settings
 
@@ -50,7 +49,9 @@ def test_config_and_reference_errors_name_the_field(client, datasets):
     for body, field in cases:
         p = assert_problem(client.post("/v1/jobs", json=body), 422)
         assert p["field"] == field, p
-    p = assert_problem(client.post("/v1/jobs", content=b'{"train_dataset_id": ', headers={"Content-Type": "application/json"}), 400)
+    p = assert_problem(
+        client.post("/v1/jobs", content=b'{"train_dataset_id": ', headers={"Content-Type": "application/json"}), 400
+    )
     assert "JSON" in p["detail"]
     assert client.get("/v1/jobs").json()["count"] == 0
     assert_problem(client.get("/v1/jobs/nope"), 404)
@@ -85,8 +86,9 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     client = client_for(settings)
     train_id = upload(client, xmc_files["train"]).json()["id"]
     test_id = upload(client, xmc_files["test"]).json()["id"]
-    r = client.post("/v1/jobs", json={"train_dataset_id": train_id, "eval_dataset_id": test_id,
-                                      "config": dict(FAST, epochs=100)})
+    r = client.post(
+        "/v1/jobs", json={"train_dataset_id": train_id, "eval_dataset_id": test_id, "config": dict(FAST, epochs=100)}
+    )
     assert r.status_code == 201, r.text
     job = r.json()
     job_id = job["id"]
@@ -97,18 +99,26 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     # A second job waits for the slot: its model has no snapshot -> 503 with a clear message.
     waiting = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 1}}).json()
     assert waiting["state"] == "queued"
-    p = assert_problem(client.post(f"/v1/models/{waiting['id']}/predict",
-                                   json={"instances": [{"indices": [1], "values": [1.0]}]}), 503)
+    p = assert_problem(
+        client.post(f"/v1/models/{waiting['id']}/predict", json={"instances": [{"indices": [1], "values": [1.0]}]}), 503
+    )
     assert "no snapshot yet" in p["detail"]
     assert client.delete(f"/v1/jobs/{waiting['id']}").status_code == 204
 
     # Live predictions while it trains; the version moves on.
     diagnose = job_diagnosis(client, settings, job_id)
     wait_for(lambda: _state_is(client, job_id, "running"), what="running", diagnose=diagnose)
-    first = wait_for(lambda: (_job(client, job_id)["model_version"] or 0) >= 1, what="a first snapshot",
-                     diagnose=diagnose)
-    query = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]},
-                           {"indices": [3, 1999], "values": [0.7, 0.1]}], "k": 5, "mode": "lsh"}
+    first = wait_for(
+        lambda: (_job(client, job_id)["model_version"] or 0) >= 1, what="a first snapshot", diagnose=diagnose
+    )
+    query = {
+        "instances": [
+            {"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]},
+            {"indices": [3, 1999], "values": [0.7, 0.1]},
+        ],
+        "k": 5,
+        "mode": "lsh",
+    }
     pred = client.post(f"/v1/models/{job_id}/predict", json=query)
     assert pred.status_code == 200, pred.text
     v1 = pred.json()["model_version"]
@@ -210,10 +220,15 @@ def test_trainer_threads_run_niced(tmp_path, client_for, xmc_files):
     CPU first when both want it."""
     client = client_for(make_settings(tmp_path / "data", trainer_nice=5, trainer_threads=2))
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": dict(FAST, epochs=1000)}).json()["id"]
+    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": dict(FAST, epochs=1000)}).json()[
+        "id"
+    ]
     jobs = client.app.state.services.jobs
-    wait_for(lambda: (_state_is(client, job_id, "running") or {}).get("progress", {}).get("step", 0) > 0,
-             what="training steps", diagnose=job_diagnosis(client, client.app.state.services.settings, job_id))
+    wait_for(
+        lambda: (_state_is(client, job_id, "running") or {}).get("progress", {}).get("step", 0) > 0,
+        what="training steps",
+        diagnose=job_diagnosis(client, client.app.state.services.settings, job_id),
+    )
     pid = jobs.get(job_id).pid
     expected = min(19, os.getpriority(os.PRIO_PROCESS, 0) + 5)
     nices = _thread_nices(pid)

@@ -38,8 +38,11 @@ def test_shutdown_interrupts_and_the_next_start_resumes(tmp_path, client_for, xm
     held.__exit__(None, None, None)
 
     resumed = client_for(make_settings(data, auto_resume=True))
-    done = wait_for(lambda: (j := _job(resumed, job_id))["state"] in ("completed", "failed") and j, timeout=120,
-                    what="completed after restart")
+    done = wait_for(
+        lambda: (j := _job(resumed, job_id))["state"] in ("completed", "failed") and j,
+        timeout=120,
+        what="completed after restart",
+    )
     assert done["state"] == "completed", done["error"]
     assert done["runs"] == 2 and done["progress"]["epoch"] == 60
 
@@ -49,8 +52,10 @@ def test_crash_recovery_marks_running_jobs_interrupted(tmp_path, client_for, xmc
     client = client_for(make_settings(data, max_concurrent_jobs=1))
     train_id = upload(client, xmc_files["train"]).json()["id"]
     db = client.app.state.services.db
-    ids = [client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 1}}).json()["id"]
-           for _ in range(2)]
+    ids = [
+        client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 1}}).json()["id"]
+        for _ in range(2)
+    ]
     client.__exit__(None, None, None)
     before = db.sessionmaker().get(JobRow, ids[0]).interruptions  # 1 if the shutdown caught it training
     # Pretend the service died while one was training and the other stopping.

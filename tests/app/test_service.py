@@ -66,8 +66,11 @@ def test_api_key_guards_every_route_but_health_and_docs(tmp_path, client_for, xm
     # Swagger's Authorize button: the scheme is declared and applied to the protected operations
     spec = client.get("/openapi.json").json()
     assert spec["components"]["securitySchemes"]["APIKeyHeader"] == {
-        "type": "apiKey", "in": "header", "name": "X-API-Key",
-        "description": spec["components"]["securitySchemes"]["APIKeyHeader"]["description"]}
+        "type": "apiKey",
+        "in": "header",
+        "name": "X-API-Key",
+        "description": spec["components"]["securitySchemes"]["APIKeyHeader"]["description"],
+    }
     assert spec["paths"]["/v1/datasets"]["get"]["security"] == [{"APIKeyHeader": []}]
     assert "security" not in spec["paths"]["/healthz"]["get"]
 
@@ -77,7 +80,8 @@ def test_openapi_documents_problems_and_examples(client):
     upload_op = spec["paths"]["/v1/datasets"]["post"]
     assert {"multipart/form-data", "text/plain", "application/gzip"} <= set(upload_op["requestBody"]["content"])
     assert upload_op["responses"]["413"]["content"] == {
-        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
+    }
     predict = spec["paths"]["/v1/models/{model_id}/predict"]["post"]
     assert "examples" in predict["requestBody"]["content"]["application/json"]
     assert "503" in predict["responses"]
@@ -120,8 +124,13 @@ def test_prometheus_metrics(client):
 def test_settings_are_validated(tmp_path, clean_env, monkeypatch):
     from app.settings import Settings
 
-    for bad in ({"snapshot_interval_s": 0}, {"max_upload_bytes": 0}, {"max_concurrent_jobs": 0},
-                {"trainer_threads": -1}, {"max_upload_bytes": "lots"}):
+    for bad in (
+        {"snapshot_interval_s": 0},
+        {"max_upload_bytes": 0},
+        {"max_concurrent_jobs": 0},
+        {"trainer_threads": -1},
+        {"max_upload_bytes": "lots"},
+    ):
         with pytest.raises(ValidationError):
             Settings(_env_file=None, data_dir=tmp_path, **bad)
     file = tmp_path / "a-file"

@@ -27,8 +27,7 @@ class Server:
     """`start()` waits for /readyz; `stop(sig)` signals and waits. In its own session (process group), so a test
     can kill the server and its trainers at once (`kill_group`), as a container runtime or systemd would."""
 
-    def __init__(self, data_dir: Path, log_path: Path, preexec_fn: Callable[[], None] | None = None,
-                 **settings: str):
+    def __init__(self, data_dir: Path, log_path: Path, preexec_fn: Callable[[], None] | None = None, **settings: str):
         self.data_dir = data_dir
         self.log_path = log_path
         self.preexec_fn = preexec_fn
@@ -48,22 +47,28 @@ class Server:
     def client(self, timeout: float = 30) -> httpx.Client:
         return httpx.Client(base_url=self.url, timeout=timeout)
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         env = {k: v for k, v in os.environ.items() if not k.startswith("SLIDE_")}
-        env.update({
-            "SLIDE_DATA_DIR": str(self.data_dir),
-            "SLIDE_SNAPSHOT_INTERVAL_S": "0.3",
-            "SLIDE_PROGRESS_INTERVAL_S": "0.2",
-            "SLIDE_SUPERVISOR_POLL_S": "0.1",
-            "SLIDE_TRAINER_THREADS": "1",
-            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-            **self.settings,
-        })
+        env.update(
+            {
+                "SLIDE_DATA_DIR": str(self.data_dir),
+                "SLIDE_SNAPSHOT_INTERVAL_S": "0.3",
+                "SLIDE_PROGRESS_INTERVAL_S": "0.2",
+                "SLIDE_SUPERVISOR_POLL_S": "0.1",
+                "SLIDE_TRAINER_THREADS": "1",
+                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+                **self.settings,
+            }
+        )
         self.port = free_port()
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=ROOT,
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             preexec_fn=self.preexec_fn,
         )
         log.close()

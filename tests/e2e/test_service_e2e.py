@@ -58,8 +58,12 @@ def test_upload_train_live_predict_stop_resume_restart(tmp_path: Path, servers, 
     c = httpx.Client(base_url=server.url, timeout=30)
 
     # Upload: gzip streamed in chunks (no Content-Length), and the test set as multipart.
-    r = c.post("/v1/datasets", params={"name": "train"}, content=_chunks(xmc_files["train_gz"]),
-               headers={"Content-Type": "application/gzip"})
+    r = c.post(
+        "/v1/datasets",
+        params={"name": "train"},
+        content=_chunks(xmc_files["train_gz"]),
+        headers={"Content-Type": "application/gzip"},
+    )
     assert r.status_code == 201, r.text
     train = r.json()
     assert train["num_points"] == xmc_summaries["train"]["num_points"]

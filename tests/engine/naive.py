@@ -186,8 +186,10 @@ def mix3(seed: int, a: int, b: int) -> int:
 def simhash_codes(x, idx, sign) -> np.ndarray:
     """One bit per code: [<r_c, x> > 0], r_c the sparse +-1 projection (idx[c], sign[c])."""
     x = np.asarray(x, dtype=np.float64)
-    return np.array([1 if float(np.dot(sign[c].astype(np.float64), x[idx[c]])) > 0 else 0
-                     for c in range(idx.shape[0])], dtype=np.int64)
+    return np.array(
+        [1 if float(np.dot(sign[c].astype(np.float64), x[idx[c]])) > 0 else 0 for c in range(idx.shape[0])],
+        dtype=np.int64,
+    )
 
 
 def wta_codes(x, idx, empty_code=0) -> np.ndarray:
@@ -288,8 +290,9 @@ def simhash_bit_collision(cosine: float) -> float:
 
 
 # ---- a small planted dataset ----------------------------------------------------------------------
-def planted_dataset(num_points, num_features, num_labels, seed=0, vocab=6, noise=2, max_labels=3,
-                    unlabelled=0.0, zipf=1.0):
+def planted_dataset(
+    num_points, num_features, num_labels, seed=0, vocab=6, noise=2, max_labels=3, unlabelled=0.0, zipf=1.0
+):
     """A Dataset where each label owns `vocab` features: a point with labels Y has (most of) the
     features of Y plus `noise` random ones, with positive tf-idf-like values (rows L2-normalised).
     Labels are Zipf-popular. `unlabelled`: the share of points without labels (features pure noise)."""
@@ -317,6 +320,12 @@ def planted_dataset(num_points, num_features, num_labels, seed=0, vocab=6, noise
         x_indptr.append(x_indptr[-1] + len(f))
         y_indices.append(labels.astype(np.int32))
         y_indptr.append(y_indptr[-1] + len(labels))
-    return Dataset(np.array(x_indptr, np.int64), np.concatenate(x_indices).astype(np.int32),
-                   np.concatenate(x_values).astype(np.float32), np.array(y_indptr, np.int64),
-                   np.concatenate(y_indices).astype(np.int32), num_features, num_labels)
+    return Dataset(
+        np.array(x_indptr, np.int64),
+        np.concatenate(x_indices).astype(np.int32),
+        np.concatenate(x_values).astype(np.float32),
+        np.array(y_indptr, np.int64),
+        np.concatenate(y_indices).astype(np.int32),
+        num_features,
+        num_labels,
+    )

@@ -7,18 +7,21 @@ import pytest
 from engine.config import ConfigError, SlideConfig
 
 
-@pytest.mark.parametrize("changes, field", [
-    ({"hash_family": "minhash"}, "hash_family"),
-    ({"hash_l": -1}, "hash_l"),
-    ({"hash_l": 1025}, "hash_l"),
-    ({"probes": -1}, "probes"),
-    ({"probes": 65}, "probes"),
-    ({"predict_probes": -2}, "predict_probes"),
-    ({"hash_family": "dwta", "probes": 1}, "probes"),
-    ({"hash_family": "wta", "predict_probes": 2}, "probes"),
-    ({"drift_threshold": -0.1}, "drift_threshold"),
-    ({"lr": float("nan")}, "lr"),
-])
+@pytest.mark.parametrize(
+    "changes, field",
+    [
+        ({"hash_family": "minhash"}, "hash_family"),
+        ({"hash_l": -1}, "hash_l"),
+        ({"hash_l": 1025}, "hash_l"),
+        ({"probes": -1}, "probes"),
+        ({"probes": 65}, "probes"),
+        ({"predict_probes": -2}, "predict_probes"),
+        ({"hash_family": "dwta", "probes": 1}, "probes"),
+        ({"hash_family": "wta", "predict_probes": 2}, "probes"),
+        ({"drift_threshold": -0.1}, "drift_threshold"),
+        ({"lr": float("nan")}, "lr"),
+    ],
+)
 def test_bad_settings_name_their_field(changes, field):
     with pytest.raises(ConfigError) as err:
         SlideConfig(**changes)

@@ -76,20 +76,18 @@ def naive_parse(text: str):
         xp.append(len(xi))
         yp.append(len(yi))
     assert len(xp) - 1 == n
-    return Dataset(np.array(xp, np.int64), np.array(xi, np.int32), np.array(xv, np.float32),
-                   np.array(yp, np.int64), np.array(yi, np.int32), d, l)
+    return Dataset(
+        np.array(xp, np.int64),
+        np.array(xi, np.int32),
+        np.array(xv, np.float32),
+        np.array(yp, np.int64),
+        np.array(yi, np.int32),
+        d,
+        l,
+    )
 
 
-SMALL = (
-    b"6 20 8\n"
-    b"1,3 0:1.5 7:0.25 19:3e-2\n"
-    b" 2:1 4:-0.5\n"
-    b"5:0.125 6:2\n"
-    b"0,7\n"
-    b"\n"
-    b" \n"
-    b"4 12:1E+2\t13:.5 14:7.\n"
-)
+SMALL = b"6 20 8\n1,3 0:1.5 7:0.25 19:3e-2\n 2:1 4:-0.5\n5:0.125 6:2\n0,7\n\n \n4 12:1E+2\t13:.5 14:7.\n"
 
 
 # --- round trips ---------------------------------------------------------------------------
@@ -128,28 +126,57 @@ def test_every_float32_value_round_trips_with_short_text():
     bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32)
     vals = bits.view(np.float32)
     vals = vals[np.isfinite(vals)]
-    extremes = np.array([np.finfo(np.float32).max, -np.finfo(np.float32).max, np.finfo(np.float32).tiny,
-                         np.float32(1e-45), 1.0, 0.1, 1e15, 1e16, 123456789.0, 0.0, -0.0, 1e-5, 9.99999e-6],
-                        dtype=np.float32)
+    extremes = np.array(
+        [
+            np.finfo(np.float32).max,
+            -np.finfo(np.float32).max,
+            np.finfo(np.float32).tiny,
+            np.float32(1e-45),
+            1.0,
+            0.1,
+            1e15,
+            1e16,
+            123456789.0,
+            0.0,
+            -0.0,
+            1e-5,
+            9.99999e-6,
+        ],
+        dtype=np.float32,
+    )
     vals = np.concatenate([vals, extremes])
     n = len(vals)
-    ds = Dataset(np.arange(n + 1, dtype=np.int64), np.zeros(n, np.int32), vals,
-                 np.zeros(n + 1, np.int64), np.zeros(0, np.int32), 1, 1)
+    ds = Dataset(
+        np.arange(n + 1, dtype=np.int64),
+        np.zeros(n, np.int32),
+        vals,
+        np.zeros(n + 1, np.int64),
+        np.zeros(0, np.int32),
+        1,
+        1,
+    )
     text = format_xmc_rows(ds)
     back = parse_xmc_bytes(f"{n} 1 1\n".encode() + text)
     np.testing.assert_array_equal(back.x_values.view(np.uint32)[vals != 0], vals.view(np.uint32)[vals != 0])
     assert np.all(back.x_values[vals == 0] == 0)
     # shortest form: simple decimals come out as written
     simple = np.array([0.5, 0.1, 3.0, 100.0, 0.001, 1.5e-7, 2.5e20], dtype=np.float32)
-    ds = Dataset(np.arange(8, dtype=np.int64), np.zeros(7, np.int32), simple,
-                 np.zeros(8, np.int64), np.zeros(0, np.int32), 1, 1)
-    assert format_xmc_rows(ds).split() == [b"0:0.5", b"0:0.1", b"0:3", b"0:100", b"0:0.001",
-                                           b"0:1.5e-7", b"0:2.5e20"]
+    ds = Dataset(
+        np.arange(8, dtype=np.int64), np.zeros(7, np.int32), simple, np.zeros(8, np.int64), np.zeros(0, np.int32), 1, 1
+    )
+    assert format_xmc_rows(ds).split() == [b"0:0.5", b"0:0.1", b"0:3", b"0:100", b"0:0.001", b"0:1.5e-7", b"0:2.5e20"]
 
 
 def test_write_rejects_nonfinite_values(tmp_path):
-    ds = Dataset(np.array([0, 1], np.int64), np.array([0], np.int32), np.array([np.nan], np.float32),
-                 np.array([0, 0], np.int64), np.zeros(0, np.int32), 1, 1)
+    ds = Dataset(
+        np.array([0, 1], np.int64),
+        np.array([0], np.int32),
+        np.array([np.nan], np.float32),
+        np.array([0, 0], np.int64),
+        np.zeros(0, np.int32),
+        1,
+        1,
+    )
     with pytest.raises(ValueError, match="NaN or infinity"):
         write_xmc(ds, tmp_path / "x.txt")
 
@@ -186,8 +213,10 @@ def test_random_texts_match_naive_parser():
         lines = [f"{n} 50 20"]
         for _ in range(n):
             labels = ",".join(map(str, rng.choice(20, rng.integers(0, 4), replace=False)))
-            feats = [f"{f}:{rng.standard_normal():.{rng.integers(0, 9)}g}"
-                     for f in rng.choice(50, rng.integers(0, 8), replace=False)]
+            feats = [
+                f"{f}:{rng.standard_normal():.{rng.integers(0, 9)}g}"
+                for f in rng.choice(50, rng.integers(0, 8), replace=False)
+            ]
             sep = " \t"[int(rng.integers(0, 2))] * int(rng.integers(1, 3))
             lead = " " if not labels and (not feats or rng.random() < 0.5) else ""
             lines.append((labels or lead) + "".join(sep + f for f in feats))

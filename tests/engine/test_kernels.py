@@ -40,8 +40,11 @@ def exact_config(**settings) -> SlideConfig:
 
 def snapshot_params(model):
     """float64 copies of (w0, b0, [w1, ...])."""
-    return (model.float_weights(0).astype(np.float64), model.b0.astype(np.float64),
-            [model.float_weights(l).astype(np.float64) for l in range(1, model.depth)])
+    return (
+        model.float_weights(0).astype(np.float64),
+        model.b0.astype(np.float64),
+        [model.float_weights(l).astype(np.float64) for l in range(1, model.depth)],
+    )
 
 
 def batch(data, points):
@@ -59,8 +62,9 @@ def engine_hidden(model, data, p):
     """The input layer's output for point p, computed by the engine's own kernel: a query's SimHash bits
     depend on the last bit of h, and the kernels may fuse or reorder float operations."""
     h = np.empty(model.b0.shape[0], dtype=np.float32)
-    sparse_input_layer(model.weights[0], model.b0, data.x_indices, data.x_values, data.x_indptr[p],
-                       data.x_indptr[p + 1], h)
+    sparse_input_layer(
+        model.weights[0], model.b0, data.x_indices, data.x_values, data.x_indptr[p], data.x_indptr[p + 1], h
+    )
     s, e = data.x_indptr[p], data.x_indptr[p + 1]
     want = naive.hidden_float32(model.weights[0], model.b0, data.x_indices[s:e], data.x_values[s:e])
     np.testing.assert_allclose(h, want, rtol=1e-5, atol=1e-6)
@@ -125,7 +129,9 @@ class NaiveAdam:
             m = trainer.m[l]
             if m.dtype == np.uint16:
                 # one bfloat16 step (2^-8) where float32 and float64 round a value to different sides
-                np.testing.assert_allclose(from_bfloat16(m), self.m[l], rtol=2**-7, atol=1e-9, err_msg=f"m of layer {l}")
+                np.testing.assert_allclose(
+                    from_bfloat16(m), self.m[l], rtol=2**-7, atol=1e-9, err_msg=f"m of layer {l}"
+                )
             else:
                 # a gradient summed with cancellation keeps float32's error of its largest terms, so a
                 # tiny m (or v) may differ by more than rtol of itself: allow a little of the largest too
@@ -199,17 +205,29 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
     trainer.train_step(np.arange(12))
     g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
     for l, g in enumerate([g_w0, *gs]):
-        np.testing.assert_allclose(trainer.m[l] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8,
-                                   err_msg=f"gradient of layer {l}")
+        np.testing.assert_allclose(
+            trainer.m[l] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8, err_msg=f"gradient of layer {l}"
+        )
 
 
 # ---- sampled step == dense gradient restricted to the active set ---------------------------------------
 @pytest.mark.parametrize("sample_hidden", [False, True])
 def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(data, sample_hidden):
     hidden = (16, 12) if sample_hidden else (16,)
-    cfg = exact_config(hidden=hidden, sample_hidden=sample_hidden, hash_family="simhash", hash_k=3, hash_l=2,
-                      bucket_size=4, min_active=6, batch_size=8, lr=1e-2, init_std=0.3, seed=7,
-                      rehash_n0=1000)
+    cfg = exact_config(
+        hidden=hidden,
+        sample_hidden=sample_hidden,
+        hash_family="simhash",
+        hash_k=3,
+        hash_l=2,
+        bucket_size=4,
+        min_active=6,
+        batch_size=8,
+        lr=1e-2,
+        init_std=0.3,
+        seed=7,
+        rehash_n0=1000,
+    )
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg)
     out = trainer.model.depth - 1
@@ -236,8 +254,20 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
     """With hard_negatives = h, a point's softmax still spans its whole active set, but only its labels
     and its h most probable other active neurons get a delta; rows no kept delta touches take no
     Adam step. Checked against the naive gradient with the same mask and naive lazy Adam."""
-    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=10,
-                      hard_negatives=3, batch_size=8, lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000)
+    cfg = exact_config(
+        hidden=(16,),
+        hash_family="simhash",
+        hash_k=3,
+        hash_l=2,
+        bucket_size=4,
+        min_active=10,
+        hard_negatives=3,
+        batch_size=8,
+        lr=1e-2,
+        init_std=0.3,
+        seed=7,
+        rehash_n0=1000,
+    )
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg)
     out = trainer.model.depth - 1
@@ -285,9 +315,22 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
     their logits raised by log((L - kept) / r). The step equals naive Adam on the gradient of that
     shifted softmax, and the hard-negative cut ranks only the retrieved neurons (the drawn ones keep
     their delta; with many of them the shift is small and some rank below the cut)."""
-    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4, min_active=8,
-                      random_negatives=r, random_negative_group=1, hard_negatives=hard_negatives, batch_size=8,
-                      lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000)
+    cfg = exact_config(
+        hidden=(16,),
+        hash_family="simhash",
+        hash_k=3,
+        hash_l=2,
+        bucket_size=4,
+        min_active=8,
+        random_negatives=r,
+        random_negative_group=1,
+        hard_negatives=hard_negatives,
+        batch_size=8,
+        lr=1e-2,
+        init_std=0.3,
+        seed=7,
+        rehash_n0=1000,
+    )
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg)
     out = trainer.model.depth - 1
@@ -321,8 +364,19 @@ def test_random_negatives_are_uniform_over_the_unretrieved(data):
     """Each neuron outside a point's retrieved set + labels is drawn with probability r / (L - kept):
     per-label counts over many points against their expectation (chi-square, fixed seed)."""
     r = 5
-    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
-                      random_negatives=r, random_negative_group=1, batch_size=40, lr=1e-6, seed=3, rehash_n0=1000)
+    cfg = exact_config(
+        hidden=(16,),
+        hash_family="simhash",
+        hash_k=3,
+        hash_l=2,
+        bucket_size=4,
+        random_negatives=r,
+        random_negative_group=1,
+        batch_size=40,
+        lr=1e-6,
+        seed=3,
+        rehash_n0=1000,
+    )
     trainer = Trainer(cfg, data)
     counts, expected = np.zeros(L), np.zeros(L)
     for _ in range(25):
@@ -349,8 +403,18 @@ def test_random_negatives_are_shared_within_a_group():
     the group shares its draws but for the few a point had retrieved; different groups draw apart."""
     wide = naive.planted_dataset(32, F, 3000, seed=2, vocab=5, noise=2, max_labels=3)
     r, g = 20, 4
-    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=2, bucket_size=4,
-                      random_negatives=r, random_negative_group=g, batch_size=16, seed=5, rehash_n0=1000)
+    cfg = exact_config(
+        hidden=(16,),
+        hash_family="simhash",
+        hash_k=3,
+        hash_l=2,
+        bucket_size=4,
+        random_negatives=r,
+        random_negative_group=g,
+        batch_size=16,
+        seed=5,
+        rehash_n0=1000,
+    )
     trainer = Trainer(cfg, wide)
     for _ in range(2):
         trainer.train_step(np.arange(16))
@@ -392,8 +456,10 @@ def test_group_by_row_lists_each_pair_once_under_its_row_in_point_order(skip_zer
             if not (skip_zero and vals[i, a] == 0.0):
                 expected.setdefault(int(ids[i, a]), []).append((i, a))
     assert len(touched) == len(expected)
-    got = {int(j): list(zip(pair_point[start[r]:start[r + 1]].tolist(), pair_slot[start[r]:start[r + 1]].tolist()))
-           for r, j in enumerate(touched)}
+    got = {
+        int(j): list(zip(pair_point[start[r] : start[r + 1]].tolist(), pair_slot[start[r] : start[r + 1]].tolist()))
+        for r, j in enumerate(touched)
+    }
     assert got == expected
 
 
@@ -417,6 +483,7 @@ def test_capped_candidates_keep_the_frequent_and_a_uniform_share_of_the_ties():
     """Over many inputs (seeds), the cap keeps every candidate above the cut-off count and exactly the
     remaining number of ties, each tie equally often whatever its position (chi-square, fixed seed)."""
     from engine.kernels.sampling import filter_candidates
+
     rng = np.random.default_rng(4)
     n, cap, trials = 60, 20, 3000
     counts0 = np.ones(n, np.int32)
@@ -441,6 +508,7 @@ def test_capped_candidates_keep_the_frequent_and_a_uniform_share_of_the_ties():
 
 def test_kth_largest_is_the_sorted_value():
     from engine.kernels.sampling import kth_largest
+
     rng = np.random.default_rng(9)
     for trial in range(300):
         n = int(rng.integers(1, 300))
@@ -459,8 +527,18 @@ def test_kth_largest_is_the_sorted_value():
 def test_active_set_follows_the_buckets(data, max_active):
     """The output active set of a point = union of its L buckets (capped to the most frequently
     retrieved when max_active > 0) + its labels."""
-    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=2, hash_l=3, bucket_size=1000, batch_size=8,
-                      max_active=max_active, init_std=0.3, seed=5, rehash_n0=1000)
+    cfg = exact_config(
+        hidden=(16,),
+        hash_family="simhash",
+        hash_k=2,
+        hash_l=3,
+        bucket_size=1000,
+        batch_size=8,
+        max_active=max_active,
+        init_std=0.3,
+        seed=5,
+        rehash_n0=1000,
+    )
     trainer = Trainer(cfg, data)
     model = trainer.model
     w0, b0 = model.weights[0].copy(), model.b0.copy()
@@ -471,8 +549,9 @@ def test_active_set_follows_the_buckets(data, max_active):
     for i, p in enumerate(points):
         h = trainer._bufs.hid[0][i]  # the hidden vector the step hashed (bits matter for SimHash)
         s, e = data.x_indptr[p], data.x_indptr[p + 1]
-        np.testing.assert_allclose(h, naive.hidden_float32(w0, b0, data.x_indices[s:e], data.x_values[s:e]),
-                                   rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(
+            h, naive.hidden_float32(w0, b0, data.x_indices[s:e], data.x_values[s:e]), rtol=1e-5, atol=1e-6
+        )
         buckets = lsh.hash_dense(h, hf)
         found = tables.query(tb, buckets)
         expected = set(naive.retrieve(found, 1, max(max_active, 0), naive.tie_seed(hf.params, buckets)).tolist())
@@ -544,8 +623,21 @@ def trained_model():
     """A small sampled model with weights moved by a few steps of training."""
     set_threads(1)
     train = naive.planted_dataset(300, 60, 120, seed=2, vocab=6, noise=2)
-    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=6, bucket_size=64, batch_size=32,
-                       hub_neurons=8, lr=5e-3, init_std=0.1, seed=21, rehash_n0=5, epochs=2, eval_every=0)
+    cfg = exact_config(
+        hidden=(16,),
+        hash_family="simhash",
+        hash_k=4,
+        hash_l=6,
+        bucket_size=64,
+        batch_size=32,
+        hub_neurons=8,
+        lr=5e-3,
+        init_std=0.1,
+        seed=21,
+        rehash_n0=5,
+        epochs=2,
+        eval_every=0,
+    )
     trainer = Trainer(cfg, train)
     trainer.run()
     return trainer.model, train
@@ -579,17 +671,21 @@ def test_lsh_scores_are_exact_scores_of_the_same_labels(trained_model):
                 assert s == -np.inf
 
 
-@pytest.mark.parametrize("threshold, train_cap, predict_cap, predict_hubs, cap", [
-    (1, 0, -1, 0, 0),  # no serving cap: every bucket member is scored
-    (2, 0, -1, 0, 0),  # only neurons found in >= 2 of the L buckets
-    (1, 0, 7, 0, 7),  # a serving cap: the 7 most frequently retrieved
-    (1, 9, 0, 0, 0),  # predict_max_active = 0 (auto) on a layer without serving hubs: no cap
-    (1, 9, 0, 4, 9),  # ... and on one configured with serving hubs: the training cap
-])
+@pytest.mark.parametrize(
+    "threshold, train_cap, predict_cap, predict_hubs, cap",
+    [
+        (1, 0, -1, 0, 0),  # no serving cap: every bucket member is scored
+        (2, 0, -1, 0, 0),  # only neurons found in >= 2 of the L buckets
+        (1, 0, 7, 0, 7),  # a serving cap: the 7 most frequently retrieved
+        (1, 9, 0, 0, 0),  # predict_max_active = 0 (auto) on a layer without serving hubs: no cap
+        (1, 9, 0, 4, 9),  # ... and on one configured with serving hubs: the training cap
+    ],
+)
 def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train_cap, predict_cap, predict_hubs, cap):
     base, data = trained_model
-    cfg = base.config.replace(active_threshold=threshold, max_active=train_cap, predict_max_active=predict_cap,
-                              predict_hubs=predict_hubs)
+    cfg = base.config.replace(
+        active_threshold=threshold, max_active=train_cap, predict_max_active=predict_cap, predict_hubs=predict_hubs
+    )
     model = SlideModel(cfg, base.num_features, base.num_labels, base.weights, base.b0, base.hashes, base.tables)
     hf, tb = model.hashes[0], model.tables[0]
     n = 60
@@ -648,8 +744,17 @@ def test_exact_predict_ignores_hidden_sampling(weight_dtype):
     """With sampled hidden layers, `exact` computes every neuron of every layer: the dense network (of
     the decoded weights, when they are stored as bfloat16)."""
     data = naive.planted_dataset(30, F, L, seed=9)
-    cfg = SlideConfig(hidden=(12, 10), sample_hidden=True, hash_family="simhash", hash_k=2, hash_l=2, bucket_size=2,
-                      init_std=0.3, seed=2, weight_dtype=weight_dtype)
+    cfg = SlideConfig(
+        hidden=(12, 10),
+        sample_hidden=True,
+        hash_family="simhash",
+        hash_k=2,
+        hash_l=2,
+        bucket_size=2,
+        init_std=0.3,
+        seed=2,
+        weight_dtype=weight_dtype,
+    )
     model = SlideModel.initialize(cfg, F, L)
     x, _ = batch(data, np.arange(30))
     w0, b0, ws = snapshot_params(model)
@@ -692,8 +797,9 @@ def test_model_versions_of_one_shape_share_prediction_buffers(trained_model):
     args = rows(data, 20)
     want = base.predict(*args, k=5, mode="lsh")
     pooled = sum(len(free) for free in network._SCRATCH_POOL.values())
-    version2 = SlideModel(base.config, base.num_features, base.num_labels, base.weights, base.b0, base.hashes,
-                          base.tables)
+    version2 = SlideModel(
+        base.config, base.num_features, base.num_labels, base.weights, base.b0, base.hashes, base.tables
+    )
     got = version2.predict(*args, k=5, mode="lsh")
     assert sum(len(free) for free in network._SCRATCH_POOL.values()) == pooled
     np.testing.assert_array_equal(got[0], want[0])
@@ -708,8 +814,12 @@ def test_model_versions_of_one_shape_share_prediction_buffers(trained_model):
 # ---- bfloat16 first moments ------------------------------------------------------------------------------
 def test_bfloat16_rounds_to_nearest_even():
     rng = np.random.default_rng(3)
-    x = np.concatenate([rng.standard_normal(20000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 20000),
-                        np.array([0.0, -0.0, 1.0, -2.5, 3.3e38, 1e-40], np.float32)]).astype(np.float32)
+    x = np.concatenate(
+        [
+            rng.standard_normal(20000).astype(np.float32) * 10.0 ** rng.integers(-30, 30, 20000),
+            np.array([0.0, -0.0, 1.0, -2.5, 3.3e38, 1e-40], np.float32),
+        ]
+    ).astype(np.float32)
     got = from_bfloat16(to_bfloat16(x)).astype(np.float64)
     # the two bfloat16 neighbours of each value: its float32 bits truncated, and one step up
     bits = x.view(np.uint32)
@@ -728,8 +838,20 @@ def test_bfloat16_rounds_to_nearest_even():
 def test_bfloat16_first_moments_follow_float32_adam(data):
     """The first step is the same update (the moment is rounded only when stored), the stored moment
     is the float32 one rounded; later steps stay within bfloat16's resolution of the float32 run."""
-    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=4, bucket_size=8, min_active=8,
-                      batch_size=8, lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000, moment_dtype="float32")
+    cfg = exact_config(
+        hidden=(16,),
+        hash_family="simhash",
+        hash_k=3,
+        hash_l=4,
+        bucket_size=8,
+        min_active=8,
+        batch_size=8,
+        lr=1e-2,
+        init_std=0.3,
+        seed=7,
+        rehash_n0=1000,
+        moment_dtype="float32",
+    )
     exact, compact = Trainer(cfg, data), Trainer(cfg.replace(moment_dtype="bfloat16"), data)
     assert compact.m[1].dtype == np.uint16 and exact.m[1].dtype == np.float32
     assert compact.m[0].dtype == np.float32, "dense layers keep float32 moments"
@@ -809,8 +931,19 @@ def test_bfloat16_weights_take_the_float32_step_rounded_to_a_neighbour(data):
     moments with either storage; each bfloat16 weight a step updates lands on one of the two bfloat16
     neighbours of the float32 result, rows the step did not touch keep their bits, and the roundings
     go both ways."""
-    cfg = exact_config(hidden=(16,), hash_family="simhash", hash_k=3, hash_l=4, bucket_size=8, min_active=8,
-                       batch_size=8, lr=1e-2, init_std=0.3, seed=7, rehash_n0=1000)
+    cfg = exact_config(
+        hidden=(16,),
+        hash_family="simhash",
+        hash_k=3,
+        hash_l=4,
+        bucket_size=8,
+        min_active=8,
+        batch_size=8,
+        lr=1e-2,
+        init_std=0.3,
+        seed=7,
+        rehash_n0=1000,
+    )
     exact, compact = Trainer(cfg, data), Trainer(cfg.replace(weight_dtype="bfloat16"), data)
     assert all(w.dtype == np.uint16 for w in compact.model.weights)
     assert compact.v[1].dtype == np.float32 and compact.model.b0.dtype == np.float32

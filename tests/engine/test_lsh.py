@@ -17,8 +17,9 @@ FAMILIES = ("simhash", "wta", "dwta")
 
 
 def draw(family, k, l, dim=64, bin_size=8, table_bits=0, seed=0, density=0.33, n_neurons=1000):
-    cfg = SlideConfig(hash_family=family, hash_k=k, hash_l=l, bin_size=bin_size, table_bits=table_bits,
-                      simhash_density=density)
+    cfg = SlideConfig(
+        hash_family=family, hash_k=k, hash_l=l, bin_size=bin_size, table_bits=table_bits, simhash_density=density
+    )
     return lsh.draw_hash_functions(cfg, dim, n_neurons, np.random.default_rng(seed))
 
 

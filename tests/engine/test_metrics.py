@@ -117,8 +117,9 @@ def test_propensity_formula_and_ordering():
     assert got.dtype == np.float64
     np.testing.assert_allclose(got, expected)
     assert np.all(np.diff(got) < 0) and np.all(got > 1)  # rarer labels weigh more
-    np.testing.assert_allclose(propensity_scores(counts, n, 0.6, 2.6),
-                               1 + (math.log(n) - 1) * 3.6**0.6 * (counts + 2.6) ** -0.6)
+    np.testing.assert_allclose(
+        propensity_scores(counts, n, 0.6, 2.6), 1 + (math.log(n) - 1) * 3.6**0.6 * (counts + 2.6) ** -0.6
+    )
     with pytest.raises(ValueError, match="num_points"):
         propensity_scores(counts, 0)
 

@@ -14,10 +14,15 @@ def naive_take(data: Dataset, rows) -> Dataset:
     ys = [np.arange(data.y_indptr[r], data.y_indptr[r + 1]) for r in rows]
     xi = np.concatenate(xs).astype(np.int64)
     yi = np.concatenate(ys).astype(np.int64)
-    return Dataset(np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64),
-                   np.asarray(data.x_indices)[xi], np.asarray(data.x_values)[xi],
-                   np.concatenate([[0], np.cumsum([len(y) for y in ys])]).astype(np.int64),
-                   np.asarray(data.y_indices)[yi], data.num_features, data.num_labels)
+    return Dataset(
+        np.concatenate([[0], np.cumsum([len(x) for x in xs])]).astype(np.int64),
+        np.asarray(data.x_indices)[xi],
+        np.asarray(data.x_values)[xi],
+        np.concatenate([[0], np.cumsum([len(y) for y in ys])]).astype(np.int64),
+        np.asarray(data.y_indices)[yi],
+        data.num_features,
+        data.num_labels,
+    )
 
 
 def assert_same(a: Dataset, b: Dataset) -> None:

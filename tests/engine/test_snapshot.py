@@ -14,9 +14,24 @@ from engine.trainer import Trainer
 
 from . import naive
 
-CFG = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=5, bucket_size=32, min_active=4,
-                  batch_size=16, lr=5e-3, init_std=0.05, epochs=2, rehash_n0=3, rehash_lambda=0.3,
-                  rebuild_every=2, seed=5, threads=1, eval_every=0)
+CFG = SlideConfig(
+    hidden=(16,),
+    hash_family="simhash",
+    hash_k=4,
+    hash_l=5,
+    bucket_size=32,
+    min_active=4,
+    batch_size=16,
+    lr=5e-3,
+    init_std=0.05,
+    epochs=2,
+    rehash_n0=3,
+    rehash_lambda=0.3,
+    rebuild_every=2,
+    seed=5,
+    threads=1,
+    eval_every=0,
+)
 
 
 @pytest.fixture(scope="module")
@@ -169,8 +184,12 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data, split):
     result = run_until(first, split)
     assert result["stopped"] and first.step == split
     resumed = Trainer.resume(store, train, test)
-    assert (resumed.step, resumed.epoch, resumed.batch_in_epoch, resumed.rehash_round) == \
-        (first.step, first.epoch, first.batch_in_epoch, first.rehash_round)
+    assert (resumed.step, resumed.epoch, resumed.batch_in_epoch, resumed.rehash_round) == (
+        first.step,
+        first.epoch,
+        first.batch_in_epoch,
+        first.rehash_round,
+    )
     resumed.run()
     assert resumed.step == total
     want, got = straight.arrays(), resumed.arrays()
@@ -182,6 +201,7 @@ def test_resume_is_bit_identical_to_an_uninterrupted_run(tmp_path, data, split):
 
 def test_snapshot_from_before_serving_hubs_serves_with_the_training_hubs(tmp_path, data):
     from engine.snapshot import model_arrays, model_from_arrays
+
     train, test = data
     cfg = SlideConfig(hidden=(8,), hash_k=3, hash_l=4, hub_neurons=3, predict_hubs=6, epochs=1, seed=2)
     trainer = Trainer(cfg, train)
@@ -253,5 +273,12 @@ def test_bfloat16_weights_are_stored_as_they_are(tmp_path, data):
         np.testing.assert_array_equal(predict_both(served, test, mode)[1], predict_both(trainer.model, test, mode)[1])
     arrays = load_arrays(path, ["w1"], mmap=False)
     with pytest.raises(ValueError, match="weight_dtype"):
-        type(served)(CFG.replace(weight_dtype="float32"), served.num_features, served.num_labels,
-                     (served.weights[0], arrays["w1"]), served.b0, served.hashes, served.tables)
+        type(served)(
+            CFG.replace(weight_dtype="float32"),
+            served.num_features,
+            served.num_labels,
+            (served.weights[0], arrays["w1"]),
+            served.b0,
+            served.hashes,
+            served.tables,
+        )

@@ -58,8 +58,9 @@ def test_sparse_training_matches_dense_at_five_percent_active(tiny, trained):
     train, test = tiny
     dense, sparse = trained
     popular = int(np.argmax(train.label_counts()))
-    baseline = np.mean([popular in test.y_indices[test.y_indptr[i]:test.y_indptr[i + 1]]
-                        for i in range(test.num_points)])
+    baseline = np.mean(
+        [popular in test.y_indices[test.y_indptr[i] : test.y_indptr[i + 1]] for i in range(test.num_points)]
+    )
     dense_p1 = mean_p_at_1(dense, test, "exact")
     sparse_p1 = mean_p_at_1(sparse, test, "exact")
     active = [h["active_fraction"] for t in sparse for h in t.history]

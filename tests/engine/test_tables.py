@@ -37,7 +37,9 @@ def test_build_matches_naive_grouping_when_buckets_fit(policy):
     tb = build(codes, nb, capacity=n, policy=policy, inserted=rng.integers(0, 5, n))
     groups = naive.group_buckets(codes, nb)
     for t in range(l):
-        np.testing.assert_array_equal(tb.offsets[t], np.concatenate([[0], np.cumsum(np.bincount(codes[t], minlength=nb))]))
+        np.testing.assert_array_equal(
+            tb.offsets[t], np.concatenate([[0], np.cumsum(np.bincount(codes[t], minlength=nb))])
+        )
         for b in range(nb):
             np.testing.assert_array_equal(members(tb, t, b), groups[t][b])
         # Every neuron in exactly one bucket per table.
@@ -152,8 +154,16 @@ def test_model_tables_hold_every_neuron_once_per_table(family):
     its centred weight row hashes to, in every table."""
     from engine import lsh
 
-    cfg = SlideConfig(hidden=(16,), hash_family=family, hash_k=2, hash_l=6, bin_size=4, bucket_size=10_000,
-                      simhash_density=0.33, seed=3)
+    cfg = SlideConfig(
+        hidden=(16,),
+        hash_family=family,
+        hash_k=2,
+        hash_l=6,
+        bin_size=4,
+        bucket_size=10_000,
+        simhash_density=0.33,
+        seed=3,
+    )
     model = SlideModel.initialize(cfg, num_features=50, num_labels=300)
     hf, tb = model.hashes[0], model.tables[0]
     w = model.weights[1]

@@ -22,9 +22,23 @@ def data():
     return naive.planted_dataset(160, 80, 150, seed=4, vocab=6, noise=3, max_labels=3, unlabelled=0.05)
 
 
-SAMPLED = SlideConfig(hidden=(16,), hash_family="simhash", hash_k=4, hash_l=5, bucket_size=16, min_active=8,
-                      batch_size=16, lr=5e-3, init_std=0.05, epochs=1, rehash_n0=3, rehash_lambda=0.3,
-                      rebuild_every=2, seed=17, eval_every=0)
+SAMPLED = SlideConfig(
+    hidden=(16,),
+    hash_family="simhash",
+    hash_k=4,
+    hash_l=5,
+    bucket_size=16,
+    min_active=8,
+    batch_size=16,
+    lr=5e-3,
+    init_std=0.05,
+    epochs=1,
+    rehash_n0=3,
+    rehash_lambda=0.3,
+    rebuild_every=2,
+    seed=17,
+    eval_every=0,
+)
 
 
 def all_arrays(trainer):
@@ -38,11 +52,15 @@ def assert_same_arrays(a, b):
 
 
 # ---- determinism ---------------------------------------------------------------------------------------
-@pytest.mark.parametrize("config", [
-    SAMPLED,
-    SAMPLED.replace(hidden=(16, 12), sample_hidden=True, hash_family="dwta", hash_k=2, bin_size=4),
-    SAMPLED.replace(sample_output=False, insertion="reservoir"),
-], ids=["sampled", "sampled-hidden-dwta", "dense"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        SAMPLED,
+        SAMPLED.replace(hidden=(16, 12), sample_hidden=True, hash_family="dwta", hash_k=2, bin_size=4),
+        SAMPLED.replace(sample_output=False, insertion="reservoir"),
+    ],
+    ids=["sampled", "sampled-hidden-dwta", "dense"],
+)
 def test_same_seed_one_thread_is_bit_identical(data, config):
     a = Trainer(config.replace(threads=1), data)
     b = Trainer(config.replace(threads=1), data)
@@ -56,10 +74,14 @@ def test_same_seed_one_thread_is_bit_identical(data, config):
     assert not np.array_equal(c.model.weights[-1], a.model.weights[-1])
 
 
-@pytest.mark.parametrize("config", [
-    SAMPLED,
-    SAMPLED.replace(hidden=(16, 12), sample_hidden=True, insertion="reservoir"),
-], ids=["sampled", "sampled-hidden"])
+@pytest.mark.parametrize(
+    "config",
+    [
+        SAMPLED,
+        SAMPLED.replace(hidden=(16, 12), sample_hidden=True, insertion="reservoir"),
+    ],
+    ids=["sampled", "sampled-hidden"],
+)
 def test_one_and_two_threads_are_bit_identical(data, config):
     """Updates are row-owned and summed in point order, the fused backward pass through the output
     layer keeps its partial sums per row chunk (a fixed number) and adds them in order, and per-point
@@ -194,8 +216,9 @@ def test_drift_threshold_rehashes_only_drifted_rows(data):
     drift_before = trainer.drift[out].copy()
     center_before = tb.center.copy()
     fresh = lsh.hash_matrix(w, hf, center=tb.center)
-    assert not np.array_equal(fresh[:, steady], codes_before[:, steady]), \
+    assert not np.array_equal(fresh[:, steady], codes_before[:, steady]), (
         "some steady rows would hash elsewhere now: the test can tell a full rehash from a partial one"
+    )
 
     assert trainer.rehash() == len(drifted)
     np.testing.assert_array_equal(tb.center, center_before)  # a partial rehash keeps the key centre
@@ -243,15 +266,18 @@ def tiny_data():
     try:
         from engine.synth import generate
     except ImportError:  # the generator is optional for this test: fall back to a planted dataset
-        return (naive.planted_dataset(2000, 2000, 500, seed=1, vocab=10, noise=20, max_labels=4),
-                naive.planted_dataset(500, 2000, 500, seed=1, vocab=10, noise=20, max_labels=4))
+        return (
+            naive.planted_dataset(2000, 2000, 500, seed=1, vocab=10, noise=20, max_labels=4),
+            naive.planted_dataset(500, 2000, 500, seed=1, vocab=10, noise=20, max_labels=4),
+        )
     return generate("tiny", seed=0)
 
 
 def popularity_p_at_1(train, test):
     top = int(np.argmax(train.label_counts()))
-    return float(np.mean([top in test.y_indices[test.y_indptr[i] : test.y_indptr[i + 1]]
-                          for i in range(test.num_points)]))
+    return float(
+        np.mean([top in test.y_indices[test.y_indptr[i] : test.y_indptr[i + 1]] for i in range(test.num_points)])
+    )
 
 
 @pytest.fixture(scope="module")
@@ -261,8 +287,9 @@ def tiny():
 
 def train_tiny(tiny, **changes):
     train, test = tiny
-    cfg = SlideConfig(hidden=(32,), batch_size=32, lr=1e-2, epochs=3, rehash_n0=10, seed=0, threads=0,
-                      eval_points=0).replace(**changes)
+    cfg = SlideConfig(
+        hidden=(32,), batch_size=32, lr=1e-2, epochs=3, rehash_n0=10, seed=0, threads=0, eval_points=0
+    ).replace(**changes)
     trainer = Trainer(cfg, train, test)
     history = []
     final = trainer.run(on_metrics=history.append)
@@ -303,8 +330,15 @@ def test_multi_probe_prediction_scores_more_candidates_and_recalls_more_of_exact
     _, test = tiny
     trained = default_trained[0].model
     # The same arrays without a serving cap, so that every probed candidate is scored.
-    model = SlideModel(trained.config.replace(predict_max_active=-1), trained.num_features, trained.num_labels,
-                       trained.weights, trained.b0, trained.hashes, trained.tables)
+    model = SlideModel(
+        trained.config.replace(predict_max_active=-1),
+        trained.num_features,
+        trained.num_labels,
+        trained.weights,
+        trained.b0,
+        trained.hashes,
+        trained.tables,
+    )
     x = (test.x_indptr, test.x_indices, test.x_values)
     exact, _ = model.predict(*x, k=5, mode="exact")
 

@@ -72,26 +72,34 @@ def test_upload_past_the_file_size_limit_is_507_and_leaves_nothing(tmp_path, ser
     big = _big_xmc(tmp_path / "big.txt")
     server = servers(data, preexec_fn=_file_size_limit(1 * MiB))
     c = server.client(timeout=60)
-    small = c.post("/v1/datasets", params={"name": "small"}, content=xmc_files["test"].read_bytes(),
-                   headers={"Content-Type": "text/plain"})
+    small = c.post(
+        "/v1/datasets",
+        params={"name": "small"},
+        content=xmc_files["test"].read_bytes(),
+        headers={"Content-Type": "text/plain"},
+    )
     assert small.status_code == 201, small.text
     listed, entries = c.get("/v1/datasets").json(), _dataset_entries(data)
     assert entries == [small.json()["id"]]
 
-    r = c.post("/v1/datasets", params={"name": "big"}, content=big.read_bytes(),
-               headers={"Content-Type": "text/plain"})
+    r = c.post("/v1/datasets", params={"name": "big"}, content=big.read_bytes(), headers={"Content-Type": "text/plain"})
     _assert_storage_problem(r, "EFBIG")
     assert c.get("/v1/datasets").json() == listed  # no row
     assert _dataset_entries(data) == entries  # no dataset dir, no temp dir
     # The service is still healthy and takes what fits.
     assert c.get("/readyz").status_code == 200
-    again = c.post("/v1/datasets", params={"name": "small-2"}, content=xmc_files["test"].read_bytes(),
-                   headers={"Content-Type": "text/plain"})
+    again = c.post(
+        "/v1/datasets",
+        params={"name": "small-2"},
+        content=xmc_files["test"].read_bytes(),
+        headers={"Content-Type": "text/plain"},
+    )
     assert again.status_code == 201, again.text
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES],
-                         ids=lambda c: errno.errorcode[c])
+@pytest.mark.parametrize(
+    "code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES], ids=lambda c: errno.errorcode[c]
+)
 def test_upload_storage_errors_are_507_and_leave_nothing(tmp_path, client_for, xmc_files, monkeypatch, code):
     """Second layer: the errno a full disk, a quota, a read-only mount or lost permissions would give, raised from
     numpy.save once the save has written part of the dataset."""
@@ -141,8 +149,9 @@ def test_upload_when_the_database_cannot_be_written_is_507_and_leaves_nothing(tm
 # ---------------------------------------------------------------------------------------------------- snapshots
 
 
-def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_resumes(tmp_path, client_for,
-                                                                                        xmc_files):
+def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_resumes(
+    tmp_path, client_for, xmc_files
+):
     # hash_k=16 makes each table's bucket offsets 2^16 + 1 int64s: a 10 MiB array in every snapshot.
     config = {"hidden": [32], "batch_size": 64, "seed": 3, "epochs": 60, "hash_k": 16, "hash_l": 20}
     settings = make_settings(tmp_path / "data")
@@ -151,15 +160,22 @@ def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_
     train_id = upload(client, xmc_files["train"]).json()["id"]
     job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config}).json()["id"]
     diagnose = job_diagnosis(client, settings, job_id)
-    wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running"
-             and (j["model_version"] or 0) >= 1, timeout=120, what="a snapshot while running", diagnose=diagnose)
+    wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and (j["model_version"] or 0) >= 1,
+        timeout=120,
+        what="a snapshot while running",
+        diagnose=diagnose,
+    )
 
     pid = services.jobs.get(job_id).pid
     store = SnapshotStore(settings.snapshots_dir(job_id))
     biggest = max(f.stat().st_size for f in store.latest()[1].iterdir())
     # Past the database's WAL and the trainer's log (which it must still write), short of the snapshot's largest.
-    others = [settings.data_dir / "slide.db-wal", settings.data_dir / "slide.db",
-              settings.job_dir(job_id) / "trainer.log"]
+    others = [
+        settings.data_dir / "slide.db-wal",
+        settings.data_dir / "slide.db",
+        settings.job_dir(job_id) / "trainer.log",
+    ]
     limit = max(4 * MiB, 2 * max(p.stat().st_size for p in others if p.exists()))
     assert limit < biggest, (limit, biggest)
     os.kill(pid, signal.SIGSTOP)  # it cannot finish between our look and the limit
@@ -169,8 +185,12 @@ def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_
     finally:
         os.kill(pid, signal.SIGCONT)
 
-    failed = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("failed", "completed")
-                      and j, timeout=120, what="the job to fail", diagnose=diagnose)
+    failed = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("failed", "completed") and j,
+        timeout=120,
+        what="the job to fail",
+        diagnose=diagnose,
+    )
     assert failed["state"] == "failed", failed
     error = failed["error"]
     assert error.startswith("storage error: EFBIG") and "resume the job" in error, error
@@ -187,8 +207,12 @@ def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_
 
     # Space is back (a new trainer process has no limit): resume continues from that snapshot and completes.
     assert client.post(f"/v1/jobs/{job_id}/resume").status_code == 202
-    done = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("failed", "completed")
-                    and j, timeout=120, what="completed after resume", diagnose=diagnose)
+    done = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("failed", "completed") and j,
+        timeout=120,
+        what="completed after resume",
+        diagnose=diagnose,
+    )
     assert done["state"] == "completed" and done["error"] is None, done
     assert done["model_version"] > version
     assert f"resumed from snapshot v{version} " in (settings.job_dir(job_id) / "trainer.log").read_text()
@@ -203,16 +227,20 @@ def _raised_from(cause: BaseException) -> RuntimeError:
     return exc
 
 
-@pytest.mark.parametrize("exc,reason", [
-    (OSError(errno.ENOSPC, "No space left on device"), "ENOSPC"),
-    (_raised_from(OSError(errno.EDQUOT, "Disk quota exceeded")), "EDQUOT"),
-    (OSError(errno.EROFS, "Read-only file system"), "EROFS"),
-    (PermissionError(errno.EACCES, "Permission denied"), "EACCES"),
-    (OSError("300000 requested and 262112 written"), "ENOSPC"),  # numpy's short write; no file size limit here
-    (_raised_from(ValueError("not storage")), None),
-    (OSError(errno.ENOENT, "No such file or directory"), None),
-    (ValueError("bad"), None),
-], ids=lambda v: v if isinstance(v, (str, type(None))) else type(v).__name__)
+@pytest.mark.parametrize(
+    "exc,reason",
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), "ENOSPC"),
+        (_raised_from(OSError(errno.EDQUOT, "Disk quota exceeded")), "EDQUOT"),
+        (OSError(errno.EROFS, "Read-only file system"), "EROFS"),
+        (PermissionError(errno.EACCES, "Permission denied"), "EACCES"),
+        (OSError("300000 requested and 262112 written"), "ENOSPC"),  # numpy's short write; no file size limit here
+        (_raised_from(ValueError("not storage")), None),
+        (OSError(errno.ENOENT, "No such file or directory"), None),
+        (ValueError("bad"), None),
+    ],
+    ids=lambda v: v if isinstance(v, (str, type(None))) else type(v).__name__,
+)
 def test_storage_faults_are_told_from_other_errors(tmp_path, exc, reason):
     from app.services.errors import storage_cause
     from app.services.worker import JobProcess
@@ -222,9 +250,20 @@ def test_storage_faults_are_told_from_other_errors(tmp_path, exc, reason):
     # A trainer's job error says what failed, which snapshot is intact, and what to do.
     store = SnapshotStore(tmp_path / "snapshots")
     store.publish({"w0": np.zeros(3, dtype=np.float32)}, {})
-    worker = JobProcess({"job_id": "j", "job_dir": str(tmp_path), "snapshots_dir": str(store.root),
-                         "parent_pid": os.getpid(), "run": 1, "database_url": f"sqlite:///{tmp_path / 'x.db'}"},
-                        None, None, None, None)
+    worker = JobProcess(
+        {
+            "job_id": "j",
+            "job_dir": str(tmp_path),
+            "snapshots_dir": str(store.root),
+            "parent_pid": os.getpid(),
+            "run": 1,
+            "database_url": f"sqlite:///{tmp_path / 'x.db'}",
+        },
+        None,
+        None,
+        None,
+        None,
+    )
     message = worker._failure_message(exc)
     worker.db.dispose()
     if reason is None:

@@ -44,11 +44,18 @@ def _state(client, job_id: str) -> str:
 
 def _settle(client, job_ids: list[str], timeout: float = 120) -> dict[str, str]:
     """Every job reaches a stable state within the deadline, and no trainer process is left afterwards."""
-    wait_for(lambda: all(_state(client, j) in STABLE + ("deleted",) for j in job_ids), timeout=timeout,
-             what="every job to reach a stable state")
+    wait_for(
+        lambda: all(_state(client, j) in STABLE + ("deleted",) for j in job_ids),
+        timeout=timeout,
+        what="every job to reach a stable state",
+    )
     states = {j: _state(client, j) for j in job_ids}  # stable states stay as they are
-    wait_for(lambda: not _trainers() and not client.app.state.services.supervisor.running(), timeout=60,
-             what="no trainer process left", diagnose=lambda: str(_trainers()))
+    wait_for(
+        lambda: not _trainers() and not client.app.state.services.supervisor.running(),
+        timeout=60,
+        what="no trainer process left",
+        diagnose=lambda: str(_trainers()),
+    )
     return states
 
 
@@ -59,8 +66,11 @@ def _start(client, train_id: str, config: dict) -> str:
 
 
 def _training(client, job_id: str) -> None:
-    wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running"
-             and (j["model_version"] or 0) >= 1, timeout=120, what="the job training, with a snapshot")
+    wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and (j["model_version"] or 0) >= 1,
+        timeout=120,
+        what="the job training, with a snapshot",
+    )
 
 
 def test_uploads_at_once_all_succeed_with_their_own_data(tmp_path, servers, xmc_files):
@@ -71,12 +81,16 @@ def test_uploads_at_once_all_succeed_with_their_own_data(tmp_path, servers, xmc_
     def body(data: bytes):
         yield data[: len(data) // 2]
         barrier.wait()  # every upload is half sent before any of them ends
-        yield data[len(data) // 2:]
+        yield data[len(data) // 2 :]
 
     def send(i: int):
         with server.client(timeout=120) as c:
-            return c.post("/v1/datasets", params={"name": f"upload-{i}"}, content=body(files[i].read_bytes()),
-                          headers={"Content-Type": "text/plain"})
+            return c.post(
+                "/v1/datasets",
+                params={"name": f"upload-{i}"},
+                content=body(files[i].read_bytes()),
+                headers={"Content-Type": "text/plain"},
+            )
 
     with ThreadPoolExecutor(len(files)) as pool:
         results = list(pool.map(send, range(len(files))))
@@ -156,8 +170,11 @@ def test_resume_right_after_stop_is_refused_until_stopped_then_continues(tmp_pat
     assert r.status_code == 202 and r.json()["state"] in ("queued", "running"), r.text
     body = assert_problem(client.post(f"/v1/jobs/{job_id}/resume"), 409)  # resume twice
     assert body["state"] in ("queued", "running"), body
-    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["runs"] == 2 and _state(client, job_id) == "running",
-             timeout=60, what="the second run")
+    wait_for(
+        lambda: client.get(f"/v1/jobs/{job_id}").json()["runs"] == 2 and _state(client, job_id) == "running",
+        timeout=60,
+        what="the second run",
+    )
     assert client.post(f"/v1/jobs/{job_id}/stop").status_code == 202
     assert _settle(client, [job_id]) == {job_id: "stopped"}
 

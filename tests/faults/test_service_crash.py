@@ -44,15 +44,25 @@ def _row(data: Path, job_id: str) -> dict:
 def _start_training(c: httpx.Client, xmc_files) -> tuple[list[dict], str]:
     datasets = []
     for name in ("train", "test"):
-        r = c.post("/v1/datasets", params={"name": name}, content=xmc_files[name].read_bytes(),
-                   headers={"Content-Type": "text/plain"})
+        r = c.post(
+            "/v1/datasets",
+            params={"name": name},
+            content=xmc_files[name].read_bytes(),
+            headers={"Content-Type": "text/plain"},
+        )
         assert r.status_code == 201, r.text
         datasets.append(r.json())
     body = {"train_dataset_id": datasets[0]["id"], "eval_dataset_id": datasets[1]["id"], "config": CONFIG}
     job_id = c.post("/v1/jobs", json=body).json()["id"]
-    wait_for(lambda: (j := _job(c, job_id))["state"] == "running" and (j["model_version"] or 0) >= 2
-             and len(c.get(f"/v1/jobs/{job_id}/metrics").json()["data"]) >= 2,
-             timeout=120, what="a job running with two snapshots and two metric points")
+    wait_for(
+        lambda: (
+            (j := _job(c, job_id))["state"] == "running"
+            and (j["model_version"] or 0) >= 2
+            and len(c.get(f"/v1/jobs/{job_id}/metrics").json()["data"]) >= 2
+        ),
+        timeout=120,
+        what="a job running with two snapshots and two metric points",
+    )
     return datasets, job_id
 
 
@@ -100,16 +110,19 @@ def _finish(c: httpx.Client, job_id: str, stop_points: int = 0) -> dict:
     return done
 
 
-def test_sigkill_of_the_server_alone_orphan_checkpoints_and_exits_then_restart_resumes(tmp_path, servers,
-                                                                                        xmc_files):
+def test_sigkill_of_the_server_alone_orphan_checkpoints_and_exits_then_restart_resumes(tmp_path, servers, xmc_files):
     data = tmp_path / "data"
     server, c, job_id, before, children, trainer_pid = _training_then_frozen(servers, data, xmc_files)
     assert _row(data, job_id)["state"] == "running"
     assert server.stop(signal.SIGKILL) == -signal.SIGKILL
     os.kill(trainer_pid, signal.SIGCONT)
     # Orphans are not left behind: everything the server started exits on its own.
-    wait_for(lambda: not any(alive(p) for p in children), timeout=90, what="the orphaned processes to exit",
-             diagnose=lambda: (data / "jobs" / job_id / "trainer.log").read_text()[-3000:])
+    wait_for(
+        lambda: not any(alive(p) for p in children),
+        timeout=90,
+        what="the orphaned processes to exit",
+        diagnose=lambda: (data / "jobs" / job_id / "trainer.log").read_text()[-3000:],
+    )
     row = _row(data, job_id)
     assert row["state"] == "interrupted" and row["interruptions"] == 1 and row["pid"] is None, row
     # ... after a checkpoint of where it stopped: nothing was lost.
@@ -127,8 +140,9 @@ def test_sigkill_of_the_server_alone_orphan_checkpoints_and_exits_then_restart_r
     server.stop_gracefully()
 
 
-def test_sigkill_of_the_server_and_its_trainers_then_restart_resumes_from_the_last_snapshot(tmp_path, servers,
-                                                                                            xmc_files):
+def test_sigkill_of_the_server_and_its_trainers_then_restart_resumes_from_the_last_snapshot(
+    tmp_path, servers, xmc_files
+):
     data = tmp_path / "data"
     server, c, job_id, before, children, trainer_pid = _training_then_frozen(servers, data, xmc_files)
     step_at_kill = _job(c, job_id)["progress"]["step"]  # its last heartbeat

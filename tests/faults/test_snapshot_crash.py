@@ -75,8 +75,11 @@ time.sleep(600)
 
 def _expected(seed: int, n: int) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
-    return {"w0": rng.standard_normal(n, dtype=np.float32), "w1": rng.standard_normal(n // 2, dtype=np.float32),
-            "ids": np.arange(n, dtype=np.int64)}
+    return {
+        "w0": rng.standard_normal(n, dtype=np.float32),
+        "w1": rng.standard_normal(n // 2, dtype=np.float32),
+        "ids": np.arange(n, dtype=np.int64),
+    }
 
 
 def _readline(proc: subprocess.Popen, timeout: float = 60) -> str:
@@ -89,8 +92,13 @@ def _readline(proc: subprocess.Popen, timeout: float = 60) -> str:
 
 def _publish_and_kill(root: Path, stage: str, delay: float | None = None) -> None:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen([sys.executable, "-c", PUBLISHER, str(root), stage], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(root), stage],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         assert _readline(proc) == "publishing"
         if delay is None:
@@ -116,11 +124,14 @@ def _assert_version(store: SnapshotStore, version: int) -> None:
         np.testing.assert_array_equal(arrays[name], a)
 
 
-@pytest.mark.parametrize("stage,latest,leftover", [
-    ("mid-file", 1, True),
-    ("before-rename", 1, True),
-    ("after-rename", 2, False),
-])
+@pytest.mark.parametrize(
+    "stage,latest,leftover",
+    [
+        ("mid-file", 1, True),
+        ("before-rename", 1, True),
+        ("after-rename", 2, False),
+    ],
+)
 def test_kill_during_publish_leaves_the_previous_version_intact(tmp_path, stage, latest, leftover):
     root = tmp_path / "snapshots"
     _publish_and_kill(root, stage)

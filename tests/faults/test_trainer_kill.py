@@ -35,8 +35,12 @@ def test_sigkilled_trainer_fails_serves_its_last_snapshot_and_resumes_from_it(tm
     train_id = upload(client, xmc_files["train"]).json()["id"]
     job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": CONFIG}).json()["id"]
     diagnose = job_diagnosis(client, settings, job_id)
-    wait_for(lambda: (j := _job(client, job_id))["state"] == "running" and (j["model_version"] or 0) >= 3,
-             timeout=120, what="three snapshots while running", diagnose=diagnose)
+    wait_for(
+        lambda: (j := _job(client, job_id))["state"] == "running" and (j["model_version"] or 0) >= 3,
+        timeout=120,
+        what="three snapshots while running",
+        diagnose=diagnose,
+    )
 
     pid = services.jobs.get(job_id).pid
     assert pid and pid != os.getpid()
@@ -48,8 +52,7 @@ def test_sigkilled_trainer_fails_serves_its_last_snapshot_and_resumes_from_it(tm
     finally:
         os.kill(pid, signal.SIGKILL)
 
-    failed = wait_for(lambda: (j := _job(client, job_id))["state"] == "failed" and j, what="failed",
-                      diagnose=diagnose)
+    failed = wait_for(lambda: (j := _job(client, job_id))["state"] == "failed" and j, what="failed", diagnose=diagnose)
     assert "exited with code -9" in failed["error"] and "SIGKILL" in failed["error"], failed["error"]
 
     # What it left: complete versions only; the newest is the checkpoint a resume must continue from.
@@ -77,8 +80,12 @@ def test_sigkilled_trainer_fails_serves_its_last_snapshot_and_resumes_from_it(tm
     (leftover / "w0.npy").write_bytes(b"\x93NUMPY half")
 
     assert client.post(f"/v1/jobs/{job_id}/resume").status_code == 202
-    done = wait_for(lambda: (j := _job(client, job_id))["state"] in ("completed", "failed") and j, timeout=180,
-                    what="completed", diagnose=diagnose)
+    done = wait_for(
+        lambda: (j := _job(client, job_id))["state"] in ("completed", "failed") and j,
+        timeout=180,
+        what="completed",
+        diagnose=diagnose,
+    )
     assert done["state"] == "completed", done["error"]
     assert done["runs"] == 2 and done["error"] is None and done["progress"]["epoch"] == CONFIG["epochs"]
     assert done["model_version"] > version
@@ -109,12 +116,10 @@ def test_resume_forgets_the_metrics_it_will_report_again(tmp_path):
         s.add(JobRow(id="j", train_dataset_id="d", config={}, state="running", runs=1))
         for step, epoch in [(32, 1), (50, 1), (64, 2), (80, 2)]:  # 32 batches per epoch; 50: a stop mid-epoch
             s.add(MetricRow(job_id="j", step=step, epoch=epoch, samples=step * 64))
-    spec = {"job_id": "j", "job_dir": str(tmp_path / "j"), "parent_pid": os.getpid(), "run": 1,
-            "database_url": db.url}
+    spec = {"job_id": "j", "job_dir": str(tmp_path / "j"), "parent_pid": os.getpid(), "run": 1, "database_url": db.url}
     worker = JobProcess(spec, None, None, None, None)
     worker._forget_beyond(64, 1, [])  # checkpoint: step 64, still epoch 1 (its last batch done, not reported)
     worker.db.dispose()
     with db.session() as s:
-        assert [(m.step, m.epoch) for m in s.scalars(select(MetricRow).order_by(MetricRow.step))] == [(32, 1),
-                                                                                                     (50, 1)]
+        assert [(m.step, m.epoch) for m in s.scalars(select(MetricRow).order_by(MetricRow.step))] == [(32, 1), (50, 1)]
     db.dispose()

@@ -42,14 +42,19 @@ CONFIG = {
     "generation": {"max-examples": MAX_EXAMPLES, "database": "none"},
     "auth": {"openapi": {"APIKeyHeader": {"api_key": API_KEY}}},
     "operations": [
-        {"include-name": "POST /v1/datasets",
-         "checks": {"positive_data_acceptance": {"expected-statuses": [*SEMANTIC_422, "413"]}}},
-        {"include-name": "POST /v1/jobs",
-         "checks": {"positive_data_acceptance": {"expected-statuses": SEMANTIC_422}}},
+        {
+            "include-name": "POST /v1/datasets",
+            "checks": {"positive_data_acceptance": {"expected-statuses": [*SEMANTIC_422, "413"]}},
+        },
+        {"include-name": "POST /v1/jobs", "checks": {"positive_data_acceptance": {"expected-statuses": SEMANTIC_422}}},
         # A model before its first snapshot answers the documented 503 with Retry-After (see _call_and_validate).
-        {"include-name": "POST /v1/models/{model_id}/predict",
-         "checks": {"positive_data_acceptance": {"expected-statuses": [*SEMANTIC_422, "503"]},
-                    "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]}}},
+        {
+            "include-name": "POST /v1/models/{model_id}/predict",
+            "checks": {
+                "positive_data_acceptance": {"expected-statuses": [*SEMANTIC_422, "503"]},
+                "not_a_server_error": {"expected-statuses": ["2xx", "3xx", "4xx", "503"]},
+            },
+        },
     ],
 }
 
@@ -82,16 +87,29 @@ def live(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) -> Iterato
         with TestClient(create_app(settings), headers=key) as client:  # supervising: trains the job
             ds = {}
             for name, path in files.items():
-                r = client.post("/v1/datasets", params={"name": name}, content=path.read_bytes(),
-                                headers={"Content-Type": "text/plain"})
+                r = client.post(
+                    "/v1/datasets",
+                    params={"name": name},
+                    content=path.read_bytes(),
+                    headers={"Content-Type": "text/plain"},
+                )
                 assert r.status_code == 201, r.text
                 ds[name] = r.json()["id"]
-            r = client.post("/v1/jobs", json={"train_dataset_id": ds["fuzz-train"], "eval_dataset_id": ds["fuzz-test"],
-                                              "config": {"hidden": [16], "batch_size": 64, "epochs": 1}})
+            r = client.post(
+                "/v1/jobs",
+                json={
+                    "train_dataset_id": ds["fuzz-train"],
+                    "eval_dataset_id": ds["fuzz-test"],
+                    "config": {"hidden": [16], "batch_size": 64, "epochs": 1},
+                },
+            )
             assert r.status_code == 201, r.text
             trained = r.json()["id"]
-            state = wait_for(lambda: {"completed", "failed"} & {client.get(f"/v1/jobs/{trained}").json()["state"]},
-                             timeout=120, what="the fuzz job to finish")
+            state = wait_for(
+                lambda: {"completed", "failed"} & {client.get(f"/v1/jobs/{trained}").json()["state"]},
+                timeout=120,
+                what="the fuzz job to finish",
+            )
             assert state == {"completed"}, client.get(f"/v1/jobs/{trained}").text
 
         with open(settings.data_dir / "supervisor.lock", "a+") as lock:
@@ -102,8 +120,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) -> Iterato
                 assert r.status_code == 201 and r.json()["state"] == "queued", r.text
                 queued = r.json()["id"]
                 spec = client.get("/openapi.json").json()
-                yield Live(app, spec, {"dataset_id": list(ds.values()), "job_id": [trained, queued],
-                                       "model_id": [trained, queued]})
+                yield Live(
+                    app,
+                    spec,
+                    {"dataset_id": list(ds.values()), "job_id": [trained, queued], "model_id": [trained, queued]},
+                )
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +176,9 @@ def _call_and_validate(case: schemathesis.Case, live: Live) -> None:
     response = case.call_and_validate(session=asgi.get_client(live.app, max_stream_events=2))
     SEEN[(case.operation.label, response.status_code)] += 1
     if response.status_code >= 500:  # the one allowed: predict on the model that has no snapshot yet
-        assert (case.operation.label, response.status_code) == ("POST /v1/models/{model_id}/predict", 503), response.text
+        assert (case.operation.label, response.status_code) == ("POST /v1/models/{model_id}/predict", 503), (
+            response.text
+        )
         assert case.path_parameters["model_id"] == live.ids["model_id"][1] and response.headers["retry-after"]
 
 
@@ -175,8 +198,15 @@ def test_the_run_was_bounded_and_reached_the_happy_paths() -> None:
         pytest.skip("runs after the two fuzz tests above")
     total = sum(SEEN.values())
     assert 200 <= total <= 1500 or MAX_EXAMPLES != 12, (total, SEEN)
-    for label, status in [("POST /v1/datasets", 201), ("POST /v1/jobs", 201), ("GET /v1/jobs/{job_id}", 200),
-                          ("POST /v1/models/{model_id}/predict", 200), ("POST /v1/models/{model_id}/predict", 503),
-                          ("GET /v1/jobs/{job_id}/metrics", 200), ("GET /v1/models/{model_id}", 200),
-                          ("POST /v1/jobs/{job_id}/stop", 202), ("GET /v1/datasets", 401)]:
+    for label, status in [
+        ("POST /v1/datasets", 201),
+        ("POST /v1/jobs", 201),
+        ("GET /v1/jobs/{job_id}", 200),
+        ("POST /v1/models/{model_id}/predict", 200),
+        ("POST /v1/models/{model_id}/predict", 503),
+        ("GET /v1/jobs/{job_id}/metrics", 200),
+        ("GET /v1/models/{model_id}", 200),
+        ("POST /v1/jobs/{job_id}/stop", 202),
+        ("GET /v1/datasets", 401),
+    ]:
         assert SEEN[(label, status)], f"the fuzz run never got {status} from {label}: {sorted(SEEN.items())}"

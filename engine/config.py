@@ -28,27 +28,22 @@ class SlideConfig:
     """Network, hashing, optimizer and schedule of one SLIDE training run."""
 
     hidden: tuple[int, ...] = (128,)
-    """Widths of the hidden ReLU layers, input side first."""
+    """Widths of the hidden ReLU layers, input side first. A wider layer can fit more and makes every step cost
+    more."""
     sample_hidden: bool = False
-    """LSH-sample the hidden layers too (the output layer is where the cost is)."""
+    """LSH-sample the hidden layers too. Off by default: the output layer is where the cost is."""
     sample_output: bool = True
     """LSH-sample the output layer; False trains the same network densely (the `--dense` baseline)."""
 
     hash_family: HashFamily = "simhash"
+    """Hash function of the tables: simhash (signed sparse random projections; the only one with multi-probe),
+    wta or dwta (winner-take-all codes; dwta densifies sparse inputs)."""
     hash_k: int = 0
-    """Codes (WTA/DWTA) or bits (SimHash) concatenated per table; 0 = chosen from the layer width so
-    that an input's L buckets hold about 5% of the layer's neurons (at most 1,000)."""
+    """Codes (WTA/DWTA) or bits (SimHash) concatenated per table; 0 = auto, chosen from the layer width so that
+    an input's L buckets hold about 5% of the layer's neurons (at most 1,000). Larger = smaller buckets."""
     hash_l: int = 0
-    """Number of independent tables; 0 = auto: 16 for layers wider than 20,000 neurons, else 50.
-    Trained output rows of a wide layer crowd into full buckets, so an input's L buckets return about
-    L * bucket_size candidates, nearly all of them once, and the 1,000-neuron cap then keeps a random
-    subset: 50 tables read ~3,150 to keep 1,000. 16 tables of 64 fill the cap without it, and rehash
-    at a third of the cost. amazon670k, same batches: 16 against 50 0.705x the time a step, P@1
-    0.512 / 0.517 after 3,000 steps; 24 1.09x the time of 16, P@1 0.512; 12 0.92x, P@1 0.513.
-    delicious200k, 16 against 50: 0.90x the time, P@1 0.932 / 0.935 after 2,000 steps. Per sample 50
-    tables pull ahead later (amazon670k 0.606 / 0.595 after 8,000 steps, about equal at equal time):
-    long runs may want more. A small layer's buckets are not full and 16 tables retrieve worse (small
-    preset, 5,000 labels, 6 epochs: exact P@1 0.549 against 0.572), so it keeps 50."""
+    """Number of independent tables; 0 = auto: 16 for layers wider than 20,000 neurons (their buckets fill, so
+    16 already return max_active), else 50. More tables retrieve more and cost more per step and per rehash."""
     bin_size: int = 8
     """WTA/DWTA bin width: each code is an argmax position in [0, bin_size)."""
     simhash_density: float = 0.05
@@ -56,96 +51,78 @@ class SlideConfig:
     table_bits: int = 0
     """log2 of buckets per table; 0 = the code space's own size, capped at 20."""
     bucket_size: int = 64
-    """Capacity of a bucket (neuron ids). Trained output rows crowd into few buckets (at amazon670k
-    scale a third of a table's rows sit in full ones), so the capacity sets how many candidates an
-    input reads: 64 against 128 read half as many, with equal P@1 after 3,000 amazon670k steps
-    (0.515 / 0.514) and 2,000 delicious200k steps (0.936 / 0.934), train_batch 24 vs 31-32 ms a step."""
+    """Capacity of a bucket (neuron ids). Trained rows crowd into full buckets, so this sets how many candidates
+    an input reads from each table: larger reads more and costs more per step."""
     insertion: Insertion = "fifo"
     """What a full bucket does with a new id: replace the oldest (fifo) or reservoir sampling."""
 
     active_threshold: int = 1
     """Keep a retrieved neuron only if it was found in at least this many of the L buckets."""
     max_active: int = 0
-    """Cap on retrieved neurons per point, keeping the most frequently retrieved: 0 = auto (the
-    layer's target active size: 5% of a small layer, at most 1,000), -1 = no cap."""
+    """Cap on retrieved neurons per point, keeping the most frequently retrieved: 0 = auto (the layer's target
+    active size: 5% of a small layer, at most 1,000), -1 = no cap."""
     predict_max_active: int = 0
-    """The same cap when serving predictions (the serving hubs come on top): 0 = auto (as in training
-    for a layer with serving hubs, else none), -1 = none beyond the buckets themselves (at most
-    hash_l * bucket_size), > 0 = this many. At amazon670k scale the training cap keeps recall@5 of
-    exact at 0.986 (0.992 uncapped) while scoring 3.0k instead of 6.7k candidates; a small layer's
-    few training slots are too few to serve from without hubs."""
+    """The same cap when serving predictions, serving hubs on top: 0 = auto (the training cap for a layer with
+    serving hubs, else none), -1 = the whole buckets (at most hash_l * bucket_size), > 0 = this many. Raise it
+    for recall, lower it for latency."""
     probes: int = 0
-    """Multi-probe SimHash in training: extra buckets read per table, each one least-confident bit
-    away from the input's own (0 = the input's own bucket only)."""
+    """Multi-probe SimHash in training: extra buckets read per table, each one least-confident bit away from
+    the input's own (0 = the input's own bucket only). Raises recall with few tables, at a cost per step."""
     predict_probes: int = -1
     """The same when serving predictions: -1 = as in training."""
     hub_neurons: int = 0
-    """Neurons with the highest score for the average input, added to every active set: 0 = auto (a
-    quarter of the target active size, at most 256, for layers wider than 20,000 neurons), -1 = none."""
+    """Neurons with the highest score for the average input, added to every active set so they keep meeting
+    negative gradients: 0 = auto (a quarter of the target active size, at most 256, for layers wider than
+    20,000 neurons), -1 = none."""
     predict_hubs: int = 0
-    """Hub neurons added to every candidate set when serving: 0 = auto (for layers wider than 20,000
-    neurons the larger of twice the target active size and 1% of the layer, half by score on the
-    mean input and half by weight norm; else the training hubs), -1 = the training hubs only."""
+    """Hub neurons added to every candidate set when serving: 0 = auto (for layers wider than 20,000 neurons
+    the larger of twice the target active size and 1% of the layer, half by score on the mean input and half
+    by weight norm; else the training hubs), -1 = the training hubs only. Raise it if lsh recall falls."""
     hard_negatives: int = 0
-    """Per point, only this many of the output active set's non-label neurons, those with the highest
-    softmax probability, receive a gradient (the softmax still normalises over the whole active set):
-    0 = auto (a quarter of the target active size, as many as the auto hubs, for layers wider than
-    20,000 neurons, else all), -1 = all. At amazon670k scale 250 of ~1,500 against 500: 52.5 vs 69.0
-    ms a step (the optimizer's update 6.8 vs 18.0 ms), P@1 0.515 vs 0.525 after 3,000 steps, so ahead
-    at equal time (0.56-0.58 vs 0.54-0.55 after 240 s); on delicious200k 0.932 vs 0.938 after 2,000
-    steps. 128 fell behind there (0.907); before the random negatives, 64 stopped learning: the
-    retrieved neurons must keep meeting negative gradients."""
+    """Per point, only this many of the output active set's non-label neurons, the most probable, get a
+    gradient (the softmax still spans the whole set): 0 = auto (a quarter of the target active size for
+    layers wider than 20,000 neurons, else all), -1 = all. Fewer = a cheaper update; too few stops learning."""
     random_negatives: int = 0
-    """Output neurons each point draws uniformly from those it did not retrieve, added to its active
-    set with their logits raised by log(unretrieved labels / drawn): together they stand for every label
-    the tables did not return, so the softmax's normaliser estimates the full one (a log-Q-corrected
-    sampled softmax). They always get a gradient (the hard-negative cut ranks only the retrieved).
-    0 = auto (as many as the auto hubs, 250, for output layers wider than 20,000 neurons), -1 = none.
-    Without them the softmax spans only the retrieved neurons and the labels, and with many labels per
-    point it can fall by making the hidden output input-independent: on delicious200k-shaped data (~75
-    labels per point) P@1 fell to 0.002; with them it reached 0.94 after 2,000 steps. 64 per point, or
-    250 shared by a batch, pushed the unretrieved labels down too slowly to leave the popularity
-    plateau. They cost ~1.3x in speed on amazon670k's shape (~5 labels per point: 86.5 against 67.5 ms
-    a step), where -1 with lr=1e-3 learns faster per second (BENCHMARKS.md)."""
+    """Output neurons each point draws uniformly from those it did not retrieve, with log-Q-corrected logits,
+    so the sampled softmax estimates the full one: 0 = auto (250 for output layers wider than 20,000 neurons),
+    -1 = none. Needed with many labels per point; -1 with lr=1e-3 is faster where points have few labels."""
     random_negative_group: int = 4
-    """Consecutive training points that draw their random negatives from one random sequence (each
-    keeps the first `random_negatives` it has not retrieved, so each point's draw stays uniform over
-    its own unretrieved labels): 1 = every point its own. Sharing by 4 cuts the distinct rows the
-    optimizer steps on a batch (amazon670k: ~32,000 random rows to ~8,000): 240 s back to back,
-    1,917 vs 1,576 samples/s, P@1 0.553 vs 0.538; on delicious200k P@1 0.151 / 0.722 / 0.916 / 0.938
-    at 500-2,000 steps vs 0.152 / 0.795 / 0.924 / 0.936.
-    Shared by a whole batch, the unretrieved labels were pushed down too rarely (BENCHMARKS.md)."""
+    """Consecutive training points that draw their random negatives from one random sequence, each point's
+    draw still uniform over its own unretrieved labels (1 = every point its own). Sharing cuts the distinct
+    rows the optimizer updates per batch; a group too large pushes the unretrieved labels down too rarely."""
     min_active: int = 0
     """Pad the active set with random neurons up to this size (0 = no padding)."""
 
     batch_size: int = 128
+    """Training points per step (one Adam update per batch)."""
     epochs: int = 5
+    """Passes over the training data."""
     lr: float = 3e-3
-    """Adam's step size. 3e-3 rather than the usual 1e-3: with random negatives the softmax estimates
-    the full one, whose many unretrieved labels must first be pushed down row by row (at 1/10 of
-    amazon670k's shape P@1 after 300 / 1,200 steps: 0.022 / 0.32 at 1e-3, 0.17 / 0.56 at 3e-3)."""
+    """Adam's step size. 3e-3 rather than the usual 1e-3: with random negatives the many unretrieved labels
+    must first be pushed down row by row. Use 1e-3 with random_negatives=-1."""
     beta1: float = 0.9
+    """Adam's decay rate of the first moment (the running mean of gradients)."""
     beta2: float = 0.999
+    """Adam's decay rate of the second moment (the running mean of squared gradients)."""
     eps: float = 1e-8
+    """Added to Adam's denominator, so rows with tiny gradients do not take huge steps."""
     moment_dtype: MomentDtype = "bfloat16"
-    """How LSH-sampled layers store Adam's first moment: bfloat16 halves its memory and snapshot size
-    (173 MB at 670k labels; P@1 matched float32's over 3,000 amazon670k steps, speed the same within
-    noise), float32 is textbook Adam. The second moment and dense layers stay float32."""
+    """How LSH-sampled layers store Adam's first moment: bfloat16 halves its memory and snapshot size at equal
+    accuracy; float32 is textbook Adam. The second moment and dense layers stay float32."""
     weight_dtype: WeightDtype = "bfloat16"
-    """How the weight matrices are stored: bfloat16 (the top half of a float32) halves the bytes that
-    every forward pass, backward pass, update and rehash reads, and a SLIDE step's cost is reading
-    scattered rows; it also halves the model's memory and snapshot size. Sums, the softmax and Adam's
-    update run in float32; the updated weight is rounded stochastically, so an Adam step below
-    bfloat16's resolution (1/128 of the weight) still moves it in expectation. float32 is exact
-    textbook storage. The input layer's biases and the optimizer's state keep their own dtypes."""
+    """How the weight matrices are stored: bfloat16 halves the bytes every step reads and the model's memory;
+    sums, the softmax and Adam run in float32 and updates are rounded stochastically. float32 = exact storage.
+    The input layer's biases and the optimizer's state keep their own dtypes."""
     init_std: float = 0.01
+    """Standard deviation of the normal initial weights (biases start at zero)."""
 
     rehash_n0: int = 20
     """Steps before the first rehash; the i-th interval is rehash_n0 * exp(rehash_lambda * i)."""
     rehash_lambda: float = 0.1
+    """Growth rate of the interval between rehashes (0 = every rehash_n0 steps)."""
     rehash_max_interval: int = 100
-    """Upper bound on the interval between rehashes, in steps: rows change direction within a few
-    hundred Adam steps, and stale buckets stop returning the neurons that score high."""
+    """Upper bound on the interval between rehashes, in steps: rows change direction within a few hundred Adam
+    steps, and stale buckets stop returning the neurons that score high."""
     rebuild_every: int = 0
     """Draw new hash functions every this many rehashes (0 = never)."""
     drift_threshold: float = 0.0
@@ -154,6 +131,7 @@ class SlideConfig:
     threads: int = 0
     """Worker threads (0 = all cores Numba sees)."""
     seed: int = 0
+    """Seed of every random draw (weights, hash functions, sampling); with threads=1 a run is bit-identical."""
     eval_every: int = 0
     """Evaluate every this many steps (0 = once per epoch)."""
     eval_points: int = 2000

@@ -170,7 +170,8 @@ def topk_recall(approx: np.ndarray, exact: np.ndarray) -> float:
     if exact.shape[0] == 0:
         return 0.0
     hits = sum(
-        len(set(a.tolist()) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum())) for a, e in zip(approx, exact)
+        len(set(a.tolist()) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum()))
+        for a, e in zip(approx, exact, strict=True)
     )
     return hits / exact.shape[0]
 
@@ -182,7 +183,7 @@ def cmd_predict(args) -> int:
     data = _load(args.input)
     labels, scores = model.predict(data.x_indptr, data.x_indices, data.x_values, k=args.k, mode=args.mode)
     out = sys.stdout
-    for lab, sc in zip(labels, scores):
+    for lab, sc in zip(labels, scores, strict=True):
         keep = lab >= 0
         out.write(json.dumps({"labels": lab[keep].tolist(), "scores": [round(float(s), 6) for s in sc[keep]]}) + "\n")
     return 0

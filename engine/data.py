@@ -676,15 +676,15 @@ class XMCStreamParser:
                 f"the header must be 'num_points num_features num_labels' (three "
                 f"non-negative integers separated by spaces); got {shown!r}{hint}",
             )
-        n, d, l = (int(p) for p in parts)
-        for name, value in (("num_features", d), ("num_labels", l)):
+        n, d, num_labels = (int(p) for p in parts)
+        for name, value in (("num_features", d), ("num_labels", num_labels)):
             if value > MAX_ID:
                 raise XMCParseError(
                     1,
                     f"header {name} {value} is larger than {MAX_ID}: ids are stored as "
                     f"int32; remap the ids to a dense range",
                 )
-        self._header = (n, d, l)
+        self._header = (n, d, num_labels)
         self._line_no = 2
         cap_p = min(n, 1 << 16) + 1
         self._x_indptr = np.zeros(cap_p, dtype=np.int64)
@@ -694,7 +694,7 @@ class XMCStreamParser:
         self._y_indices = np.empty(1 << 14, dtype=np.int32)
 
     def _parse(self, buf: np.ndarray, start: int, end: int) -> None:
-        n, d, l = self._header
+        n, d, num_labels = self._header
         pos = start
         while True:
             status, pos, line_no, npts, nx, ny, col, val = _parse_lines(
@@ -704,7 +704,7 @@ class XMCStreamParser:
                 self._line_no,
                 n,
                 d,
-                l,
+                num_labels,
                 self._x_indptr,
                 self._x_indices,
                 self._x_values,
@@ -737,7 +737,7 @@ class XMCStreamParser:
             self._y_indices.resize(max(need_y, 2 * len(self._y_indices)), refcheck=False)
 
     def _dataset(self) -> Dataset:
-        n, d, l = self._header
+        n, d, num_labels = self._header
         np_, nx, ny = self._npts, self._nx, self._ny
         arrays = []
         for arr, size in (
@@ -750,7 +750,7 @@ class XMCStreamParser:
             arr.resize(size, refcheck=False)
             arrays.append(arr)
         self._x_indptr = self._y_indptr = self._x_indices = self._x_values = self._y_indices = None
-        return Dataset(*arrays, num_features=d, num_labels=l)
+        return Dataset(*arrays, num_features=d, num_labels=num_labels)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -812,7 +812,7 @@ def _dup_columns(line: bytes, dup: int, labels: bool) -> int | None:
 
 
 def _raise_kernel_error(status, buf, line_start, line_no, col, val, header) -> None:
-    n, d, l = header
+    n, d, num_labels = header
     end = line_start
     while end < len(buf) and buf[end] != 10:
         end += 1
@@ -839,7 +839,7 @@ def _raise_kernel_error(status, buf, line_start, line_no, col, val, header) -> N
         while s > 0 and chr(line[s - 1]).isdigit():
             s -= 1
         lab = line[s:col].decode("ascii", "replace")
-        reason = f"label {lab} >= num_labels {l} declared in the header"
+        reason = f"label {lab} >= num_labels {num_labels} declared in the header"
         column = s + 1
     elif status == E_NEGATIVE_FEATURE:
         reason = f"negative feature index in {tok!r}; ids are 0-based non-negative integers"

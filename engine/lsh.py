@@ -51,7 +51,7 @@ class HashFunctions(NamedTuple):
         return int(self.params[1])
 
     @property
-    def l(self) -> int:
+    def n_tables(self) -> int:
         return int(self.params[2])
 
     @property
@@ -166,9 +166,9 @@ def table_geometry(config: SlideConfig, k: int) -> tuple[int, int, bool, int]:
 
 def draw_hash_functions(config: SlideConfig, dim: int, n_neurons: int, rng: np.random.Generator) -> HashFunctions:
     """Draw the hash functions of one sampled layer of `n_neurons` neurons with `dim` inputs each."""
-    k, l = resolve_k(config, n_neurons), resolve_l(config, n_neurons)
+    k, n_tables = resolve_k(config, n_neurons), resolve_l(config, n_neurons)
     family = FAMILY_IDS[config.hash_family]
-    n_codes = k * l
+    n_codes = k * n_tables
     if family == SIMHASH:
         m = max(1, int(round(config.simhash_density * dim)))
         idx = np.empty((n_codes, m), dtype=np.int32)
@@ -189,7 +189,7 @@ def draw_hash_functions(config: SlideConfig, dim: int, n_neurons: int, rng: np.r
         sign = np.ones((n_codes, m), dtype=np.float32)
     radix, num_buckets, fold, bits = table_geometry(config, k)
     seed = int(rng.integers(0, 2**62))
-    params = np.array([family, k, l, radix, num_buckets, int(fold), bits, seed], dtype=np.int64)
+    params = np.array([family, k, n_tables, radix, num_buckets, int(fold), bits, seed], dtype=np.int64)
     return HashFunctions(idx, sign, params)
 
 
@@ -298,14 +298,14 @@ def probe_buckets(x, idx, sign, params, probes, margins, codes, buckets):
     probes find the same neighbours with fewer tables. margins float64 and codes int32 are (L*K,)
     scratch. For WTA/DWTA (no margins) the extra entries repeat the table's own bucket.
     """
-    k, l, family = params[1], params[2], params[0]
+    k, n_tables, family = params[1], params[2], params[0]
     n_codes, m = idx.shape
     stride = 1 + probes
     if family != SIMHASH:
         raw_codes(x, idx, sign, family, codes)
         if family == DWTA:
             densify(codes, params[7])
-        for t in range(l):
+        for t in range(n_tables):
             b = table_bucket(codes, t, params)
             for p in range(stride):
                 buckets[t * stride + p] = b
@@ -316,7 +316,7 @@ def probe_buckets(x, idx, sign, params, probes, margins, codes, buckets):
             acc += sign[c, q] * x[idx[c, q]]
         codes[c] = 1 if acc > 0.0 else 0
         margins[c] = abs(acc)
-    for t in range(l):
+    for t in range(n_tables):
         buckets[t * stride] = table_bucket(codes, t, params)
         for p in range(1, stride):
             best = -1
@@ -344,7 +344,7 @@ def hash_rows(weights, rows, center, idx, sign, params, out):
     n = rows.shape[0]
     dim = center.shape[0]
     n_codes, m = idx.shape
-    family, l = params[0], params[2]
+    family = params[0]
     n_blocks = (n + _HASH_BLOCK - 1) // _HASH_BLOCK
     n_chunks = min(n_blocks, 256)
     for chunk in prange(n_chunks):
@@ -405,8 +405,8 @@ def hash_rows(weights, rows, center, idx, sign, params, out):
 def combine_block(codes, params, bn, hashes, acc, out):
     """combine_codes for a block: codes int32 (L*K, >= bn) -> out int32 (L, bn); hashes uint64 and
     acc int32 (>= bn,) are scratch, so that every inner loop runs over contiguous 1-d arrays."""
-    k, l, radix, fold, table_bits, seed = params[1], params[2], params[3], params[5], params[6], params[7]
-    for t in range(l):
+    k, n_tables, radix, fold, table_bits, seed = params[1], params[2], params[3], params[5], params[6], params[7]
+    for t in range(n_tables):
         if fold == 0:
             # radix^K <= 2^24 buckets when codes are not folded, so int32 cannot overflow
             r = np.int32(radix)
@@ -435,7 +435,7 @@ def hash_dense(x: np.ndarray, hf: HashFunctions) -> np.ndarray:
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != 1 or int(hf.idx.max(initial=0)) >= x.shape[0]:
         raise ValueError(f"expected a 1-d vector of width > {int(hf.idx.max(initial=0))}, got shape {x.shape}")
-    out = np.empty(hf.l, dtype=np.int32)
+    out = np.empty(hf.n_tables, dtype=np.int32)
     hash_vector(x, hf.idx, hf.sign, hf.params, np.empty(hf.idx.shape[0], dtype=np.int32), out)
     return out
 
@@ -447,10 +447,10 @@ def probe_dense(x: np.ndarray, hf: HashFunctions, probes: int) -> np.ndarray:
         raise ValueError(f"expected a 1-d vector of width > {int(hf.idx.max(initial=0))}, got shape {x.shape}")
     if probes < 0:
         raise ValueError("probes must be >= 0")
-    out = np.empty(hf.l * (1 + probes), dtype=np.int32)
+    out = np.empty(hf.n_tables * (1 + probes), dtype=np.int32)
     n_codes = hf.idx.shape[0]
     probe_buckets(x, hf.idx, hf.sign, hf.params, probes, np.empty(n_codes), np.empty(n_codes, np.int32), out)
-    return out.reshape(hf.l, 1 + probes)
+    return out.reshape(hf.n_tables, 1 + probes)
 
 
 def hash_matrix(
@@ -469,17 +469,17 @@ def hash_matrix(
     center = np.zeros(dim, np.float32) if center is None else np.ascontiguousarray(center, dtype=np.float32)
     rows = np.arange(weights.shape[0], dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64)
     if out is None:
-        out = np.empty((hf.l, rows.shape[0]), dtype=np.int32)
-    elif out.shape != (hf.l, rows.shape[0]) or out.dtype != np.int32 or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous int32 array of shape {(hf.l, rows.shape[0])}")
+        out = np.empty((hf.n_tables, rows.shape[0]), dtype=np.int32)
+    elif out.shape != (hf.n_tables, rows.shape[0]) or out.dtype != np.int32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a C-contiguous int32 array of shape {(hf.n_tables, rows.shape[0])}")
     if rows.shape[0]:
         hash_rows(weights, rows, center, hf.idx, hf.sign, hf.params, out)
     return out
 
 
-def collision_probability(p: float, k: int, l: int) -> float:
+def collision_probability(p: float, k: int, n_tables: int) -> float:
     """Probability that two vectors whose single-code collision probability is p share >= 1 of L buckets."""
-    return 1.0 - (1.0 - p**k) ** l
+    return 1.0 - (1.0 - p**k) ** n_tables
 
 
 def simhash_bit_collision(cosine: float) -> float:

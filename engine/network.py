@@ -60,11 +60,12 @@ class SlideModel:
         self.layer_slot = layer_slots(config)
         sampled = np.flatnonzero(self.layer_slot >= 0)
         self.max_active = np.array(
-            [lsh.resolve_max_active(config, self.weights[l].shape[0]) for l in sampled] or [0], dtype=np.int64
+            [lsh.resolve_max_active(config, self.weights[layer].shape[0]) for layer in sampled] or [0], dtype=np.int64
         )
         self.predict_probes = config.probes if config.predict_probes == -1 else config.predict_probes
         self.predict_max_active = np.array(
-            [lsh.resolve_max_active(config, self.weights[l].shape[0], True) for l in sampled] or [0], dtype=np.int64
+            [lsh.resolve_max_active(config, self.weights[layer].shape[0], True) for layer in sampled] or [0],
+            dtype=np.int64,
         )
         if len(self.hashes) != int((self.layer_slot >= 0).sum()) or len(self.tables) != len(self.hashes):
             raise ValueError("one hash family and one table set are needed per sampled layer")
@@ -79,26 +80,26 @@ class SlideModel:
         widths = layer_widths(config, num_features, num_labels)
         dtype = weight_storage(config)
         weights = [_random_layer(rng, num_features, widths[1], config.init_std, dtype, bias=False)]
-        for l in range(1, len(widths) - 1):
-            weights.append(_random_layer(rng, widths[l + 1], widths[l] + 1, config.init_std, dtype, bias=True))
+        for layer in range(1, len(widths) - 1):
+            weights.append(_random_layer(rng, widths[layer + 1], widths[layer] + 1, config.init_std, dtype, bias=True))
         sampled = np.flatnonzero(layer_slots(config) >= 0)
-        hashes = [lsh.draw_hash_functions(config, widths[l], widths[l + 1], rng) for l in sampled]
+        hashes = [lsh.draw_hash_functions(config, widths[layer], widths[layer + 1], rng) for layer in sampled]
         tabs = [
             tables.empty_tables(
-                hf.l,
-                widths[l + 1],
+                hf.n_tables,
+                widths[layer + 1],
                 hf.num_buckets,
-                widths[l],
-                lsh.resolve_hubs(config, widths[l + 1]),
-                lsh.resolve_serve_hubs(config, widths[l + 1]),
+                widths[layer],
+                lsh.resolve_hubs(config, widths[layer + 1]),
+                lsh.resolve_serve_hubs(config, widths[layer + 1]),
             )
-            for l, hf in zip(sampled, hashes)
+            for layer, hf in zip(sampled, hashes, strict=True)
         ]
         model = cls(
             config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32), hashes, tabs
         )
-        for l in sampled:
-            model.rehash_layer(int(l), round_id=0)
+        for layer in sampled:
+            model.rehash_layer(int(layer), round_id=0)
         return model
 
     @property
@@ -107,7 +108,7 @@ class SlideModel:
         return len(self.weights)
 
     def sampled_layers(self) -> list[int]:
-        return [int(l) for l in np.flatnonzero(self.layer_slot >= 0)]
+        return [int(layer) for layer in np.flatnonzero(self.layer_slot >= 0)]
 
     def float_weights(self, layer: int) -> np.ndarray:
         """W[layer] as float32: the array itself for float32 storage, a decoded copy of bfloat16."""
@@ -296,20 +297,20 @@ class SlideModel:
         cap = max(
             [
                 min(
-                    self.weights[l].shape[0],
-                    self.hashes[self.layer_slot[l]].l * (1 + probes) * self.config.bucket_size
+                    self.weights[layer].shape[0],
+                    self.hashes[self.layer_slot[layer]].n_tables * (1 + probes) * self.config.bucket_size
                     + max(
-                        self.tables[self.layer_slot[l]].hubs.shape[0],
-                        self.tables[self.layer_slot[l]].serve_hubs.shape[0],
+                        self.tables[self.layer_slot[layer]].hubs.shape[0],
+                        self.tables[self.layer_slot[layer]].serve_hubs.shape[0],
                     ),
                 )
-                for l in self.sampled_layers()
+                for layer in self.sampled_layers()
             ]
             or [1]
         )
-        n_max = max([self.weights[l].shape[0] for l in self.sampled_layers()] or [1])
+        n_max = max([self.weights[layer].shape[0] for layer in self.sampled_layers()] or [1])
         n_codes = max([h.idx.shape[0] for h in self.hashes] or [1])
-        n_buckets = max([h.l for h in self.hashes] or [1]) * (1 + probes)
+        n_buckets = max([h.n_tables for h in self.hashes] or [1]) * (1 + probes)
         key = (threads, widths, cap, n_max, n_codes, n_buckets)
         with _SCRATCH_LOCK:
             free = _SCRATCH_POOL.get(key)
@@ -368,9 +369,9 @@ def layer_slots(config: SlideConfig) -> np.ndarray:
     depth = len(config.hidden) + 1
     slots = np.full(depth, -1, dtype=np.int64)
     s = 0
-    for l in range(1, depth):
-        if (l == depth - 1 and config.sample_output) or (l < depth - 1 and config.sample_hidden):
-            slots[l] = s
+    for layer in range(1, depth):
+        if (layer == depth - 1 and config.sample_output) or (layer < depth - 1 and config.sample_hidden):
+            slots[layer] = s
             s += 1
     return slots
 

@@ -35,11 +35,11 @@ class SnapshotError(RuntimeError):
 
 def model_arrays(model: SlideModel) -> dict[str, np.ndarray]:
     """The arrays that define a model for serving and for rehashing."""
-    arrays = {f"w{l}": w for l, w in enumerate(model.weights)}
+    arrays = {f"w{layer}": w for layer, w in enumerate(model.weights)}
     arrays["b0"] = model.b0
-    for s, (hf, tb) in enumerate(zip(model.hashes, model.tables)):
-        arrays.update({f"hash{s}_{name}": a for name, a in zip(HashFunctions._fields, hf)})
-        arrays.update({f"table{s}_{name}": a for name, a in zip(Tables._fields, tb)})
+    for s, (hf, tb) in enumerate(zip(model.hashes, model.tables, strict=True)):
+        arrays.update({f"hash{s}_{name}": a for name, a in zip(HashFunctions._fields, hf, strict=True)})
+        arrays.update({f"table{s}_{name}": a for name, a in zip(Tables._fields, tb, strict=True)})
     return arrays
 
 
@@ -53,7 +53,7 @@ def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, a
     slots = layer_slots(config)
     depth = len(slots)
     n_sampled = int((slots >= 0).sum())
-    weights = tuple(np.asarray(arrays[f"w{l}"]) for l in range(depth))
+    weights = tuple(np.asarray(arrays[f"w{layer}"]) for layer in range(depth))
     hashes = [
         HashFunctions(*(np.asarray(arrays[f"hash{s}_{p}"]) for p in HashFunctions._fields)) for s in range(n_sampled)
     ]

@@ -569,7 +569,9 @@ def _concat(parts: list[Dataset], p: SynthParams) -> Dataset:
 
     def indptr(name: str) -> np.ndarray:
         offsets = np.cumsum([0] + [int(getattr(d, name)[-1]) for d in parts[:-1]])
-        return np.concatenate([[0]] + [getattr(d, name)[1:] + o for d, o in zip(parts, offsets)]).astype(np.int64)
+        return np.concatenate([[0]] + [getattr(d, name)[1:] + o for d, o in zip(parts, offsets, strict=True)]).astype(
+            np.int64
+        )
 
     return Dataset(
         indptr("x_indptr"),

@@ -41,12 +41,12 @@ class Tables(NamedTuple):
     serve_hubs: np.ndarray
 
 
-def empty_tables(l: int, n: int, num_buckets: int, dim: int, n_hubs: int = 0, n_serve_hubs: int = 0) -> Tables:
+def empty_tables(n_tables: int, n: int, num_buckets: int, dim: int, n_hubs: int = 0, n_serve_hubs: int = 0) -> Tables:
     return Tables(
-        np.zeros((l, n), dtype=np.int32),
+        np.zeros((n_tables, n), dtype=np.int32),
         np.zeros(n, dtype=np.int32),
-        np.zeros((l, num_buckets + 1), dtype=np.int64),
-        np.zeros((l, n), dtype=np.int32),
+        np.zeros((n_tables, num_buckets + 1), dtype=np.int64),
+        np.zeros((n_tables, n), dtype=np.int32),
         np.zeros(dim, dtype=np.float32),
         np.zeros(dim, dtype=np.float32),
         np.arange(min(n_hubs, n), dtype=np.int32),
@@ -113,10 +113,10 @@ def _sample_members(members, capacity, key, out):
 @parallel_kernel
 def build_tables(codes, inserted, num_buckets, capacity, policy, seed, round_id, offsets, ids):
     """Fill offsets (L, B+1) and ids (L, n) from codes (L, n), keeping <= capacity ids per bucket."""
-    l, n = codes.shape
+    n_tables, n = codes.shape
     # one insertion round for all (a full rehash): FIFO's order is the random tie order, as reservoir's
     uniform = policy == RESERVOIR or n == 0 or inserted.min() == inserted.max()
-    for t in prange(l):
+    for t in prange(n_tables):
         counts = np.zeros(num_buckets + 1, dtype=np.int64)
         for j in range(n):
             counts[codes[t, j] + 1] += 1

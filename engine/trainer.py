@@ -125,15 +125,15 @@ class Trainer:
     # ---- state ------------------------------------------------------------------------------
     def _init_optimizer(self) -> None:
         w = self.model.weights
-        self.m = tuple(np.zeros(x.shape, self._moment_dtype(l)) for l, x in enumerate(w))
+        self.m = tuple(np.zeros(x.shape, self._moment_dtype(layer)) for layer, x in enumerate(w))
         self.v = tuple(np.zeros(x.shape, np.float32) for x in w)
         self.steps = tuple(np.zeros(x.shape[0], dtype=np.int64) for x in w)
         self.drift = tuple(np.zeros(x.shape[0], dtype=np.float32) for x in w)
         self.mb0 = np.zeros_like(self.model.b0)
         self.vb0 = np.zeros_like(self.model.b0)
         self.input_mean = {
-            l: self.model.tables[self.model.layer_slot[l]].query_center.astype(np.float64)
-            for l in self.model.sampled_layers()
+            layer: self.model.tables[self.model.layer_slot[layer]].query_center.astype(np.float64)
+            for layer in self.model.sampled_layers()
         }
 
     def _moment_dtype(self, layer: int) -> type:
@@ -155,17 +155,17 @@ class Trainer:
 
     def arrays(self) -> dict[str, np.ndarray]:
         arrays = model_arrays(self.model)
-        for l in range(len(self.m)):
+        for layer in range(len(self.m)):
             arrays.update(
                 {
-                    f"opt_m{l}": self.m[l],
-                    f"opt_v{l}": self.v[l],
-                    f"opt_steps{l}": self.steps[l],
-                    f"opt_drift{l}": self.drift[l],
+                    f"opt_m{layer}": self.m[layer],
+                    f"opt_v{layer}": self.v[layer],
+                    f"opt_steps{layer}": self.steps[layer],
+                    f"opt_drift{layer}": self.drift[layer],
                 }
             )
         arrays.update({"opt_mb0": self.mb0, "opt_vb0": self.vb0})
-        arrays.update({f"opt_input_mean{l}": m for l, m in self.input_mean.items()})
+        arrays.update({f"opt_input_mean{layer}": m for layer, m in self.input_mean.items()})
         return arrays
 
     def publish(self) -> tuple[int, Path] | None:
@@ -186,8 +186,8 @@ class Trainer:
         only as fresh as the last rehash, and the longest rows change fastest (training is unaffected)."""
         if self._serving_hubs_step == self.step:
             return  # weights and input means change only in a step
-        for l in self.model.sampled_layers():
-            self.model.update_hubs(l, training=False, center=self.input_mean[l])
+        for layer in self.model.sampled_layers():
+            self.model.update_hubs(layer, training=False, center=self.input_mean[layer])
         self._serving_hubs_step = self.step
 
     @classmethod
@@ -205,15 +205,17 @@ class Trainer:
         model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
         trainer = cls(config, train, test, store, model=model)
         depth = len(model.weights)
-        trainer.m = tuple(arrays[f"opt_m{l}"] for l in range(depth))
-        for l, m in enumerate(trainer.m):
-            if m.dtype != trainer._moment_dtype(l):
-                raise ValueError(f"snapshot {path}: opt_m{l} is {m.dtype}, its config says {trainer._moment_dtype(l)}")
-        trainer.v = tuple(arrays[f"opt_v{l}"] for l in range(depth))
-        trainer.steps = tuple(arrays[f"opt_steps{l}"] for l in range(depth))
-        trainer.drift = tuple(arrays[f"opt_drift{l}"] for l in range(depth))
+        trainer.m = tuple(arrays[f"opt_m{layer}"] for layer in range(depth))
+        for layer, m in enumerate(trainer.m):
+            if m.dtype != trainer._moment_dtype(layer):
+                raise ValueError(
+                    f"snapshot {path}: opt_m{layer} is {m.dtype}, its config says {trainer._moment_dtype(layer)}"
+                )
+        trainer.v = tuple(arrays[f"opt_v{layer}"] for layer in range(depth))
+        trainer.steps = tuple(arrays[f"opt_steps{layer}"] for layer in range(depth))
+        trainer.drift = tuple(arrays[f"opt_drift{layer}"] for layer in range(depth))
         trainer.mb0, trainer.vb0 = arrays["opt_mb0"], arrays["opt_vb0"]
-        trainer.input_mean = {l: arrays[f"opt_input_mean{l}"] for l in model.sampled_layers()}
+        trainer.input_mean = {layer: arrays[f"opt_input_mean{layer}"] for layer in model.sampled_layers()}
         st = manifest["trainer_state"]
         for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "rehash_round", "next_rehash_step"):
             setattr(trainer, key, int(st[key]))
@@ -238,18 +240,18 @@ class Trainer:
         max_labels = int(np.diff(self._train_rows.y_indptr).max(initial=0))
         hid = tuple(np.zeros((batch, w.shape[1] - 1), np.float32) for w in model.weights[1:])
         act_ids, act_val = [], []
-        for l in range(1, depth):
-            out = model.weights[l].shape[0]
-            if model.layer_slot[l] >= 0:
-                n_hubs = model.tables[model.layer_slot[l]].hubs.shape[0]
-                n_tables = model.hashes[model.layer_slot[l]].l
+        for layer in range(1, depth):
+            out = model.weights[layer].shape[0]
+            if model.layer_slot[layer] >= 0:
+                n_hubs = model.tables[model.layer_slot[layer]].hubs.shape[0]
+                n_tables = model.hashes[model.layer_slot[layer]].n_tables
                 cap = min(
                     out,
                     n_tables * (1 + cfg.probes) * cfg.bucket_size
                     + n_hubs
                     + max_labels
                     + cfg.min_active
-                    + (self._random_negatives if l == depth - 1 else 0),
+                    + (self._random_negatives if layer == depth - 1 else 0),
                 )
                 act_ids.append(np.zeros((batch, cap), np.int32))
             else:
@@ -258,9 +260,9 @@ class Trainer:
             act_val.append(np.zeros((batch, cap), np.float32))
         threads = numba.config.NUMBA_NUM_THREADS
         sampled = model.sampled_layers()
-        n_max = max([model.weights[l].shape[0] for l in sampled] or [1])
+        n_max = max([model.weights[layer].shape[0] for layer in sampled] or [1])
         n_codes = max([h.idx.shape[0] for h in model.hashes] or [1])
-        n_tables_max = max([h.l for h in model.hashes] or [1])
+        n_tables_max = max([h.n_tables for h in model.hashes] or [1])
         width_max = max(w.shape[1] - 1 for w in model.weights[1:])
 
         def per_chunk(width: int, dtype: type) -> np.ndarray:
@@ -383,8 +385,8 @@ class Trainer:
                 grad_inputs, n_chunks, model.weights, model.layer_slot, hid, act_ids, act_val, nact, delta0, gin, gprev
             )
             layers.remove(out)
-        for l in layers:
-            self._update_layer(l, act_ids, act_val, nact, hid, self._grad_inputs[:0])
+        for layer in layers:
+            self._update_layer(layer, act_ids, act_val, nact, hid, self._grad_inputs[:0])
         group_start, pair_point, pair_nz, touched = group_by_feature(
             slots, data.x_indptr, data.x_indices, self._group_of_row[0]
         )
@@ -406,10 +408,10 @@ class Trainer:
             eps,
         )
         update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
-        for l in model.sampled_layers():
+        for layer in model.sampled_layers():
             # running mean of the layer's inputs, which picks the hubs at the next rehash
-            self.input_mean[l] *= _INPUT_MEAN_DECAY
-            self.input_mean[l] += (1.0 - _INPUT_MEAN_DECAY) * hid[l - 1].mean(axis=0, dtype=np.float64)
+            self.input_mean[layer] *= _INPUT_MEAN_DECAY
+            self.input_mean[layer] += (1.0 - _INPUT_MEAN_DECAY) * hid[layer - 1].mean(axis=0, dtype=np.float64)
         self.step += 1
         self.samples_seen += b
         labelled = int(np.count_nonzero(self._labelled[points]))
@@ -418,27 +420,27 @@ class Trainer:
             self.rehash()
         return float(losses.sum()), labelled, out_active
 
-    def _update_layer(self, l: int, act_ids, act_val, nact, hid, grad_inputs) -> None:
-        """Adam on layer l >= 1 from the batch's deltas; grad_inputs: see update_sampled_layer."""
+    def _update_layer(self, layer: int, act_ids, act_val, nact, hid, grad_inputs) -> None:
+        """Adam on a layer (>= 1) from the batch's deltas; grad_inputs: see update_sampled_layer."""
         cfg, model = self.config, self.model
-        w = model.weights[l]
+        w = model.weights[layer]
         lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
-        if model.layer_slot[l] >= 0:
+        if model.layer_slot[layer] >= 0:
             group_start, pair_point, pair_slot, touched = group_by_row(
-                act_ids[l - 1],
-                nact[:, l],
-                self._group_of_row[l],
-                act_val[l - 1],
-                self._hard_negatives > 0 and l == model.depth - 1,
+                act_ids[layer - 1],
+                nact[:, layer],
+                self._group_of_row[layer],
+                act_val[layer - 1],
+                self._hard_negatives > 0 and layer == model.depth - 1,
             )
             update_sampled_layer(
                 w,
-                self.m[l],
-                self.v[l],
-                self.steps[l],
-                self.drift[l],
-                act_val[l - 1],
-                hid[l - 1],
+                self.m[layer],
+                self.v[layer],
+                self.steps[layer],
+                self.drift[layer],
+                act_val[layer - 1],
+                hid[layer - 1],
                 group_start,
                 pair_point,
                 pair_slot,
@@ -452,7 +454,17 @@ class Trainer:
             )
         else:
             update_dense_layer(
-                w, self.m[l], self.v[l], self.steps[l], self.drift[l], act_val[l - 1], hid[l - 1], lr, b1, b2, eps
+                w,
+                self.m[layer],
+                self.v[layer],
+                self.steps[layer],
+                self.drift[layer],
+                act_val[layer - 1],
+                hid[layer - 1],
+                lr,
+                b1,
+                b2,
+                eps,
             )
 
     def rehash(self) -> int:
@@ -462,18 +474,18 @@ class Trainer:
         self.rehash_round += 1
         rebuild = cfg.rebuild_every > 0 and self.rehash_round % cfg.rebuild_every == 0
         hashed = 0
-        for l in model.sampled_layers():
-            model.tables[model.layer_slot[l]].query_center[:] = self.input_mean[l]
-            rng = np.random.default_rng([cfg.seed, 11, self.rehash_round, l]) if rebuild else None
+        for layer in model.sampled_layers():
+            model.tables[model.layer_slot[layer]].query_center[:] = self.input_mean[layer]
+            rng = np.random.default_rng([cfg.seed, 11, self.rehash_round, layer]) if rebuild else None
             rows = None
             if cfg.drift_threshold > 0 and not rebuild:
-                norms = model.row_norms(l)
-                rows = np.flatnonzero(self.drift[l] > cfg.drift_threshold * np.maximum(norms, 1e-12))
-            hashed += model.rehash_layer(l, self.rehash_round, rows=rows, new_functions=rng, serving_hubs=False)
+                norms = model.row_norms(layer)
+                rows = np.flatnonzero(self.drift[layer] > cfg.drift_threshold * np.maximum(norms, 1e-12))
+            hashed += model.rehash_layer(layer, self.rehash_round, rows=rows, new_functions=rng, serving_hubs=False)
             if rows is None:
-                self.drift[l][:] = 0.0
+                self.drift[layer][:] = 0.0
             else:
-                self.drift[l][rows] = 0.0
+                self.drift[layer][rows] = 0.0
         interval = min(cfg.rehash_max_interval, cfg.rehash_n0 * math.exp(cfg.rehash_lambda * self.rehash_round))
         self.next_rehash_step = self.step + max(1, int(round(interval)))
         return hashed

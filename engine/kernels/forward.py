@@ -208,14 +208,14 @@ def train_point(
     labels = y_indices[y_indptr[p] : y_indptr[p + 1]]
     n_labels = labels.shape[0]
     gen = np.int64(0)
-    for l in range(1, depth):
-        w = weights[l]
+    for layer in range(1, depth):
+        w = weights[layer]
         out_dim = w.shape[0]
-        inp = hid[l - 1][i]
-        vals = act_val[l - 1][i]
-        ids = act_ids[l - 1][i]
-        slot = layer_slot[l]
-        is_output = l == depth - 1
+        inp = hid[layer - 1][i]
+        vals = act_val[layer - 1][i]
+        ids = act_ids[layer - 1][i]
+        slot = layer_slot[layer]
+        is_output = layer == depth - 1
         if slot >= 0:
             gen = next_generation(tags, gens, chunk)
             n = lsh_active_set(
@@ -240,7 +240,7 @@ def train_point(
             )
             if is_output:
                 n = add_ids(ids, n, labels, tags[chunk], gen, -1)
-            n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + l)
+            n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + layer)
             n_kept = n
             if is_output and random_negatives > 0:
                 # stream * depth + 0 is free: the input layer is never sampled
@@ -262,9 +262,9 @@ def train_point(
                 vals[j] = neuron_preactivation(w, j, inp)
             if is_output:
                 nkept[i] = n
-        nact[i, l] = n
+        nact[i, layer] = n
         if not is_output:
-            h = hid[l][i]
+            h = hid[layer][i]
             h[:] = 0.0
             for a in range(n):
                 if vals[a] < 0.0:
@@ -280,8 +280,8 @@ def train_point(
     softmax_inplace(vals, n)
     loss = 0.0
     if n_labels == 0:
-        for l in range(1, depth):
-            act_val[l - 1][i, : nact[i, l]] = 0.0
+        for layer in range(1, depth):
+            act_val[layer - 1][i, : nact[i, layer]] = 0.0
         delta0[i, :] = 0.0
         return 0.0
     share = 1.0 / n_labels
@@ -328,15 +328,15 @@ def backward_point(i, top, g, g_prev, weights, layer_slot, hid, act_ids, act_val
     at layer top's outputs (hid[top][i]). g and g_prev are float32 scratch rows of the widest layer.
     """
     out_l = len(weights) - 1
-    for l in range(top, 0, -1):
-        w = weights[l]
+    for layer in range(top, 0, -1):
+        w = weights[layer]
         in_dim = w.shape[1] - 1
-        vals = act_val[l - 1][i]
-        ids = act_ids[l - 1][i]
-        sampled = layer_slot[l] >= 0
-        n = nact[i, l]
-        if l < out_l:
-            h = hid[l][i]
+        vals = act_val[layer - 1][i]
+        ids = act_ids[layer - 1][i]
+        sampled = layer_slot[layer] >= 0
+        n = nact[i, layer]
+        if layer < out_l:
+            h = hid[layer][i]
             for a in range(n):
                 j = ids[a] if sampled else a
                 vals[a] = g[j] if h[j] > 0.0 else 0.0

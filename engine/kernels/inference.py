@@ -68,10 +68,10 @@ def predict_batch(
             scores = out_scores[i]
             labels[:] = -1
             scores[:] = -np.inf
-            for l in range(1, depth):
-                w = weights[l]
-                inp = hid[l - 1][c]
-                slot = layer_slot[l]
+            for layer in range(1, depth):
+                w = weights[layer]
+                inp = hid[layer - 1][c]
+                slot = layer_slot[layer]
                 sampled = slot >= 0 and not exact
                 if sampled:
                     gen = next_generation(tags, gens, c)
@@ -97,8 +97,8 @@ def predict_batch(
                     )
                 else:
                     m = w.shape[0]
-                if l < depth - 1:
-                    h = hid[l][c]
+                if layer < depth - 1:
+                    h = hid[layer][c]
                     h[:] = 0.0
                     for a in range(m):
                         j = ids[c, a] if sampled else a

@@ -93,7 +93,7 @@ def test_hash_matrix_hashes_centred_rows(family):
 @pytest.mark.parametrize("table_bits", [0, 5])
 def test_multi_probe_flips_the_least_confident_bits(table_bits):
     hf = draw("simhash", 6, 8, dim=32, table_bits=table_bits, seed=4)
-    k, l = hf.k, hf.l
+    k, l = hf.k, hf.n_tables
     rng = np.random.default_rng(3)
     for _ in range(20):
         x = rng.standard_normal(32).astype(np.float32)
@@ -120,7 +120,7 @@ def test_multi_probe_finds_near_neighbours_more_often():
         for x, y in pairs:
             probed = lsh.probe_dense(x.astype(np.float32), hf, probes)
             own = lsh.hash_dense(y.astype(np.float32), hf)
-            hits.append(np.mean([own[t] in probed[t] for t in range(hf.l)]))
+            hits.append(np.mean([own[t] in probed[t] for t in range(hf.n_tables)]))
         return float(np.mean(hits))
 
     none, one, three = found(0), found(1), found(3)
@@ -143,7 +143,7 @@ def test_drawn_functions_have_the_documented_shape():
     for family in FAMILIES:
         hf = draw(family, 4, 7, dim=dim, seed=1)
         assert hf.idx.shape[0] == 4 * 7 and hf.sign.shape == hf.idx.shape
-        assert (hf.k, hf.l) == (4, 7)
+        assert (hf.k, hf.n_tables) == (4, 7)
         assert hf.idx.min() >= 0 and hf.idx.max() < dim
         if family == "simhash":
             assert set(np.unique(hf.sign)) <= {-1.0, 1.0}
@@ -204,7 +204,7 @@ def test_auto_tables_are_16_for_wide_layers_and_50_for_small_ones():
     assert lsh.resolve_l(cfg.replace(hash_l=7), 670_091) == 7
     rng = np.random.default_rng(0)
     wide, small = lsh.draw_hash_functions(cfg, 32, 100_000, rng), lsh.draw_hash_functions(cfg, 32, 5_000, rng)
-    assert (wide.l, small.l) == (16, 50)
+    assert (wide.n_tables, small.n_tables) == (16, 50)
     assert wide.idx.shape[0] == 16 * lsh.resolve_k(cfg, 100_000)
     assert lsh.resolve_k(cfg, 100_000) == lsh.resolve_k(cfg.replace(hash_l=16), 100_000)
 

@@ -170,12 +170,12 @@ def test_model_tables_hold_every_neuron_once_per_table(family):
     np.testing.assert_allclose(tb.center, model.float_weights(1)[:, :-1].mean(axis=0), rtol=1e-5, atol=1e-7)
     codes = lsh.hash_matrix(w, hf, center=tb.center)
     np.testing.assert_array_equal(tb.codes, codes)
-    for t in range(hf.l):
+    for t in range(hf.n_tables):
         np.testing.assert_array_equal(np.sort(tb.ids[t]), np.arange(300))
         for b in range(hf.num_buckets):
             np.testing.assert_array_equal(members(tb, t, b), np.flatnonzero(codes[t] == b))
     # Centring spreads the neurons: no table puts more than half of them in one bucket.
-    for t in range(hf.l):
+    for t in range(hf.n_tables):
         assert np.bincount(tb.codes[t]).max() < 150
 
 

@@ -229,7 +229,7 @@ def test_drift_threshold_rehashes_only_drifted_rows(data):
     assert np.all(trainer.drift[out][drifted] == 0)
     np.testing.assert_array_equal(trainer.drift[out][steady], drift_before[steady])
     # The buckets hold what the codes say.
-    for t in range(hf.l):
+    for t in range(hf.n_tables):
         for b in np.unique(tb.codes[t]):
             got = tb.ids[t, tb.offsets[t, b] : tb.offsets[t, b + 1]]
             np.testing.assert_array_equal(got, np.flatnonzero(tb.codes[t] == b))

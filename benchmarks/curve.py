@@ -2,7 +2,7 @@
 
 Training quality per step is deterministic (same seed, same data order), so two configs compare by
 their P@1 at equal steps even on a busy machine; the per-phase timings are only as quiet as the
-machine. The numbers in BENCHMARKS.md's "what changed" and "known problem" tables come from this.
+machine. Most of BENCHMARKS.md's "Why the defaults" and "Tried and rejected" measurements come from it.
 
     python benchmarks/curve.py --preset amazon670k --steps 3000 --evals 4
     python benchmarks/curve.py --preset delicious200k --steps 4000 --config '{"hard_negatives": -1}'

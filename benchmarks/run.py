@@ -151,7 +151,7 @@ def compile_kernels(config) -> None:
     arrays have the benchmark's types (memory-mapped, read-only). main() runs this first in a process
     of its own (the `compile` worker), so that a measured worker loads the kernels from Numba's cache:
     compiling them in it would add LLVM's few hundred MB, which stays resident, to its peak RSS
-    (1.36x instead of 1.10x anonymous in the 17:23 run of 2026-12-01)."""
+    (BENCHMARKS.md, "Conditions that change the numbers")."""
     import tempfile
 
     from engine import Trainer, load_dataset, save_dataset

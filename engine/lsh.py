@@ -106,7 +106,7 @@ def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
     config.hard_negatives, or (auto) a quarter of the target active size (as many as the auto hubs)
     once the layer is too wide for the target to be 5% of it (> 20,000 neurons). With the random
     negatives pushing down what the tables miss, a cut this tight learns almost as much per step as
-    half the target did while the optimizer steps on far fewer rows (see SlideConfig.hard_negatives)."""
+    half the target while the optimizer steps on far fewer rows (see BENCHMARKS.md)."""
     return _wide_layer_setting(config.hard_negatives, n_neurons, target_active(n_neurons) // 4)
 
 
@@ -123,9 +123,8 @@ def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:
     (auto) for layers wider than 20,000 neurons the larger of twice the target active size and 1% of
     the layer, else none (0 = serve with the training hubs). Half are picked by score on the mean
     input, half by weight norm: with skewed norms the largest inner products belong to long rows,
-    which cosine buckets return only when nearly aligned with the query. At amazon670k scale 2,000
-    took lsh recall@5 of exact from 0.34 to 0.99 after 2,500 steps, but norms keep spreading: after
-    6,200 steps 2,000 / 4,000 / 6,000 gave 0.81 / 0.92 / 0.97 (p50 0.36 / 0.38 / 0.52-0.72 ms)."""
+    which cosine buckets return only when nearly aligned with the query. Norms keep spreading as
+    training goes on, hence a share of the layer rather than a fixed count (see BENCHMARKS.md)."""
     if config.predict_hubs == -1:
         return 0
     if config.predict_hubs:

@@ -127,8 +127,9 @@ class ModelRegistry:
     @property
     def limiter(self) -> Any:
         """An anyio CapacityLimiter of `concurrency` threads for predict requests (made on first use, in the event
-        loop). The default thread pool (40) let every concurrent request hold its own scratch buffers and thread:
-        64 concurrent lsh queries at 670k labels cost ~200 MB more than with 4-8 slots, for no more throughput."""
+        loop). In the default thread pool (40) every concurrent request would hold its own scratch buffers and
+        thread: 64 concurrent lsh queries at 670k labels cost ~200 MB more than with 4-8 slots, for no more
+        throughput."""
         if self._limiter is None:
             import anyio
 

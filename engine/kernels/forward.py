@@ -44,7 +44,7 @@ from .sampling import (
 
 ROWS_AHEAD = 16
 """Active rows a point prefetches ahead of the one it scores (4 cache lines a row of 128 bfloat16
-weights). 16 against 4: 0.966x the time a training step on amazon670k (8: 0.978x, 32: 0.969x)."""
+weights); chosen by timing training steps (BENCHMARKS.md)."""
 
 
 @kernel

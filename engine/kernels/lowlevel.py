@@ -4,8 +4,8 @@ weights stored as float32 or as bfloat16 bits (uint16), and pread(2) into an arr
 
 A sampled layer's rows are read and updated in random order (the active neurons of a point, the
 rows a batch touched), so every row starts with cache misses the hardware prefetcher cannot
-foresee; asking for the next row while the current one is computed hides part of that latency
-(lazy Adam on amazon670k's output layer: ~15 -> ~11 ms a batch).
+foresee; asking for the next row while the current one is computed hides part of that latency (measured
+in BENCHMARKS.md, "Why the defaults are what they are").
 """
 
 from __future__ import annotations

@@ -28,13 +28,12 @@ from ..lsh import mix3
 from .lowlevel import float_bits, float_from_bits, prefetch_item, prefetch_row, store_weight, weight_at
 
 _PREFETCH_AHEAD = 8
-"""Rows a thread asks the cache for ahead of the one it updates (the touched rows are scattered);
-8 against 2: 0.89x the time of the output layer's update on recorded amazon670k batches."""
+"""Rows a thread asks the cache for ahead of the one it updates (the touched rows are scattered); chosen
+by timing the update on recorded batches (BENCHMARKS.md)."""
 _INPUT_ROWS_AHEAD = 4
-"""The same for the input layer's rows (best of 2, 4 and 8 on amazon670k)."""
+"""The same for the input layer's rows."""
 _KEYS_AHEAD = 16
-"""Keys group_keys looks up ahead in its scratch (the output layer's is 2.7 MB, read at random: grouping
-~190k pairs took 1.5 ms a batch without, 1.0 with)."""
+"""Keys group_keys looks up ahead in its scratch (the output layer's is 2.7 MB, read at random)."""
 
 
 @fast_kernel
@@ -309,8 +308,8 @@ def update_input_layer(
     """Adam on the rows of W0 (num_features, h1) of features present in the batch.
 
     Rows are independent, so each chunk takes a contiguous block of touched and prefetches the row
-    _INPUT_ROWS_AHEAD places ahead in it (a batch touches only ~7,500 rows: in strided chunks of ~7
-    rows there was no "ahead"; 4.4 -> 3.1 ms a batch on amazon670k)."""
+    _INPUT_ROWS_AHEAD places ahead in it (a batch touches only a few thousand rows, so strided chunks would
+    hold a handful each, with nothing ahead to prefetch)."""
     width = w0.shape[1]
     n = touched.shape[0]
     n_chunks = min(n, 64)

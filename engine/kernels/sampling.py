@@ -78,9 +78,8 @@ def filter_candidates(out, n, counts, threshold, max_active, max_count, ties):
 
     Among candidates tied at the cut-off count, exactly the right number is kept by systematic sampling
     from a random start keyed by `ties`: every tie has the same chance, so no table or id range is
-    favoured, and the kept ties spread evenly over the tables. Nearly all candidates tie at count 1
-    (at amazon670k scale with 50 tables of 64, ~3,110 of ~3,150), so the loop is branch-free, with no
-    random number per tie (a hash per tie and a histogram of mostly equal counts made it ~4x slower).
+    favoured, and the kept ties spread evenly over the tables. When buckets are full nearly all
+    candidates tie at count 1, so the loop is branch-free, with no random number per tie.
     counts must be >= 1.
     Survivors keep the order found (out and counts are compacted together).
     """

@@ -787,7 +787,7 @@ def test_hubs_are_the_top_scores_on_the_mean_input(trained_model):
 
 def test_model_versions_of_one_shape_share_prediction_buffers(trained_model):
     """A service swaps in a new version of a model every snapshot: it must reuse the buffers of the old
-    one (a fresh ~45 MB set per version at 670k labels made the allocator's footprint creep), and
+    one (a fresh ~45 MB set per version at 670k labels makes the allocator's footprint creep), and
     concurrent requests must never share a set."""
     from concurrent.futures import ThreadPoolExecutor
 

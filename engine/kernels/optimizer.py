@@ -8,7 +8,7 @@ number of threads.
 
 A sampled layer may keep its first moment in bfloat16 (uint16 arrays: the top half of a float32),
 which halves the memory and snapshot size of m (173 MB at 670k labels); its 8-bit mantissa is ample
-for a running mean that only scales a step (P@1 matched float32 over 3,000 amazon670k steps). The
+for a running mean that only scales a step (accuracy as with float32: BENCHMARKS.md). The
 second moment stays float32: beta2 = 0.999 moves it by 0.1% a step, below bfloat16's resolution.
 
 Weights stored as bfloat16 (config.weight_dtype) are widened, stepped in float32 and rounded back

@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test bench load demo clean
+.PHONY: install run test bench bench-quality load demo clean
 
 install: $(STAMP)
 
@@ -27,6 +27,13 @@ test: install
 bench: install
 	$(PY) -m pip install -q -e '.[dev,bench]'
 	$(PY) benchmarks/run.py
+
+# Quality against napkinXC, Omikuji, PECOS and PyTorch dense on real and synthetic sets (BENCHMARKS.md); the
+# WordNet sets need `apt-get install -y wordnet-base`, debtags the lists of `apt-get update`. A subset:
+# make bench-quality QUALITY_ARGS="--sets debtags --systems slide,pecos"
+bench-quality: install
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) benchmarks/quality/run.py $(QUALITY_ARGS)
 
 # Predict load (locust) while a job trains on amazon670k-shaped data, then after it stops; ~30 minutes with
 # the defaults. A quick look: make load LOAD_ARGS="--preset small --duration 30"

@@ -102,18 +102,21 @@ def cmd_gen(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import numba
     from tqdm import tqdm
 
-    from .snapshot import SnapshotStore
+    from .memory import estimate_for
+    from .snapshot import SnapshotStore, manifest_config, read_manifest
     from .trainer import Trainer
 
     train = _load(args.train)
     test = _load(args.test) if args.test else None
     store = SnapshotStore(args.out, keep=args.keep)
-    if args.resume and store.latest() is not None:
-        trainer = Trainer.resume(store, train, test)
-    else:
-        trainer = Trainer(build_config(args), train, test, store)
+    latest = store.latest() if args.resume else None
+    config = manifest_config(read_manifest(latest[1])) if latest else build_config(args)
+    estimate = estimate_for(config, train, test, threads=numba.config.NUMBA_NUM_THREADS)  # the buffers' pool
+    _emit({"estimated_memory_bytes": estimate.total, "estimated_memory": estimate.describe()})
+    trainer = Trainer.resume(store, train, test) if latest else Trainer(config, train, test, store)
     total = trainer.config.epochs * train.num_points
     with tqdm(
         total=total,

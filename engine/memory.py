@@ -1,0 +1,267 @@
+"""How much memory a training run needs: a function of the config and the dataset's shape, no arrays allocated.
+
+`estimate_memory` adds up the arrays a `Trainer` holds (weights, Adam's moments and step counts, hash tables,
+step buffers, data read buffers, evaluation scratch), the largest short-lived allocation on top of them, and the
+resident size of a trainer process before any of it (interpreter, numpy, Numba and its compiled kernels). The
+auto settings are resolved with the engine's own resolvers (`lsh.resolve_*`, `network.layer_widths`), so the
+estimate follows them. `serving` is separate: the published snapshot's model arrays (weights and tables), which
+a service maps to answer predictions while the job trains.
+
+The estimate is checked against the measured peak resident size of trainer processes (tests/engine/test_memory.py).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import lsh
+from .config import SlideConfig
+from .network import layer_slots, layer_widths
+
+BASELINE_BYTES = 185 * 2**20
+"""Resident size of a trainer process before its model: Python, numpy, Numba, llvmlite and the compiled kernels
+loaded from Numba's cache (a service trainer also holds SQLAlchemy: ~20 MB more than `slide train`)."""
+THREAD_BYTES = 2**20
+"""Resident bytes each Numba worker thread adds (its stack's touched pages and bookkeeping)."""
+
+_INIT_ROWS = 1 << 15  # network._INIT_ROWS: rows of a layer drawn at a time when it is initialised
+_UPDATE_CHUNKS = 16  # trainer._UPDATE_CHUNKS
+_HASH_BLOCK = 64  # lsh._HASH_BLOCK
+_HASH_CHUNKS = 256  # chunks of lsh.hash_rows' parallel loop
+_MAX_K = 5  # the periodic evaluation asks for the top 5
+
+PART_FIELDS: dict[str, tuple[str, ...]] = {
+    "baseline": ("threads",),
+    "weights": ("hidden", "weight_dtype"),
+    "optimizer": ("hidden", "moment_dtype", "sample_hidden", "sample_output"),
+    "tables": ("hidden", "hash_l", "hash_k", "table_bits", "bin_size", "simhash_density", "predict_hubs"),
+    "step_buffers": (
+        "batch_size",
+        "hidden",
+        "hash_l",
+        "bucket_size",
+        "probes",
+        "hub_neurons",
+        "random_negatives",
+        "min_active",
+        "threads",
+    ),
+    "evaluation": ("eval_points", "hash_l", "bucket_size", "predict_probes", "predict_hubs", "threads"),
+    "data": (),
+    "transient": ("hidden", "batch_size", "bucket_size", "hash_l", "table_bits", "threads"),
+}
+"""The config fields each part of the estimate grows with (the dataset's shape drives most of them too)."""
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Bytes a training run needs. `parts` add up to `trainer` (the peak resident size of the process that
+    trains); `serving` is the model a service maps to serve the job's snapshots; `total` is both."""
+
+    parts: dict[str, int]
+    serving: int
+    fields: dict[str, tuple[str, ...]] = field(default_factory=lambda: dict(PART_FIELDS))
+
+    @property
+    def trainer(self) -> int:
+        return int(sum(self.parts.values()))
+
+    @property
+    def total(self) -> int:
+        return self.trainer + self.serving
+
+    def breakdown(self) -> dict[str, int]:
+        """Every part, `serving` included, largest first."""
+        parts = {**self.parts, "serving": self.serving}
+        return dict(sorted(parts.items(), key=lambda kv: -kv[1]))
+
+    def describe(self) -> str:
+        """'2.1 GB (weights 1.0 GB, optimizer 900 MB, ...)': the total and its parts over 1% of it."""
+        shown = [
+            f"{k.replace('_', ' ')} {format_bytes(v)}" for k, v in self.breakdown().items() if v >= self.total / 100
+        ]
+        return f"{format_bytes(self.total)} ({', '.join(shown)})"
+
+
+def format_bytes(n: float) -> str:
+    """Decimal units, three significant digits: 1.23 GB, 456 MB, 7.89 kB."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= scale:
+            value = n / scale
+            return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"
+    return f"{int(n)} B"
+
+
+def estimate_memory(
+    config: SlideConfig,
+    num_points: int,
+    num_features: int,
+    num_labels: int,
+    nnz: int = 0,
+    label_entries: int = 0,
+    max_labels_per_point: int | None = None,
+    eval_points: int = 0,
+    eval_nnz: int = 0,
+    eval_label_entries: int = 0,
+    threads: int | None = None,
+) -> MemoryEstimate:
+    """The memory a `Trainer` of `config` needs on a training set of this shape (and an evaluation set of
+    `eval_points` points, if any), with `threads` Numba threads (None: config.threads, else all cores).
+
+    nnz and label_entries: stored feature values and labels over all training points. max_labels_per_point:
+    the most labels one point has (None: four times the average, at least 1). Nothing is allocated: the
+    service calls this before it admits a job.
+    """
+    cfg = config
+    if threads is None:
+        threads = cfg.threads or os.cpu_count() or 1
+    t = max(1, int(threads))
+    n_points, n_feat, n_lab = int(num_points), int(num_features), int(num_labels)
+    widths = layer_widths(cfg, n_feat, n_lab)
+    depth = len(widths) - 1  # weight layers, the input layer included
+    slots = layer_slots(cfg)
+    wbytes = 2 if cfg.weight_dtype == "bfloat16" else 4
+    if max_labels_per_point is None:
+        avg = label_entries / n_points if n_points else 1.0
+        max_labels_per_point = max(1, int(np.ceil(4 * avg)))
+    max_labels = min(n_lab, int(max_labels_per_point))
+
+    rows = [widths[layer + 1] for layer in range(depth)]  # neurons of each weight layer (W0: one row per feature)
+    rows[0] = n_feat
+    cols = [widths[1]] + [widths[layer] + 1 for layer in range(1, depth)]  # W[layer>=1] has the bias in its last column
+    cells = [rows[layer] * cols[layer] for layer in range(depth)]
+
+    weights = sum(cells) * wbytes + widths[1] * 4  # + b0
+    optimizer = 0
+    for layer in range(depth):
+        compact = cfg.moment_dtype == "bfloat16" and slots[layer] >= 0
+        optimizer += cells[layer] * ((2 if compact else 4) + 4)  # m, v
+        optimizer += rows[layer] * (8 + 4)  # steps int64, drift float32
+    optimizer += widths[1] * 8  # mb0, vb0
+
+    sampled = [layer for layer in range(depth) if slots[layer] >= 0]
+    tables = 0
+    layer_l, layer_cap, layer_codes, hubs_of, serve_hubs_of = {}, {}, {}, {}, {}
+    for layer in sampled:
+        n, dim = widths[layer + 1], widths[layer]
+        k, n_tables = lsh.resolve_k(cfg, n), lsh.resolve_l(cfg, n)
+        _, n_buckets, _, _ = lsh.table_geometry(cfg, k)
+        per_code = max(1, int(round(cfg.simhash_density * dim))) if cfg.hash_family == "simhash" else cfg.bin_size
+        hubs, serve_hubs = min(n, lsh.resolve_hubs(cfg, n)), min(n, lsh.resolve_serve_hubs(cfg, n))
+        tables += 2 * n_tables * n * 4  # codes, ids
+        tables += n * 4 + n_tables * (n_buckets + 1) * 8  # inserted, offsets
+        tables += dim * (4 + 4) + (hubs + serve_hubs) * 4  # center, query_center, hubs
+        tables += k * n_tables * per_code * (4 + 4) + 8 * 8  # hash functions: idx, sign, params
+        optimizer += dim * 8  # the trainer's running input mean
+        layer_l[layer], layer_codes[layer], hubs_of[layer], serve_hubs_of[layer] = (
+            n_tables,
+            k * n_tables,
+            hubs,
+            serve_hubs,
+        )
+        extra = lsh.resolve_random_negatives(cfg, n) if layer == depth - 1 else 0
+        layer_cap[layer] = min(
+            n, n_tables * (1 + cfg.probes) * cfg.bucket_size + hubs + max_labels + cfg.min_active + extra
+        )
+    serving = weights + tables
+
+    # Step buffers (Trainer._buffers), allocated for a full batch.
+    b = cfg.batch_size
+    caps = [layer_cap.get(layer, widths[layer + 1]) for layer in range(1, depth)]
+    step = sum(b * widths[layer] * 4 for layer in range(1, depth))  # hid
+    step += sum(
+        b * (c * 4 + (c * 4 if layer in layer_cap else 4)) for layer, c in zip(range(1, depth), caps, strict=True)
+    )  # act_val, ids
+    step += b * (depth * 4 + widths[1] * 4 + 4 + 4)  # nact, delta0, losses, nkept
+    n_max = max([widths[layer + 1] for layer in sampled] or [1])
+    n_codes = max(layer_codes.values() or [1])
+    width_max = max(widths[1:-1])
+    id_cap = max(layer_cap.values() or [1])  # act_ids of a dense layer are a (b, 1) placeholder
+    step += t * (n_max * 8 + id_cap * 4 + 8 + n_codes * 12 + max(layer_l.values() or [1]) * (1 + cfg.probes) * 4)
+    step += t * width_max * 8  # gin, gprev
+    step += sum(rows) * 4  # group_of_row
+    fused = (depth - 1) in layer_cap
+    step += max(_UPDATE_CHUNKS, t) * b * widths[-2] * 4 if fused else 0  # grad_inputs
+
+    # Data read buffers: the row readers keep both indptr arrays in memory; one epoch's order; labelled flags.
+    data = (n_points + 1) * 16 + n_points * (8 + 1)
+    evaluation = 0
+    if eval_points:
+        data += (eval_points + 1) * 16
+        used = eval_points if not cfg.eval_points else min(eval_points, cfg.eval_points)
+        share = used / eval_points
+        evaluation += used * 8 + int(share * (eval_nnz * 8 + eval_label_entries * 4)) + used * 16  # rows, batch
+        evaluation += used * _MAX_K * 8  # top-k out
+        pp = cfg.probes if cfg.predict_probes == -1 else cfg.predict_probes
+        serve_cap = max(
+            [
+                min(
+                    widths[layer + 1],
+                    layer_l[layer] * (1 + pp) * cfg.bucket_size + max(hubs_of[layer], serve_hubs_of[layer]),
+                )
+                for layer in sampled
+            ]
+            or [1]
+        )
+        evaluation += t * (sum(widths[1:-1]) * 4 + serve_cap * 8 + n_max * 8 + n_codes * 12)
+        evaluation += t * max(layer_l.values() or [1]) * (1 + pp) * 4
+
+    # The largest short-lived allocation: a layer drawn a block of rows at a time at initialisation (float32,
+    # and its bfloat16 rounding), a rebuild's per-table counting sort, the optimizer's grouping of a batch, and
+    # re-picking the hubs (scores, norms, an argpartition).
+    init = max(min(rows[layer], _INIT_ROWS) * cols[layer] * (4 + (2 if wbytes == 2 else 0)) for layer in range(depth))
+    rebuild = 0
+    for layer in sampled:
+        n, dim = widths[layer + 1], widths[layer]
+        _, n_buckets, _, _ = lsh.table_geometry(cfg, layer_codes[layer] // layer_l[layer])
+        per_table = (n_buckets + 1) * 8 * 3 + n * 4
+        hashing = min(_HASH_CHUNKS, t) * (dim * _HASH_BLOCK * 4 + layer_codes[layer] * _HASH_BLOCK * 4) + n * 8
+        rebuild = max(rebuild, min(t, layer_l[layer]) * per_table + hashing, n * (4 + 4 + 8 + 8))
+    # the optimizer groups the batch's (point, active neuron) pairs by neuron: at most the retrieval cap per point
+    per_point = [
+        min(
+            layer_cap[layer],
+            (lsh.resolve_max_active(cfg, widths[layer + 1]) or layer_cap[layer])
+            + layer_cap[layer]
+            - layer_l[layer] * (1 + cfg.probes) * cfg.bucket_size,
+        )
+        for layer in sampled
+    ]
+    pairs = b * max(per_point or [max(caps)]) + (nnz / n_points * b if n_points else 0)
+    transient = max(init - step, rebuild, int(pairs * 64))  # the step buffers are not there yet at init
+
+    parts = {
+        "baseline": BASELINE_BYTES + t * THREAD_BYTES,
+        "weights": int(weights),
+        "optimizer": int(optimizer),
+        "tables": int(tables),
+        "step_buffers": int(step),
+        "evaluation": int(evaluation),
+        "data": int(data),
+        "transient": int(max(0, transient)),
+    }
+    return MemoryEstimate(parts=parts, serving=int(serving))
+
+
+def estimate_for(config: SlideConfig, train, test=None, threads: int | None = None) -> MemoryEstimate:
+    """`estimate_memory` for a training `Dataset` (and an evaluation one)."""
+    y = np.asarray(train.y_indptr)
+    return estimate_memory(
+        config,
+        train.num_points,
+        train.num_features,
+        train.num_labels,
+        nnz=train.nnz,
+        label_entries=int(y[-1]) if len(y) else 0,
+        max_labels_per_point=int(np.diff(y).max(initial=0)) if len(y) > 1 else 0,
+        eval_points=test.num_points if test is not None else 0,
+        eval_nnz=test.nnz if test is not None else 0,
+        eval_label_entries=int(test.y_indptr[-1]) if test is not None and test.num_points else 0,
+        threads=threads,
+    )
+
+
+__all__ = ["BASELINE_BYTES", "MemoryEstimate", "PART_FIELDS", "estimate_for", "estimate_memory", "format_bytes"]

@@ -1,0 +1,139 @@
+"""The memory estimate: its parts equal the arrays a Trainer allocates, and its total is within 25% of the peak
+resident size of real trainer processes (a memory-accuracy check, not a timing test)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numba
+import numpy as np
+import pytest
+
+from engine import SlideConfig, Trainer, generate, save_dataset
+from engine.memory import estimate_for, estimate_memory, format_bytes
+from engine.snapshot import model_arrays
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _nbytes(arrays) -> int:
+    return int(sum(np.asarray(a).nbytes for a in arrays))
+
+
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {"hidden": (32,)},
+        {"hidden": (24, 40), "sample_hidden": True, "probes": 1, "batch_size": 64},
+        {"hidden": (32,), "weight_dtype": "float32", "moment_dtype": "float32", "hash_family": "dwta"},
+        {"hidden": (16,), "sample_output": False},
+        {"hidden": (32,), "hash_l": 7, "table_bits": 6, "bucket_size": 9, "min_active": 40, "hub_neurons": 5},
+    ],
+)
+def test_parts_are_the_arrays_a_trainer_allocates(settings):
+    """Weights, optimizer state, tables and step buffers, byte for byte, for the engine's own resolution of the
+    auto settings; serving is the snapshot's model arrays."""
+    train, test = generate("tiny", seed=3, num_train=300, num_test=50)
+    cfg = SlideConfig(threads=1, **settings)
+    trainer = Trainer(cfg, train, test)
+    bufs = trainer._buffers(cfg.batch_size)
+    est = estimate_for(cfg, train, test, threads=numba.config.NUMBA_NUM_THREADS)  # the pool the buffers are for
+    model = trainer.model
+    assert est.parts["weights"] == _nbytes(model.weights) + model.b0.nbytes
+    optimizer = [*trainer.m, *trainer.v, *trainer.steps, *trainer.drift, trainer.mb0, trainer.vb0]
+    assert est.parts["optimizer"] == _nbytes(optimizer) + _nbytes(trainer.input_mean.values())
+    tables = [a for t in model.tables for a in t] + [a for h in model.hashes for a in h]
+    assert est.parts["tables"] == _nbytes(tables)
+    flat = [a for x in bufs for a in (x if isinstance(x, tuple) else (x,))]
+    assert est.parts["step_buffers"] == _nbytes(flat) + _nbytes(trainer._group_of_row) + trainer._grad_inputs.nbytes
+    assert est.serving == _nbytes(model_arrays(model).values())
+    assert est.total == est.trainer + est.serving > est.parts["baseline"]
+
+
+def test_estimate_grows_with_what_drives_it():
+    base = dict(num_points=10_000, num_features=6, num_labels=3)
+    small = estimate_memory(SlideConfig(), **base)
+    wide = estimate_memory(SlideConfig(hidden=(200_000,)), **base)
+    assert wide.parts["weights"] >= 200_000 * (6 + 4) * 2  # W0 (6 x 200k) and the output layer (3 x 200,001)
+    assert wide.total > small.total
+    f32 = estimate_memory(SlideConfig(hidden=(200_000,), weight_dtype="float32"), **base)
+    b0 = 200_000 * 4  # the input layer's biases stay float32
+    assert f32.parts["weights"] - b0 == 2 * (wide.parts["weights"] - b0)
+    more_threads = estimate_memory(SlideConfig(), **base, threads=64)
+    assert more_threads.trainer > estimate_memory(SlideConfig(), **base, threads=1).trainer
+    # grad_inputs: 16 update chunks x 128 points x 200,000 floats
+    assert wide.parts["step_buffers"] > 16 * 128 * 200_000 * 4 and "step buffers" in wide.describe()
+    assert format_bytes(1_230_000_000) == "1.23 GB"
+
+
+_PROBE = textwrap.dedent(
+    """
+    import json, sys
+    import numba
+    from engine import SlideConfig, SnapshotStore, Trainer, load_dataset
+    from engine.memory import estimate_for
+    args = json.loads(sys.argv[1])
+    train, test = load_dataset(args["train"]), load_dataset(args["test"])
+    cfg = SlideConfig.from_dict(args["config"])
+    trainer = Trainer(cfg, train, test, SnapshotStore(args["store"]))
+    trainer.run(snapshot_every_s=0.5, time_budget_s=args["seconds"])
+    peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
+    est = estimate_for(cfg, train, test, threads=numba.config.NUMBA_NUM_THREADS)
+    print(json.dumps({"peak": peak, "estimate": est.trainer, "steps": trainer.step}))
+    """
+)
+
+# (dataset shape, config): small models where the interpreter dominates, wide output layers where the arrays do.
+SHAPES = [
+    ({"num_train": 2000, "num_test": 300}, {"hidden": [64]}),
+    ({"num_train": 3000, "num_test": 300, "num_labels": 60_000, "num_features": 5000}, {"hidden": [128]}),
+    (
+        {"num_train": 3000, "num_test": 300, "num_labels": 30_000, "num_features": 5000},
+        {"hidden": [256], "weight_dtype": "float32", "moment_dtype": "float32", "batch_size": 256},
+    ),
+]
+
+
+@pytest.mark.parametrize("shape,config", SHAPES, ids=["tiny", "60k-labels", "float32-256"])
+def test_estimate_is_within_25_percent_of_measured_peak_rss(tmp_path, warm_engine, shape, config):
+    train, test = generate("small", seed=5, **shape)
+    save_dataset(train, tmp_path / "train")
+    save_dataset(test, tmp_path / "test")
+    args = {
+        "train": str(tmp_path / "train"),
+        "test": str(tmp_path / "test"),
+        "store": str(tmp_path / "store"),
+        "config": {**config, "epochs": 1, "threads": 1},
+        "seconds": 1.5,
+    }
+    env = {**os.environ, "NUMBA_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(args)], capture_output=True, text=True, env=env, timeout=600
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["steps"] >= 3
+    ratio = result["estimate"] / result["peak"]
+    print(f"{shape} {config}: estimate {result['estimate'] >> 20} MiB, peak {result['peak'] >> 20} MiB, {ratio:.2f}")
+    assert 0.75 <= ratio <= 1.25, result
+
+
+def test_slide_train_prints_the_estimate_first(tmp_path, capsys, warm_engine):
+    from engine import write_xmc
+    from engine.cli import main
+
+    train, test = generate("tiny", seed=2, num_train=200, num_test=40)
+    write_xmc(train, tmp_path / "train.txt")
+    args = ["train", "--train", str(tmp_path / "train.txt"), "--out", str(tmp_path / "m"), "--quiet"]
+    assert main([*args, "--hidden", "16", "--epochs", "1", "--threads", "1"]) == 0
+    first = json.loads(capsys.readouterr().out.splitlines()[0])
+    expected = estimate_for(
+        SlideConfig(hidden=(16,), epochs=1, threads=1), train, threads=numba.config.NUMBA_NUM_THREADS
+    )
+    assert first["estimated_memory_bytes"] == expected.total
+    assert first["estimated_memory"].startswith(format_bytes(expected.total))

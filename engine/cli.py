@@ -4,6 +4,10 @@ slide gen --preset tiny --out data/tiny
 slide train --train data/tiny/train.txt --test data/tiny/test.txt --out models/tiny [--dense] [--lr 1e-3 ...]
 slide eval --model models/tiny --test data/tiny/test.txt --mode lsh
 slide predict --model models/tiny --input data/tiny/test.txt --k 5
+
+Text: `slide train --train train.jsonl --test test.jsonl --out models/t` fits a TF-IDF featurizer and a label
+vocabulary on lines of {"text": ..., "labels": [names]} and stores both in every snapshot;
+`slide predict --model models/t --text "red running shoes"` prints label names.
 """
 
 from __future__ import annotations
@@ -74,6 +78,25 @@ def _load(path: str):
     return read_xmc(path)
 
 
+def is_jsonl(path: str) -> bool:
+    name = str(path).lower().removesuffix(".gz")
+    return name.endswith((".jsonl", ".ndjson"))
+
+
+def _load_like(path: str, model):
+    """A test file for `model`: XMC as is, JSONL featurized with the model's featurizer and label names."""
+    if not is_jsonl(path):
+        return _load(path)
+    from .text import featurize_like, read_jsonl
+
+    if model.featurizer is None or model.label_names is None:
+        raise ValueError(f"{path} is JSONL text but the model was not trained on text: it has no featurizer")
+    data, unknown = featurize_like(read_jsonl(path), model.featurizer, model.label_names, model.num_labels)
+    if unknown:
+        print(f"slide: {unknown} label name(s) in {path} are not in the model's vocabulary (dropped)", file=sys.stderr)
+    return data
+
+
 def _model_dir(path: str) -> Path:
     """A snapshot directory, or the newest version inside a store directory."""
     from .snapshot import MANIFEST, SnapshotStore
@@ -109,14 +132,41 @@ def cmd_train(args) -> int:
     from .snapshot import SnapshotStore, manifest_config, read_manifest
     from .trainer import Trainer
 
-    train = _load(args.train)
-    test = _load(args.test) if args.test else None
     store = SnapshotStore(args.out, keep=args.keep)
-    latest = store.latest() if args.resume else None
+    resume = args.resume and store.latest() is not None
+    featurizer = names = None
+    if is_jsonl(args.train):
+        from .snapshot import load_model
+        from .text import featurize_like, fit_text_dataset, read_jsonl
+
+        records = read_jsonl(args.train)
+        if resume:  # the snapshot's featurizer and vocabulary, so feature and label ids keep their meaning
+            held = load_model(store.latest()[1])
+            featurizer, names = held.featurizer, held.label_names
+            if featurizer is None or names is None:
+                raise ValueError(f"{args.out} holds a model without a text featurizer; train it from XMC files")
+            train, _ = featurize_like(records, featurizer, names)
+        else:
+            train, featurizer, names = fit_text_dataset(records)
+        test = None
+        if args.test:
+            if not is_jsonl(args.test):
+                raise ValueError("--train is JSONL text, so --test must be JSONL text too")
+            test, unknown = featurize_like(read_jsonl(args.test), featurizer, names)
+            if unknown:
+                print(
+                    f"slide: {unknown} label name(s) of --test are not in the training set (dropped)", file=sys.stderr
+                )
+    else:
+        train = _load(args.train)
+        test = _load(args.test) if args.test else None
+    latest = store.latest() if resume else None
     config = manifest_config(read_manifest(latest[1])) if latest else build_config(args)
     estimate = estimate_for(config, train, test, threads=numba.config.NUMBA_NUM_THREADS)  # the buffers' pool
     _emit({"estimated_memory_bytes": estimate.total, "estimated_memory": estimate.describe()})
     trainer = Trainer.resume(store, train, test) if latest else Trainer(config, train, test, store)
+    if featurizer is not None:
+        trainer.attach_text(featurizer, names)
     total = trainer.config.epochs * train.num_points
     with tqdm(
         total=total,
@@ -139,13 +189,13 @@ def cmd_eval(args) -> int:
     from .snapshot import load_model
 
     model = load_model(_model_dir(args.model))
-    test = _load(args.test)
+    test = _load_like(args.test, model)
     t0 = time.perf_counter()
     pred, _, scored = model.predict_with_stats(test.x_indptr, test.x_indices, test.x_values, k=5, mode=args.mode)
     seconds = time.perf_counter() - t0
     inv_p = None
     if args.train:
-        train = _load(args.train)
+        train = _load_like(args.train, model)
         inv_p = propensity_scores(train.label_counts(), train.num_points, *_propensity_ab(args.propensity))
     record = {
         "mode": args.mode,
@@ -170,25 +220,36 @@ def _propensity_ab(name: str) -> tuple[float, float]:
 
 def topk_recall(approx: np.ndarray, exact: np.ndarray) -> float:
     """Mean fraction of each row's exact top-k labels that the approximate top-k also returns."""
-    if exact.shape[0] == 0:
-        return 0.0
-    hits = sum(
-        len(set(a.tolist()) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum()))
-        for a, e in zip(approx, exact, strict=True)
-    )
-    return hits / exact.shape[0]
+    from .metrics import topk_recall as recall
+
+    return recall(approx, exact)
 
 
 def cmd_predict(args) -> int:
     from .snapshot import load_model
 
     model = load_model(_model_dir(args.model))
-    data = _load(args.input)
-    labels, scores = model.predict(data.x_indptr, data.x_indices, data.x_values, k=args.k, mode=args.mode)
+    if args.text is not None:
+        if model.featurizer is None:
+            raise ValueError("--text: the model was not trained on text (it has no featurizer); use --input")
+        if any(not t.strip() for t in args.text):
+            raise ValueError("--text: empty text")
+        indptr, indices, values = model.featurizer.transform(args.text)
+    elif args.input:
+        data = _load_like(args.input, model)
+        indptr, indices, values = data.x_indptr, data.x_indices, data.x_values
+    else:
+        raise ValueError("give --input FILE or --text TEXT")
+    labels, scores = model.predict(indptr, indices, values, k=args.k, mode=args.mode)
     out = sys.stdout
+    names = model.label_names
     for lab, sc in zip(labels, scores, strict=True):
         keep = lab >= 0
-        out.write(json.dumps({"labels": lab[keep].tolist(), "scores": [round(float(s), 6) for s in sc[keep]]}) + "\n")
+        ids = lab[keep].tolist()
+        record = {"labels": ids, "scores": [round(float(s), 6) for s in sc[keep]]}
+        if names is not None:
+            record = {"names": names.names(ids), **record}
+        out.write(json.dumps(record) + "\n")
     return 0
 
 
@@ -208,7 +269,7 @@ def make_parser() -> argparse.ArgumentParser:
     g.set_defaults(func=cmd_gen)
 
     t = sub.add_parser("train", help="train a model; one JSON line of metrics per evaluation")
-    t.add_argument("--train", required=True)
+    t.add_argument("--train", required=True, help="XMC file, or JSONL text (.jsonl / .jsonl.gz)")
     t.add_argument("--test")
     t.add_argument("--out", required=True, help="snapshot directory (versions v000001, ...)")
     t.add_argument("--config", help="TOML file of settings (flags override it)")
@@ -232,7 +293,8 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("predict", help="top-k labels of each point of a file, one JSON line each")
     p.add_argument("--model", required=True)
-    p.add_argument("--input", required=True)
+    p.add_argument("--input", help="XMC file (or JSONL text for a model trained on text)")
+    p.add_argument("--text", action="append", help="a query text (repeatable); prints label names")
     p.add_argument("--k", type=int, default=5)
     p.add_argument("--mode", choices=["lsh", "exact"], default="lsh")
     p.set_defaults(func=cmd_predict)

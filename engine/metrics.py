@@ -28,6 +28,9 @@ __all__ = [
     "propensity_scores",
     "evaluate",
     "hit_matrix",
+    "evaluate_model",
+    "topk_recall",
+    "softmax_rows",
     "AMAZON_PROPENSITY",
     "DEFAULT_PROPENSITY",
 ]
@@ -241,3 +244,50 @@ def _check_label_range(y_indices: np.ndarray, num_labels: int) -> None:
             f"true labels range over [{y_indices.min()}, {y_indices.max()}] but inv_propensity "
             f"has {num_labels} entries; compute propensities over all labels"
         )
+
+
+def topk_recall(approx, exact) -> float:
+    """Mean fraction of each row's exact top-k labels (ids >= 0) that the approximate top-k also returns."""
+    approx = np.asarray(approx)
+    exact = np.asarray(exact)
+    if exact.shape[0] == 0:
+        return 0.0
+    hits = sum(
+        len(set(a[a >= 0].tolist()) & set(e[e >= 0].tolist())) / max(1, int((e >= 0).sum()))
+        for a, e in zip(approx, exact, strict=True)
+    )
+    return hits / exact.shape[0]
+
+
+def evaluate_model(model, dataset, k: int = 5, mode: str = "lsh", inv_propensity=None) -> dict:
+    """Predict `dataset` with `model` and score it: p_at_1/3/5, ndcg_at_1/3/5, psp_at_* (with `inv_propensity`),
+    `points`, `mean_scored` (labels scored per query) and, for a mode other than exact, `recall_vs_exact` (the
+    share of the exact top-k the mode returns)."""
+    if dataset.num_features > model.num_features or dataset.num_labels > model.num_labels:
+        raise ValueError(
+            f"the dataset has {dataset.num_features} features and {dataset.num_labels} labels; the model "
+            f"{model.num_features} and {model.num_labels}: it is not in the model's feature and label space"
+        )
+    kk = min(max(5, int(k)), int(model.num_labels))
+    args = (dataset.x_indptr, dataset.x_indices, dataset.x_values)
+    pred, _, scored = model.predict_with_stats(*args, k=kk, mode=mode)
+    out: dict = {"points": int(dataset.num_points), **evaluate(pred, dataset, inv_propensity=inv_propensity)}
+    out["mean_scored"] = float(np.mean(scored)) if len(scored) else 0.0
+    if mode != "exact":
+        kr = min(int(k), int(model.num_labels))
+        exact, _ = model.predict(*args, k=kr, mode="exact")
+        out["recall_vs_exact"] = topk_recall(np.asarray(pred)[:, :kr], exact)
+    return out
+
+
+def softmax_rows(scores: list[list[float]]) -> list[list[float]]:
+    """Softmax of each row of scores (rows may differ in length): probabilities over that row's labels only."""
+    out = []
+    for row in scores:
+        if not row:
+            out.append([])
+            continue
+        s = np.asarray(row, dtype=np.float64)
+        e = np.exp(s - s.max())
+        out.append((e / e.sum()).tolist())
+    return out

@@ -69,6 +69,10 @@ class SlideModel:
         )
         if len(self.hashes) != int((self.layer_slot >= 0).sum()) or len(self.tables) != len(self.hashes):
             raise ValueError("one hash family and one table set are needed per sampled layer")
+        self.featurizer = None
+        """engine.text.TextFeaturizer of a model trained on text (it turns a query into this model's features)."""
+        self.label_names = None
+        """engine.text.LabelNames: label i's name, when the training set had names."""
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod

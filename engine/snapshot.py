@@ -8,6 +8,8 @@ resumes from the same files, optimizer state included.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -27,6 +29,9 @@ from .tables import Tables
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
+PINS_DIR = ".pins"
+LOCK_FILE = ".lock"
+_PIN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 class SnapshotError(RuntimeError):
@@ -132,11 +137,66 @@ class SnapshotStore:
         return version, target
 
     def prune(self) -> None:
-        for v in self.versions()[: -self.keep]:
-            shutil.rmtree(self.path(v), ignore_errors=True)
+        """Remove versions beyond the newest `keep`, except pinned ones (see `pin`)."""
+        with self._locked():
+            pinned = set(self.pins().values())
+            for v in self.versions()[: -self.keep]:
+                if v not in pinned:
+                    shutil.rmtree(self.path(v), ignore_errors=True)
         for entry in self.root.glob(".publish-*"):
             if time.time() - entry.stat().st_mtime > 3600:
                 shutil.rmtree(entry, ignore_errors=True)
+
+    # ---- pins: versions kept beyond `keep` while something (a serving alias) points at them ------------
+    @contextlib.contextmanager
+    def _locked(self):
+        """An exclusive flock on `<root>/.lock`: pinning and pruning exclude each other across processes."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def pins(self) -> dict[str, int]:
+        """name -> pinned version."""
+        d = self.root / PINS_DIR
+        out: dict[str, int] = {}
+        if not d.is_dir():
+            return out
+        for entry in d.iterdir():
+            if entry.name.startswith("."):
+                continue
+            try:
+                out[entry.name] = int(entry.read_text().strip())
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def pin(self, name: str, version: int) -> None:
+        """Keep `version` (beyond `keep`) until `unpin(name)` or another `pin(name, ...)`. Raises SnapshotError
+        when the version is not on disk (never written, or already pruned)."""
+        if not _PIN_NAME.match(name):
+            raise ValueError(f"pin name {name!r}: letters, digits, '.', '_' and '-' only")
+        with self._locked():
+            if not (self.path(version) / MANIFEST).is_file():
+                raise SnapshotError(f"version {version} is not retained (versions on disk: {self.versions()})")
+            d = self.root / PINS_DIR
+            d.mkdir(exist_ok=True)
+            tmp = d / f".{name}.tmp"
+            tmp.write_text(str(int(version)))
+            os.replace(tmp, d / name)
+
+    def unpin(self, name: str) -> None:
+        """Release a pin; the version goes at the next prune if it is beyond `keep`."""
+        if not _PIN_NAME.match(name):
+            return
+        with self._locked():
+            try:
+                (self.root / PINS_DIR / name).unlink()
+            except FileNotFoundError:
+                pass
 
 
 def read_manifest(path: str | os.PathLike) -> dict:
@@ -182,7 +242,20 @@ def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False)
     model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
     model.version = int(manifest["version"])
     model.trainer_state = manifest.get("trainer_state", {})
+    attach_text(model, manifest, arrays)
     return model
+
+
+def attach_text(model: SlideModel, manifest: dict, arrays) -> None:
+    """Set `model.featurizer` and `model.label_names` from a snapshot (None when it has none: snapshots of XMC
+    datasets, and those written before text support)."""
+    from .text import LabelNames, TextFeaturizer
+
+    try:
+        model.featurizer = TextFeaturizer.from_arrays(manifest.get("text"), arrays)
+        model.label_names = LabelNames.from_arrays(arrays)
+    except (KeyError, ValueError) as exc:
+        raise SnapshotError(f"snapshot v{manifest.get('version')}: unreadable text featurizer ({exc})") from exc
 
 
 def _fsync_path(path: Path) -> None:

@@ -31,7 +31,15 @@ from .kernels.optimizer import (
 )
 from .metrics import precision_at_k
 from .network import SlideModel
-from .snapshot import SnapshotStore, load_arrays, manifest_config, model_arrays, model_from_arrays, read_manifest
+from .snapshot import (
+    SnapshotStore,
+    attach_text,
+    load_arrays,
+    manifest_config,
+    model_arrays,
+    model_from_arrays,
+    read_manifest,
+)
 from .sparse import Dataset, RowReader
 
 MetricsCallback = Callable[[dict], None]
@@ -179,7 +187,27 @@ class Trainer:
             "num_labels": self.model.num_labels,
             "trainer_state": self.state(),
         }
-        return self.store.publish(self.arrays(), meta)
+        arrays = self.arrays()
+        if self.model.featurizer is not None:
+            meta["text"] = self.model.featurizer.meta()
+            arrays.update(self.model.featurizer.to_arrays())
+        if self.model.label_names is not None:
+            arrays.update(self.model.label_names.to_arrays())
+        return self.store.publish(arrays, meta)
+
+    def attach_text(self, featurizer=None, label_names=None) -> None:
+        """Carry a text featurizer and/or label names in every snapshot, so a snapshot alone serves text queries
+        and answers with names (engine.text)."""
+        if featurizer is not None:
+            if featurizer.num_features != self.model.num_features:
+                raise ValueError(
+                    f"the featurizer makes {featurizer.num_features} features; the model has {self.model.num_features}"
+                )
+            self.model.featurizer = featurizer
+        if label_names is not None:
+            if len(label_names) != self.model.num_labels:
+                raise ValueError(f"{len(label_names)} label names for {self.model.num_labels} labels")
+            self.model.label_names = label_names
 
     def refresh_serving_hubs(self) -> None:
         """Re-pick what predictions add to every candidate set from the current weights: the tables are
@@ -203,6 +231,7 @@ class Trainer:
             raise ValueError("the training set's dimensions differ from the snapshot's")
         arrays = load_arrays(path, mmap=False, verify=True)
         model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
+        attach_text(model, manifest, arrays)
         trainer = cls(config, train, test, store, model=model)
         depth = len(model.weights)
         trainer.m = tuple(arrays[f"opt_m{layer}"] for layer in range(depth))

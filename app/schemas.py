@@ -21,6 +21,7 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
 from engine import SlideConfig
+from engine.config import BOUNDS, MAX_HIDDEN_LAYERS, Bounds
 
 JobState = Literal["queued", "running", "stopping", "stopped", "completed", "failed", "interrupted"]
 EXAMPLE_ID = "3f2c9a7e5b1d4c8e9f0a1b2c3d4e5f60"
@@ -98,10 +99,17 @@ def _config_model() -> type[BaseModel]:
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(SlideConfig):
         tp = hints.get(f.name, Any)
-        if typing.get_origin(tp) is tuple:  # JSON has arrays, not tuples
+        bounds = BOUNDS.get(f.name)
+        limits = _limits(bounds) if bounds is not None else {}
+        if typing.get_origin(tp) is tuple:  # JSON has arrays, not tuples; the bounds are the items'
             (item, *_rest) = typing.get_args(tp) or (Any,)
-            tp = list[item]  # type: ignore[valid-type]
-        fields[f.name] = (tp, Field(defaults[f.name], description=docs.get(f.name)))  # pydantic copies list defaults
+            tp = list[Annotated[item, Field(**limits)]]  # type: ignore[valid-type]
+            limits = {"min_length": 1, "max_length": MAX_HIDDEN_LAYERS}
+        description = docs.get(f.name)
+        if bounds is not None:
+            description = f"{description or ''}\n\nRange: {bounds}.".strip()
+        # pydantic copies list defaults
+        fields[f.name] = (tp, Field(defaults[f.name], description=description, **limits))
     return create_model(
         "SlideConfig",
         __config__=ConfigDict(
@@ -109,6 +117,14 @@ def _config_model() -> type[BaseModel]:
         ),
         **fields,
     )
+
+
+def _limits(bounds: Bounds) -> dict[str, float]:
+    """pydantic's (and so the OpenAPI schema's) minimum / maximum for engine.config.BOUNDS."""
+    return {
+        ("gt" if bounds.low_open else "ge"): bounds.low,
+        ("lt" if bounds.high_open else "le"): bounds.high,
+    }
 
 
 SlideConfigModel: type[BaseModel] = _config_model()

@@ -7,7 +7,6 @@ the CLI as flags and `--config file.toml`.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -21,6 +20,72 @@ WIDE_LAYER_TABLES = 16
 """Tables of a sampled layer wider than 20,000 neurons when hash_l is 0 (auto)."""
 SMALL_LAYER_TABLES = 50
 """Tables of a narrower sampled layer when hash_l is 0 (auto)."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The range of a numeric setting: [low, high], an end excluded when `low_open` / `high_open`; `note` says what
+    special values mean. For `hidden` it bounds each width."""
+
+    low: float
+    high: float
+    low_open: bool = False
+    high_open: bool = False
+    note: str = ""
+
+    def contains(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return bool(above and below)  # NaN is in no range
+
+    def __str__(self) -> str:
+        low, high = (f"{v}" if isinstance(v, int) else f"{v:g}" for v in (self.low, self.high))
+        text = f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        return f"{text} ({self.note})" if self.note else text
+
+
+MAX_HIDDEN_LAYERS = 8
+"""Most hidden layers a network may have."""
+COUNT_MAX = 2**24
+"""Upper bound of the neuron-count settings (caps, hubs, negatives): more than any output layer trained here."""
+
+BOUNDS: dict[str, Bounds] = {
+    "hidden": Bounds(1, 2**20),
+    "hash_k": Bounds(0, 64, note="0 = auto"),
+    "hash_l": Bounds(0, 1024, note="0 = auto"),
+    "bin_size": Bounds(2, 256),
+    "simhash_density": Bounds(0.0, 1.0, low_open=True),
+    "table_bits": Bounds(0, 24, note="0 = auto; buckets per table are 2^table_bits"),
+    "bucket_size": Bounds(1, 8192),
+    "active_threshold": Bounds(1, 1024, note="at most hash_l"),
+    "max_active": Bounds(-1, COUNT_MAX, note="-1 = no cap, 0 = auto"),
+    "predict_max_active": Bounds(-1, COUNT_MAX, note="-1 = no cap, 0 = auto"),
+    "probes": Bounds(0, 64),
+    "predict_probes": Bounds(-1, 64, note="-1 = as probes"),
+    "hub_neurons": Bounds(-1, COUNT_MAX, note="-1 = none, 0 = auto"),
+    "predict_hubs": Bounds(-1, COUNT_MAX, note="-1 = the training hubs, 0 = auto"),
+    "hard_negatives": Bounds(-1, COUNT_MAX, note="-1 = all, 0 = auto"),
+    "random_negatives": Bounds(-1, COUNT_MAX, note="-1 = none, 0 = auto"),
+    "random_negative_group": Bounds(1, 65536, note="1 = no sharing"),
+    "min_active": Bounds(0, COUNT_MAX),
+    "batch_size": Bounds(1, 65536),
+    "epochs": Bounds(0, 100_000),
+    "lr": Bounds(0.0, 1.0, low_open=True),
+    "beta1": Bounds(0.0, 1.0, high_open=True),
+    "beta2": Bounds(0.0, 1.0, high_open=True),
+    "eps": Bounds(0.0, 1.0, low_open=True),
+    "init_std": Bounds(0.0, 10.0, low_open=True),
+    "rehash_n0": Bounds(1, 10**9),
+    "rehash_lambda": Bounds(0.0, 10.0),
+    "rehash_max_interval": Bounds(1, 10**9),
+    "rebuild_every": Bounds(0, 10**6, note="0 = never"),
+    "drift_threshold": Bounds(0.0, 10.0, high_open=True),
+    "threads": Bounds(0, 1024, note="0 = all cores"),
+    "seed": Bounds(0, 2**63, high_open=True),
+    "eval_every": Bounds(0, 10**9, note="0 = once per epoch"),
+    "eval_points": Bounds(0, 10**7, note="0 = all"),
+}
+"""The range of every numeric setting: SlideConfig checks them, and the service's job schema states them."""
 
 
 @dataclass(frozen=True)
@@ -140,58 +205,27 @@ class SlideConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
         _check(
-            len(self.hidden) >= 1 and all(h >= 1 for h in self.hidden),
+            1 <= len(self.hidden) <= MAX_HIDDEN_LAYERS,
             "hidden",
-            "give at least one hidden layer, each of width >= 1",
+            f"give 1 to {MAX_HIDDEN_LAYERS} hidden layers; got {len(self.hidden)}",
         )
+        for name, bounds in BOUNDS.items():
+            for value in self.hidden if name == "hidden" else (getattr(self, name),):
+                _check(bounds.contains(value), name, f"must be in {bounds}; got {value}")
         _check(self.hash_family in ("simhash", "wta", "dwta"), "hash_family", "must be simhash, wta or dwta")
         _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
         _check(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype", "must be float32 or bfloat16")
         _check(self.weight_dtype in ("float32", "bfloat16"), "weight_dtype", "must be float32 or bfloat16")
-        _check(0 <= self.hash_l <= 1024, "hash_l", "number of tables must be 0 (auto) or in [1, 1024]")
-        _check(2 <= self.bin_size <= 256, "bin_size", "must be in [2, 256]")
-        _check(0 <= self.hash_k <= 64, "hash_k", "must be 0 (auto) or in [1, 64]")
-        _check(0 < self.simhash_density <= 1, "simhash_density", "must be in (0, 1]")
-        _check(
-            self.table_bits == 0 or 1 <= self.table_bits <= 24,
-            "table_bits",
-            f"buckets per table are 2^table_bits, so table_bits must be 0 (auto) or in [1, 24]; got {self.table_bits}",
-        )
-        _check(self.bucket_size >= 1, "bucket_size", "must be >= 1")
         _check(
             1 <= self.active_threshold <= (self.hash_l or WIDE_LAYER_TABLES),
             "active_threshold",
             f"must be in [1, hash_l] ({WIDE_LAYER_TABLES} when hash_l is 0, auto)",
         )
-        _check(self.max_active >= -1, "max_active", "must be -1 (no cap), 0 (auto) or a positive cap")
-        _check(self.predict_max_active >= -1, "predict_max_active", "must be -1 (no cap), 0 (auto) or > 0")
-        _check(0 <= self.probes <= 64, "probes", "must be in [0, 64]")
-        _check(-1 <= self.predict_probes <= 64, "predict_probes", "must be -1 (as probes) or in [0, 64]")
         _check(
             self.hash_family == "simhash" or (self.probes == 0 and self.predict_probes <= 0),
             "probes",
             "multi-probe needs the simhash family (WTA/DWTA codes have no confidence margin)",
         )
-        _check(self.min_active >= 0, "min_active", "must be >= 0")
-        _check(self.random_negative_group >= 1, "random_negative_group", "must be >= 1 (1 = no sharing)")
-        _check(self.random_negatives >= -1, "random_negatives", "must be -1 (none), 0 (auto) or a count")
-        _check(self.hard_negatives >= -1, "hard_negatives", "must be -1 (all), 0 (auto) or a count")
-        _check(self.predict_hubs >= -1, "predict_hubs", "must be -1 (the training hubs), 0 (auto) or a count")
-        _check(self.hub_neurons >= -1, "hub_neurons", "must be -1 (none), 0 (auto) or a count")
-        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
-        _check(self.epochs >= 0, "epochs", "must be >= 0")
-        _check(self.lr > 0 and math.isfinite(self.lr), "lr", "must be a positive number")
-        _check(0 <= self.beta1 < 1 and 0 <= self.beta2 < 1, "beta1", "Adam betas must be in [0, 1)")
-        _check(self.eps > 0, "eps", "must be > 0")
-        _check(self.init_std > 0, "init_std", "must be > 0")
-        _check(self.rehash_n0 >= 1, "rehash_n0", "must be >= 1 step")
-        _check(self.rehash_lambda >= 0, "rehash_lambda", "must be >= 0")
-        _check(self.rehash_max_interval >= 1, "rehash_max_interval", "must be >= 1")
-        _check(self.rebuild_every >= 0, "rebuild_every", "must be >= 0")
-        _check(0 <= self.drift_threshold < 10, "drift_threshold", "must be in [0, 10)")
-        _check(self.threads >= 0, "threads", "must be >= 0")
-        _check(0 <= self.seed < 2**63, "seed", "must be in [0, 2^63)")
-        _check(self.eval_every >= 0 and self.eval_points >= 0, "eval_every", "must be >= 0")
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
@@ -227,4 +261,15 @@ def _check(ok: bool, name: str, message: str) -> None:
         raise ConfigError(name, message)
 
 
-__all__ = ["SlideConfig", "ConfigError", "HashFamily", "Insertion", "MomentDtype", "WeightDtype", "field"]
+__all__ = [
+    "SlideConfig",
+    "ConfigError",
+    "BOUNDS",
+    "Bounds",
+    "MAX_HIDDEN_LAYERS",
+    "HashFamily",
+    "Insertion",
+    "MomentDtype",
+    "WeightDtype",
+    "field",
+]

@@ -18,8 +18,9 @@ $(STAMP): pyproject.toml
 run: install
 	$(VENV)/bin/uvicorn app.main:app --host 0.0.0.0 --port $${PORT:-8000}
 
+# Against the service of `make run` on the same PORT (or SLIDE_URL).
 demo: install
-	$(PY) -m app.demo
+	SLIDE_URL="$${SLIDE_URL:-http://127.0.0.1:$${PORT:-8000}}" $(PY) -m app.demo
 
 test: install
 	$(PY) -m pytest -q --durations=15

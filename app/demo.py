@@ -2,8 +2,9 @@
 
 Generates the engine's `tiny` preset (2,000 training points, 2,000 features, 500 labels), uploads the train and
 test files (gzipped, streamed), starts a job and waits for its first snapshot, then asks for a prediction, so
-Swagger (`<url>/docs`) has a model to query within a minute. The service is at $SLIDE_URL
-(default http://127.0.0.1:8000); $SLIDE_API_KEY is sent as X-API-Key when set.
+the console (`<url>/ui`) shows its curves and Swagger (`<url>/docs`) has a model to query within a minute. The
+service is at $SLIDE_URL (default http://127.0.0.1:$PORT, PORT defaulting to 8000, as for `make run`);
+$SLIDE_API_KEY is sent as X-API-Key when set.
 """
 
 from __future__ import annotations
@@ -54,7 +55,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m app.demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--url", default=os.environ.get("SLIDE_URL", "http://127.0.0.1:8000"))
+    parser.add_argument(
+        "--url", default=os.environ.get("SLIDE_URL") or f"http://127.0.0.1:{os.environ.get('PORT') or 8000}"
+    )
     parser.add_argument("--preset", default="tiny", help="engine.synth preset (default: tiny)")
     parser.add_argument("--epochs", type=int, default=100, help="epochs of the demo job (default: 100)")
     parser.add_argument("--seed", type=int, default=0)
@@ -141,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     base = args.url.rstrip("/")
     key = ' -H "X-API-Key: $SLIDE_API_KEY"' if headers else ""
     print(f"""
+Console:     {base}/ui/jobs/{job_id}
 Swagger UI:  {base}/docs   (model id = job id = {job_id})
 Watch:       curl -s{key} {base}/v1/jobs/{job_id}
 Live events: curl -N{key} {base}/v1/jobs/{job_id}/events

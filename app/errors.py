@@ -1,13 +1,16 @@
 """Every error as RFC 9457 `application/problem+json`, mapped from exceptions in one table.
 
 Body: `{type, title, status, detail, instance}` plus, where they apply, `errors` (one `{loc, msg, type}` per
-invalid value), `field` (dotted path of the first value at fault), `line`/`column` (dataset uploads) and
+invalid value; an unknown field's says which known one it resembles), `field` (dotted path of the first value at
+fault), `line`/`column` (dataset uploads, malformed JSON) and
 `limit_bytes` (uploads over the limit), `reason` (507: the errno name of a storage fault, e.g. ENOSPC).
 """
 
 from __future__ import annotations
 
+import difflib
 import logging
+import typing
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -110,16 +113,27 @@ async def validation_error_handler(request: Request, exc: Exception) -> ProblemR
         {"loc": [p for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
         for e in exc.errors()
     ]
+    raw = exc.errors()
     if any(e["type"] == "json_invalid" for e in errors):
-        first = next(e for e in errors if e["type"] == "json_invalid")
+        i, first = next((i, e) for i, e in enumerate(errors) if e["type"] == "json_invalid")
+        reason = str((raw[i].get("ctx") or {}).get("error") or first["msg"])
+        line, column = _line_column(exc.body, first["loc"][-1] if first["loc"] else None)
+        where = f" at line {line}, column {column}" if line is not None else ""
         return problem(
             request,
             400,
-            f"the request body is not valid JSON: {first['msg']}",
+            f"the request body is not valid JSON: {reason}{where}",
             slug="malformed-json",
             title="Malformed request body",
+            line=line,
+            column=column,
             errors=errors,
         )
+    for e in errors:
+        if e["type"] == "extra_forbidden":
+            hint = _did_you_mean(request, e["loc"])
+            if hint:
+                e["msg"] += f"; did you mean {hint!r}?"
     shown = "; ".join(f"{_dotted(e['loc'])}: {e['msg']}" for e in errors[:5])
     more = f" (and {len(errors) - 5} more)" if len(errors) > 5 else ""
     return problem(
@@ -176,6 +190,49 @@ async def unhandled_error_handler(request: Request, exc: Exception) -> ProblemRe
             reason=cause[0],
         )
     return problem(request, 500, "internal server error; the service log has the details", slug="internal-error")
+
+
+def _line_column(document: Any, pos: Any) -> tuple[int | None, int | None]:
+    """1-based line and column of character offset `pos` in the JSON text that failed to parse."""
+    if isinstance(document, bytes):
+        document = document.decode("utf-8", "replace")
+    if not isinstance(document, str) or not isinstance(pos, int) or not 0 <= pos <= len(document):
+        return None, None
+    line = document.count("\n", 0, pos) + 1
+    return line, pos - (document.rfind("\n", 0, pos) + 1) + 1
+
+
+def _did_you_mean(request: Request, loc: list[Any]) -> str | None:
+    """For an unknown field of a JSON body (`loc` = body, ..., name): the closest field the model at that place
+    has (`epochz` -> `epochs`), by walking the route's body model along `loc`."""
+    if len(loc) < 2 or loc[0] != "body" or not isinstance(loc[-1], str):
+        return None
+    route = request.scope.get("route")
+    field = getattr(route, "body_field", None)
+    model: Any = getattr(field, "type_", None) or getattr(getattr(field, "field_info", None), "annotation", None)
+    for part in loc[1:-1]:
+        if isinstance(part, int):
+            continue
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        model = _model_in(fields[part].annotation)
+    fields = getattr(model, "model_fields", None)
+    if not fields:
+        return None
+    close = difflib.get_close_matches(loc[-1], list(fields), n=1, cutoff=0.6)
+    return close[0] if close else None
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model inside an annotation such as `Model`, `list[Model]` or `Model | None`."""
+    if isinstance(annotation, type) and hasattr(annotation, "model_fields"):
+        return annotation
+    for arg in typing.get_args(annotation):
+        found = _model_in(arg)
+        if found is not None:
+            return found
+    return None
 
 
 def install_error_handlers(app: FastAPI) -> None:

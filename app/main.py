@@ -11,11 +11,13 @@ from fastapi import FastAPI
 
 import engine
 from app.api import api_router
+from app.docs import install_docs
 from app.errors import install_error_handlers
 from app.openapi import install_openapi
 from app.services.container import Services
 from app.services.telemetry import MetricsMiddleware
 from app.settings import Settings
+from app.ui import install_ui
 
 DESCRIPTION = """
 **SLIDE** (Sub-LInear Deep learning Engine): extreme multi-label classification trained on CPUs, with
@@ -66,12 +68,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         description=DESCRIPTION,
         openapi_tags=TAGS,
         lifespan=lifespan,
+        docs_url=None,  # served by install_docs, from local assets
+        redoc_url=None,
         swagger_ui_parameters={"persistAuthorization": True, "displayRequestDuration": True},
     )
     app.state.services = services
     install_error_handlers(app)
     install_openapi(app, services)
     app.include_router(api_router)
+    install_docs(app)
+    install_ui(app)
     app.add_middleware(MetricsMiddleware, telemetry=services.telemetry)
     return app
 

@@ -42,8 +42,10 @@ class Problem(BaseModel):
     field: str | None = Field(
         None, description="Dotted path of the first value at fault.", examples=["body.config.hash_l"]
     )
-    line: int | None = Field(None, description="Dataset uploads: 1-based line at fault (the header is line 1).")
-    column: int | None = Field(None, description="Dataset uploads: 1-based column at fault, when known.")
+    line: int | None = Field(
+        None, description="Dataset uploads and malformed JSON: 1-based line at fault (a dataset's header is line 1)."
+    )
+    column: int | None = Field(None, description="Dataset uploads and malformed JSON: 1-based column, when known.")
     errors: list[dict[str, Any]] | None = Field(None, description="One `{loc, msg, type}` per invalid value.")
     reason: str | None = Field(None, description="507: the storage fault, as an errno name.", examples=["ENOSPC"])
 
@@ -187,6 +189,11 @@ class JobPublic(BaseModel):
     progress: JobProgress
     latest_metrics: MetricPoint | None = None
     model_version: int | None = Field(None, description="Newest published snapshot; predictions use it.")
+    queue_position: int | None = Field(
+        None,
+        description="For a queued job: 1 = the next to start once a training slot (SLIDE_MAX_CONCURRENT_JOBS) is "
+        "free; null in any other state.",
+    )
     error: str | None = None
     runs: int = Field(description="Trainer processes this job has had (1 + resumes).")
     interruptions: int = Field(description="Times the service went down while this job was training.")
@@ -246,7 +253,7 @@ class Instance(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
     indices: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
-        examples=[[0, 5, 17]],
+        examples=[[0, 2, 5]],
         json_schema_extra={"uniqueItems": True},
         description="Feature ids, each below the model's `num_features`, none repeated.",
     )
@@ -266,7 +273,7 @@ class Instance(BaseModel):
 class PredictRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    instances: list[Instance] = Field(min_length=1, examples=[[{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}]])
+    instances: list[Instance] = Field(min_length=1, examples=[[{"indices": [0, 2, 5], "values": [1.0, 0.5, 0.25]}]])
     k: int = Field(5, ge=1, description="Labels returned per instance.", examples=[5])
     mode: Literal["lsh", "exact"] = Field(
         "lsh",
@@ -275,14 +282,26 @@ class PredictRequest(BaseModel):
 
 
 class Prediction(BaseModel):
-    labels: list[int] = Field(description="Best first; fewer than k when the hash tables retrieved fewer labels.")
-    scores: list[float]
+    labels: list[int] = Field(
+        description="Label ids, best first; fewer than k when the model has fewer labels or (mode `lsh`) the hash "
+        "tables retrieved fewer candidates (`warnings` says which)."
+    )
+    scores: list[float] = Field(
+        description="The output layer's raw logits for those labels (before the softmax), best first: they rank "
+        "labels within one answer of one model version; they are not probabilities and are not comparable across "
+        "models or versions."
+    )
 
 
 class PredictResponse(BaseModel):
     model_id: str
-    model_version: int
+    model_version: int = Field(description="The snapshot that answered (models publish newer ones as they train).")
     predictions: list[Prediction]
+    warnings: list[str] = Field(
+        default_factory=list,
+        description="Why some predictions have fewer than k labels: k above the model's number of labels, or hash "
+        "tables that retrieved fewer candidates than k (use mode `exact` to score every label).",
+    )
 
 
 # --------------------------------------------------------------------------------------------------- health

@@ -6,18 +6,12 @@ import os
 import tempfile
 
 from fastapi import APIRouter, Request
-from fastapi.responses import RedirectResponse
 
 from app.api.deps import ServicesDep
 from app.errors import problem, problem_responses
 from app.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
-
-
-@router.get("/", include_in_schema=False)
-def root() -> RedirectResponse:
-    return RedirectResponse("/docs")
 
 
 @router.get("/healthz", response_model=Health, summary="Liveness")

@@ -20,6 +20,7 @@ from app.schemas import (
     MetricSeries,
     SlideConfigModel,
 )
+from app.services.jobs import JobService
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -27,7 +28,7 @@ _CONFIG_FIELDS = set(SlideConfigModel.model_fields)
 MAX_STEP = 2**63 - 1  # steps are BIGINT in the database: a larger bound cannot even be compared there
 
 
-def job_public(row: JobRow, model_version: int | None) -> JobPublic:
+def job_public(row: JobRow, model_version: int | None, queue_position: int | None = None) -> JobPublic:
     config: dict[str, Any] = {k: v for k, v in (row.config or {}).items() if k in _CONFIG_FIELDS}
     latest = row.latest_metrics or None
     return JobPublic(
@@ -45,6 +46,7 @@ def job_public(row: JobRow, model_version: int | None) -> JobPublic:
         ),
         latest_metrics=MetricPoint.model_validate(latest) if latest and latest.get("step") is not None else None,
         model_version=model_version,
+        queue_position=queue_position if row.state == "queued" else None,
         error=row.error,
         runs=row.runs or 0,
         interruptions=row.interruptions or 0,
@@ -53,6 +55,11 @@ def job_public(row: JobRow, model_version: int | None) -> JobPublic:
         started_at=row.started_at,
         finished_at=row.finished_at,
     )
+
+
+def _public(jobs: JobService, job: JobRow) -> JobPublic:
+    queue = jobs.queue_positions() if job.state == "queued" else {}
+    return job_public(job, jobs.latest_versions([job.id]).get(job.id), queue.get(job.id))
 
 
 def metric_point(row: MetricRow) -> MetricPoint:
@@ -112,14 +119,15 @@ def create_job(
     )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_public(job, jobs.latest_versions([job.id]).get(job.id))
+    return _public(jobs, job)
 
 
 @router.get("", response_model=JobList, summary="List jobs", responses=problem_responses(401))
 def list_jobs(jobs: JobsDep) -> JobList:
     rows = jobs.list()
     versions = jobs.latest_versions()
-    return JobList(data=[job_public(r, versions.get(r.id)) for r in rows], count=len(rows))
+    queue = jobs.queue_positions()
+    return JobList(data=[job_public(r, versions.get(r.id), queue.get(r.id)) for r in rows], count=len(rows))
 
 
 @router.get(
@@ -129,8 +137,7 @@ def list_jobs(jobs: JobsDep) -> JobList:
     responses=problem_responses(401, 404),
 )
 def get_job(job_id: str, jobs: JobsDep) -> JobPublic:
-    job = jobs.get(job_id)
-    return job_public(job, jobs.latest_versions([job_id]).get(job_id))
+    return _public(jobs, jobs.get(job_id))
 
 
 @router.post(
@@ -144,8 +151,7 @@ def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
     """A running job becomes `stopping`, writes a checkpoint, then `stopped`; poll the job to see it. A queued or
     interrupted job is `stopped` at once. Idempotent: stopping a stopping or stopped job is a 202 too; a completed
     or failed job is a 409."""
-    job = jobs.stop(job_id)
-    return job_public(job, jobs.latest_versions([job_id]).get(job_id))
+    return _public(jobs, jobs.stop(job_id))
 
 
 @router.post(
@@ -157,8 +163,7 @@ def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
 )
 def resume_job(job_id: str, jobs: JobsDep) -> JobPublic:
     """409 for a job that is queued, running, still `stopping` (retry once it is `stopped`) or completed."""
-    job = jobs.resume(job_id)
-    return job_public(job, jobs.latest_versions([job_id]).get(job_id))
+    return _public(jobs, jobs.resume(job_id))
 
 
 @router.delete(

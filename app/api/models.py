@@ -13,7 +13,8 @@ from app.api.deps import DatasetsDep, JobsDep, RegistryDep, SettingsDep, Telemet
 from app.db import JobRow, ModelVersionRow
 from app.errors import problem_responses
 from app.schemas import ModelList, ModelPublic, ModelVersionPublic, Prediction, PredictRequest, PredictResponse
-from app.services.errors import NotFound
+from app.services.errors import NotFound, NotReady
+from app.services.jobs import JobService
 from app.services.registry import PredictResult
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
@@ -76,7 +77,7 @@ def list_models(jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep, set
 def get_model(
     model_id: str, jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep, settings: SettingsDep
 ) -> ModelPublic:
-    return _describe(jobs.get(model_id), jobs, datasets, registry, settings)
+    return _describe(_job_of(jobs, model_id), jobs, datasets, registry, settings)
 
 
 @router.post(
@@ -97,7 +98,7 @@ async def predict(
                 "one": {
                     "summary": "One query, sub-linear (LSH) candidates",
                     "value": {
-                        "instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}],
+                        "instances": [{"indices": [0, 2, 5], "values": [1.0, 0.5, 0.25]}],
                         "k": 5,
                         "mode": "lsh",
                     },
@@ -115,12 +116,17 @@ async def predict(
     ],
 ) -> PredictResponse:
     """Served from the newest published snapshot of the job's weights and hash tables: while the job trains,
-    answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first."""
+    answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first (the
+    detail says whether the job is still queued, and where). `scores` are raw logits; `warnings` says why a
+    prediction has fewer than k labels."""
 
     def work() -> PredictResult:
-        jobs.get(model_id)  # 404 for an unknown id
+        _job_of(jobs, model_id)  # 404 for an unknown id
         start = time.perf_counter()
-        result = registry.predict(model_id, [(i.indices, i.values) for i in body.instances], body.k, body.mode)
+        try:
+            result = registry.predict(model_id, [(i.indices, i.values) for i in body.instances], body.k, body.mode)
+        except NotReady as exc:
+            raise _not_ready(jobs, model_id, exc) from exc
         telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)
         return result
 
@@ -129,5 +135,57 @@ async def predict(
     return PredictResponse(
         model_id=model_id,
         model_version=result.version,
-        predictions=[Prediction(labels=l, scores=s) for l, s in zip(result.labels, result.scores)],
+        predictions=[Prediction(labels=ls, scores=ss) for ls, ss in zip(result.labels, result.scores, strict=True)],
+        warnings=_short_answers(result, body.k),
     )
+
+
+def _job_of(jobs: JobService, model_id: str) -> JobRow:
+    try:
+        return jobs.get(model_id)
+    except NotFound:
+        raise NotFound("model", model_id) from None
+
+
+def _not_ready(jobs: JobService, model_id: str, exc: NotReady) -> NotReady:
+    """A model without a snapshot: say what its job is doing, so a client knows whether retrying helps."""
+    job = jobs.get(model_id)
+    settings = jobs.settings
+    if job.state == "queued":
+        position = jobs.queue_positions().get(model_id)
+        place = f", {_ordinal(position)} in the queue" if position else ""
+        detail = (
+            f"model {model_id} has no snapshot yet: its job is queued{place} "
+            f"(SLIDE_MAX_CONCURRENT_JOBS={settings.max_concurrent_jobs} trains at a time); once it runs, it publishes "
+            f"its first snapshot within {settings.snapshot_interval_s:g}s (SLIDE_SNAPSHOT_INTERVAL_S); retry then"
+        )
+        return NotReady(detail, retry_after_s=exc.retry_after_s, job_state=job.state, queue_position=position)
+    if job.state in ("running", "stopping"):
+        return NotReady(exc.detail, retry_after_s=exc.retry_after_s, job_state=job.state)
+    detail = f"model {model_id} has no snapshot yet: its job is {job.state} and never published one" + (
+        "; resume it (POST /v1/jobs/{id}/resume) to train" if job.state in ("stopped", "failed", "interrupted") else ""
+    )
+    return NotReady(detail, retry_after_s=exc.retry_after_s, job_state=job.state)
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _short_answers(result: PredictResult, k: int) -> list[str]:
+    warnings = []
+    expected = min(k, result.num_labels) if result.num_labels else k
+    if result.num_labels and k > result.num_labels:
+        warnings.append(
+            f"k={k} is more than the model's {result.num_labels} labels: "
+            f"each prediction has at most {result.num_labels}"
+        )
+    short = [i for i, labels in enumerate(result.labels) if len(labels) < expected]
+    if short:
+        shown = ", ".join(map(str, short[:10])) + (f" and {len(short) - 10} more" if len(short) > 10 else "")
+        warnings.append(
+            f"instances {shown}: the hash tables retrieved fewer than {expected} labels; "
+            "mode `exact` scores every label"
+        )
+    return warnings

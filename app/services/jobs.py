@@ -155,6 +155,12 @@ class JobService:
             raise NotFound("job", job_id)
         return job
 
+    def queue_positions(self) -> dict[str, int]:
+        """Queued jobs -> their place in the queue (1 = started next), in the order the supervisor starts them."""
+        with self.db.session() as s:
+            queued = s.scalars(select(JobRow.id).where(JobRow.state == "queued").order_by(JobRow.created_at))
+            return {job_id: i for i, job_id in enumerate(queued, start=1)}
+
     def latest_versions(self, job_ids: list[str] | None = None) -> dict[str, int]:
         with self.db.session() as s:
             q = select(ModelVersionRow.job_id, func.max(ModelVersionRow.version)).group_by(ModelVersionRow.job_id)

@@ -55,6 +55,8 @@ class PredictResult:
     version: int
     labels: list[list[int]]
     scores: list[list[float]]
+    num_labels: int = 0
+    """The model's number of labels (k is capped at it)."""
 
 
 class ModelRegistry:
@@ -188,4 +190,4 @@ class ModelRegistry:
             keep = labels[r] >= 0
             out_labels.append(labels[r][keep].tolist())
             out_scores.append([float(x) for x in scores[r][keep]])
-        return PredictResult(loaded.version, out_labels, out_scores)
+        return PredictResult(loaded.version, out_labels, out_scores, int(model.num_labels))

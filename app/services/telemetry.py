@@ -13,6 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from sqlalchemy import select
+from starlette.routing import Match, Mount
 
 from app.db import Database, JobRow
 
@@ -100,6 +101,33 @@ class Telemetry:
         self.predict_latency.labels(mode).observe(seconds)
 
 
+def route_template(scope: dict) -> str:
+    """The route a request was served by, as its template (`/v1/jobs/{job_id}`): bounded label values.
+
+    FastAPI's API routes put themselves in the scope; the rest (/openapi.json, static files under a mount) are
+    found by asking the app's route table, a mount being labelled `<prefix>/{path}`. `unmatched` = no route."""
+    route = scope.get("route")
+    if getattr(route, "path", None):
+        return route.path
+    app = scope.get("app")
+    probe = {**scope, "root_path": ""}
+    partial = None
+    for candidate in getattr(getattr(app, "router", None), "routes", ()):
+        try:
+            match, _ = candidate.matches(probe)
+        except Exception:  # noqa: BLE001 - a route that cannot judge this scope is not the one
+            continue
+        if match is Match.FULL:
+            partial = candidate
+            break
+        if match is Match.PARTIAL and partial is None:  # the path matched, the method did not (a 405)
+            partial = candidate
+    if partial is None:
+        return "unmatched"
+    path = getattr(partial, "path", None) or "unmatched"
+    return path + "/{path}" if isinstance(partial, Mount) else path
+
+
 class MetricsMiddleware:
     """Pure ASGI middleware (streams untouched, SSE included): counts and times each HTTP request."""
 
@@ -122,8 +150,6 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
             self.telemetry.observe_request(
-                scope.get("method", ""), template, status["code"], time.perf_counter() - start
+                scope.get("method", ""), route_template(scope), status["code"], time.perf_counter() - start
             )

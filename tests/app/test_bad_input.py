@@ -427,7 +427,7 @@ def test_predict_before_the_first_snapshot_is_503_with_retry_after(svc: Svc) -> 
 @pytest.mark.parametrize("model_id", ["0" * 32, "nope"])
 def test_predict_on_an_unknown_model_is_404(svc: Svc, model_id: str) -> None:
     p = assert_problem(svc.client.post(f"/v1/models/{model_id}/predict", json={"instances": [ONE]}), 404)
-    assert p["resource"] == "job" and p["id"] == model_id, p
+    assert p["resource"] == "model" and p["id"] == model_id, p
     assert_problem(svc.client.get(f"/v1/models/{model_id}"), 404)
 
 

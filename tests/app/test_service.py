@@ -17,7 +17,7 @@ def test_health_and_readiness(client):
     assert ready.status_code == 200, ready.text
     assert ready.json()["status"] == "ready"
     assert set(ready.json()["checks"]) == {"database", "data_dir", "supervisor"}
-    assert client.get("/", follow_redirects=False).headers["location"] == "/docs"
+    assert client.get("/", follow_redirects=False).headers["location"] == "/ui"
 
 
 def test_readiness_fails_as_problem_when_the_data_dir_is_gone(tmp_path, client_for):
@@ -36,8 +36,19 @@ def test_readiness_fails_as_problem_when_the_data_dir_is_gone(tmp_path, client_f
 
 
 # Open without the key, deliberately: liveness and readiness (probes carry no key), and the API description
-# (Swagger UI fetches /openapi.json before anyone can press Authorize; with a key set it carries no live ids).
-OPEN_ROUTES = {"/healthz", "/readyz", "/", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"}
+# (Swagger UI fetches /openapi.json before anyone can press Authorize; with a key set it carries no live ids), and
+# the console's pages (static HTML: the data they show comes from the API, with the key the user enters).
+OPEN_ROUTES = {
+    "/healthz",
+    "/readyz",
+    "/",
+    "/docs",
+    "/docs/oauth2-redirect",
+    "/redoc",
+    "/openapi.json",
+    "/ui",
+    "/ui/jobs/{job_id}",
+}
 
 
 def test_api_key_guards_every_route_but_health_and_docs(tmp_path, client_for, xmc_files):
@@ -79,9 +90,9 @@ def test_openapi_documents_problems_and_examples(client):
     spec = client.get("/openapi.json").json()
     upload_op = spec["paths"]["/v1/datasets"]["post"]
     assert {"multipart/form-data", "text/plain", "application/gzip"} <= set(upload_op["requestBody"]["content"])
-    assert upload_op["responses"]["413"]["content"] == {
-        "application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}
-    }
+    problem_413 = upload_op["responses"]["413"]["content"]["application/problem+json"]
+    assert problem_413["schema"] == {"$ref": "#/components/schemas/Problem"}
+    assert problem_413["example"]["status"] == 413 and "SLIDE_MAX_UPLOAD_BYTES" in problem_413["example"]["detail"]
     predict = spec["paths"]["/v1/models/{model_id}/predict"]["post"]
     assert "examples" in predict["requestBody"]["content"]["application/json"]
     assert "503" in predict["responses"]

@@ -1,0 +1,242 @@
+"""The console (/ui) and the API docs (/docs, /redoc) in a real headless Chromium, against a real server with an API
+key, with every host but the server unresolvable (so a CDN reference would fail here as it would offline).
+
+Swagger UI renders the operations; /ui asks for the key once and loads with no console errors; a job started from
+the console gains points on its live chart while it trains; a query answers with predictions. Screenshots go to
+test-artifacts/screenshots/ (README: Tests).
+
+Needs Debian's `chromium` and `chromium-driver` (`apt-get install chromium chromium-driver`; `.ci/run` installs
+them). Without them these tests fail saying so: they are part of `make test`, not optional.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.app.helpers import wait_for
+from tests.e2e.server import ROOT, Server
+
+pytestmark = pytest.mark.browser
+
+API_KEY = "console-key"
+SCREENSHOTS = Path(os.environ.get("SLIDE_SCREENSHOTS_DIR", ROOT / "test-artifacts" / "screenshots"))
+INSTALL = "apt-get install -y chromium chromium-driver"
+
+
+def _binary(env: str, *names: str) -> str:
+    for name in (os.environ.get(env), *names):
+        if name and (path := shutil.which(name)):
+            return path
+    pytest.fail(
+        f"the browser tests need {' or '.join(names)} (or ${env}); on Debian/Ubuntu: `{INSTALL}` "
+        "(.ci/run installs them)",
+        pytrace=False,
+    )
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory, warm_engine: None, xmc_files) -> Iterator[Server]:
+    tmp = tmp_path_factory.mktemp("browser")
+    s = Server(tmp / "data", tmp / "server.log", SLIDE_API_KEY=API_KEY).start()
+    try:
+        with httpx.Client(base_url=s.url, headers={"X-API-Key": API_KEY}, timeout=30) as c:
+            for name in ("tiny-train", "tiny-test"):
+                path = xmc_files["train" if name.endswith("train") else "test"]
+                r = c.post(
+                    "/v1/datasets",
+                    params={"name": name},
+                    content=path.read_bytes(),
+                    headers={"Content-Type": "text/plain"},
+                )
+                assert r.status_code == 201, r.text
+        yield s
+    finally:
+        s.cleanup()
+
+
+@pytest.fixture(scope="module")
+def browser(server: Server) -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    chromium = _binary("CHROMIUM", "chromium", "chromium-browser", "google-chrome")
+    driver_path = _binary("CHROMEDRIVER", "chromedriver")
+    profile = tempfile.mkdtemp(prefix="slide-chromium-")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--disable-extensions",
+        "--window-size=1360,1000",
+        f"--user-data-dir={profile}",
+        # No host resolves but the server's: a page that needs a CDN breaks here as it would offline.
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+    ):
+        options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
+    driver.set_page_load_timeout(30)
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+        shutil.rmtree(profile, ignore_errors=True)
+
+
+STATE = "return document.querySelector('#job-state .badge').textContent"
+
+
+def _shot(driver: Any, name: str) -> None:
+    """A screenshot of the whole page (the window grown to its height for the moment)."""
+    width, height = driver.get_window_size()["width"], driver.get_window_size()["height"]
+    full = _js(driver, "return Math.max(document.body.scrollHeight, document.documentElement.scrollHeight)")
+    driver.set_window_size(width, max(height, min(int(full) + 120, 6000)))
+    try:
+        driver.save_screenshot(str(SCREENSHOTS / name))
+    finally:
+        driver.set_window_size(width, height)
+
+
+def _errors(driver: Any) -> list[str]:
+    return [f"{e['level']}: {e['message']}" for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def _js(driver: Any, script: str, *args: Any) -> Any:
+    return driver.execute_script(script, *args)
+
+
+def _foreign_requests(driver: Any, origin: str) -> list[str]:
+    names = _js(driver, "return performance.getEntriesByType('resource').map(e => e.name)")
+    return [n for n in names if not n.startswith(origin) and not n.startswith("data:")]
+
+
+def test_docs_render_the_operations_offline(browser: Any, server: Server) -> None:
+    spec = httpx.get(server.url + "/openapi.json").json()
+    operations = sum(1 for item in spec["paths"].values() for m in item if m in ("get", "post", "put", "delete"))
+    browser.get(server.url + "/docs")
+    wait_for(
+        lambda: _js(browser, "return document.querySelectorAll('.opblock').length") >= operations,
+        timeout=20,
+        what="Swagger UI to render every operation",
+        diagnose=lambda: _js(browser, "return document.body.innerText")[:2000],
+    )
+    text = _js(browser, "return document.body.innerText")
+    assert "Unable to render" not in text and "SLIDE service" in text
+    assert _js(browser, "return document.querySelectorAll('.btn.authorize').length") == 1  # a key is configured
+    assert not _foreign_requests(browser, server.url)
+    _shot(browser, "docs.png")
+    assert not _errors(browser)
+
+    browser.get(server.url + "/redoc")
+    wait_for(
+        lambda: _js(browser, "return document.querySelectorAll('[data-section-id^=\"tag/\"]').length") >= 4,
+        timeout=20,
+        what="ReDoc to render its sections",
+    )
+    # ReDoc's badge image sits on its vendor's CDN: the page's Content-Security-Policy stops it in the browser.
+    blocked = " ".join(e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"])
+    assert all(url in blocked for url in _foreign_requests(browser, server.url)), blocked
+    _shot(browser, "redoc.png")
+
+
+def test_console_trains_a_job_with_live_curves_and_answers_a_query(browser: Any, server: Server) -> None:
+    from selenium.webdriver.common.by import By
+
+    browser.get(server.url + "/ui")
+    # The service has a key: the console asks for it once, before any call that would be refused.
+    wait_for(
+        lambda: _js(browser, "return document.getElementById('key-dialog').open"), timeout=15, what="the API key dialog"
+    )
+    browser.find_element(By.ID, "key-input").send_keys(API_KEY)
+    browser.find_element(By.ID, "key-save").click()
+    wait_for(
+        lambda: len(browser.find_elements(By.CSS_SELECTOR, "#datasets tr[data-id]")) == 2,
+        timeout=15,
+        what="the datasets table",
+    )
+    assert "tiny-train" in browser.find_element(By.ID, "datasets").text
+
+    # Start a job from the console: long enough to watch (it is stopped at the end).
+    browser.find_element(By.CSS_SELECTOR, "#new-job summary").click()
+    for select, name in (("nj-train", "tiny-train"), ("nj-eval", "tiny-test")):  # repainted as data arrive
+        _js(
+            browser,
+            "const s = document.getElementById(arguments[0]);"
+            "s.value = [...s.options].find(o => o.text.startsWith(arguments[1])).value",
+            select,
+            name,
+        )
+    epochs = browser.find_element(By.ID, "nj-epochs")
+    epochs.clear()
+    epochs.send_keys("400")
+    browser.find_element(By.ID, "nj-config").send_keys('{"hidden": [32], "batch_size": 64, "seed": 3}')
+    browser.find_element(By.ID, "nj-start").click()
+    # The jobs table is repainted every 2 s: read it with queries, not element handles.
+    job_id = wait_for(
+        lambda: _js(browser, "const r = document.querySelector('#jobs tr[data-id]'); return r && r.dataset.id"),
+        timeout=15,
+        what="the job in the jobs table",
+    )
+    row = f"document.querySelector('#jobs tr[data-id=\"{job_id}\"]')"
+    wait_for(
+        lambda: (
+            _js(browser, f"return {row}.dataset.state") == "running" and "v" in _js(browser, f"return {row}.innerText")
+        ),
+        timeout=30,
+        what="the job to run and publish a model version",
+        diagnose=lambda: _js(browser, "return document.getElementById('jobs').innerText"),
+    )
+    _shot(browser, "ui-overview.png")
+    assert not _errors(browser)
+
+    # The job page: its curves grow over the live event stream while it trains.
+    browser.get(f"{server.url}/ui/jobs/{job_id}")
+    points = "return (document.getElementById('chart-loss').data || [{x: []}])[0].x.length"
+    first = wait_for(lambda: _js(browser, points) >= 2, timeout=30, what="the first points") and _js(browser, points)
+    wait_for(lambda: _js(browser, points) > first, timeout=30, what="the loss chart to gain points")
+    p1 = "return (document.getElementById('chart-precision').data || [{x: []}])[0].x.length"
+    assert _js(browser, p1) >= 1  # P@1 on the held-out set
+    assert _js(browser, STATE) == "running"
+
+    # A query against the live model: labels, scores, overlap with exact, latency.
+    browser.find_element(By.ID, "q-run").click()
+    wait_for(
+        lambda: browser.find_elements(By.CSS_SELECTOR, "#q-results tbody tr[data-label]"),
+        timeout=20,
+        what="predictions",
+        diagnose=lambda: browser.find_element(By.ID, "q-out").text,
+    )
+    rows = browser.find_elements(By.CSS_SELECTOR, "#q-results tbody tr[data-label]")
+    assert len(rows) == 5
+    assert "/ 5" in browser.find_element(By.ID, "q-overlap").text
+    assert browser.find_element(By.ID, "q-latency").text.endswith("ms")
+    assert _js(browser, points) > first
+    _shot(browser, "job.png")
+    assert not _foreign_requests(browser, server.url)
+    assert not _errors(browser)
+
+    # Stop from the job page.
+    browser.find_element(By.ID, "btn-stop").click()
+    wait_for(
+        lambda: _js(browser, STATE) in ("stopping", "stopped"),
+        timeout=15,
+        what="the job to stop",
+    )
+    assert not _errors(browser)

@@ -23,7 +23,7 @@ Slide.boot(async () => {
     margin: { l: 52, r: 14, t: 34, b: 40 },
     xaxis: { title: { text: xField === "step" ? "step" : "training time (s)", font: { size: 11 } }, zeroline: false, gridcolor: "#eef0f4" },
     yaxis: { tickformat: c.yfmt || "", zeroline: false, gridcolor: "#eef0f4", rangemode: "tozero" },
-    legend: { orientation: "h", y: 1.12, x: 1, xanchor: "right", font: { size: 11 } },
+    legend: { orientation: "h", y: 1.13, x: 1, xanchor: "right", font: { size: 11 } },
     paper_bgcolor: "#fff", plot_bgcolor: "#fff", font: { family: "system-ui, sans-serif", size: 11, color: "#1d2330" },
     uirevision: xField,
   });
@@ -33,7 +33,7 @@ Slide.boot(async () => {
     return { x: xs, y: ys, name, mode: "lines+markers", line: { color, width: 2 }, marker: { size: 4 }, type: "scatter" };
   });
   function draw() {
-    for (const c of CHARTS) Plotly.react(c.id, traces(c), layout(c), { displaylogo: false, responsive: true });
+    for (const c of CHARTS) Plotly.react(c.id, traces(c), layout(c), { displayModeBar: false, responsive: true });
   }
   let pending = false;
   function schedule() {
@@ -65,7 +65,8 @@ Slide.boot(async () => {
       stat("loss", m.loss == null ? "–" : Number(m.loss).toFixed(3), "s-loss"),
       stat("model", job.model_version == null ? "–" : "v" + job.model_version, "s-model"),
     ].join("");
-    $("#config").textContent = JSON.stringify(job.config, null, 2);
+    $("#config").innerHTML = Object.entries(job.config)
+      .map(([k, v]) => `<div><dt>${esc(k)}</dt><dd>${esc(JSON.stringify(v))}</dd></div>`).join("");
   }
 
   async function refreshVersions() {

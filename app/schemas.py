@@ -192,9 +192,25 @@ class JobPublic(BaseModel):
     queue_position: int | None = Field(
         None,
         description="For a queued job: 1 = the next to start once a training slot (SLIDE_MAX_CONCURRENT_JOBS) is "
-        "free; null in any other state.",
+        "free and it fits beside the running jobs in SLIDE_MAX_JOB_MEMORY; null in any other state.",
     )
     error: str | None = None
+    estimated_memory_bytes: int | None = Field(
+        None,
+        description="Memory the job needs by the engine's estimate (its trainer at peak, plus the model served while "
+        "it trains); admission counts it against SLIDE_MAX_JOB_MEMORY. None when its dataset is gone.",
+        examples=[412_000_000],
+    )
+    memory_breakdown: dict[str, int] | None = Field(
+        None,
+        description="The estimate's parts in bytes: weights, optimizer, tables, step_buffers, evaluation, data, "
+        "transient, baseline (the trainer process before its model) and serving.",
+    )
+    queue_reason: str | None = Field(
+        None,
+        description="Queued jobs: why it waits (a free slot, memory beside the running jobs, an earlier job).",
+        examples=["waiting for memory: needs an estimated 3.10 GB, 1.20 GB of SLIDE_MAX_JOB_MEMORY = 8.00 GB is free"],
+    )
     runs: int = Field(description="Trainer processes this job has had (1 + resumes).")
     interruptions: int = Field(description="Times the service went down while this job was training.")
     created_at: dt.datetime

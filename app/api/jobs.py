@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Response
+from pydantic import ValidationError
 
 from app.api.deps import JobsDep, RegistryDep
 from app.db import METRIC_FIELDS, JobRow, MetricRow
@@ -20,7 +21,9 @@ from app.schemas import (
     MetricSeries,
     SlideConfigModel,
 )
+from app.services.admission import QueueSlot
 from app.services.jobs import JobService
+from engine.memory import MemoryEstimate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -28,15 +31,33 @@ _CONFIG_FIELDS = set(SlideConfigModel.model_fields)
 MAX_STEP = 2**63 - 1  # steps are BIGINT in the database: a larger bound cannot even be compared there
 
 
-def job_public(row: JobRow, model_version: int | None, queue_position: int | None = None) -> JobPublic:
+def job_publics(jobs: JobService, rows: list[JobRow]) -> list[JobPublic]:
+    """The public form of each job: its latest model version, memory estimate and (queued) place in the queue."""
+    versions = jobs.latest_versions([r.id for r in rows])
+    memory = jobs.memory(rows)
+    queue = jobs.queue() if any(r.state == "queued" for r in rows) else {}
+    return [job_public(r, versions.get(r.id), memory.get(r.id), queue.get(r.id)) for r in rows]
+
+
+def _config(config: dict[str, Any]) -> Any:
+    try:
+        return SlideConfigModel.model_validate(config)
+    except ValidationError:  # stored before a bound it breaks existed: shown as it is
+        return SlideConfigModel.model_construct(**config)
+
+
+def job_public(
+    row: JobRow, model_version: int | None, memory: MemoryEstimate | None = None, queue: QueueSlot | None = None
+) -> JobPublic:
     config: dict[str, Any] = {k: v for k, v in (row.config or {}).items() if k in _CONFIG_FIELDS}
     latest = row.latest_metrics or None
+    queued = queue is not None and row.state == "queued"
     return JobPublic(
         id=row.id,
         state=row.state,  # type: ignore[arg-type]
         train_dataset_id=row.train_dataset_id,
         eval_dataset_id=row.eval_dataset_id,
-        config=SlideConfigModel.model_validate(config),
+        config=_config(config),
         progress=JobProgress(
             epoch=row.epoch or 0,
             epochs=int(config.get("epochs", 0)),
@@ -46,8 +67,11 @@ def job_public(row: JobRow, model_version: int | None, queue_position: int | Non
         ),
         latest_metrics=MetricPoint.model_validate(latest) if latest and latest.get("step") is not None else None,
         model_version=model_version,
-        queue_position=queue_position if row.state == "queued" else None,
         error=row.error,
+        estimated_memory_bytes=memory.total if memory is not None else None,
+        memory_breakdown=memory.breakdown() if memory is not None else None,
+        queue_position=queue.position if queued else None,
+        queue_reason=queue.reason if queued else None,
         runs=row.runs or 0,
         interruptions=row.interruptions or 0,
         created_at=row.created_at,
@@ -55,11 +79,6 @@ def job_public(row: JobRow, model_version: int | None, queue_position: int | Non
         started_at=row.started_at,
         finished_at=row.finished_at,
     )
-
-
-def _public(jobs: JobService, job: JobRow) -> JobPublic:
-    queue = jobs.queue_positions() if job.state == "queued" else {}
-    return job_public(job, jobs.latest_versions([job.id]).get(job.id), queue.get(job.id))
 
 
 def metric_point(row: MetricRow) -> MetricPoint:
@@ -119,15 +138,13 @@ def create_job(
     )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return _public(jobs, job)
+    return job_publics(jobs, [job])[0]
 
 
 @router.get("", response_model=JobList, summary="List jobs", responses=problem_responses(401))
 def list_jobs(jobs: JobsDep) -> JobList:
     rows = jobs.list()
-    versions = jobs.latest_versions()
-    queue = jobs.queue_positions()
-    return JobList(data=[job_public(r, versions.get(r.id), queue.get(r.id)) for r in rows], count=len(rows))
+    return JobList(data=job_publics(jobs, rows), count=len(rows))
 
 
 @router.get(
@@ -137,7 +154,7 @@ def list_jobs(jobs: JobsDep) -> JobList:
     responses=problem_responses(401, 404),
 )
 def get_job(job_id: str, jobs: JobsDep) -> JobPublic:
-    return _public(jobs, jobs.get(job_id))
+    return job_publics(jobs, [jobs.get(job_id)])[0]
 
 
 @router.post(
@@ -151,7 +168,7 @@ def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
     """A running job becomes `stopping`, writes a checkpoint, then `stopped`; poll the job to see it. A queued or
     interrupted job is `stopped` at once. Idempotent: stopping a stopping or stopped job is a 202 too; a completed
     or failed job is a 409."""
-    return _public(jobs, jobs.stop(job_id))
+    return job_publics(jobs, [jobs.stop(job_id)])[0]
 
 
 @router.post(
@@ -163,7 +180,7 @@ def stop_job(job_id: str, jobs: JobsDep) -> JobPublic:
 )
 def resume_job(job_id: str, jobs: JobsDep) -> JobPublic:
     """409 for a job that is queued, running, still `stopping` (retry once it is `stopped`) or completed."""
-    return _public(jobs, jobs.resume(job_id))
+    return job_publics(jobs, [jobs.resume(job_id)])[0]
 
 
 @router.delete(

@@ -84,7 +84,7 @@ def get_model(
     "/{model_id}/predict",
     response_model=PredictResponse,
     summary="Top-k labels from the live model",
-    responses=problem_responses(400, 401, 404, 422, 503),
+    responses=problem_responses(400, 401, 404, 409, 422, 503),
 )
 async def predict(
     model_id: str,
@@ -116,15 +116,17 @@ async def predict(
     ],
 ) -> PredictResponse:
     """Served from the newest published snapshot of the job's weights and hash tables: while the job trains,
-    answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first (the
-    detail says whether the job is still queued, and where). `scores` are raw logits; `warnings` says why a
+    answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first while the
+    job is queued or training (the detail says whether it is still queued, and where); 409 when the job has no
+    snapshot and is not training (resume it or start a new one). `scores` are raw logits; `warnings` says why a
     prediction has fewer than k labels."""
 
     def work() -> PredictResult:
-        _job_of(jobs, model_id)  # 404 for an unknown id
+        job = _job_of(jobs, model_id)  # 404 for an unknown id
         start = time.perf_counter()
+        instances = [(i.indices, i.values) for i in body.instances]
         try:
-            result = registry.predict(model_id, [(i.indices, i.values) for i in body.instances], body.k, body.mode)
+            result = registry.predict(model_id, instances, body.k, body.mode, job_state=job.state)
         except NotReady as exc:
             raise _not_ready(jobs, model_id, exc) from exc
         telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)

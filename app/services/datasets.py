@@ -28,6 +28,7 @@ from app.services.errors import (
     NotFound,
     PayloadTooLarge,
     UnsupportedMediaType,
+    require_id,
     storage_cause,
 )
 from app.settings import Settings
@@ -280,6 +281,7 @@ class DatasetService:
             return list(s.scalars(select(DatasetRow).order_by(DatasetRow.created_at.desc())))
 
     def get(self, dataset_id: str) -> DatasetRow:
+        require_id("dataset", dataset_id)
         with self.db.session() as s:
             row = s.get(DatasetRow, dataset_id)
         if row is None:
@@ -290,6 +292,7 @@ class DatasetService:
         return self.settings.dataset_dir(self.get(dataset_id).id)
 
     def delete(self, dataset_id: str) -> None:
+        require_id("dataset", dataset_id)
         with self.db.session() as s:
             row = s.get(DatasetRow, dataset_id)
             if row is None:

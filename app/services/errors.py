@@ -19,7 +19,20 @@ class ServiceError(Exception):
 
 class NotFound(ServiceError):
     def __init__(self, kind: str, ident: str):
-        super().__init__(f"no {kind} with id {ident!r}", resource=kind, id=ident)
+        shown = ident if len(ident) <= 64 else ident[:64] + "..."
+        super().__init__(f"no {kind} with id {shown!r}", resource=kind, id=shown)
+
+
+ID_FORMAT = re.compile(r"[0-9a-f]{32}")
+"""Ids the service hands out: uuid4().hex."""
+
+
+def require_id(kind: str, ident: str) -> str:
+    """`ident` if it has the format of an id; else NotFound, the same answer on every database backend (a NUL or
+    a megabyte-long string never reaches the driver)."""
+    if not isinstance(ident, str) or ID_FORMAT.fullmatch(ident) is None:
+        raise NotFound(kind, str(ident))
+    return ident
 
 
 class Conflict(ServiceError):
@@ -44,6 +57,10 @@ class InvalidContent(ServiceError):
     def __init__(self, detail: str, *, loc: tuple[str | int, ...] | None = None, **extra: Any):
         super().__init__(detail, **extra)
         self.loc = loc
+
+
+class MemoryLimitExceeded(InvalidContent):
+    """A job needs more memory, by its estimate, than the service allows (SLIDE_MAX_JOB_MEMORY)."""
 
 
 class UnsupportedMediaType(ServiceError):

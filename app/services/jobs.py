@@ -30,10 +30,12 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.db import Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utcnow
-from app.services.errors import Conflict, InvalidContent, NotFound
+from app.services.admission import QueueSlot, check_fits, estimate_job, plan_queue
+from app.services.errors import Conflict, InvalidContent, NotFound, require_id
 from app.services.worker import LOG_FILE, run_job
 from app.settings import Settings
 from engine import ConfigError, SlideConfig
+from engine.memory import MemoryEstimate
 
 log = logging.getLogger("app.jobs")
 
@@ -84,14 +86,15 @@ class JobService:
         if cfg.threads == 0 and self.settings.trainer_threads:
             cfg = cfg.replace(threads=self.settings.trainer_threads)
         with self.db.session() as s:
-            train = s.get(DatasetRow, train_dataset_id)
+            train = s.get(DatasetRow, train_dataset_id) if _is_id(train_dataset_id) else None
             if train is None:
                 raise InvalidContent(
                     f"train_dataset_id: no dataset with id {train_dataset_id!r}; upload one with POST /v1/datasets",
                     loc=("body", "train_dataset_id"),
                 )
+            test = None
             if eval_dataset_id is not None:
-                test = s.get(DatasetRow, eval_dataset_id)
+                test = s.get(DatasetRow, eval_dataset_id) if _is_id(eval_dataset_id) else None
                 if test is None:
                     raise InvalidContent(
                         f"eval_dataset_id: no dataset with id {eval_dataset_id!r}", loc=("body", "eval_dataset_id")
@@ -103,6 +106,7 @@ class JobService:
                         "share one feature and label space",
                         loc=("body", "eval_dataset_id"),
                     )
+        check_fits(cfg, train, test, self.settings)  # before any row or process exists
         job = JobRow(
             id=uuid.uuid4().hex,
             train_dataset_id=train_dataset_id,
@@ -149,17 +153,44 @@ class JobService:
             return list(s.scalars(select(JobRow).order_by(JobRow.created_at.desc())))
 
     def get(self, job_id: str) -> JobRow:
+        require_id("job", job_id)
         with self.db.session() as s:
             job = s.get(JobRow, job_id)
         if job is None:
             raise NotFound("job", job_id)
         return job
 
+    def memory(self, jobs: list[JobRow]) -> dict[str, MemoryEstimate]:
+        """Each job's memory estimate (jobs whose dataset is gone have none)."""
+        ids = {d for j in jobs for d in (j.train_dataset_id, j.eval_dataset_id) if d}
+        with self.db.session() as s:
+            rows = {r.id: r for r in s.scalars(select(DatasetRow).where(DatasetRow.id.in_(ids)))} if ids else {}
+        out: dict[str, MemoryEstimate] = {}
+        for j in jobs:
+            train = rows.get(j.train_dataset_id)
+            if train is None or (j.eval_dataset_id and j.eval_dataset_id not in rows):
+                continue
+            try:
+                out[j.id] = estimate_job(j.config, train, rows.get(j.eval_dataset_id or ""), self.settings)
+            except (ConfigError, TypeError, ValueError):
+                continue
+        return out
+
+    def queue(self) -> dict[str, QueueSlot]:
+        """Each queued job's place in the queue and why it waits (see admission.plan_queue)."""
+        with self.db.session() as s:
+            running = list(s.scalars(select(JobRow).where(JobRow.state.in_(("running", "stopping")))))
+            queued = list(s.scalars(select(JobRow).where(JobRow.state == "queued").order_by(JobRow.created_at)))
+        if not queued:
+            return {}
+        est = self.memory(running + queued)
+        return plan_queue(
+            [_total(est.get(j.id)) for j in running], [(j, _total(est.get(j.id))) for j in queued], self.settings
+        )
+
     def queue_positions(self) -> dict[str, int]:
         """Queued jobs -> their place in the queue (1 = started next), in the order the supervisor starts them."""
-        with self.db.session() as s:
-            queued = s.scalars(select(JobRow.id).where(JobRow.state == "queued").order_by(JobRow.created_at))
-            return {job_id: i for i, job_id in enumerate(queued, start=1)}
+        return {job_id: slot.position for job_id, slot in self.queue().items()}
 
     def latest_versions(self, job_ids: list[str] | None = None) -> dict[str, int]:
         with self.db.session() as s:
@@ -193,6 +224,7 @@ class JobService:
     def stop(self, job_id: str) -> JobRow:
         """Running -> stopping (the trainer checkpoints, then records `stopped`); queued/interrupted -> stopped.
         Idempotent: a stopping or stopped job is returned as it is. Completed and failed jobs are a Conflict."""
+        require_id("job", job_id)
         for _ in range(10):  # the supervisor may start it (queued -> running) between our read and our write
             with self.db.session() as s:
                 job = s.get(JobRow, job_id)
@@ -215,7 +247,9 @@ class JobService:
         return self.get(job_id)
 
     def resume(self, job_id: str) -> JobRow:
-        """stopped / failed / interrupted -> queued; the trainer continues from the newest snapshot."""
+        """stopped / failed / interrupted -> queued; the trainer continues from the newest snapshot. Refused like a
+        new job when its estimate exceeds SLIDE_MAX_JOB_MEMORY."""
+        require_id("job", job_id)
         with self.db.session() as s:
             job = s.get(JobRow, job_id)
             if job is None:
@@ -223,6 +257,10 @@ class JobService:
             missing = [d for d in (job.train_dataset_id, job.eval_dataset_id) if d and s.get(DatasetRow, d) is None]
             if missing:
                 raise Conflict(f"job {job_id} cannot resume: its dataset {missing[0]} was deleted", state=job.state)
+            train = s.get(DatasetRow, job.train_dataset_id)
+            test = s.get(DatasetRow, job.eval_dataset_id) if job.eval_dataset_id else None
+            if job.state in RESUMABLE:
+                check_fits(SlideConfig.from_dict(job.config), train, test, self.settings, what=f"job {job_id}")
             if not _transition(s, job_id, RESUMABLE, state="queued", error=None, finished_at=None):
                 hint = {
                     "stopping": "it is writing its checkpoint; resume it once it is stopped",
@@ -235,7 +273,7 @@ class JobService:
     def delete(self, job_id: str) -> None:
         """Remove the job, its metrics, versions and snapshots; a trainer still running is killed first (no
         checkpoint: its files go too). The rows go first, so the supervisor cannot start the job meanwhile."""
-        self.get(job_id)
+        self.get(job_id)  # NotFound for an unknown or malformed id
         with self.db.session() as s:
             s.execute(delete(MetricRow).where(MetricRow.job_id == job_id))
             s.execute(delete(ModelVersionRow).where(ModelVersionRow.job_id == job_id))
@@ -254,6 +292,7 @@ class _Handle:
     stop_event: Any
     interrupt_event: Any
     training_event: Any  # set by the child once its trainer is built: from then on it has progress to save
+    estimate: int | None = None  # bytes, by engine.memory: what admission counts while it runs
 
 
 class Supervisor:
@@ -435,15 +474,37 @@ class Supervisor:
                 self.request_stop(job_id)
 
     def _launch(self) -> None:
+        """Start queued jobs, oldest first, each when a slot is free and it fits beside the running jobs in
+        SLIDE_MAX_JOB_MEMORY (by their estimates); fail one whose estimate alone exceeds the limit."""
         with self._lock:
             free = self.settings.max_concurrent_jobs - len(self._handles)
+            running = [h.estimate for h in self._handles.values()]
         if free <= 0 or self._stopping.is_set():
             return
         with self.db.session() as s:
-            queued = list(
-                s.scalars(select(JobRow).where(JobRow.state == "queued").order_by(JobRow.created_at).limit(free))
-            )
+            queued = list(s.scalars(select(JobRow).where(JobRow.state == "queued").order_by(JobRow.created_at)))
+        if not queued:
+            return
+        estimates = JobService(self.settings, self.db, self).memory(queued)
+        plan = plan_queue(running, [(j, _total(estimates.get(j.id))) for j in queued], self.settings)
         for job in queued:
+            slot = plan[job.id]
+            if slot.too_large:
+                with self.db.session() as s:
+                    _transition(
+                        s,
+                        job.id,
+                        ("queued",),
+                        state="failed",
+                        finished_at=utcnow(),
+                        error=f"not started: it {slot.reason}; lower its settings in a new job, or raise the limit "
+                        "and resume it",
+                    )
+                log.warning("job %s not started: it %s", job.id, slot.reason)
+                continue
+            if not slot.start:
+                continue
+            est = estimates.get(job.id)
             # Under the lock from the transition until the handle is registered: cancel() (a delete) waits for a
             # launch in progress, so it always finds the process it must kill.
             with self._lock:
@@ -460,7 +521,7 @@ class Supervisor:
                     ):
                         continue
                 try:
-                    self._spawn(job)
+                    self._spawn(job, est)
                 except Exception as exc:  # noqa: BLE001
                     log.exception("could not start job %s", job.id)
                     with self.db.session() as s:
@@ -473,9 +534,11 @@ class Supervisor:
                             error=f"could not start the trainer process: {type(exc).__name__}: {exc}",
                         )
 
-    def _spawn(self, job: JobRow) -> None:
+    def _spawn(self, job: JobRow, est: MemoryEstimate | None = None) -> None:
         st = self.settings
         spec = {
+            "memory_estimate": est.trainer if est is not None else None,
+            "memory_estimate_text": est.describe() if est is not None else None,
             "job_id": job.id,
             "job_dir": str(st.job_dir(job.id)),
             "snapshots_dir": str(st.snapshots_dir(job.id)),
@@ -501,10 +564,24 @@ class Supervisor:
         )
         process.start()
         with self._lock:
-            self._handles[job.id] = _Handle(process, stop_event, interrupt_event, training_event)
+            self._handles[job.id] = _Handle(
+                process, stop_event, interrupt_event, training_event, est.total if est is not None else None
+            )
         with self.db.session() as s:
             s.execute(update(JobRow).where(JobRow.id == job.id).values(pid=process.pid))
         log.info("job %s: trainer process %d started (run %d)", job.id, process.pid, job.runs + 1)
+
+
+def _is_id(value: str) -> bool:
+    try:
+        require_id("dataset", value)
+    except NotFound:
+        return False
+    return True
+
+
+def _total(est: MemoryEstimate | None) -> int | None:
+    return est.total if est is not None else None
 
 
 def _signal_hint(code: int | None) -> str:

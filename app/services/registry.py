@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 import engine
-from app.services.errors import InvalidContent, NotReady
+from app.services.errors import Conflict, InvalidContent, NotReady
 from app.settings import Settings
 
 log = logging.getLogger("app.registry")
@@ -77,8 +77,9 @@ class ModelRegistry:
         with self._guard:
             return self._locks.setdefault(job_id, threading.Lock())
 
-    def current(self, job_id: str) -> LoadedModel:
-        """The newest published version (loading it if it is newer than the one held). Blocking."""
+    def current(self, job_id: str, job_state: str | None = None) -> LoadedModel:
+        """The newest published version (loading it if it is newer than the one held). Blocking. Without a snapshot:
+        NotReady while the job (in `job_state`) is queued or training, else Conflict (none will come)."""
         held = self._models.get(job_id)
         if held is not None and time.monotonic() - self._checked.get(job_id, 0.0) < self.check_interval_s:
             return held
@@ -88,6 +89,12 @@ class ModelRegistry:
         if latest is None:
             if held is not None:
                 return held
+            if job_state is not None and job_state not in ("queued", "running", "stopping"):
+                raise Conflict(
+                    f"model {job_id} has no snapshot and its job is {job_state}, so none is coming: resume the job "
+                    f"(POST /v1/jobs/{job_id}/resume) or start a new one (POST /v1/jobs)",
+                    state=job_state,
+                )
             raise NotReady(
                 f"model {job_id} has no snapshot yet: its job publishes the first one within "
                 f"{self.settings.snapshot_interval_s:g}s of training (SLIDE_SNAPSHOT_INTERVAL_S); retry then",
@@ -149,7 +156,14 @@ class ModelRegistry:
         return list(self._models.values())
 
     # ---- prediction -----------------------------------------------------------------------------------
-    def predict(self, job_id: str, instances: list[tuple[list[int], list[float]]], k: int, mode: str) -> PredictResult:
+    def predict(
+        self,
+        job_id: str,
+        instances: list[tuple[list[int], list[float]]],
+        k: int,
+        mode: str,
+        job_state: str | None = None,
+    ) -> PredictResult:
         """Validate against the model's dimensions (errors name the instance and position), build CSR arrays,
         predict with the current model. CPU work: call from a thread, never from `async def`."""
         st = self.settings
@@ -161,7 +175,7 @@ class ModelRegistry:
             )
         if k > st.predict_max_k:
             raise InvalidContent(f"k: at most {st.predict_max_k} (SLIDE_PREDICT_MAX_K); got {k}", loc=("body", "k"))
-        loaded = self.current(job_id)
+        loaded = self.current(job_id, job_state)
         model = loaded.model
         num_features = int(model.num_features)
         lengths = np.fromiter((len(ix) for ix, _ in instances), dtype=np.int64, count=len(instances))

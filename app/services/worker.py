@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import gc
 import logging
 import math
 import os
@@ -58,6 +59,72 @@ def run_job(spec: dict[str, Any], stop_event: Any, interrupt_event: Any, trainin
     local_interrupt = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: local_interrupt.set())
     JobProcess(spec, stop_event, interrupt_event, local_interrupt, training_event).main()
+
+
+MEMORY_MARGIN = 0.25
+"""The trainer may allocate this fraction more than its estimate (plus MEMORY_SLACK) before allocations fail."""
+MEMORY_SLACK = 512 * 2**20
+"""Bytes on top: a cold Numba compile of the kernels takes ~260 MB, the database client and logging a little."""
+MEMORY_HOG_ENV = "SLIDE_TEST_MEMORY_HOG_SEED"
+"""Tests only: a job whose config seed equals this value allocates memory without bound after its first snapshot in
+its first run, to show what crossing the ceiling does."""
+
+
+def apply_memory_ceiling(estimate: int | None, threads: int) -> int:
+    """Cap this process's private writable memory (RLIMIT_DATA) at what it holds now plus the rest of its estimate
+    with a margin; returns the cap (0 = none). Past it an allocation fails with MemoryError, which fails the job
+    cleanly, long before the kernel's OOM killer would pick a process. RLIMIT_AS would count the address space
+    Numba/LLVM and the thread stacks reserve without using; RLIMIT_DATA counts what can become resident, and each
+    thread's stack once (`threads` of them)."""
+    import resource
+
+    if not estimate:
+        return 0
+    status = _proc_status()
+    data, rss = status.get("VmData", 0), status.get("VmRSS", 0)
+    stack, _ = resource.getrlimit(resource.RLIMIT_STACK)
+    stack = stack if 0 < stack < 2**30 else 8 * 2**20
+    pool = threads or os.cpu_count() or 1
+    ceiling = data + int(max(0, estimate - rss) * (1 + MEMORY_MARGIN)) + MEMORY_SLACK + pool * stack
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
+    if hard != resource.RLIM_INFINITY and ceiling > hard:
+        ceiling = hard
+    resource.setrlimit(resource.RLIMIT_DATA, (ceiling, hard))
+    log.info(
+        "memory: estimate %s bytes, RLIMIT_DATA %s bytes (%s in use now)", f"{estimate:,}", f"{ceiling:,}", f"{data:,}"
+    )
+    return ceiling
+
+
+def _proc_status() -> dict[str, int]:
+    out: dict[str, int] = {}
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                key, _, value = line.partition(":")
+                if value.strip().endswith("kB"):
+                    out[key] = int(value.split()[0]) * 1024
+    except OSError:
+        pass
+    return out
+
+
+def peak_rss() -> int:
+    """This process's peak resident size in bytes."""
+    return _proc_status().get("VmHWM", 0)
+
+
+def _exhaust_memory() -> None:
+    import numpy as np
+
+    blocks = []
+    try:
+        while True:
+            blocks.append(np.ones(16 * 2**20, dtype=np.float32))  # 64 MiB, touched
+    except MemoryError as exc:
+        held = len(blocks) * 64
+        blocks.clear()
+        raise MemoryError(f"{exc} (after {held} MiB more than the model)") from None
 
 
 def _redirect_output(path: Path) -> None:
@@ -105,7 +172,10 @@ class JobProcess:
         self.run = int(spec["run"])  # the job's `runs` value for this process: writes are fenced by it
         self.db = Database(spec["database_url"])
         self.trainer: Any = None
+        self.progress: dict[str, Any] | None = None  # kept when the trainer is let go (out of memory)
+        self.ceiling = 0
         self._done = threading.Event()
+        self._hog = os.environ.get(MEMORY_HOG_ENV)
 
     # ---- stop conditions ------------------------------------------------------------------------------
     def interrupted(self) -> bool:
@@ -119,12 +189,21 @@ class JobProcess:
         lock = self._lock()
         if lock is None:
             return
+        failure: tuple[str, bool] | None = None
         try:
             self._clear_unfinished_publications()
             self._train()
         except BaseException as exc:  # noqa: BLE001 - every failure must reach the job row
             log.error("training failed:\n%s", traceback.format_exc())
-            self._finish("failed", error=self._failure_message(exc))
+            failure = (self._failure_message(exc), isinstance(exc, MemoryError))
+        try:
+            if failure is not None:
+                if failure[1]:  # out of memory: let the model and its traceback go before writing the row
+                    self._done.set()
+                    self.progress = self._progress()
+                    self.trainer = None
+                    gc.collect()
+                self._finish("failed", error=failure[0])
         finally:
             self._done.set()
             if self.row_gone or self._row_state() is None:
@@ -163,12 +242,13 @@ class JobProcess:
                 shutil.rmtree(entry, ignore_errors=True)
 
     def _failure_message(self, exc: BaseException) -> str:
-        """The job's `error`: the exception, and for a full or unwritable data dir what is kept and what to do."""
+        """The job's `error`: the exception, and for a full or unwritable data dir or the memory ceiling what is kept
+        and what to do."""
         from app.services.errors import storage_cause
 
         text = f"{type(exc).__name__}: {exc}"
         cause = storage_cause(exc)
-        if cause is None:
+        if cause is None and not isinstance(exc, MemoryError):
             return text
         try:
             import engine
@@ -181,6 +261,13 @@ class JobProcess:
             if latest is not None
             else "no snapshot had been written yet"
         )
+        if cause is None:
+            ceiling = f"its memory ceiling of {self.ceiling:,} bytes" if self.ceiling else "the memory available"
+            return (
+                f"out of memory: the trainer reached {ceiling} (RLIMIT_DATA, set from the job's estimate "
+                f"{self.spec.get('memory_estimate_text') or 'unknown'} plus a margin) and stopped ({text}); {kept}. "
+                "Resume the job to continue from its newest snapshot, or start a smaller one"
+            )
         return (
             f"storage error: {cause[0]} ({cause[1]}) while writing to the data dir ({text}); {kept}. Free space "
             "or make the data dir writable, then resume the job: it continues from its newest snapshot"
@@ -188,7 +275,11 @@ class JobProcess:
 
     def _train(self) -> None:
         import engine
+        import engine.trainer  # noqa: F401 - numpy and Numba loaded: the baseline the memory ceiling starts from
 
+        self.ceiling = apply_memory_ceiling(
+            self.spec.get("memory_estimate"), int(self.spec.get("trainer_threads") or 0)
+        )
         spec = self.spec
         train = engine.load_dataset(spec["train_path"], mmap=True)
         test = engine.load_dataset(spec["eval_path"], mmap=True) if spec.get("eval_path") else None
@@ -221,7 +312,13 @@ class JobProcess:
             state = "interrupted"
         else:
             state = "stopped"
-        log.info("finished: %s at step %d", state, trainer.step)
+        log.info(
+            "finished: %s at step %d; peak resident memory %s bytes, estimate %s",
+            state,
+            trainer.step,
+            f"{peak_rss():,}",
+            spec.get("memory_estimate_text") or "unknown",
+        )
         self._finish(state, metrics=_json_safe(result))
 
     # ---- database writes ------------------------------------------------------------------------------
@@ -313,6 +410,11 @@ class JobProcess:
             log.exception("could not record metrics at step %s", m.get("step"))
 
     def _on_snapshot(self, version: int, path: Path) -> None:
+        self._record_snapshot(version)
+        if self._hog and self.run == 1 and int(self.trainer.config.seed) == int(self._hog):
+            _exhaust_memory()  # test hook, see MEMORY_HOG_ENV
+
+    def _record_snapshot(self, version: int) -> None:
         from app.db import ModelVersionRow
 
         try:
@@ -338,6 +440,8 @@ class JobProcess:
             values["interruptions"] = JobRow.interruptions + 1
         if self.trainer is not None:
             values.update(self._progress())
+        elif self.progress is not None:
+            values.update(self.progress)
         if metrics:
             values["latest_metrics"] = {k: metrics.get(k) for k in METRIC_FIELDS}
         for attempt in range(5):

@@ -416,11 +416,13 @@ def test_predict_edges_that_are_valid(svc: Svc) -> None:
     assert r.status_code == 200 and len(r.json()["predictions"]) == MAX_INSTANCES
 
 
-def test_predict_before_the_first_snapshot_is_503_with_retry_after(svc: Svc) -> None:
+def test_predict_on_a_model_that_never_trained_is_409_saying_to_resume(svc: Svc) -> None:
+    """Its job was stopped before its first snapshot: retrying would never help (a queued or training job's model
+    answers 503 with Retry-After instead: test_jobs)."""
     r = svc.client.post(f"/v1/models/{svc.untrained}/predict", json={"instances": [ONE]})
-    p = assert_problem(r, 503)
-    assert p["type"] == "urn:slide:problem:not-ready" and "no snapshot yet" in p["detail"], p
-    assert int(r.headers["retry-after"]) >= 1
+    p = assert_problem(r, 409)
+    assert p["type"] == "urn:slide:problem:conflict" and "no snapshot" in p["detail"], p
+    assert f"/v1/jobs/{svc.untrained}/resume" in p["detail"] and "retry-after" not in r.headers
     assert svc.client.get(f"/v1/models/{svc.untrained}").json()["ready"] is False
 
 

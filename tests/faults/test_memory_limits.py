@@ -15,6 +15,8 @@ from pathlib import Path
 
 import httpx
 
+from engine import SlideConfig
+from engine.memory import estimate_memory
 from tests.app.helpers import assert_problem, wait_for
 from tests.e2e.server import Server
 from tests.faults.conftest import descendants
@@ -73,22 +75,26 @@ def test_a_job_the_machine_cannot_hold_is_refused_at_once_and_starts_nothing(tmp
         assert not jobs_dir.exists() or not any(jobs_dir.iterdir())
 
 
-def test_jobs_that_fit_alone_but_not_together_run_one_after_the_other(tmp_path, servers, xmc_files):
-    config = {"hidden": [64], "batch_size": 64, "epochs": 3}
-    # What one such job needs, asked of a first server; the second allows 1.5 of it, with two training slots.
-    probe = servers(tmp_path / "probe")
-    with probe.client() as c:
-        train_id = _upload(c, xmc_files["train"], "train")
-        one = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**config, "epochs": 0}}).json()
-        need = one["estimated_memory_bytes"]
-        assert need > 150 * MiB and one["memory_breakdown"]["baseline"] > 0, one
-
+def test_jobs_that_fit_alone_but_not_together_run_one_after_the_other(tmp_path, servers, xmc_files, xmc_summaries):
+    config = {"hidden": [64], "batch_size": 64, "epochs": 2}
+    # What one such job needs (the servers here train with SLIDE_TRAINER_THREADS=1); the server allows 1.5 of it.
+    shape = xmc_summaries["train"]
+    need = estimate_memory(
+        SlideConfig.from_dict({**config, "threads": 1}),
+        shape["num_points"],
+        shape["num_features"],
+        shape["num_labels"],
+        nnz=shape["nnz"],
+        label_entries=round(shape["avg_labels_per_point"] * shape["num_points"]),
+        threads=1,
+    ).total
+    assert need > 150 * MiB
     server = servers(tmp_path / "data", SLIDE_MAX_CONCURRENT_JOBS=2, SLIDE_MAX_JOB_MEMORY=int(1.5 * need))
     with server.client() as c:
         train_id = _upload(c, xmc_files["train"], "train")
         first = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**config, "seed": 1}}).json()
         second = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**config, "seed": 2}}).json()
-        assert first["estimated_memory_bytes"] == second["estimated_memory_bytes"] == need
+        assert first["estimated_memory_bytes"] == second["estimated_memory_bytes"] == need, (first, need)
         waiting = _job(c, second["id"])
         assert waiting["state"] == "queued" and waiting["queue_position"] == 1, waiting
         assert waiting["queue_reason"].startswith("waiting for memory"), waiting
@@ -107,8 +113,8 @@ def test_a_trainer_over_its_ceiling_fails_its_job_cleanly_and_nothing_else_notic
     base = {"hidden": [32], "batch_size": 64}
     with server.client() as c:
         train_id = _upload(c, xmc_files["train"], "train")
-        hog = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**base, "epochs": 8, "seed": HOG_SEED}})
-        other = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**base, "epochs": 8, "seed": 1}})
+        hog = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**base, "epochs": 4, "seed": HOG_SEED}})
+        other = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**base, "epochs": 4, "seed": 1}})
         hog_id, other_id = hog.json()["id"], other.json()["id"]
         failed = _until(c, hog_id, "failed", "completed", server=server)
         assert failed["state"] == "failed", failed

@@ -98,7 +98,9 @@ class Trainer:
         test: Dataset | None = None,
         store: SnapshotStore | None = None,
         model: SlideModel | None = None,
+        optimizer: dict[str, np.ndarray] | None = None,
     ):
+        """optimizer: Adam's state as `arrays()` names it (`opt_m0`, ...), to continue from; None = fresh."""
         if train.num_points == 0:
             raise ValueError("the training set has no points")
         if test is not None and (test.num_features > train.num_features or test.num_labels > train.num_labels):
@@ -116,7 +118,7 @@ class Trainer:
         self.next_rehash_step = config.rehash_n0
         self.train_seconds = 0.0
         self.history: list[dict] = []
-        self._init_optimizer()
+        self._init_optimizer(optimizer)
         self._eval_rows = self._pick_eval_rows()
         self._train_rows = RowReader(train)
         self._test_rows = RowReader(test) if test is not None else None
@@ -131,8 +133,22 @@ class Trainer:
         self._serving_hubs_step = -1
 
     # ---- state ------------------------------------------------------------------------------
-    def _init_optimizer(self) -> None:
+    def _init_optimizer(self, arrays: dict[str, np.ndarray] | None = None) -> None:
         w = self.model.weights
+        if arrays is not None:  # taken as they are: no zeroed copy beside them (it would count against a ceiling)
+            depth = len(w)
+            self.m = tuple(arrays[f"opt_m{layer}"] for layer in range(depth))
+            for layer, m in enumerate(self.m):
+                if m.dtype != self._moment_dtype(layer):
+                    raise ValueError(
+                        f"opt_m{layer} is {m.dtype}, the config says {np.dtype(self._moment_dtype(layer))}"
+                    )
+            self.v = tuple(arrays[f"opt_v{layer}"] for layer in range(depth))
+            self.steps = tuple(arrays[f"opt_steps{layer}"] for layer in range(depth))
+            self.drift = tuple(arrays[f"opt_drift{layer}"] for layer in range(depth))
+            self.mb0, self.vb0 = arrays["opt_mb0"], arrays["opt_vb0"]
+            self.input_mean = {layer: arrays[f"opt_input_mean{layer}"] for layer in self.model.sampled_layers()}
+            return
         self.m = tuple(np.zeros(x.shape, self._moment_dtype(layer)) for layer, x in enumerate(w))
         self.v = tuple(np.zeros(x.shape, np.float32) for x in w)
         self.steps = tuple(np.zeros(x.shape[0], dtype=np.int64) for x in w)
@@ -232,19 +248,10 @@ class Trainer:
         arrays = load_arrays(path, mmap=False, verify=True)
         model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
         attach_text(model, manifest, arrays)
-        trainer = cls(config, train, test, store, model=model)
-        depth = len(model.weights)
-        trainer.m = tuple(arrays[f"opt_m{layer}"] for layer in range(depth))
-        for layer, m in enumerate(trainer.m):
-            if m.dtype != trainer._moment_dtype(layer):
-                raise ValueError(
-                    f"snapshot {path}: opt_m{layer} is {m.dtype}, its config says {trainer._moment_dtype(layer)}"
-                )
-        trainer.v = tuple(arrays[f"opt_v{layer}"] for layer in range(depth))
-        trainer.steps = tuple(arrays[f"opt_steps{layer}"] for layer in range(depth))
-        trainer.drift = tuple(arrays[f"opt_drift{layer}"] for layer in range(depth))
-        trainer.mb0, trainer.vb0 = arrays["opt_mb0"], arrays["opt_vb0"]
-        trainer.input_mean = {layer: arrays[f"opt_input_mean{layer}"] for layer in model.sampled_layers()}
+        try:
+            trainer = cls(config, train, test, store, model=model, optimizer=arrays)
+        except ValueError as exc:
+            raise ValueError(f"snapshot {path}: {exc}") from exc
         st = manifest["trainer_state"]
         for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "rehash_round", "next_rehash_step"):
             setattr(trainer, key, int(st[key]))

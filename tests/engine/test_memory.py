@@ -141,3 +141,25 @@ def test_slide_train_prints_the_estimate_first(tmp_path, capsys, warm_engine):
     )
     assert first["estimated_memory_bytes"] == expected.total
     assert first["estimated_memory"].startswith(format_bytes(expected.total))
+
+
+def test_resume_holds_one_copy_of_the_optimizer_state(tmp_path):
+    """A resumed trainer takes Adam's state from the snapshot as loaded: a zeroed copy made first and then replaced
+    would count against the trainer's memory ceiling (RLIMIT_DATA counts allocated, not touched, memory)."""
+    import tracemalloc
+
+    train, test = generate("small", seed=4, num_train=400, num_test=50, num_labels=20_000)
+    store = SnapshotStore(tmp_path / "store")
+    first = Trainer(SlideConfig(hidden=(64,), epochs=1, threads=1, batch_size=200), train, test, store)
+    first.run()
+    optimizer = _nbytes([*first.m, *first.v, *first.steps, *first.drift])
+    snapshot = sum(f.stat().st_size for f in store.latest()[1].glob("*.npy"))
+    del first
+    tracemalloc.start()
+    try:
+        resumed = Trainer.resume(store, train, test)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert resumed.step > 0
+    assert peak < snapshot + optimizer / 2, (peak, snapshot, optimizer)

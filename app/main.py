@@ -29,6 +29,7 @@ to watch progress → **4.** `POST /v1/models/{id}/predict` (the job id) — ans
 and improve while it trains → **5.** `POST /v1/jobs/{id}/stop` and `/resume`.
 
 Errors are `application/problem+json` (RFC 9457). When the service has an API key, use **Authorize**.
+The console at [/ui](/ui) shows datasets, jobs with their live training curves, and answers queries.
 """
 
 TAGS = [

@@ -250,6 +250,21 @@ def problem_example(method: str, path: str, status: int) -> dict[str, Any]:
     return _problem(status, None, HTTPStatus(status).phrase, HTTPStatus(status).description, instance=instance)
 
 
+def _can_fail_validation(operation: dict[str, Any]) -> bool:
+    """False for an operation whose only inputs are unconstrained string path parameters (any id parses)."""
+    if "requestBody" in operation:
+        return True
+    for param in operation.get("parameters", []):
+        schema = param.get("schema", {})
+        if (
+            param.get("in") != "path"
+            or set(schema) - {"type", "title", "description"}
+            or schema.get("type") != "string"
+        ):
+            return True
+    return False
+
+
 def with_problem_examples(spec: dict[str, Any]) -> dict[str, Any]:
     """Each error response shows what that operation answers (Swagger would otherwise make one up from the
     Problem schema: the same upload error under every operation)."""
@@ -257,6 +272,8 @@ def with_problem_examples(spec: dict[str, Any]) -> dict[str, Any]:
         for method, operation in path_item.items():
             if not isinstance(operation, dict):
                 continue
+            if not _can_fail_validation(operation):  # FastAPI documents a 422 that cannot happen here
+                operation.get("responses", {}).pop("422", None)
             for status, response in operation.get("responses", {}).items():
                 media = response.get("content", {}).get(PROBLEM_JSON)
                 if media is not None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException
 from fastapi.responses import FileResponse, RedirectResponse
 
-from app.docs import CachedStaticFiles
+from app.docs import static_app
 
 UI_DIR = Path(__file__).resolve().parent / "static"
 UI_STATIC_URL = "/ui/static"
@@ -33,8 +33,8 @@ def _page(name: str) -> FileResponse:
 
 
 def install_ui(app: FastAPI) -> None:
-    app.mount(UI_STATIC_URL, CachedStaticFiles(directory=UI_DIR), name="ui-static")
-    app.mount(VENDOR_URL, CachedStaticFiles(directory=plotly_dir()), name="ui-vendor")
+    app.mount(UI_STATIC_URL, static_app(UI_DIR), name="ui-static")
+    app.mount(VENDOR_URL, static_app(plotly_dir()), name="ui-vendor")
 
     @app.get("/", include_in_schema=False)
     def root() -> RedirectResponse:

@@ -10,6 +10,7 @@ import fcntl
 import json
 import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -46,12 +47,29 @@ def test_docs_and_redoc_load_everything_from_the_service(client):
 def test_console_pages_and_chart_library_are_served(client):
     assets = _local_assets(client, "/ui")
     assert any(u.endswith("plotly.min.js") for u in assets), assets
-    assert "plotly" in client.get(next(u for u in assets if u.endswith("plotly.min.js"))).text[:2000].lower()
+    plotly = next(u for u in assets if u.endswith("plotly.min.js"))
+    assert "plotly" in client.get(plotly).text[:2000].lower()
+    zipped = client.get(plotly, headers={"Accept-Encoding": "gzip"})  # megabytes: sent compressed, cacheable
+    assert zipped.headers["content-encoding"] == "gzip" and "max-age" in zipped.headers["cache-control"]
     job_page = _local_assets(client, "/ui/jobs/" + "0" * 32)
     assert any(u.endswith("plotly.min.js") for u in job_page)
     for page in ("/ui", "/ui/jobs/" + "0" * 32):
         html = client.get(page).text
         assert "http://" not in html and "https://" not in html
+
+
+def test_console_files_ship_in_the_package():
+    """pyproject ships app/ui/static/* (no subdirectories) as package data: the Docker image installs the
+    project as a wheel, and a file the glob missed would be absent there."""
+    import tomllib
+
+    from app.ui import UI_DIR
+
+    globs = tomllib.loads((Path(__file__).resolve().parents[2] / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-data"
+    ]["app.ui"]
+    assert globs == ["static/*"]
+    assert not [p for p in UI_DIR.rglob("*") if p.parent != UI_DIR and "__pycache__" not in p.parts]
 
 
 def test_no_security_scheme_without_a_key(client, tmp_path, client_for):

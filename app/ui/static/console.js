@@ -179,25 +179,47 @@ const Slide = (() => {
     return { instance: { indices: [...seen.keys()], values: [...seen.values()] }, truth };
   }
 
+  /** The modes the service offers and its default, from its OpenAPI document. */
   async function predictModes() {
     try {
       const s = await loadSpec();
       const mode = s.components.schemas.PredictRequest.properties.mode;
       const found = mode.enum || (mode.anyOf || []).flatMap((m) => m.enum || []);
-      return found.length ? found : ["lsh", "exact"];
-    } catch { return ["lsh", "exact"]; }
+      return found.length ? { modes: found, preferred: mode.default || found[0] } : { modes: ["lsh", "exact"], preferred: "lsh" };
+    } catch { return { modes: ["lsh", "exact"], preferred: "lsh" }; }
+  }
+
+  /** Whether a predict instance may be `{"text": ...}` here: some schema an instance refers to has `text`. */
+  async function acceptsText() {
+    try {
+      const s = await loadSpec();
+      const seen = new Set();
+      const visit = (node) => {
+        if (!node || typeof node !== "object") return false;
+        if (node.$ref) {
+          const name = node.$ref.split("/").pop();
+          if (seen.has(name)) return false;
+          seen.add(name);
+          node = s.components.schemas[name] || {};
+        }
+        if (node.properties && node.properties.text) return true;
+        return [node.items, ...(node.anyOf || []), ...(node.oneOf || [])].some(visit);
+      };
+      return visit(s.components.schemas.PredictRequest.properties.instances);
+    } catch { return false; }
   }
 
   /** A query box in `root`. `getModel()` -> model id (or null). */
   async function queryBox(root, getModel) {
-    const modes = await predictModes();
+    const { modes, preferred } = await predictModes();
+    const text = await acceptsText();
     root.innerHTML = `
       <div class="form-row">
         <div><label>Input</label>
-          <div class="tabs" id="q-kind"><button type="button" data-kind="features" class="on">features</button><button type="button" data-kind="text">text</button></div>
+          <div class="tabs" id="q-kind"><button type="button" data-kind="features" class="on">features</button><button type="button" data-kind="text" ${text ? "" : 'disabled title="this service predicts from feature ids only"'}>text</button></div>
         </div>
         <div class="narrow"><label for="q-k">k</label><input id="q-k" type="number" min="1" value="5"></div>
-        <div class="narrow"><label for="q-mode">mode</label><select id="q-mode">${modes.map((m) => `<option ${m === "lsh" ? "selected" : ""}>${esc(m)}</option>`).join("")}</select></div>
+        <div class="narrow"><label for="q-mode">mode</label><select id="q-mode">${modes.map((m) => `<option ${m === preferred ? "selected" : ""}>${esc(m)}</option>`).join("")}</select></div>
         <div class="narrow"><button type="button" class="primary" id="q-run">Predict</button></div>
       </div>
       <textarea id="q-input" spellcheck="false" placeholder="feature:value pairs, e.g. 0:1.0 2:0.5 5:0.25 — or paste a line of an XMC file (its labels are shown as the truth)">0:1.0 2:0.5 5:0.25</textarea>

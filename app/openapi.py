@@ -201,14 +201,24 @@ PROBLEM_EXAMPLES: dict[tuple[str, str, int], dict[str, Any]] = {
             }
         ],
     ),
+    ("post", "/v1/models/{model_id}/predict", 409): _problem(
+        409,
+        "conflict",
+        "Conflicts with the resource's current state",
+        f"model {_ID} has no snapshot and its job is stopped, so none is coming: resume the job "
+        f"(POST /v1/jobs/{_ID}/resume) or start a new one (POST /v1/jobs)",
+        state="stopped",
+    ),
     ("post", "/v1/models/{model_id}/predict", 503): _problem(
         503,
         "not-ready",
         "Not ready yet",
-        f"model {_ID} has no snapshot yet: its job is queued, 2nd in the queue (SLIDE_MAX_CONCURRENT_JOBS=1 trains "
-        "at a time); once it runs, it publishes its first snapshot within 30s (SLIDE_SNAPSHOT_INTERVAL_S); retry then",
+        f"model {_ID} has no snapshot yet: its job is queued, 2nd in the queue (waiting behind job "
+        "9b1f0c2d4e6a48b7a1c3d5e7f9081a2b, earlier in the queue); once it runs, it publishes its first snapshot "
+        "within 30s (SLIDE_SNAPSHOT_INTERVAL_S); retry then",
         job_state="queued",
         queue_position=2,
+        queue_reason="waiting behind job 9b1f0c2d4e6a48b7a1c3d5e7f9081a2b, earlier in the queue",
     ),
     ("get", "/readyz", 503): _problem(
         503,

@@ -154,14 +154,17 @@ def _not_ready(jobs: JobService, model_id: str, exc: NotReady) -> NotReady:
     job = jobs.get(model_id)
     settings = jobs.settings
     if job.state == "queued":
-        position = jobs.queue_positions().get(model_id)
+        slot = jobs.queue().get(model_id)
+        position, reason = (slot.position, slot.reason) if slot is not None else (None, None)
         place = f", {_ordinal(position)} in the queue" if position else ""
+        why = f" ({reason})" if reason else ""
         detail = (
-            f"model {model_id} has no snapshot yet: its job is queued{place} "
-            f"(SLIDE_MAX_CONCURRENT_JOBS={settings.max_concurrent_jobs} trains at a time); once it runs, it publishes "
+            f"model {model_id} has no snapshot yet: its job is queued{place}{why}; once it runs, it publishes "
             f"its first snapshot within {settings.snapshot_interval_s:g}s (SLIDE_SNAPSHOT_INTERVAL_S); retry then"
         )
-        return NotReady(detail, retry_after_s=exc.retry_after_s, job_state=job.state, queue_position=position)
+        return NotReady(
+            detail, retry_after_s=exc.retry_after_s, job_state=job.state, queue_position=position, queue_reason=reason
+        )
     if job.state in ("running", "stopping"):
         return NotReady(exc.detail, retry_after_s=exc.retry_after_s, job_state=job.state)
     detail = f"model {model_id} has no snapshot yet: its job is {job.state} and never published one" + (

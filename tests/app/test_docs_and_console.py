@@ -206,6 +206,8 @@ def test_documented_problems_are_what_the_service_answers(unsupervised, xmc_file
     assert "did you mean 'values'" in assert_problem(r, 422)["detail"]
     c.delete(f"/v1/jobs/{second['id']}")
     assert c.get(f"/v1/jobs/{first['id']}").json()["queue_position"] == 1
+    assert c.post(f"/v1/jobs/{first['id']}/stop").json()["state"] == "stopped"
+    _matches(c, c.post(f"/v1/models/{first['id']}/predict", json=one), "post", predict, 409, "resume")
 
 
 def test_try_it_out_in_order_with_the_documented_examples(client):

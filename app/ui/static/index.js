@@ -58,7 +58,8 @@ Slide.boot(async () => {
     } else {
       box.innerHTML = `<table><thead><tr><th>job</th><th>state</th><th>progress</th><th class="num">samples/s</th>
         <th class="num">P@1</th><th class="num">model</th><th></th></tr></thead><tbody>${jobs.map((j) => {
-          const queue = j.state === "queued" && j.queue_position ? `<div class="bar-label">#${j.queue_position} in the queue</div>` : "";
+          const queue = j.state === "queued" && j.queue_position
+            ? `<div class="bar-label" title="${esc(j.queue_reason || "")}">#${j.queue_position} in the queue${j.queue_reason ? ": " + esc(j.queue_reason) : ""}</div>` : "";
           const err = j.error ? `<div class="bar-label" title="${esc(j.error)}" style="color:var(--bad)">${esc(j.error.slice(0, 80))}</div>` : "";
           return `<tr data-id="${esc(j.id)}" data-state="${esc(j.state)}">
             <td><a href="/ui/jobs/${esc(j.id)}">${idCell(j.id)}</a><div class="bar-label">on ${esc(byId[j.train_dataset_id] || j.train_dataset_id.slice(0, 8))} · ${ago(j.created_at)}</div></td>

@@ -50,7 +50,7 @@ Slide.boot(async () => {
   });
 
   function paintJob() {
-    $("#job-state").innerHTML = badge(job.state) + (job.state === "queued" && job.queue_position ? ` <span class="hint">#${job.queue_position} in the queue</span>` : "");
+    $("#job-state").innerHTML = badge(job.state) + (job.state === "queued" && job.queue_position ? ` <span class="hint">#${job.queue_position} in the queue${job.queue_reason ? ": " + esc(job.queue_reason) : ""}</span>` : "");
     $("#btn-stop").disabled = !["queued", "running", "interrupted"].includes(job.state);
     $("#btn-resume").disabled = !["stopped", "failed", "interrupted"].includes(job.state);
     $("#job-sub").innerHTML = `training set ${Slide.idCell(job.train_dataset_id)}${job.eval_dataset_id ? ` · held-out set ${Slide.idCell(job.eval_dataset_id)}` : " · no held-out set (no P@k)"} · created ${ago(job.created_at)}${job.error ? `<div class="error">${esc(job.error)}</div>` : ""}`;
@@ -64,6 +64,7 @@ Slide.boot(async () => {
       stat("P@5", pct(m.p_at_5), "s-p5"),
       stat("loss", m.loss == null ? "–" : Number(m.loss).toFixed(3), "s-loss"),
       stat("model", job.model_version == null ? "–" : "v" + job.model_version, "s-model"),
+      stat("memory (estimate)", job.estimated_memory_bytes == null ? "–" : Slide.bytes(job.estimated_memory_bytes), "s-memory"),
     ].join("");
     $("#config").innerHTML = Object.entries(job.config)
       .map(([k, v]) => `<div><dt>${esc(k)}</dt><dd>${esc(JSON.stringify(v))}</dd></div>`).join("");

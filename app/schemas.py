@@ -14,6 +14,7 @@ import ast
 import dataclasses
 import datetime as dt
 import inspect
+import itertools
 import typing
 from typing import Annotated, Any, Literal
 
@@ -82,7 +83,7 @@ def _attribute_docstrings(cls: type) -> dict[str, str]:
         return {}
     body = tree.body[0].body if tree.body and isinstance(tree.body[0], ast.ClassDef) else []
     docs: dict[str, str] = {}
-    for node, nxt in zip(body, body[1:]):
+    for node, nxt in itertools.pairwise(body):
         if (
             isinstance(node, ast.AnnAssign)
             and isinstance(node.target, ast.Name)

@@ -471,7 +471,7 @@ def load_summary(rec, t_begin, duration, users, rate, statuses, errors, short) -
     versions = Counter(int(x) for x in v if x >= 0)
     # a swap: the first request answered by a version newer than every earlier answer
     swaps, newest = [], None
-    for ti, vi in zip(t, v):
+    for ti, vi in zip(t, v, strict=True):
         if vi >= 0 and (newest is None or vi > newest):
             if newest is not None:
                 swaps.append((float(ti), int(vi)))
@@ -858,7 +858,8 @@ def print_table(report: dict) -> None:
         rss = f"{_fmt(sm.get('rss_start_mb'), '.0f')}->{_fmt(sm.get('rss_end_mb'), '.0f')}" if sm else "-"
         print(
             f"{p['phase']:<20}{str(users or '-'):>6}{_fmt(load.get('requests_per_s'), '.0f'):>8}"
-            f"{_fmt(load.get('p50_ms'), '.2f'):>9}{_fmt(load.get('p95_ms'), '.2f'):>9}{_fmt(load.get('p99_ms'), '.2f'):>9}"
+            f"{_fmt(load.get('p50_ms'), '.2f'):>9}{_fmt(load.get('p95_ms'), '.2f'):>9}"
+            f"{_fmt(load.get('p99_ms'), '.2f'):>9}"
             f"{_fmt(load.get('max_ms'), '.1f'):>9}{str(load.get('errors', '-')):>7}"
             f"{len(load.get('model_versions', {})) or '-':>9}{rss:>16}{_fmt(sm.get('anon_growth_mb'), '+.1f'):>13}"
             f"{_fmt(tm.get('rss_end_mb'), '.0f'):>16}{_fmt(tr.get('samples_per_s'), '.0f'):>12}"
@@ -877,7 +878,8 @@ def print_table(report: dict) -> None:
     t = report["targets"]
     w = report.get("whole_run_service_memory") or {}
     print(
-        f"\nservice RSS over the whole run: {_fmt(w.get('rss_start_mb'), '.0f')} -> {_fmt(w.get('rss_end_mb'), '.0f')} MB "
+        f"\nservice RSS over the whole run: {_fmt(w.get('rss_start_mb'), '.0f')} -> "
+        f"{_fmt(w.get('rss_end_mb'), '.0f')} MB "
         f"(max {_fmt(w.get('rss_max_mb'), '.0f')}); anonymous {_fmt(w.get('anon_start_mb'), '.0f')} -> "
         f"{_fmt(w.get('anon_end_mb'), '.0f')} MB"
     )

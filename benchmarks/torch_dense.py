@@ -409,7 +409,7 @@ def _check_gradients() -> None:
     ref_loss.backward()
     want = [model.out_weight.grad, model.out_bias.grad, model.hidden_bias.grad, model.embedding.weight.grad.to_dense()]
     assert abs(loss - ref_loss.item()) < 1e-5 * max(1.0, abs(loss)), (loss, ref_loss.item())
-    for name, g, w in zip(("out_weight", "out_bias", "hidden_bias", "embedding"), got, want):
+    for name, g, w in zip(("out_weight", "out_bias", "hidden_bias", "embedding"), got, want, strict=True):
         assert torch.allclose(g, w, rtol=1e-4, atol=1e-6), f"{name}: max diff {(g - w).abs().max().item()}"
     print(f"gradients match autograd (loss {loss:.5f})")
 

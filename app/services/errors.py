@@ -1,4 +1,7 @@
-"""Domain errors raised by the services. They know nothing of HTTP: `app.errors` maps them to status codes in one table."""
+"""Domain errors raised by the services.
+
+They know nothing of HTTP: `app.errors` maps them to status codes in one table.
+"""
 
 from __future__ import annotations
 

@@ -153,7 +153,10 @@ GARBAGE = random.Random(7).randbytes(8192)  # deterministic; not gzip (does not 
 VALID = b"2 10 4\n0,1 1:0.5 3:1\n2 4:1\n"
 _rng = random.Random(3)
 VARIED = b"400 1000 50\n" + b"".join(  # valid, and compresses too little for a cut gzip to hold all of it
-    f"{_rng.randrange(50)} {_rng.randrange(500)}:{_rng.random():.4f} {500 + _rng.randrange(500)}:{_rng.random():.4f}\n".encode()
+    (
+        f"{_rng.randrange(50)} {_rng.randrange(500)}:{_rng.random():.4f} "
+        f"{500 + _rng.randrange(500)}:{_rng.random():.4f}\n"
+    ).encode()
     for _ in range(400)
 )
 TOO_BIG = b"12000 10 4\n" + b"0 1:1\n" * 12000  # 72 KB of valid lines > LIMIT

@@ -90,7 +90,7 @@ class Server:
             return self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             self.proc.kill()
-            raise AssertionError(f"server did not exit after {sig!r}:\n{self.log()}")
+            raise AssertionError(f"server did not exit after {sig!r}:\n{self.log()}") from None
 
     def kill_group(self) -> None:
         """SIGKILL to the server's whole process group: the server and every trainer it started."""

@@ -52,13 +52,13 @@ def forward(w0, b0, weights, x, active=None, shift=None):
     hs = [np.maximum(x @ np.asarray(w0, np.float64) + np.asarray(b0, np.float64), 0.0)]
     depth = len(weights) + 1
     z = None
-    for l in range(1, depth):
-        w = np.asarray(weights[l - 1], dtype=np.float64)
+    for layer in range(1, depth):
+        w = np.asarray(weights[layer - 1], dtype=np.float64)
         a = hs[-1] @ w[:, :-1].T + w[:, -1]
-        if l < depth - 1:
+        if layer < depth - 1:
             h = np.maximum(a, 0.0)
-            if l in active:
-                h = np.where(active[l], h, 0.0)
+            if layer in active:
+                h = np.where(active[layer], h, 0.0)
             hs.append(h)
         else:
             z = a if shift is None else a + shift
@@ -107,15 +107,15 @@ def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None):
     depth = len(weights) + 1
     grads = [None] * (depth - 1)
     d = dz
-    for l in range(depth - 1, 0, -1):
-        w = np.asarray(weights[l - 1], dtype=np.float64)
-        h_in = hs[l - 1]
-        grads[l - 1] = np.concatenate([d.T @ h_in, d.sum(axis=0)[:, None]], axis=1)
+    for layer in range(depth - 1, 0, -1):
+        w = np.asarray(weights[layer - 1], dtype=np.float64)
+        h_in = hs[layer - 1]
+        grads[layer - 1] = np.concatenate([d.T @ h_in, d.sum(axis=0)[:, None]], axis=1)
         dh = d @ w[:, :-1]
-        if l - 1 >= 1:
+        if layer - 1 >= 1:
             d = dh * (h_in > 0)
-            if (l - 1) in active:
-                d = d * active[l - 1]
+            if (layer - 1) in active:
+                d = d * active[layer - 1]
         else:
             d0 = dh * (h_in > 0)
     g_w0 = x.T @ d0
@@ -165,7 +165,7 @@ def topk(scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def hidden_float32(w0, b0, indices, values):
     """relu(b0 + sum v * w0[f]) in float32 with the engine's summation order (bit-exact)."""
     h = np.array(b0, dtype=np.float32, copy=True)
-    for f, v in zip(indices, values):
+    for f, v in zip(indices, values, strict=True):
         h += np.float32(v) * w0[f]
     return np.maximum(h, np.float32(0.0))
 
@@ -218,10 +218,10 @@ def dwta_codes(x, idx, seed) -> np.ndarray:
     return out
 
 
-def combine(codes, k, l, radix, fold, table_bits, seed) -> np.ndarray:
+def combine(codes, k, n_tables, radix, fold, table_bits, seed) -> np.ndarray:
     """Bucket id per table: sum_j c_j radix^j, or (fold) an FNV/splitmix hash cut to table_bits."""
-    out = np.empty(l, dtype=np.int64)
-    for t in range(l):
+    out = np.empty(n_tables, dtype=np.int64)
+    for t in range(n_tables):
         cs = [int(c) for c in codes[t * k : (t + 1) * k]]
         if not fold:
             out[t] = sum(c * radix**j for j, c in enumerate(cs))
@@ -235,14 +235,14 @@ def combine(codes, k, l, radix, fold, table_bits, seed) -> np.ndarray:
 
 def bucket_ids(x, idx, sign, params) -> np.ndarray:
     """The bucket of x in each of the L tables, as engine.lsh.hash_dense should compute it."""
-    family, k, l, radix, _, fold, bits, seed = (int(p) for p in params)
+    family, k, n_tables, radix, _, fold, bits, seed = (int(p) for p in params)
     if family == SIMHASH:
         codes = simhash_codes(x, idx, sign)
     elif family == WTA:
         codes = wta_codes(x, idx)
     else:
         codes = dwta_codes(x, idx, seed)
-    return combine(codes, k, l, radix, fold, bits, seed)
+    return combine(codes, k, n_tables, radix, fold, bits, seed)
 
 
 # ---- tables --------------------------------------------------------------------------------------
@@ -281,8 +281,8 @@ def retrieve(found: np.ndarray, threshold: int = 1, cap: int = 0, ties: int = 0)
     return ids
 
 
-def collision_probability(p: float, k: int, l: int) -> float:
-    return 1.0 - (1.0 - p**k) ** l
+def collision_probability(p: float, k: int, n_tables: int) -> float:
+    return 1.0 - (1.0 - p**k) ** n_tables
 
 
 def simhash_bit_collision(cosine: float) -> float:

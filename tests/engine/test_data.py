@@ -32,7 +32,7 @@ def assert_same(a: Dataset, b: Dataset) -> None:
         np.testing.assert_array_equal(x, y, err_msg=name)
 
 
-def random_dataset(seed: int, n: int = 300, d: int = 1000, l: int = 200) -> Dataset:
+def random_dataset(seed: int, n: int = 300, d: int = 1000, n_labels: int = 200) -> Dataset:
     """Sorted rows, with some points lacking labels, features or both; values of every magnitude."""
     rng = np.random.default_rng(seed)
     nf = rng.integers(0, 30, n)
@@ -40,7 +40,7 @@ def random_dataset(seed: int, n: int = 300, d: int = 1000, l: int = 200) -> Data
     nf[::17] = 0
     nl[::13] = 0
     xi = [np.sort(rng.choice(d, k, replace=False)) for k in nf]
-    yi = [np.sort(rng.choice(l, k, replace=False)) for k in nl]
+    yi = [np.sort(rng.choice(n_labels, k, replace=False)) for k in nl]
     nnz = int(nf.sum())
     mags = 10.0 ** rng.integers(-12, 12, nnz)
     xv = (rng.standard_normal(nnz) * mags).astype(np.float32)
@@ -52,14 +52,14 @@ def random_dataset(seed: int, n: int = 300, d: int = 1000, l: int = 200) -> Data
         np.concatenate([[0], np.cumsum(nl)]).astype(np.int64),
         np.concatenate(yi).astype(np.int32),
         d,
-        l,
+        n_labels,
     )
 
 
 def naive_parse(text: str):
     """Pure-Python reference: sorted ids per row, empty lines skipped."""
     lines = text.splitlines()
-    n, d, l = map(int, lines[0].split())
+    n, d, n_labels = map(int, lines[0].split())
     xi, xv, yi, xp, yp = [], [], [], [0], [0]
     for line in lines[1:]:
         if line == "":
@@ -83,7 +83,7 @@ def naive_parse(text: str):
         np.array(yp, np.int64),
         np.array(yi, np.int32),
         d,
-        l,
+        n_labels,
     )
 
 
@@ -225,7 +225,7 @@ def test_random_texts_match_naive_parser():
 
 
 def test_capacity_grows_past_initial_allocation():
-    ds = random_dataset(4, n=5000, d=100_000, l=50_000)
+    ds = random_dataset(4, n=5000, d=100_000, n_labels=50_000)
     text = f"{ds.num_points} {ds.num_features} {ds.num_labels}\n".encode() + format_xmc_rows(ds)
     assert_same(parse_xmc_bytes(text), ds)
 

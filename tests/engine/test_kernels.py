@@ -43,7 +43,7 @@ def snapshot_params(model):
     return (
         model.float_weights(0).astype(np.float64),
         model.b0.astype(np.float64),
-        [model.float_weights(l).astype(np.float64) for l in range(1, model.depth)],
+        [model.float_weights(layer).astype(np.float64) for layer in range(1, model.depth)],
     )
 
 
@@ -75,11 +75,11 @@ def active_masks(trainer, n_points):
     """{layer: bool (b, out)} of the neurons each point of the last batch computed (sampled layers)."""
     act_ids, nact = trainer._bufs.act_ids, trainer._bufs.nact
     masks = {}
-    for l in trainer.model.sampled_layers():
-        mask = np.zeros((n_points, trainer.model.weights[l].shape[0]), dtype=bool)
+    for layer in trainer.model.sampled_layers():
+        mask = np.zeros((n_points, trainer.model.weights[layer].shape[0]), dtype=bool)
         for i in range(n_points):
-            mask[i, act_ids[l - 1][i, : nact[i, l]]] = True
-        masks[l] = mask
+            mask[i, act_ids[layer - 1][i, : nact[i, layer]]] = True
+        masks[layer] = mask
     return masks
 
 
@@ -105,17 +105,17 @@ class NaiveAdam:
         g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep, shift)
         rows0 = np.flatnonzero(np.any(x != 0, axis=0))
         naive.adam_rows(self.w0, self.m[0], self.v[0], self.steps[0], g_w0, rows0, *hp)
-        for l, (w, g) in enumerate(zip(self.ws, gs), start=1):
-            if keep is not None and l == len(self.ws):
+        for layer, (w, g) in enumerate(zip(self.ws, gs, strict=True), start=1):
+            if keep is not None and layer == len(self.ws):
                 labelled = np.array([len(y) > 0 for y in labels])
                 rows = np.flatnonzero((keep & labelled[:, None]).any(axis=0))
-            elif active and l in active:
-                rows = np.flatnonzero(active[l].any(axis=0))
+            elif active and layer in active:
+                rows = np.flatnonzero(active[layer].any(axis=0))
             else:
                 rows = np.arange(w.shape[0])
-            naive.adam_rows(w, self.m[l], self.v[l], self.steps[l], g, rows, *hp)
-            if active and l in active and cfg.moment_dtype == "bfloat16":
-                self.m[l][rows] = from_bfloat16(to_bfloat16(self.m[l][rows]))
+            naive.adam_rows(w, self.m[layer], self.v[layer], self.steps[layer], g, rows, *hp)
+            if active and layer in active and cfg.moment_dtype == "bfloat16":
+                self.m[layer][rows] = from_bfloat16(to_bfloat16(self.m[layer][rows]))
         self.t += 1
         naive.adam_vector(self.b0, self.mb0, self.vb0, self.t, g_b0, *hp)
         return g_w0, g_b0, gs
@@ -124,22 +124,26 @@ class NaiveAdam:
         model = trainer.model
         atol_w = atol_w if atol_w is not None else 1e-3 * self.cfg.lr
         ours = [self.w0, *self.ws]
-        for l, w in enumerate(model.weights):
-            np.testing.assert_array_equal(trainer.steps[l], self.steps[l], err_msg=f"step counts of layer {l}")
-            m = trainer.m[l]
+        for layer, w in enumerate(model.weights):
+            np.testing.assert_array_equal(
+                trainer.steps[layer], self.steps[layer], err_msg=f"step counts of layer {layer}"
+            )
+            m = trainer.m[layer]
             if m.dtype == np.uint16:
                 # one bfloat16 step (2^-8) where float32 and float64 round a value to different sides
                 np.testing.assert_allclose(
-                    from_bfloat16(m), self.m[l], rtol=2**-7, atol=1e-9, err_msg=f"m of layer {l}"
+                    from_bfloat16(m), self.m[layer], rtol=2**-7, atol=1e-9, err_msg=f"m of layer {layer}"
                 )
             else:
                 # a gradient summed with cancellation keeps float32's error of its largest terms, so a
                 # tiny m (or v) may differ by more than rtol of itself: allow a little of the largest too
-                atol_m = max(1e-9, 1e-5 * float(np.abs(self.m[l]).max(initial=0.0)))
-                np.testing.assert_allclose(m, self.m[l], rtol=rtol, atol=atol_m, err_msg=f"m of layer {l}")
-            atol_v = max(1e-12, 1e-6 * float(np.abs(self.v[l]).max(initial=0.0)))
-            np.testing.assert_allclose(trainer.v[l], self.v[l], rtol=rtol, atol=atol_v, err_msg=f"v of layer {l}")
-            np.testing.assert_allclose(w, ours[l], rtol=rtol, atol=atol_w, err_msg=f"weights of layer {l}")
+                atol_m = max(1e-9, 1e-5 * float(np.abs(self.m[layer]).max(initial=0.0)))
+                np.testing.assert_allclose(m, self.m[layer], rtol=rtol, atol=atol_m, err_msg=f"m of layer {layer}")
+            atol_v = max(1e-12, 1e-6 * float(np.abs(self.v[layer]).max(initial=0.0)))
+            np.testing.assert_allclose(
+                trainer.v[layer], self.v[layer], rtol=rtol, atol=atol_v, err_msg=f"v of layer {layer}"
+            )
+            np.testing.assert_allclose(w, ours[layer], rtol=rtol, atol=atol_w, err_msg=f"weights of layer {layer}")
         np.testing.assert_allclose(model.b0, self.b0, rtol=rtol, atol=atol_w)
         np.testing.assert_allclose(trainer.mb0, self.mb0, rtol=rtol, atol=1e-9)
 
@@ -173,9 +177,9 @@ def test_first_moment_is_the_batch_gradient(data):
     x, labels = batch(data, points)
     trainer.train_step(points)
     g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
-    for l, g in enumerate([g_w0, *gs]):
+    for layer, g in enumerate([g_w0, *gs]):
         assert np.abs(g).max() > 1e-4
-        np.testing.assert_allclose(trainer.m[l] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8)
+        np.testing.assert_allclose(trainer.m[layer] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8)
 
 
 def test_unlabelled_points_contribute_no_gradient(data):
@@ -190,8 +194,8 @@ def test_unlabelled_points_contribute_no_gradient(data):
         before = [w.copy() for w in trainer.model.weights]
         loss, labelled, _ = trainer.train_step(np.arange(8))
         assert loss == 0.0 and labelled == 0
-        for l, (w0, w1) in enumerate(zip(before, trainer.model.weights)):
-            np.testing.assert_array_equal(w1, w0, err_msg=f"hidden={hidden}: layer {l} moved")
+        for layer, (w0, w1) in enumerate(zip(before, trainer.model.weights, strict=True)):
+            np.testing.assert_array_equal(w1, w0, err_msg=f"hidden={hidden}: layer {layer} moved")
 
 
 def test_mixed_batch_with_unlabelled_points_matches_naive():
@@ -204,9 +208,9 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
     x, labels = batch(mixed, np.arange(12))
     trainer.train_step(np.arange(12))
     g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
-    for l, g in enumerate([g_w0, *gs]):
+    for layer, g in enumerate([g_w0, *gs]):
         np.testing.assert_allclose(
-            trainer.m[l] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8, err_msg=f"gradient of layer {l}"
+            trainer.m[layer] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8, err_msg=f"gradient of layer {layer}"
         )
 
 
@@ -382,7 +386,7 @@ def test_random_negatives_are_uniform_over_the_unretrieved(data):
     for _ in range(25):
         trainer.train_step(np.arange(40))
         drawn, _ = drawn_negatives(trainer, 40)
-        act_ids, nact = trainer._bufs.act_ids, trainer._bufs.nact
+        act_ids = trainer._bufs.act_ids
         nkept = trainer._bufs.nkept
         for i in range(40):
             retrieved = np.zeros(L, dtype=bool)
@@ -447,7 +451,7 @@ def test_group_by_row_lists_each_pair_once_under_its_row_in_point_order(skip_zer
         set_threads(threads)
         results.append(group_by_row(ids, nact, scratch, vals, skip_zero))
         assert (scratch == -1).all()
-    for one, two in zip(*results):
+    for one, two in zip(*results, strict=True):
         np.testing.assert_array_equal(one, two)
     start, pair_point, pair_slot, touched = results[0]
     expected = {}
@@ -457,7 +461,9 @@ def test_group_by_row_lists_each_pair_once_under_its_row_in_point_order(skip_zer
                 expected.setdefault(int(ids[i, a]), []).append((i, a))
     assert len(touched) == len(expected)
     got = {
-        int(j): list(zip(pair_point[start[r] : start[r + 1]].tolist(), pair_slot[start[r] : start[r + 1]].tolist()))
+        int(j): list(
+            zip(pair_point[start[r] : start[r + 1]].tolist(), pair_slot[start[r] : start[r + 1]].tolist(), strict=True)
+        )
         for r, j in enumerate(touched)
     }
     assert got == expected
@@ -510,7 +516,7 @@ def test_kth_largest_is_the_sorted_value():
     from engine.kernels.sampling import kth_largest
 
     rng = np.random.default_rng(9)
-    for trial in range(300):
+    for _ in range(300):
         n = int(rng.integers(1, 300))
         high = int(rng.choice([3, 50, 2**31 - 1]))  # many ties, some, almost none
         keys = rng.integers(0, high, size=n + 5).astype(np.int32)
@@ -574,7 +580,7 @@ def test_naive_gradient_matches_finite_differences(data):
     params = [w0, b0, *ws]
     grads = [g_w0, g_b0, *gs]
     h = 1e-6
-    for arr, g in zip(params, grads):
+    for arr, g in zip(params, grads, strict=True):
         flat, gflat = arr.reshape(-1), g.reshape(-1)
         for idx in rng.choice(flat.size, size=min(12, flat.size), replace=False):
             old = flat[idx]
@@ -603,16 +609,15 @@ def test_engine_gradient_matches_finite_differences_of_the_engine_loss(data):
     rng = np.random.default_rng(1)
     h = 1e-2  # the engine keeps per-point losses in float32: the step must dwarf their rounding
     checked = 0
-    for l, w in enumerate(base.weights):
-        g = grads[l]
+    for layer, g in enumerate(grads):
         candidates = np.argwhere(np.abs(g) > 5e-3)
         for r, c in candidates[rng.choice(len(candidates), size=min(4, len(candidates)), replace=False)]:
             ws = [x.copy() for x in base.weights]
-            ws[l][r, c] += h
+            ws[layer][r, c] += h
             up, _ = run(ws, base.b0)
-            ws[l][r, c] -= 2 * h
+            ws[layer][r, c] -= 2 * h
             down, _ = run(ws, base.b0)
-            assert (up - down) / (2 * h) == pytest.approx(g[r, c], rel=1e-2, abs=2e-5), (l, r, c)
+            assert (up - down) / (2 * h) == pytest.approx(g[r, c], rel=1e-2, abs=2e-5), (layer, r, c)
             checked += 1
     assert checked >= 10
 
@@ -663,8 +668,8 @@ def test_lsh_scores_are_exact_scores_of_the_same_labels(trained_model):
     all_labels, all_scores = model.predict(*args, k=model.num_labels, mode="exact")
     labels, scores = model.predict(*args, k=5, mode="lsh")
     for i in range(60):
-        exact = dict(zip(all_labels[i].tolist(), all_scores[i].tolist()))
-        for lab, s in zip(labels[i], scores[i]):
+        exact = dict(zip(all_labels[i].tolist(), all_scores[i].tolist(), strict=True))
+        for lab, s in zip(labels[i], scores[i], strict=True):
             if lab >= 0:
                 assert s == exact[int(lab)]  # same kernel, same number, bit for bit
             else:
@@ -858,7 +863,7 @@ def test_bfloat16_first_moments_follow_float32_adam(data):
     start = compact.model.weights[1].copy()
     exact.train_step(np.arange(8))
     compact.train_step(np.arange(8))
-    for a, b in zip(exact.model.weights, compact.model.weights):
+    for a, b in zip(exact.model.weights, compact.model.weights, strict=True):
         np.testing.assert_array_equal(a, b)
     np.testing.assert_array_equal(compact.m[1], to_bfloat16(exact.m[1]))
     assert np.count_nonzero(compact.m[1]) > 0
@@ -947,8 +952,8 @@ def test_bfloat16_weights_take_the_float32_step_rounded_to_a_neighbour(data):
     exact, compact = Trainer(cfg, data), Trainer(cfg.replace(weight_dtype="bfloat16"), data)
     assert all(w.dtype == np.uint16 for w in compact.model.weights)
     assert compact.v[1].dtype == np.float32 and compact.model.b0.dtype == np.float32
-    for l in range(exact.model.depth):
-        exact.model.weights[l][:] = compact.model.float_weights(l)
+    for layer in range(exact.model.depth):
+        exact.model.weights[layer][:] = compact.model.float_weights(layer)
     exact.model.rehash_layer(1, round_id=0)
     np.testing.assert_array_equal(exact.model.tables[0].ids, compact.model.tables[0].ids)
     start = [w.copy() for w in compact.model.weights]
@@ -956,21 +961,21 @@ def test_bfloat16_weights_take_the_float32_step_rounded_to_a_neighbour(data):
     loss_exact, _, _ = exact.train_step(points)
     loss_compact, _, _ = compact.train_step(points)
     assert loss_compact == pytest.approx(loss_exact, rel=1e-5)
-    for l in range(exact.model.depth):
-        np.testing.assert_array_equal(compact.steps[l], exact.steps[l])
-        np.testing.assert_allclose(compact.v[l], exact.v[l], rtol=1e-5, atol=1e-12)
-        want = exact.model.weights[l]
+    for layer in range(exact.model.depth):
+        np.testing.assert_array_equal(compact.steps[layer], exact.steps[layer])
+        np.testing.assert_allclose(compact.v[layer], exact.v[layer], rtol=1e-5, atol=1e-12)
+        want = exact.model.weights[layer]
         bits = want.view(np.uint32)
         down = from_bfloat16((bits >> 16).astype(np.uint16))  # toward zero
         up = from_bfloat16(((bits >> 16) + 1).astype(np.uint16))  # away from zero
-        got = compact.model.float_weights(l)
+        got = compact.model.float_weights(layer)
         on_grid = (bits & 0xFFFF) == 0
         np.testing.assert_array_equal(got[on_grid], want[on_grid])
         off = ~on_grid
-        assert np.all((got[off] == down[off]) | (got[off] == up[off])), f"layer {l}"
+        assert np.all((got[off] == down[off]) | (got[off] == up[off])), f"layer {layer}"
         assert np.any(got[off] == down[off]) and np.any(got[off] == up[off])
-        idle = exact.steps[l] == 0
-        np.testing.assert_array_equal(compact.model.weights[l][idle], start[l][idle])
+        idle = exact.steps[layer] == 0
+        np.testing.assert_array_equal(compact.model.weights[layer][idle], start[layer][idle])
 
 
 def test_float_bit_casts_round_trip():

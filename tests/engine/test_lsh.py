@@ -16,9 +16,9 @@ from . import naive
 FAMILIES = ("simhash", "wta", "dwta")
 
 
-def draw(family, k, l, dim=64, bin_size=8, table_bits=0, seed=0, density=0.33, n_neurons=1000):
+def draw(family, k, n_tables, dim=64, bin_size=8, table_bits=0, seed=0, density=0.33, n_neurons=1000):
     cfg = SlideConfig(
-        hash_family=family, hash_k=k, hash_l=l, bin_size=bin_size, table_bits=table_bits, simhash_density=density
+        hash_family=family, hash_k=k, hash_l=n_tables, bin_size=bin_size, table_bits=table_bits, simhash_density=density
     )
     return lsh.draw_hash_functions(cfg, dim, n_neurons, np.random.default_rng(seed))
 
@@ -93,7 +93,7 @@ def test_hash_matrix_hashes_centred_rows(family):
 @pytest.mark.parametrize("table_bits", [0, 5])
 def test_multi_probe_flips_the_least_confident_bits(table_bits):
     hf = draw("simhash", 6, 8, dim=32, table_bits=table_bits, seed=4)
-    k, l = hf.k, hf.n_tables
+    k, n_tables = hf.k, hf.n_tables
     rng = np.random.default_rng(3)
     for _ in range(20):
         x = rng.standard_normal(32).astype(np.float32)
@@ -101,12 +101,12 @@ def test_multi_probe_flips_the_least_confident_bits(table_bits):
         np.testing.assert_array_equal(got[:, 0], lsh.hash_dense(x, hf))
         margins = np.abs((hf.sign.astype(np.float64) * x[hf.idx]).sum(axis=1))
         codes = naive.simhash_codes(x, hf.idx, hf.sign)
-        for t in range(l):
+        for t in range(n_tables):
             order = t * k + np.argsort(margins[t * k : (t + 1) * k], kind="stable")
             for p in range(1, 4):
                 flipped = codes.copy()
                 flipped[order[p - 1]] ^= 1
-                want = naive.combine(flipped, k, l, 2, int(hf.params[5]), int(hf.params[6]), int(hf.params[7]))
+                want = naive.combine(flipped, k, n_tables, 2, int(hf.params[5]), int(hf.params[6]), int(hf.params[7]))
                 assert got[t, p] == want[t]
 
 
@@ -190,8 +190,8 @@ def test_auto_k_keeps_the_expected_active_set_a_small_fraction():
     for family, radix in (("simhash", 2), ("dwta", 8)):
         cfg = SlideConfig(hash_family=family, hash_k=0, hash_l=50, bin_size=8)
         ks = [lsh.resolve_k(cfg, n) for n in (10, 1000, 10_000, 100_000, 670_091)]
-        assert ks[0] >= 1 and all(b >= a for a, b in zip(ks, ks[1:])), ks
-        for n, k in zip((10_000, 100_000, 670_091), ks[2:]):
+        assert ks[0] >= 1 and all(b >= a for a, b in itertools.pairwise(ks)), ks
+        for n, k in zip((10_000, 100_000, 670_091), ks[2:], strict=True):
             assert 50 * n / radix**k <= 0.1 * n, (family, n, k)
         assert lsh.resolve_k(cfg.replace(hash_k=5), 65536) == 5
 
@@ -241,7 +241,7 @@ def test_collision_probability_rises_with_cosine(family, k):
     hf = draw(family, k, 64, dim=64, seed=11)
     rng = np.random.default_rng(42)
     rates = [collision_rate(hf, [pair_at_cosine(rng, 64, c) for _ in range(60)]) for c in COSINES]
-    assert all(b > a + 0.02 for a, b in zip(rates, rates[1:])), rates
+    assert all(b > a + 0.02 for a, b in itertools.pairwise(rates)), rates
     assert rates[-1] > 0.5 and rates[-1] > 2 * rates[0], rates
 
 
@@ -258,9 +258,9 @@ def test_dwta_tracks_similarity_on_sparse_inputs_where_wta_collapses():
     """Sparse non-negative inputs leave most WTA bins empty. WTA gives an empty bin code 0, so unrelated
     vectors collide in most tables and crowd into bucket 0; DWTA borrows codes from non-empty bins and
     stays selective. This is why DWTA exists."""
-    dim, nnz, k, l = 256, 10, 2, 64
-    wta = draw("wta", k, l, dim=dim, seed=21)
-    dwta = draw("dwta", k, l, dim=dim, seed=21)
+    dim, nnz, k, n_tables = 256, 10, 2, 64
+    wta = draw("wta", k, n_tables, dim=dim, seed=21)
+    dwta = draw("dwta", k, n_tables, dim=dim, seed=21)
     rng = np.random.default_rng(5)
     levels = (0.0, 0.2, 0.5, 0.8, 1.0)
     pairs = {o: [sparse_pair(rng, dim, nnz, o) for _ in range(60)] for o in levels}
@@ -268,7 +268,7 @@ def test_dwta_tracks_similarity_on_sparse_inputs_where_wta_collapses():
     dwta_rates = [collision_rate(dwta, pairs[o]) for o in levels]
     # DWTA: rare collisions between unrelated vectors, rising with overlap, certain for equal vectors.
     assert dwta_rates[0] < 0.1, dwta_rates
-    assert all(b > 1.5 * a + 0.01 for a, b in zip(dwta_rates, dwta_rates[1:])), dwta_rates
+    assert all(b > 1.5 * a + 0.01 for a, b in itertools.pairwise(dwta_rates)), dwta_rates
     assert dwta_rates[-1] == 1.0
     # WTA: unrelated vectors already collide in a large share of the tables.
     assert wta_rates[0] > 0.2 and wta_rates[0] > 10 * dwta_rates[0], (wta_rates, dwta_rates)
@@ -278,7 +278,7 @@ def test_dwta_tracks_similarity_on_sparse_inputs_where_wta_collapses():
     dwta_ids = np.array([lsh.hash_dense(x, dwta) for x in xs])
     assert np.mean(wta_ids == 0) > 0.4
     assert np.mean(dwta_ids == 0) < 0.05
-    distinct = np.mean([len(np.unique(dwta_ids[:, t])) for t in range(l)])
+    distinct = np.mean([len(np.unique(dwta_ids[:, t])) for t in range(n_tables)])
     assert distinct > 0.8 * wta.num_buckets, distinct  # 64 buckets, 200 vectors: nearly all used
 
 
@@ -302,8 +302,8 @@ def test_collision_probability_formula():
     assert lsh.collision_probability(0.5, 2, 2) == pytest.approx(1 - 0.75**2)
     assert lsh.collision_probability(1.0, 7, 3) == 1.0
     assert lsh.collision_probability(0.0, 3, 50) == 0.0
-    for p, k, l in [(0.9, 6, 50), (0.3, 2, 10), (0.7, 10, 1)]:
-        assert lsh.collision_probability(p, k, l) == pytest.approx(naive.collision_probability(p, k, l))
+    for p, k, n_tables in [(0.9, 6, 50), (0.3, 2, 10), (0.7, 10, 1)]:
+        assert lsh.collision_probability(p, k, n_tables) == pytest.approx(naive.collision_probability(p, k, n_tables))
     # K cuts false positives, L cuts false negatives.
     assert lsh.collision_probability(0.8, 4, 10) < lsh.collision_probability(0.8, 3, 10)
     assert lsh.collision_probability(0.8, 4, 20) > lsh.collision_probability(0.8, 4, 10)
@@ -323,11 +323,11 @@ def test_simhash_bit_collision():
 
 @pytest.mark.parametrize("p, k, recall", [(0.9, 6, 0.95), (0.5, 4, 0.99), (0.8, 10, 0.5), (0.99, 1, 0.9)])
 def test_tables_for_recall_is_the_smallest_sufficient_l(p, k, recall):
-    l = lsh.tables_for_recall(p, k, recall)
-    assert l >= 1
-    assert lsh.collision_probability(p, k, l) >= recall - 1e-12
-    if l > 1:
-        assert lsh.collision_probability(p, k, l - 1) < recall
+    n_tables = lsh.tables_for_recall(p, k, recall)
+    assert n_tables >= 1
+    assert lsh.collision_probability(p, k, n_tables) >= recall - 1e-12
+    if n_tables > 1:
+        assert lsh.collision_probability(p, k, n_tables - 1) < recall
 
 
 def test_tables_for_recall_rejects_degenerate_inputs():

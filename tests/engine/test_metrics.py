@@ -37,12 +37,12 @@ def naive_hits(pred_row, labels, k):
 
 
 def naive_p(pred, rows, k):
-    return sum(sum(naive_hits(p, set(r), k)) for p, r in zip(pred, rows)) / (len(rows) * k)
+    return sum(sum(naive_hits(p, set(r), k)) for p, r in zip(pred, rows, strict=True)) / (len(rows) * k)
 
 
 def naive_ndcg(pred, rows, k):
     total = 0.0
-    for p, r in zip(pred, rows):
+    for p, r in zip(pred, rows, strict=True):
         if not r:
             continue
         dcg = sum(h / math.log2(j + 2) for j, h in enumerate(naive_hits(p, set(r), k)))
@@ -53,10 +53,10 @@ def naive_ndcg(pred, rows, k):
 
 def naive_psp(pred, rows, w, k):
     num = den = 0.0
-    for p, r in zip(pred, rows):
+    for p, r in zip(pred, rows, strict=True):
         hits = naive_hits(p, set(r), k)
         num += sum(w[p[j]] for j in range(k) if hits[j])
-        den += sum(sorted((w[l] for l in r), reverse=True)[:k])
+        den += sum(sorted((w[label] for label in r), reverse=True)[:k])
     return num / den
 
 
@@ -100,7 +100,7 @@ def test_perfect_prediction_scores_one():
     rows = [[3, 1, 4], [0], [2, 5]]
     yp, yi = csr(rows)
     w = propensity_scores(np.array([5, 1, 9, 2, 1, 30]), 50)
-    best = np.array([sorted(r, key=lambda l: -w[l]) + [-1] * (5 - len(r)) for r in rows])
+    best = np.array([sorted(r, key=lambda label: -w[label]) + [-1] * (5 - len(r)) for r in rows])
     assert ndcg_at_k(best, yp, yi, 5) == pytest.approx(1.0)
     assert psp_at_k(best, yp, yi, w, 1) == pytest.approx(1.0)
     assert psp_at_k(best, yp, yi, w, 5) == pytest.approx(1.0)

@@ -16,8 +16,8 @@ from . import naive
 
 def build(codes, num_buckets, capacity, policy="fifo", inserted=None, seed=0, round_id=0):
     codes = np.ascontiguousarray(codes, dtype=np.int32)
-    l, n = codes.shape
-    tb = tables.empty_tables(l, n, num_buckets, 4)
+    n_tables, n = codes.shape
+    tb = tables.empty_tables(n_tables, n, num_buckets, 4)
     tb.codes[:] = codes
     if inserted is not None:
         tb.inserted[:] = inserted
@@ -32,11 +32,11 @@ def members(tb, t, b):
 @pytest.mark.parametrize("policy", ["fifo", "reservoir"])
 def test_build_matches_naive_grouping_when_buckets_fit(policy):
     rng = np.random.default_rng(0)
-    l, n, nb = 6, 300, 16
-    codes = rng.integers(0, nb, size=(l, n))
+    n_tables, n, nb = 6, 300, 16
+    codes = rng.integers(0, nb, size=(n_tables, n))
     tb = build(codes, nb, capacity=n, policy=policy, inserted=rng.integers(0, 5, n))
     groups = naive.group_buckets(codes, nb)
-    for t in range(l):
+    for t in range(n_tables):
         np.testing.assert_array_equal(
             tb.offsets[t], np.concatenate([[0], np.cumsum(np.bincount(codes[t], minlength=nb))])
         )
@@ -44,23 +44,23 @@ def test_build_matches_naive_grouping_when_buckets_fit(policy):
             np.testing.assert_array_equal(members(tb, t, b), groups[t][b])
         # Every neuron in exactly one bucket per table.
         np.testing.assert_array_equal(np.sort(tb.ids[t]), np.arange(n))
-    found = np.concatenate([tables.query(tb, np.full(l, b)) for b in range(nb)])
-    np.testing.assert_array_equal(np.bincount(found, minlength=n), np.full(n, l))
+    found = np.concatenate([tables.query(tb, np.full(n_tables, b)) for b in range(nb)])
+    np.testing.assert_array_equal(np.bincount(found, minlength=n), np.full(n, n_tables))
     # query() returns the union of the asked buckets, with repeats.
     ask = codes[:, 17]
     got = tables.query(tb, ask)
-    assert np.count_nonzero(got == 17) == l
-    assert sorted(got.tolist()) == sorted(np.concatenate([groups[t][ask[t]] for t in range(l)]).tolist())
+    assert np.count_nonzero(got == 17) == n_tables
+    assert sorted(got.tolist()) == sorted(np.concatenate([groups[t][ask[t]] for t in range(n_tables)]).tolist())
 
 
 def test_capacity_is_respected_and_kept_ids_come_from_the_bucket():
     rng = np.random.default_rng(1)
-    l, n, nb, cap = 4, 500, 8, 20  # ~62 per bucket, so every bucket overflows
-    codes = rng.integers(0, nb, size=(l, n))
+    n_tables, n, nb, cap = 4, 500, 8, 20  # ~62 per bucket, so every bucket overflows
+    codes = rng.integers(0, nb, size=(n_tables, n))
     for policy in ("fifo", "reservoir"):
         tb = build(codes, nb, cap, policy=policy, seed=3)
         groups = naive.group_buckets(codes, nb)
-        for t in range(l):
+        for t in range(n_tables):
             for b in range(nb):
                 kept = members(tb, t, b)
                 assert len(kept) == min(cap, len(groups[t][b]))
@@ -82,12 +82,12 @@ def test_skewed_buckets_keep_small_ones_whole():
 
 def test_fifo_keeps_the_most_recently_inserted():
     rng = np.random.default_rng(2)
-    l, n, nb, cap = 8, 400, 4, 30
-    codes = rng.integers(0, nb, size=(l, n))
+    n_tables, n, nb, cap = 8, 400, 4, 30
+    codes = rng.integers(0, nb, size=(n_tables, n))
     inserted = rng.integers(0, 40, size=n)  # rehash round of each neuron's last insertion
     tb = build(codes, nb, cap, policy="fifo", inserted=inserted, seed=5, round_id=40)
     groups = naive.group_buckets(codes, nb)
-    for t in range(l):
+    for t in range(n_tables):
         for b in range(nb):
             kept = members(tb, t, b)
             dropped = np.setdiff1d(groups[t][b], kept)
@@ -102,12 +102,12 @@ def test_fifo_keeps_the_most_recently_inserted():
 def test_fifo_ties_inside_one_round_favour_no_id_range():
     """All neurons inserted in the same round: which of a full bucket's ids stay is random, not the
     lowest (or highest) ids. Many tables with the same codes are independent draws."""
-    l, n, cap = 400, 40, 10
-    codes = np.zeros((l, n), dtype=np.int32)
+    n_tables, n, cap = 400, 40, 10
+    codes = np.zeros((n_tables, n), dtype=np.int32)
     tb = build(codes, 1, cap, policy="fifo", seed=9, round_id=1)
-    freq = np.bincount(tb.ids[:, :cap].ravel(), minlength=n) / l
+    freq = np.bincount(tb.ids[:, :cap].ravel(), minlength=n) / n_tables
     expected = cap / n  # 0.25
-    sd = math.sqrt(expected * (1 - expected) / l)
+    sd = math.sqrt(expected * (1 - expected) / n_tables)
     assert np.all(np.abs(freq - expected) < 5 * sd), freq
     assert freq[: n // 2].mean() == pytest.approx(expected, abs=0.03)
 
@@ -115,15 +115,15 @@ def test_fifo_ties_inside_one_round_favour_no_id_range():
 def test_reservoir_keeps_a_uniform_sample():
     """Each member of an over-full bucket is kept with probability capacity / size, whatever its id
     or insertion round, across tables, seeds and rounds."""
-    l, n, cap = 200, 30, 6
-    codes = np.zeros((l, n), dtype=np.int32)
+    n_tables, n, cap = 200, 30, 6
+    codes = np.zeros((n_tables, n), dtype=np.int32)
     inserted = np.arange(n)  # FIFO would keep exactly the 6 newest: reservoir must not care
     counts = np.zeros(n)
     draws = 0
     for seed in range(5):
         tb = build(codes, 1, cap, policy="reservoir", inserted=inserted, seed=seed, round_id=seed)
         counts += np.bincount(tb.ids[:, :cap].ravel(), minlength=n)
-        draws += l
+        draws += n_tables
     freq = counts / draws
     expected = cap / n  # 0.2
     sd = math.sqrt(expected * (1 - expected) / draws)

@@ -343,7 +343,7 @@ def test_multi_probe_prediction_scores_more_candidates_and_recalls_more_of_exact
     exact, _ = model.predict(*x, k=5, mode="exact")
 
     def recall(labels):
-        return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, labels)])
+        return np.mean([len(set(a) & set(b)) / 5 for a, b in zip(exact, labels, strict=True)])
 
     plain, plain_scores, plain_scored = model.predict_with_stats(*x, k=5, mode="lsh", probes=0)
     np.testing.assert_array_equal(plain, model.predict(*x, k=5, mode="lsh")[0])  # the default: no probes

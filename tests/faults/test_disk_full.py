@@ -47,7 +47,7 @@ def _big_xmc(path: Path, points: int = 3000, per_point: int = 100, features: int
     for _ in range(points):
         feats = np.sort(rng.choice(features, size=per_point, replace=False))
         ys = ",".join(map(str, sorted(rng.choice(labels, size=2, replace=False))))
-        lines.append(ys + " " + " ".join(f"{f}:{v:.3f}" for f, v in zip(feats, rng.random(per_point))))
+        lines.append(ys + " " + " ".join(f"{f}:{v:.3f}" for f, v in zip(feats, rng.random(per_point), strict=True)))
     path.write_text("\n".join(lines) + "\n")
     return path
 

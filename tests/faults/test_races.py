@@ -97,7 +97,7 @@ def test_uploads_at_once_all_succeed_with_their_own_data(tmp_path, servers, xmc_
     assert [r.status_code for r in results] == [201] * len(files), [r.text for r in results]
     ids = [r.json()["id"] for r in results]
     assert len(set(ids)) == len(files)
-    for dataset_id, path in zip(ids, files):
+    for dataset_id, path in zip(ids, files, strict=True):
         stored, sent = load_dataset(tmp_path / "data" / "datasets" / dataset_id, mmap=False), read_xmc(path)
         for name in ("x_indptr", "x_indices", "x_values", "y_indptr", "y_indices"):
             np.testing.assert_array_equal(getattr(stored, name), getattr(sent, name))
@@ -187,7 +187,7 @@ def test_stop_right_after_start(tmp_path, client_for, xmc_files):
     for wait_for_running in (False, True):
         job_id = _start(client, train_id, LONG)
         if wait_for_running:
-            wait_for(lambda: _state(client, job_id) == "running", timeout=60, what="running")
+            wait_for(lambda job_id=job_id: _state(client, job_id) == "running", timeout=60, what="running")
         r = client.post(f"/v1/jobs/{job_id}/stop")
         assert r.status_code == 202 and r.json()["state"] in ("stopping", "stopped"), r.text
         ids.append(job_id)

@@ -10,6 +10,7 @@ Two crashes, two defined outcomes:
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -172,6 +173,6 @@ def test_sigkill_of_the_server_and_its_trainers_then_restart_resumes_from_the_la
     log = (data / "jobs" / job_id / "trainer.log").read_text()
     assert re.findall(r"resumed from snapshot v(\d+) at step (\d+)", log) == [(str(version), str(checkpoint_step))]
     steps = sorted((v["version"], v["step"]) for v in before["versions"].values() if v["step"] is not None)
-    interval = max(b[1] - a[1] for a, b in zip(steps, steps[1:]))
+    interval = max(b[1] - a[1] for a, b in itertools.pairwise(steps))
     assert checkpoint_step >= step_at_kill - interval, (checkpoint_step, step_at_kill, steps)
     server.stop_gracefully()

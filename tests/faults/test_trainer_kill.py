@@ -4,6 +4,7 @@ steps is lost, and the job completes with one metric point per epoch."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import signal
@@ -61,7 +62,7 @@ def test_sigkilled_trainer_fails_serves_its_last_snapshot_and_resumes_from_it(tm
     checkpoint_step = read_manifest(path)["trainer_state"]["step"]
     steps = _version_steps(client, job_id)
     assert steps.setdefault(version, checkpoint_step) == checkpoint_step  # its row may not have been written
-    gaps = [steps[b] - steps[a] for a, b in zip(sorted(steps), sorted(steps)[1:])]
+    gaps = [steps[b] - steps[a] for a, b in itertools.pairwise(sorted(steps))]
     assert gaps and min(gaps) > 0, steps
     # The steps lost: less than one snapshot interval's worth (the heartbeat lags the trainer, never leads it).
     assert step_at_kill - checkpoint_step <= max(gaps), (step_at_kill, steps)

@@ -16,6 +16,7 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     DateTime,
+    Enum,
     Float,
     ForeignKey,
     Index,
@@ -30,6 +31,8 @@ from sqlalchemy import (
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
+from app.domain import JobState
+
 ID_LENGTH = 32  # uuid4().hex
 
 
@@ -37,7 +40,7 @@ def utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-class UTCDateTime(TypeDecorator):
+class UTCDateTime(TypeDecorator[dt.datetime]):
     """DateTime that always comes back timezone-aware in UTC (SQLite drops the offset)."""
 
     impl = DateTime(timezone=True)
@@ -80,8 +83,11 @@ class JobRow(Base):
     # Plain ids, not foreign keys: a completed job keeps naming its dataset after the dataset is deleted.
     train_dataset_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
     eval_dataset_id: Mapped[str | None] = mapped_column(String(ID_LENGTH), index=True, nullable=True)
-    config: Mapped[dict] = mapped_column(JSON)
-    state: Mapped[str] = mapped_column(String(16), index=True)
+    config: Mapped[dict[str, Any]] = mapped_column(JSON)
+    # VARCHAR(16) holding the enum's values (not a database enum type), as it always was
+    state: Mapped[JobState] = mapped_column(
+        Enum(JobState, native_enum=False, length=16, values_callable=lambda e: [s.value for s in e]), index=True
+    )
     idempotency_key: Mapped[str | None] = mapped_column(String(255), unique=True, nullable=True)
     request_hash: Mapped[str | None] = mapped_column(String(64), nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -90,7 +96,7 @@ class JobRow(Base):
     epoch: Mapped[int] = mapped_column(Integer, default=0)
     samples: Mapped[int] = mapped_column(BigInteger, default=0)
     samples_per_s: Mapped[float | None] = mapped_column(Float, nullable=True)
-    latest_metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    latest_metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
 
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     runs: Mapped[int] = mapped_column(Integer, default=0)

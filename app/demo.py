@@ -35,7 +35,8 @@ def _check(r: httpx.Response, what: str) -> dict[str, Any]:
         except ValueError:
             detail = r.text
         sys.exit(f"demo: {what} failed with HTTP {r.status_code}: {detail}")
-    return r.json()
+    body: dict[str, Any] = r.json()
+    return body
 
 
 def _wait_ready(client: httpx.Client, timeout: float) -> None:

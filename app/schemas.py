@@ -21,10 +21,10 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from app.domain import JobState
 from engine import SlideConfig
 from engine.config import BOUNDS, MAX_HIDDEN_LAYERS, Bounds
 
-JobState = Literal["queued", "running", "stopping", "stopped", "completed", "failed", "interrupted"]
 EXAMPLE_ID = "3f2c9a7e5b1d4c8e9f0a1b2c3d4e5f60"
 
 # --------------------------------------------------------------------------------------------------- problems
@@ -130,7 +130,10 @@ def _limits(bounds: Bounds) -> dict[str, float]:
     }
 
 
-SlideConfigModel: type[BaseModel] = _config_model()
+if typing.TYPE_CHECKING:  # built at import time from SlideConfig's fields; a BaseModel to the type checker
+    SlideConfigModel = BaseModel
+else:
+    SlideConfigModel = _config_model()
 
 # --------------------------------------------------------------------------------------------------- jobs
 
@@ -154,7 +157,7 @@ class JobCreate(BaseModel):
         None,
         description="Optional held-out dataset (same feature and label space): enables P@1 and P@5.",
     )
-    config: SlideConfigModel = Field(  # type: ignore[valid-type]
+    config: SlideConfigModel = Field(
         default_factory=SlideConfigModel,
         description="Engine settings; omitted fields take the engine defaults.",
         examples=[JOB_CONFIG_EXAMPLE],
@@ -186,7 +189,7 @@ class JobPublic(BaseModel):
     state: JobState
     train_dataset_id: str
     eval_dataset_id: str | None
-    config: SlideConfigModel  # type: ignore[valid-type]
+    config: SlideConfigModel
     progress: JobProgress
     latest_metrics: MetricPoint | None = None
     model_version: int | None = Field(None, description="Newest published snapshot; predictions use it.")

@@ -121,10 +121,6 @@ class Settings(BaseSettings):
         return self.datasets_dir / dataset_id
 
 
-def get_settings() -> Settings:
-    return Settings()
-
-
 def physical_memory() -> int:
     """Bytes of memory this process can use: the machine's, or its cgroup's (container) limit when lower."""
     total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")

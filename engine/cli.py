@@ -38,7 +38,7 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                 flag,
                 type=lambda s: tuple(int(x) for x in s.split(",")),
                 default=None,
-                help=f"comma-separated hidden widths (default {','.join(map(str, f.default))})",
+                help=f"comma-separated hidden widths (default {','.join(map(str, SlideConfig.hidden))})",
             )
         elif kind is bool:
             group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help=f"default {f.default}")

@@ -512,7 +512,7 @@ class XMCStreamParser:
             raise ValueError(f"max_bytes must be None (no limit) or >= 0; got {max_bytes}")
         self.max_bytes = max_bytes
         self._gzip = gzip
-        self._inflater = None
+        self._inflater: zlib._Decompress | None = None
         self._pending = b""  # first byte(s) while detecting gzip
         self.bytes_seen = 0
         """Bytes of (decompressed) text fed so far."""
@@ -522,7 +522,7 @@ class XMCStreamParser:
         self._line_no = 1
         self._header: tuple[int, int, int] | None = None
         self._npts = self._nx = self._ny = 0
-        self._x_indptr = self._y_indptr = self._x_indices = self._x_values = self._y_indices = None
+        self._release_buffers()  # sized once the header is read
         self._state = "open"  # open | failed | finished
 
     # -- public ------------------------------------------------------------------------------
@@ -597,7 +597,7 @@ class XMCStreamParser:
 
     # -- gzip --------------------------------------------------------------------------------
 
-    def _inflate(self, data: bytes) -> None:
+    def _inflate(self, data: bytes | bytearray) -> None:
         """Inflate `data` INFLATE_PIECE bytes at a time, feeding each piece before inflating more."""
         while True:
             if self._inflater is None:
@@ -694,6 +694,7 @@ class XMCStreamParser:
         self._y_indices = np.empty(1 << 14, dtype=np.int32)
 
     def _parse(self, buf: np.ndarray, start: int, end: int) -> None:
+        assert self._header is not None, "the header is read first"
         n, d, num_labels = self._header
         pos = start
         while True:
@@ -737,9 +738,10 @@ class XMCStreamParser:
             self._y_indices.resize(max(need_y, 2 * len(self._y_indices)), refcheck=False)
 
     def _dataset(self) -> Dataset:
+        assert self._header is not None, "the header is read first"
         n, d, num_labels = self._header
         np_, nx, ny = self._npts, self._nx, self._ny
-        arrays = []
+        arrays: list[np.ndarray] = []
         for arr, size in (
             (self._x_indptr, np_ + 1),
             (self._x_indices, nx),
@@ -749,8 +751,16 @@ class XMCStreamParser:
         ):
             arr.resize(size, refcheck=False)
             arrays.append(arr)
-        self._x_indptr = self._y_indptr = self._x_indices = self._x_values = self._y_indices = None
-        return Dataset(*arrays, num_features=d, num_labels=num_labels)
+        self._release_buffers()
+        x_indptr, x_indices, x_values, y_indptr, y_indices = arrays
+        return Dataset(x_indptr, x_indices, x_values, y_indptr, y_indices, num_features=d, num_labels=num_labels)
+
+    def _release_buffers(self) -> None:
+        self._x_indptr = np.zeros(0, dtype=np.int64)
+        self._y_indptr = np.zeros(0, dtype=np.int64)
+        self._x_indices = np.zeros(0, dtype=np.int32)
+        self._x_values = np.zeros(0, dtype=np.float32)
+        self._y_indices = np.zeros(0, dtype=np.int32)
 
     def _check_open(self) -> None:
         if self._state != "open":
@@ -935,7 +945,7 @@ def write_xmc(
     return path
 
 
-def _writer_arrays(dataset: Dataset):
+def _writer_arrays(dataset: Dataset) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Validate once what the writer kernel assumes: contiguous typed arrays, finite values, ids in range."""
     x_values = np.ascontiguousarray(dataset.x_values, dtype=np.float32)
     if not np.all(np.isfinite(x_values)):

@@ -34,6 +34,10 @@ _INIT_ROWS = 1 << 15
 class SlideModel:
     """Weights + hash tables; `predict` serves top-k labels, sub-linearly in `lsh` mode."""
 
+    # set by snapshot.load_model on a model read from a snapshot
+    version: int
+    trainer_state: dict
+
     def __init__(
         self,
         config: SlideConfig,
@@ -86,7 +90,7 @@ class SlideModel:
         weights = [_random_layer(rng, num_features, widths[1], config.init_std, dtype, bias=False)]
         for layer in range(1, len(widths) - 1):
             weights.append(_random_layer(rng, widths[layer + 1], widths[layer] + 1, config.init_std, dtype, bias=True))
-        sampled = np.flatnonzero(layer_slots(config) >= 0)
+        sampled = [int(layer) for layer in np.flatnonzero(layer_slots(config) >= 0)]
         hashes = [lsh.draw_hash_functions(config, widths[layer], widths[layer + 1], rng) for layer in sampled]
         tabs = [
             tables.empty_tables(
@@ -103,7 +107,7 @@ class SlideModel:
             config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32), hashes, tabs
         )
         for layer in sampled:
-            model.rehash_layer(int(layer), round_id=0)
+            model.rehash_layer(layer, round_id=0)
         return model
 
     @property
@@ -347,7 +351,7 @@ def weight_storage(config: SlideConfig) -> type:
 def _random_layer(rng: np.random.Generator, rows: int, cols: int, std: float, dtype: type, bias: bool) -> np.ndarray:
     """N(0, std) weights (a zero last column when bias), drawn a block of rows at a time (the same
     numbers as one draw) so that a bfloat16 layer never has a float32 copy in memory."""
-    w = np.empty((rows, cols), dtype=dtype)
+    w: np.ndarray = np.empty((rows, cols), dtype=dtype)
     for start in range(0, rows, _INIT_ROWS):
         block = rng.standard_normal((min(rows, start + _INIT_ROWS) - start, cols), dtype=np.float32)
         block *= np.float32(std)

@@ -163,7 +163,9 @@ def _open_mapped(array: np.ndarray) -> tuple[int, int, str] | None:
     """(fd, byte offset of array[0] in its file, file name) for a contiguous 1-D view of a memory-mapped
     .npy file; None for an array in memory."""
     mapping = getattr(array, "_mmap", None)
-    if mapping is None or getattr(array, "filename", None) is None or not array.flags.c_contiguous or array.size == 0:
+    if not isinstance(array, np.memmap) or mapping is None or array.filename is None:
+        return None
+    if not array.flags.c_contiguous or array.size == 0:
         return None
     map_start = np.frombuffer(mapping, dtype=np.uint8).ctypes.data
     map_file_offset = array.offset - array.offset % mmap.ALLOCATIONGRANULARITY

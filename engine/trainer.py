@@ -12,7 +12,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import numba
 import numpy as np
@@ -129,7 +129,7 @@ class Trainer:
         self._random_negatives = lsh.resolve_random_negatives(config, self.model.num_labels) if sampled_output else 0
         # the backward pass through a sampled output layer runs inside its update (see train_step)
         self._fused_output = bool(sampled_output)
-        self._buffers_for = None
+        self._buffers_for: int | None = None
         self._serving_hubs_step = -1
 
     # ---- state ------------------------------------------------------------------------------
@@ -304,7 +304,7 @@ class Trainer:
         def per_chunk(width: int, dtype: type) -> np.ndarray:
             return np.zeros((threads, width), dtype)
 
-        self._bufs = StepBuffers(
+        self._bufs: StepBuffers = StepBuffers(
             hid=hid,
             act_ids=tuple(act_ids),
             act_val=tuple(act_val),
@@ -527,10 +527,11 @@ class Trainer:
         return hashed
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, mode: str | None = None, k: int = 5) -> dict:
+    def evaluate(self, mode: Literal["lsh", "exact"] | None = None, k: int = 5) -> dict:
         """P@1/P@5 on the evaluation subset of the test set (lsh for sampled models unless told)."""
         if self._eval_rows is None:
             return {"p_at_1": None, "p_at_5": None}
+        assert self.test is not None and self._test_rows is not None  # eval rows are drawn from the test set
         mode = mode or ("lsh" if self.config.sample_output else "exact")
         if mode == "lsh":
             self.refresh_serving_hubs()

@@ -20,11 +20,13 @@ from app.settings import Settings
 
 
 async def get_services(request: Request) -> Services:
-    return request.app.state.services
+    services: Services = request.app.state.services
+    return services
 
 
 async def get_settings(request: Request) -> Settings:
-    return request.app.state.services.settings
+    settings: Settings = request.app.state.services.settings
+    return settings
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio
 import anyio.to_thread
@@ -18,9 +18,10 @@ from sse_starlette import EventSourceResponse
 
 from app.api.deps import JobsDep, SettingsDep
 from app.api.jobs import MAX_STEP, metric_point
+from app.db import JobRow, MetricRow
+from app.domain import TERMINAL_STATES
 from app.errors import problem_responses
 from app.services.errors import NotFound
-from app.services.jobs import TERMINAL
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -48,7 +49,7 @@ async def job_events(
     if last_event_id and last_event_id.lstrip("-").isdigit():
         since_step = max(since_step, min(int(last_event_id), MAX_STEP))
 
-    def poll(after: int):
+    def poll(after: int) -> tuple[JobRow | None, list[MetricRow], int | None]:
         try:
             job = jobs.get(job_id)
         except NotFound:
@@ -56,7 +57,7 @@ async def job_events(
         points = jobs.metrics(job_id, since_step=after)
         return job, points, jobs.latest_versions([job_id]).get(job_id)
 
-    async def stream() -> AsyncIterator[dict]:
+    async def stream() -> AsyncIterator[dict[str, Any]]:
         after = since_step
         last_state = last_progress = None
         while True:
@@ -80,7 +81,7 @@ async def job_events(
             if job.state != last_state:
                 last_state = job.state
                 yield {"event": "state", "data": json.dumps({"state": job.state, "error": job.error})}
-            if job.state in TERMINAL:
+            if job.state in TERMINAL_STATES:
                 yield {"event": "end", "data": json.dumps({"state": job.state})}
                 return
             if await request.is_disconnected():

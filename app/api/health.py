@@ -9,7 +9,7 @@ import tempfile
 from fastapi import APIRouter, Request
 
 from app.api.deps import ServicesDep
-from app.errors import problem, problem_responses
+from app.errors import ProblemResponse, problem, problem_responses
 from app.schemas import Health, Readiness
 from app.settings import Settings
 from engine.memory import format_bytes
@@ -28,7 +28,7 @@ def healthz() -> Health:
     summary="Readiness: database, data dir, job supervisor",
     responses=problem_responses(503),
 )
-def readyz(request: Request, services: ServicesDep):
+def readyz(request: Request, services: ServicesDep) -> Readiness | ProblemResponse:
     checks: dict[str, str] = {}
     try:
         services.db.ping()

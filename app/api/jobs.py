@@ -54,7 +54,7 @@ def job_public(
     queued = queue is not None and row.state == "queued"
     return JobPublic(
         id=row.id,
-        state=row.state,  # type: ignore[arg-type]
+        state=row.state,
         train_dataset_id=row.train_dataset_id,
         eval_dataset_id=row.eval_dataset_id,
         config=_config(config),

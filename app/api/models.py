@@ -13,14 +13,18 @@ from app.api.deps import DatasetsDep, JobsDep, RegistryDep, SettingsDep, Telemet
 from app.db import JobRow, ModelVersionRow
 from app.errors import problem_responses
 from app.schemas import ModelList, ModelPublic, ModelVersionPublic, Prediction, PredictRequest, PredictResponse
+from app.services.datasets import DatasetService
 from app.services.errors import NotFound, NotReady
 from app.services.jobs import JobService
-from app.services.registry import PredictResult
+from app.services.registry import ModelRegistry, PredictResult
+from app.settings import Settings
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
 
-def _model_public(job: JobRow, versions: list[ModelVersionRow], on_disk: list[int], dims: tuple[int, int] | None):
+def _model_public(
+    job: JobRow, versions: list[ModelVersionRow], on_disk: list[int], dims: tuple[int, int] | None
+) -> ModelPublic:
     by_version = {v.version: v for v in versions}
     listed = []
     for number in sorted(set(by_version) | set(on_disk)):
@@ -39,7 +43,7 @@ def _model_public(job: JobRow, versions: list[ModelVersionRow], on_disk: list[in
         id=job.id,
         job_state=job.state,
         ready=bool(on_disk),
-        latest_version=max(on_disk) if on_disk else None,  # type: ignore[arg-type]
+        latest_version=max(on_disk) if on_disk else None,
         num_features=dims[0] if dims else None,
         num_labels=dims[1] if dims else None,
         train_dataset_id=job.train_dataset_id,
@@ -47,7 +51,9 @@ def _model_public(job: JobRow, versions: list[ModelVersionRow], on_disk: list[in
     )
 
 
-def _describe(job: JobRow, jobs, datasets, registry, settings) -> ModelPublic:
+def _describe(
+    job: JobRow, jobs: JobService, datasets: DatasetService, registry: ModelRegistry, settings: Settings
+) -> ModelPublic:
     on_disk = engine.SnapshotStore(settings.snapshots_dir(job.id)).versions()
     held = registry.peek(job.id)
     dims = None

@@ -14,13 +14,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 from sqlalchemy import select
 
 import engine
 from app.db import Database, DatasetRow, JobRow
+from app.domain import DATA_READING_STATES
 from app.services.errors import (
     Conflict,
     InsufficientStorage,
@@ -35,13 +36,14 @@ from app.settings import Settings
 from engine import XMCParseError, XMCStreamParser
 from engine.data import XMCTooLargeError  # not re-exported by `engine` (yet)
 
+if TYPE_CHECKING:
+    from python_multipart.multipart import MultipartCallbacks, MultipartParser
+
 log = logging.getLogger("app.datasets")
 
 FEED_BATCH_BYTES = 1 << 20  # hand the parser ~1 MiB at a time: one thread hop per MiB, bounded memory
 GZIP_TYPES = {"application/gzip", "application/x-gzip"}
 RAW_TYPES = {"", "text/plain", "application/octet-stream", "text/x-xmc"} | GZIP_TYPES
-# Jobs in these states may still read their datasets (running, or resumable later).
-JOB_STATES_USING_DATA = ("queued", "running", "stopping", "stopped", "failed", "interrupted")
 
 
 def _media_type(content_type: str | None) -> tuple[str, dict[str, str]]:
@@ -91,7 +93,7 @@ class UploadSink:
             )
 
     # ---- multipart -----------------------------------------------------------------------------------
-    def _make_multipart(self, boundary: str):
+    def _make_multipart(self, boundary: str) -> MultipartParser:
         from python_multipart.multipart import MultipartParser, parse_options_header
 
         state: dict[str, Any] = {"hname": b"", "hvalue": b"", "disposition": b""}
@@ -130,7 +132,7 @@ class UploadSink:
                 self._file_done = True
             self._part_is_file = False
 
-        callbacks = {
+        callbacks: MultipartCallbacks = {
             "on_part_begin": on_part_begin,
             "on_header_field": on_header_field,
             "on_header_value": on_header_value,
@@ -139,7 +141,7 @@ class UploadSink:
             "on_part_data": on_part_data,
             "on_part_end": on_part_end,
         }
-        return MultipartParser(boundary, callbacks)  # type: ignore[arg-type]
+        return MultipartParser(boundary, callbacks)
 
     # ---- feeding -------------------------------------------------------------------------------------
     def _feed(self, chunk: bytes) -> None:
@@ -301,7 +303,7 @@ class DatasetService:
                 s.scalars(
                     select(JobRow.id).where(
                         (JobRow.train_dataset_id == dataset_id) | (JobRow.eval_dataset_id == dataset_id),
-                        JobRow.state.in_(JOB_STATES_USING_DATA),
+                        JobRow.state.in_(DATA_READING_STATES),
                     )
                 )
             )

@@ -12,6 +12,7 @@ interrupted jobs can be resumed from their last snapshot, under the same id.
 
 from __future__ import annotations
 
+import builtins
 import fcntl
 import hashlib
 import json
@@ -30,6 +31,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from app.db import Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utcnow
+from app.domain import RESUMABLE_STATES, TRAINING_STATES, JobSpec, JobState
 from app.services.admission import QueueSlot, check_fits, estimate_job, plan_queue
 from app.services.errors import Conflict, InvalidContent, NotFound, require_id
 from app.services.worker import LOG_FILE, run_job
@@ -39,15 +41,11 @@ from engine.memory import MemoryEstimate
 
 log = logging.getLogger("app.jobs")
 
-ACTIVE = ("queued", "running", "stopping")
-RESUMABLE = ("stopped", "failed", "interrupted")
-TERMINAL = ("stopped", "completed", "failed", "interrupted")
 
-
-def _transition(s: Any, job_id: str, from_states: tuple[str, ...], **values: Any) -> bool:
+def _transition(s: Any, job_id: str, from_states: tuple[JobState, ...], **values: Any) -> bool:
     """Compare-and-set on the state column: concurrent writers (API, supervisor, trainer) never undo each other."""
     result = s.execute(update(JobRow).where(JobRow.id == job_id, JobRow.state.in_(from_states)).values(**values))
-    return result.rowcount > 0
+    return bool(result.rowcount > 0)
 
 
 class JobService:
@@ -112,7 +110,7 @@ class JobService:
             train_dataset_id=train_dataset_id,
             eval_dataset_id=eval_dataset_id,
             config=cfg.to_dict(),
-            state="queued",
+            state=JobState.QUEUED,
             idempotency_key=idempotency_key,
             request_hash=request_hash,
             step=0,
@@ -179,8 +177,8 @@ class JobService:
     def queue(self) -> dict[str, QueueSlot]:
         """Each queued job's place in the queue and why it waits (see admission.plan_queue)."""
         with self.db.session() as s:
-            running = list(s.scalars(select(JobRow).where(JobRow.state.in_(("running", "stopping")))))
-            queued = list(s.scalars(select(JobRow).where(JobRow.state == "queued").order_by(JobRow.created_at)))
+            running = list(s.scalars(select(JobRow).where(JobRow.state.in_(TRAINING_STATES))))
+            queued = list(s.scalars(select(JobRow).where(JobRow.state == JobState.QUEUED).order_by(JobRow.created_at)))
         if not queued:
             return {}
         est = self.memory(running + queued)
@@ -192,14 +190,14 @@ class JobService:
         """Queued jobs -> their place in the queue (1 = started next), in the order the supervisor starts them."""
         return {job_id: slot.position for job_id, slot in self.queue().items()}
 
-    def latest_versions(self, job_ids: list[str] | None = None) -> dict[str, int]:
+    def latest_versions(self, job_ids: builtins.list[str] | None = None) -> dict[str, int]:
         with self.db.session() as s:
             q = select(ModelVersionRow.job_id, func.max(ModelVersionRow.version)).group_by(ModelVersionRow.job_id)
             if job_ids is not None:
                 q = q.where(ModelVersionRow.job_id.in_(job_ids))
             return {j: v for j, v in s.execute(q)}
 
-    def versions(self, job_id: str) -> list[ModelVersionRow]:
+    def versions(self, job_id: str) -> builtins.list[ModelVersionRow]:
         with self.db.session() as s:
             return list(
                 s.scalars(
@@ -207,7 +205,7 @@ class JobService:
                 )
             )
 
-    def metrics(self, job_id: str, since_step: int = -1, limit: int = 10_000) -> list[MetricRow]:
+    def metrics(self, job_id: str, since_step: int = -1, limit: int = 10_000) -> builtins.list[MetricRow]:
         """Metric points with step > since_step, oldest first."""
         self.get(job_id)
         with self.db.session() as s:
@@ -230,19 +228,20 @@ class JobService:
                 job = s.get(JobRow, job_id)
                 if job is None:
                     raise NotFound("job", job_id)
-                if job.state in ("stopping", "stopped"):
+                state = job.state
+                if job.state in (JobState.STOPPING, JobState.STOPPED):
                     return job
-                if job.state not in ("queued", "running", "interrupted"):
+                if job.state not in (JobState.QUEUED, JobState.RUNNING, JobState.INTERRUPTED):
                     raise Conflict(
                         f"job {job_id} is {job.state}; only queued, running or interrupted jobs can be stopped",
                         state=job.state,
                     )
-                if _transition(s, job_id, ("running",), state="stopping") or _transition(
-                    s, job_id, ("queued", "interrupted"), state="stopped", finished_at=utcnow()
+                if _transition(s, job_id, (JobState.RUNNING,), state=JobState.STOPPING) or _transition(
+                    s, job_id, (JobState.QUEUED, JobState.INTERRUPTED), state=JobState.STOPPED, finished_at=utcnow()
                 ):
                     break
         else:
-            raise Conflict(f"job {job_id} kept changing state; retry the stop", state=job.state)
+            raise Conflict(f"job {job_id} kept changing state; retry the stop", state=state)
         self.supervisor.request_stop(job_id)
         return self.get(job_id)
 
@@ -259,12 +258,12 @@ class JobService:
                 raise Conflict(f"job {job_id} cannot resume: its dataset {missing[0]} was deleted", state=job.state)
             train = s.get(DatasetRow, job.train_dataset_id)
             test = s.get(DatasetRow, job.eval_dataset_id) if job.eval_dataset_id else None
-            if job.state in RESUMABLE:
+            if job.state in RESUMABLE_STATES:
                 check_fits(SlideConfig.from_dict(job.config), train, test, self.settings, what=f"job {job_id}")
-            if not _transition(s, job_id, RESUMABLE, state="queued", error=None, finished_at=None):
+            if not _transition(s, job_id, RESUMABLE_STATES, state=JobState.QUEUED, error=None, finished_at=None):
                 hint = {
-                    "stopping": "it is writing its checkpoint; resume it once it is stopped",
-                    "completed": "it completed its epochs; start a new job to train further",
+                    JobState.STOPPING: "it is writing its checkpoint; resume it once it is stopped",
+                    JobState.COMPLETED: "it completed its epochs; start a new job to train further",
                 }.get(job.state, "it is already queued or training")
                 raise Conflict(f"job {job_id} is {job.state}: {hint}", state=job.state)
         self.supervisor.wake()
@@ -338,20 +337,24 @@ class Supervisor:
     def recover(self) -> None:
         """Jobs the previous service process left running: it died (or stopped) with them."""
         with self.db.session() as s:
-            jobs = list(s.scalars(select(JobRow).where(JobRow.state.in_(("running", "stopping", "interrupted")))))
+            jobs = list(
+                s.scalars(
+                    select(JobRow).where(JobRow.state.in_((JobState.RUNNING, JobState.STOPPING, JobState.INTERRUPTED)))
+                )
+            )
             for job in jobs:
                 state = job.state  # read before the update: the session refreshes `job` with the new values
-                if state == "stopping":  # the user asked to stop; its last snapshot is where it stopped
-                    _transition(s, job.id, ("stopping",), state="stopped", pid=None, finished_at=utcnow())
+                if state == JobState.STOPPING:  # the user asked to stop; its last snapshot is where it stopped
+                    _transition(s, job.id, (JobState.STOPPING,), state=JobState.STOPPED, pid=None, finished_at=utcnow())
                     continue
                 values: dict[str, Any] = {"pid": None}
-                if state == "running":
+                if state == JobState.RUNNING:
                     values["interruptions"] = job.interruptions + 1
                 if self.settings.auto_resume:
-                    _transition(s, job.id, (state,), state="queued", **values)
+                    _transition(s, job.id, (state,), state=JobState.QUEUED, **values)
                     log.info("job %s was %s when the service stopped: resuming it", job.id, state)
                 else:
-                    _transition(s, job.id, (state,), state="interrupted", finished_at=utcnow(), **values)
+                    _transition(s, job.id, (state,), state=JobState.INTERRUPTED, finished_at=utcnow(), **values)
                     log.info("job %s was %s when the service stopped: left interrupted", job.id, state)
 
     def sweep(self) -> None:
@@ -391,12 +394,12 @@ class Supervisor:
                 h.process.join(timeout=5)
             if h.process.exitcode is not None and h.process.exitcode < 0:  # killed: it recorded nothing
                 with self.db.session() as s:
-                    _transition(s, job_id, ("stopping",), state="stopped", pid=None, finished_at=utcnow())
+                    _transition(s, job_id, (JobState.STOPPING,), state=JobState.STOPPED, pid=None, finished_at=utcnow())
                     _transition(
                         s,
                         job_id,
-                        ("running",),
-                        state="interrupted",
+                        (JobState.RUNNING,),
+                        state=JobState.INTERRUPTED,
                         pid=None,
                         finished_at=utcnow(),
                         interruptions=JobRow.interruptions + 1,
@@ -426,7 +429,7 @@ class Supervisor:
             h.process.kill()
             h.process.join(timeout=10)
 
-    def running(self) -> list[str]:
+    def running(self) -> builtins.list[str]:
         with self._lock:
             return [j for j, h in self._handles.items() if h.process.is_alive()]
 
@@ -455,8 +458,8 @@ class Supervisor:
                 failed = _transition(
                     s,
                     job_id,
-                    ("running", "stopping"),
-                    state="failed",
+                    TRAINING_STATES,
+                    state=JobState.FAILED,
                     pid=None,
                     finished_at=utcnow(),
                     error=f"the trainer process exited with code {code} without finishing"
@@ -469,7 +472,9 @@ class Supervisor:
             owned = list(self._handles)
         if owned:
             with self.db.session() as s:
-                stopping = set(s.scalars(select(JobRow.id).where(JobRow.id.in_(owned), JobRow.state == "stopping")))
+                stopping = set(
+                    s.scalars(select(JobRow.id).where(JobRow.id.in_(owned), JobRow.state == JobState.STOPPING))
+                )
             for job_id in stopping:
                 self.request_stop(job_id)
 
@@ -482,7 +487,7 @@ class Supervisor:
         if free <= 0 or self._stopping.is_set():
             return
         with self.db.session() as s:
-            queued = list(s.scalars(select(JobRow).where(JobRow.state == "queued").order_by(JobRow.created_at)))
+            queued = list(s.scalars(select(JobRow).where(JobRow.state == JobState.QUEUED).order_by(JobRow.created_at)))
         if not queued:
             return
         estimates = JobService(self.settings, self.db, self).memory(queued)
@@ -494,8 +499,8 @@ class Supervisor:
                     _transition(
                         s,
                         job.id,
-                        ("queued",),
-                        state="failed",
+                        (JobState.QUEUED,),
+                        state=JobState.FAILED,
                         finished_at=utcnow(),
                         error=f"not started: it {slot.reason}; lower its settings in a new job, or raise the limit "
                         "and resume it",
@@ -512,8 +517,8 @@ class Supervisor:
                     if not _transition(
                         s,
                         job.id,
-                        ("queued",),
-                        state="running",
+                        (JobState.QUEUED,),
+                        state=JobState.RUNNING,
                         runs=job.runs + 1,
                         started_at=utcnow(),
                         finished_at=None,
@@ -528,32 +533,32 @@ class Supervisor:
                         _transition(
                             s,
                             job.id,
-                            ("running",),
-                            state="failed",
+                            (JobState.RUNNING,),
+                            state=JobState.FAILED,
                             finished_at=utcnow(),
                             error=f"could not start the trainer process: {type(exc).__name__}: {exc}",
                         )
 
     def _spawn(self, job: JobRow, est: MemoryEstimate | None = None) -> None:
         st = self.settings
-        spec = {
-            "memory_estimate": est.trainer if est is not None else None,
-            "memory_estimate_text": est.describe() if est is not None else None,
-            "job_id": job.id,
-            "job_dir": str(st.job_dir(job.id)),
-            "snapshots_dir": str(st.snapshots_dir(job.id)),
-            "train_path": str(st.dataset_dir(job.train_dataset_id)),
-            "eval_path": str(st.dataset_dir(job.eval_dataset_id)) if job.eval_dataset_id else None,
-            "config": job.config,
-            "database_url": st.database_url,
-            "snapshot_interval_s": st.snapshot_interval_s,
-            "snapshot_keep": st.snapshot_keep,
-            "trainer_threads": int(job.config.get("threads") or st.trainer_threads or 0),
-            "nice": st.trainer_nice,
-            "progress_interval_s": st.progress_interval_s,
-            "parent_pid": os.getpid(),
-            "run": job.runs + 1,  # what _launch just wrote: the child's writes are fenced by it
-        }
+        spec = JobSpec(
+            memory_estimate=est.trainer if est is not None else None,
+            memory_estimate_text=est.describe() if est is not None else None,
+            job_id=job.id,
+            job_dir=str(st.job_dir(job.id)),
+            snapshots_dir=str(st.snapshots_dir(job.id)),
+            train_path=str(st.dataset_dir(job.train_dataset_id)),
+            eval_path=str(st.dataset_dir(job.eval_dataset_id)) if job.eval_dataset_id else None,
+            config=job.config,
+            database_url=st.database_url,
+            snapshot_interval_s=st.snapshot_interval_s,
+            snapshot_keep=st.snapshot_keep,
+            trainer_threads=int(job.config.get("threads") or st.trainer_threads or 0),
+            nice=st.trainer_nice,
+            progress_interval_s=st.progress_interval_s,
+            parent_pid=os.getpid(),
+            run=job.runs + 1,  # what _launch just wrote: the child's writes are fenced by it
+        )
         st.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         stop_event, interrupt_event, training_event = self.ctx.Event(), self.ctx.Event(), self.ctx.Event()
         process = self.ctx.Process(

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -16,10 +17,9 @@ from sqlalchemy import select
 from starlette.routing import Match, Mount
 
 from app.db import Database, JobRow
+from app.domain import TRAINING_STATES, JobState
 
 log = logging.getLogger("app.telemetry")
-
-JOB_STATES = ("queued", "running", "stopping", "stopped", "completed", "failed", "interrupted")
 
 
 class JobCollector:
@@ -31,7 +31,7 @@ class JobCollector:
     def describe(self) -> list[Any]:
         return []
 
-    def collect(self):
+    def collect(self) -> Iterator[GaugeMetricFamily]:
         rate = GaugeMetricFamily(
             "slide_training_samples_per_second", "Training throughput of a running job", labels=["job_id"]
         )
@@ -47,11 +47,11 @@ class JobCollector:
         except Exception:  # noqa: BLE001 - a scrape must not fail because the DB is busy
             log.exception("could not read jobs for /metrics")
             rows = []
-        counts = dict.fromkeys(JOB_STATES, 0)
+        counts = dict.fromkeys(JobState, 0)
         for job_id, state, sps, latest, step in rows:
             counts[state] = counts.get(state, 0) + 1
             steps.add_metric([job_id], float(step or 0))
-            if state in ("running", "stopping") and sps is not None:
+            if state in TRAINING_STATES and sps is not None:
                 rate.add_metric([job_id], float(sps))
             latest = latest or {}
             if latest.get("p_at_1") is not None:
@@ -59,7 +59,7 @@ class JobCollector:
             if latest.get("p_at_5") is not None:
                 p5.add_metric([job_id], float(latest["p_at_5"]))
         for state, n in counts.items():
-            states.add_metric([state], n)
+            states.add_metric([str(state)], n)
         yield from (rate, p1, p5, steps, states)
 
 
@@ -135,14 +135,14 @@ class MetricsMiddleware:
         self.app = app
         self.telemetry = telemetry
 
-    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         start = time.perf_counter()
         status = {"code": 500}
 
-        async def send_wrapper(message: dict) -> None:
+        async def send_wrapper(message: dict[str, Any]) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
             await send(message)

@@ -29,30 +29,36 @@ import threading
 import time
 import traceback
 from pathlib import Path
-from typing import Any
+from typing import IO, TYPE_CHECKING, Any, cast
+
+from app.domain import TRAINING_STATES, JobSpec, JobState
+
+if TYPE_CHECKING:
+    from sqlalchemy import CursorResult
 
 log = logging.getLogger("app.worker")
 
 LOCK_FILE = "trainer.lock"
+LOCK_TIMEOUT_S = 120.0  # how long a new trainer waits for an exiting one to release the job
 LOG_FILE = "trainer.log"
 
 
-def run_job(spec: dict[str, Any], stop_event: Any, interrupt_event: Any, training_event: Any) -> None:
+def run_job(spec: JobSpec, stop_event: Any, interrupt_event: Any, training_event: Any) -> None:
     """Process entry point (must stay a picklable top-level function)."""
-    nice = int(spec.get("nice") or 0)
+    nice = spec.nice
     if nice > 0:  # before any thread starts: Linux keeps niceness per thread, and new threads inherit it
         os.nice(nice)
-    threads = int(spec.get("trainer_threads") or 0)
+    threads = spec.trainer_threads
     if threads > 0:
         os.environ["NUMBA_NUM_THREADS"] = str(min(threads, os.cpu_count() or threads))
-    job_dir = Path(spec["job_dir"])
+    job_dir = Path(spec.job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
     _redirect_output(job_dir / LOG_FILE)
     logging.basicConfig(
         level=logging.INFO,
         stream=sys.stderr,
         force=True,
-        format="%(asctime)s %(levelname)s %(name)s [job " + spec["job_id"][:8] + "] %(message)s",
+        format="%(asctime)s %(levelname)s %(name)s [job " + spec.job_id[:8] + "] %(message)s",
     )
     # Ctrl-C in a terminal reaches the whole process group: the parent decides what happens to its trainers.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -151,7 +157,7 @@ def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
 class JobProcess:
     def __init__(
         self,
-        spec: dict[str, Any],
+        spec: JobSpec,
         stop_event: Any,
         interrupt_event: Any,
         local_interrupt: threading.Event,
@@ -160,17 +166,17 @@ class JobProcess:
         from app.db import Database
 
         self.spec = spec
-        self.job_id: str = spec["job_id"]
-        self.job_dir = Path(spec["job_dir"])
+        self.job_id = spec.job_id
+        self.job_dir = Path(spec.job_dir)
         self.stop_event = stop_event
         self.interrupt_event = interrupt_event
         self.local_interrupt = local_interrupt
         self.training_event = training_event
         self.user_stop = threading.Event()  # set by the heartbeat when the row says `stopping` or is gone
         self.row_gone = False
-        self.parent_pid = int(spec["parent_pid"])
-        self.run = int(spec["run"])  # the job's `runs` value for this process: writes are fenced by it
-        self.db = Database(spec["database_url"])
+        self.parent_pid = spec.parent_pid
+        self.run = spec.run  # the job's `runs` value for this process: writes are fenced by it
+        self.db = Database(spec.database_url)
         self.trainer: Any = None
         self.progress: dict[str, Any] | None = None  # kept when the trainer is let go (out of memory)
         self.ceiling = 0
@@ -203,7 +209,7 @@ class JobProcess:
                     self.progress = self._progress()
                     self.trainer = None
                     gc.collect()
-                self._finish("failed", error=failure[0])
+                self._finish(JobState.FAILED, error=failure[0])
         finally:
             self._done.set()
             if self.row_gone or self._row_state() is None:
@@ -211,9 +217,9 @@ class JobProcess:
             self.db.dispose()
             lock.close()
 
-    def _lock(self):
+    def _lock(self) -> IO[str] | None:
         fh = open(self.job_dir / LOCK_FILE, "a+")
-        deadline = time.monotonic() + float(self.spec.get("lock_timeout_s", 120))
+        deadline = time.monotonic() + LOCK_TIMEOUT_S
         while True:
             try:
                 fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -225,7 +231,7 @@ class JobProcess:
                 if time.monotonic() > deadline or self.interrupted():
                     fh.close()
                     self._finish(
-                        "failed",
+                        JobState.FAILED,
                         error="another trainer process still holds this job's lock "
                         f"({self.job_dir / LOCK_FILE}); resume the job once it has exited",
                     )
@@ -235,7 +241,7 @@ class JobProcess:
     def _clear_unfinished_publications(self) -> None:
         """Remove the temp dirs of snapshot publications a killed trainer never finished (readers ignore them, but
         they hold disk space). Safe: this process holds the job's lock, so no other trainer writes this store."""
-        root = Path(self.spec["snapshots_dir"])
+        root = Path(self.spec.snapshots_dir)
         if root.is_dir():
             for entry in root.glob(".publish-*"):
                 log.warning("removing %s, left by a publication that did not finish", entry.name)
@@ -253,7 +259,7 @@ class JobProcess:
         try:
             import engine
 
-            latest = engine.SnapshotStore(self.spec["snapshots_dir"]).latest()
+            latest = engine.SnapshotStore(self.spec.snapshots_dir).latest()
         except Exception:  # noqa: BLE001
             latest = None
         kept = (
@@ -265,7 +271,7 @@ class JobProcess:
             ceiling = f"its memory ceiling of {self.ceiling:,} bytes" if self.ceiling else "the memory available"
             return (
                 f"out of memory: the trainer reached {ceiling} (RLIMIT_DATA, set from the job's estimate "
-                f"{self.spec.get('memory_estimate_text') or 'unknown'} plus a margin) and stopped ({text}); {kept}. "
+                f"{self.spec.memory_estimate_text or 'unknown'} plus a margin) and stopped ({text}); {kept}. "
                 "Resume the job to continue from its newest snapshot, or start a smaller one"
             )
         return (
@@ -278,17 +284,17 @@ class JobProcess:
         import engine.trainer  # noqa: F401 - numpy and Numba loaded: the baseline the memory ceiling starts from
 
         self.ceiling = apply_memory_ceiling(
-            self.spec.get("memory_estimate"), int(self.spec.get("trainer_threads") or 0)
+            self.spec.memory_estimate, self.spec.trainer_threads
         )
         spec = self.spec
-        train = engine.load_dataset(spec["train_path"], mmap=True)
-        test = engine.load_dataset(spec["eval_path"], mmap=True) if spec.get("eval_path") else None
-        store = engine.SnapshotStore(spec["snapshots_dir"], keep=int(spec["snapshot_keep"]))
+        train = engine.load_dataset(spec.train_path, mmap=True)
+        test = engine.load_dataset(spec.eval_path, mmap=True) if spec.eval_path else None
+        store = engine.SnapshotStore(spec.snapshots_dir, keep=spec.snapshot_keep)
         if store.latest() is not None:
             trainer = engine.Trainer.resume(store, train, test)
             log.info("resumed from snapshot v%d at step %d", store.latest()[0], trainer.step)
         else:
-            config = engine.SlideConfig.from_dict(spec["config"])
+            config = engine.SlideConfig.from_dict(spec.config)
             trainer = engine.Trainer(config, train, test, store)
             log.info(
                 "started: %d points, %d features, %d labels", train.num_points, train.num_features, train.num_labels
@@ -302,22 +308,22 @@ class JobProcess:
             should_stop=self.should_stop,
             on_metrics=self._on_metrics,
             on_snapshot=self._on_snapshot,
-            snapshot_every_s=float(spec["snapshot_interval_s"]),
+            snapshot_every_s=spec.snapshot_interval_s,
         )
         self._done.set()
         heartbeat.join(timeout=5)
         if not result.get("stopped"):
-            state = "completed"
+            state = JobState.COMPLETED
         elif self.interrupted() and not (self.stop_event.is_set() or self.user_stop.is_set()):
-            state = "interrupted"
+            state = JobState.INTERRUPTED
         else:
-            state = "stopped"
+            state = JobState.STOPPED
         log.info(
             "finished: %s at step %d; peak resident memory %s bytes, estimate %s",
             state,
             trainer.step,
             f"{peak_rss():,}",
-            spec.get("memory_estimate_text") or "unknown",
+            spec.memory_estimate_text or "unknown",
         )
         self._finish(state, metrics=_json_safe(result))
 
@@ -359,7 +365,7 @@ class JobProcess:
 
         from app.db import JobRow, utcnow
 
-        interval = float(self.spec.get("progress_interval_s", 1.0))
+        interval = self.spec.progress_interval_s
         last_t, last_samples = time.monotonic(), int(self.trainer.samples_seen)
         rate: float | None = None
         while not self._done.wait(interval):
@@ -372,17 +378,21 @@ class JobProcess:
             last_t, last_samples = now, samples
             try:
                 with self.db.session() as s:
-                    result = s.execute(
-                        update(JobRow)
-                        .where(JobRow.id == self.job_id, JobRow.runs == self.run)
-                        .values(**self._progress(), samples_per_s=rate, heartbeat_at=utcnow())
+                    result = cast(
+                        "CursorResult[Any]",
+                        s.execute(
+                            update(JobRow)
+                            .where(JobRow.id == self.job_id, JobRow.runs == self.run)
+                            .values(**self._progress(), samples_per_s=rate, heartbeat_at=utcnow())
+                        ),
                     )
                     if result.rowcount == 0:  # deleted, or another process owns the job now
                         self.row_gone = s.get(JobRow, self.job_id) is None
                         self.user_stop.set()
                         continue
-                    state = s.get(JobRow, self.job_id).state
-                if state == "stopping":
+                    row = s.get(JobRow, self.job_id)
+                    state = row.state if row is not None else None
+                if state == JobState.STOPPING:
                     self.user_stop.set()
             except Exception:  # noqa: BLE001 - a busy database must not stop training
                 log.exception("heartbeat: database write failed")
@@ -430,13 +440,13 @@ class JobProcess:
         except Exception:  # noqa: BLE001
             log.exception("could not record snapshot v%s", version)
 
-    def _finish(self, state: str, *, error: str | None = None, metrics: dict[str, Any] | None = None) -> None:
+    def _finish(self, state: JobState, *, error: str | None = None, metrics: dict[str, Any] | None = None) -> None:
         from sqlalchemy import update
 
         from app.db import METRIC_FIELDS, JobRow, utcnow
 
         values: dict[str, Any] = {"state": state, "finished_at": utcnow(), "pid": None, "error": error}
-        if state == "interrupted":
+        if state == JobState.INTERRUPTED:
             values["interruptions"] = JobRow.interruptions + 1
         if self.trainer is not None:
             values.update(self._progress())
@@ -449,9 +459,7 @@ class JobProcess:
                 with self.db.session() as s:
                     s.execute(
                         update(JobRow)
-                        .where(
-                            JobRow.id == self.job_id, JobRow.runs == self.run, JobRow.state.in_(("running", "stopping"))
-                        )
+                        .where(JobRow.id == self.job_id, JobRow.runs == self.run, JobRow.state.in_(TRAINING_STATES))
                         .values(**values)
                     )
                 return

@@ -242,6 +242,7 @@ def _raised_from(cause: BaseException) -> RuntimeError:
     ids=lambda v: v if isinstance(v, (str, type(None))) else type(v).__name__,
 )
 def test_storage_faults_are_told_from_other_errors(tmp_path, exc, reason):
+    from app.domain import JobSpec
     from app.services.errors import storage_cause
     from app.services.worker import JobProcess
 
@@ -250,20 +251,23 @@ def test_storage_faults_are_told_from_other_errors(tmp_path, exc, reason):
     # A trainer's job error says what failed, which snapshot is intact, and what to do.
     store = SnapshotStore(tmp_path / "snapshots")
     store.publish({"w0": np.zeros(3, dtype=np.float32)}, {})
-    worker = JobProcess(
-        {
-            "job_id": "j",
-            "job_dir": str(tmp_path),
-            "snapshots_dir": str(store.root),
-            "parent_pid": os.getpid(),
-            "run": 1,
-            "database_url": f"sqlite:///{tmp_path / 'x.db'}",
-        },
-        None,
-        None,
-        None,
-        None,
+    spec = JobSpec(
+        job_id="j",
+        job_dir=str(tmp_path),
+        snapshots_dir=str(store.root),
+        train_path=str(tmp_path / "no-dataset"),
+        eval_path=None,
+        config={},
+        database_url=f"sqlite:///{tmp_path / 'x.db'}",
+        snapshot_interval_s=30.0,
+        snapshot_keep=3,
+        trainer_threads=0,
+        nice=0,
+        progress_interval_s=1.0,
+        parent_pid=os.getpid(),
+        run=1,
     )
+    worker = JobProcess(spec, None, None, None, None)
     message = worker._failure_message(exc)
     worker.db.dispose()
     if reason is None:

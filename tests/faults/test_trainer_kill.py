@@ -109,6 +109,7 @@ def test_resume_forgets_the_metrics_it_will_report_again(tmp_path):
     from sqlalchemy import select
 
     from app.db import Database, JobRow, MetricRow
+    from app.domain import JobSpec
     from app.services.worker import JobProcess
 
     db = Database(f"sqlite:///{tmp_path / 'slide.db'}")
@@ -117,7 +118,22 @@ def test_resume_forgets_the_metrics_it_will_report_again(tmp_path):
         s.add(JobRow(id="j", train_dataset_id="d", config={}, state="running", runs=1))
         for step, epoch in [(32, 1), (50, 1), (64, 2), (80, 2)]:  # 32 batches per epoch; 50: a stop mid-epoch
             s.add(MetricRow(job_id="j", step=step, epoch=epoch, samples=step * 64))
-    spec = {"job_id": "j", "job_dir": str(tmp_path / "j"), "parent_pid": os.getpid(), "run": 1, "database_url": db.url}
+    spec = JobSpec(
+        job_id="j",
+        job_dir=str(tmp_path / "j"),
+        snapshots_dir=str(tmp_path / "j" / "snapshots"),
+        train_path=str(tmp_path / "no-dataset"),
+        eval_path=None,
+        config={},
+        database_url=db.url,
+        snapshot_interval_s=30.0,
+        snapshot_keep=3,
+        trainer_threads=0,
+        nice=0,
+        progress_interval_s=1.0,
+        parent_pid=os.getpid(),
+        run=1,
+    )
     worker = JobProcess(spec, None, None, None, None)
     worker._forget_beyond(64, 1, [])  # checkpoint: step 64, still epoch 1 (its last batch done, not reported)
     worker.db.dispose()

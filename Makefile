@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: install run test lint bench bench-quality load demo clean
+.PHONY: install run test test-fast lint bench bench-quality load demo clean
 
 install: $(STAMP)
 
@@ -24,6 +24,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q --durations=15
+
+# The edit-test loop: all but the tiers marked slow, e2e, faults and browser (markers in pyproject.toml).
+test-fast: install
+	$(PY) -m pytest -q -m "not (slow or e2e or faults or browser)" --durations=10
 
 # ruff (lint + format) and mypy, configured in pyproject.toml; CI runs it before the tests.
 lint: install

@@ -27,6 +27,20 @@ with warnings.catch_warnings():
 # Trainer processes inherit this: two cores are shared by the web process, the trainer and pytest.
 os.environ.setdefault("NUMBA_NUM_THREADS", "2")
 
+# Test tiers by directory (markers registered in pyproject.toml); single slow tests elsewhere carry @pytest.mark.slow.
+DIRECTORY_MARKERS = {"e2e": ("e2e", "slow"), "faults": ("faults", "slow"), "fuzz": ("slow",)}
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    tests_dir = Path(__file__).resolve().parent
+    for item in items:
+        try:
+            top = item.path.resolve().relative_to(tests_dir).parts[0]
+        except ValueError:
+            continue
+        for name in DIRECTORY_MARKERS.get(top, ()):
+            item.add_marker(name)
+
 
 @pytest.fixture(scope="session")
 def xmc_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from dockerfile_parse import DockerfileParser
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "Dockerfile"
@@ -34,44 +35,21 @@ SERVICE = "slide"
 
 
 # --------------------------------------------------------------------------------------------------
-# A small Dockerfile reader: enough of the syntax for the checks below.
+# The Dockerfile, read by dockerfile-parse (continuations joined, comments and parser directives dropped)
 
 
-def parse_dockerfile(text: str) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs; comments dropped, backslash continuations joined."""
-    instructions: list[tuple[str, str]] = []
-    pending = ""
-    for raw in text.splitlines():
-        line = raw.strip()
-        if not pending and (not line or line.startswith("#")):
-            continue
-        if pending and line.startswith("#"):  # comment lines inside a continuation are skipped
-            continue
-        if line.endswith("\\"):
-            pending += line[:-1].rstrip() + " "
-            continue
-        full = (pending + line).strip()
-        pending = ""
-        if full:
-            keyword, _, args = full.partition(" ")
-            instructions.append((keyword.upper(), args.strip()))
-    assert not pending, "Dockerfile ends inside a line continuation"
-    return instructions
+def dockerfile() -> DockerfileParser:
+    return DockerfileParser(str(DOCKERFILE))
 
 
 def instr(name: str) -> list[str]:
-    return [args for keyword, args in parse_dockerfile(DOCKERFILE.read_text()) if keyword == name]
+    """The arguments of every `name` instruction, in order."""
+    return [i["value"] for i in dockerfile().structure if i["instruction"] == name]
 
 
 def dockerfile_env() -> dict[str, str]:
-    """Values of ENV instructions (KEY=value form), later ones winning."""
-    env: dict[str, str] = {}
-    for args in instr("ENV"):
-        for token in shlex.split(args):
-            assert "=" in token, f"use the ENV KEY=value form, got {token!r}"
-            key, _, value = token.partition("=")
-            env[key] = value
-    return env
+    """The environment the final stage's ENV instructions set."""
+    return dockerfile().envs
 
 
 def exec_form(args: str) -> list[str]:
@@ -148,15 +126,9 @@ def test_hadolint_catches_known_problems(tmp_path):
 # Dockerfile
 
 
-def test_dockerfile_parser_joins_continuations():
-    parsed = parse_dockerfile("# c\nFROM x\nRUN a \\\n    # inner comment\n    && b\nENV A=1 \\\n    B=2\n")
-    assert parsed == [("FROM", "x"), ("RUN", "a && b"), ("ENV", "A=1 B=2")]
-
-
 def test_base_image_is_slim_python_311():
-    froms = instr("FROM")
-    assert froms, "no FROM"
-    image = froms[-1].split()[0]  # the final stage is what runs
+    image = dockerfile().baseimage  # the final stage's: it is what runs
+    assert image, "no FROM"
     assert re.fullmatch(r"python:3\.11(\.\d+)?-slim(-bookworm)?", image), image
 
 

@@ -81,6 +81,7 @@ def test_idempotency_key(tmp_path, client_for, xmc_files):
     assert client.get("/v1/jobs").json()["count"] == 0
 
 
+@pytest.mark.slow
 def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, xmc_files):
     settings = make_settings(tmp_path / "data", max_concurrent_jobs=1, snapshot_interval_s=0.2)
     client = client_for(settings)

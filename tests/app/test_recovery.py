@@ -3,6 +3,7 @@ mid-epoch, and a server killed with kill -9, are in tests/faults.)"""
 
 from __future__ import annotations
 
+import pytest
 from sqlalchemy import update
 
 from app.db import JobRow
@@ -23,6 +24,7 @@ def _start(client, xmc_files, **config):
     return r.json()["id"]
 
 
+@pytest.mark.slow
 def test_shutdown_interrupts_and_the_next_start_resumes(tmp_path, client_for, xmc_files):
     data = tmp_path / "data"
     first = client_for(make_settings(data))

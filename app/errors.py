@@ -111,7 +111,7 @@ async def service_error_handler(request: Request, exc: Exception) -> ProblemResp
 
 async def validation_error_handler(request: Request, exc: Exception) -> ProblemResponse:
     assert isinstance(exc, RequestValidationError)
-    errors = [
+    errors: list[dict[str, Any]] = [
         {"loc": [p for p in e.get("loc", ())], "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
         for e in exc.errors()
     ]

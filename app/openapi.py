@@ -375,6 +375,7 @@ def with_live_examples(spec: dict[str, Any], services: Services) -> dict[str, An
 
 def _json_examples(paths: dict[str, Any], path: str, method: str) -> dict[str, Any]:
     try:
-        return paths[path][method]["requestBody"]["content"]["application/json"]["examples"]
+        examples: dict[str, Any] = paths[path][method]["requestBody"]["content"]["application/json"]["examples"]
+        return examples
     except KeyError:
         return {}

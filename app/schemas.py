@@ -103,7 +103,7 @@ def _config_model() -> type[BaseModel]:
     for f in dataclasses.fields(SlideConfig):
         tp = hints.get(f.name, Any)
         bounds = BOUNDS.get(f.name)
-        limits = _limits(bounds) if bounds is not None else {}
+        limits: dict[str, Any] = _limits(bounds) if bounds is not None else {}
         if typing.get_origin(tp) is tuple:  # JSON has arrays, not tuples; the bounds are the items'
             (item, *_rest) = typing.get_args(tp) or (Any,)
             tp = list[Annotated[item, Field(**limits)]]  # type: ignore[valid-type]

@@ -141,7 +141,9 @@ def cmd_train(args) -> int:
 
         records = read_jsonl(args.train)
         if resume:  # the snapshot's featurizer and vocabulary, so feature and label ids keep their meaning
-            held = load_model(store.latest()[1])
+            latest = store.latest()
+            assert latest is not None  # resume is only set when the store holds a snapshot
+            held = load_model(latest[1])
             featurizer, names = held.featurizer, held.label_names
             if featurizer is None or names is None:
                 raise ValueError(f"{args.out} holds a model without a text featurizer; train it from XMC files")

@@ -282,7 +282,7 @@ def evaluate_model(model, dataset, k: int = 5, mode: str = "lsh", inv_propensity
 
 def softmax_rows(scores: list[list[float]]) -> list[list[float]]:
     """Softmax of each row of scores (rows may differ in length): probabilities over that row's labels only."""
-    out = []
+    out: list[list[float]] = []
     for row in scores:
         if not row:
             out.append([])

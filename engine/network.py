@@ -9,7 +9,7 @@ is float32 or bfloat16 bits (uint16), as config.weight_dtype says; `float_weight
 from __future__ import annotations
 
 import threading
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numba
 import numpy as np
@@ -21,6 +21,9 @@ from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
 from .lsh import HashFunctions
 from .tables import Tables
+
+if TYPE_CHECKING:
+    from .text import LabelNames, TextFeaturizer
 
 PredictMode = Literal["lsh", "exact"]
 _MAX_K = 1000
@@ -73,9 +76,9 @@ class SlideModel:
         )
         if len(self.hashes) != int((self.layer_slot >= 0).sum()) or len(self.tables) != len(self.hashes):
             raise ValueError("one hash family and one table set are needed per sampled layer")
-        self.featurizer = None
+        self.featurizer: TextFeaturizer | None = None
         """engine.text.TextFeaturizer of a model trained on text (it turns a query into this model's features)."""
-        self.label_names = None
+        self.label_names: LabelNames | None = None
         """engine.text.LabelNames: label i's name, when the training set had names."""
 
     # ---- construction -------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pydantic import ValidationError
 
 from app.api.deps import JobsDep, RegistryDep
 from app.db import METRIC_FIELDS, JobRow, MetricRow
+from app.domain import JobState
 from app.errors import problem_responses
 from app.schemas import (
     EXAMPLE_ID,

@@ -11,6 +11,7 @@ from fastapi import APIRouter, Body
 import engine
 from app.api.deps import DatasetsDep, JobsDep, RegistryDep, SettingsDep, TelemetryDep
 from app.db import JobRow, ModelVersionRow
+from app.domain import RESUMABLE_STATES, TRAINING_STATES, JobState
 from app.errors import problem_responses
 from app.schemas import ModelList, ModelPublic, ModelVersionPublic, Prediction, PredictRequest, PredictResponse
 from app.services.datasets import DatasetService
@@ -159,7 +160,7 @@ def _not_ready(jobs: JobService, model_id: str, exc: NotReady) -> NotReady:
     """A model without a snapshot: say what its job is doing, so a client knows whether retrying helps."""
     job = jobs.get(model_id)
     settings = jobs.settings
-    if job.state == "queued":
+    if job.state == JobState.QUEUED:
         slot = jobs.queue().get(model_id)
         position, reason = (slot.position, slot.reason) if slot is not None else (None, None)
         place = f", {_ordinal(position)} in the queue" if position else ""
@@ -171,10 +172,10 @@ def _not_ready(jobs: JobService, model_id: str, exc: NotReady) -> NotReady:
         return NotReady(
             detail, retry_after_s=exc.retry_after_s, job_state=job.state, queue_position=position, queue_reason=reason
         )
-    if job.state in ("running", "stopping"):
+    if job.state in TRAINING_STATES:
         return NotReady(exc.detail, retry_after_s=exc.retry_after_s, job_state=job.state)
     detail = f"model {model_id} has no snapshot yet: its job is {job.state} and never published one" + (
-        "; resume it (POST /v1/jobs/{id}/resume) to train" if job.state in ("stopped", "failed", "interrupted") else ""
+        "; resume it (POST /v1/jobs/{id}/resume) to train" if job.state in RESUMABLE_STATES else ""
     )
     return NotReady(detail, retry_after_s=exc.retry_after_s, job_state=job.state)
 

@@ -101,14 +101,14 @@ class Telemetry:
         self.predict_latency.labels(mode).observe(seconds)
 
 
-def route_template(scope: dict) -> str:
+def route_template(scope: dict[str, Any]) -> str:
     """The route a request was served by, as its template (`/v1/jobs/{job_id}`): bounded label values.
 
     FastAPI's API routes put themselves in the scope; the rest (/openapi.json, static files under a mount) are
     found by asking the app's route table, a mount being labelled `<prefix>/{path}`. `unmatched` = no route."""
-    route = scope.get("route")
-    if getattr(route, "path", None):
-        return route.path
+    path = getattr(scope.get("route"), "path", None)
+    if path:
+        return str(path)
     app = scope.get("app")
     probe = {**scope, "root_path": ""}
     partial = None

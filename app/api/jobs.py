@@ -36,7 +36,7 @@ def job_publics(jobs: JobService, rows: list[JobRow]) -> list[JobPublic]:
     """The public form of each job: its latest model version, memory estimate and (queued) place in the queue."""
     versions = jobs.latest_versions([r.id for r in rows])
     memory = jobs.memory(rows)
-    queue = jobs.queue() if any(r.state == "queued" for r in rows) else {}
+    queue = jobs.queue() if any(r.state == JobState.QUEUED for r in rows) else {}
     return [job_public(r, versions.get(r.id), memory.get(r.id), queue.get(r.id)) for r in rows]
 
 
@@ -52,7 +52,7 @@ def job_public(
 ) -> JobPublic:
     config: dict[str, Any] = {k: v for k, v in (row.config or {}).items() if k in _CONFIG_FIELDS}
     latest = row.latest_metrics or None
-    queued = queue is not None and row.state == "queued"
+    slot = queue if queue is not None and row.state == JobState.QUEUED else None
     return JobPublic(
         id=row.id,
         state=row.state,
@@ -71,8 +71,8 @@ def job_public(
         error=row.error,
         estimated_memory_bytes=memory.total if memory is not None else None,
         memory_breakdown=memory.breakdown() if memory is not None else None,
-        queue_position=queue.position if queued else None,
-        queue_reason=queue.reason if queued else None,
+        queue_position=slot.position if slot is not None else None,
+        queue_reason=slot.reason if slot is not None else None,
         runs=row.runs or 0,
         interruptions=row.interruptions or 0,
         created_at=row.created_at,

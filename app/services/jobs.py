@@ -158,7 +158,7 @@ class JobService:
             raise NotFound("job", job_id)
         return job
 
-    def memory(self, jobs: list[JobRow]) -> dict[str, MemoryEstimate]:
+    def memory(self, jobs: builtins.list[JobRow]) -> dict[str, MemoryEstimate]:
         """Each job's memory estimate (jobs whose dataset is gone have none)."""
         ids = {d for j in jobs for d in (j.train_dataset_id, j.eval_dataset_id) if d}
         with self.db.session() as s:
@@ -258,6 +258,7 @@ class JobService:
                 raise Conflict(f"job {job_id} cannot resume: its dataset {missing[0]} was deleted", state=job.state)
             train = s.get(DatasetRow, job.train_dataset_id)
             test = s.get(DatasetRow, job.eval_dataset_id) if job.eval_dataset_id else None
+            assert train is not None  # not missing, checked above
             if job.state in RESUMABLE_STATES:
                 check_fits(SlideConfig.from_dict(job.config), train, test, self.settings, what=f"job {job_id}")
             if not _transition(s, job_id, RESUMABLE_STATES, state=JobState.QUEUED, error=None, finished_at=None):

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 import engine
+from app.domain import ACTIVE_STATES
 from app.services.errors import Conflict, InvalidContent, NotReady
 from app.settings import Settings
 
@@ -89,7 +90,7 @@ class ModelRegistry:
         if latest is None:
             if held is not None:
                 return held
-            if job_state is not None and job_state not in ("queued", "running", "stopping"):
+            if job_state is not None and job_state not in ACTIVE_STATES:
                 raise Conflict(
                     f"model {job_id} has no snapshot and its job is {job_state}, so none is coming: resume the job "
                     f"(POST /v1/jobs/{job_id}/resume) or start a new one (POST /v1/jobs)",

@@ -283,9 +283,7 @@ class JobProcess:
         import engine
         import engine.trainer  # noqa: F401 - numpy and Numba loaded: the baseline the memory ceiling starts from
 
-        self.ceiling = apply_memory_ceiling(
-            self.spec.memory_estimate, self.spec.trainer_threads
-        )
+        self.ceiling = apply_memory_ceiling(self.spec.memory_estimate, self.spec.trainer_threads)
         spec = self.spec
         train = engine.load_dataset(spec.train_path, mmap=True)
         test = engine.load_dataset(spec.eval_path, mmap=True) if spec.eval_path else None

@@ -59,15 +59,19 @@ class HashFunctions(NamedTuple):
         return int(self.params[4])
 
 
+TARGET_FRACTION = 0.05
+MAX_TARGET_ACTIVE = 1000
+
+
 def target_active(n_neurons: int) -> int:
     """Active neurons a sampled layer aims for per input: 5% of a small layer, at most 1,000."""
-    return int(min(1000, max(32, 0.05 * n_neurons)))
+    return int(min(MAX_TARGET_ACTIVE, max(32, TARGET_FRACTION * n_neurons)))
 
 
 def is_wide_layer(n_neurons: int) -> bool:
     """Whether a layer is too wide for its target active size to be 5% of it (> 20,000 neurons): the
     auto hubs, negatives and table count of such a layer differ from a small one's."""
-    return target_active(n_neurons) < 0.05 * n_neurons
+    return TARGET_FRACTION * n_neurons > MAX_TARGET_ACTIVE
 
 
 def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = False) -> int:

@@ -295,9 +295,11 @@ class PredictRequest(BaseModel):
 
     instances: list[Instance] = Field(min_length=1, examples=[[{"indices": [0, 2, 5], "values": [1.0, 0.5, 0.25]}]])
     k: int = Field(5, ge=1, description="Labels returned per instance.", examples=[5])
-    mode: Literal["lsh", "exact"] = Field(
-        "lsh",
-        description="`lsh`: score only the labels the hash tables retrieve (sub-linear); `exact`: score all.",
+    mode: Literal["auto", "lsh", "exact"] = Field(
+        "auto",
+        description="`auto`: the hash tables where the model's calibration found they recall the exact top-5 "
+        "(wide output layers), every label elsewhere; `lsh`: score only the labels the hash tables retrieve "
+        "(sub-linear); `exact`: score all. The response's `mode` says which answered.",
     )
 
 
@@ -316,6 +318,9 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model_id: str
     model_version: int = Field(description="The snapshot that answered (models publish newer ones as they train).")
+    mode: Literal["lsh", "exact"] = Field(
+        description="How the labels were scored: `lsh` (hash-table candidates) or `exact` (every label)."
+    )
     predictions: list[Prediction]
     warnings: list[str] = Field(
         default_factory=list,

@@ -171,7 +171,7 @@ def compile_kernels(config) -> None:
 def measure_inference(model, test, args) -> dict:
     """Single-query latency, batch throughput and candidates scored for exact and for lsh with 0, 1
     and 2 probes per table; recall@5 of each lsh variant against exact on the same queries."""
-    from engine.cli import topk_recall
+    from engine.metrics import topk_recall
 
     rng = np.random.default_rng(args.seed)
     n = test.num_points

@@ -2,7 +2,7 @@
 
 slide gen --preset tiny --out data/tiny
 slide train --train data/tiny/train.txt --test data/tiny/test.txt --out models/tiny [--dense] [--lr 1e-3 ...]
-slide eval --model models/tiny --test data/tiny/test.txt --mode lsh
+slide eval --model models/tiny --test data/tiny/test.txt [--mode auto|lsh|exact]
 slide predict --model models/tiny --input data/tiny/test.txt --k 5
 
 Text: `slide train --train train.jsonl --test test.jsonl --out models/t` fits a TF-IDF featurizer and a label
@@ -20,8 +20,6 @@ import time
 import tomllib
 import typing
 from pathlib import Path
-
-import numpy as np
 
 from .config import ConfigError, SlideConfig
 
@@ -165,14 +163,22 @@ def cmd_train(args) -> int:
     latest = store.latest() if resume else None
     config = manifest_config(read_manifest(latest[1])) if latest else build_config(args)
     estimate = estimate_for(config, train, test, threads=numba.config.NUMBA_NUM_THREADS)  # the buffers' pool
-    _emit({"estimated_memory_bytes": estimate.total, "estimated_memory": estimate.describe()})
     trainer = Trainer.resume(store, train, test) if latest else Trainer(config, train, test, store)
     if featurizer is not None:
         trainer.attach_text(featurizer, names)
-    total = trainer.config.epochs * train.num_points
+    resolved = trainer.resolved()
+    _emit(
+        {
+            "estimated_memory_bytes": estimate.total,
+            "estimated_memory": estimate.describe(),
+            "resolved": resolved,
+        }
+    )
+    per_epoch = resolved["train_points"]
+    total = trainer.config.epochs * per_epoch
     with tqdm(
         total=total,
-        initial=min(total, trainer.epoch * train.num_points + trainer.batch_in_epoch * trainer.config.batch_size),
+        initial=min(total, trainer.epoch * per_epoch + trainer.batch_in_epoch * trainer.config.batch_size),
         unit="pt",
         file=sys.stderr,
         disable=args.quiet,
@@ -182,32 +188,34 @@ def cmd_train(args) -> int:
             on_metrics=_emit, progress=bar.update, snapshot_every_s=args.snapshot_every, time_budget_s=args.time_budget
         )
     latest = store.latest()
-    _emit({"done": True, "stopped": result["stopped"], "model": str(latest[1]) if latest else None})
+    final = {k: result.get(k) for k in ("early_stopped", "served_step", "best_val_p_at_1", "p_at_1", "eval_mode")}
+    _emit({"done": True, "stopped": result["stopped"], **final, "model": str(latest[1]) if latest else None})
     return 0
 
 
 def cmd_eval(args) -> int:
-    from .metrics import evaluate, propensity_scores
+    from .metrics import evaluate, propensity_scores, topk_recall
     from .snapshot import load_model
 
     model = load_model(_model_dir(args.model))
     test = _load_like(args.test, model)
     t0 = time.perf_counter()
-    pred, _, scored = model.predict_with_stats(test.x_indptr, test.x_indices, test.x_values, k=5, mode=args.mode)
+    pred, _, scored, used = model.predict_with_stats(test.x_indptr, test.x_indices, test.x_values, k=5, mode=args.mode)
     seconds = time.perf_counter() - t0
     inv_p = None
     if args.train:
         train = _load_like(args.train, model)
         inv_p = propensity_scores(train.label_counts(), train.num_points, *_propensity_ab(args.propensity))
     record = {
-        "mode": args.mode,
+        "mode": used,
+        "requested_mode": args.mode,
         "points": test.num_points,
         **evaluate(pred, test, inv_propensity=inv_p),
         "queries_per_s": test.num_points / seconds if seconds > 0 else None,
         "mean_scored": float(scored.mean()) if len(scored) else 0.0,
         "scored_fraction": float(scored.mean()) / model.num_labels if len(scored) else 0.0,
     }
-    if args.mode == "lsh" and args.recall:
+    if used == "lsh" and args.recall:
         exact, _ = model.predict(test.x_indptr, test.x_indices, test.x_values, k=5, mode="exact")
         record["recall_at_5_vs_exact"] = topk_recall(pred, exact)
     _emit(record)
@@ -218,13 +226,6 @@ def _propensity_ab(name: str) -> tuple[float, float]:
     from .metrics import AMAZON_PROPENSITY, DEFAULT_PROPENSITY
 
     return AMAZON_PROPENSITY if name == "amazon" else DEFAULT_PROPENSITY
-
-
-def topk_recall(approx: np.ndarray, exact: np.ndarray) -> float:
-    """Mean fraction of each row's exact top-k labels that the approximate top-k also returns."""
-    from .metrics import topk_recall as recall
-
-    return recall(approx, exact)
 
 
 def cmd_predict(args) -> int:
@@ -242,17 +243,23 @@ def cmd_predict(args) -> int:
         indptr, indices, values = data.x_indptr, data.x_indices, data.x_values
     else:
         raise ValueError("give --input FILE or --text TEXT")
-    labels, scores = model.predict(indptr, indices, values, k=args.k, mode=args.mode)
+    labels, scores, _, used = model.predict_with_stats(indptr, indices, values, k=args.k, mode=args.mode)
     out = sys.stdout
     names = model.label_names
     for lab, sc in zip(labels, scores, strict=True):
         keep = lab >= 0
         ids = lab[keep].tolist()
-        record = {"labels": ids, "scores": [round(float(s), 6) for s in sc[keep]]}
+        record = {"labels": ids, "scores": [round(float(s), 6) for s in sc[keep]], "mode": used}
         if names is not None:
             record = {"names": names.names(ids), **record}
         out.write(json.dumps(record) + "\n")
     return 0
+
+
+_MODE_HELP = (
+    "auto (default): hash tables for wide layers where they recall the exact top-5, every label elsewhere; "
+    "lsh: tables for every sampled layer; exact: score every label. Each output says which answered."
+)
 
 
 def make_parser() -> argparse.ArgumentParser:
@@ -287,8 +294,8 @@ def make_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="P@k, nDCG@k (and PSP@k with --train) of a model on a test file")
     e.add_argument("--model", required=True)
     e.add_argument("--test", required=True)
-    e.add_argument("--mode", choices=["lsh", "exact"], default="lsh")
-    e.add_argument("--recall", action="store_true", help="also report top-5 recall of lsh against exact")
+    e.add_argument("--mode", choices=["auto", "lsh", "exact"], default="auto", help=_MODE_HELP)
+    e.add_argument("--recall", action="store_true", help="also report top-5 recall against exact when tables answer")
     e.add_argument("--train", help="training file, for propensity-scored PSP@k")
     e.add_argument("--propensity", choices=["default", "amazon"], default="default")
     e.set_defaults(func=cmd_eval)
@@ -298,7 +305,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="XMC file (or JSONL text for a model trained on text)")
     p.add_argument("--text", action="append", help="a query text (repeatable); prints label names")
     p.add_argument("--k", type=int, default=5)
-    p.add_argument("--mode", choices=["lsh", "exact"], default="lsh")
+    p.add_argument("--mode", choices=["auto", "lsh", "exact"], default="auto", help=_MODE_HELP)
     p.set_defaults(func=cmd_predict)
     return parser
 

@@ -71,6 +71,11 @@ BOUNDS: dict[str, Bounds] = {
     "batch_size": Bounds(1, 65536),
     "epochs": Bounds(0, 100_000),
     "lr": Bounds(0.0, 1.0, low_open=True),
+    "lr_warmup_steps": Bounds(-1, 10**9, note="-1 = none, 0 = auto"),
+    "lr_decay": Bounds(0.0, 1.0, low_open=True, note="1 = constant step size"),
+    "weight_decay": Bounds(0.0, 1.0, high_open=True, note="0 = none"),
+    "val_points": Bounds(-1, 10**7, note="-1 = none, 0 = auto"),
+    "early_stop_patience": Bounds(0, 10**6, note="0 = never stop early"),
     "beta1": Bounds(0.0, 1.0, high_open=True),
     "beta2": Bounds(0.0, 1.0, high_open=True),
     "eps": Bounds(0.0, 1.0, low_open=True),
@@ -165,6 +170,25 @@ class SlideConfig:
     lr: float = 3e-3
     """Adam's step size. 3e-3 rather than the usual 1e-3: with random negatives the many unretrieved labels
     must first be pushed down row by row. Use 1e-3 with random_negatives=-1."""
+    lr_warmup_steps: int = 0
+    """Steps over which the step size rises linearly from lr / warm-up steps to lr, so the first updates
+    of rows that Adam has barely seen stay small: 0 = auto (a quarter of an epoch, at most 500), -1 = none."""
+    lr_decay: float = 0.5
+    """Factor applied to the step size each time an evaluation brings no new best validation P@1 (reduce
+    on plateau; 1 = constant). It follows the validation history, never the number of epochs configured,
+    so a longer run follows the same path as a shorter one. Without a validation split it never applies."""
+    weight_decay: float = 0.0
+    """Decoupled weight decay (AdamW): each update also shrinks the updated row by lr * weight_decay.
+    Only the rows a batch touches are decayed (lazily, like the rest of the update): 0 = none."""
+    normalize_input: bool = False
+    """Scale every input row (training and prediction) to unit L2 norm; for raw counts or unnormalised
+    TF-IDF, whose row norms vary with document length."""
+    val_points: int = 0
+    """Training points held out as a validation split (seeded, never trained on) that picks the served
+    snapshot and stops training early: 0 = auto (a tenth of the training set, at most 5,000, none below
+    1,000 points), -1 = none (the last state is served), > 0 = this many. The test set is only reported."""
+    early_stop_patience: int = 3
+    """Evaluations without a new best validation P@1 before training stops (0 = run every epoch)."""
     beta1: float = 0.9
     """Adam's decay rate of the first moment (the running mean of gradients)."""
     beta2: float = 0.999
@@ -200,7 +224,7 @@ class SlideConfig:
     eval_every: int = 0
     """Evaluate every this many steps (0 = once per epoch)."""
     eval_points: int = 2000
-    """Test points used by the periodic evaluation (0 = all)."""
+    """Test points used by the periodic evaluation (0 = all); it reports them and selects nothing."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))

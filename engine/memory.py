@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import lsh
+from . import lsh, schedule
 from .config import SlideConfig
 from .network import layer_slots, layer_widths
 
@@ -51,6 +51,7 @@ PART_FIELDS: dict[str, tuple[str, ...]] = {
     ),
     "evaluation": ("eval_points", "hash_l", "bucket_size", "predict_probes", "predict_hubs", "threads"),
     "data": (),
+    "validation": ("val_points", "hidden", "weight_dtype", "hash_l", "predict_hubs"),
     "transient": ("hidden", "batch_size", "bucket_size", "hash_l", "table_bits", "threads"),
 }
 """The config fields each part of the estimate grows with (the dataset's shape drives most of them too)."""
@@ -166,7 +167,7 @@ def estimate_memory(
         layer_cap[layer] = min(
             n, n_tables * (1 + cfg.probes) * cfg.bucket_size + hubs + max_labels + cfg.min_active + extra
         )
-    serving = weights + tables
+    serving = weights + tables + depth  # + serve_tables, one byte a layer
 
     # Step buffers (Trainer._buffers), allocated for a full batch.
     b = cfg.batch_size
@@ -187,7 +188,7 @@ def estimate_memory(
     step += max(_UPDATE_CHUNKS, t) * b * widths[-2] * 4 if fused else 0  # grad_inputs
 
     # Data read buffers: the row readers keep both indptr arrays in memory; one epoch's order; labelled flags.
-    data = (n_points + 1) * 16 + n_points * (8 + 1)
+    data = (n_points + 1) * 16 + n_points * (8 + 1) + n_points * 8  # + the training rows (validation_split)
     evaluation = 0
     if eval_points:
         data += (eval_points + 1) * 16
@@ -208,6 +209,14 @@ def estimate_memory(
         )
         evaluation += t * (sum(widths[1:-1]) * 4 + serve_cap * 8 + n_max * 8 + n_codes * 12)
         evaluation += t * max(layer_l.values() or [1]) * (1 + pp) * 4
+
+    # The validation split (schedule.validation_split): its rows in memory, and the copy of the best model so far.
+    n_val = schedule.validation_size(cfg, n_points)
+    validation = 0
+    if n_val:
+        share = n_val / n_points
+        validation += (n_val + 1) * 16 + int(share * (nnz * 8 + label_entries * 4))  # the rows' copy
+        validation += serving
 
     # The largest short-lived allocation: a layer drawn a block of rows at a time at initialisation (float32,
     # and its bfloat16 rounding), a rebuild's per-table counting sort, the optimizer's grouping of a batch, and
@@ -241,6 +250,7 @@ def estimate_memory(
         "step_buffers": int(step),
         "evaluation": int(evaluation),
         "data": int(data),
+        "validation": int(validation),
         "transient": int(max(0, transient)),
     }
     return MemoryEstimate(parts=parts, serving=int(serving))

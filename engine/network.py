@@ -9,7 +9,7 @@ is float32 or bfloat16 bits (uint16), as config.weight_dtype says; `float_weight
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, Literal, NamedTuple
 
 import numba
 import numpy as np
@@ -20,12 +20,33 @@ from .kernels.inference import predict_batch, predict_batch_serial
 from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
 from .lsh import HashFunctions
+from .metrics import precision_at_k, topk_recall
+from .sparse import unit_rows
 from .tables import Tables
 
 if TYPE_CHECKING:
     from .text import LabelNames, TextFeaturizer
 
-PredictMode = Literal["lsh", "exact"]
+PredictMode = Literal["auto", "lsh", "exact"]
+PREDICT_MODES = ("auto", "lsh", "exact")
+AUTO_MIN_RECALL = 0.95
+"""`auto` serves a wide layer from its tables only if they return at least this share of the exact top-5."""
+AUTO_MAX_P1_LOSS = 0.005
+"""... and, when calibration points have labels, lose at most this much P@1 against scoring every neuron."""
+_CALIBRATION_K = 5
+
+
+class Predictions(NamedTuple):
+    """What `SlideModel.predict_with_stats` returns: top-k labels int32 (n, k), their scores float32 (n, k),
+    int64 (n,) output neurons scored per point, and the mode that answered (`lsh` when any layer used its
+    tables, else `exact`)."""
+
+    labels: np.ndarray
+    scores: np.ndarray
+    n_scored: np.ndarray
+    mode: str
+
+
 _MAX_K = 1000
 _SERIAL_BELOW = 4
 _SCRATCH_POOL: dict[tuple, list[tuple]] = {}
@@ -50,6 +71,7 @@ class SlideModel:
         b0: np.ndarray,
         hashes: list[HashFunctions],
         tables_: list[Tables],
+        serve_tables: np.ndarray | None = None,
     ):
         self.config = config
         self.num_features = int(num_features)
@@ -80,6 +102,14 @@ class SlideModel:
         """engine.text.TextFeaturizer of a model trained on text (it turns a query into this model's features)."""
         self.label_names: LabelNames | None = None
         """engine.text.LabelNames: label i's name, when the training set had names."""
+        self.serve_tables = default_serve_tables(self.layer_slot, [w.shape[0] for w in self.weights])
+        if serve_tables is not None:
+            serve_tables = np.asarray(serve_tables, dtype=np.bool_)
+            if serve_tables.shape != self.serve_tables.shape:
+                raise ValueError(f"serve_tables must have one entry per layer ({self.depth}), got {serve_tables.shape}")
+            self.serve_tables = serve_tables & (self.layer_slot >= 0)
+        self.serving_report: dict = {}
+        """How `calibrate_serving` chose `serve_tables` (empty: the width rule alone)."""
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -205,29 +235,52 @@ class SlideModel:
         indices: np.ndarray,
         values: np.ndarray,
         k: int = 5,
-        mode: PredictMode = "lsh",
+        mode: PredictMode = "auto",
         probes: int | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Top-k labels int32 (n, k) and raw scores float32 (n, k) of n sparse points (CSR arrays).
 
         `lsh` scores only the output neurons the hash tables return (rows with fewer candidates than
-        k are padded with -1 / -inf); `exact` scores every label. Scores are output-layer logits, the
-        same number for a label in both modes. probes: multi-probe buckets per table in `lsh` mode
-        (None = the config's predict_probes): more candidates, higher recall of the exact top-k.
+        k are padded with -1 / -inf); `exact` scores every label; `auto` (the default) uses a layer's
+        tables where `serve_tables` says so (wide layers whose tables recall the exact top-5, see
+        `calibrate_serving`) and scores every neuron elsewhere: `resolve_mode` or `predict_with_stats`
+        say which mode answered. Scores are output-layer logits, the same number for a label in every
+        mode. probes: multi-probe buckets per table where tables are used (None = the config's
+        predict_probes): more candidates, higher recall of the exact top-k.
         """
-        labels, scores, _ = self.predict_with_stats(indptr, indices, values, k, mode, probes)
+        labels, scores, _, _ = self.predict_with_stats(indptr, indices, values, k, mode, probes)
         return labels, scores
 
+    def resolve_mode(self, mode: PredictMode = "auto") -> tuple[np.ndarray, str]:
+        """(use_tables bool (depth,), the mode that answers: `lsh` when any layer uses its tables, else `exact`)."""
+        if mode not in PREDICT_MODES:
+            raise ValueError(f"mode must be one of {', '.join(PREDICT_MODES)}; got {mode!r}")
+        if mode == "auto":
+            use = self.serve_tables.copy()
+        else:
+            use = (self.layer_slot >= 0) & (mode == "lsh")
+        return use, ("lsh" if use.any() else "exact")
+
     def predict_with_stats(
-        self, indptr, indices, values, k: int = 5, mode: PredictMode = "lsh", probes: int | None = None
-    ):
-        """As `predict`, plus int64 (n,): how many output neurons were scored for each point."""
+        self, indptr, indices, values, k: int = 5, mode: PredictMode = "auto", probes: int | None = None
+    ) -> Predictions:
+        """As `predict`, plus int64 (n,): how many output neurons were scored for each point, and the mode
+        that answered (see `resolve_mode`)."""
         probes = self.predict_probes if probes is None else int(probes)
         if not 0 <= probes <= 64 or (probes and self.config.hash_family != "simhash"):
             raise ValueError(f"probes must be in [0, 64] (and 0 unless the hash family is simhash), got {probes}")
+        indptr, indices, values = self._inputs(indptr, indices, values)
+        use_tables, used = self.resolve_mode(mode)
+        return self._predict(indptr, indices, values, k, use_tables, used, probes)
+
+    def _inputs(self, indptr, indices, values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Checked CSR arrays, rows scaled to unit norm when the config says so."""
         indptr, indices, values = check_csr(indptr, indices, values, self.num_features)
-        if mode not in ("lsh", "exact"):
-            raise ValueError(f"mode must be 'lsh' or 'exact', got {mode!r}")
+        if self.config.normalize_input:
+            values = unit_rows(indptr, values)
+        return indptr, indices, values
+
+    def _predict(self, indptr, indices, values, k, use_tables, used, probes) -> Predictions:
         if not 1 <= int(k) <= min(_MAX_K, self.num_labels):
             raise ValueError(f"k must be in [1, {min(_MAX_K, self.num_labels)}], got {k}")
         n = indptr.shape[0] - 1
@@ -235,7 +288,7 @@ class SlideModel:
         out_scores = np.empty((n, int(k)), dtype=np.float32)
         n_scored = np.zeros(n, dtype=np.int64)
         if n == 0:
-            return out_labels, out_scores, n_scored
+            return Predictions(out_labels, out_scores, n_scored, used)
         scratch = self._take_scratch(probes)
         try:
             _, hid, ids, tags, counts, gens, qmargins, qcodes, qbuck = scratch
@@ -246,7 +299,7 @@ class SlideModel:
                 indptr,
                 indices,
                 values,
-                mode == "exact",
+                use_tables,
                 self.weights[0],
                 self.b0,
                 self.weights,
@@ -275,7 +328,54 @@ class SlideModel:
             )
         finally:
             self._return_scratch(scratch)
-        return out_labels, out_scores, n_scored
+        return Predictions(out_labels, out_scores, n_scored, used)
+
+    def calibrate_serving(
+        self,
+        indptr,
+        indices,
+        values,
+        y_indptr: np.ndarray | None = None,
+        y_indices: np.ndarray | None = None,
+        min_recall: float = AUTO_MIN_RECALL,
+        max_p1_loss: float = AUTO_MAX_P1_LOSS,
+    ) -> dict:
+        """Choose `serve_tables` (what `auto` does) from how the tables answer on these points.
+
+        A narrow layer (`lsh.is_wide_layer` false: exact scoring is cheap there) is always scored exactly.
+        A wide one uses its tables if, with only its tables on, the top-5 recalls at least `min_recall` of
+        the exact top-5 and, when labels (y CSR arrays) are given, P@1 is at most `max_p1_loss` below
+        exact's. Returns (and keeps in `serving_report`) per layer: its mode, and the recall and P@1
+        figures where measured.
+        """
+        indptr, indices, values = self._inputs(indptr, indices, values)
+        n = indptr.shape[0] - 1
+        k = min(_CALIBRATION_K, self.num_labels)
+        chosen = np.zeros(self.depth, dtype=np.bool_)
+        report: dict = {}
+        exact = None
+        for layer in self.sampled_layers():
+            entry: dict = {"neurons": int(self.weights[layer].shape[0])}
+            if lsh.is_wide_layer(self.weights[layer].shape[0]) and n > 0:
+                if exact is None:
+                    none = np.zeros(self.depth, dtype=np.bool_)
+                    exact = self._predict(indptr, indices, values, k, none, "exact", self.predict_probes).labels
+                only = np.zeros(self.depth, dtype=np.bool_)
+                only[layer] = True
+                got = self._predict(indptr, indices, values, k, only, "lsh", self.predict_probes).labels
+                entry["recall_at_5"] = topk_recall(got, exact)
+                ok = entry["recall_at_5"] >= min_recall
+                if y_indptr is not None and y_indices is not None:
+                    entry["p_at_1_tables"] = precision_at_k(got, y_indptr, y_indices, 1)
+                    entry["p_at_1_exact"] = precision_at_k(exact, y_indptr, y_indices, 1)
+                    ok = ok and entry["p_at_1_tables"] >= entry["p_at_1_exact"] - max_p1_loss
+                chosen[layer] = ok
+            entry["mode"] = "lsh" if chosen[layer] else "exact"
+            entry["points"] = int(n)
+            report[str(layer)] = entry
+        self.serve_tables = chosen
+        self.serving_report = report
+        return report
 
     def kernel_tables(self, serving: bool = False) -> tuple:
         """(hidx, hsign, hparams, toffsets, tids, hubs) tuples as the kernels take them (a dummy when no
@@ -344,6 +444,14 @@ class SlideModel:
     def _return_scratch(scratch: tuple) -> None:
         with _SCRATCH_LOCK:
             _SCRATCH_POOL.setdefault(scratch[0], []).append(scratch)
+
+
+def default_serve_tables(layer_slot: np.ndarray, widths: list[int]) -> np.ndarray:
+    """`auto`'s choice before any calibration: tables for the sampled layers too wide to score exactly
+    cheaply (`lsh.is_wide_layer`), every neuron elsewhere."""
+    return np.array(
+        [slot >= 0 and lsh.is_wide_layer(int(w)) for slot, w in zip(layer_slot, widths, strict=True)], dtype=np.bool_
+    )
 
 
 def weight_storage(config: SlideConfig) -> type:

@@ -42,6 +42,7 @@ def model_arrays(model: SlideModel) -> dict[str, np.ndarray]:
     """The arrays that define a model for serving and for rehashing."""
     arrays = {f"w{layer}": w for layer, w in enumerate(model.weights)}
     arrays["b0"] = model.b0
+    arrays["serve_tables"] = model.serve_tables.astype(np.uint8)
     for s, (hf, tb) in enumerate(zip(model.hashes, model.tables, strict=True)):
         arrays.update({f"hash{s}_{name}": a for name, a in zip(HashFunctions._fields, hf, strict=True)})
         arrays.update({f"table{s}_{name}": a for name, a in zip(Tables._fields, tb, strict=True)})
@@ -70,7 +71,9 @@ def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, a
         return np.asarray(arrays[key])
 
     tabs = [Tables(*(table_array(s, name) for name in Tables._fields)) for s in range(n_sampled)]
-    return SlideModel(config, num_features, num_labels, weights, np.asarray(arrays["b0"]), hashes, tabs)
+    # written before `auto` serving existed: the width rule (SlideModel's default)
+    serve = np.asarray(arrays["serve_tables"]).astype(np.bool_) if "serve_tables" in arrays else None
+    return SlideModel(config, num_features, num_labels, weights, np.asarray(arrays["b0"]), hashes, tabs, serve)
 
 
 def _file_crc32(path: Path) -> str:
@@ -243,6 +246,7 @@ def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False)
     model.version = int(manifest["version"])
     model.trainer_state = manifest.get("trainer_state", {})
     attach_text(model, manifest, arrays)
+    model.serving_report = manifest.get("serving", {})
     return model
 
 

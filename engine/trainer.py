@@ -4,11 +4,18 @@ A `Trainer` owns a model, its lazy-Adam state and the batch buffers. `run()` tra
 configured epochs are done or `should_stop()` turns true, reporting metrics and publishing snapshots
 (which double as checkpoints: `Trainer.resume(store, ...)` continues from the newest one with the
 same step counter, data order and schedule).
+
+Model selection uses a validation split held out of the training set (`schedule.validation_split`):
+after each evaluation the model with the best validation P@1 so far is kept, every snapshot serves it
+(its arrays are the snapshot's model; the state training continues from rides along as `opt_cur_*`
+arrays when it differs), training stops after `early_stop_patience` evaluations without a new best, and
+when `run()` returns `trainer.model` is the best model. The test set is only reported.
 """
 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +24,7 @@ from typing import Literal, NamedTuple
 import numba
 import numpy as np
 
-from . import lsh
+from . import lsh, schedule
 from ._numba import set_threads
 from .config import SlideConfig
 from .kernels.forward import backward_batch, train_batch
@@ -40,7 +47,7 @@ from .snapshot import (
     model_from_arrays,
     read_manifest,
 )
-from .sparse import Dataset, RowReader
+from .sparse import Dataset, RowReader, normalize_rows
 
 MetricsCallback = Callable[[dict], None]
 _INPUT_MEAN_DECAY = 0.99
@@ -48,6 +55,12 @@ _UPDATE_CHUNKS = 16
 """Row chunks of a sampled layer's update; also the partial sums of the fused backward pass through
 the output layer, so results are bit-identical for any thread count up to this many."""
 SnapshotCallback = Callable[[int, Path], None]
+TRAINING_ARRAYS = "opt_cur_"
+_MODEL_ARRAY = re.compile(r"^(w\d+|b0|serve_tables|hash\d+_\w+|table\d+_\w+)$")
+"""Names of the arrays snapshot.model_arrays writes."""
+"""Prefix of the model arrays training continues from, in a snapshot that serves an earlier (best) model."""
+CALIBRATION_POINTS = 500
+"""Validation points on which `auto` serving checks the tables of wide layers against exact scoring."""
 
 
 class StepBuffers(NamedTuple):
@@ -121,6 +134,20 @@ class Trainer:
         self._init_optimizer(optimizer)
         self._eval_rows = self._pick_eval_rows()
         self._train_rows = RowReader(train)
+        self._train_idx, self._val_idx = schedule.validation_split(config, train.num_points)
+        self._val_data = self._train_rows.take(self._val_idx) if self._val_idx.size else None
+        self._steps_per_epoch = -(-self._train_idx.size // config.batch_size)
+        self._warmup = schedule.warmup_steps(config, self._steps_per_epoch)
+        self._lr = config.lr
+        self.best: dict | None = None
+        """Validation P@1 (and step, epoch) of the best model so far; None before the first validation."""
+        self.evals_since_best = 0
+        self.lr_decays = 0
+        """Evaluations so far that brought no new best: each multiplied the step size by lr_decay."""
+        self.early_stopped = False
+        self._best_arrays: dict | None = None
+        self._best_serving: dict = {}
+        self._training_model: SlideModel | None = None
         self._test_rows = RowReader(test) if test is not None else None
         self._labelled = np.diff(self._train_rows.y_indptr) > 0
         out = self.model.depth - 1
@@ -175,10 +202,37 @@ class Trainer:
             "next_rehash_step": self.next_rehash_step,
             "train_seconds": self.train_seconds,
             "history": self.history[-1000:],
+            "best": self.best,
+            "evals_since_best": self.evals_since_best,
+            "lr_decays": self.lr_decays,
+            "early_stopped": self.early_stopped,
+            "resolved": self.resolved(),
         }
 
+    def resolved(self) -> dict:
+        """The concrete values behind the config's auto (0) settings for this data."""
+        out = {
+            "val_points": int(self._val_idx.size),
+            "train_points": int(self._train_idx.size),
+            "lr_warmup_steps": self._warmup,
+            "steps_per_epoch": self._steps_per_epoch,
+            "hard_negatives": self._hard_negatives,
+            "random_negatives": self._random_negatives,
+        }
+        for layer in self.model.sampled_layers():
+            slot = self.model.layer_slot[layer]
+            hf = self.model.hashes[slot]
+            out[f"layer{layer}"] = {
+                "neurons": int(self.model.weights[layer].shape[0]),
+                "hash_k": hf.k,
+                "hash_l": hf.n_tables,
+                "max_active": int(self.model.max_active[slot]),
+            }
+        return out
+
     def arrays(self) -> dict[str, np.ndarray]:
-        arrays = model_arrays(self.model)
+        """The training state: the model training continues from, and the optimizer's arrays."""
+        arrays = model_arrays(self._training_model or self.model)
         for layer in range(len(self.m)):
             arrays.update(
                 {
@@ -193,17 +247,28 @@ class Trainer:
         return arrays
 
     def publish(self) -> tuple[int, Path] | None:
-        """Write a snapshot of model + optimizer + progress to the store (if any)."""
+        """Write a snapshot to the store (if any): the served model (the best by validation P@1 so far, or the
+        current one before the first validation or without a split) + optimizer + progress, and the model
+        training continues from as `opt_cur_*` arrays when that is not the served one."""
         if self.store is None:
             return None
         self.refresh_serving_hubs()
+        state = self.state()
+        arrays = self.arrays()
+        serving = self.model.serving_report
+        if self._serves_best():
+            current = {name: arrays.pop(name) for name in model_arrays(self.model)}
+            arrays.update({TRAINING_ARRAYS + name: a for name, a in current.items()})
+            arrays.update(self._best_arrays)
+            state["training_arrays"] = TRAINING_ARRAYS
+            serving = self._best_serving
         meta = {
             "config": self.config.to_dict(),
             "num_features": self.model.num_features,
             "num_labels": self.model.num_labels,
-            "trainer_state": self.state(),
+            "trainer_state": state,
+            "serving": serving,
         }
-        arrays = self.arrays()
         if self.model.featurizer is not None:
             meta["text"] = self.model.featurizer.meta()
             arrays.update(self.model.featurizer.to_arrays())
@@ -224,6 +289,23 @@ class Trainer:
             if len(label_names) != self.model.num_labels:
                 raise ValueError(f"{len(label_names)} label names for {self.model.num_labels} labels")
             self.model.label_names = label_names
+
+    def _serves_best(self) -> bool:
+        """Whether the served model is a kept best one rather than the current training state."""
+        return self._best_arrays is not None and self.best is not None and self.best["step"] != self.step
+
+    def best_model(self) -> SlideModel:
+        """The model with the best validation P@1 so far (the current one before any validation)."""
+        if not self._serves_best():
+            return self.model
+        model = model_from_arrays(self.config, self.model.num_features, self.model.num_labels, self._best_arrays)
+        model.serving_report = self._best_serving
+        model.featurizer, model.label_names = self.model.featurizer, self.model.label_names
+        return model
+
+    def _keep_best(self) -> None:
+        self._best_arrays = {name: np.array(a, copy=True) for name, a in model_arrays(self.model).items()}
+        self._best_serving = dict(self.model.serving_report)
 
     def refresh_serving_hubs(self) -> None:
         """Re-pick what predictions add to every candidate set from the current weights: the tables are
@@ -246,13 +328,27 @@ class Trainer:
         if (manifest["num_features"], manifest["num_labels"]) != (train.num_features, train.num_labels):
             raise ValueError("the training set's dimensions differ from the snapshot's")
         arrays = load_arrays(path, mmap=False, verify=True)
+        st = manifest["trainer_state"]
+        prefix = st.get("training_arrays")
+        served = None
+        if prefix:
+            served = {name: arrays.pop(name) for name in list(arrays) if _MODEL_ARRAY.match(name)}
+            arrays.update({name[len(prefix) :]: arrays.pop(name) for name in list(arrays) if name.startswith(prefix)})
         model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
         attach_text(model, manifest, arrays)
         try:
             trainer = cls(config, train, test, store, model=model, optimizer=arrays)
         except ValueError as exc:
             raise ValueError(f"snapshot {path}: {exc}") from exc
-        st = manifest["trainer_state"]
+        trainer.best = st.get("best")
+        trainer.evals_since_best = int(st.get("evals_since_best", 0))
+        trainer.lr_decays = int(st.get("lr_decays", 0))
+        trainer.early_stopped = bool(st.get("early_stopped", False))
+        if served is not None:
+            trainer._best_arrays, trainer._best_serving = served, dict(manifest.get("serving", {}))
+        elif trainer.best is not None:
+            model.serving_report = dict(manifest.get("serving", {}))
+            trainer._keep_best()
         for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "rehash_round", "next_rehash_step"):
             setattr(trainer, key, int(st[key]))
         trainer.train_seconds = float(st["train_seconds"])
@@ -261,7 +357,9 @@ class Trainer:
 
     # ---- data order and buffers ---------------------------------------------------------------
     def epoch_order(self, epoch: int) -> np.ndarray:
-        return epoch_order(self.config.seed, epoch, self.train.num_points)
+        """The training rows of an epoch in order: the validation split's rows never appear."""
+        order = epoch_order(self.config.seed, epoch, self._train_idx.size)
+        return order if self._val_idx.size == 0 else self._train_idx[order]
 
     def _pick_eval_rows(self) -> np.ndarray | None:
         if self.test is None or self.test.num_points == 0:
@@ -365,6 +463,9 @@ class Trainer:
         n_chunks = max(1, min(b, numba.get_num_threads()))
         fused = self._fused_output
         data = self._train_rows.take(points)
+        if cfg.normalize_input:
+            data = normalize_rows(data)
+        self._lr = cfg.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.lr_decay)
         slots = np.arange(b, dtype=np.int64)
         train_batch(
             slots,
@@ -426,7 +527,7 @@ class Trainer:
         group_start, pair_point, pair_nz, touched = group_by_feature(
             slots, data.x_indptr, data.x_indices, self._group_of_row[0]
         )
-        lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
+        lr, b1, b2, eps = self._lr, cfg.beta1, cfg.beta2, cfg.eps
         update_input_layer(
             model.weights[0],
             self.m[0],
@@ -460,7 +561,7 @@ class Trainer:
         """Adam on a layer (>= 1) from the batch's deltas; grad_inputs: see update_sampled_layer."""
         cfg, model = self.config, self.model
         w = model.weights[layer]
-        lr, b1, b2, eps = cfg.lr, cfg.beta1, cfg.beta2, cfg.eps
+        lr, b1, b2, eps = self._lr, cfg.beta1, cfg.beta2, cfg.eps
         if model.layer_slot[layer] >= 0:
             group_start, pair_point, pair_slot, touched = group_by_row(
                 act_ids[layer - 1],
@@ -527,27 +628,54 @@ class Trainer:
         return hashed
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, mode: Literal["lsh", "exact"] | None = None, k: int = 5) -> dict:
-        """P@1/P@5 on the evaluation subset of the test set (lsh for sampled models unless told)."""
+    def evaluate(self, mode: str = "auto", k: int = 5) -> dict:
+        """P@1/P@5 of the model on the evaluation subset of the test set (reported only: nothing is selected
+        by it), in `mode` (auto: as served; eval_mode says which mode answered)."""
         if self._eval_rows is None:
             return {"p_at_1": None, "p_at_5": None}
         assert self.test is not None and self._test_rows is not None  # eval rows are drawn from the test set
-        mode = mode or ("lsh" if self.config.sample_output else "exact")
-        if mode == "lsh":
-            self.refresh_serving_hubs()
+        self.refresh_serving_hubs()
         sub = (
             self.test.row_slice(0, self.test.num_points)
             if len(self._eval_rows) == self.test.num_points
             else self._test_rows.take(self._eval_rows)
         )
-        pred, _ = self.model.predict(
+        return self._score(sub, mode, k, "")
+
+    def _score(self, sub: Dataset, mode: str, k: int, prefix: str) -> dict:
+        pred, _, _, used = self.model.predict_with_stats(
             sub.x_indptr, sub.x_indices, sub.x_values, k=min(k, self.model.num_labels), mode=mode
         )
         return {
-            "p_at_1": precision_at_k(pred, sub.y_indptr, sub.y_indices, 1),
-            "p_at_5": precision_at_k(pred, sub.y_indptr, sub.y_indices, 5),
-            "eval_mode": mode,
+            f"{prefix}p_at_1": precision_at_k(pred, sub.y_indptr, sub.y_indices, 1),
+            f"{prefix}p_at_5": precision_at_k(pred, sub.y_indptr, sub.y_indices, 5),
+            f"{prefix}eval_mode": used,
         }
+
+    def validate(self) -> dict:
+        """Calibrate `auto` serving on the validation split (see SlideModel.calibrate_serving) and score it
+        there as served; {} without a split. Updates the best model kept so far and the early-stopping count."""
+        if self._val_data is None:
+            return {}
+        self.refresh_serving_hubs()
+        val = self._val_data
+        cal = val.row_slice(0, min(val.num_points, CALIBRATION_POINTS))
+        self.model.calibrate_serving(cal.x_indptr, cal.x_indices, cal.x_values, cal.y_indptr, cal.y_indices)
+        out = self._validation_scores(val)
+        score = out["val_p_at_1"]
+        if schedule.is_improvement(score, None if self.best is None else self.best["val_p_at_1"]):
+            self.best = {"val_p_at_1": score, "step": self.step, "epoch": self.epoch, "samples": self.samples_seen}
+            self.evals_since_best = 0
+            self._keep_best()
+        else:
+            self.evals_since_best += 1
+            self.lr_decays += 1
+        out["best_val_p_at_1"] = self.best["val_p_at_1"]
+        return out
+
+    def _validation_scores(self, val: Dataset) -> dict:
+        """val_p_at_1, val_p_at_5 and val_eval_mode of the model as served (`auto`) on the validation split."""
+        return self._score(val, "auto", 5, "val_")
 
     # ---- the loop -----------------------------------------------------------------------------
     def run(
@@ -563,15 +691,20 @@ class Trainer:
         time budget is spent. Returns the last metrics with "stopped" (True when interrupted early)."""
         cfg = self.config
         set_threads(cfg.threads)
-        n = self.train.num_points
-        batches_per_epoch = -(-n // cfg.batch_size)
+        if self._training_model is not None:  # a previous run() left the best model in self.model
+            self.model, self._training_model = self._training_model, None
+            self._serving_hubs_step = -1
+        n = self._train_idx.size
+        batches_per_epoch = self._steps_per_epoch
         window = {"loss": 0.0, "labelled": 0, "active": 0.0, "batches": 0, "samples": 0, "seconds": 0.0}
         last_snapshot = time.monotonic()
         start_seconds = self.train_seconds
         stopped = False
+        interrupted = False
         last = None
 
-        def report() -> dict:
+        def report(select: bool = True) -> dict:
+            """Metrics of the window; select: validate too (keep the best model, count towards stopping)."""
             metrics = {
                 "step": self.step,
                 "epoch": self.epoch,
@@ -582,7 +715,10 @@ class Trainer:
                 if window["batches"]
                 else None,
                 "elapsed_s": self.train_seconds,
+                "lr": self._lr,
             }
+            if select:
+                metrics.update(self.validate())
             metrics.update(self.evaluate())
             self.history.append(metrics)
             if on_metrics:
@@ -595,10 +731,17 @@ class Trainer:
             if published and on_snapshot:
                 on_snapshot(*published)
 
-        while self.epoch < cfg.epochs:
+        def stop_early() -> bool:
+            self.early_stopped = self.early_stopped or schedule.should_stop_early(
+                self.evals_since_best, cfg.early_stop_patience
+            )
+            return self.early_stopped
+
+        while self.epoch < cfg.epochs and not self.early_stopped:
             order = self.epoch_order(self.epoch)
             while self.batch_in_epoch < batches_per_epoch:
-                if should_stop() or (time_budget_s is not None and self.train_seconds - start_seconds >= time_budget_s):
+                interrupted = should_stop()
+                if interrupted or (time_budget_s is not None and self.train_seconds - start_seconds >= time_budget_s):
                     stopped = True
                     break
                 s = self.batch_in_epoch * cfg.batch_size
@@ -617,17 +760,30 @@ class Trainer:
                     progress(min(cfg.batch_size, n - s))
                 if cfg.eval_every and self.step % cfg.eval_every == 0:
                     last = report()
+                    if stop_early():
+                        break
                 if self.store is not None and time.monotonic() - last_snapshot >= snapshot_every_s:
                     snapshot()
                     last_snapshot = time.monotonic()
-            if stopped:
+            if stopped or self.early_stopped:
                 break
             self.epoch += 1
             self.batch_in_epoch = 0
             if not cfg.eval_every:
                 last = report()
+                stop_early()
         if last is None or window["batches"]:
-            last = report()
+            # an interrupted run resumes later: selecting here would make its path differ from an uninterrupted one
+            last = report(select=not interrupted)
         self.refresh_serving_hubs()
         snapshot()
-        return {**last, "stopped": stopped}
+        result = {**last, "stopped": stopped, "early_stopped": self.early_stopped}
+        if self._serves_best():
+            # the final model is the best one; the next run() continues from the training state
+            self._training_model = self.model
+            self.model = self.best_model()
+            self._serving_hubs_step = self.step
+            result.update(self.evaluate())
+        if self.best is not None:
+            result.update(served_step=self.best["step"], best_val_p_at_1=self.best["val_p_at_1"])
+        return result

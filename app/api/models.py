@@ -103,11 +103,11 @@ async def predict(
         Body(
             openapi_examples={
                 "one": {
-                    "summary": "One query, sub-linear (LSH) candidates",
+                    "summary": "One query, scored as the model's calibration chose (auto)",
                     "value": {
                         "instances": [{"indices": [0, 2, 5], "values": [1.0, 0.5, 0.25]}],
                         "k": 5,
-                        "mode": "lsh",
+                        "mode": "auto",
                     },
                 },
                 "exact": {
@@ -144,6 +144,7 @@ async def predict(
     return PredictResponse(
         model_id=model_id,
         model_version=result.version,
+        mode=result.mode,
         predictions=[Prediction(labels=ls, scores=ss) for ls, ss in zip(result.labels, result.scores, strict=True)],
         warnings=_short_answers(result, body.k),
     )

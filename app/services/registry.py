@@ -54,6 +54,7 @@ class LoadedModel:
 @dataclass(frozen=True)
 class PredictResult:
     version: int
+    mode: str  # the mode that answered: lsh or exact
     labels: list[list[int]]
     scores: list[list[float]]
     num_labels: int = 0
@@ -196,7 +197,9 @@ class ModelRegistry:
             )
         kk = min(int(k), int(model.num_labels))
         with self._predict_guard:
-            labels, scores = model.predict(indptr, indices.astype(np.int32), values, k=kk, mode=mode)
+            labels, scores, _, used = model.predict_with_stats(
+                indptr, indices.astype(np.int32), values, k=kk, mode=mode
+            )
         labels = np.asarray(labels)
         scores = np.asarray(scores)
         out_labels: list[list[int]] = []
@@ -205,4 +208,4 @@ class ModelRegistry:
             keep = labels[r] >= 0
             out_labels.append(labels[r][keep].tolist())
             out_scores.append([float(x) for x in scores[r][keep]])
-        return PredictResult(loaded.version, out_labels, out_scores, int(model.num_labels))
+        return PredictResult(loaded.version, str(used), out_labels, out_scores, int(model.num_labels))

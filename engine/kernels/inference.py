@@ -1,4 +1,4 @@
-"""Top-k prediction: score the hash-table candidates of the output layer (lsh) or every label (exact)."""
+"""Top-k prediction: per sampled layer, score its hash-table candidates or every neuron (exact)."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def predict_batch(
     indptr,
     indices,
     values,
-    exact,
+    use_tables,
     w0,
     b0,
     weights,
@@ -58,7 +58,10 @@ def predict_batch(
     n_scored,
 ):
     """out_labels int32 (n, k) (-1 where fewer than k were scored), out_scores float32 (n, k): raw
-    output-layer scores; n_scored int64 (n,): how many output neurons were scored per point."""
+    output-layer scores; n_scored int64 (n,): how many output neurons were scored per point.
+
+    use_tables bool (depth,): whether a sampled layer scores only its tables' candidates (else all its
+    neurons); a layer without tables (slot -1) is always dense."""
     n = indptr.shape[0] - 1
     depth = len(weights)
     for c in prange(n_chunks):
@@ -72,7 +75,7 @@ def predict_batch(
                 w = weights[layer]
                 inp = hid[layer - 1][c]
                 slot = layer_slot[layer]
-                sampled = slot >= 0 and not exact
+                sampled = slot >= 0 and use_tables[layer]
                 if sampled:
                     gen = next_generation(tags, gens, c)
                     m = lsh_active_set(

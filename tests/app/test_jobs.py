@@ -13,7 +13,7 @@ from engine import SlideConfig
 from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
 from tests.conftest import make_settings
 
-FAST = {"hidden": [32], "batch_size": 64, "seed": 3}
+FAST = {"hidden": [32], "batch_size": 64, "seed": 3, "early_stop_patience": 0}  # a job runs all its epochs
 
 
 def _job(client, job_id):
@@ -124,6 +124,9 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     assert pred.status_code == 200, pred.text
     v1 = pred.json()["model_version"]
     assert v1 >= 1 and len(pred.json()["predictions"]) == 2
+    assert pred.json()["mode"] == "lsh"  # each response says how it was scored
+    default = client.post(f"/v1/models/{job_id}/predict", json={k: v for k, v in query.items() if k != "mode"})
+    assert default.status_code == 200 and default.json()["mode"] == "exact"  # auto: 500 labels are scored exactly
     for p_ in pred.json()["predictions"]:
         assert len(p_["labels"]) == len(p_["scores"]) <= 5
         assert all(0 <= label < 500 for label in p_["labels"])

@@ -10,7 +10,7 @@ from app.db import JobRow
 from tests.app.helpers import upload, wait_for
 from tests.conftest import make_settings
 
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 5, "epochs": 60}
+CONFIG = {"hidden": [32], "batch_size": 64, "seed": 5, "epochs": 60, "early_stop_patience": 0}
 
 
 def _job(client, job_id):

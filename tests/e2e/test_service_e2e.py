@@ -17,7 +17,7 @@ import pytest
 from tests.app.helpers import wait_for
 from tests.e2e.server import Server
 
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 100}
+CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 100, "early_stop_patience": 0}
 QUERY = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "lsh"}
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from numba import njit
 
-from engine import lsh, tables
+from engine import lsh, schedule, tables
 from engine._numba import set_threads
 from engine.config import SlideConfig
 from engine.kernels.forward import sparse_input_layer
@@ -87,9 +87,11 @@ class NaiveAdam:
     """Lazy Adam over (w0, b0, [w1, ...]) in float64, with the engine's choice of touched rows; the first
     moment of a sampled layer is stored rounded to bfloat16 when the config says so."""
 
-    def __init__(self, params, cfg):
+    def __init__(self, params, cfg, resolved):
+        """resolved: the trainer's resolved settings (the warm-up of the step-size schedule)."""
         self.w0, self.b0, self.ws = params
         self.cfg = cfg
+        self.warmup = resolved["lr_warmup_steps"]
         shapes = [self.w0.shape] + [w.shape for w in self.ws]
         self.m = [np.zeros(s) for s in shapes]
         self.v = [np.zeros(s) for s in shapes]
@@ -101,7 +103,8 @@ class NaiveAdam:
         """keep: the output deltas kept (hard negatives); the output rows none of them touch take no step.
         shift: the output logits' log-Q correction (random negatives)."""
         cfg = self.cfg
-        hp = (cfg.lr, cfg.beta1, cfg.beta2, cfg.eps)
+        lr = cfg.lr * schedule.lr_factor(self.t, self.warmup, 0, cfg.lr_decay)  # no validation split: no decay
+        hp = (lr, cfg.beta1, cfg.beta2, cfg.eps)
         g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep, shift)
         rows0 = np.flatnonzero(np.any(x != 0, axis=0))
         naive.adam_rows(self.w0, self.m[0], self.v[0], self.steps[0], g_w0, rows0, *hp)
@@ -153,7 +156,7 @@ class NaiveAdam:
 def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
     cfg = exact_config(hidden=hidden, sample_output=False, batch_size=6, lr=1e-2, init_std=0.3, seed=4)
     trainer = Trainer(cfg, data)
-    ref = NaiveAdam(snapshot_params(trainer.model), cfg)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
     # Two full batches and a partial one (4 < batch_size); features and rows overlap between batches.
     for points in ([0, 1, 2, 3, 4, 5], [3, 7, 9, 11, 13, 2], [20, 21, 22, 0]):
         points = np.array(points)
@@ -233,7 +236,7 @@ def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(dat
         rehash_n0=1000,
     )
     trainer = Trainer(cfg, data)
-    ref = NaiveAdam(snapshot_params(trainer.model), cfg)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
     out = trainer.model.depth - 1
     for points in (np.arange(8), np.arange(5, 13), np.array([30, 31, 1, 2])):
         x, labels = batch(data, points)
@@ -273,7 +276,7 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
         rehash_n0=1000,
     )
     trainer = Trainer(cfg, data)
-    ref = NaiveAdam(snapshot_params(trainer.model), cfg)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
     out = trainer.model.depth - 1
     for points in (np.arange(8), np.arange(5, 13), np.array([30, 31, 1, 2])):
         x, labels = batch(data, points)
@@ -336,7 +339,7 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
         rehash_n0=1000,
     )
     trainer = Trainer(cfg, data)
-    ref = NaiveAdam(snapshot_params(trainer.model), cfg)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
     out = trainer.model.depth - 1
     draws = set()
     for points in (np.arange(8), np.arange(5, 13), np.array([30, 31, 1, 2])):
@@ -658,7 +661,7 @@ def test_predict_exact_equals_naive_dense_topk(trained_model):
     labels, scores = model.predict(*rows(data, 50), k=5, mode="exact")
     np.testing.assert_array_equal(labels, want_labels)
     np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-6)
-    _, _, n_scored = model.predict_with_stats(*rows(data, 50), 5, "exact")
+    _, _, n_scored, _ = model.predict_with_stats(*rows(data, 50), 5, "exact")
     assert np.all(n_scored == model.num_labels)
 
 
@@ -695,7 +698,7 @@ def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train
     hf, tb = model.hashes[0], model.tables[0]
     n = 60
     args = rows(data, n)
-    labels, scores, n_scored = model.predict_with_stats(*args, k=5, mode="lsh")
+    labels, scores, n_scored, _ = model.predict_with_stats(*args, k=5, mode="lsh")
     w0, b0, ws = snapshot_params(model)
     x, _ = batch(data, np.arange(n))
     _, z, _ = naive.forward(w0, b0, ws, x)
@@ -723,10 +726,10 @@ def test_few_queries_and_batches_give_the_same_answers(trained_model, mode):
     """One query at a time (the serial kernel) and a batch of 40 (the parallel one) agree bit for bit."""
     model, data = trained_model
     set_threads(2)
-    batch_labels, batch_scores, batch_n = model.predict_with_stats(*rows(data, 40), k=5, mode=mode)
+    batch_labels, batch_scores, batch_n, _ = model.predict_with_stats(*rows(data, 40), k=5, mode=mode)
     for i in range(40):
         sub = data.row_slice(i, i + 1)
-        labels, scores, n_scored = model.predict_with_stats(sub.x_indptr, sub.x_indices, sub.x_values, 5, mode)
+        labels, scores, n_scored, _ = model.predict_with_stats(sub.x_indptr, sub.x_indices, sub.x_values, 5, mode)
         np.testing.assert_array_equal(labels[0], batch_labels[i])
         np.testing.assert_array_equal(scores[0], batch_scores[i])
         assert n_scored[0] == batch_n[i]
@@ -769,7 +772,7 @@ def test_exact_predict_ignores_hidden_sampling(weight_dtype):
     np.testing.assert_allclose(scores, naive.topk(z, 4)[1], rtol=1e-5, atol=1e-6)
     # lsh mode samples the hidden layer too, so its scores are those of a thinned network: still finite
     # and taken from the output layer's candidates only.
-    lab, sc, n_scored = model.predict_with_stats(*rows(data, 30), k=4, mode="lsh")
+    lab, sc, n_scored, _ = model.predict_with_stats(*rows(data, 30), k=4, mode="lsh")
     assert np.all(n_scored <= L) and np.all(np.isfinite(sc[lab >= 0]))
 
 
@@ -786,7 +789,7 @@ def test_hubs_are_the_top_scores_on_the_mean_input(trained_model):
     static = w[:, :-1].astype(np.float64) @ tb.query_center + w[:, -1]
     threshold = np.sort(static)[::-1][tb.hubs.shape[0] - 1]
     assert np.all(static[tb.hubs] >= threshold - 1e-6)
-    labels, _, n_scored = model.predict_with_stats(*rows(data, 20), k=5, mode="lsh")
+    labels, _, n_scored, _ = model.predict_with_stats(*rows(data, 20), k=5, mode="lsh")
     assert np.all(n_scored >= tb.hubs.shape[0])
 
 

@@ -25,7 +25,7 @@ from tests.app.helpers import assert_problem, upload, wait_for
 from tests.conftest import make_settings
 from tests.faults.conftest import alive
 
-SHORT = {"hidden": [32], "batch_size": 64, "seed": 1, "epochs": 8}
+SHORT = {"hidden": [32], "batch_size": 64, "seed": 1, "epochs": 8, "early_stop_patience": 0}
 LONG = dict(SHORT, epochs=500)  # cannot finish while a test pokes at it
 STABLE = ("completed", "stopped", "failed", "interrupted")
 QUERY = {"instances": [{"indices": [3], "values": [1.0]}]}

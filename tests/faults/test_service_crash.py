@@ -24,7 +24,7 @@ from engine.snapshot import read_manifest
 from tests.app.helpers import wait_for
 from tests.faults.conftest import alive, descendants
 
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 80}
+CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 80, "early_stop_patience": 0}
 QUERY = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "lsh"}
 STABLE = ("completed", "stopped", "failed", "interrupted")
 

@@ -14,7 +14,7 @@ from engine.snapshot import read_manifest
 from tests.app.helpers import job_diagnosis, upload, wait_for
 from tests.conftest import make_settings
 
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 5, "epochs": 80}
+CONFIG = {"hidden": [32], "batch_size": 64, "seed": 5, "epochs": 80, "early_stop_patience": 0}
 QUERY = {"instances": [{"indices": [4, 9], "values": [1.0, 0.5]}], "k": 5}
 
 

@@ -1,0 +1,67 @@
+"""Plain functions for what a run derives from its config and data size: the step-size schedule, the
+validation split and the early-stopping rule. The trainer calls them; tests check them without training.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import SlideConfig
+
+AUTO_WARMUP_MAX = 500
+"""Most warm-up steps `lr_warmup_steps = 0` (auto) chooses."""
+AUTO_VAL_FRACTION = 0.1
+AUTO_VAL_MAX = 5000
+AUTO_VAL_MIN_TRAIN = 1000
+"""Training sets smaller than this get no automatic validation split (too few points to rank snapshots)."""
+MIN_IMPROVEMENT = 1e-4
+"""A validation P@1 counts as a new best only if it beats the best so far by more than this."""
+
+
+def warmup_steps(config: SlideConfig, steps_per_epoch: int) -> int:
+    """Warm-up length in steps: lr_warmup_steps, or auto a quarter of an epoch capped at AUTO_WARMUP_MAX."""
+    if config.lr_warmup_steps == -1:
+        return 0
+    if config.lr_warmup_steps > 0:
+        return int(config.lr_warmup_steps)
+    return int(min(AUTO_WARMUP_MAX, max(1, steps_per_epoch // 4)))
+
+
+def lr_factor(step: int, warmup: int, decays: int, decay: float) -> float:
+    """Multiplier of the base step size for step `step` (0-based) after `decays` evaluations without a new
+    best: decay ** decays, times (step + 1) / warmup over the first `warmup` steps (a linear warm-up)."""
+    ramp = (step + 1) / warmup if step < warmup else 1.0
+    return float(ramp * decay**decays)
+
+
+def validation_size(config: SlideConfig, num_points: int) -> int:
+    """Training points the validation split holds (see SlideConfig.val_points); always leaves one to train on."""
+    if config.val_points == -1 or num_points < 2:
+        return 0
+    if config.val_points > 0:
+        return int(min(config.val_points, num_points - 1))
+    if num_points < AUTO_VAL_MIN_TRAIN:
+        return 0
+    return int(min(AUTO_VAL_MAX, round(AUTO_VAL_FRACTION * num_points)))
+
+
+def validation_split(config: SlideConfig, num_points: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train rows, validation rows), both sorted int64: a seeded random subset of the training set's rows
+    is held out. A function of (seed, num_points, val_points) only, so a resumed run holds out the same rows
+    and baselines can train on the same split."""
+    n_val = validation_size(config, num_points)
+    if n_val == 0:
+        return np.arange(num_points, dtype=np.int64), np.zeros(0, dtype=np.int64)
+    held = np.zeros(num_points, dtype=np.bool_)
+    held[np.random.default_rng([config.seed, 23]).choice(num_points, size=n_val, replace=False)] = True
+    return np.flatnonzero(~held).astype(np.int64), np.flatnonzero(held).astype(np.int64)
+
+
+def is_improvement(score: float, best: float | None) -> bool:
+    """Whether a validation score is a new best (by more than MIN_IMPROVEMENT)."""
+    return best is None or score > best + MIN_IMPROVEMENT
+
+
+def should_stop_early(evals_since_best: int, patience: int) -> bool:
+    """Whether `patience` evaluations in a row (0 = never) brought no new best."""
+    return patience > 0 and evals_since_best >= patience

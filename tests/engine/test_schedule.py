@@ -1,0 +1,74 @@
+"""The step-size schedule, the validation split and the early-stopping rule as plain functions."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import schedule
+from engine.config import ConfigError, SlideConfig
+
+
+def test_warmup_rises_linearly_to_the_base_step_size():
+    factors = [schedule.lr_factor(t, 4, 0, 0.5) for t in range(6)]
+    assert factors == pytest.approx([0.25, 0.5, 0.75, 1.0, 1.0, 1.0])
+    assert schedule.lr_factor(0, 0, 0, 0.5) == 1.0  # no warm-up
+
+
+def test_each_plateau_multiplies_the_step_size_by_the_decay():
+    assert schedule.lr_factor(100, 4, 0, 0.5) == 1.0
+    assert schedule.lr_factor(100, 4, 3, 0.5) == pytest.approx(0.125)
+    assert schedule.lr_factor(1, 4, 2, 0.5) == pytest.approx(0.5 * 0.25)  # warm-up and decay multiply
+    assert schedule.lr_factor(100, 4, 7, 1.0) == 1.0  # lr_decay 1: constant
+
+
+def test_warmup_steps_resolution():
+    assert schedule.warmup_steps(SlideConfig(), 8) == 2  # a quarter of an epoch
+    assert schedule.warmup_steps(SlideConfig(), 3) == 1
+    assert schedule.warmup_steps(SlideConfig(), 100_000) == schedule.AUTO_WARMUP_MAX
+    assert schedule.warmup_steps(SlideConfig(lr_warmup_steps=-1), 100) == 0
+    assert schedule.warmup_steps(SlideConfig(lr_warmup_steps=37), 100) == 37
+
+
+@pytest.mark.parametrize(
+    ("val_points", "n", "want"),
+    [(0, 999, 0), (0, 1000, 100), (0, 44_000, 4400), (0, 500_000, 5000), (-1, 500_000, 0), (7, 100, 7), (50, 10, 9)],
+)
+def test_validation_size(val_points, n, want):
+    assert schedule.validation_size(SlideConfig(val_points=val_points), n) == want
+
+
+def test_validation_split_is_seeded_disjoint_and_complete():
+    cfg = SlideConfig(val_points=300, seed=5)
+    train, val = schedule.validation_split(cfg, 2000)
+    assert val.shape == (300,) and train.shape == (1700,)
+    assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(2000))
+    assert np.all(np.diff(train) > 0) and np.all(np.diff(val) > 0)
+    again_train, again_val = schedule.validation_split(cfg, 2000)
+    assert np.array_equal(val, again_val) and np.array_equal(train, again_train)
+    _, other = schedule.validation_split(cfg.replace(seed=6), 2000)
+    assert not np.array_equal(val, other)
+    # the held-out rows are spread over the file, not its head or tail (uniform: mean ~ 1000 +- 33)
+    assert abs(val.mean() - 1000) < 150
+    none_train, none_val = schedule.validation_split(SlideConfig(val_points=-1), 50)
+    assert none_val.size == 0 and np.array_equal(none_train, np.arange(50))
+
+
+def test_improvement_and_patience():
+    assert schedule.is_improvement(0.1, None)
+    assert schedule.is_improvement(0.3, 0.2)
+    assert not schedule.is_improvement(0.2, 0.2)
+    assert not schedule.is_improvement(0.2 + schedule.MIN_IMPROVEMENT / 2, 0.2)
+    assert not schedule.should_stop_early(2, 3)
+    assert schedule.should_stop_early(3, 3)
+    assert not schedule.should_stop_early(100, 0)  # 0 = never
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("lr_warmup_steps", -2), ("lr_decay", 0.0), ("lr_decay", 1.5), ("weight_decay", -0.1), ("val_points", -2)]
+    + [("early_stop_patience", -1)],
+)
+def test_new_settings_are_checked(field, value):
+    with pytest.raises(ConfigError, match=field):
+        SlideConfig(**{field: value})

@@ -1,0 +1,229 @@
+"""Model selection on the validation split: best snapshot, early stopping, reduce-on-plateau, resume; and
+`auto` serving (per layer: tables where they recall the exact top-5, every neuron elsewhere)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import lsh
+from engine.config import SlideConfig
+from engine.network import SlideModel, topk_recall
+from engine.snapshot import SnapshotStore, load_arrays, load_model, model_arrays, model_from_arrays, read_manifest
+from engine.sparse import unit_rows
+from engine.trainer import TRAINING_ARRAYS, Trainer
+
+from . import naive
+
+CFG = SlideConfig(
+    hidden=(16,),
+    hash_k=4,
+    hash_l=5,
+    bucket_size=32,
+    batch_size=16,
+    lr=5e-3,
+    init_std=0.05,
+    epochs=8,
+    rehash_n0=3,
+    seed=5,
+    threads=1,
+    val_points=40,
+    early_stop_patience=3,
+    lr_decay=0.5,
+    lr_warmup_steps=-1,
+)
+
+
+@pytest.fixture(scope="module")
+def data():
+    train = naive.planted_dataset(168, 70, 90, seed=6, vocab=6, noise=3)
+    test = naive.planted_dataset(40, 70, 90, seed=7, vocab=6, noise=3)
+    return train, test
+
+
+class Scripted(Trainer):
+    """A trainer whose validation P@1 follows a script (one value per evaluation), to test the bookkeeping."""
+
+    script: list[float] = []
+
+    def _validation_scores(self, val):
+        score = self.script[len([h for h in self.history if "val_p_at_1" in h])]
+        return {"val_p_at_1": score, "val_p_at_5": score / 2, "val_eval_mode": "exact"}
+
+
+def predictions(model, data, mode="auto"):
+    return model.predict(data.x_indptr, data.x_indices, data.x_values, k=5, mode=mode)
+
+
+def test_early_stopping_best_snapshot_and_plateau_decay(tmp_path, data):
+    train, test = data
+    store = SnapshotStore(tmp_path, keep=100)
+    trainer = Scripted(CFG, train, test, store=store)
+    trainer.script = [0.1, 0.3, 0.2, 0.3, 0.25, 0.9, 0.9, 0.9]
+    snapshots = []
+    result = trainer.run(on_snapshot=lambda v, p: snapshots.append(p), snapshot_every_s=0.0)
+    # epochs of 8 steps (128 training points): the best is after epoch 2, then 3 evaluations without a new
+    # best (0.3 again is not better) stop training after epoch 5; the scripted 0.9 never comes
+    assert [h["val_p_at_1"] for h in trainer.history] == [0.1, 0.3, 0.2, 0.3, 0.25]
+    assert result["early_stopped"] and not result["stopped"] and trainer.epoch == 5
+    assert trainer.best == {"val_p_at_1": 0.3, "step": 16, "epoch": 2, "samples": 16 * 16}
+    assert trainer.lr_decays == 3 and [h["lr"] for h in trainer.history] == pytest.approx(
+        [5e-3] * 3 + [2.5e-3, 1.25e-3]
+    )
+    assert result["served_step"] == 16
+    # the final model is the best one, and so is the newest snapshot's
+    final = read_manifest(snapshots[-1])
+    assert final["trainer_state"]["training_arrays"] == TRAINING_ARRAYS
+    assert final["trainer_state"]["best"]["step"] == 16 and final["trainer_state"]["early_stopped"]
+    served = load_model(snapshots[-1])
+    np.testing.assert_array_equal(predictions(served, test)[1], predictions(trainer.model, test)[1])
+    # ... which is what the model was at step 16 (the snapshot taken at that step, before its evaluation,
+    # served the best before it, step 8's, and carried step 16's as the training state)
+    at16 = [p for p in snapshots if read_manifest(p)["trainer_state"]["step"] == 16]
+    assert at16 and read_manifest(at16[0])["trainer_state"]["best"]["step"] == 8
+    arrays = load_arrays(at16[0], mmap=False)
+    then = {k[len(TRAINING_ARRAYS) :]: v for k, v in arrays.items() if k.startswith(TRAINING_ARRAYS)}
+    then = model_from_arrays(CFG, train.num_features, train.num_labels, then)
+    np.testing.assert_array_equal(predictions(then, test, "exact")[1], predictions(served, test, "exact")[1])
+    # the training state rides along: the arrays under TRAINING_ARRAYS are the last step's model
+    current = load_arrays(snapshots[-1], [TRAINING_ARRAYS + "w1"], mmap=False)[TRAINING_ARRAYS + "w1"]
+    np.testing.assert_array_equal(current, trainer.arrays()["w1"])
+    assert not np.array_equal(current, trainer.model.weights[1])
+    # resuming a finished run trains no further
+    resumed = Trainer.resume(store, train, test)
+    assert resumed.early_stopped and resumed.best == trainer.best
+    resumed.run()
+    assert resumed.step == trainer.step
+    np.testing.assert_array_equal(predictions(resumed.model, test)[1], predictions(served, test)[1])
+
+
+@pytest.mark.parametrize("split", [12, 21])  # after the first best (step 8), after a plateau (step 16 / 24)
+def test_resume_with_a_kept_best_is_bit_identical(tmp_path, data, split):
+    train, test = data
+    cfg = CFG.replace(epochs=4, early_stop_patience=0)
+    straight = Trainer(cfg, train, test)
+    straight.run()
+    store = SnapshotStore(tmp_path / "run")
+    first = Trainer(cfg, train, test, store=store)
+    first.run(should_stop=lambda: first.step >= split)
+    assert first.step == split and first.best is not None
+    resumed = Trainer.resume(store, train, test)
+    assert resumed.best == first.best and resumed.lr_decays == first.lr_decays
+    resumed.run()
+    assert resumed.best == straight.best and resumed.lr_decays == straight.lr_decays
+
+    def val_history(t):
+        return [(h["step"], h["val_p_at_1"]) for h in t.history if "val_p_at_1" in h]
+
+    assert val_history(resumed) == val_history(straight)
+    want, got = straight.arrays(), resumed.arrays()
+    assert want.keys() == got.keys()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+    np.testing.assert_array_equal(predictions(resumed.model, test)[1], predictions(straight.model, test)[1])
+
+
+def test_real_validation_selects_the_best_evaluated_model(data):
+    train, test = data
+    trainer = Trainer(CFG.replace(epochs=6, lr=3e-2), train, test)
+    trainer.run()
+    vals = [h["val_p_at_1"] for h in trainer.history]
+    assert trainer.best["val_p_at_1"] == max(vals)
+    val = trainer._val_data
+    pred, _ = predictions(trainer.model, val)
+    got = float(np.mean([pred[i, 0] in val.y_indices[val.y_indptr[i] : val.y_indptr[i + 1]] for i in range(40)]))
+    assert got == pytest.approx(max(vals))
+    # the validation rows are never trained on: the data order of every epoch leaves them out
+    held = set(trainer._val_idx.tolist())
+    assert len(held) == 40
+    for epoch in range(3):
+        order = trainer.epoch_order(epoch)
+        assert len(order) == train.num_points - 40 and not held & set(order.tolist())
+
+
+# ---- auto serving -----------------------------------------------------------------------------------------
+WIDE = 20_480  # lsh.is_wide_layer: more than 20,000 neurons
+
+
+def wide_model(**changes) -> SlideModel:
+    cfg = SlideConfig(hidden=(8,), hash_k=6, hash_l=4, init_std=0.3, seed=3, **changes)
+    return SlideModel.initialize(cfg, 60, WIDE)
+
+
+def test_auto_scores_narrow_layers_exactly_and_wide_ones_from_their_tables(data):
+    train, test = data
+    assert lsh.is_wide_layer(WIDE) and not lsh.is_wide_layer(20_000)
+    for narrow_width in (500, 641, 655, 18_931, 19_999):  # not multiples of 20 too: 5% is not a whole number
+        assert not lsh.is_wide_layer(narrow_width), narrow_width
+        assert lsh.resolve_l(SlideConfig(), narrow_width) == 50 and lsh.resolve_hubs(SlideConfig(), narrow_width) == 0
+    assert lsh.is_wide_layer(20_001) and lsh.resolve_l(SlideConfig(), 670_091) == 16
+    narrow = Trainer(CFG.replace(epochs=1), train).model
+    assert narrow.resolve_mode("auto")[1] == "exact" and narrow.resolve_mode("lsh")[1] == "lsh"
+    np.testing.assert_array_equal(predictions(narrow, test, "auto")[1], predictions(narrow, test, "exact")[1])
+    dense = SlideModel.initialize(CFG.replace(sample_output=False), 70, 90)
+    assert dense.resolve_mode("lsh")[1] == "exact"  # no tables to use
+    model = wide_model()
+    assert model.resolve_mode("auto")[1] == "lsh"  # before any calibration: the width rule
+    x = naive.planted_dataset(30, 60, WIDE, seed=2)
+    _, _, scored, used = model.predict_with_stats(x.x_indptr, x.x_indices, x.x_values, k=5)
+    assert used == "lsh" and scored.max() < WIDE
+    with pytest.raises(ValueError, match="mode"):
+        model.predict(x.x_indptr, x.x_indices, x.x_values, mode="fast")
+
+
+def naive_recall(approx, exact):
+    return np.mean([len(set(a) & set(e[e >= 0])) / max(1, (e >= 0).sum()) for a, e in zip(approx, exact, strict=True)])
+
+
+def test_calibration_measures_the_tables_recall_and_chooses_by_it():
+    model = wide_model()
+    x = naive.planted_dataset(40, 60, WIDE, seed=2)
+    args = (x.x_indptr, x.x_indices, x.x_values)
+    exact, _ = model.predict(*args, k=5, mode="exact")
+    tables, _ = model.predict(*args, k=5, mode="lsh")
+    want = naive_recall(tables, exact)
+    assert 0.0 < want < 1.0
+    assert topk_recall(tables, exact) == pytest.approx(want)
+    report = model.calibrate_serving(*args, min_recall=want - 1e-9)
+    assert report["1"]["mode"] == "lsh" and report["1"]["recall_at_5"] == pytest.approx(want)
+    np.testing.assert_array_equal(model.predict(*args)[0], tables)
+    report = model.calibrate_serving(*args, min_recall=want + 1e-9)
+    assert report["1"]["mode"] == "exact"
+    np.testing.assert_array_equal(model.predict(*args)[0], exact)
+    # with labels the P@1 of both is measured too, and a loss of more than max_p1_loss keeps it exact
+    y_indptr = np.arange(41, dtype=np.int64)
+    report = model.calibrate_serving(*args, y_indptr, exact[:, 0].copy(), min_recall=0.0)  # exact's top-1 is right
+    hits = float(np.mean(tables[:, 0] == exact[:, 0]))
+    assert report["1"]["p_at_1_exact"] == 1.0 and report["1"]["p_at_1_tables"] == pytest.approx(hits)
+    assert report["1"]["mode"] == ("lsh" if hits >= 1.0 - 0.005 else "exact")
+
+
+def test_serving_choice_survives_a_snapshot(tmp_path):
+    model = wide_model()
+    x = naive.planted_dataset(20, 60, WIDE, seed=2)
+    model.calibrate_serving(x.x_indptr, x.x_indices, x.x_values, min_recall=2.0)
+    assert model.resolve_mode()[1] == "exact"
+    arrays = model_arrays(model)
+    again = model_from_arrays(model.config, 60, WIDE, arrays)
+    assert again.resolve_mode()[1] == "exact"
+    del arrays["serve_tables"]  # written before auto existed: the width rule
+    assert model_from_arrays(model.config, 60, WIDE, arrays).resolve_mode()[1] == "lsh"
+
+
+def test_normalized_input_is_the_model_on_unit_rows():
+    x = naive.planted_dataset(20, 60, 90, seed=2)
+    values = x.x_values * np.linspace(0.5, 3, x.nnz).astype(np.float32)
+    want = unit_rows(x.x_indptr, values)
+    for i in range(x.num_points):
+        s, e = x.x_indptr[i], x.x_indptr[i + 1]
+        norm = np.linalg.norm(values[s:e].astype(np.float64))
+        np.testing.assert_allclose(want[s:e], values[s:e] / norm if norm else 0.0, rtol=1e-6)
+    plain = SlideModel.initialize(SlideConfig(hidden=(8,), seed=1), 60, 90)
+    unit = SlideModel(
+        plain.config.replace(normalize_input=True), 60, 90, plain.weights, plain.b0, plain.hashes, plain.tables
+    )
+    got = unit.predict(x.x_indptr, x.x_indices, values, mode="exact")
+    ref = plain.predict(x.x_indptr, x.x_indices, want, mode="exact")
+    np.testing.assert_array_equal(got[0], ref[0])
+    np.testing.assert_array_equal(got[1], ref[1])
+    assert np.array_equal(unit_rows(np.array([0, 0, 2]), np.array([0.0, 0.0], np.float32)), [0.0, 0.0])

@@ -196,7 +196,7 @@ def measure_inference(model, test, args) -> dict:
         idx = np.concatenate([test.x_indices[test.x_indptr[r] : test.x_indptr[r + 1]] for r in batch])
         val = np.concatenate([test.x_values[test.x_indptr[r] : test.x_indptr[r + 1]] for r in batch])
         t0 = time.perf_counter()
-        _, _, scored = model.predict_with_stats(sub_ip, idx, val, k=5, mode=mode, probes=probes)
+        _, _, scored, _ = model.predict_with_stats(sub_ip, idx, val, k=5, mode=mode, probes=probes)
         bt = time.perf_counter() - t0
         out[name] = {
             "queries": count,

@@ -73,7 +73,6 @@ BOUNDS: dict[str, Bounds] = {
     "lr": Bounds(0.0, 1.0, low_open=True),
     "lr_warmup_steps": Bounds(-1, 10**9, note="-1 = none, 0 = auto"),
     "lr_decay": Bounds(0.0, 1.0, low_open=True, note="1 = constant step size"),
-    "weight_decay": Bounds(0.0, 1.0, high_open=True, note="0 = none"),
     "val_points": Bounds(-1, 10**7, note="-1 = none, 0 = auto"),
     "early_stop_patience": Bounds(0, 10**6, note="0 = never stop early"),
     "beta1": Bounds(0.0, 1.0, high_open=True),
@@ -177,9 +176,6 @@ class SlideConfig:
     """Factor applied to the step size each time an evaluation brings no new best validation P@1 (reduce
     on plateau; 1 = constant). It follows the validation history, never the number of epochs configured,
     so a longer run follows the same path as a shorter one. Without a validation split it never applies."""
-    weight_decay: float = 0.0
-    """Decoupled weight decay (AdamW): each update also shrinks the updated row by lr * weight_decay.
-    Only the rows a batch touches are decayed (lazily, like the rest of the update): 0 = none."""
     normalize_input: bool = False
     """Scale every input row (training and prediction) to unit L2 norm; for raw counts or unnormalised
     TF-IDF, whose row norms vary with document length."""

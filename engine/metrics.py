@@ -259,10 +259,10 @@ def topk_recall(approx, exact) -> float:
     return hits / exact.shape[0]
 
 
-def evaluate_model(model, dataset, k: int = 5, mode: str = "lsh", inv_propensity=None) -> dict:
+def evaluate_model(model, dataset, k: int = 5, mode: str = "auto", inv_propensity=None) -> dict:
     """Predict `dataset` with `model` and score it: p_at_1/3/5, ndcg_at_1/3/5, psp_at_* (with `inv_propensity`),
-    `points`, `mean_scored` (labels scored per query) and, for a mode other than exact, `recall_vs_exact` (the
-    share of the exact top-k the mode returns)."""
+    `points`, `mean_scored` (labels scored per query), `mode` (the mode that answered) and, for a requested mode
+    other than exact, `recall_vs_exact` (the share of the exact top-k it returns)."""
     if dataset.num_features > model.num_features or dataset.num_labels > model.num_labels:
         raise ValueError(
             f"the dataset has {dataset.num_features} features and {dataset.num_labels} labels; the model "
@@ -270,9 +270,10 @@ def evaluate_model(model, dataset, k: int = 5, mode: str = "lsh", inv_propensity
         )
     kk = min(max(5, int(k)), int(model.num_labels))
     args = (dataset.x_indptr, dataset.x_indices, dataset.x_values)
-    pred, _, scored = model.predict_with_stats(*args, k=kk, mode=mode)
+    pred, _, scored, used = model.predict_with_stats(*args, k=kk, mode=mode)
     out: dict = {"points": int(dataset.num_points), **evaluate(pred, dataset, inv_propensity=inv_propensity)}
     out["mean_scored"] = float(np.mean(scored)) if len(scored) else 0.0
+    out["mode"] = used
     if mode != "exact":
         kr = min(int(k), int(model.num_labels))
         exact, _ = model.predict(*args, k=kr, mode="exact")

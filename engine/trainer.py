@@ -19,7 +19,7 @@ import re
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import numba
 import numpy as np
@@ -37,7 +37,7 @@ from .kernels.optimizer import (
     update_sampled_layer,
 )
 from .metrics import precision_at_k
-from .network import SlideModel
+from .network import PredictMode, SlideModel
 from .snapshot import (
     SnapshotStore,
     attach_text,
@@ -211,7 +211,7 @@ class Trainer:
 
     def resolved(self) -> dict:
         """The concrete values behind the config's auto (0) settings for this data."""
-        out = {
+        out: dict[str, Any] = {
             "val_points": int(self._val_idx.size),
             "train_points": int(self._train_idx.size),
             "lr_warmup_steps": self._warmup,
@@ -257,6 +257,7 @@ class Trainer:
         arrays = self.arrays()
         serving = self.model.serving_report
         if self._serves_best():
+            assert self._best_arrays is not None
             current = {name: arrays.pop(name) for name in model_arrays(self.model)}
             arrays.update({TRAINING_ARRAYS + name: a for name, a in current.items()})
             arrays.update(self._best_arrays)
@@ -628,7 +629,7 @@ class Trainer:
         return hashed
 
     # ---- evaluation ---------------------------------------------------------------------------
-    def evaluate(self, mode: str = "auto", k: int = 5) -> dict:
+    def evaluate(self, mode: PredictMode = "auto", k: int = 5) -> dict:
         """P@1/P@5 of the model on the evaluation subset of the test set (reported only: nothing is selected
         by it), in `mode` (auto: as served; eval_mode says which mode answered)."""
         if self._eval_rows is None:
@@ -642,7 +643,7 @@ class Trainer:
         )
         return self._score(sub, mode, k, "")
 
-    def _score(self, sub: Dataset, mode: str, k: int, prefix: str) -> dict:
+    def _score(self, sub: Dataset, mode: PredictMode, k: int, prefix: str) -> dict:
         pred, _, _, used = self.model.predict_with_stats(
             sub.x_indptr, sub.x_indices, sub.x_values, k=min(k, self.model.num_labels), mode=mode
         )
@@ -670,6 +671,7 @@ class Trainer:
         else:
             self.evals_since_best += 1
             self.lr_decays += 1
+        assert self.best is not None
         out["best_val_p_at_1"] = self.best["val_p_at_1"]
         return out
 

@@ -15,7 +15,7 @@ import threading
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -54,7 +54,8 @@ class LoadedModel:
 @dataclass(frozen=True)
 class PredictResult:
     version: int
-    mode: str  # the mode that answered: lsh or exact
+    mode: Literal["lsh", "exact"]
+    """The mode that answered (a request's `auto` resolves to one of them)."""
     labels: list[list[int]]
     scores: list[list[float]]
     num_labels: int = 0
@@ -208,4 +209,6 @@ class ModelRegistry:
             keep = labels[r] >= 0
             out_labels.append(labels[r][keep].tolist())
             out_scores.append([float(x) for x in scores[r][keep]])
-        return PredictResult(loaded.version, str(used), out_labels, out_scores, int(model.num_labels))
+        return PredictResult(
+            loaded.version, "lsh" if used == "lsh" else "exact", out_labels, out_scores, int(model.num_labels)
+        )

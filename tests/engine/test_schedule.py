@@ -66,8 +66,7 @@ def test_improvement_and_patience():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("lr_warmup_steps", -2), ("lr_decay", 0.0), ("lr_decay", 1.5), ("val_points", -2)]
-    + [("early_stop_patience", -1)],
+    [("lr_warmup_steps", -2), ("lr_decay", 0.0), ("lr_decay", 1.5), ("val_points", -2)] + [("early_stop_patience", -1)],
 )
 def test_new_settings_are_checked(field, value):
     with pytest.raises(ConfigError, match=field):

@@ -153,7 +153,15 @@ def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_
     tmp_path, client_for, xmc_files
 ):
     # hash_k=16 makes each table's bucket offsets 2^16 + 1 int64s: a 10 MiB array in every snapshot.
-    config = {"hidden": [32], "batch_size": 64, "seed": 3, "epochs": 60, "hash_k": 16, "hash_l": 20, "early_stop_patience": 0}
+    config = {
+        "hidden": [32],
+        "batch_size": 64,
+        "seed": 3,
+        "epochs": 60,
+        "hash_k": 16,
+        "hash_l": 20,
+        "early_stop_patience": 0,
+    }
     settings = make_settings(tmp_path / "data")
     client = client_for(settings)
     services = client.app.state.services

@@ -140,6 +140,39 @@ class ModelVersionRow(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
 
+class AliasRow(Base):
+    """A stable name for one model version (`version`) or for a model's newest version (`version` null)."""
+
+    __tablename__ = "aliases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    # A plain id, not a foreign key: deleting the job leaves the alias answering 404 until it is moved or deleted.
+    model_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
+    version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class EvaluationRow(Base):
+    """One `POST /v1/models/{id}/evaluate`: its request, state and metrics."""
+
+    __tablename__ = "evaluations"
+    __table_args__ = (Index("ix_evaluations_model_version", "model_id", "model_version"),)
+
+    id: Mapped[str] = mapped_column(String(ID_LENGTH), primary_key=True)
+    model_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    dataset_id: Mapped[str] = mapped_column(String(ID_LENGTH))
+    model_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    mode: Mapped[str] = mapped_column(String(16))
+    k: Mapped[int] = mapped_column(Integer)
+    state: Mapped[str] = mapped_column(String(16))
+    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+
 METRIC_FIELDS = (
     "step",
     "epoch",

@@ -65,11 +65,33 @@ class DatasetPublic(BaseModel):
     avg_features_per_point: float = Field(examples=[15.0])
     bytes: int = Field(description="Size of the uploaded file as received (compressed if it was sent gzipped).")
     created_at: dt.datetime
+    format: Literal["xmc", "jsonl"] = Field(
+        "xmc", description="`jsonl`: uploaded as text; the dataset holds a fitted featurizer (or its `like` set's)."
+    )
+    label_names: bool = Field(
+        False, description="Its labels have names (from a JSONL upload or `PUT /v1/datasets/{id}/label-names`)."
+    )
+    like_dataset_id: str | None = Field(
+        None, description="A `like` set: the dataset whose featurizer and label vocabulary featurized it."
+    )
+    unknown_labels: int | None = Field(
+        None,
+        description="A `like` set: label names (occurrences) missing from the training set's vocabulary; they "
+        "were dropped, not added as new labels.",
+    )
+
+
+NEXT_CURSOR = Field(
+    None,
+    description="Pass as `cursor` to get the next page; null on the last page.",
+    examples=["eyJ0IjoiMjAyNi0wMS0wMVQwMDowMDowMCIsImkiOiJhYmMifQ"],
+)
 
 
 class DatasetList(BaseModel):
     data: list[DatasetPublic]
-    count: int
+    count: int = Field(description="Items in this page.")
+    next_cursor: str | None = NEXT_CURSOR
 
 
 # --------------------------------------------------------------------------------------------------- job config
@@ -198,6 +220,9 @@ class JobPublic(BaseModel):
         description="For a queued job: 1 = the next to start once a training slot (SLIDE_MAX_CONCURRENT_JOBS) is "
         "free and it fits beside the running jobs in SLIDE_MAX_JOB_MEMORY; null in any other state.",
     )
+    queue_reason: str | None = Field(
+        None, description="For a queued job: why it waits (e.g. every training slot is busy); null otherwise."
+    )
     error: str | None = None
     estimated_memory_bytes: int | None = Field(
         None,
@@ -225,7 +250,8 @@ class JobPublic(BaseModel):
 
 class JobList(BaseModel):
     data: list[JobPublic]
-    count: int
+    count: int = Field(description="Items in this page.")
+    next_cursor: str | None = NEXT_CURSOR
 
 
 class MetricSeries(BaseModel):
@@ -259,7 +285,94 @@ class ModelPublic(BaseModel):
 
 class ModelList(BaseModel):
     data: list[ModelPublic]
-    count: int
+    count: int = Field(description="Items in this page.")
+    next_cursor: str | None = NEXT_CURSOR
+
+
+class EvaluationPublic(BaseModel):
+    id: str
+    model_id: str
+    dataset_id: str
+    model_version: int | None = None
+    mode: str
+    k: int
+    state: Literal["running", "succeeded", "failed"]
+    p_at_1: float | None = None
+    p_at_3: float | None = None
+    p_at_5: float | None = None
+    ndcg_at_5: float | None = None
+    psp_at_5: float | None = Field(
+        None, description="Propensity-scored P@5 (the training set's label frequencies); null when that set is gone."
+    )
+    points: int | None = None
+    recall_vs_exact: float | None = Field(
+        None, description="lsh / auto: the share of the exact top-k labels this mode also returns."
+    )
+    seconds: float | None = Field(None, description="Time spent predicting and scoring.")
+    error: str | None = None
+    created_at: dt.datetime
+    finished_at: dt.datetime | None = None
+    status_url: str = Field(description="GET it for the state and result.")
+
+
+class EvaluateRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    dataset_id: str = Field(description="A dataset in the model's feature and label space (e.g. a `like` set).")
+    k: int = Field(5, ge=1, le=100, description="Labels retrieved per point (P@1/3/5 and nDCG@5 use the top 5).")
+    mode: Literal["lsh", "exact", "auto"] = "lsh"
+    version: int | None = Field(None, ge=1, description="A retained version; null = the newest.")
+
+
+class VersionPublic(BaseModel):
+    version: int
+    step: int | None = None
+    epoch: int | None = None
+    samples: int | None = None
+    created_at: dt.datetime | None = None
+    aliases: list[str] = Field(description="Aliases pinned to this version (it is kept while they point at it).")
+    metrics: MetricPoint | None = Field(
+        None, description="The training-time evaluation nearest before this version (held-out P@1, P@5, loss)."
+    )
+    evaluations: list[EvaluationPublic] = Field(
+        description="Finished `POST /v1/models/{id}/evaluate` runs of this version, newest first."
+    )
+
+
+class VersionList(BaseModel):
+    model_id: str
+    data: list[VersionPublic]
+    count: int = Field(description="Items in this page.")
+    next_cursor: str | None = NEXT_CURSOR
+
+
+ALIAS_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$"
+
+
+class AliasPut(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model_id: str = Field(description="The job id whose model the alias serves.", examples=[EXAMPLE_ID])
+    version: int | None = Field(
+        None, ge=1, description="A retained version (kept while the alias points at it); null = always the newest."
+    )
+
+
+class AliasPublic(BaseModel):
+    alias: str = Field(examples=["production"])
+    model_id: str
+    version: int | None = Field(description="The pinned version, or null for the newest.")
+    model_version: int | None = Field(
+        description="The version that answers now (the pinned one, or the newest); null before the first snapshot."
+    )
+    created_at: dt.datetime
+    updated_at: dt.datetime
+
+
+class AliasList(BaseModel):
+    data: list[AliasPublic]
+    count: int = Field(description="Items in this page.")
+    next_cursor: str | None = NEXT_CURSOR
 
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
@@ -267,20 +380,39 @@ FLOAT32_MAX = float(np.finfo(np.float32).max)
 Float32 = Annotated[float, Field(allow_inf_nan=False, ge=-FLOAT32_MAX, le=FLOAT32_MAX)]
 
 
+MAX_TEXT_CHARS = 10_000
+
+
 class Instance(BaseModel):
-    """One sparse query: feature ids and their values (same length)."""
+    """One query: feature ids and their values (same length), or `text` for a model trained on a text dataset."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    indices: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(
+    indices: list[Annotated[int, Field(ge=0, lt=2**31)]] | None = Field(
+        None,
         examples=[[0, 2, 5]],
         json_schema_extra={"uniqueItems": True},
         description="Feature ids, each below the model's `num_features`, none repeated.",
     )
-    values: list[Float32] = Field(examples=[[1.0, 0.5, 0.25]])
+    values: list[Float32] | None = Field(None, examples=[[1.0, 0.5, 0.25]])
+    text: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TEXT_CHARS,
+        description="Query text (instead of indices/values), featurized with the model's own featurizer.",
+        examples=["red running shoes"],
+    )
 
     @model_validator(mode="after")
     def _same_length(self) -> Instance:
+        if self.text is not None:
+            if self.indices is not None or self.values is not None:
+                raise ValueError("an instance has either `text` or `indices` and `values`, not both")
+            if not self.text.strip():
+                raise ValueError("`text` is blank")
+            return self
+        if self.indices is None or self.values is None:
+            raise ValueError("an instance needs `indices` and `values` (or `text`)")
         if len(self.indices) != len(self.values):
             raise ValueError(
                 f"indices has {len(self.indices)} entries but values has {len(self.values)}; they must pair up"
@@ -301,17 +433,25 @@ class PredictRequest(BaseModel):
         "(wide output layers), every label elsewhere; `lsh`: score only the labels the hash tables retrieve "
         "(sub-linear); `exact`: score all. The response's `mode` says which answered.",
     )
+    probabilities: bool = Field(
+        False,
+        description="Also return `probabilities`: a softmax of the returned scores, normalised over the labels "
+        "returned for that instance (they sum to 1 over its top-k, not over every label).",
+    )
 
 
 class Prediction(BaseModel):
-    labels: list[int] = Field(
-        description="Label ids, best first; fewer than k when the model has fewer labels or (mode `lsh`) the hash "
-        "tables retrieved fewer candidates (`warnings` says which)."
+    labels: list[int] = Field(description="Best first; fewer than k when the hash tables retrieved fewer labels.")
+    names: list[str | None] | None = Field(
+        None, description="The labels' names; null when the model has none (an XMC dataset without label names)."
     )
-    scores: list[float] = Field(
-        description="The output layer's raw logits for those labels (before the softmax), best first: they rank "
-        "labels within one answer of one model version; they are not probabilities and are not comparable across "
-        "models or versions."
+    scores: list[float] = Field(description="Output-layer logits, best first.")
+    probabilities: list[float] | None = Field(
+        None, description="With `probabilities: true`: softmax of `scores` over the labels returned (sums to 1)."
+    )
+    note: str | None = Field(
+        None,
+        description="Why fewer than k labels came back, or that no word of the text is in the model's vocabulary.",
     )
 
 
@@ -321,6 +461,7 @@ class PredictResponse(BaseModel):
     mode: Literal["lsh", "exact"] = Field(
         description="How the labels were scored: `lsh` (hash-table candidates) or `exact` (every label)."
     )
+    alias: str | None = Field(None, description="The alias that routed the request (alias predict only).")
     predictions: list[Prediction]
     warnings: list[str] = Field(
         default_factory=list,

@@ -44,6 +44,7 @@ __all__ = [
     "save_text_info",
     "load_text_info",
     "read_label_names",
+    "read_text_meta",
 ]
 
 TEXT_FORMAT_VERSION = 1
@@ -480,7 +481,7 @@ def save_text_info(
         "label_names": names is not None,
         **(extra or {}),
     }
-    old = _read_text_meta(d)
+    old = read_text_meta(d)
     if old and featurizer is None and old.get("featurizer"):
         meta["featurizer"] = old["featurizer"]  # naming the labels keeps the featurizer
     for key in ("format", "like_dataset_id", "unknown_labels"):
@@ -491,7 +492,7 @@ def save_text_info(
     os.replace(tmp, d / TEXT_FILE)
 
 
-def _read_text_meta(d: Path) -> dict:
+def read_text_meta(d: Path) -> dict:
     try:
         meta = json.loads((d / TEXT_FILE).read_text())
     except FileNotFoundError:
@@ -504,7 +505,7 @@ def _read_text_meta(d: Path) -> dict:
 def load_text_info(directory: str | os.PathLike) -> tuple[TextFeaturizer | None, LabelNames | None, dict]:
     """(featurizer, label names, meta) stored with a dataset; (None, None, {}) for a plain XMC dataset."""
     d = Path(directory)
-    meta = _read_text_meta(d)
+    meta = read_text_meta(d)
     if not meta:
         return None, None, {}
     arrays: dict[str, np.ndarray] = {}

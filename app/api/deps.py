@@ -11,8 +11,10 @@ from typing import Annotated
 from fastapi import Depends, HTTPException, Request, Security
 from fastapi.security import APIKeyHeader
 
+from app.services.aliases import AliasService
 from app.services.container import Services
 from app.services.datasets import DatasetService
+from app.services.evaluations import EvaluationService
 from app.services.jobs import JobService
 from app.services.registry import ModelRegistry
 from app.services.telemetry import Telemetry
@@ -49,6 +51,16 @@ async def get_telemetry(services: ServicesDep) -> Telemetry:
     return services.telemetry
 
 
+async def get_aliases(services: ServicesDep) -> AliasService:
+    return services.aliases
+
+
+async def get_evaluations(services: ServicesDep) -> EvaluationService:
+    return services.evaluations
+
+
+AliasesDep = Annotated[AliasService, Depends(get_aliases)]
+EvaluationsDep = Annotated[EvaluationService, Depends(get_evaluations)]
 DatasetsDep = Annotated[DatasetService, Depends(get_datasets)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Body, Header, Query, Response
 from pydantic import ValidationError
 
+from app.api.datasets import Cursor, Limit
 from app.api.deps import JobsDep, RegistryDep
 from app.db import METRIC_FIELDS, JobRow, MetricRow
 from app.domain import JobState
@@ -24,6 +25,7 @@ from app.schemas import (
 )
 from app.services.admission import QueueSlot
 from app.services.jobs import JobService
+from app.services.pagination import DEFAULT_LIMIT
 from engine.memory import MemoryEstimate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -142,10 +144,10 @@ def create_job(
     return job_publics(jobs, [job])[0]
 
 
-@router.get("", response_model=JobList, summary="List jobs", responses=problem_responses(401))
-def list_jobs(jobs: JobsDep) -> JobList:
-    rows = jobs.list()
-    return JobList(data=job_publics(jobs, rows), count=len(rows))
+@router.get("", response_model=JobList, summary="List jobs, newest first", responses=problem_responses(401, 422))
+def list_jobs(jobs: JobsDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> JobList:
+    rows, next_cursor = jobs.page(limit, cursor)
+    return JobList(data=job_publics(jobs, rows), count=len(rows), next_cursor=next_cursor)
 
 
 @router.get(

@@ -1,26 +1,119 @@
-"""/v1/models: one model per job (id = job id), served live from its newest snapshot."""
+"""/v1/models: one model per job (id = job id), served live from its newest snapshot or from an exact retained
+version; its versions; evaluation over HTTP. /v1/evaluations/{id}: a background evaluation's state."""
 
 from __future__ import annotations
 
 import time
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio.to_thread
-from fastapi import APIRouter, Body
+from fastapi import APIRouter, Body, Path, Response
 
 import engine
-from app.api.deps import DatasetsDep, JobsDep, RegistryDep, SettingsDep, TelemetryDep
-from app.db import JobRow, ModelVersionRow
+from app.api.datasets import Cursor, Limit
+from app.api.deps import (
+    AliasesDep,
+    DatasetsDep,
+    EvaluationsDep,
+    JobsDep,
+    RegistryDep,
+    SettingsDep,
+    TelemetryDep,
+)
+from app.api.jobs import metric_point
+from app.db import EvaluationRow, JobRow, ModelVersionRow
 from app.domain import RESUMABLE_STATES, TRAINING_STATES, JobState
 from app.errors import problem_responses
-from app.schemas import ModelList, ModelPublic, ModelVersionPublic, Prediction, PredictRequest, PredictResponse
+from app.schemas import (
+    EvaluateRequest,
+    EvaluationPublic,
+    ModelList,
+    ModelPublic,
+    ModelVersionPublic,
+    Prediction,
+    PredictRequest,
+    PredictResponse,
+    VersionList,
+    VersionPublic,
+)
 from app.services.datasets import DatasetService
-from app.services.errors import NotFound, NotReady
+from app.services.errors import InvalidContent, NotFound, NotReady
 from app.services.jobs import JobService
+from app.services.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
 from app.services.registry import ModelRegistry, PredictResult
 from app.settings import Settings
+from engine.metrics import softmax_rows
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
+evaluations_router = APIRouter(prefix="/v1/evaluations", tags=["models"])
+
+PREDICT_EXAMPLES = {
+    "one": {
+        "summary": "One query, scored as the model's calibration chose (auto)",
+        "value": {"instances": [{"indices": [0, 2, 5], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "auto"},
+    },
+    "text": {
+        "summary": "A text query (model trained on a JSONL text dataset), with probabilities",
+        "value": {"instances": [{"text": "red running shoes"}], "k": 3, "probabilities": True},
+    },
+    "exact": {
+        "summary": "Two queries, all labels scored",
+        "value": {
+            "instances": [{"indices": [1, 2], "values": [1.0, 1.0]}, {"indices": [3], "values": [0.7]}],
+            "k": 3,
+            "mode": "exact",
+        },
+    },
+}
+PredictBody = Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)]
+
+
+def instances_of(body: PredictRequest) -> list[Any]:
+    return [i.text if i.text is not None else (i.indices, i.values) for i in body.instances]
+
+
+def predict_response(
+    model_id: str, result: PredictResult, body: PredictRequest, alias: str | None = None
+) -> PredictResponse:
+    probabilities = softmax_rows(result.scores) if body.probabilities else None
+    names, notes = result.names, result.notes
+    return PredictResponse(
+        model_id=model_id,
+        model_version=result.version,
+        mode=result.mode,
+        alias=alias,
+        warnings=_short_answers(result, body.k),
+        predictions=[
+            Prediction(
+                labels=labels,
+                names=names[r] if names is not None else None,
+                scores=scores,
+                probabilities=probabilities[r] if probabilities is not None else None,
+                note=notes[r] if notes is not None else None,
+            )
+            for r, (labels, scores) in enumerate(zip(result.labels, result.scores, strict=True))
+        ],
+    )
+
+
+def run_predict(jobs, registry, telemetry, settings, model_id: str, body: PredictRequest, version: int | None):
+    """The blocking part of a predict request (run in the predict pool)."""
+    job = _job_of(jobs, model_id)  # 404 for an unknown id
+    start = time.perf_counter()
+    try:
+        result = registry.predict(
+            model_id,
+            instances_of(body),
+            body.k,
+            body.mode,
+            version=version,
+            names_from=settings.dataset_dir(job.train_dataset_id),
+            job_state=job.state,
+        )
+    except NotReady as exc:
+        raise _not_ready(jobs, model_id, exc) from exc
+    telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)
+    return result
 
 
 def _model_public(
@@ -69,10 +162,23 @@ def _describe(
     return _model_public(job, jobs.versions(job.id), on_disk, dims)
 
 
-@router.get("", response_model=ModelList, summary="List models (one per job)", responses=problem_responses(401))
-def list_models(jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep, settings: SettingsDep) -> ModelList:
-    data = [_describe(j, jobs, datasets, registry, settings) for j in jobs.list()]
-    return ModelList(data=data, count=len(data))
+@router.get(
+    "",
+    response_model=ModelList,
+    summary="List models (one per job), newest first",
+    responses=problem_responses(401, 422),
+)
+def list_models(
+    jobs: JobsDep,
+    datasets: DatasetsDep,
+    registry: RegistryDep,
+    settings: SettingsDep,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> ModelList:
+    rows, next_cursor = jobs.page(limit, cursor)
+    data = [_describe(j, jobs, datasets, registry, settings) for j in rows]
+    return ModelList(data=data, count=len(data), next_cursor=next_cursor)
 
 
 @router.get(
@@ -98,56 +204,153 @@ async def predict(
     jobs: JobsDep,
     registry: RegistryDep,
     telemetry: TelemetryDep,
-    body: Annotated[
-        PredictRequest,
-        Body(
-            openapi_examples={
-                "one": {
-                    "summary": "One query, scored as the model's calibration chose (auto)",
-                    "value": {
-                        "instances": [{"indices": [0, 2, 5], "values": [1.0, 0.5, 0.25]}],
-                        "k": 5,
-                        "mode": "auto",
-                    },
-                },
-                "exact": {
-                    "summary": "Two queries, all labels scored",
-                    "value": {
-                        "instances": [{"indices": [1, 2], "values": [1.0, 1.0]}, {"indices": [3], "values": [0.7]}],
-                        "k": 3,
-                        "mode": "exact",
-                    },
-                },
-            }
-        ),
-    ],
+    settings: SettingsDep,
+    body: PredictBody,
 ) -> PredictResponse:
     """Served from the newest published snapshot of the job's weights and hash tables: while the job trains,
     answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first while the
     job is queued or training (the detail says whether it is still queued, and where); 409 when the job has no
     snapshot and is not training (resume it or start a new one). `scores` are raw logits; `warnings` says why a
-    prediction has fewer than k labels."""
-
-    def work() -> PredictResult:
-        job = _job_of(jobs, model_id)  # 404 for an unknown id
-        start = time.perf_counter()
-        instances = [(i.indices, i.values) for i in body.instances]
-        try:
-            result = registry.predict(model_id, instances, body.k, body.mode, job_state=job.state)
-        except NotReady as exc:
-            raise _not_ready(jobs, model_id, exc) from exc
-        telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)
-        return result
-
+    prediction has fewer than k labels. An instance is `{"indices", "values"}` or, for a model trained on a text
+    dataset, `{"text"}`; each prediction has the label ids, their `names` (null when the model has none) and
+    scores, and a `note` when it has fewer than k labels or no word of the text is known."""
     # One hop to a thread of the predict pool (bounded: see ModelRegistry.limiter); the response is built here.
-    result = await anyio.to_thread.run_sync(work, limiter=registry.limiter)
-    return PredictResponse(
-        model_id=model_id,
-        model_version=result.version,
-        mode=result.mode,
-        predictions=[Prediction(labels=ls, scores=ss) for ls, ss in zip(result.labels, result.scores, strict=True)],
-        warnings=_short_answers(result, body.k),
+    result = await anyio.to_thread.run_sync(
+        run_predict, jobs, registry, telemetry, settings, model_id, body, None, limiter=registry.limiter
     )
+    return predict_response(model_id, result, body)
+
+
+@router.post(
+    "/{model_id}/versions/{version}/predict",
+    response_model=PredictResponse,
+    summary="Top-k labels from one exact retained version",
+    responses=problem_responses(400, 401, 404, 422),
+)
+async def predict_version(
+    model_id: str,
+    version: Annotated[int, Path(ge=1, le=2**31 - 1)],
+    jobs: JobsDep,
+    registry: RegistryDep,
+    telemetry: TelemetryDep,
+    settings: SettingsDep,
+    body: PredictBody,
+) -> PredictResponse:
+    """As `POST /v1/models/{id}/predict`, from exactly `version`. 404 when that version is not retained (pruned
+    beyond SLIDE_SNAPSHOT_KEEP; an alias pinned to a version keeps it)."""
+    result = await anyio.to_thread.run_sync(
+        run_predict, jobs, registry, telemetry, settings, model_id, body, version, limiter=registry.limiter
+    )
+    return predict_response(model_id, result, body)
+
+
+@router.get(
+    "/{model_id}/versions",
+    response_model=VersionList,
+    summary="Retained versions of a model, newest first",
+    responses=problem_responses(401, 404, 422),
+)
+def list_versions(
+    model_id: str,
+    jobs: JobsDep,
+    aliases: AliasesDep,
+    evaluations: EvaluationsDep,
+    settings: SettingsDep,
+    limit: Limit = DEFAULT_LIMIT,
+    cursor: Cursor = None,
+) -> VersionList:
+    """The versions on disk (the newest SLIDE_SNAPSHOT_KEEP, plus any an alias pins), each with its training
+    progress, the training-time evaluation nearest before it, and its HTTP evaluations."""
+    jobs.get(model_id)
+    on_disk = sorted(engine.SnapshotStore(settings.snapshots_dir(model_id)).versions(), reverse=True)
+    if cursor:
+        (before,) = decode_cursor(cursor, (int,))
+        on_disk = [v for v in on_disk if v < before]
+    page = on_disk[:limit]
+    next_cursor = encode_cursor(page[-1]) if len(on_disk) > limit else None
+    rows = {v.version: v for v in jobs.versions(model_id)}
+    points = [p for p in jobs.metrics(model_id) if p.p_at_1 is not None or p.loss is not None]
+    pinned: dict[int, list[str]] = {}
+    for a in aliases.by_model(model_id):
+        if a.version is not None:
+            pinned.setdefault(a.version, []).append(a.name)
+    evals: dict[int, list[EvaluationPublic]] = {}
+    for e in evaluations.for_model(model_id):
+        if e.model_version is not None:
+            evals.setdefault(e.model_version, []).append(evaluation_public(e))
+    data = []
+    for number in page:
+        row = rows.get(number)
+        before_it = [p for p in points if row is not None and p.step <= row.step]
+        data.append(
+            VersionPublic(
+                version=number,
+                step=row.step if row else None,
+                epoch=row.epoch if row else None,
+                samples=row.samples if row else None,
+                created_at=row.created_at if row else None,
+                aliases=pinned.get(number, []),
+                metrics=metric_point(before_it[-1]) if before_it else None,
+                evaluations=evals.get(number, []),
+            )
+        )
+    return VersionList(model_id=model_id, data=data, count=len(data), next_cursor=next_cursor)
+
+
+def evaluation_public(row: EvaluationRow) -> EvaluationPublic:
+    metrics = row.metrics or {}
+    return EvaluationPublic(
+        id=row.id,
+        model_id=row.model_id,
+        dataset_id=row.dataset_id,
+        model_version=row.model_version,
+        mode=row.mode,
+        k=row.k,
+        state=row.state,  # type: ignore[arg-type]
+        **{key: metrics.get(key) for key in ("p_at_1", "p_at_3", "p_at_5", "ndcg_at_5", "psp_at_5", "points")},
+        recall_vs_exact=metrics.get("recall_vs_exact"),
+        seconds=row.seconds,
+        error=row.error,
+        created_at=row.created_at,
+        finished_at=row.finished_at,
+        status_url=f"/v1/evaluations/{row.id}",
+    )
+
+
+@router.post(
+    "/{model_id}/evaluate",
+    response_model=EvaluationPublic,
+    summary="Evaluate a model version on a dataset",
+    responses={
+        202: {"model": EvaluationPublic, "description": "A large set: running in the background; poll status_url"},
+        **problem_responses(400, 401, 404, 422, 503),
+    },
+)
+async def evaluate(
+    model_id: str, body: EvaluateRequest, response: Response, evaluations: EvaluationsDep
+) -> EvaluationPublic:
+    """P@1, P@3, P@5, nDCG@5, PSP@5 (propensities from the model's training set) over every point of
+    `dataset_id`, plus `recall_vs_exact` for lsh / auto. Sets of up to 2,000 points answer 200 with the result;
+    larger ones answer 202 with `status_url` (also the Location header) to poll."""
+    row, finished = await anyio.to_thread.run_sync(
+        evaluations.start, model_id, body.dataset_id, body.k, body.mode, body.version
+    )
+    if finished and row.state == "failed":
+        raise InvalidContent(f"the evaluation failed: {row.error}", loc=("body",))
+    if not finished:
+        response.status_code = 202
+    response.headers["Location"] = f"/v1/evaluations/{row.id}"
+    return evaluation_public(row)
+
+
+@evaluations_router.get(
+    "/{evaluation_id}",
+    response_model=EvaluationPublic,
+    summary="An evaluation's state and result",
+    responses=problem_responses(401, 404),
+)
+def get_evaluation(evaluation_id: str, evaluations: EvaluationsDep) -> EvaluationPublic:
+    return evaluation_public(evaluations.get(evaluation_id))
 
 
 def _job_of(jobs: JobService, model_id: str) -> JobRow:

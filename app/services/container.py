@@ -6,7 +6,9 @@ import logging
 from dataclasses import dataclass
 
 from app.db import Database
+from app.services.aliases import AliasService
 from app.services.datasets import DatasetService
+from app.services.evaluations import EvaluationService
 from app.services.jobs import JobService, Supervisor
 from app.services.registry import ModelRegistry
 from app.services.telemetry import Telemetry
@@ -24,20 +26,26 @@ class Services:
     supervisor: Supervisor
     registry: ModelRegistry
     telemetry: Telemetry
+    aliases: AliasService
+    evaluations: EvaluationService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
         """No I/O here: the app object can be created (e.g. imported by uvicorn) before anything is opened."""
         db = Database(settings.database_url)
         supervisor = Supervisor(settings, db)
+        datasets = DatasetService(settings, db)
+        registry = ModelRegistry(settings)
         return cls(
             settings=settings,
             db=db,
-            datasets=DatasetService(settings, db),
+            datasets=datasets,
             jobs=JobService(settings, db, supervisor),
             supervisor=supervisor,
-            registry=ModelRegistry(settings),
+            registry=registry,
             telemetry=Telemetry(db),
+            aliases=AliasService(settings, db),
+            evaluations=EvaluationService(settings, db, datasets, registry),
         )
 
     def start(self) -> None:

@@ -32,9 +32,20 @@ from app.services.errors import (
     require_id,
     storage_cause,
 )
+from app.services.pagination import page_by_created
 from app.settings import Settings
 from engine import XMCParseError, XMCStreamParser
 from engine.data import XMCTooLargeError  # not re-exported by `engine` (yet)
+from engine.text import (
+    JSONLParseError,
+    JSONLStreamParser,
+    featurize_like,
+    fit_text_dataset,
+    load_text_info,
+    read_label_names,
+    read_text_meta,
+    save_text_info,
+)
 
 if TYPE_CHECKING:
     from python_multipart.multipart import MultipartCallbacks, MultipartParser
@@ -43,6 +54,7 @@ log = logging.getLogger("app.datasets")
 
 FEED_BATCH_BYTES = 1 << 20  # hand the parser ~1 MiB at a time: one thread hop per MiB, bounded memory
 GZIP_TYPES = {"application/gzip", "application/x-gzip"}
+JSONL_TYPES = {"application/x-ndjson", "application/jsonl", "application/json-lines", "application/json"}
 RAW_TYPES = {"", "text/plain", "application/octet-stream", "text/x-xmc"} | GZIP_TYPES
 
 
@@ -65,8 +77,10 @@ class UploadSink:
     and only the `file` part reaches the XMC parser. Counts the bytes received against the limit.
     """
 
-    def __init__(self, content_type: str | None, content_encoding: str | None, limit: int):
+    def __init__(self, content_type: str | None, content_encoding: str | None, limit: int, fmt: str = "xmc"):
         media, params = _media_type(content_type)
+        self.format = fmt
+        parser_class = JSONLStreamParser if fmt == "jsonl" else XMCStreamParser
         encoding = (content_encoding or "").strip().lower()
         if encoding not in ("", "identity", "gzip", "x-gzip"):
             raise UnsupportedMediaType(f"Content-Encoding {encoding!r} is not supported; send gzip or nothing")
@@ -81,11 +95,11 @@ class UploadSink:
             boundary = params.get("boundary")
             if not boundary:
                 raise InvalidContent("multipart/form-data without a boundary parameter", loc=("header", "content-type"))
-            self._parser = XMCStreamParser(max_bytes=self.limit, gzip=None)
+            self._parser = parser_class(max_bytes=self.limit, gzip=None)
             self._multipart = self._make_multipart(boundary)
-        elif media in RAW_TYPES:
+        elif media in RAW_TYPES or (fmt == "jsonl" and media in JSONL_TYPES):
             declared_gzip = encoding in ("gzip", "x-gzip") or media in GZIP_TYPES
-            self._parser = XMCStreamParser(max_bytes=self.limit, gzip=True if declared_gzip else None)
+            self._parser = parser_class(max_bytes=self.limit, gzip=True if declared_gzip else None)
         else:
             raise UnsupportedMediaType(
                 f"Content-Type {media!r} is not accepted; send the dataset file as text/plain, application/gzip "
@@ -169,8 +183,9 @@ class UploadSink:
         except FormParserError as exc:
             raise InvalidContent(f"malformed multipart/form-data body: {exc}", loc=("body",)) from exc
 
-    def finish(self) -> engine.Dataset:
-        """The parsed dataset; raises InvalidContent when the body ended early or had no `file` part."""
+    def finish(self) -> Any:
+        """The parsed dataset (an engine.Dataset, or engine.text.TextRecords for JSONL); raises InvalidContent when
+        the body ended early or had no `file` part."""
         if self._multipart is not None:
             from python_multipart.exceptions import FormParserError
 
@@ -206,8 +221,8 @@ class DatasetService:
         self.settings = settings
         self.db = db
 
-    def new_upload(self, content_type: str | None, content_encoding: str | None) -> UploadSink:
-        return UploadSink(content_type, content_encoding, int(self.settings.max_upload_bytes))
+    def new_upload(self, content_type: str | None, content_encoding: str | None, fmt: str = "xmc") -> UploadSink:
+        return UploadSink(content_type, content_encoding, int(self.settings.max_upload_bytes), fmt)
 
     async def upload(
         self,
@@ -217,10 +232,17 @@ class DatasetService:
         content_type: str | None,
         content_encoding: str | None,
         content_length: int | None,
+        fmt: str = "xmc",
+        like: str | None = None,
     ) -> DatasetRow:
         """Stream the body into the parser (parsing runs in worker threads, a batch of chunks at a time), then
-        save and register the dataset."""
-        sink = self.new_upload(content_type, content_encoding)
+        save and register the dataset. JSONL text: fit a featurizer and label vocabulary on it, or with `like`
+        featurize it with that dataset's."""
+        if like is not None:
+            if fmt != "jsonl":
+                raise InvalidContent("`like` applies to format=jsonl uploads only", loc=("query", "like"))
+            await anyio.to_thread.run_sync(self._text_of, like)  # 404 / 422 before reading the body
+        sink = self.new_upload(content_type, content_encoding, fmt)
         if content_length is not None and sink.is_raw and content_length > sink.limit:
             raise PayloadTooLarge(sink.limit)
         buf = bytearray()
@@ -231,10 +253,68 @@ class DatasetService:
                 buf.clear()
         if buf:
             await anyio.to_thread.run_sync(sink.write, bytes(buf))
-        dataset = await anyio.to_thread.run_sync(sink.finish)
-        return await anyio.to_thread.run_sync(self.create, name, dataset, sink.bytes_received)
+        parsed = await anyio.to_thread.run_sync(sink.finish)
+        if fmt != "jsonl":
+            return await anyio.to_thread.run_sync(self.create, name, parsed, sink.bytes_received)
 
-    def create(self, name: str | None, dataset: engine.Dataset, nbytes: int) -> DatasetRow:
+        def featurize() -> DatasetRow:
+            try:
+                if like is None:
+                    dataset, featurizer, names = fit_text_dataset(parsed)
+                    text = (featurizer, names, {"format": "jsonl"})
+                else:
+                    featurizer, names, _ = self._text_of(like)
+                    dataset, unknown = featurize_like(parsed, featurizer, names, self.get(like).num_labels)
+                    text = (None, None, {"format": "jsonl", "like_dataset_id": like, "unknown_labels": unknown})
+            except JSONLParseError as exc:
+                raise UploadSink._parse_error(exc) from exc
+            return self.create(name, dataset, sink.bytes_received, text=text)
+
+        return await anyio.to_thread.run_sync(featurize)
+
+    def _text_of(self, dataset_id: str):
+        """(featurizer, label names, meta) of a text dataset; 422 when it has no featurizer."""
+        self.get(dataset_id)
+        featurizer, names, meta = load_text_info(self.settings.dataset_dir(dataset_id))
+        if featurizer is None or names is None:
+            raise InvalidContent(
+                f"like: dataset {dataset_id} was not uploaded as text (format=jsonl), so it has no featurizer",
+                loc=("query", "like"),
+            )
+        return featurizer, names, meta
+
+    def text_meta(self, dataset_id: str) -> dict:
+        try:
+            return read_text_meta(self.settings.dataset_dir(dataset_id))
+        except (OSError, ValueError):
+            return {}
+
+    def set_label_names(self, dataset_id: str, body: bytes) -> DatasetRow:
+        """Name the labels of a dataset: UTF-8 text, line i names label i-1. Blocking."""
+        row = self.get(dataset_id)
+        try:
+            text = body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InvalidContent(f"the label names are not UTF-8 text ({exc})", loc=("body",)) from None
+        lines = text.split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()
+        try:
+            names = read_label_names(lines, row.num_labels)
+        except JSONLParseError as exc:
+            raise UploadSink._parse_error(exc) from exc
+        try:
+            save_text_info(self.settings.dataset_dir(dataset_id), None, names)
+        except OSError as exc:
+            cause = storage_cause(exc)
+            if cause is None:
+                raise
+            raise InsufficientStorage(
+                f"the label names could not be stored: {cause[0]} ({cause[1]})", reason=cause[0]
+            ) from exc
+        return row
+
+    def create(self, name: str | None, dataset: engine.Dataset, nbytes: int, text: tuple | None = None) -> DatasetRow:
         """Save the arrays atomically, then insert the row; on any failure nothing is left behind. Blocking."""
         if dataset.num_points == 0:
             raise InvalidContent("the dataset has no points (the header says 0 or no lines followed)", loc=("body",))
@@ -243,6 +323,8 @@ class DatasetService:
         summary = dataset.summary()
         try:
             engine.save_dataset(dataset, target)
+            if text is not None:
+                save_text_info(target, *text)
             row = DatasetRow(
                 id=dataset_id,
                 name=name or f"dataset-{dataset_id[:8]}",
@@ -281,6 +363,10 @@ class DatasetService:
     def list(self) -> list[DatasetRow]:
         with self.db.session() as s:
             return list(s.scalars(select(DatasetRow).order_by(DatasetRow.created_at.desc())))
+
+    def page(self, limit: int, cursor: str | None) -> tuple[list[DatasetRow], str | None]:
+        with self.db.session() as s:
+            return page_by_created(s, DatasetRow, limit, cursor)
 
     def get(self, dataset_id: str) -> DatasetRow:
         require_id("dataset", dataset_id)

@@ -21,7 +21,7 @@ import numpy as np
 
 import engine
 from app.domain import ACTIVE_STATES
-from app.services.errors import Conflict, InvalidContent, NotReady
+from app.services.errors import Conflict, InvalidContent, NotFound, NotReady, ServiceError
 from app.settings import Settings
 
 log = logging.getLogger("app.registry")
@@ -60,6 +60,12 @@ class PredictResult:
     scores: list[list[float]]
     num_labels: int = 0
     """The model's number of labels (k is capped at it)."""
+    names: list[list[str | None]] | None = None
+    notes: list[str | None] | None = None
+
+
+PINNED_CACHE = 8
+"""Exact versions (pinned by an alias, or asked for by number) held loaded at once, besides each newest."""
 
 
 class ModelRegistry:
@@ -73,6 +79,8 @@ class ModelRegistry:
         self._predict_guard: Any = nullcontext() if _threadsafe_numba() else threading.Lock()
         self.concurrency = settings.predict_concurrency or max(2, 2 * (os.cpu_count() or 1))
         self._limiter: Any = None
+        self._versions: dict[tuple[str, int], LoadedModel] = {}  # insertion order = least recently used first
+        self._names: dict[str, tuple[float, Any]] = {}  # dataset dir -> (mtime of text.json, LabelNames)
         if not isinstance(self._predict_guard, nullcontext):
             log.warning("Numba has no thread-safe threading layer (TBB or OpenMP): predictions run one at a time")
 
@@ -148,12 +156,67 @@ class ModelRegistry:
             self._limiter = anyio.CapacityLimiter(self.concurrency)
         return self._limiter
 
+    def version(self, job_id: str, version: int) -> LoadedModel:
+        """Exactly `version` of a model (the newest held, a cached one, or loaded now). Raises VersionGone when it
+        is not on disk (never published, or pruned). Blocking."""
+        held = self._models.get(job_id)
+        if held is not None and held.version == version:
+            return held
+        key = (job_id, int(version))
+        with self._guard:
+            cached = self._versions.pop(key, None)
+            if cached is not None:
+                self._versions[key] = cached
+                return cached
+        store = engine.SnapshotStore(self.settings.snapshots_dir(job_id))
+        path = store.path(int(version))
+        try:
+            model = engine.load_model(path, mmap=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise VersionGone(job_id, int(version), store.versions()) from exc
+        loaded = LoadedModel(job_id, int(version), model, time.time())
+        with self._guard:
+            self._versions[key] = loaded
+            while len(self._versions) > PINNED_CACHE:
+                self._versions.pop(next(iter(self._versions)))
+        return loaded
+
+    def label_names(self, loaded: LoadedModel, dataset_dir: Any = None) -> Any:
+        """The model's label names: its snapshot's, else those stored with its training dataset (named after the
+        job started); None when neither has any."""
+        if loaded.model.label_names is not None or dataset_dir is None:
+            return loaded.model.label_names
+        from pathlib import Path
+
+        meta = Path(dataset_dir) / "text.json"
+        try:
+            mtime = meta.stat().st_mtime
+        except OSError:
+            return None
+        cached = self._names.get(str(dataset_dir))
+        if cached is not None and cached[0] == mtime:
+            names = cached[1]
+        else:
+            from engine.text import load_text_info
+
+            try:
+                names = load_text_info(dataset_dir)[1]
+            except (OSError, ValueError):
+                return None
+            self._names[str(dataset_dir)] = (mtime, names)
+        if names is not None and len(names) != int(loaded.model.num_labels):
+            return None
+        return names
+
     def peek(self, job_id: str) -> LoadedModel | None:
         return self._models.get(job_id)
 
     def evict(self, job_id: str) -> None:
         self._models.pop(job_id, None)
         self._checked.pop(job_id, None)
+        with self._guard:
+            for key in [k for k in self._versions if k[0] == job_id]:
+                self._versions.pop(key, None)
 
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())
@@ -162,13 +225,19 @@ class ModelRegistry:
     def predict(
         self,
         job_id: str,
-        instances: list[tuple[list[int], list[float]]],
+        instances: list[Any],
         k: int,
         mode: str,
+        *,
+        version: int | None = None,
+        loaded: LoadedModel | None = None,
+        names_from: Any = None,
         job_state: str | None = None,
     ) -> PredictResult:
         """Validate against the model's dimensions (errors name the instance and position), build CSR arrays,
-        predict with the current model. CPU work: call from a thread, never from `async def`."""
+        predict with the current model (or exactly `version`, or `loaded`). An instance is `(indices, values)` or
+        a text `str` (featurized with the model's own featurizer). CPU work: call from a thread, never from
+        `async def`."""
         st = self.settings
         if len(instances) > st.predict_max_instances:
             raise InvalidContent(
@@ -178,15 +247,41 @@ class ModelRegistry:
             )
         if k > st.predict_max_k:
             raise InvalidContent(f"k: at most {st.predict_max_k} (SLIDE_PREDICT_MAX_K); got {k}", loc=("body", "k"))
-        loaded = self.current(job_id, job_state)
+        if loaded is None:
+            loaded = self.current(job_id, job_state) if version is None else self.version(job_id, version)
         model = loaded.model
         num_features = int(model.num_features)
-        lengths = np.fromiter((len(ix) for ix, _ in instances), dtype=np.int64, count=len(instances))
-        indptr = np.zeros(len(instances) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=indptr[1:])
-        nnz = int(indptr[-1])
-        indices = np.fromiter((i for ix, _ in instances for i in ix), dtype=np.int64, count=nnz)
-        values = np.fromiter((v for _, vs in instances for v in vs), dtype=np.float32, count=nnz)
+        texts = [i for i, inst in enumerate(instances) if isinstance(inst, str)]
+        unknown_words: set[int] = set()
+        if texts:
+            featurizer = model.featurizer
+            if featurizer is None:
+                raise InvalidContent(
+                    f"instances[{texts[0]}].text: model {job_id} was not trained on a text dataset, so it has no "
+                    "featurizer; send `indices` and `values`",
+                    loc=("body", "instances", texts[0], "text"),
+                )
+            rows = []
+            for i, inst in enumerate(instances):
+                if isinstance(inst, str):
+                    ids, vals = featurizer.transform_one(inst)
+                    if ids.size == 0:
+                        unknown_words.add(i)
+                    rows.append((ids, vals))
+                else:
+                    rows.append((np.asarray(inst[0], dtype=np.int64), np.asarray(inst[1], dtype=np.float32)))
+            lengths = np.fromiter((len(r[0]) for r in rows), dtype=np.int64, count=len(rows))
+            indptr = np.zeros(len(rows) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=indptr[1:])
+            indices = np.concatenate([r[0] for r in rows]).astype(np.int64, copy=False)
+            values = np.concatenate([r[1] for r in rows]).astype(np.float32, copy=False)
+        else:
+            lengths = np.fromiter((len(ix) for ix, _ in instances), dtype=np.int64, count=len(instances))
+            indptr = np.zeros(len(instances) + 1, dtype=np.int64)
+            np.cumsum(lengths, out=indptr[1:])
+            nnz = int(indptr[-1])
+            indices = np.fromiter((i for ix, _ in instances for i in ix), dtype=np.int64, count=nnz)
+            values = np.fromiter((v for _, vs in instances for v in vs), dtype=np.float32, count=nnz)
         bad = np.flatnonzero(indices >= num_features)
         if bad.size:
             pos = int(bad[0])
@@ -205,10 +300,49 @@ class ModelRegistry:
         scores = np.asarray(scores)
         out_labels: list[list[int]] = []
         out_scores: list[list[float]] = []
+        notes: list[str | None] = []
         for r in range(labels.shape[0]):
             keep = labels[r] >= 0
             out_labels.append(labels[r][keep].tolist())
             out_scores.append([float(x) for x in scores[r][keep]])
+            notes.append(_note(len(out_labels[-1]), int(k), int(model.num_labels), mode, r in unknown_words))
+        names = self.label_names(loaded, names_from)
+        out_names = [names.names(row) for row in out_labels] if names is not None else None
         return PredictResult(
-            loaded.version, "lsh" if used == "lsh" else "exact", out_labels, out_scores, int(model.num_labels)
+            loaded.version,
+            "lsh" if used == "lsh" else "exact",
+            out_labels,
+            out_scores,
+            int(model.num_labels),
+            out_names,
+            notes,
+        )
+
+
+def _note(returned: int, k: int, num_labels: int, mode: str, no_known_words: bool) -> str | None:
+    parts = []
+    if no_known_words:
+        parts.append("no word of the text is in the model's vocabulary, so the labels come from the biases alone")
+    if returned < k:
+        if returned == num_labels:
+            parts.append(f"{returned} of k={k} labels: the model has only {num_labels} labels")
+        else:
+            parts.append(
+                f"{returned} of k={k} labels: the hash tables retrieved only {returned} candidate labels in "
+                f"{mode} mode; mode=exact scores every label"
+            )
+    return "; ".join(parts) or None
+
+
+class VersionGone(NotFound):
+    """A version that is not (or no longer) on disk."""
+
+    def __init__(self, job_id: str, version: int, retained: list[int]):
+        ServiceError.__init__(
+            self,
+            f"model {job_id} has no version {version}: it was never published or has been pruned (retained: "
+            f"{retained or 'none'}); pin a version with an alias to keep it",
+            resource="model version",
+            id=f"{job_id}/v{version}",
+            retained=retained,
         )

@@ -297,6 +297,7 @@ class JobProcess:
             log.info(
                 "started: %d points, %d features, %d labels", train.num_points, train.num_features, train.num_labels
             )
+        self._attach_text(trainer, spec["train_path"])
         self.trainer = trainer
         self._forget_beyond(trainer.step, trainer.epoch, store.versions())
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
@@ -324,6 +325,18 @@ class JobProcess:
             spec.memory_estimate_text or "unknown",
         )
         self._finish(state, metrics=_json_safe(result))
+
+    @staticmethod
+    def _attach_text(trainer: Any, train_path: str) -> None:
+        """The training set's featurizer and label names go into every snapshot (names set after a job started
+        arrive when it resumes)."""
+        from engine.text import load_text_info
+
+        try:
+            featurizer, names, _ = load_text_info(train_path)
+            trainer.attach_text(featurizer, names)
+        except (OSError, ValueError) as exc:
+            log.warning("the training set's featurizer or label names are not usable: %s", exc)
 
     # ---- database writes ------------------------------------------------------------------------------
     def _row_state(self) -> str | None:

@@ -220,6 +220,13 @@ PROBLEM_EXAMPLES: dict[tuple[str, str, int], dict[str, Any]] = {
         queue_position=2,
         queue_reason="waiting behind job 9b1f0c2d4e6a48b7a1c3d5e7f9081a2b, earlier in the queue",
     ),
+    ("post", "/v1/models/{model_id}/evaluate", 503): _problem(
+        503,
+        "not-ready",
+        "Not ready yet",
+        f"model {_ID} has no snapshot yet: its job publishes the first one within 30s of training "
+        "(SLIDE_SNAPSHOT_INTERVAL_S); retry then",
+    ),
     ("get", "/readyz", 503): _problem(
         503,
         "not-ready",
@@ -233,7 +240,20 @@ PROBLEM_EXAMPLES: dict[tuple[str, str, int], dict[str, Any]] = {
     ),
 }
 
-_RESOURCE_OF = {"dataset_id": "dataset", "job_id": "job", "model_id": "model"}
+_RESOURCE_OF = {
+    "dataset_id": "dataset",
+    "job_id": "job",
+    "model_id": "model",
+    "alias": "alias",
+    "evaluation_id": "evaluation",
+}
+# Predicting through an alias or an exact version answers as predict does.
+for _status in (400, 422, 503):
+    for _path in ("/v1/aliases/{alias}/predict", "/v1/models/{model_id}/versions/{version}/predict"):
+        if _status != 503 or "alias" in _path:
+            PROBLEM_EXAMPLES[("post", _path, _status)] = PROBLEM_EXAMPLES[
+                ("post", "/v1/models/{model_id}/predict", _status)
+            ]
 
 
 def problem_example(method: str, path: str, status: int) -> dict[str, Any]:
@@ -365,6 +385,8 @@ def with_live_examples(spec: dict[str, Any], services: Services) -> dict[str, An
     if "num_features" in ids:  # feature ids the example model has
         for example in _json_examples(paths, "/v1/models/{model_id}/predict", "post").values():
             for instance in example.get("value", {}).get("instances", []):
+                if "indices" not in instance:  # a text query
+                    continue
                 indices = _feature_ids(int(ids["num_features"]), len(instance["indices"]))
                 instance["indices"] = indices
                 instance["values"] = instance["values"][: len(indices)] + [1.0] * (

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Path, Response
 
 from app.api.datasets import Cursor, Limit
 from app.api.deps import AliasesDep, JobsDep, RegistryDep, SettingsDep, TelemetryDep
-from app.api.models import PredictBody, predict_response, run_predict
+from app.api.models import TextPredictBody, predict_response, run_predict
 from app.db import AliasRow
 from app.errors import problem_responses
 from app.schemas import ALIAS_PATTERN, AliasList, AliasPublic, AliasPut, PredictResponse
@@ -103,7 +103,7 @@ async def predict_alias(
     registry: RegistryDep,
     telemetry: TelemetryDep,
     settings: SettingsDep,
-    body: PredictBody,
+    body: TextPredictBody,
 ) -> PredictResponse:
     """The same body and answer as `POST /v1/models/{id}/predict`, with `model_id`, `model_version` and `alias`
     saying what answered. The alias is resolved once per request: a request in flight while the alias moves

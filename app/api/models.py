@@ -52,10 +52,6 @@ PREDICT_EXAMPLES = {
         "summary": "One query, scored as the model's calibration chose (auto)",
         "value": {"instances": [{"indices": [0, 2, 5], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "auto"},
     },
-    "text": {
-        "summary": "A text query (model trained on a JSONL text dataset), with probabilities",
-        "value": {"instances": [{"text": "red running shoes"}], "k": 3, "probabilities": True},
-    },
     "exact": {
         "summary": "Two queries, all labels scored",
         "value": {
@@ -66,6 +62,15 @@ PREDICT_EXAMPLES = {
     },
 }
 PredictBody = Annotated[PredictRequest, Body(openapi_examples=PREDICT_EXAMPLES)]
+# Through an alias the model is often one trained on text.
+TEXT_PREDICT_EXAMPLES = {
+    "text": {
+        "summary": "A text query (model trained on a JSONL text dataset), with probabilities",
+        "value": {"instances": [{"text": "red running shoes"}], "k": 3, "probabilities": True},
+    },
+    **PREDICT_EXAMPLES,
+}
+TextPredictBody = Annotated[PredictRequest, Body(openapi_examples=TEXT_PREDICT_EXAMPLES)]
 
 
 def instances_of(body: PredictRequest) -> list[Any]:

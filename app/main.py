@@ -35,7 +35,8 @@ The console at [/ui](/ui) shows datasets, jobs with their live training curves, 
 TAGS = [
     {"name": "datasets", "description": "Training and evaluation data, uploaded as files (streamed)."},
     {"name": "jobs", "description": "Training runs, each in its own process; stop, resume, live metrics."},
-    {"name": "models", "description": "One model per job, served from its newest snapshot."},
+    {"name": "models", "description": "One model per job, served from its newest snapshot or a retained version."},
+    {"name": "aliases", "description": "Stable names for a model version (or a model's newest); predict through them."},
     {"name": "health", "description": "Liveness, readiness and Prometheus metrics."},
 ]
 

@@ -157,30 +157,6 @@ class JobService:
         with self.db.session() as s:
             return page_by_created(s, JobRow, limit, cursor)
 
-    def queue_info(self) -> dict[str, tuple[int, str]]:
-        """Each queued job's 1-based place in the queue (the order the supervisor starts them) and why it waits."""
-        with self.db.session() as s:
-            queued = list(s.scalars(select(JobRow.id).where(JobRow.state == "queued").order_by(JobRow.created_at)))
-            if not queued:
-                return {}
-            training = int(
-                s.scalar(select(func.count()).select_from(JobRow).where(JobRow.state.in_(("running", "stopping")))) or 0
-            )
-        slots = self.settings.max_concurrent_jobs
-        out: dict[str, tuple[int, str]] = {}
-        for i, job_id in enumerate(queued):
-            if training >= slots:
-                why = (
-                    f"all {slots} training slot(s) are busy ({training} job(s) training, SLIDE_MAX_CONCURRENT_JOBS="
-                    f"{slots})"
-                )
-            else:
-                why = "a training slot is free: the supervisor starts it within a moment"
-            if i:
-                why += f"; {i} queued job(s) start before it"
-            out[job_id] = (i + 1, why)
-        return out
-
     def get(self, job_id: str) -> JobRow:
         require_id("job", job_id)
         with self.db.session() as s:

@@ -204,7 +204,7 @@ def test_aliases_pin_versions_and_lists_page(tmp_path, client_for):
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "running", timeout=30, what="running")
     place = client.get(f"/v1/jobs/{queued['id']}").json()
     assert place["state"] == "queued" and place["queue_position"] == 1
-    assert "training slot" in place["queue_reason"]
+    assert "waiting for a free slot" in place["queue_reason"]
     assert client.get(f"/v1/jobs/{job_id}").json()["queue_reason"] is None
     assert client.delete(f"/v1/jobs/{queued['id']}").status_code == 204
 

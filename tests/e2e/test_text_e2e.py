@@ -95,7 +95,9 @@ def test_text_alias_versions_evaluate_restart(tmp_path: Path, servers):
     same = c.post(f"/v1/models/{job_id}/versions/{v}/predict", json=QUERY).json()
     assert same["predictions"] == r.json()["predictions"]
 
-    # alias moves under load: every answer is whole, from v or from a newest version, never an error
+    # alias moves under load: every answer is whole, from v or from a newest version, never an error (a second
+    # alias keeps v pinned meanwhile, so moving production back to v always finds it)
+    assert c.put("/v1/aliases/keep", json={"model_id": job_id, "version": v}).status_code == 200
     answers: list[tuple[int, int]] = []
     stop = threading.Event()
 
@@ -119,6 +121,7 @@ def test_text_alias_versions_evaluate_restart(tmp_path: Path, servers):
         t.join()
     assert answers and all(code == 200 for code, _ in answers), answers
     assert all(ver == v or ver >= min(newest_seen) for _, ver in answers), (v, newest_seen, answers)
+    assert c.delete("/v1/aliases/keep").status_code == 204
 
     # 7. move the alias to null: the newest version answers
     r = c.put("/v1/aliases/production", json={"model_id": job_id, "version": None})

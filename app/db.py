@@ -166,7 +166,7 @@ class EvaluationRow(Base):
     mode: Mapped[str] = mapped_column(String(16))
     k: Mapped[int] = mapped_column(Integer)
     state: Mapped[str] = mapped_column(String(16))
-    metrics: Mapped[dict | None] = mapped_column(JSON, nullable=True)
+    metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     seconds: Mapped[float | None] = mapped_column(Float, nullable=True)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)

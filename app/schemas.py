@@ -220,9 +220,6 @@ class JobPublic(BaseModel):
         description="For a queued job: 1 = the next to start once a training slot (SLIDE_MAX_CONCURRENT_JOBS) is "
         "free and it fits beside the running jobs in SLIDE_MAX_JOB_MEMORY; null in any other state.",
     )
-    queue_reason: str | None = Field(
-        None, description="For a queued job: why it waits (e.g. every training slot is busy); null otherwise."
-    )
     error: str | None = None
     estimated_memory_bytes: int | None = Field(
         None,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import anyio.to_thread
 from fastapi import APIRouter, Path, Response
@@ -12,11 +12,13 @@ from app.api.deps import AliasesDep, JobsDep, RegistryDep, SettingsDep, Telemetr
 from app.api.models import TextPredictBody, predict_response, run_predict
 from app.db import AliasRow
 from app.errors import problem_responses
-from app.schemas import ALIAS_PATTERN, AliasList, AliasPublic, AliasPut, PredictResponse
-from app.services.aliases import AliasService
+from app.schemas import ALIAS_PATTERN, AliasList, AliasPublic, AliasPut, PredictRequest, PredictResponse
+from app.services.aliases import AliasService, Resolved
 from app.services.errors import NotFound, NotReady
+from app.services.jobs import JobService
 from app.services.pagination import DEFAULT_LIMIT
-from app.services.registry import ModelRegistry, VersionGone
+from app.services.registry import ModelRegistry, PredictResult, VersionGone
+from app.settings import Settings
 
 router = APIRouter(prefix="/v1/aliases", tags=["aliases"])
 
@@ -76,7 +78,15 @@ def delete_alias(alias: AliasName, aliases: AliasesDep) -> Response:
     return Response(status_code=204)
 
 
-def _predict_through(aliases: AliasService, alias: str, jobs, registry, telemetry, settings, body):
+def _predict_through(
+    aliases: AliasService,
+    alias: str,
+    jobs: JobService,
+    registry: ModelRegistry,
+    telemetry: Any,
+    settings: Settings,
+    body: PredictRequest,
+) -> tuple[Resolved, PredictResult]:
     target = aliases.resolve(alias)
     try:
         result = run_predict(jobs, registry, telemetry, settings, target.model_id, body, target.version)

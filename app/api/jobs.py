@@ -147,7 +147,7 @@ def create_job(
 @router.get("", response_model=JobList, summary="List jobs, newest first", responses=problem_responses(401, 422))
 def list_jobs(jobs: JobsDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None) -> JobList:
     rows, next_cursor = jobs.page(limit, cursor)
-    return JobList(data=job_publics(jobs, rows), count=len(rows), next_cursor=next_cursor)
+    return JobList(data=job_publics(jobs, list(rows)), count=len(rows), next_cursor=next_cursor)
 
 
 @router.get(

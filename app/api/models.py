@@ -101,7 +101,15 @@ def predict_response(
     )
 
 
-def run_predict(jobs, registry, telemetry, settings, model_id: str, body: PredictRequest, version: int | None):
+def run_predict(
+    jobs: JobService,
+    registry: ModelRegistry,
+    telemetry: Any,
+    settings: Settings,
+    model_id: str,
+    body: PredictRequest,
+    version: int | None,
+) -> PredictResult:
     """The blocking part of a predict request (run in the predict pool)."""
     job = _job_of(jobs, model_id)  # 404 for an unknown id
     start = time.perf_counter()

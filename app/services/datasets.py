@@ -12,7 +12,7 @@ import logging
 import shutil
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -258,6 +258,7 @@ class DatasetService:
             return await anyio.to_thread.run_sync(self.create, name, parsed, sink.bytes_received)
 
         def featurize() -> DatasetRow:
+            text: tuple[Any, Any, dict[str, Any]]
             try:
                 if like is None:
                     dataset, featurizer, names = fit_text_dataset(parsed)
@@ -272,7 +273,7 @@ class DatasetService:
 
         return await anyio.to_thread.run_sync(featurize)
 
-    def _text_of(self, dataset_id: str):
+    def _text_of(self, dataset_id: str) -> tuple[Any, Any, dict[str, Any]]:
         """(featurizer, label names, meta) of a text dataset; 422 when it has no featurizer."""
         self.get(dataset_id)
         featurizer, names, meta = load_text_info(self.settings.dataset_dir(dataset_id))
@@ -283,7 +284,7 @@ class DatasetService:
             )
         return featurizer, names, meta
 
-    def text_meta(self, dataset_id: str) -> dict:
+    def text_meta(self, dataset_id: str) -> dict[str, Any]:
         try:
             return read_text_meta(self.settings.dataset_dir(dataset_id))
         except (OSError, ValueError):
@@ -314,7 +315,13 @@ class DatasetService:
             ) from exc
         return row
 
-    def create(self, name: str | None, dataset: engine.Dataset, nbytes: int, text: tuple | None = None) -> DatasetRow:
+    def create(
+        self,
+        name: str | None,
+        dataset: engine.Dataset,
+        nbytes: int,
+        text: tuple[Any, Any, dict[str, Any]] | None = None,
+    ) -> DatasetRow:
         """Save the arrays atomically, then insert the row; on any failure nothing is left behind. Blocking."""
         if dataset.num_points == 0:
             raise InvalidContent("the dataset has no points (the header says 0 or no lines followed)", loc=("body",))
@@ -364,7 +371,7 @@ class DatasetService:
         with self.db.session() as s:
             return list(s.scalars(select(DatasetRow).order_by(DatasetRow.created_at.desc())))
 
-    def page(self, limit: int, cursor: str | None) -> tuple[list[DatasetRow], str | None]:
+    def page(self, limit: int, cursor: str | None) -> tuple[Sequence[DatasetRow], str | None]:
         with self.db.session() as s:
             return page_by_created(s, DatasetRow, limit, cursor)
 

@@ -11,6 +11,7 @@ import logging
 import threading
 import time
 import uuid
+from typing import Any
 
 from sqlalchemy import select
 
@@ -85,8 +86,9 @@ class EvaluationService:
     def _run(self, evaluation_id: str, loaded: LoadedModel, train_dataset_id: str) -> EvaluationRow:
         with self.db.session() as s:
             row = s.get(EvaluationRow, evaluation_id)
+            assert row is not None  # inserted by start() before it runs
             dataset_id, k, mode = row.dataset_id, row.k, row.mode
-        values: dict = {}
+        values: dict[str, Any] = {}
         t0 = time.perf_counter()
         try:
             data = engine.load_dataset(self.settings.dataset_dir(dataset_id), mmap=True)
@@ -108,6 +110,7 @@ class EvaluationService:
                 self._running.discard(evaluation_id)
         with self.db.session() as s:
             row = s.get(EvaluationRow, evaluation_id)
+            assert row is not None
             for key, value in values.items():
                 setattr(row, key, value)
             row.finished_at = utcnow()

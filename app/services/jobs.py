@@ -23,6 +23,7 @@ import shutil
 import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -150,7 +151,7 @@ class JobService:
         with self.db.session() as s:
             return list(s.scalars(select(JobRow).order_by(JobRow.created_at.desc())))
 
-    def page(self, limit: int, cursor: str | None) -> tuple[list[JobRow], str | None]:
+    def page(self, limit: int, cursor: str | None) -> tuple[Sequence[JobRow], str | None]:
         """One page of jobs, newest first, and the cursor of the next (None on the last)."""
         from app.services.pagination import page_by_created
 

@@ -55,7 +55,7 @@ def decode_cursor(cursor: str, kinds: tuple[type, ...]) -> list[Any]:
 
 def page_by_created(
     s: Session, model: Any, limit: int, cursor: str | None, where: Any = None
-) -> tuple[list, str | None]:
+) -> tuple[list[Any], str | None]:
     """One page of `model` rows, newest first; returns (rows, next_cursor or None)."""
     q = select(model).order_by(model.created_at.desc(), model.id.desc())
     if where is not None:

@@ -297,7 +297,7 @@ class JobProcess:
             log.info(
                 "started: %d points, %d features, %d labels", train.num_points, train.num_features, train.num_labels
             )
-        self._attach_text(trainer, spec["train_path"])
+        self._attach_text(trainer, spec.train_path)
         self.trainer = trainer
         self._forget_beyond(trainer.step, trainer.epoch, store.versions())
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)

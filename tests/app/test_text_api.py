@@ -12,6 +12,8 @@ from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
 from tests.conftest import make_settings
 from tests.engine.test_text import jsonl_bytes, text_records
 
+pytestmark = pytest.mark.slow  # each test trains jobs in trainer processes
+
 # A dense model of 12 labels: learns the planted words in a second or two (see tests/engine/test_text.py).
 TEXT_CONFIG = {
     "hidden": [16],

@@ -242,6 +242,7 @@ def text_model(tmp_path_factory):
     return root / "snapshots", featurizer, names, test
 
 
+@pytest.mark.slow
 def test_a_snapshot_alone_serves_text_and_names(text_model):
     store_dir, featurizer, names, test = text_model
     model = load_model(SnapshotStore(store_dir).latest()[1])
@@ -256,6 +257,7 @@ def test_a_snapshot_alone_serves_text_and_names(text_model):
     assert lsh["recall_vs_exact"] == 1.0  # a dense output layer: lsh scores every label
 
 
+@pytest.mark.slow
 def test_resume_keeps_the_featurizer(text_model, tmp_path):
     store_dir, featurizer, names, _ = text_model
     import shutil
@@ -314,6 +316,7 @@ def test_softmax_rows_and_recall_against_naive():
 # ---- CLI ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_cli_trains_on_jsonl_and_predicts_names(tmp_path, capsys):
     (tmp_path / "train.jsonl").write_bytes(jsonl_bytes(text_records(200, 8)))
     (tmp_path / "test.jsonl.gz").write_bytes(gzip.compress(jsonl_bytes(text_records(30, 9))))

@@ -203,6 +203,19 @@ def test_console_trains_a_job_with_live_curves_and_answers_a_query(browser: Any,
         what="the job to run and publish a model version",
         diagnose=lambda: _js(browser, "return document.getElementById('jobs').innerText"),
     )
+    # The overview's query box, once the model has a snapshot.
+    wait_for(
+        lambda: _js(browser, "return document.getElementById('q-model').value") == job_id,
+        timeout=30,
+        what="the model in the query box",
+    )
+    browser.find_element(By.ID, "q-run").click()
+    wait_for(
+        lambda: _js(browser, "return document.querySelectorAll('#q-results tr[data-label]').length") == 5,
+        timeout=20,
+        what="predictions on the overview",
+        diagnose=lambda: _js(browser, "return document.getElementById('q-out').innerText"),
+    )
     _shot(browser, "ui-overview.png")
     assert not _errors(browser)
 

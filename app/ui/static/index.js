@@ -143,7 +143,7 @@ Slide.boot(async () => {
       tick++;
       if (tick % 5 === 0) { datasets = (await api("/v1/datasets")).data; paintDatasets(); }
       await refreshJobs();
-      if (tick % 2 === 0) await refreshModels();
+      await refreshModels();
     } catch (e) { Slide.showError(e); }
   }, 2000);
 });

@@ -186,7 +186,9 @@ def test_console_trains_a_job_with_live_curves_and_answers_a_query(browser: Any,
     epochs = browser.find_element(By.ID, "nj-epochs")
     epochs.clear()
     epochs.send_keys("400")
-    browser.find_element(By.ID, "nj-config").send_keys('{"hidden": [32], "batch_size": 64, "seed": 3}')
+    browser.find_element(By.ID, "nj-config").send_keys(
+        '{"hidden": [32], "batch_size": 64, "seed": 3, "early_stop_patience": 0}'
+    )
     browser.find_element(By.ID, "nj-start").click()
     # The jobs table is repainted every 2 s: read it with queries, not element handles.
     job_id = wait_for(

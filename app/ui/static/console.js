@@ -280,7 +280,7 @@ const Slide = (() => {
       out.innerHTML = `
         <div class="result-meta" id="q-meta">
           <span>model version <b>v${esc(main.answer.model_version)}</b></span>
-          <span>${esc(mode)} <b id="q-latency">${main.ms.toFixed(1)} ms</b></span>
+          <span>${esc(mode)}${main.answer.mode && main.answer.mode !== mode ? ` (answered ${esc(main.answer.mode)})` : ""} <b id="q-latency">${main.ms.toFixed(1)} ms</b></span>
           ${mode === "exact" ? "" : `<span>exact <b>${exact.ms.toFixed(1)} ms</b></span>
           <span>${esc(mode)} vs exact overlap <b id="q-overlap">${overlap} / ${ex.labels.length}</b></span>`}
           ${truth.length ? `<span>true labels found <b>${p.labels.filter((l) => truthSet.has(l)).length} / ${truth.length}</b></span>` : ""}

@@ -7,7 +7,7 @@ the CLI as flags and `--config file.toml`.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 HashFamily = Literal["simhash", "wta", "dwta"]
@@ -291,5 +291,4 @@ __all__ = [
     "Insertion",
     "MomentDtype",
     "WeightDtype",
-    "field",
 ]

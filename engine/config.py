@@ -20,6 +20,8 @@ WIDE_LAYER_TABLES = 16
 """Tables of a sampled layer wider than 20,000 neurons when hash_l is 0 (auto)."""
 SMALL_LAYER_TABLES = 50
 """Tables of a narrower sampled layer when hash_l is 0 (auto)."""
+DENSE_OUTPUT_MAX_LABELS = 2048
+"""Widest output layer that sample_output = None (auto) trains densely, with a full softmax."""
 
 
 @dataclass(frozen=True)
@@ -101,8 +103,9 @@ class SlideConfig:
     more."""
     sample_hidden: bool = False
     """LSH-sample the hidden layers too. Off by default: the output layer is where the cost is."""
-    sample_output: bool = True
-    """LSH-sample the output layer; False trains the same network densely (the `--dense` baseline)."""
+    sample_output: bool | None = None
+    """LSH-sample the output layer: None = auto, sampled when it has more than DENSE_OUTPUT_MAX_LABELS labels
+    (below that a full softmax is as fast and learns more); False trains every output neuron (`--dense`)."""
 
     hash_family: HashFamily = "simhash"
     """Hash function of the tables: simhash (signed sparse random projections; the only one with multi-probe),
@@ -282,6 +285,7 @@ def _check(ok: bool, name: str, message: str) -> None:
 
 
 __all__ = [
+    "DENSE_OUTPUT_MAX_LABELS",
     "SlideConfig",
     "ConfigError",
     "BOUNDS",

@@ -123,7 +123,7 @@ def estimate_memory(
     n_points, n_feat, n_lab = int(num_points), int(num_features), int(num_labels)
     widths = layer_widths(cfg, n_feat, n_lab)
     depth = len(widths) - 1  # weight layers, the input layer included
-    slots = layer_slots(cfg)
+    slots = layer_slots(cfg, n_lab)
     wbytes = 2 if cfg.weight_dtype == "bfloat16" else 4
     if max_labels_per_point is None:
         avg = label_entries / n_points if n_points else 1.0

@@ -15,7 +15,7 @@ import numba
 import numpy as np
 
 from . import lsh, tables
-from .config import SlideConfig
+from .config import DENSE_OUTPUT_MAX_LABELS, SlideConfig
 from .kernels.inference import predict_batch, predict_batch_serial
 from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
@@ -86,7 +86,7 @@ class SlideModel:
         self.b0 = b0
         self.hashes = list(hashes)
         self.tables = list(tables_)
-        self.layer_slot = layer_slots(config)
+        self.layer_slot = layer_slots(config, num_labels)
         sampled = np.flatnonzero(self.layer_slot >= 0)
         self.max_active = np.array(
             [lsh.resolve_max_active(config, self.weights[layer].shape[0]) for layer in sampled] or [0], dtype=np.int64
@@ -123,7 +123,7 @@ class SlideModel:
         weights = [_random_layer(rng, num_features, widths[1], config.init_std, dtype, bias=False)]
         for layer in range(1, len(widths) - 1):
             weights.append(_random_layer(rng, widths[layer + 1], widths[layer] + 1, config.init_std, dtype, bias=True))
-        sampled = [int(layer) for layer in np.flatnonzero(layer_slots(config) >= 0)]
+        sampled = [int(layer) for layer in np.flatnonzero(layer_slots(config, num_labels) >= 0)]
         hashes = [lsh.draw_hash_functions(config, widths[layer], widths[layer + 1], rng) for layer in sampled]
         tabs = [
             tables.empty_tables(
@@ -483,13 +483,22 @@ def layer_widths(config: SlideConfig, num_features: int, num_labels: int) -> lis
     return [int(num_features), *config.hidden, int(num_labels)]
 
 
-def layer_slots(config: SlideConfig) -> np.ndarray:
+def samples_output(config: SlideConfig, num_labels: int) -> bool:
+    """Whether the output layer is LSH-sampled: as configured, or (None = auto) when it is wider than
+    DENSE_OUTPUT_MAX_LABELS."""
+    if config.sample_output is None:
+        return int(num_labels) > DENSE_OUTPUT_MAX_LABELS
+    return bool(config.sample_output)
+
+
+def layer_slots(config: SlideConfig, num_labels: int) -> np.ndarray:
     """int64 (depth,): hash-table slot of each weight layer, -1 for dense layers and the input layer."""
     depth = len(config.hidden) + 1
     slots = np.full(depth, -1, dtype=np.int64)
+    sample_output = samples_output(config, num_labels)
     s = 0
     for layer in range(1, depth):
-        if (layer == depth - 1 and config.sample_output) or (layer < depth - 1 and config.sample_hidden):
+        if (layer == depth - 1 and sample_output) or (layer < depth - 1 and config.sample_hidden):
             slots[layer] = s
             s += 1
     return slots

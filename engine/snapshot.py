@@ -56,7 +56,7 @@ def manifest_config(manifest: dict) -> SlideConfig:
 
 
 def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, arrays) -> SlideModel:
-    slots = layer_slots(config)
+    slots = layer_slots(config, num_labels)
     depth = len(slots)
     n_sampled = int((slots >= 0).sum())
     weights = tuple(np.asarray(arrays[f"w{layer}"]) for layer in range(depth))

@@ -35,7 +35,7 @@ def data():
 def exact_config(**settings) -> SlideConfig:
     """A config with float32 weights: these tests hold the engine to float64 textbook Adam, which
     bfloat16 storage would only meet within its resolution (tested on its own below)."""
-    return SlideConfig(weight_dtype="float32", **settings)
+    return SlideConfig(weight_dtype="float32", **{"sample_output": True, **settings})
 
 
 def snapshot_params(model):
@@ -755,6 +755,7 @@ def test_exact_predict_ignores_hidden_sampling(weight_dtype):
     cfg = SlideConfig(
         hidden=(12, 10),
         sample_hidden=True,
+        sample_output=True,
         hash_family="simhash",
         hash_k=2,
         hash_l=2,

@@ -58,10 +58,10 @@ def test_parts_are_the_arrays_a_trainer_allocates(settings):
 def test_estimate_grows_with_what_drives_it():
     base = dict(num_points=10_000, num_features=6, num_labels=3)
     small = estimate_memory(SlideConfig(), **base)
-    wide = estimate_memory(SlideConfig(hidden=(200_000,)), **base)
+    wide = estimate_memory(SlideConfig(hidden=(200_000,), sample_output=True), **base)
     assert wide.parts["weights"] >= 200_000 * (6 + 4) * 2  # W0 (6 x 200k) and the output layer (3 x 200,001)
     assert wide.total > small.total
-    f32 = estimate_memory(SlideConfig(hidden=(200_000,), weight_dtype="float32"), **base)
+    f32 = estimate_memory(SlideConfig(hidden=(200_000,), sample_output=True, weight_dtype="float32"), **base)
     b0 = 200_000 * 4  # the input layer's biases stay float32
     assert f32.parts["weights"] - b0 == 2 * (wide.parts["weights"] - b0)
     more_threads = estimate_memory(SlideConfig(), **base, threads=64)

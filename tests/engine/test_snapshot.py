@@ -16,6 +16,7 @@ from . import naive
 
 CFG = SlideConfig(
     hidden=(16,),
+    sample_output=True,
     hash_family="simhash",
     hash_k=4,
     hash_l=5,
@@ -203,7 +204,9 @@ def test_snapshot_from_before_serving_hubs_serves_with_the_training_hubs(tmp_pat
     from engine.snapshot import model_arrays, model_from_arrays
 
     train, test = data
-    cfg = SlideConfig(hidden=(8,), hash_k=3, hash_l=4, hub_neurons=3, predict_hubs=6, epochs=1, seed=2)
+    cfg = SlideConfig(
+        hidden=(8,), sample_output=True, hash_k=3, hash_l=4, hub_neurons=3, predict_hubs=6, epochs=1, seed=2
+    )
     trainer = Trainer(cfg, train)
     trainer.train_step(np.arange(16))
     arrays = model_arrays(trainer.model)

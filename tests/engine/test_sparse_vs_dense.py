@@ -20,7 +20,7 @@ from engine.metrics import precision_at_k
 from engine.synth import generate
 
 COMMON = dict(epochs=10, lr=1e-2, batch_size=128, seed=0, threads=1, eval_points=0)
-SPARSE = dict(hash_family="simhash", hash_l=100, max_active=20, rehash_n0=5, rehash_lambda=0.05)
+SPARSE = dict(sample_output=True, hash_family="simhash", hash_l=100, max_active=20, rehash_n0=5, rehash_lambda=0.05)
 
 # both tests train the same sparse and dense models (a module fixture): the pair is the slow part
 pytestmark = pytest.mark.slow

@@ -156,11 +156,12 @@ def test_model_tables_hold_every_neuron_once_per_table(family):
 
     cfg = SlideConfig(
         hidden=(16,),
+        sample_output=True,
         hash_family=family,
         hash_k=2,
         hash_l=6,
         bin_size=4,
-        bucket_size=10_000,
+        bucket_size=8192,
         simhash_density=0.33,
         seed=3,
     )

@@ -24,6 +24,7 @@ def data():
 
 SAMPLED = SlideConfig(
     hidden=(16,),
+    sample_output=True,
     hash_family="simhash",
     hash_k=4,
     hash_l=5,
@@ -288,7 +289,15 @@ def tiny():
 def train_tiny(tiny, **changes):
     train, test = tiny
     cfg = SlideConfig(
-        hidden=(32,), batch_size=32, lr=1e-2, epochs=3, rehash_n0=10, seed=0, threads=0, eval_points=0
+        hidden=(32,),
+        sample_output=True,
+        batch_size=32,
+        lr=1e-2,
+        epochs=3,
+        rehash_n0=10,
+        seed=0,
+        threads=0,
+        eval_points=0,
     ).replace(**changes)
     trainer = Trainer(cfg, train, test)
     history = []
@@ -387,7 +396,9 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
     assert np.all(top[:, 0] >= hub_scores.max(axis=1) - 1e-4)
 
     # Refreshing serving hubs between steps changes nothing else.
-    cfg = SlideConfig(hidden=(16,), batch_size=16, epochs=1, rehash_n0=4, predict_hubs=30, seed=5, threads=1)
+    cfg = SlideConfig(
+        hidden=(16,), sample_output=True, batch_size=16, epochs=1, rehash_n0=4, predict_hubs=30, seed=5, threads=1
+    )
     plain, refreshed = Trainer(cfg, train), Trainer(cfg, train)
     order = plain.epoch_order(0)
     for s in range(0, 160, 16):
@@ -416,7 +427,7 @@ def test_train_step_refuses_empty_and_oversized_batches():
     """An empty batch would average nothing into the running input mean (NaN); an oversized one would
     overrun the batch buffers."""
     data = naive.planted_dataset(40, 30, 20, seed=3)
-    trainer = Trainer(SlideConfig(hidden=(8,), batch_size=8, hub_neurons=2), data)
+    trainer = Trainer(SlideConfig(hidden=(8,), sample_output=True, batch_size=8, hub_neurons=2), data)
     with pytest.raises(ValueError, match="at least one point"):
         trainer.train_step(np.arange(0))
     with pytest.raises(ValueError, match="at most batch_size=8"):

@@ -40,6 +40,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
             )
         elif kind is bool:
             group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help=f"default {f.default}")
+        elif kind == bool | None:
+            group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help="default auto")
         elif kind in (int, float):
             group.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
         else:

@@ -214,6 +214,7 @@ class Trainer:
         out: dict[str, Any] = {
             "val_points": int(self._val_idx.size),
             "train_points": int(self._train_idx.size),
+            "sample_output": bool(self.model.layer_slot[-1] >= 0),
             "lr_warmup_steps": self._warmup,
             "steps_per_epoch": self._steps_per_epoch,
             "hard_negatives": self._hard_negatives,

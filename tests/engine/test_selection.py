@@ -17,6 +17,7 @@ from . import naive
 
 CFG = SlideConfig(
     hidden=(16,),
+    sample_output=True,
     hash_k=4,
     hash_l=5,
     bucket_size=32,

@@ -88,7 +88,12 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     train_id = upload(client, xmc_files["train"]).json()["id"]
     test_id = upload(client, xmc_files["test"]).json()["id"]
     r = client.post(
-        "/v1/jobs", json={"train_dataset_id": train_id, "eval_dataset_id": test_id, "config": dict(FAST, epochs=100)}
+        "/v1/jobs",
+        json={
+            "train_dataset_id": train_id,
+            "eval_dataset_id": test_id,
+            "config": dict(FAST, epochs=100, sample_output=True),
+        },
     )
     assert r.status_code == 201, r.text
     job = r.json()

@@ -66,7 +66,7 @@ def test_a_broken_bound_is_422_naming_the_field_before_any_estimate(tmp_path, cl
         ({"hidden": [200_000_000]}, "body.config.hidden[0]"),
         ({"hidden": [8] * 9}, "body.config.hidden"),
         ({"epochs": 10**9}, "body.config.epochs"),
-        ({"bucket_size": 10**6}, "body.config.bucket_size"),
+        ({"bucket_size": 2**20 + 1}, "body.config.bucket_size"),
         ({"hash_l": 5000}, "body.config.hash_l"),
         ({"batch_size": 10**7}, "body.config.batch_size"),
         ({"lr": 5.0}, "body.config.lr"),

@@ -306,6 +306,7 @@ class Trainer:
         return model
 
     def _keep_best(self) -> None:
+        self._best_arrays = None  # the previous best goes before the new copy is made: one copy at a time
         self._best_arrays = {name: np.array(a, copy=True) for name, a in model_arrays(self.model).items()}
         self._best_serving = dict(self.model.serving_report)
 

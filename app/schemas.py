@@ -442,7 +442,10 @@ class Prediction(BaseModel):
     names: list[str | None] | None = Field(
         None, description="The labels' names; null when the model has none (an XMC dataset without label names)."
     )
-    scores: list[float] = Field(description="Output-layer logits, best first.")
+    scores: list[float] = Field(
+        description="The output layer's raw logits for those labels (before the softmax), best first: they rank "
+        "labels within one answer of one model version; they are not probabilities (ask `probabilities: true`)."
+    )
     probabilities: list[float] | None = Field(
         None, description="With `probabilities: true`: softmax of `scores` over the labels returned (sums to 1)."
     )

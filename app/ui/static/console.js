@@ -276,7 +276,8 @@ const Slide = (() => {
           <td class="num mono">${Number(p.scores[i]).toFixed(4)}</td>
           <td>${exactSet.has(label) ? '<span class="hit">✓</span>' : ""}</td></tr>`;
       }).join("");
-      const warnings = (main.answer.warnings || []).map((w) => `<div class="notice">${esc(w)}</div>`).join("");
+      const warnings = [...(main.answer.warnings || []), ...(p.note ? [p.note] : [])]
+        .map((w) => `<div class="notice">${esc(w)}</div>`).join("");
       out.innerHTML = `
         <div class="result-meta" id="q-meta">
           <span>model version <b>v${esc(main.answer.model_version)}</b></span>

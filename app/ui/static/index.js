@@ -6,12 +6,14 @@ Slide.boot(async () => {
   let datasets = [];
   let models = [];
 
+  /** What kind of set it is: text (with its featurizer) or XMC, labels named or not, a `like` set's origin. */
   function labelNames(d) {
-    const names = d.label_names || d.names;
-    if (Array.isArray(names) && names.length) {
-      return `<div class="sub" style="margin:2px 0 0">${names.slice(0, 4).map(esc).join(", ")}${names.length > 4 ? ", …" : ""}</div>`;
-    }
-    return "";
+    const bits = [];
+    if (d.format === "jsonl") bits.push("text");
+    if (d.label_names) bits.push("named labels");
+    if (d.like_dataset_id) bits.push(`featurized like ${esc(d.like_dataset_id.slice(0, 8))}`);
+    if (d.unknown_labels) bits.push(`${num(d.unknown_labels)} unknown label names dropped`);
+    return bits.length ? `<div class="bar-label">${bits.join(" · ")}</div>` : "";
   }
 
   function paintDatasets() {
@@ -101,7 +103,7 @@ Slide.boot(async () => {
     if (!spec.paths["/v1/aliases"]) return;
     const aliases = (await api("/v1/aliases")).data || [];
     $("#aliases").innerHTML = `<h2 style="margin:16px 0 8px">Aliases</h2>` + (aliases.length
-      ? `<table><thead><tr><th>alias</th><th>model</th><th class="num">version</th></tr></thead><tbody>${aliases.map((a) => `<tr><td><b>${esc(a.alias || a.name)}</b></td><td>${idCell(a.model_id)}</td><td class="num">${a.version == null ? "newest" : "v" + a.version}</td></tr>`).join("")}</tbody></table>`
+      ? `<table><thead><tr><th>alias</th><th>model</th><th class="num">pinned</th><th class="num">answers with</th></tr></thead><tbody>${aliases.map((a) => `<tr><td><b>${esc(a.alias)}</b></td><td><a href="/ui/jobs/${esc(a.model_id)}">${idCell(a.model_id)}</a></td><td class="num">${a.version == null ? "newest" : "v" + a.version}</td><td class="num">${a.model_version == null ? "–" : "v" + a.model_version}</td></tr>`).join("")}</tbody></table>`
       : `<div class="empty">No aliases.</div>`);
   }
 

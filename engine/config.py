@@ -169,9 +169,10 @@ class SlideConfig:
     """Training points per step (one Adam update per batch)."""
     epochs: int = 5
     """Passes over the training data."""
-    lr: float = 3e-3
-    """Adam's step size. 3e-3 rather than the usual 1e-3: with random negatives the many unretrieved labels
-    must first be pushed down row by row. Use 1e-3 with random_negatives=-1."""
+    lr: float = 1e-2
+    """Adam's peak step size (see lr_warmup_steps and lr_decay). Lazy Adam moves a row only when a batch
+    touches it, so the rows of rare features and labels get few steps: a large step lets them learn within a
+    few epochs, and the plateau decay and the best snapshot take care of what it costs later."""
     lr_warmup_steps: int = 0
     """Steps over which the step size rises linearly from lr / warm-up steps to lr, so the first updates
     of rows that Adam has barely seen stay small: 0 = auto (a quarter of an epoch, at most 500), -1 = none."""
@@ -201,8 +202,9 @@ class SlideConfig:
     """How the weight matrices are stored: bfloat16 halves the bytes every step reads and the model's memory;
     sums, the softmax and Adam run in float32 and updates are rounded stochastically. float32 = exact storage.
     The input layer's biases and the optimizer's state keep their own dtypes."""
-    init_std: float = 0.01
-    """Standard deviation of the normal initial weights (biases start at zero)."""
+    init_std: float = 0.05
+    """Standard deviation of the normal initial weights (biases start at zero). Too small a start leaves the
+    hidden layer near zero and the model on the popularity plateau for epochs."""
 
     rehash_n0: int = 20
     """Steps before the first rehash; the i-th interval is rehash_n0 * exp(rehash_lambda * i)."""

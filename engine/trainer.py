@@ -59,7 +59,7 @@ TRAINING_ARRAYS = "opt_cur_"
 _MODEL_ARRAY = re.compile(r"^(w\d+|b0|serve_tables|hash\d+_\w+|table\d+_\w+)$")
 """Names of the arrays snapshot.model_arrays writes."""
 """Prefix of the model arrays training continues from, in a snapshot that serves an earlier (best) model."""
-CALIBRATION_POINTS = 500
+CALIBRATION_POINTS = 200
 """Validation points on which `auto` serving checks the tables of wide layers against exact scoring."""
 
 

@@ -263,3 +263,20 @@ def test_aliases_pin_versions_and_lists_page(tmp_path, client_for):
     assert jobs["count"] == 1 and jobs["next_cursor"] is None
     models = client.get("/v1/models", params={"limit": 5}).json()
     assert [m["id"] for m in models["data"]] == [job_id]
+
+
+def test_a_large_evaluation_runs_in_the_background(client, settings, text_sets, monkeypatch):
+    import app.services.evaluations as evaluations
+
+    monkeypatch.setattr(evaluations, "INLINE_POINTS", 10)  # the 60-point test set counts as large
+    train, test = text_sets
+    job_id = finished_job(client, settings, train["id"], config={**TEXT_CONFIG, "epochs": 2})
+    r = client.post(f"/v1/models/{job_id}/evaluate", json={"dataset_id": test["id"], "mode": "exact"})
+    assert r.status_code == 202, r.text
+    assert r.headers["location"] == r.json()["status_url"] and r.json()["state"] == "running"
+    done = wait_for(
+        lambda: (e := client.get(r.headers["location"]).json())["state"] != "running" and e,
+        timeout=60,
+        what="the background evaluation",
+    )
+    assert done["state"] == "succeeded" and done["points"] == 60 and done["p_at_1"] is not None, done

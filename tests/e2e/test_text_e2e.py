@@ -110,12 +110,15 @@ def test_text_alias_versions_evaluate_restart(tmp_path: Path, servers):
     threads = [threading.Thread(target=hammer) for _ in range(2)]
     for t in threads:
         t.start()
+    wait_for(lambda: len(answers) >= 4, timeout=30, what="alias predictions under way")
     newest_seen = []
     for i in range(6):
         target = None if i % 2 == 0 else v
         r = c.put("/v1/aliases/production", json={"model_id": job_id, "version": target})
         assert r.status_code == 200, r.text
         newest_seen.append(r.json()["model_version"])
+        seen = len(answers)
+        wait_for(lambda: len(answers) > seen, timeout=30, what="an answer after the move")  # noqa: B023
     stop.set()
     for t in threads:
         t.join()

@@ -32,6 +32,7 @@ from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column, sessionmaker
 
 from app.domain import JobState
+from engine.progress import TrainingMetrics
 
 ID_LENGTH = 32  # uuid4().hex
 
@@ -173,17 +174,9 @@ class EvaluationRow(Base):
     finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime(), nullable=True)
 
 
-METRIC_FIELDS = (
-    "step",
-    "epoch",
-    "samples",
-    "loss",
-    "p_at_1",
-    "p_at_5",
-    "samples_per_s",
-    "active_fraction",
-    "elapsed_s",
-)
+METRIC_FIELDS = tuple(name for name in TrainingMetrics.names() if name in MetricRow.__table__.columns)
+"""The engine.TrainingMetrics fields the service stores (MetricRow's columns, JobRow.latest_metrics' keys) and
+returns as a job's metric points; the engine may report more."""
 
 
 class Database:

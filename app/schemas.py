@@ -21,9 +21,11 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
 
+from app.db import METRIC_FIELDS
 from app.domain import JobState
 from engine import SlideConfig
 from engine.config import BOUNDS, MAX_HIDDEN_LAYERS, Bounds
+from engine.progress import TrainingMetrics
 
 EXAMPLE_ID = "3f2c9a7e5b1d4c8e9f0a1b2c3d4e5f60"
 
@@ -186,16 +188,24 @@ class JobCreate(BaseModel):
     )
 
 
-class MetricPoint(BaseModel):
-    step: int
-    epoch: float
-    samples: int
-    loss: float | None = None
-    p_at_1: float | None = None
-    p_at_5: float | None = None
-    samples_per_s: float | None = None
-    active_fraction: float | None = None
-    elapsed_s: float | None = None
+def _metric_point_model() -> type[BaseModel]:
+    """engine.TrainingMetrics as the API returns it: the fields the service stores (app.db.METRIC_FIELDS) in the
+    same order, documented by its docstrings. `epoch` is a number (the metrics table stores it as a float); a
+    field that may be None defaults to None."""
+    hints = typing.get_type_hints(TrainingMetrics)
+    docs = _attribute_docstrings(TrainingMetrics)
+    fields: dict[str, Any] = {}
+    for name in METRIC_FIELDS:
+        tp = float if name == "epoch" else hints[name]
+        default = None if type(None) in typing.get_args(tp) else ...
+        fields[name] = (tp, Field(default, description=docs.get(name)))
+    return create_model("MetricPoint", **fields)
+
+
+if typing.TYPE_CHECKING:  # built at import time from engine.TrainingMetrics; a BaseModel to the type checker
+    MetricPoint = BaseModel
+else:
+    MetricPoint = _metric_point_model()
 
 
 class JobProgress(BaseModel):

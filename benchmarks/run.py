@@ -20,6 +20,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -28,6 +29,9 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import cpu_name  # noqa: E402
+
+if TYPE_CHECKING:
+    from engine.progress import TrainingMetrics
 
 
 def prepare(args) -> dict:
@@ -96,14 +100,14 @@ def engine_config(args, dense: bool):
     )
 
 
-def epoch_records(history: list[dict], num_points: int) -> list[dict]:
+def epoch_records(history: list[TrainingMetrics], num_points: int) -> list[dict]:
     """The evaluations a trainer made at the end of each epoch (eval_every=0 evaluates there), once
     each: a budget that ends on an epoch's last batch reports that point twice."""
     ends = {}
     for h in history:
-        if h["epoch"] > 0 and h["samples"] == h["epoch"] * num_points:
+        if h.epoch > 0 and h.samples == h.epoch * num_points:
             keys = ("epoch", "samples", "elapsed_s", "p_at_1", "p_at_5")
-            ends.setdefault(h["epoch"], {key: h[key] for key in keys})
+            ends.setdefault(h.epoch, {key: h.to_dict()[key] for key in keys})
     return [ends[e] for e in sorted(ends)]
 
 
@@ -122,7 +126,7 @@ def worker_engine(args, dense: bool) -> dict:
     segments = args.segments
     for _ in range(segments):
         trainer.run(time_budget_s=args.budget / segments)
-        rec = dict(trainer.history[-1])
+        rec = trainer.history[-1].to_dict()
         rec["samples_per_s"] = trainer.samples_seen / trainer.train_seconds
         records.append(rec)
         print(json.dumps({"system": "ours-dense" if dense else "ours-sparse", **rec}), file=sys.stderr, flush=True)

@@ -36,6 +36,7 @@ _EXPORTS = {
     "evaluate": "engine.metrics",
     "SlideModel": "engine.network",
     "Trainer": "engine.trainer",
+    "TrainingMetrics": "engine.progress",
     "SnapshotStore": "engine.snapshot",
     "load_model": "engine.snapshot",
 }

@@ -187,7 +187,10 @@ def cmd_train(args) -> int:
         dynamic_ncols=True,
     ) as bar:
         result = trainer.run(
-            on_metrics=_emit, progress=bar.update, snapshot_every_s=args.snapshot_every, time_budget_s=args.time_budget
+            on_metrics=lambda m: _emit(m.to_dict()),
+            progress=bar.update,
+            snapshot_every_s=args.snapshot_every,
+            time_budget_s=args.time_budget,
         )
     latest = store.latest()
     final = {k: result.get(k) for k in ("early_stopped", "served_step", "best_val_p_at_1", "p_at_1", "eval_mode")}

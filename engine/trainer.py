@@ -38,6 +38,7 @@ from .kernels.optimizer import (
 )
 from .metrics import precision_at_k
 from .network import PredictMode, SlideModel
+from .progress import TrainingMetrics
 from .snapshot import (
     SnapshotStore,
     attach_text,
@@ -49,7 +50,7 @@ from .snapshot import (
 )
 from .sparse import Dataset, RowReader, normalize_rows
 
-MetricsCallback = Callable[[dict], None]
+MetricsCallback = Callable[[TrainingMetrics], None]
 _INPUT_MEAN_DECAY = 0.99
 _UPDATE_CHUNKS = 16
 """Row chunks of a sampled layer's update; also the partial sums of the fused backward pass through
@@ -130,7 +131,7 @@ class Trainer:
         self.rehash_round = 0
         self.next_rehash_step = config.rehash_n0
         self.train_seconds = 0.0
-        self.history: list[dict] = []
+        self.history: list[TrainingMetrics] = []
         self._init_optimizer(optimizer)
         self._eval_rows = self._pick_eval_rows()
         self._train_rows = RowReader(train)
@@ -201,7 +202,7 @@ class Trainer:
             "rehash_round": self.rehash_round,
             "next_rehash_step": self.next_rehash_step,
             "train_seconds": self.train_seconds,
-            "history": self.history[-1000:],
+            "history": [m.to_dict() for m in self.history[-1000:]],
             "best": self.best,
             "evals_since_best": self.evals_since_best,
             "lr_decays": self.lr_decays,
@@ -355,7 +356,7 @@ class Trainer:
         for key in ("step", "epoch", "batch_in_epoch", "samples_seen", "rehash_round", "next_rehash_step"):
             setattr(trainer, key, int(st[key]))
         trainer.train_seconds = float(st["train_seconds"])
-        trainer.history = list(st.get("history", []))
+        trainer.history = [TrainingMetrics.from_dict(h) for h in st.get("history", [])]
         return trainer
 
     # ---- data order and buffers ---------------------------------------------------------------
@@ -707,23 +708,22 @@ class Trainer:
         interrupted = False
         last = None
 
-        def report(select: bool = True) -> dict:
+        def report(select: bool = True) -> TrainingMetrics:
             """Metrics of the window; select: validate too (keep the best model, count towards stopping)."""
-            metrics = {
-                "step": self.step,
-                "epoch": self.epoch,
-                "samples": self.samples_seen,
-                "loss": window["loss"] / window["labelled"] if window["labelled"] else None,
-                "samples_per_s": window["samples"] / window["seconds"] if window["seconds"] > 0 else None,
-                "active_fraction": (window["active"] / window["batches"] / self.model.num_labels)
+            window_metrics: dict[str, Any] = dict(
+                step=int(self.step),
+                epoch=int(self.epoch),
+                samples=int(self.samples_seen),
+                loss=float(window["loss"] / window["labelled"]) if window["labelled"] else None,
+                samples_per_s=float(window["samples"] / window["seconds"]) if window["seconds"] > 0 else None,
+                active_fraction=float(window["active"] / window["batches"] / self.model.num_labels)
                 if window["batches"]
                 else None,
-                "elapsed_s": self.train_seconds,
-                "lr": self._lr,
-            }
-            if select:
-                metrics.update(self.validate())
-            metrics.update(self.evaluate())
+                elapsed_s=float(self.train_seconds),
+                lr=float(self._lr),  # the rate the window trained at (validate() may lower it)
+            )
+            validation = self.validate() if select else {}
+            metrics = TrainingMetrics(**window_metrics, **validation, **self.evaluate())
             self.history.append(metrics)
             if on_metrics:
                 on_metrics(metrics)
@@ -781,7 +781,7 @@ class Trainer:
             last = report(select=not interrupted)
         self.refresh_serving_hubs()
         snapshot()
-        result = {**last, "stopped": stopped, "early_stopped": self.early_stopped}
+        result = {**last.to_dict(), "stopped": stopped, "early_stopped": self.early_stopped}
         if self._serves_best():
             # the final model is the best one; the next run() continues from the training state
             self._training_model = self.model

@@ -36,6 +36,8 @@ from app.domain import TRAINING_STATES, JobSpec, JobState
 if TYPE_CHECKING:
     from sqlalchemy import CursorResult
 
+    from engine.progress import TrainingMetrics
+
 log = logging.getLogger("app.worker")
 
 LOCK_FILE = "trainer.lock"
@@ -408,12 +410,12 @@ class JobProcess:
             except Exception:  # noqa: BLE001 - a busy database must not stop training
                 log.exception("heartbeat: database write failed")
 
-    def _on_metrics(self, metrics: dict[str, Any]) -> None:
+    def _on_metrics(self, metrics: TrainingMetrics) -> None:
         from sqlalchemy import update
 
         from app.db import METRIC_FIELDS, JobRow, MetricRow
 
-        m = _json_safe(metrics)
+        m = _json_safe(metrics.to_dict())
         try:
             with self.db.session() as s:
                 s.add(MetricRow(job_id=self.job_id, **{k: m.get(k) for k in METRIC_FIELDS}))

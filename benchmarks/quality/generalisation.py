@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks.quality import datasets  # noqa: E402
-from engine import SlideConfig, Trainer  # noqa: E402
+from engine import SlideConfig, Trainer, TrainingMetrics  # noqa: E402
 from engine.metrics import precision_at_k  # noqa: E402
 
 OLD = {"val_points": -1, "lr_warmup_steps": -1, "lr_decay": 1.0, "early_stop_patience": 0, "lr": 3e-3, "init_std": 0.01}
@@ -61,7 +61,8 @@ def run(name: str, variant: str, overrides: dict, epochs: int, test_points: int,
     trainer = Trainer(cfg, train, None)
     curve = []
 
-    def on_metrics(m: dict) -> None:
+    def on_metrics(record: TrainingMetrics) -> None:
+        m = record.to_dict()
         test_p1, used = p_at_1(trainer.model, sub, "auto" if variant == "new" else "lsh")
         exact_p1, _ = p_at_1(trainer.model, sub, "exact")
         curve.append(

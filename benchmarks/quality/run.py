@@ -118,7 +118,7 @@ def served_curve(curve: list[dict]) -> None:
 
 
 def worker_slide(args, data: Path) -> tuple[np.ndarray, dict, dict]:
-    from engine import Trainer, load_dataset
+    from engine import Trainer, TrainingMetrics, load_dataset
     from engine.metrics import precision_at_k
 
     train, test = load_dataset(data / "train"), load_dataset(data / "test")
@@ -130,7 +130,8 @@ def worker_slide(args, data: Path) -> tuple[np.ndarray, dict, dict]:
     spent = {"reporting": 0.0}
     t0 = time.perf_counter()
 
-    def on_metrics(metrics: dict) -> None:
+    def on_metrics(record: TrainingMetrics) -> None:
+        metrics = record.to_dict()
         t = time.perf_counter()
         trainer.refresh_serving_hubs()
         pred, _ = trainer.model.predict(test.x_indptr, test.x_indices, test.x_values, k=K)
@@ -164,7 +165,7 @@ def worker_slide(args, data: Path) -> tuple[np.ndarray, dict, dict]:
         "overrides": overrides,
         "epochs_run": final.get("epoch"),
         "curve": curve,
-        "history": trainer.history,
+        "history": [m.to_dict() for m in trainer.history],
         "predict_mode": "default",
     }
     return pred, info, {"exact": exact}

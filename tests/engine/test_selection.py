@@ -48,7 +48,7 @@ class Scripted(Trainer):
     script: list[float] = []
 
     def _validation_scores(self, val):
-        score = self.script[len([h for h in self.history if "val_p_at_1" in h])]
+        score = self.script[len([h for h in self.history if h.val_p_at_1 is not None])]
         return {"val_p_at_1": score, "val_p_at_5": score / 2, "val_eval_mode": "exact"}
 
 
@@ -65,12 +65,10 @@ def test_early_stopping_best_snapshot_and_plateau_decay(tmp_path, data):
     result = trainer.run(on_snapshot=lambda v, p: snapshots.append(p), snapshot_every_s=0.0)
     # epochs of 8 steps (128 training points): the best is after epoch 2, then 3 evaluations without a new
     # best (0.3 again is not better) stop training after epoch 5; the scripted 0.9 never comes
-    assert [h["val_p_at_1"] for h in trainer.history] == [0.1, 0.3, 0.2, 0.3, 0.25]
+    assert [h.val_p_at_1 for h in trainer.history] == [0.1, 0.3, 0.2, 0.3, 0.25]
     assert result["early_stopped"] and not result["stopped"] and trainer.epoch == 5
     assert trainer.best == {"val_p_at_1": 0.3, "step": 16, "epoch": 2, "samples": 16 * 16}
-    assert trainer.lr_decays == 3 and [h["lr"] for h in trainer.history] == pytest.approx(
-        [5e-3] * 3 + [2.5e-3, 1.25e-3]
-    )
+    assert trainer.lr_decays == 3 and [h.lr for h in trainer.history] == pytest.approx([5e-3] * 3 + [2.5e-3, 1.25e-3])
     assert result["served_step"] == 16
     # the final model is the best one, and so is the newest snapshot's
     final = read_manifest(snapshots[-1])
@@ -114,7 +112,7 @@ def test_resume_with_a_kept_best_is_bit_identical(tmp_path, data, split):
     assert resumed.best == straight.best and resumed.lr_decays == straight.lr_decays
 
     def val_history(t):
-        return [(h["step"], h["val_p_at_1"]) for h in t.history if "val_p_at_1" in h]
+        return [(h.step, h.val_p_at_1) for h in t.history if h.val_p_at_1 is not None]
 
     assert val_history(resumed) == val_history(straight)
     want, got = straight.arrays(), resumed.arrays()
@@ -128,7 +126,7 @@ def test_real_validation_selects_the_best_evaluated_model(data):
     train, test = data
     trainer = Trainer(CFG.replace(epochs=6, lr=3e-2), train, test)
     trainer.run()
-    vals = [h["val_p_at_1"] for h in trainer.history]
+    vals = [h.val_p_at_1 for h in trainer.history]
     assert trainer.best["val_p_at_1"] == max(vals)
     val = trainer._val_data
     pred, _ = predictions(trainer.model, val)

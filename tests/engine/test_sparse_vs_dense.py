@@ -69,7 +69,7 @@ def test_sparse_training_matches_dense_at_five_percent_active(tiny, trained):
     )
     dense_p1 = mean_p_at_1(dense, test, "exact")
     sparse_p1 = mean_p_at_1(sparse, test, "exact")
-    active = [h["active_fraction"] for t in sparse for h in t.history]
+    active = [h.active_fraction for t in sparse for h in t.history]
     assert max(active) <= 0.05, active
     assert dense_p1 > 5 * baseline, (dense_p1, baseline)
     assert sparse_p1 >= dense_p1 - 0.03, (sparse_p1, dense_p1)

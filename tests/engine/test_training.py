@@ -310,8 +310,9 @@ def test_training_on_tiny_synthetic_data_learns(tiny):
     baseline = popularity_p_at_1(train, test)
     assert baseline < 0.1
     trainer, history, final = train_tiny(tiny, hash_family="simhash", hash_k=6, hash_l=8, max_active=-1)
-    assert [h["epoch"] for h in history] == [1, 2, 3] and not final["stopped"]
-    assert history[-1]["loss"] < history[0]["loss"]
+    assert [h.epoch for h in history] == [1, 2, 3] and not final["stopped"]
+    assert history[-1].loss < history[0].loss
+    assert history == trainer.history
     assert final["active_fraction"] < 0.3  # really sampled
     exact = trainer.evaluate(mode="exact")["p_at_1"]
     assert final["eval_mode"] == "exact"  # auto: a 500-label output layer is cheap to score exactly

@@ -152,8 +152,10 @@ def test_upload_when_the_database_cannot_be_written_is_507_and_leaves_nothing(tm
 def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_resumes(
     tmp_path, client_for, xmc_files
 ):
-    # hash_k=16 makes each table's bucket offsets 2^16 + 1 int64s: a 10 MiB array in every snapshot.
+    # hash_k=16 makes each table's bucket offsets 2^16 + 1 int64s: a 10 MiB array in every snapshot (the output
+    # layer must be sampled to have tables: sample_output auto trains these 500 labels densely).
     config = {
+        "sample_output": True,
         "hidden": [32],
         "batch_size": 64,
         "seed": 3,

@@ -38,10 +38,9 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                 default=None,
                 help=f"comma-separated hidden widths (default {','.join(map(str, SlideConfig.hidden))})",
             )
-        elif kind is bool:
-            group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help=f"default {f.default}")
-        elif kind == bool | None:
-            group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help="default auto")
+        elif kind in (bool, bool | None):
+            default = "auto" if f.default is None else f.default
+            group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help=f"default {default}")
         elif kind in (int, float):
             group.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
         else:

@@ -4,6 +4,7 @@ slide gen --preset tiny --out data/tiny
 slide train --train data/tiny/train.txt --test data/tiny/test.txt --out models/tiny [--dense] [--lr 1e-3 ...]
 slide eval --model models/tiny --test data/tiny/test.txt [--mode auto|lsh|exact]
 slide predict --model models/tiny --input data/tiny/test.txt --k 5
+slide train --train data/new/train.txt --init-from models/tiny --out models/tiny2   # fine-tune (warm start)
 
 Text: `slide train --train train.jsonl --test test.jsonl --out models/t` fits a TF-IDF featurizer and a label
 vocabulary on lines of {"text": ..., "labels": [names]} and stores both in every snapshot;
@@ -163,10 +164,20 @@ def cmd_train(args) -> int:
         test = _load(args.test) if args.test else None
     latest = store.latest() if resume else None
     config = manifest_config(read_manifest(latest[1])) if latest else build_config(args)
-    estimate = estimate_for(config, train, test, threads=numba.config.NUMBA_NUM_THREADS)  # the buffers' pool
-    trainer = Trainer.resume(store, train, test) if latest else Trainer(config, train, test, store)
-    if featurizer is not None:
-        trainer.attach_text(featurizer, names)
+    threads = numba.config.NUMBA_NUM_THREADS  # the buffers' pool
+    if args.init_from and not latest:
+        from .warmstart import estimate_warm_start
+
+        name_list = names.to_list() if names is not None else None
+        estimate = estimate_warm_start(args.init_from, config, train, test, threads, name_list)
+        trainer = Trainer(
+            config, train, test, store, init_from=args.init_from, label_names=name_list, featurizer=featurizer
+        )
+    else:
+        estimate = estimate_for(config, train, test, threads=threads)
+        trainer = Trainer.resume(store, train, test) if latest else Trainer(config, train, test, store)
+        if featurizer is not None:
+            trainer.attach_text(featurizer, names)
     resolved = trainer.resolved()
     _emit(
         {
@@ -288,6 +299,12 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--config", help="TOML file of settings (flags override it)")
     t.add_argument("--dense", action="store_true", help="train every output neuron (the dense baseline)")
     t.add_argument("--resume", action="store_true", help="continue from the newest snapshot in --out")
+    t.add_argument(
+        "--init-from",
+        metavar="DIR",
+        help="start from this model (a snapshot directory, or a version in it): its weights, tables, optimizer "
+        "state and featurizer; labels are matched by name (text) or id (XMC), new ones are added",
+    )
     t.add_argument("--snapshot-every", type=float, default=60.0, help="seconds between snapshots")
     t.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
     t.add_argument("--keep", type=int, default=2, help="snapshot versions to keep")

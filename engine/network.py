@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal, NamedTuple
 import numba
 import numpy as np
 
-from . import lsh, tables
+from . import labels, lsh, tables
 from .config import DENSE_OUTPUT_MAX_LABELS, SlideConfig
 from .kernels.inference import predict_batch, predict_batch_serial
 from .kernels.optimizer import from_bfloat16, to_bfloat16
@@ -198,6 +198,8 @@ class SlideModel:
             count = int(rows.size)
         tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion, int(hf.params[7]), round_id)
         self.update_hubs(layer, serving=serving_hubs)
+        if layer == self.depth - 1:
+            labels.drop_retired_from_tables(self)  # out of the buckets and the hubs
         return count
 
     def update_hubs(
@@ -227,6 +229,22 @@ class SlideModel:
             longest = longest[np.argsort(-norms[longest], kind="stable")]
             extra = longest[~np.isin(longest, by_score)][: n_serve - by_score.shape[0]]
             tb.serve_hubs[:] = np.sort(np.concatenate([by_score, extra])).astype(np.int32)
+
+    # ---- labels after training ----------------------------------------------------------------
+    def add_labels(self, examples_csr, names) -> np.ndarray:
+        """Add one output label per name, its row imprinted from its example points (one CSR point set per name:
+        a (indptr, indices, values) triple or a scipy CSR matrix) and inserted into every hash table, so the
+        next prediction can return it. Returns the new ids (after the existing ones). See engine.labels."""
+        return labels.add_labels(self, examples_csr, names)
+
+    def retire_labels(self, ids) -> np.ndarray:
+        """Retire labels: never predicted again in any mode, removed from the buckets. Returns those that
+        were live. See engine.labels."""
+        return labels.retire_labels(self, ids)
+
+    def label_status(self) -> list[str]:
+        """`live` or `retired` for every label."""
+        return labels.label_status(self)
 
     # ---- prediction ---------------------------------------------------------------------------
     def predict(

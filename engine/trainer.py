@@ -15,16 +15,17 @@ when `run()` returns `trainer.model` is the best model. The test set is only rep
 from __future__ import annotations
 
 import math
+import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numba
 import numpy as np
 
-from . import lsh, schedule
+from . import labels, lsh, schedule
 from ._numba import set_threads
 from .config import SlideConfig
 from .kernels.forward import backward_batch, train_batch
@@ -49,6 +50,10 @@ from .snapshot import (
     read_manifest,
 )
 from .sparse import Dataset, RowReader, normalize_rows
+from .warmstart import map_data, warm_start
+
+if TYPE_CHECKING:
+    from .text import TextFeaturizer
 
 MetricsCallback = Callable[[TrainingMetrics], None]
 _INPUT_MEAN_DECAY = 0.99
@@ -113,17 +118,31 @@ class Trainer:
         store: SnapshotStore | None = None,
         model: SlideModel | None = None,
         optimizer: dict[str, np.ndarray] | None = None,
+        init_from: str | os.PathLike | SnapshotStore | None = None,
+        label_names: Sequence[str] | None = None,
+        featurizer: TextFeaturizer | None = None,
     ):
-        """optimizer: Adam's state as `arrays()` names it (`opt_m0`, ...), to continue from; None = fresh."""
+        """optimizer: Adam's state as `arrays()` names it (`opt_m0`, ...), to continue from; None = fresh.
+
+        init_from: a snapshot (a version directory, or a store or its root for the newest version) to start
+        from instead of a fresh model: its weights, tables, optimizer state and featurizer, grown to the data
+        (engine.warmstart); the structure settings (`warmstart.STRUCTURE_FIELDS`) come from it, the rest from
+        `config`. label_names / featurizer: the training set's, matched by name / term against the source's.
+        """
         if train.num_points == 0:
             raise ValueError("the training set has no points")
+        if init_from is not None:
+            config, model, optimizer, train, test = warm_start(init_from, config, train, test, label_names, featurizer)
         if test is not None and (test.num_features > train.num_features or test.num_labels > train.num_labels):
             raise ValueError("the test set has more features or labels than the training set")
+        if model is not None and (model.num_features < train.num_features or model.num_labels < train.num_labels):
+            raise ValueError("the training set has more features or labels than the model")
         self.config = config
         self.train = train
         self.test = test
         self.store = store
         self.model = model or SlideModel.initialize(config, train.num_features, train.num_labels)
+        self._retired = self._retired_labels()
         self.step = 0
         self.epoch = 0
         self.batch_in_epoch = 0
@@ -165,6 +184,12 @@ class Trainer:
         w = self.model.weights
         if arrays is not None:  # taken as they are: no zeroed copy beside them (it would count against a ceiling)
             depth = len(w)
+            # a snapshot written after labels were added keeps the optimizer's arrays: new rows start at zero
+            arrays = dict(arrays)
+            for layer in range(depth):
+                for kind in ("m", "v", "steps", "drift"):
+                    name = f"opt_{kind}{layer}"
+                    arrays[name] = labels.pad_rows(arrays[name], w[layer].shape[0])
             self.m = tuple(arrays[f"opt_m{layer}"] for layer in range(depth))
             for layer, m in enumerate(self.m):
                 if m.dtype != self._moment_dtype(layer):
@@ -293,6 +318,63 @@ class Trainer:
                 raise ValueError(f"{len(label_names)} label names for {self.model.num_labels} labels")
             self.model.label_names = label_names
 
+    # ---- labels added and retired while training ----------------------------------------------
+    def _retired_labels(self) -> np.ndarray | None:
+        mask = labels.retired_mask(self.model)
+        return mask if mask.any() else None
+
+    def _best_model_copy(self) -> SlideModel | None:
+        """The kept best model as a SlideModel over its arrays (None when none is kept)."""
+        if self._best_arrays is None:
+            return None
+        best = model_from_arrays(
+            self.config,
+            self.model.num_features,
+            self._best_arrays[f"w{self.model.depth - 1}"].shape[0],
+            self._best_arrays,
+        )
+        best.label_names = self.model.label_names
+        return best
+
+    def add_labels(self, examples, names) -> np.ndarray:
+        """Add labels (see SlideModel.add_labels) to the model being trained and to the kept best one, with
+        Adam's state of their rows at zero; they are in every later snapshot. Call between steps."""
+        best = self._best_model_copy()
+        if best is not None:
+            labels.add_labels(best, examples, names)
+        ids = labels.add_labels(self.model, examples, names)
+        if best is not None:
+            self._best_arrays = model_arrays(best)
+        self.config = self.config.replace(sample_output=self.model.config.sample_output)
+        self._grow_optimizer()
+        self._buffers_for = None  # the step buffers are sized by the layer
+        self._serving_hubs_step = -1
+        return ids
+
+    def retire_labels(self, ids) -> np.ndarray:
+        """Retire labels (see SlideModel.retire_labels) in the model being trained and the kept best one: they
+        leave the buckets, training points stop carrying them and their Adam state is zeroed. Call between
+        steps. Returns the ids that were live."""
+        best = self._best_model_copy()
+        if best is not None:
+            labels.retire_labels(best, ids)
+            self._best_arrays = model_arrays(best)
+        was_live = labels.retire_labels(self.model, ids)
+        out = self.model.depth - 1
+        rows = np.asarray(list(ids), dtype=np.int64)
+        for arr in (self.m[out], self.v[out], self.steps[out], self.drift[out]):
+            arr[rows] = 0
+        self._retired = self._retired_labels()
+        self._serving_hubs_step = -1
+        return was_live
+
+    def _grow_optimizer(self) -> None:
+        w = self.model.weights
+        self.m = tuple(labels.pad_rows(a, x.shape[0]) for a, x in zip(self.m, w, strict=True))
+        self.v = tuple(labels.pad_rows(a, x.shape[0]) for a, x in zip(self.v, w, strict=True))
+        self.steps = tuple(labels.pad_rows(a, x.shape[0]) for a, x in zip(self.steps, w, strict=True))
+        self.drift = tuple(labels.pad_rows(a, x.shape[0]) for a, x in zip(self.drift, w, strict=True))
+
     def _serves_best(self) -> bool:
         """Whether the served model is a kept best one rather than the current training state."""
         return self._best_arrays is not None and self.best is not None and self.best["step"] != self.step
@@ -321,25 +403,39 @@ class Trainer:
         self._serving_hubs_step = self.step
 
     @classmethod
-    def resume(cls, store: SnapshotStore, train: Dataset, test: Dataset | None = None) -> Trainer:
-        """A trainer continuing from the newest snapshot in `store` (same config, step and data order)."""
+    def resume(
+        cls,
+        store: SnapshotStore,
+        train: Dataset,
+        test: Dataset | None = None,
+        label_names: Sequence[str] | None = None,
+        featurizer: TextFeaturizer | None = None,
+    ) -> Trainer:
+        """A trainer continuing from the newest snapshot in `store` (same config, step and data order).
+
+        label_names / featurizer: the training set's, for a run that started from another model (init_from):
+        its data is mapped to the model's label and feature ids again, by name and by term."""
         latest = store.latest()
         if latest is None:
             raise FileNotFoundError(f"no snapshot to resume from in {store.root}")
         _, path = latest
         manifest = read_manifest(path)
         config = manifest_config(manifest)
-        if (manifest["num_features"], manifest["num_labels"]) != (train.num_features, train.num_labels):
-            raise ValueError("the training set's dimensions differ from the snapshot's")
         arrays = load_arrays(path, mmap=False, verify=True)
-        st = manifest["trainer_state"]
-        prefix = st.get("training_arrays")
-        served = None
+        served: dict | None = None
+        prefix = manifest["trainer_state"].get("training_arrays")
         if prefix:
             served = {name: arrays.pop(name) for name in list(arrays) if _MODEL_ARRAY.match(name)}
             arrays.update({name[len(prefix) :]: arrays.pop(name) for name in list(arrays) if name.startswith(prefix)})
         model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
         attach_text(model, manifest, arrays)
+        if label_names is not None or featurizer is not None:
+            mapped = map_data(model, train, test, label_names, featurizer)
+            train, test = mapped.train, mapped.test
+        # labels added while the run went on make the model wider than its data
+        if manifest["num_features"] != train.num_features or manifest["num_labels"] < train.num_labels:
+            raise ValueError("the training set's dimensions differ from the snapshot's")
+        st = manifest["trainer_state"]
         try:
             trainer = cls(config, train, test, store, model=model, optimizer=arrays)
         except ValueError as exc:
@@ -467,6 +563,8 @@ class Trainer:
         n_chunks = max(1, min(b, numba.get_num_threads()))
         fused = self._fused_output
         data = self._train_rows.take(points)
+        if self._retired is not None:
+            data = labels.without_labels(data, self._retired)
         if cfg.normalize_input:
             data = normalize_rows(data)
         self._lr = cfg.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.lr_decay)
@@ -691,9 +789,11 @@ class Trainer:
         snapshot_every_s: float = 30.0,
         progress: Callable[[int], None] | None = None,
         time_budget_s: float | None = None,
+        before_step: Callable[[], None] | None = None,
     ) -> dict:
         """Train until `config.epochs` are done, `should_stop()` is true (checked between batches) or the
-        time budget is spent. Returns the last metrics with "stopped" (True when interrupted early)."""
+        time budget is spent. Returns the last metrics with "stopped" (True when interrupted early).
+        before_step: called before every step (the place to add or retire labels while training)."""
         cfg = self.config
         set_threads(cfg.threads)
         if self._training_model is not None:  # a previous run() left the best model in self.model
@@ -744,6 +844,8 @@ class Trainer:
         while self.epoch < cfg.epochs and not self.early_stopped:
             order = self.epoch_order(self.epoch)
             while self.batch_in_epoch < batches_per_epoch:
+                if before_step is not None:
+                    before_step()  # e.g. labels added or retired meanwhile (add_labels, retire_labels)
                 interrupted = should_stop()
                 if interrupted or (time_budget_s is not None and self.train_seconds - start_seconds >= time_budget_s):
                     stopped = True

@@ -1,0 +1,370 @@
+"""Labels that come and go after training, and models that grow into larger label and feature spaces.
+
+- **Adding a label** appends an output row imprinted from a few example points: the mean of their last
+  hidden activations, scaled to the median norm of the live rows, with the median live bias (so a new
+  row ranks like a typical old one on inputs that resemble its examples). The row is hashed with the
+  layer's functions and inserted into every table (a full bucket drops its oldest member), so `lsh`
+  and `exact` see it at once. Adam's state of the row starts at zero.
+- **Retiring a label** zeroes its row and sets its bias to -inf: its score is -inf in every mode, and
+  the top-k kernels never keep a -inf score, so it is never predicted. It leaves the buckets (and
+  stays out of them at every rehash), and a trainer drops it from the training points. The status is
+  the row itself, so it survives snapshots, restarts and resumes with no extra state.
+- **Growing** (warm starts): new labels get imprinted rows as above, new input features random rows.
+
+Optimizer arrays shorter than their layer (a snapshot written after labels were added, which keeps the
+optimizer's files as they were) are read as padded with zero rows: a new row's Adam state is zero.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from . import lsh
+from ._numba import kernel
+from .kernels.optimizer import from_bfloat16, to_bfloat16
+from .sparse import Dataset, unit_rows
+from .tables import Tables
+
+if TYPE_CHECKING:
+    from .network import SlideModel
+    from .text import LabelNames
+
+RETIRED_BIAS = -np.inf
+"""The bias of a retired label's output row: its score is -inf, which no top-k keeps."""
+MAX_EXAMPLES = 1000
+"""Most example points one new label is imprinted from."""
+
+
+class LabelError(ValueError):
+    """A label operation was refused; `field` names what is wrong (`names`, `examples`, `ids`)."""
+
+    def __init__(self, field_name: str, message: str, conflict: bool = False):
+        self.field = field_name
+        self.conflict = conflict
+        """True when the request conflicts with the model's labels (a name already in use, an id retired)."""
+        super().__init__(message)
+
+
+# ---- reading the state ------------------------------------------------------------------------------
+def output_biases(model: SlideModel) -> np.ndarray:
+    """float32 (num_labels,): the output layer's biases."""
+    col = model.weights[-1][:, -1]
+    return from_bfloat16(np.ascontiguousarray(col)) if col.dtype == np.uint16 else np.asarray(col, np.float32)
+
+
+def retired_mask(model: SlideModel) -> np.ndarray:
+    """bool (num_labels,): which labels are retired (their bias is -inf)."""
+    return np.isneginf(output_biases(model))
+
+
+def label_names_list(model: SlideModel) -> list[str]:
+    """Every label's name: its own, or its id as text for a model whose labels have no names."""
+    if model.label_names is not None and len(model.label_names) == model.num_labels:
+        return model.label_names.to_list()
+    return [str(i) for i in range(model.num_labels)]
+
+
+# ---- imprinting ---------------------------------------------------------------------------------------
+def hidden_activations(model: SlideModel, indptr, indices, values) -> np.ndarray:
+    """float32 (n, width): the last hidden layer's activations of n sparse points (CSR), every neuron
+    computed (as `exact` does), after the input normalisation the model's config asks for."""
+    from .network import check_csr
+
+    indptr, indices, values = check_csr(indptr, indices, values, model.num_features)
+    if model.config.normalize_input:
+        values = unit_rows(indptr, values)
+    n = indptr.shape[0] - 1
+    w0 = model.weights[0]
+    h = np.empty((n, w0.shape[1]), dtype=np.float32)
+    for i in range(n):
+        cols = indices[indptr[i] : indptr[i + 1]]
+        rows = w0[cols]
+        rows = from_bfloat16(rows) if rows.dtype == np.uint16 else rows
+        h[i] = values[indptr[i] : indptr[i + 1]] @ rows + model.b0
+    np.maximum(h, 0.0, out=h)
+    for layer in range(1, model.depth - 1):
+        w = model.float_weights(layer)
+        h = np.maximum(h @ w[:, :-1].T + w[:, -1], 0.0).astype(np.float32)
+    return h
+
+
+def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
+    """float32 (m, width + 1): one output row per new label from its example points (see the module doc)."""
+    if not examples:
+        return np.zeros((0, model.weights[-1].shape[1]), np.float32)
+    live = ~retired_mask(model)
+    norms = model.row_norms(model.depth - 1)[live]
+    biases = output_biases(model)[live]
+    scale = float(np.median(norms)) if norms.size else 1.0
+    bias = float(np.median(biases)) if biases.size else 0.0
+    rows = np.zeros((len(examples), model.weights[-1].shape[1]), np.float32)
+    for r, ex in enumerate(examples):
+        indptr, indices, values = as_csr(ex)
+        rows[r, -1] = bias
+        if len(indptr) < 2:
+            continue  # no examples: a zero row, left to training
+        mean = hidden_activations(model, indptr, indices, values).mean(axis=0)
+        norm = float(np.linalg.norm(mean))
+        if norm > 0:
+            rows[r, :-1] = mean * (scale / norm)
+    return rows
+
+
+def as_csr(points: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(indptr, indices, values) of a CSR triple or anything with those attributes (scipy.sparse.csr_matrix,
+    engine.Dataset's x arrays are given as a triple)."""
+    if hasattr(points, "indptr"):
+        return np.asarray(points.indptr), np.asarray(points.indices), np.asarray(points.data)
+    indptr, indices, values = points
+    return np.asarray(indptr), np.asarray(indices), np.asarray(values)
+
+
+# ---- the tables -----------------------------------------------------------------------------------------
+@kernel
+def _insert_rows(offsets, ids, inserted, new_codes, first, capacity, out_offsets, out_ids):
+    """out_offsets/out_ids: the buckets of offsets/ids with neurons first..first+m-1 added, neuron first+a to
+    bucket new_codes[t, a] of table t; a bucket past capacity keeps its newest members (highest `inserted`,
+    the new ones first)."""
+    n_tables = offsets.shape[0]
+    num_buckets = offsets.shape[1] - 1
+    m = new_codes.shape[1]
+    for t in range(n_tables):
+        order = np.argsort(new_codes[t], kind="mergesort")
+        p = 0
+        out = 0
+        out_offsets[t, 0] = 0
+        for b in range(num_buckets):
+            s, e = offsets[t, b], offsets[t, b + 1]
+            q = p
+            while q < m and new_codes[t, order[q]] == b:
+                q += 1
+            n_new = min(q - p, capacity)
+            keep = min(e - s, capacity - n_new)
+            if keep == e - s:
+                for x in range(s, e):
+                    out_ids[t, out] = ids[t, x]
+                    out += 1
+            elif keep > 0:
+                members = ids[t, s:e]
+                rank = np.argsort(-inserted[members], kind="mergesort")[:keep]
+                chosen = np.sort(members[rank])
+                for x in range(keep):
+                    out_ids[t, out] = chosen[x]
+                    out += 1
+            for x in range(q - n_new, q):
+                out_ids[t, out] = first + order[x]
+                out += 1
+            p = q
+            out_offsets[t, b + 1] = out
+
+
+@kernel
+def _drop_ids(offsets, ids, drop):
+    """Remove the neurons with drop[j] true from every bucket, in place (buckets shrink, ids' tails go unused)."""
+    n_tables = offsets.shape[0]
+    num_buckets = offsets.shape[1] - 1
+    for t in range(n_tables):
+        out = 0
+        start = offsets[t, 0]
+        for b in range(num_buckets):
+            end = offsets[t, b + 1]
+            for x in range(start, end):
+                j = ids[t, x]
+                if not drop[j]:
+                    ids[t, out] = j
+                    out += 1
+            start = end
+            offsets[t, b + 1] = out
+
+
+def insert_rows(tb: Tables, new_codes: np.ndarray, first: int, capacity: int) -> Tables:
+    """New Tables with neurons first.. (codes new_codes int32 (L, m)) inserted into their buckets."""
+    n_tables, m = new_codes.shape
+    n = tb.codes.shape[1] + m
+    offsets = np.empty_like(tb.offsets)
+    ids = np.empty((n_tables, n), np.int32)
+    inserted = np.concatenate([tb.inserted, np.full(m, tb.inserted.max(initial=0), np.int32)])
+    _insert_rows(tb.offsets, tb.ids, inserted, np.ascontiguousarray(new_codes, np.int32), first, capacity, offsets, ids)
+    codes = np.concatenate([tb.codes, new_codes], axis=1)
+    return tb._replace(codes=codes, inserted=inserted, offsets=offsets, ids=ids)
+
+
+def drop_from_tables(tb: Tables, drop: np.ndarray) -> Tables:
+    """Tables without the neurons drop (bool (n,)) in any bucket; copies read-only arrays first."""
+    if not drop.any():
+        return tb
+    offsets = tb.offsets if tb.offsets.flags.writeable else np.array(tb.offsets)
+    ids = tb.ids if tb.ids.flags.writeable else np.array(tb.ids)
+    _drop_ids(offsets, ids, np.ascontiguousarray(drop, dtype=np.bool_))
+    keep = lambda hubs: hubs[~drop[hubs]] if hubs.size else hubs  # noqa: E731
+    return tb._replace(offsets=offsets, ids=ids, hubs=keep(tb.hubs), serve_hubs=keep(tb.serve_hubs))
+
+
+# ---- changing a model -------------------------------------------------------------------------------------
+def _storage(rows: np.ndarray, dtype: type) -> np.ndarray:
+    return to_bfloat16(np.ascontiguousarray(rows, np.float32)) if dtype == np.uint16 else rows.astype(np.float32)
+
+
+def _match_access(model: SlideModel) -> None:
+    """Make every weight and table array read-only when the input layer is (a model mapped from a snapshot):
+    the kernels take them as tuples, which Numba types only when their arrays agree on writability."""
+    if model.weights[0].flags.writeable:
+        return
+    for w in model.weights:
+        w.flags.writeable = False
+    for tb in model.tables:
+        for a in tb:
+            a.flags.writeable = False
+
+
+def pin_structure(model: SlideModel) -> None:
+    """Make the config state the sampled layers as they are, so a model that grows past the auto rule's
+    width (sample_output None) keeps its structure, in memory and when read back from a snapshot."""
+    model.config = model.config.replace(sample_output=bool(model.layer_slot[-1] >= 0))
+
+
+def append_output_rows(model: SlideModel, rows: np.ndarray) -> np.ndarray:
+    """Append float32 rows (m, width + 1) to the output layer, hashed into every table; returns the new ids."""
+    pin_structure(model)
+    out = model.depth - 1
+    w = model.weights[out]
+    first = w.shape[0]
+    m = rows.shape[0]
+    new_w = np.concatenate([w, _storage(rows, w.dtype)])
+    weights = list(model.weights)
+    weights[out] = new_w
+    model.weights = tuple(weights)
+    slot = int(model.layer_slot[out])
+    if slot >= 0:
+        hf, tb = model.hashes[slot], model.tables[slot]
+        new_ids = np.arange(first, first + m, dtype=np.int64)
+        codes = lsh.hash_matrix(new_w, hf, new_ids, center=tb.center)
+        model.tables[slot] = insert_rows(tb, codes, first, model.config.bucket_size)
+    model.num_labels = int(new_w.shape[0])
+    model.serve_tables = model.serve_tables.copy()
+    _match_access(model)
+    return np.arange(first, first + m, dtype=np.int64)
+
+
+def add_labels(model: SlideModel, examples: Sequence[Any], names: Sequence[str]) -> np.ndarray:
+    """Add one label per name, imprinted from its examples (a CSR point set each); returns their ids, which
+    follow the model's existing ones. Raises LabelError for a name in use or repeated, or no examples."""
+    from .text import LabelNames
+
+    names = [str(n) for n in names]
+    if len(names) != len(examples):
+        raise LabelError("examples", f"{len(examples)} example sets for {len(names)} names: give one per name")
+    if not names:
+        raise LabelError("names", "no labels to add")
+    existing = label_names_list(model)
+    index = {n: i for i, n in enumerate(existing)}
+    for pos, name in enumerate(names):
+        if not name.strip():
+            raise LabelError(f"names[{pos}]", "a label name must not be empty")
+        if name in index:
+            raise LabelError(f"names[{pos}]", f"label {name[:80]!r} exists already (id {index[name]})", conflict=True)
+        index[name] = -1
+    for pos, ex in enumerate(examples):
+        indptr = as_csr(ex)[0]
+        if len(indptr) < 2:
+            raise LabelError(f"examples[{pos}]", f"label {names[pos][:80]!r} has no example points")
+        if len(indptr) - 1 > MAX_EXAMPLES:
+            raise LabelError(f"examples[{pos}]", f"at most {MAX_EXAMPLES} examples per label")
+    rows = imprint_rows(model, examples)
+    ids = append_output_rows(model, rows)
+    model.label_names = LabelNames.from_list([*existing, *names])
+    return ids
+
+
+def retire_labels(model: SlideModel, label_ids: Sequence[int] | np.ndarray) -> np.ndarray:
+    """Retire labels: -inf scores, out of every bucket and hub set. Returns the ids that were live before.
+    Raises LabelError for an id out of range."""
+    ids = np.unique(np.asarray(label_ids, dtype=np.int64).reshape(-1))
+    if ids.size and (ids.min() < 0 or ids.max() >= model.num_labels):
+        bad = int(ids[(ids < 0) | (ids >= model.num_labels)][0])
+        raise LabelError("ids", f"label {bad} does not exist (the model has {model.num_labels})")
+    was_live = ids[~retired_mask(model)[ids]]
+    out = model.depth - 1
+    w = model.weights[out]
+    if not w.flags.writeable:
+        w = np.array(w)
+    zero_row = np.zeros(w.shape[1], np.float32)
+    zero_row[-1] = RETIRED_BIAS
+    w[ids] = _storage(zero_row[None, :], w.dtype)
+    weights = list(model.weights)
+    weights[out] = w
+    model.weights = tuple(weights)
+    drop_retired_from_tables(model)
+    _match_access(model)
+    return was_live
+
+
+def drop_retired_from_tables(model: SlideModel) -> None:
+    """Take the retired labels out of the output layer's buckets and hubs (after a rehash put them back)."""
+    slot = int(model.layer_slot[-1])
+    if slot < 0:
+        return
+    mask = retired_mask(model)
+    if mask.any():
+        model.tables[slot] = drop_from_tables(model.tables[slot], mask)
+
+
+def without_labels(data: Dataset, drop: np.ndarray) -> Dataset:
+    """data with the labels drop (bool, indexed by label id) taken off its points."""
+    y = np.asarray(data.y_indices)
+    keep = ~drop[y]
+    if keep.all():
+        return data
+    ends = np.concatenate(([0], np.cumsum(keep, dtype=np.int64)))
+    return Dataset(
+        data.x_indptr,
+        data.x_indices,
+        data.x_values,
+        ends[np.asarray(data.y_indptr)],
+        np.ascontiguousarray(y[keep]),
+        data.num_features,
+        data.num_labels,
+    )
+
+
+def label_status(model: SlideModel) -> list[str]:
+    """`live` or `retired` per label."""
+    return ["retired" if r else "live" for r in retired_mask(model)]
+
+
+def grow_features(model: SlideModel, num_features: int, rng: np.random.Generator) -> None:
+    """Give the input layer rows for features up to num_features (N(0, init_std), as a fresh model's)."""
+    extra = int(num_features) - model.num_features
+    if extra < 0:
+        raise ValueError(f"a model cannot shrink from {model.num_features} features to {num_features}")
+    if extra == 0:
+        return
+    w0 = model.weights[0]
+    block = rng.standard_normal((extra, w0.shape[1]), dtype=np.float32) * np.float32(model.config.init_std)
+    model.weights = (np.concatenate([w0, _storage(block, w0.dtype)]), *model.weights[1:])
+    model.num_features = int(num_features)
+    _match_access(model)
+
+
+def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
+    """a with zero rows appended up to `rows` rows (a itself when it has them)."""
+    if a.shape[0] >= rows:
+        return a
+    return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
+
+
+def merge_label_names(old: LabelNames | None, old_count: int, new_names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
+    """Match a dataset's label names to a model's: (int64 map from dataset label id to model label id, the
+    model's names after the dataset's unknown names are appended in order)."""
+    names = old.to_list() if old is not None and len(old) == old_count else [str(i) for i in range(old_count)]
+    index = {n: i for i, n in enumerate(names)}
+    mapping = np.empty(len(new_names), np.int64)
+    for i, name in enumerate(new_names):
+        if name not in index:
+            index[name] = len(names)
+            names.append(name)
+        mapping[i] = index[name]
+    return mapping, names

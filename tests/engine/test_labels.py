@@ -1,0 +1,255 @@
+"""Labels added and retired after training, and warm starts, against naive twins (tests/engine/naive.py)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import SlideConfig, SnapshotStore, Trainer, generate, load_model
+from engine import labels as lab
+from engine.snapshot import load_arrays
+from engine.sparse import Dataset
+from engine.text import LabelNames
+
+from . import naive
+
+CFG = SlideConfig(
+    hidden=(32,), sample_output=True, batch_size=64, epochs=2, threads=1, weight_dtype="float32", eval_points=100
+)
+
+
+def _drop_last_labels(data: Dataset, keep: int) -> Dataset:
+    """The same points with labels >= keep taken off."""
+    drop = np.zeros(data.num_labels, dtype=bool)
+    drop[keep:] = True
+    out = lab.without_labels(data, drop)
+    return Dataset(out.x_indptr, out.x_indices, out.x_values, out.y_indptr, out.y_indices, data.num_features, keep)
+
+
+@pytest.fixture(scope="module")
+def data():
+    return generate("tiny", seed=3, num_train=1200, num_test=300)
+
+
+@pytest.fixture(scope="module")
+def trained(data, tmp_path_factory):
+    """A model trained without the last 20 labels, its snapshot store, and the data."""
+    train, test = data
+    keep = train.num_labels - 20
+    store = SnapshotStore(tmp_path_factory.mktemp("labels") / "src")
+    Trainer(CFG, _drop_last_labels(train, keep), _drop_last_labels(test, keep), store).run()
+    return store, keep
+
+
+def _points_with(data: Dataset, label: int, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    rows = [i for i in range(data.num_points) if label in data.y_indices[data.y_indptr[i] : data.y_indptr[i + 1]]][:n]
+    starts, stops = data.x_indptr[rows], data.x_indptr[np.asarray(rows) + 1]
+    take = np.concatenate([np.arange(s, e) for s, e in zip(starts, stops, strict=True)])
+    return np.concatenate(([0], np.cumsum(stops - starts))), data.x_indices[take], data.x_values[take]
+
+
+def test_add_labels_imprints_rows_into_the_right_buckets(data, trained):
+    train, test = data
+    store, keep = trained
+    model = load_model(store.latest()[1])
+    old_w = model.float_weights(model.depth - 1).copy()
+    old_tables = model.tables[0]
+    new_labels = [keep, keep + 1, keep + 2]
+    examples = [_points_with(train, j, 5) for j in new_labels]
+    ids = model.add_labels(examples, ["new-a", "new-b", "new-c"])
+
+    assert ids.tolist() == [keep, keep + 1, keep + 2]
+    assert model.num_labels == keep + 3
+    assert model.label_names is not None and model.label_names.names(ids) == ["new-a", "new-b", "new-c"]
+    assert model.label_names[0] == "0"  # an XMC model's old labels are named by their ids
+    w = model.float_weights(model.depth - 1)
+    np.testing.assert_array_equal(w[:keep], old_w)  # old rows untouched
+    # naive twin of the imprint: mean ReLU hidden activation, scaled to the median live norm, median bias
+    norms = np.linalg.norm(old_w[:, :-1], axis=1)
+    for r, ex in enumerate(examples):
+        x = naive.dense_rows(*ex, model.num_features)
+        h = np.maximum(x @ model.weights[0].astype(np.float64) + model.b0, 0.0).mean(axis=0)
+        want = h / np.linalg.norm(h) * np.median(norms)
+        np.testing.assert_allclose(w[keep + r, :-1], want, rtol=1e-4, atol=1e-6)
+        assert w[keep + r, -1] == pytest.approx(np.median(old_w[:, -1]), rel=1e-6)
+
+    tb, hf = model.tables[0], model.hashes[0]
+    cap = model.config.bucket_size
+    for j in ids:
+        buckets = naive.bucket_ids(w[j, :-1].astype(np.float64) - tb.center, hf.idx, hf.sign, hf.params)
+        for t, b in enumerate(buckets):
+            assert tb.codes[t, j] == b
+            assert j in tb.ids[t, tb.offsets[t, b] : tb.offsets[t, b + 1]]
+    for t in range(tb.offsets.shape[0]):
+        sizes = np.diff(tb.offsets[t])
+        assert sizes.max() <= cap
+        members = tb.ids[t, : tb.offsets[t, -1]]
+        assert set(members[members < keep].tolist()) <= set(old_tables.ids[t, : old_tables.offsets[t, -1]].tolist())
+
+    # exact and lsh score a new label alike; on its own examples, lsh finds it where exact ranks it in the top 5
+    for j, ex in zip(ids, examples, strict=True):
+        el, es = model.predict(*ex, k=5, mode="exact")
+        ll, ls = model.predict(*ex, k=5, mode="lsh")
+        found = 0
+        for i in range(el.shape[0]):
+            if j in el[i]:
+                found += int(j in ll[i])
+                if j in ll[i]:
+                    assert ls[i][ll[i] == j][0] == pytest.approx(es[i][el[i] == j][0], rel=1e-5)
+        assert found >= 0.8 * int((el == j).any(axis=1).sum())
+
+
+def test_add_labels_refuses_duplicates_and_empty_examples(data, trained):
+    train, _ = data
+    store, keep = trained
+    model = load_model(store.latest()[1])
+    model.add_labels([_points_with(train, keep, 3)], ["x"])
+    with pytest.raises(lab.LabelError) as err:
+        model.add_labels([_points_with(train, keep, 3)], ["x"])
+    assert err.value.conflict and "exists" in str(err.value)
+    with pytest.raises(lab.LabelError, match="already|exists"):
+        model.add_labels([_points_with(train, keep, 3)], ["3"])  # an unnamed old label's id is its name
+    with pytest.raises(lab.LabelError, match="no example"):
+        model.add_labels([(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))], ["y"])
+
+
+def test_retired_labels_are_never_predicted_and_leave_the_buckets(data, trained):
+    train, test = data
+    store, keep = trained
+    model = load_model(store.latest()[1])
+    x = (test.x_indptr, test.x_indices, test.x_values)
+    top = model.predict(*x, k=3, mode="exact")[0]
+    gone = np.unique(top)[:5]  # labels the model likes most
+    assert model.retire_labels(gone).tolist() == gone.tolist()
+    assert model.retire_labels(gone).size == 0  # already retired
+    assert [model.label_status()[j] for j in gone] == ["retired"] * len(gone)
+    for mode in ("exact", "lsh", "auto"):
+        got = model.predict(*x, k=min(1000, model.num_labels), mode=mode)[0]
+        assert not np.isin(got, gone).any()
+    tb = model.tables[0]
+    for t in range(tb.offsets.shape[0]):
+        assert not np.isin(tb.ids[t, : tb.offsets[t, -1]], gone).any()
+    assert not np.isin(tb.hubs, gone).any() and not np.isin(tb.serve_hubs, gone).any()
+    with pytest.raises(lab.LabelError, match="does not exist"):
+        model.retire_labels([model.num_labels])
+
+
+def test_trainer_adds_and_retires_while_training_and_resumes(data, trained, tmp_path):
+    train, test = data
+    src, keep = trained
+    store = SnapshotStore(tmp_path / "run")
+    trainer = Trainer(CFG.replace(epochs=1), _drop_last_labels(train, keep), _drop_last_labels(test, keep), store)
+    trainer.run()
+    ids = trainer.add_labels([_points_with(train, keep, 5)], ["added"])
+    common = int(np.bincount(train.y_indices[train.y_indices < keep]).argmax())
+    trainer.retire_labels([common])
+    rehashed = trainer.rehash()
+    assert rehashed > 0
+    tb = trainer.model.tables[0]
+    assert not np.isin(tb.ids[:, : tb.offsets[0, -1]], [common]).any()
+    trainer.config = trainer.config.replace(epochs=2)
+    result = trainer.run()
+    assert np.isfinite(result["loss"])
+    path = store.latest()[1]
+    model = load_model(path)
+    assert model.num_labels == keep + 1 and model.label_names.names(ids) == ["added"]
+    assert model.label_status()[common] == "retired" and model.label_status()[int(ids[0])] == "live"
+    # a resumed trainer (a killed one, too, starts from here) keeps both
+    again = Trainer.resume(store, _drop_last_labels(train, keep), _drop_last_labels(test, keep))
+    assert again.model.num_labels == keep + 1
+    assert again.m[-1].shape[0] == keep + 1 and again._retired is not None and again._retired[common]
+    again.config = again.config.replace(epochs=3)
+    again.run()
+    model = load_model(store.latest()[1])
+    assert model.label_status()[common] == "retired"
+    got = model.predict(test.x_indptr, test.x_indices, test.x_values, k=50, mode="exact")[0]
+    assert not (got == common).any()
+
+
+def test_warm_start_grows_labels_and_features_and_leaves_the_source(data, trained, tmp_path):
+    train, test = data
+    src, keep = trained
+    path = src.latest()[1]
+    before = {n: a.copy() for n, a in load_arrays(path).items()}
+    wider = Dataset(
+        train.x_indptr,
+        train.x_indices,
+        train.x_values,
+        train.y_indptr,
+        train.y_indices,
+        train.num_features + 7,
+        train.num_labels,
+    )
+    trainer = Trainer(
+        CFG.replace(epochs=1, lr=1e-3, hidden=(64,)), wider, test, SnapshotStore(tmp_path / "ft"), init_from=src
+    )
+    model = trainer.model
+    assert trainer.config.hidden == (32,)  # the structure is the source's
+    assert model.num_labels == train.num_labels and model.num_features == train.num_features + 7
+    tb = model.tables[0]
+    for j in range(keep, train.num_labels):
+        for t in range(tb.codes.shape[0]):
+            b = tb.codes[t, j]
+            members = tb.ids[t, tb.offsets[t, b] : tb.offsets[t, b + 1]]
+            assert j in members or np.diff(tb.offsets[t])[b] == model.config.bucket_size
+    src_model = load_model(path)
+    np.testing.assert_array_equal(model.float_weights(1)[:keep], src_model.float_weights(1))
+    assert trainer.m[1].shape[0] == train.num_labels
+    result = trainer.run()
+    assert np.isfinite(result["loss"]) and result["p_at_1"] > 0
+    after = load_arrays(path)
+    assert before.keys() == after.keys() and all(np.array_equal(before[n], after[n]) for n in before)
+
+
+def test_warm_start_matches_labels_by_name(data, trained, tmp_path):
+    train, test = data
+    src, keep = trained
+    # the source learns names 'L0'..; the new set lists its labels in reverse and adds one unseen name
+    named = SnapshotStore(tmp_path / "named")
+    t = Trainer(CFG.replace(epochs=1), _drop_last_labels(train, keep), None, named)
+    t.attach_text(label_names=LabelNames.from_list([f"L{i}" for i in range(keep)]))
+    t.run()
+    order = np.arange(keep + 1)[::-1]  # dataset id i is the source's label order[i]
+    names = [f"L{i}" if i < keep else "brand-new" for i in order]
+    y = (keep - train.y_indices[train.y_indices < keep]).astype(np.int32)  # id in the reversed list
+    sub = _drop_last_labels(train, keep)
+    mine = Dataset(sub.x_indptr, sub.x_indices, sub.x_values, sub.y_indptr, y, train.num_features, keep + 1)
+    trainer = Trainer(
+        CFG.replace(epochs=1), mine, None, SnapshotStore(tmp_path / "ft2"), init_from=named, label_names=names
+    )
+    assert trainer.model.num_labels == keep + 1
+    assert trainer.model.label_names[keep] == "brand-new" and trainer.model.label_names[3] == "L3"
+    batch = trainer._train_rows.take(np.arange(20))
+    np.testing.assert_array_equal(batch.y_indices, sub.y_indices[: batch.y_indptr[-1]])  # back in the source's ids
+
+
+def test_cli_init_from_text_matches_names_and_terms(tmp_path, capsys):
+    import json
+
+    from engine.cli import main
+
+    rng = np.random.default_rng(0)
+    words = {f"c{c}": [f"w{c}x{i}" for i in range(8)] for c in range(6)}
+
+    def write(path, classes, n):
+        with open(path, "w") as fh:
+            for _ in range(n):
+                c = classes[rng.integers(len(classes))]
+                fh.write(json.dumps({"text": " ".join(rng.choice(words[c], 4)), "labels": [c]}) + "\n")
+
+    write(tmp_path / "a.jsonl", ["c0", "c1", "c2", "c3"], 300)
+    write(tmp_path / "b.jsonl", ["c5", "c3", "c1", "c4"], 300)  # other order, two new classes and their words
+    base = ["--quiet", "--hidden", "16", "--epochs", "3", "--val-points", "-1", "--lr", "0.05"]
+    assert main(["train", "--train", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "a"), *base]) == 0
+    args = ["train", "--train", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "b"), "--init-from"]
+    assert main([*args, str(tmp_path / "a"), *base]) == 0
+    capsys.readouterr()
+    model = load_model(SnapshotStore(tmp_path / "b").latest()[1])
+    source = load_model(SnapshotStore(tmp_path / "a").latest()[1]).label_names.to_list()
+    names = model.label_names.to_list()
+    assert names[:4] == source and sorted(names[4:]) == ["c4", "c5"]  # old ids kept, new names after them
+    assert model.featurizer is not None and model.featurizer.num_features == model.num_features
+    assert main(["predict", "--model", str(tmp_path / "b"), "--text", "w4x1 w4x2 w4x3", "--k", "1"]) == 0
+    assert "c4" in capsys.readouterr().out
+    assert main(["predict", "--model", str(tmp_path / "b"), "--text", "w0x1 w0x2 w0x3", "--k", "1"]) == 0
+    assert "c0" in capsys.readouterr().out  # an old class the new data never showed is still known

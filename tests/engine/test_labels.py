@@ -223,6 +223,7 @@ def test_warm_start_matches_labels_by_name(data, trained, tmp_path):
     np.testing.assert_array_equal(batch.y_indices, sub.y_indices[: batch.y_indptr[-1]])  # back in the source's ids
 
 
+@pytest.mark.slow
 def test_cli_init_from_text_matches_names_and_terms(tmp_path, capsys):
     import json
 

@@ -67,3 +67,15 @@ class JobSpec:
     """Bytes the trainer is estimated to need (engine.memory); its memory ceiling is set from it. None = none."""
     memory_estimate_text: str | None = None
     """The estimate's breakdown, for the trainer's log and its out-of-memory message."""
+    init_from: str | None = None
+    """A snapshot version directory the job starts from (fine-tuning), or None for a fresh model."""
+
+
+TRAINER_LOCK = "trainer.lock"
+"""File in a job's directory that its trainer process holds locked (flock) while it runs."""
+LABEL_REQUESTS = "label-requests"
+"""Directory in a job's directory where label additions and retirements wait for its trainer (one JSON file each)."""
+LABEL_EVENTS = "label-events.jsonl"
+"""File in a job's directory: one JSON line per label change applied (the events stream's `labels` events)."""
+INIT_FROM = "init-from.json"
+"""File in a job's directory naming the model version it starts from (POST /v1/jobs `init_from`)."""

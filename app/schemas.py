@@ -173,6 +173,13 @@ JOB_CONFIG_EXAMPLE = {
 }
 
 
+class InitFrom(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model_id: str = Field(description="The model (job id) to start from.", examples=[EXAMPLE_ID])
+    version: int | None = Field(None, ge=1, description="A retained version; null = its newest.")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -185,6 +192,12 @@ class JobCreate(BaseModel):
         default_factory=SlideConfigModel,
         description="Engine settings; omitted fields take the engine defaults.",
         examples=[JOB_CONFIG_EXAMPLE],
+    )
+    init_from: InitFrom | None = Field(
+        None,
+        description="Fine-tune: start from this model's weights, hash tables, optimizer state and featurizer "
+        "instead of random ones. Its structure settings (hidden, hashing, dtypes) are kept; labels of a dataset "
+        "with names are matched by name, new labels and features get new rows. The source is not modified.",
     )
 
 
@@ -490,3 +503,50 @@ class Health(BaseModel):
 class Readiness(BaseModel):
     status: Literal["ready", "not ready"]
     checks: dict[str, str] = Field(examples=[{"database": "ok", "data_dir": "ok", "supervisor": "ok"}])
+
+
+# ---- labels added and retired online --------------------------------------------------------------------------
+class NewLabel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    name: str = Field(min_length=1, max_length=1024, examples=["trail-running-shoes"])
+    examples: list[Instance] = Field(
+        min_length=1,
+        max_length=1000,
+        description="Points that carry the label (as predict takes them: `text`, or `indices` and `values`); the "
+        "label's output row is imprinted from their hidden activations.",
+        examples=[[{"text": "trail running shoes"}, {"text": "waterproof trail runners"}]],
+    )
+
+
+class LabelsAdd(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    labels: list[NewLabel] = Field(min_length=1, max_length=1000)
+
+
+class LabelsAdded(BaseModel):
+    label_ids: list[int] | None = Field(
+        description="Ids of the new labels, in the order of the request (null while a training job has them "
+        "pending: its events report them)."
+    )
+    model_version: int | None = Field(description="The version that serves them (null while pending).")
+    state: Literal["applied", "pending"] = Field(
+        description="`applied`: served from the next request; `pending`: handed to the training job, applied at "
+        "its next step and published as a snapshot (a `labels` event on the job's events stream)."
+    )
+    request_id: str | None = Field(None, description="For a pending request: the id its `labels` event carries.")
+
+
+class LabelPublic(BaseModel):
+    id: int
+    name: str | None = Field(description="The label's name (null for an unnamed label of an XMC dataset).")
+    status: Literal["live", "retired"]
+
+
+class LabelList(BaseModel):
+    model_id: str
+    model_version: int
+    data: list[LabelPublic]
+    count: int = Field(description="Items in this page.")
+    next_cursor: str | None = NEXT_CURSOR

@@ -17,8 +17,9 @@ optimizer's files as they were) are read as padded with zero rows: a new row's A
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from .tables import Tables
 
 if TYPE_CHECKING:
     from .network import SlideModel
+    from .snapshot import SnapshotStore
     from .text import LabelNames
 
 RETIRED_BIAS = -np.inf
@@ -368,3 +370,100 @@ def merge_label_names(old: LabelNames | None, old_count: int, new_names: Sequenc
             names.append(name)
         mapping[i] = index[name]
     return mapping, names
+
+
+# ---- instances and snapshots ------------------------------------------------------------------------------
+def featurize_instances(model: SlideModel, instances: Sequence[Any]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """CSR arrays of points given as text (str, through the model's featurizer) or (indices, values) pairs.
+    Raises LabelError naming the instance for text without a featurizer or a feature id out of range."""
+    rows = []
+    for pos, inst in enumerate(instances):
+        if isinstance(inst, str):
+            if model.featurizer is None:
+                raise LabelError(f"examples[{pos}]", "text examples need a model trained on text; send indices")
+            ids, vals = model.featurizer.transform_one(inst)
+        else:
+            ids, vals = np.asarray(inst[0], np.int64), np.asarray(inst[1], np.float32)
+            if ids.shape != vals.shape:
+                raise LabelError(f"examples[{pos}]", "indices and values must have the same length")
+            if ids.size and (ids.min() < 0 or ids.max() >= model.num_features):
+                raise LabelError(
+                    f"examples[{pos}]", f"feature ids must be in [0, {model.num_features}); got {int(ids.max())}"
+                )
+        rows.append((ids, vals))
+    indptr = np.concatenate(([0], np.cumsum([len(r[0]) for r in rows]))).astype(np.int64)
+    indices = np.concatenate([r[0] for r in rows]).astype(np.int32) if rows else np.zeros(0, np.int32)
+    values = np.concatenate([r[1] for r in rows]).astype(np.float32) if rows else np.zeros(0, np.float32)
+    return indptr, indices, values
+
+
+class SnapshotEdit(NamedTuple):
+    """What `edit_snapshot` did: the ids it added (in the order of the names), those it retired that were live,
+    and the version it published (None when nothing changed)."""
+
+    added: np.ndarray
+    retired: np.ndarray
+    version: int | None
+
+
+_EDIT_LOCK = ".labels.lock"
+
+
+def edit_snapshot(
+    store: SnapshotStore,
+    add: Sequence[tuple[str, Sequence[Any]]] = (),
+    retire: Sequence[int] = (),
+    label_names: LabelNames | None = None,
+) -> SnapshotEdit:
+    """Add labels (name, example instances: text or (indices, values)) and/or retire label ids in the newest
+    version of a store, published as the next version. Arrays that do not change (the input layer, the hash
+    functions, Adam's state: a new row's is zero, see the module doc) are hard-linked from the version before,
+    so the cost is that of writing the output layer and its tables. The state a stopped run would continue from
+    is the served model from then on. label_names: the names of a model whose snapshots have none (its
+    dataset's). Edits of one store are serialised by a lock file; the caller makes sure no trainer writes it."""
+    import fcntl
+
+    from .snapshot import attach_text, load_arrays, manifest_config, model_arrays, model_from_arrays, read_manifest
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store.root / _EDIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        latest = store.latest()
+        if latest is None:
+            raise LabelError("model", "the model has no snapshot yet")
+        _, path = latest
+        manifest = read_manifest(path)
+        names = [n for n in manifest["arrays"] if not n.startswith("opt_")]
+        loaded = load_arrays(path, names)
+        model = model_from_arrays(manifest_config(manifest), manifest["num_features"], manifest["num_labels"], loaded)
+        attach_text(model, manifest, loaded)
+        if model.label_names is None and label_names is not None and len(label_names) == model.num_labels:
+            model.label_names = label_names
+        added = np.zeros(0, np.int64)
+        if add:
+            examples = [featurize_instances(model, ex) for _, ex in add]
+            added = add_labels(model, examples, [n for n, _ in add])
+        retired = retire_labels(model, retire) if len(retire) else np.zeros(0, np.int64)
+        if not added.size and not retired.size:
+            return SnapshotEdit(added, retired, None)
+        arrays = model_arrays(model)
+        if model.featurizer is not None:
+            arrays.update(model.featurizer.to_arrays())
+        if model.label_names is not None:
+            arrays.update(model.label_names.to_arrays())
+        written = {n: a for n, a in arrays.items() if loaded.get(n) is not a}
+        links = {
+            n: (path / f"{n}.npy", info)
+            for n, info in manifest["arrays"].items()
+            if n not in written and not n.startswith("opt_cur_")
+        }
+        state = {k: v for k, v in manifest.get("trainer_state", {}).items() if k != "training_arrays"}
+        meta = {k: v for k, v in manifest.items() if k not in ("arrays", "version", "created_at", "format_version")}
+        meta.update(
+            config=model.config.to_dict(), num_labels=model.num_labels, trainer_state=state, edited_from=latest[0]
+        )
+        version, _ = store.publish(written, meta, links)
+        return SnapshotEdit(added, retired, version)
+    finally:
+        os.close(fd)

@@ -108,8 +108,13 @@ class SnapshotStore:
         versions = self.versions()
         return (versions[-1], self.path(versions[-1])) if versions else None
 
-    def publish(self, arrays: dict[str, np.ndarray], meta: dict) -> tuple[int, Path]:
-        """Write a new version atomically and prune old ones; returns (version, path)."""
+    def publish(
+        self, arrays: dict[str, np.ndarray], meta: dict, links: dict[str, tuple[Path, dict]] | None = None
+    ) -> tuple[int, Path]:
+        """Write a new version atomically and prune old ones; returns (version, path).
+
+        links: arrays taken unchanged from another version, name -> (its .npy file, its manifest entry): hard-linked
+        (copied where the file system cannot link), not written again."""
         self.root.mkdir(parents=True, exist_ok=True)
         version = max((int(m[1]) for e in self.root.iterdir() if (m := _VERSION_DIR.match(e.name))), default=0) + 1
         tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.root))
@@ -119,6 +124,12 @@ class SnapshotStore:
                 path = tmp / f"{name}.npy"
                 np.save(path, np.ascontiguousarray(arr))
                 files[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": _file_crc32(path)}
+            for name, (source, info) in (links or {}).items():
+                try:
+                    os.link(source, tmp / f"{name}.npy")
+                except OSError:
+                    shutil.copyfile(source, tmp / f"{name}.npy")
+                files[name] = dict(info)
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "version": version,

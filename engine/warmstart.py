@@ -218,6 +218,42 @@ def warm_start(
     return WarmStart(cfg, model, optimizer, train, test)
 
 
+class WarmShape(NamedTuple):
+    """The shape of a run that starts from a snapshot: its config (structure from the source), its feature and
+    label counts (grown to the data), and the bytes growing holds at once beside the trainer's arrays."""
+
+    config: SlideConfig
+    num_features: int
+    num_labels: int
+    extra_bytes: int
+
+
+def warm_start_shape(
+    init_from: str | os.PathLike | SnapshotStore,
+    config: SlideConfig,
+    num_features: int,
+    num_labels: int,
+    named: bool = False,
+    label_entries: int = 0,
+    nnz: int = 0,
+) -> WarmShape:
+    """See WarmShape. named: the data's labels are matched by name (then all of them may be new: counted as
+    such). label_entries / nnz: the data's label and feature entries (training and evaluation), which warm
+    starts hold in memory mapped to the model's ids (features only for text, whose terms are remapped)."""
+    manifest = read_manifest(snapshot_path(init_from))
+    src_labels, src_features = int(manifest["num_labels"]), int(manifest["num_features"])
+    cfg = warm_start_config(manifest_config(manifest), config, src_labels)
+    labels_out = src_labels + num_labels if named else max(src_labels, num_labels)
+    width = cfg.hidden[-1] + 1
+    weight_bytes = 2 if cfg.weight_dtype == "bfloat16" else 4
+    moment_bytes = 2 if cfg.moment_dtype == "bfloat16" else 4
+    # the source's output layer, its moments and step counts beside their grown copies; the remapped data
+    extra = src_labels * (width * (weight_bytes + moment_bytes + 4) + 8) + 4 * label_entries
+    if manifest.get("text"):
+        extra += 4 * nnz
+    return WarmShape(cfg, max(src_features, num_features), labels_out, int(extra))
+
+
 def estimate_warm_start(
     init_from: str | os.PathLike | SnapshotStore,
     config: SlideConfig,
@@ -226,36 +262,35 @@ def estimate_warm_start(
     threads: int | None = None,
     label_names: Sequence[str] | None = None,
 ) -> MemoryEstimate:
-    """memory.estimate_for a run that starts from `init_from`: the source's structure, the label and feature
-    spaces grown to the data (by name when label_names are given), plus a `warm_start` part for what growing
-    holds at once (the source's output layer and its Adam state beside their grown copies, and the data
-    mapped to the model's ids)."""
-    manifest = read_manifest(snapshot_path(init_from))
-    src_labels, src_features = int(manifest["num_labels"]), int(manifest["num_features"])
-    cfg = warm_start_config(manifest_config(manifest), config, src_labels)
-    num_labels = max(src_labels, train.num_labels)
-    if label_names is not None:  # by name: unknown until the names are compared; at most all of them new
-        num_labels = src_labels + len(label_names)
+    """memory.estimate_for a run that starts from `init_from`, with a `warm_start` part (see warm_start_shape)."""
     y = np.asarray(train.y_indptr)
-    grown = estimate_memory(
-        cfg,
+    entries = int(y[-1]) if len(y) else 0
+    test_entries = int(test.y_indptr[-1]) if test is not None and test.num_points else 0
+    shape = warm_start_shape(
+        init_from,
+        config,
+        train.num_features,
+        train.num_labels,
+        named=label_names is not None,
+        label_entries=entries + test_entries,
+        nnz=train.nnz + (test.nnz if test is not None else 0),
+    )
+    est = estimate_memory(
+        shape.config,
         train.num_points,
-        max(src_features, train.num_features),
-        num_labels,
+        shape.num_features,
+        shape.num_labels,
         nnz=train.nnz,
-        label_entries=int(y[-1]) if len(y) else 0,
+        label_entries=entries,
         max_labels_per_point=int(np.diff(y).max(initial=0)) if len(y) > 1 else 0,
         eval_points=test.num_points if test is not None else 0,
         eval_nnz=test.nnz if test is not None else 0,
-        eval_label_entries=int(test.y_indptr[-1]) if test is not None and test.num_points else 0,
+        eval_label_entries=test_entries,
         threads=threads,
     )
-    width = cfg.hidden[-1] + 1
-    weight_bytes = 2 if cfg.weight_dtype == "bfloat16" else 4
-    moment_bytes = 2 if cfg.moment_dtype == "bfloat16" else 4
-    output_layer = src_labels * width * (weight_bytes + moment_bytes + 4)
-    mapped = 4 * int(y[-1]) + (4 * train.nnz if manifest.get("text") else 0)
-    if test is not None:
-        mapped += 4 * int(test.y_indptr[-1]) + (4 * test.nnz if manifest.get("text") else 0)
-    parts = {**grown.parts, "warm_start": int(output_layer + mapped)}
-    return MemoryEstimate(parts, grown.serving, {**grown.fields, "warm_start": ("init_from",)})
+    return with_warm_start(est, shape.extra_bytes)
+
+
+def with_warm_start(est: MemoryEstimate, extra_bytes: int) -> MemoryEstimate:
+    """est with a `warm_start` part of extra_bytes."""
+    return MemoryEstimate({**est.parts, "warm_start": int(extra_bytes)}, est.serving, {**est.fields, "warm_start": ()})

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Depends
 
-from app.api import aliases, datasets, events, health, jobs, metrics, models
+from app.api import aliases, datasets, events, health, jobs, labels, metrics, models
 from app.api.deps import require_api_key
 
 api_router = APIRouter()
 api_router.include_router(health.router)
 protected = [Depends(require_api_key)]
-for module in (datasets, jobs, events, models, aliases, metrics):
+for module in (datasets, jobs, events, models, labels, aliases, metrics):
     api_router.include_router(module.router, dependencies=protected)
 api_router.include_router(models.evaluations_router, dependencies=protected)
 

@@ -16,6 +16,7 @@ from app.services.container import Services
 from app.services.datasets import DatasetService
 from app.services.evaluations import EvaluationService
 from app.services.jobs import JobService
+from app.services.labels import LabelService
 from app.services.registry import ModelRegistry
 from app.services.telemetry import Telemetry
 from app.settings import Settings
@@ -59,12 +60,17 @@ async def get_evaluations(services: ServicesDep) -> EvaluationService:
     return services.evaluations
 
 
+async def get_labels(services: ServicesDep) -> LabelService:
+    return services.labels
+
+
 AliasesDep = Annotated[AliasService, Depends(get_aliases)]
 EvaluationsDep = Annotated[EvaluationService, Depends(get_evaluations)]
 DatasetsDep = Annotated[DatasetService, Depends(get_datasets)]
 JobsDep = Annotated[JobService, Depends(get_jobs)]
 RegistryDep = Annotated[ModelRegistry, Depends(get_registry)]
 TelemetryDep = Annotated[Telemetry, Depends(get_telemetry)]
+LabelsDep = Annotated[LabelService, Depends(get_labels)]
 
 api_key_header = APIKeyHeader(
     name="X-API-Key",

@@ -2,7 +2,8 @@
 
 Events: `metrics` (one per evaluation; `id` is its step, so a reconnecting client resumes with Last-Event-ID),
 `progress` (step, epoch, samples, samples/s, model_version whenever they change), `state` (on every state
-change) and a final `end` once the job is stopped, completed, failed or interrupted.
+change), `labels` (labels added or retired: ids, names, the version that serves them, or the error) and a final
+`end` once the job is stopped, completed, failed or interrupted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from sse_starlette import EventSourceResponse
 from app.api.deps import JobsDep, SettingsDep
 from app.api.jobs import MAX_STEP, metric_point
 from app.db import JobRow, MetricRow
-from app.domain import TERMINAL_STATES
+from app.domain import LABEL_EVENTS, TERMINAL_STATES
 from app.errors import problem_responses
 from app.services.errors import NotFound
 
@@ -57,14 +58,27 @@ async def job_events(
         points = jobs.metrics(job_id, since_step=after)
         return job, points, jobs.latest_versions([job_id]).get(job_id)
 
+    label_events = settings.job_dir(job_id) / LABEL_EVENTS
+
+    def label_lines(seen: int) -> list[str]:
+        try:
+            with open(label_events) as fh:
+                return fh.read().splitlines()[seen:]
+        except OSError:
+            return []
+
     async def stream() -> AsyncIterator[dict[str, Any]]:
         after = since_step
         last_state = last_progress = None
+        labels_seen = 0
         while True:
             job, points, version = await anyio.to_thread.run_sync(poll, after)
             if job is None:
                 yield {"event": "end", "data": json.dumps({"state": "deleted"})}
                 return
+            for line in await anyio.to_thread.run_sync(label_lines, labels_seen):
+                labels_seen += 1
+                yield {"event": "labels", "data": line}
             for p in points:
                 after = max(after, p.step)
                 yield {"event": "metrics", "id": str(p.step), "data": metric_point(p).model_dump_json()}

@@ -135,9 +135,14 @@ def create_job(
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """The job trains in its own process; it is `queued` until a slot is free (SLIDE_MAX_CONCURRENT_JOBS), then
-    `running`. Omitted config fields take the engine's defaults; a bad one is a 422 naming it."""
+    `running`. Omitted config fields take the engine's defaults; a bad one is a 422 naming it. With `init_from` the
+    job fine-tunes that model (its structure settings replace the config's)."""
     job, created = jobs.create(
-        body.train_dataset_id, body.eval_dataset_id, body.config.model_dump(), idempotency_key=idempotency_key
+        body.train_dataset_id,
+        body.eval_dataset_id,
+        body.config.model_dump(),
+        idempotency_key=idempotency_key,
+        init_from=body.init_from.model_dump() if body.init_from is not None else None,
     )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"

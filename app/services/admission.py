@@ -32,14 +32,37 @@ def trainer_pool(config: SlideConfig, settings: Settings) -> int:
 
 
 def estimate_job(
-    config: SlideConfig | dict[str, Any], train: DatasetRow, test: DatasetRow | None, settings: Settings
+    config: SlideConfig | dict[str, Any],
+    train: DatasetRow,
+    test: DatasetRow | None,
+    settings: Settings,
+    init_from: str | None = None,
 ) -> MemoryEstimate:
+    """The job's estimate; init_from: the snapshot version it starts from (its shape grown to the data's, plus what
+    growing holds, engine.warmstart.warm_start_shape)."""
     cfg = config if isinstance(config, SlideConfig) else SlideConfig.from_dict(config)
-    return estimate_memory(
+    num_features, num_labels, extra = train.num_features, train.num_labels, 0
+    if init_from is not None:
+        from engine.warmstart import warm_start_shape
+
+        entries = int(round(train.avg_labels_per_point * train.num_points))
+        if test is not None:
+            entries += int(round(test.avg_labels_per_point * test.num_points))
+        shape = warm_start_shape(
+            init_from,
+            cfg,
+            num_features,
+            num_labels,
+            named=(settings.dataset_dir(train.id) / "text.json").is_file(),
+            label_entries=entries,
+            nnz=train.nnz + (test.nnz if test is not None else 0),
+        )
+        cfg, num_features, num_labels, extra = shape
+    est = estimate_memory(
         cfg,
         train.num_points,
-        train.num_features,
-        train.num_labels,
+        num_features,
+        num_labels,
         nnz=train.nnz,
         label_entries=int(round(train.avg_labels_per_point * train.num_points)),
         eval_points=test.num_points if test is not None else 0,
@@ -47,6 +70,11 @@ def estimate_job(
         eval_label_entries=int(round(test.avg_labels_per_point * test.num_points)) if test is not None else 0,
         threads=trainer_pool(cfg, settings),
     )
+    if init_from is None:
+        return est
+    from engine.warmstart import with_warm_start
+
+    return with_warm_start(est, extra)
 
 
 def drivers(
@@ -73,10 +101,15 @@ def drivers(
 
 
 def check_fits(
-    config: SlideConfig, train: DatasetRow, test: DatasetRow | None, settings: Settings, what: str = "this job"
+    config: SlideConfig,
+    train: DatasetRow,
+    test: DatasetRow | None,
+    settings: Settings,
+    what: str = "this job",
+    init_from: str | None = None,
 ) -> MemoryEstimate:
     """The job's estimate; raises MemoryLimitExceeded when it alone exceeds SLIDE_MAX_JOB_MEMORY."""
-    est = estimate_job(config, train, test, settings)
+    est = estimate_job(config, train, test, settings, init_from)
     limit = int(settings.max_job_memory)
     if est.total <= limit:
         return est

@@ -10,6 +10,7 @@ from app.services.aliases import AliasService
 from app.services.datasets import DatasetService
 from app.services.evaluations import EvaluationService
 from app.services.jobs import JobService, Supervisor
+from app.services.labels import LabelService
 from app.services.registry import ModelRegistry
 from app.services.telemetry import Telemetry
 from app.settings import Settings
@@ -28,6 +29,7 @@ class Services:
     telemetry: Telemetry
     aliases: AliasService
     evaluations: EvaluationService
+    labels: LabelService
 
     @classmethod
     def build(cls, settings: Settings) -> Services:
@@ -36,16 +38,18 @@ class Services:
         supervisor = Supervisor(settings, db)
         datasets = DatasetService(settings, db)
         registry = ModelRegistry(settings)
+        jobs = JobService(settings, db, supervisor)
         return cls(
             settings=settings,
             db=db,
             datasets=datasets,
-            jobs=JobService(settings, db, supervisor),
+            jobs=jobs,
             supervisor=supervisor,
             registry=registry,
             telemetry=Telemetry(db),
             aliases=AliasService(settings, db),
             evaluations=EvaluationService(settings, db, datasets, registry),
+            labels=LabelService(settings, jobs, registry),
         )
 
     def start(self) -> None:

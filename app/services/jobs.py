@@ -31,14 +31,17 @@ from typing import Any
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
+import engine
 from app.db import Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utcnow
-from app.domain import RESUMABLE_STATES, TRAINING_STATES, JobSpec, JobState
+from app.domain import INIT_FROM, RESUMABLE_STATES, TRAINING_STATES, JobSpec, JobState
 from app.services.admission import QueueSlot, check_fits, estimate_job, plan_queue
 from app.services.errors import Conflict, InvalidContent, NotFound, require_id
 from app.services.worker import LOG_FILE, run_job
 from app.settings import Settings
 from engine import ConfigError, SlideConfig
 from engine.memory import MemoryEstimate
+from engine.snapshot import manifest_config, read_manifest
+from engine.warmstart import warm_start_config
 
 log = logging.getLogger("app.jobs")
 
@@ -62,11 +65,13 @@ class JobService:
         eval_dataset_id: str | None,
         config: dict[str, Any],
         idempotency_key: str | None = None,
+        init_from: dict[str, Any] | None = None,
     ) -> tuple[JobRow, bool]:
-        """Returns (job, created). The same Idempotency-Key with the same request returns the first job."""
+        """Returns (job, created). The same Idempotency-Key with the same request returns the first job.
+        init_from: {"model_id", "version"} of a model to start from (version None = its newest)."""
         request_hash = hashlib.sha256(
             json.dumps(
-                {"train": train_dataset_id, "eval": eval_dataset_id, "config": config},
+                {"train": train_dataset_id, "eval": eval_dataset_id, "config": config, "init_from": init_from},
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -105,7 +110,10 @@ class JobService:
                         "share one feature and label space",
                         loc=("body", "eval_dataset_id"),
                     )
-        check_fits(cfg, train, test, self.settings)  # before any row or process exists
+        source = self._source(init_from, cfg) if init_from is not None else None
+        if source is not None:
+            cfg = source[2]  # the structure settings are the source's
+        check_fits(cfg, train, test, self.settings, init_from=str(source[1]) if source else None)
         job = JobRow(
             id=uuid.uuid4().hex,
             train_dataset_id=train_dataset_id,
@@ -131,9 +139,52 @@ class JobService:
                 raise
             return existing, False
         self.settings.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+        if source is not None and init_from is not None:
+            model_id, version = init_from["model_id"], source[0]
+            # the source version stays on disk until this job is deleted (a queued job reads it when it starts)
+            engine.SnapshotStore(self.settings.snapshots_dir(model_id)).pin(f"init-{job.id}", version)
+            info = {"model_id": model_id, "version": version, "path": str(source[1])}
+            (self.settings.job_dir(job.id) / INIT_FROM).write_text(json.dumps(info))
         self.supervisor.wake()
         log.info("job %s queued on dataset %s", job.id, train_dataset_id)
         return job, True
+
+    def _source(self, init_from: dict[str, Any], cfg: SlideConfig) -> tuple[int, Path, SlideConfig]:
+        """(version, path, the job's config with the source's structure) of a job's `init_from`; 422 naming the
+        field when the model or version does not exist."""
+        model_id, version = init_from.get("model_id"), init_from.get("version")
+        if not isinstance(model_id, str) or not _is_id(model_id):
+            raise InvalidContent(f"init_from.model_id: no model {model_id!r}", loc=("body", "init_from", "model_id"))
+        with self.db.session() as s:
+            if s.get(JobRow, model_id) is None:
+                raise InvalidContent(
+                    f"init_from.model_id: no model {model_id!r}", loc=("body", "init_from", "model_id")
+                )
+        store = engine.SnapshotStore(self.settings.snapshots_dir(model_id))
+        if version is None:
+            latest = store.latest()
+            if latest is None:
+                raise InvalidContent(
+                    f"init_from.model_id: model {model_id} has no snapshot yet to start from",
+                    loc=("body", "init_from", "model_id"),
+                )
+            version = latest[0]
+        path = store.path(int(version))
+        try:
+            manifest = read_manifest(path)
+        except engine.SnapshotError:
+            raise InvalidContent(
+                f"init_from.version: model {model_id} has no version {version} (retained: {store.versions()})",
+                loc=("body", "init_from", "version"),
+            ) from None
+        return int(version), path, warm_start_config(manifest_config(manifest), cfg, int(manifest["num_labels"]))
+
+    def init_source(self, job_id: str) -> str | None:
+        """The snapshot version path a job starts from (None for a fresh model)."""
+        try:
+            return str(json.loads((self.settings.job_dir(job_id) / INIT_FROM).read_text())["path"])
+        except (OSError, ValueError, KeyError):
+            return None
 
     def _by_key(self, key: str, request_hash: str) -> JobRow | None:
         with self.db.session() as s:
@@ -177,7 +228,8 @@ class JobService:
             if train is None or (j.eval_dataset_id and j.eval_dataset_id not in rows):
                 continue
             try:
-                out[j.id] = estimate_job(j.config, train, rows.get(j.eval_dataset_id or ""), self.settings)
+                test = rows.get(j.eval_dataset_id or "")
+                out[j.id] = estimate_job(j.config, train, test, self.settings, self.init_source(j.id))
             except (ConfigError, TypeError, ValueError):
                 continue
         return out
@@ -268,7 +320,8 @@ class JobService:
             test = s.get(DatasetRow, job.eval_dataset_id) if job.eval_dataset_id else None
             assert train is not None  # not missing, checked above
             if job.state in RESUMABLE_STATES:
-                check_fits(SlideConfig.from_dict(job.config), train, test, self.settings, what=f"job {job_id}")
+                cfg = SlideConfig.from_dict(job.config)
+                check_fits(cfg, train, test, self.settings, what=f"job {job_id}", init_from=self.init_source(job_id))
             if not _transition(s, job_id, RESUMABLE_STATES, state=JobState.QUEUED, error=None, finished_at=None):
                 hint = {
                     JobState.STOPPING: "it is writing its checkpoint; resume it once it is stopped",
@@ -282,6 +335,11 @@ class JobService:
         """Remove the job, its metrics, versions and snapshots; a trainer still running is killed first (no
         checkpoint: its files go too). The rows go first, so the supervisor cannot start the job meanwhile."""
         self.get(job_id)  # NotFound for an unknown or malformed id
+        try:
+            source = json.loads((self.settings.job_dir(job_id) / INIT_FROM).read_text())
+            engine.SnapshotStore(self.settings.snapshots_dir(source["model_id"])).unpin(f"init-{job_id}")
+        except (OSError, ValueError, KeyError):
+            pass
         with self.db.session() as s:
             s.execute(delete(MetricRow).where(MetricRow.job_id == job_id))
             s.execute(delete(ModelVersionRow).where(ModelVersionRow.job_id == job_id))
@@ -567,6 +625,7 @@ class Supervisor:
             progress_interval_s=st.progress_interval_s,
             parent_pid=os.getpid(),
             run=job.runs + 1,  # what _launch just wrote: the child's writes are fenced by it
+            init_from=JobService(st, self.db, self).init_source(job.id),
         )
         st.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         stop_event, interrupt_event, training_event = self.ctx.Event(), self.ctx.Event(), self.ctx.Event()

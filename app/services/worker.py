@@ -31,7 +31,7 @@ import traceback
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from app.domain import TRAINING_STATES, JobSpec, JobState
+from app.domain import LABEL_EVENTS, LABEL_REQUESTS, TRAINER_LOCK, TRAINING_STATES, JobSpec, JobState
 
 if TYPE_CHECKING:
     from sqlalchemy import CursorResult
@@ -40,7 +40,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("app.worker")
 
-LOCK_FILE = "trainer.lock"
+LOCK_FILE = TRAINER_LOCK
 LOCK_TIMEOUT_S = 120.0  # how long a new trainer waits for an exiting one to release the job
 LOG_FILE = "trainer.log"
 
@@ -144,6 +144,13 @@ def _redirect_output(path: Path) -> None:
     os.close(fd)
 
 
+def _instance(example: Any) -> Any:
+    """A predict instance as a label request stores it: text, or {"indices", "values"}."""
+    if isinstance(example, dict):
+        return example["text"] if example.get("text") is not None else (example["indices"], example["values"])
+    return example
+
+
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in metrics.items():
@@ -184,6 +191,7 @@ class JobProcess:
         self.ceiling = 0
         self._done = threading.Event()
         self._hog = os.environ.get(MEMORY_HOG_ENV)
+        self._labels_checked = 0.0
 
     # ---- stop conditions ------------------------------------------------------------------------------
     def interrupted(self) -> bool:
@@ -290,16 +298,31 @@ class JobProcess:
         train = engine.load_dataset(spec.train_path, mmap=True)
         test = engine.load_dataset(spec.eval_path, mmap=True) if spec.eval_path else None
         store = engine.SnapshotStore(spec.snapshots_dir, keep=spec.snapshot_keep)
+        if spec.init_from:  # the source's featurizer and names, grown to this set's (by term and by name)
+            from engine.text import load_text_info
+
+            featurizer, names, _ = load_text_info(spec.train_path)
+            name_list = names.to_list() if names is not None else None
         if store.latest() is not None:
-            trainer = engine.Trainer.resume(store, train, test)
+            if spec.init_from:
+                trainer = engine.Trainer.resume(store, train, test, label_names=name_list, featurizer=featurizer)
+            else:
+                trainer = engine.Trainer.resume(store, train, test)
             log.info("resumed from snapshot v%d at step %d", store.latest()[0], trainer.step)
         else:
             config = engine.SlideConfig.from_dict(spec.config)
-            trainer = engine.Trainer(config, train, test, store)
+            if spec.init_from:
+                trainer = engine.Trainer(
+                    config, train, test, store, init_from=spec.init_from, label_names=name_list, featurizer=featurizer
+                )
+                log.info("started from %s: %d labels", spec.init_from, trainer.model.num_labels)
+            else:
+                trainer = engine.Trainer(config, train, test, store)
             log.info(
                 "started: %d points, %d features, %d labels", train.num_points, train.num_features, train.num_labels
             )
-        self._attach_text(trainer, spec.train_path)
+        if not spec.init_from:
+            self._attach_text(trainer, spec.train_path)
         self.trainer = trainer
         self._forget_beyond(trainer.step, trainer.epoch, store.versions())
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
@@ -310,7 +333,9 @@ class JobProcess:
             on_metrics=self._on_metrics,
             on_snapshot=self._on_snapshot,
             snapshot_every_s=spec.snapshot_interval_s,
+            before_step=self._apply_label_requests,
         )
+        self._apply_label_requests(force=True)  # those that came after the last step
         self._done.set()
         heartbeat.join(timeout=5)
         if not result.get("stopped"):
@@ -327,6 +352,59 @@ class JobProcess:
             spec.memory_estimate_text or "unknown",
         )
         self._finish(state, metrics=_json_safe(result))
+
+    def _apply_label_requests(self, force: bool = False) -> None:
+        """Apply the label additions and retirements waiting in the job directory (app.services.labels), publish a
+        snapshot with them at once and report each as a `labels` event. Looks at most every 0.2 s."""
+        now = time.monotonic()
+        if not force and now - self._labels_checked < 0.2:
+            return
+        self._labels_checked = now
+        queue = self.job_dir / LABEL_REQUESTS
+        requests = sorted(queue.glob("*.json")) if queue.is_dir() else []
+        if not requests:
+            return
+        import json
+
+        from engine.labels import featurize_instances
+
+        trainer = self.trainer
+        events = []
+        for path in requests:
+            try:
+                request = json.loads(path.read_text())
+                event: dict[str, Any] = {"request_id": request.get("request_id"), "op": request.get("op")}
+                if request.get("op") == "add":
+                    names = [label["name"] for label in request["labels"]]
+                    examples = [
+                        featurize_instances(trainer.model, [_instance(e) for e in label["examples"]])
+                        for label in request["labels"]
+                    ]
+                    event.update(names=names, label_ids=trainer.add_labels(examples, names).tolist())
+                else:
+                    event.update(label_ids=trainer.retire_labels(request["ids"]).tolist())
+            except (ValueError, KeyError, TypeError) as exc:  # engine.labels.LabelError is a ValueError
+                event = {"request_id": path.stem.split("-", 1)[-1], "error": f"{type(exc).__name__}: {exc}"}
+            events.append((path, event))
+        published = trainer.publish()
+        if published is not None:
+            self._on_snapshot(*published)
+        with open(self.job_dir / LABEL_EVENTS, "a") as fh:
+            for _, event in events:
+                fh.write(
+                    json.dumps(
+                        {
+                            "at": time.time(),
+                            **event,
+                            "step": int(trainer.step),
+                            "model_version": published[0] if published else None,
+                        }
+                    )
+                    + "\n"
+                )
+        for path, _ in events:
+            path.unlink(missing_ok=True)
+        log.info("applied %d label request(s) at step %d", len(events), trainer.step)
 
     @staticmethod
     def _attach_text(trainer: Any, train_path: str) -> None:

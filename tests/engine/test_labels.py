@@ -254,3 +254,30 @@ def test_cli_init_from_text_matches_names_and_terms(tmp_path, capsys):
     assert "c4" in capsys.readouterr().out
     assert main(["predict", "--model", str(tmp_path / "b"), "--text", "w0x1 w0x2 w0x3", "--k", "1"]) == 0
     assert "c0" in capsys.readouterr().out  # an old class the new data never showed is still known
+
+
+def test_edit_snapshot_publishes_a_version_linking_what_did_not_change(data, trained, tmp_path):
+    import shutil
+
+    train, test = data
+    src, keep = trained
+    store = SnapshotStore(tmp_path / "copy")
+    shutil.copytree(src.root, store.root)
+    base_version, base = store.latest()
+    indptr, indices, values = _points_with(train, keep, 5)
+    examples = [(indices[indptr[i] : indptr[i + 1]], values[indptr[i] : indptr[i + 1]]) for i in range(len(indptr) - 1)]
+    edit = lab.edit_snapshot(store, add=[("fresh", examples)], retire=[0])
+    assert edit.added.tolist() == [keep] and edit.retired.tolist() == [0] and edit.version == base_version + 1
+    new = store.path(edit.version)
+    assert (new / "opt_v1.npy").stat().st_ino == (base / "opt_v1.npy").stat().st_ino  # linked, not rewritten
+    assert (new / "w0.npy").stat().st_ino == (base / "w0.npy").stat().st_ino
+    model = load_model(new, verify=True)
+    assert model.label_names[keep] == "fresh" and model.label_status()[0] == "retired"
+    got = model.predict(indptr, indices, values, k=3, mode="lsh")[0]
+    assert (got == keep).any() and not (got == 0).any()
+    with pytest.raises(lab.LabelError, match="exists"):
+        lab.edit_snapshot(store, add=[("fresh", examples)])
+    # training resumes from the edited version: Adam's state of the new row is zero
+    trainer = Trainer.resume(store, _drop_last_labels(train, keep), _drop_last_labels(test, keep))
+    assert trainer.m[1].shape[0] == keep + 1 and not trainer.v[1][keep].any()
+    assert trainer._retired is not None and trainer._retired[0]

@@ -1,0 +1,199 @@
+"""Labels added and retired online (engine.labels).
+
+A model whose job has no trainer running is edited here: its newest snapshot plus the change is published as the
+next version (under the job's trainer lock, so no trainer starts meanwhile), and the registry serves it from the
+next request. A job that is training gets the request as a file in its job directory; its trainer applies it
+before its next step, publishes a snapshot at once and reports it as a `labels` event (domain.LABEL_EVENTS).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import engine
+from app.db import JobRow, ModelVersionRow
+from app.domain import ACTIVE_STATES, LABEL_EVENTS, LABEL_REQUESTS, TRAINER_LOCK
+from app.services.errors import Conflict, InvalidContent, NotFound
+from app.services.jobs import JobService
+from app.services.registry import ModelRegistry
+from app.settings import Settings
+from engine.labels import LabelError, edit_snapshot, label_names_list, retired_mask
+
+log = logging.getLogger("app.labels")
+
+Instance = Any
+"""A predict instance: text (str) or an (indices, values) pair."""
+
+
+class LabelService:
+    def __init__(self, settings: Settings, jobs: JobService, registry: ModelRegistry):
+        self.settings = settings
+        self.jobs = jobs
+        self.registry = registry
+
+    # ---- the trainer lock -------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _without_trainer(self, job_id: str) -> Iterator[bool]:
+        """Holds the job's trainer lock (True) when no trainer process holds it; False when one does."""
+        job_dir = self.settings.job_dir(job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        fh: IO[str] = open(job_dir / TRAINER_LOCK, "a+")
+        try:
+            try:
+                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                yield False
+                return
+            yield True
+        finally:
+            fh.close()
+
+    def _job(self, model_id: str) -> JobRow:
+        try:
+            return self.jobs.get(model_id)
+        except NotFound:
+            raise NotFound("model", model_id) from None
+
+    def _dataset_names(self, job: JobRow) -> Any:
+        from engine.text import load_text_info
+
+        try:
+            return load_text_info(self.settings.dataset_dir(job.train_dataset_id))[1]
+        except (OSError, ValueError):
+            return None
+
+    # ---- add and retire ----------------------------------------------------------------------------------
+    def add(self, model_id: str, labels: list[tuple[str, list[Instance]]]) -> dict[str, Any]:
+        """{"label_ids", "model_version", "state": "applied"} or, for a training job, {"state": "pending",
+        "request_id"}. Conflict (409) for a name in use, InvalidContent (422) for bad examples."""
+        job = self._job(model_id)
+        names = [n for n, _ in labels]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise InvalidContent(f"labels: the name {repeated[0]!r} is given twice", loc=("body", "labels"))
+        store = engine.SnapshotStore(self.settings.snapshots_dir(model_id), keep=self.settings.snapshot_keep)
+        with self._without_trainer(model_id) as free:
+            if free and (store.latest() is not None or job.state not in ACTIVE_STATES):
+                try:
+                    edit = edit_snapshot(store, add=labels, label_names=self._dataset_names(job))
+                except LabelError as exc:
+                    raise _http_error(exc) from None
+                self._published(job, edit.version)
+                self._event(model_id, {"op": "add", "names": names, "label_ids": edit.added.tolist()}, edit.version)
+                return {"label_ids": edit.added.tolist(), "model_version": edit.version, "state": "applied"}
+        known: set[str] = set(self._names(job)) | set(self._pending_names(model_id))
+        taken = [n for n in names if n in known]
+        if taken:
+            raise Conflict(f"label {taken[0][:80]!r} exists already (or is pending) in model {model_id}")
+        request_id = self._hand_over(model_id, {"op": "add", "labels": [{"name": n, "examples": e} for n, e in labels]})
+        return {"label_ids": None, "model_version": None, "state": "pending", "request_id": request_id}
+
+    def retire(self, model_id: str, label_id: int) -> bool:
+        """Retire a label: True when done now, False when handed to the training job. NotFound for an unknown id."""
+        job = self._job(model_id)
+        store = engine.SnapshotStore(self.settings.snapshots_dir(model_id), keep=self.settings.snapshot_keep)
+        with self._without_trainer(model_id) as free:
+            if free and (store.latest() is not None or job.state not in ACTIVE_STATES):
+                try:
+                    edit = edit_snapshot(store, retire=[label_id])
+                except LabelError as exc:
+                    if exc.field == "ids":
+                        raise NotFound("label", str(label_id)) from None
+                    raise _http_error(exc) from None
+                if edit.version is not None:
+                    self._published(job, edit.version)
+                    self._event(model_id, {"op": "retire", "label_ids": edit.retired.tolist()}, edit.version)
+                return True
+        loaded = self.registry.current(model_id, job.state)
+        if not 0 <= label_id < int(loaded.model.num_labels) + len(self._pending_names(model_id)):
+            raise NotFound("label", str(label_id))
+        self._hand_over(model_id, {"op": "retire", "ids": [int(label_id)]})
+        return False
+
+    def page(self, model_id: str, limit: int, after: int) -> tuple[int, list[dict[str, Any]], int | None]:
+        """(version, labels with id > after, up to limit, the id to continue after or None)."""
+        job = self._job(model_id)
+        loaded = self.registry.current(model_id, job.state)
+        model = loaded.model
+        names = self.registry.label_names(loaded, self.settings.dataset_dir(job.train_dataset_id))
+        retired = retired_mask(model)
+        start = max(0, after + 1)
+        stop = min(int(model.num_labels), start + limit)
+        page_names = names.names(range(start, stop)) if names is not None else [None] * (stop - start)
+        data = [
+            {"id": i, "name": page_names[i - start], "status": "retired" if retired[i] else "live"}
+            for i in range(start, stop)
+        ]
+        return loaded.version, data, (stop - 1 if stop < model.num_labels and data else None)
+
+    # ---- helpers ------------------------------------------------------------------------------------------
+    def _names(self, job: JobRow) -> list[str]:
+        try:
+            loaded = self.registry.current(job.id, job.state)
+        except Exception:  # noqa: BLE001 - no snapshot yet: nothing to clash with
+            return []
+        model = loaded.model
+        if model.label_names is None:
+            names = self.registry.label_names(loaded, self.settings.dataset_dir(job.train_dataset_id))
+            if names is not None:
+                return list(names.to_list())
+        return label_names_list(model)
+
+    def _pending_names(self, model_id: str) -> list[str]:
+        out: list[str] = []
+        for path in sorted((self.settings.job_dir(model_id) / LABEL_REQUESTS).glob("*.json")):
+            try:
+                request = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            out += [label["name"] for label in request.get("labels", [])]
+        return out
+
+    def _hand_over(self, model_id: str, request: dict[str, Any]) -> str:
+        """Write a request for the job's trainer (atomically: a temp file renamed into the queue directory)."""
+        request_id = uuid.uuid4().hex
+        queue = self.settings.job_dir(model_id) / LABEL_REQUESTS
+        queue.mkdir(parents=True, exist_ok=True)
+        tmp = queue / f".{request_id}.tmp"
+        tmp.write_text(json.dumps({"request_id": request_id, **request}))
+        os.replace(tmp, queue / f"{time.time_ns():020d}-{request_id}.json")
+        log.info("model %s: label request %s handed to its trainer", model_id, request_id)
+        return request_id
+
+    def _published(self, job: JobRow, version: int | None) -> None:
+        if version is None:
+            return
+        self.registry.evict(job.id)  # the next request loads the new version
+        try:
+            with self.jobs.db.session() as s:
+                s.merge(
+                    ModelVersionRow(
+                        job_id=job.id, version=int(version), step=job.step, epoch=job.epoch, samples=job.samples
+                    )
+                )
+        except Exception:  # noqa: BLE001 - the version is on disk either way; listing reads the disk
+            log.exception("model %s: could not record version %s", job.id, version)
+
+    def _event(self, model_id: str, event: dict[str, Any], version: int | None) -> None:
+        append_label_event(self.settings.job_dir(model_id), {**event, "model_version": version})
+
+
+def append_label_event(job_dir: Path, event: dict[str, Any]) -> None:
+    """One line of the job's label events (read by the events stream)."""
+    with open(job_dir / LABEL_EVENTS, "a") as fh:
+        fh.write(json.dumps({"at": time.time(), **event}) + "\n")
+
+
+def _http_error(exc: LabelError) -> Exception:
+    if exc.conflict:
+        return Conflict(str(exc))
+    return InvalidContent(f"labels: {exc}", loc=("body", "labels"))

@@ -1,0 +1,183 @@
+"""Labels added and retired online, and fine-tuning with init_from, over HTTP (in-process app, real trainers)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from engine import SnapshotStore
+from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
+from tests.app.test_text_api import TEXT_CONFIG, finished_job, post_jsonl
+from tests.engine.test_text import WORDS, jsonl_bytes, text_records
+
+pytestmark = pytest.mark.slow  # each test trains jobs in trainer processes
+
+
+def _words(label: int, n: int = 4, shift: int = 0) -> str:
+    return " ".join(WORDS[5 * label + (i + shift) % 5] for i in range(n))
+
+
+def _predict(client, job_id, text, k=5, mode="auto"):
+    r = client.post(f"/v1/models/{job_id}/predict", json={"instances": [{"text": text}], "k": k, "mode": mode})
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def _all_labels(client, job_id) -> list[dict]:
+    out, cursor = [], None
+    while True:
+        params = {"limit": 5, **({"cursor": cursor} if cursor else {})}
+        page = client.get(f"/v1/models/{job_id}/labels", params=params)
+        assert page.status_code == 200, page.text
+        body = page.json()
+        assert body["count"] == len(body["data"]) <= 5
+        out += body["data"]
+        cursor = body["next_cursor"]
+        if cursor is None:
+            return out
+
+
+def test_add_retire_list_and_survive_a_restart(client_for, settings, tmp_path):
+    client = client_for(settings)
+    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
+    job_id = finished_job(client, settings, train["id"])
+    before = client.get(f"/v1/jobs/{job_id}").json()["model_version"]
+
+    examples = [{"text": _words(3, shift=s)} for s in range(5)]
+    r = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "combo", "examples": examples}]})
+    assert r.status_code == 201, r.text
+    assert r.json()["label_ids"] == [12] and r.json()["model_version"] > before and r.json()["state"] == "applied"
+    answer = _predict(client, job_id, _words(3), k=3)
+    assert answer["model_version"] == r.json()["model_version"]  # the very next request
+    assert "combo" in answer["predictions"][0]["names"]
+    for mode in ("exact", "lsh"):
+        assert 12 in _predict(client, job_id, _words(3), k=3, mode=mode)["predictions"][0]["labels"]
+
+    # a name in use: 409; no examples: 422; an unknown model: 404 (all problem+json)
+    dup = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "combo", "examples": examples}]})
+    assert "combo" in assert_problem(dup, 409)["detail"]
+    old = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "label é0", "examples": examples}]})
+    assert_problem(old, 409)
+    empty = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "x", "examples": []}]})
+    assert_problem(empty, 422)
+    assert_problem(
+        client.post(f"/v1/models/{'0' * 32}/labels", json={"labels": [{"name": "y", "examples": examples}]}), 404
+    )
+
+    # retire label 3: never predicted again in any mode; listed as retired
+    name3 = _all_labels(client, job_id)[3]["name"]
+    assert client.delete(f"/v1/models/{job_id}/labels/3").status_code == 204
+    assert client.delete(f"/v1/models/{job_id}/labels/3").status_code == 204  # already retired: nothing to do
+    assert_problem(client.delete(f"/v1/models/{job_id}/labels/99"), 404)
+    for mode in ("exact", "lsh", "auto"):
+        assert 3 not in _predict(client, job_id, _words(3), k=13, mode=mode)["predictions"][0]["labels"]
+    listed = _all_labels(client, job_id)
+    assert [x["id"] for x in listed] == list(range(13))
+    assert listed[12] == {"id": 12, "name": "combo", "status": "live"}
+    assert listed[3]["status"] == "retired" and listed[3]["name"] == name3
+    assert sum(x["status"] == "retired" for x in listed) == 1
+
+    # a restarted service serves the same labels
+    client.close()
+    again = client_for(settings)
+    assert _all_labels(again, job_id) == listed
+    answer = _predict(again, job_id, _words(3), k=13, mode="exact")["predictions"][0]
+    assert 3 not in answer["labels"] and "combo" in answer["names"]
+
+
+def test_labels_handed_to_a_training_job_survive_kill_and_resume(client_for, settings, xmc_files):
+    import os
+    import signal
+
+    client = client_for(settings)
+    train_id = upload(client, xmc_files["train"]).json()["id"]
+    config = {"hidden": [32], "batch_size": 64, "seed": 5, "epochs": 200, "early_stop_patience": 0}
+    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config}).json()["id"]
+    diagnose = job_diagnosis(client, settings, job_id)
+    wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j["model_version"],
+        timeout=120,
+        what="a snapshot while running",
+        diagnose=diagnose,
+    )
+    num_labels = client.get(f"/v1/models/{job_id}").json()["num_labels"]
+    examples = [{"indices": [4, 9, 17], "values": [1.0, 0.5, 0.25]}, {"indices": [4, 11], "values": [1.0, 1.0]}]
+    r = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "fresh", "examples": examples}]})
+    assert r.status_code == 202, r.text
+    assert r.json()["state"] == "pending" and r.json()["request_id"]
+    assert client.delete(f"/v1/models/{job_id}/labels/0").status_code == 202
+    events = settings.job_dir(job_id) / "label-events.jsonl"
+    applied = wait_for(
+        lambda: (
+            events.exists() and len(lines := events.read_text().splitlines()) >= 2 and [json.loads(x) for x in lines]
+        ),
+        timeout=60,
+        what="the trainer to apply both requests",
+        diagnose=diagnose,
+    )
+    assert applied[0]["request_id"] == r.json()["request_id"] and applied[0]["label_ids"] == [num_labels]
+    assert applied[1]["op"] == "retire" and applied[1]["label_ids"] == [0]
+    version = applied[1]["model_version"]
+    wait_for(
+        lambda: client.get(f"/v1/models/{job_id}/labels", params={"cursor": None}).json()["model_version"] >= version
+    )
+
+    # kill -9 the trainer, resume: the labels are in the snapshot it continues from and in every later one
+    pid = client.app.state.services.jobs.get(job_id).pid
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "failed", what="failed", diagnose=diagnose)
+    assert client.post(f"/v1/jobs/{job_id}/resume").status_code == 202
+    newest = SnapshotStore(settings.snapshots_dir(job_id)).latest()[0]
+    wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j["model_version"] > newest,
+        timeout=120,
+        what="a snapshot of the resumed trainer",
+        diagnose=diagnose,
+    )
+    listed = _all_labels(client, job_id)
+    assert len(listed) == num_labels + 1 and listed[-1]["name"] == "fresh" and listed[0]["status"] == "retired"
+    query = {"instances": examples, "k": 20, "mode": "exact"}
+    labels = client.post(f"/v1/models/{job_id}/predict", json=query).json()["predictions"]
+    assert all(0 not in p["labels"] for p in labels)
+    client.post(f"/v1/jobs/{job_id}/stop")
+    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "stopped", what="stopped")
+
+
+def test_init_from_fine_tunes_on_a_dataset_with_new_labels(client, settings):
+    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
+    source = finished_job(client, settings, train["id"])
+    store = SnapshotStore(settings.snapshots_dir(source))
+    versions = store.versions()
+    newer = post_jsonl(client, jsonl_bytes(text_records(300, 13, extra_label="brand new")), "newer").json()
+
+    bad = client.post(
+        "/v1/jobs", json={"train_dataset_id": newer["id"], "init_from": {"model_id": "f" * 32, "version": None}}
+    )
+    assert assert_problem(bad, 422)["field"] == "body.init_from.model_id"
+    gone = client.post(
+        "/v1/jobs", json={"train_dataset_id": newer["id"], "init_from": {"model_id": source, "version": 999}}
+    )
+    assert assert_problem(gone, 422)["field"] == "body.init_from.version"
+
+    config = {**TEXT_CONFIG, "hidden": [64], "epochs": 3}
+    body = {"train_dataset_id": newer["id"], "config": config, "init_from": {"model_id": source, "version": None}}
+    r = client.post("/v1/jobs", json=body)
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert job["config"]["hidden"] == [16] and job["config"]["epochs"] == 3  # structure from the source
+    wait_for(
+        lambda: client.get(f"/v1/jobs/{job['id']}").json()["state"] in ("completed", "failed"),
+        timeout=120,
+        what="the fine-tuning job to end",
+        diagnose=job_diagnosis(client, settings, job["id"]),
+    )
+    assert client.get(f"/v1/jobs/{job['id']}").json()["state"] == "completed"
+    listed = _all_labels(client, job["id"])
+    assert [x["name"] for x in listed[:12]] == [x["name"] for x in _all_labels(client, source)]
+    assert listed[12]["name"] == "brand new" and len(listed) == 13
+    assert store.versions()[: len(versions)] == versions  # the source gained no version and lost none
+    answer = _predict(client, job["id"], _words(5), k=2)["predictions"][0]
+    assert "label é5" in answer["names"]
+    assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
+    assert not store.pins()  # the source version is released with the job

@@ -1,0 +1,280 @@
+"""Continual learning: labels added online, fine-tuning with init_from, and the latency of adding labels.
+
+    python benchmarks/continual.py                      # both parts (~30 minutes on 2 cores)
+    python benchmarks/continual.py --skip-latency       # only the WordNet part
+    python benchmarks/continual.py --skip-wordnet       # only the amazon670k-shaped latency
+
+WordNet part (the `wordnet` set of benchmarks/quality/datasets.py, `apt-get install -y wordnet-base`):
+hold out a share of the labels (among those with at least `--examples` training points), take them off the
+training points and train (`old`); add them online with `--examples` example points each, taken from training
+points that carried them (`engine.labels.edit_snapshot`, as the service does: `added`); train a model with every
+label from the start (`full`, the same config and budget). Reported:
+
+- recall@5 of the new labels on the test points that carry them: each (point, new label) pair counts once,
+  `added` against `full` (target: >= 50%);
+- P@1 on the other test points, `old` against `added` (target: a drop of at most 0.005);
+- fine-tuning: `added` trained on the full data for one epoch with init_from, against `full` (target: >= 0.98x its
+  P@1 in <= 1/3 of its time).
+
+Latency part: an amazon670k-shaped model (engine.synth, trained for a few seconds), 100 labels with 5 examples each
+added through edit_snapshot, until the new version is loaded and has answered a query (target: <= 1 s). The
+results go to benchmarks/results/continual.json and a table to stdout (BENCHMARKS.md).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from engine import Dataset, SlideConfig, SnapshotStore, Trainer, load_model  # noqa: E402
+from engine.labels import edit_snapshot, without_labels  # noqa: E402
+from engine.metrics import precision_at_k  # noqa: E402
+
+
+def remap_labels(data: Dataset, mapping: np.ndarray, num_labels: int) -> Dataset:
+    y = np.asarray(data.y_indices)
+    return Dataset(
+        np.asarray(data.x_indptr),
+        np.asarray(data.x_indices),
+        np.asarray(data.x_values),
+        np.asarray(data.y_indptr),
+        mapping[y].astype(np.int32),
+        data.num_features,
+        num_labels,
+    )
+
+
+def with_num_labels(data: Dataset, num_labels: int) -> Dataset:
+    return Dataset(
+        data.x_indptr, data.x_indices, data.x_values, data.y_indptr, data.y_indices, data.num_features, num_labels
+    )
+
+
+def points_of(data: Dataset, label: int, n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first n points of data that carry label, as (indices, values) pairs."""
+    y_indptr, y = np.asarray(data.y_indptr), np.asarray(data.y_indices)
+    rows = np.repeat(np.arange(data.num_points), np.diff(y_indptr))[y == label][:n]
+    xp = np.asarray(data.x_indptr)
+    return [(np.asarray(data.x_indices[xp[r] : xp[r + 1]]), np.asarray(data.x_values[xp[r] : xp[r + 1]])) for r in rows]
+
+
+def train(config: SlideConfig, data: Dataset, store_dir: Path, **kwargs) -> tuple[Trainer, float]:
+    t0 = time.perf_counter()
+    trainer = Trainer(config, data, None, SnapshotStore(store_dir), **kwargs)
+    trainer.run(snapshot_every_s=1e9)
+    seconds = time.perf_counter() - t0
+    print(f"  trained {store_dir.name}: {seconds:.0f}s, {trainer.epoch} epochs", file=sys.stderr, flush=True)
+    return trainer, seconds
+
+
+def new_label_recall(pred: np.ndarray, test: Dataset, new: np.ndarray) -> tuple[float, int]:
+    """Share of (test point, new label) pairs whose label is in the point's top 5; the number of pairs."""
+    y_indptr, y = np.asarray(test.y_indptr), np.asarray(test.y_indices)
+    rows = np.repeat(np.arange(test.num_points), np.diff(y_indptr))
+    is_new = np.isin(y, new)
+    hits = [(pred[r] == j).any() for r, j in zip(rows[is_new], y[is_new], strict=True)]
+    return float(np.mean(hits)) if hits else float("nan"), len(hits)
+
+
+def wordnet_part(args) -> dict:
+    from benchmarks.quality.datasets import load
+
+    train_set, test_set = load("wordnet", args.data_root) if args.data_root else load("wordnet")
+    rng = np.random.default_rng(args.seed)
+    counts = np.bincount(np.asarray(train_set.y_indices), minlength=train_set.num_labels)
+    eligible = np.flatnonzero(counts >= args.examples)
+    n_new = int(round(args.holdout * train_set.num_labels))
+    held = np.sort(rng.choice(eligible, size=n_new, replace=False))
+    is_held = np.zeros(train_set.num_labels, bool)
+    is_held[held] = True
+    # old labels keep their order in ids 0..n_old-1, the held-out ones come after (the ids adding gives them)
+    mapping = np.empty(train_set.num_labels, np.int64)
+    mapping[~is_held] = np.arange(int((~is_held).sum()))
+    mapping[held] = np.arange(int((~is_held).sum()), train_set.num_labels)
+    n_old = train_set.num_labels - n_new
+    full_train = remap_labels(train_set, mapping, train_set.num_labels)
+    test = remap_labels(test_set, mapping, train_set.num_labels)
+    new_ids = np.arange(n_old, train_set.num_labels)
+    drop = np.zeros(train_set.num_labels, bool)
+    drop[new_ids] = True
+    old_train = with_num_labels(without_labels(full_train, drop), n_old)
+    print(f"wordnet: {n_new} of {train_set.num_labels} labels held out", file=sys.stderr, flush=True)
+
+    config = SlideConfig(epochs=args.epochs, threads=args.threads, seed=args.seed)
+    work = Path(tempfile.mkdtemp(prefix="continual-"))
+    _, old_s = train(config, old_train, work / "old")
+    full_trainer, full_s = train(config, full_train, work / "full")
+
+    store = SnapshotStore(work / "old")
+    old_model = load_model(store.latest()[1])
+    add = [(f"held-{j}", points_of(full_train, int(j), args.examples)) for j in new_ids]
+    t0 = time.perf_counter()
+    edit = edit_snapshot(store, add=add)
+    add_s = time.perf_counter() - t0
+    assert edit.added.tolist() == new_ids.tolist()
+    added = load_model(store.latest()[1])
+    full = full_trainer.model
+
+    x = (test.x_indptr, test.x_indices, test.x_values)
+    carries_new = np.zeros(test.num_points, bool)
+    rows = np.repeat(np.arange(test.num_points), np.diff(np.asarray(test.y_indptr)))
+    carries_new[rows[np.isin(np.asarray(test.y_indices), new_ids)]] = True
+    result: dict = {"held_out": n_new, "labels": train_set.num_labels, "examples": args.examples, "epochs": args.epochs}
+    for mode in ("auto", "exact"):
+        pred_added = added.predict(*x, k=5, mode=mode)[0]
+        pred_full = full.predict(*x, k=5, mode=mode)[0]
+        pred_old = old_model.predict(*x, k=5, mode=mode)[0]
+        r_added, pairs = new_label_recall(pred_added, test, new_ids)
+        r_full, _ = new_label_recall(pred_full, test, new_ids)
+        other = ~carries_new
+        p1_old = precision_at_k(pred_old[other], *_y(test, other), 1)
+        p1_added = precision_at_k(pred_added[other], *_y(test, other), 1)
+        result[mode] = {
+            "new_label_pairs": pairs,
+            "recall5_added": r_added,
+            "recall5_full": r_full,
+            "recall_ratio": r_added / r_full if r_full else None,
+            "old_p1_before": p1_old,
+            "old_p1_after": p1_added,
+            "old_p1_drop": p1_old - p1_added,
+            "p1_full_all": precision_at_k(pred_full, test.y_indptr, test.y_indices, 1),
+        }
+    result["add_seconds"] = add_s
+    result["train_old_s"], result["train_full_s"] = old_s, full_s
+
+    ft_trainer, ft_s = train(config.replace(epochs=1), full_train, work / "finetune", init_from=store)
+    for mode in ("auto", "exact"):
+        p_ft = precision_at_k(ft_trainer.model.predict(*x, k=1, mode=mode)[0], test.y_indptr, test.y_indices, 1)
+        p_full = result[mode]["p1_full_all"]
+        result[mode].update(finetune_p1=p_ft, finetune_p1_ratio=p_ft / p_full if p_full else None)
+    result.update(finetune_s=ft_s, finetune_time_ratio=ft_s / full_s)
+    return result
+
+
+def _y(test: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    idx = np.flatnonzero(rows)
+    y_indptr = np.asarray(test.y_indptr)
+    starts, stops = y_indptr[idx], y_indptr[idx + 1]
+    indptr = np.concatenate(([0], np.cumsum(stops - starts)))
+    take = np.concatenate([np.arange(s, e) for s, e in zip(starts, stops, strict=True)])
+    return indptr, np.asarray(test.y_indices)[take]
+
+
+def latency_part(args) -> dict:
+    from engine import generate
+
+    train_set, test_set = generate("amazon670k", seed=args.seed, num_train=args.latency_points, num_test=2000)
+    work = Path(tempfile.mkdtemp(prefix="continual-670k-"))
+    store = SnapshotStore(work / "m", keep=2)
+    config = SlideConfig(threads=args.threads, seed=args.seed, val_points=-1)
+    trainer = Trainer(config, train_set, None, store)
+    trainer.run(time_budget_s=args.latency_train_s, snapshot_every_s=1e9)
+    del trainer
+    served = load_model(store.latest()[1])
+    xp = np.asarray(test_set.x_indptr)
+    query = (np.array([0, xp[1]]), np.asarray(test_set.x_indices[: xp[1]]), np.asarray(test_set.x_values[: xp[1]]))
+    served.predict(*query, k=5)
+    rounds = []
+    for r in range(args.latency_rounds):
+        add = []
+        for i in range(args.latency_labels):
+            first = (r * args.latency_labels + i) * 5 % (test_set.num_points - 5)
+            points = [
+                (test_set.x_indices[xp[p] : xp[p + 1]], test_set.x_values[xp[p] : xp[p + 1]])
+                for p in range(first, first + 5)
+            ]
+            add.append((f"new-{r}-{i}", points))
+        t0 = time.perf_counter()
+        edit = edit_snapshot(store, add=add)
+        t_published = time.perf_counter()
+        model = load_model(store.path(edit.version))
+        labels, _ = model.predict(*query, k=5)
+        t_served = time.perf_counter()
+        assert model.num_labels == served.num_labels + (r + 1) * args.latency_labels
+        rounds.append({"publish_s": t_published - t0, "served_s": t_served - t0})
+        print(f"  round {r}: {rounds[-1]}", file=sys.stderr, flush=True)
+    return {
+        "labels_before": int(served.num_labels),
+        "added": args.latency_labels,
+        "rounds": rounds,
+        "median_served_s": float(np.median([x["served_s"] for x in rounds])),
+        "median_publish_s": float(np.median([x["publish_s"] for x in rounds])),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--holdout", type=float, default=0.05)
+    ap.add_argument("--examples", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=5, help="the full training budget (early stopping applies)")
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data-root", default=None, help="where the quality sets are cached (default bench-data/quality)")
+    ap.add_argument("--latency-points", type=int, default=20000)
+    ap.add_argument("--latency-train-s", type=float, default=20.0)
+    ap.add_argument("--latency-labels", type=int, default=100)
+    ap.add_argument("--latency-rounds", type=int, default=3)
+    ap.add_argument("--skip-wordnet", action="store_true")
+    ap.add_argument("--skip-latency", action="store_true")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual.json"))
+    args = ap.parse_args(argv)
+    results: dict = {}
+    if not args.skip_latency:
+        results["latency"] = latency_part(args)
+    if not args.skip_wordnet:
+        results["wordnet"] = wordnet_part(args)
+    out = Path(args.out)
+    previous = json.loads(out.read_text()) if out.exists() else {}
+    out.write_text(json.dumps({**previous, **results}, indent=1))
+    print_table(results)
+    return 0
+
+
+def print_table(results: dict) -> None:
+    if "wordnet" in results:
+        w = results["wordnet"]
+        print(f"| measure (wordnet, {w['held_out']} of {w['labels']} labels held out) | auto | exact | target |")
+        print("|---|---|---|---|")
+        a, e = w["auto"], w["exact"]
+        print(
+            "| recall@5 of new labels: added online / trained with | "
+            f"{a['recall5_added']:.3f} / {a['recall5_full']:.3f}"
+            f" = {a['recall_ratio']:.2f} | {e['recall5_added']:.3f} / {e['recall5_full']:.3f} = {e['recall_ratio']:.2f}"
+            " | >= 0.50 |"
+        )
+        print(
+            "| P@1 on the other test points: before / after adding | "
+            f"{a['old_p1_before']:.4f} / {a['old_p1_after']:.4f} | "
+            f"{e['old_p1_before']:.4f} / {e['old_p1_after']:.4f} | drop <= 0.005 |"
+        )
+        print(
+            f"| fine-tune 1 epoch (init_from) / scratch P@1 | {a['finetune_p1']:.3f} / {a['p1_full_all']:.3f} = "
+            f"{a['finetune_p1_ratio']:.3f} | {e['finetune_p1']:.3f} / {e['p1_full_all']:.3f} = "
+            f"{e['finetune_p1_ratio']:.3f} | >= 0.98 |"
+        )
+        print(
+            f"| fine-tune / scratch time | {w['finetune_s']:.0f} s / {w['train_full_s']:.0f} s = "
+            f"{w['finetune_time_ratio']:.2f} | | <= 0.33 |"
+        )
+        print(f"| adding {w['held_out']} labels (edit_snapshot) | {w['add_seconds']:.2f} s | | |")
+    if "latency" in results:
+        lat = results["latency"]
+        print(
+            f"| adding {lat['added']} labels to a {lat['labels_before']:,}-label model, to the new version served "
+            f"(median of {len(lat['rounds'])}) | {lat['median_served_s']:.2f} s "
+            f"(publish {lat['median_publish_s']:.2f} s) | | <= 1 s |"
+        )
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -126,7 +126,6 @@ def cmd_gen(args) -> int:
 
 def cmd_train(args) -> int:
     import numba
-    from tqdm import tqdm
 
     from .memory import estimate_for
     from .snapshot import SnapshotStore, manifest_config, read_manifest
@@ -165,7 +164,20 @@ def cmd_train(args) -> int:
     latest = store.latest() if resume else None
     config = manifest_config(read_manifest(latest[1])) if latest else build_config(args)
     threads = numba.config.NUMBA_NUM_THREADS  # the buffers' pool
-    if args.init_from and not latest:
+    trainer: Trainer
+    if args.shards:
+        from .distributed import DistributedTrainer
+
+        if args.init_from:
+            raise ValueError("--init-from: a warm start is not available with --shards yet")
+        estimate = estimate_for(config, train, test, threads=threads)
+        if latest:
+            trainer = DistributedTrainer.resume(store, train, test, shards=args.shards, address=args.ray_address)
+        else:
+            trainer = DistributedTrainer(config, train, test, store, shards=args.shards, address=args.ray_address)
+        if featurizer is not None:
+            trainer.attach_text(featurizer, names)
+    elif args.init_from and not latest:
         from .warmstart import estimate_warm_start
 
         name_list = names.to_list() if names is not None else None
@@ -178,6 +190,22 @@ def cmd_train(args) -> int:
         trainer = Trainer.resume(store, train, test) if latest else Trainer(config, train, test, store)
         if featurizer is not None:
             trainer.attach_text(featurizer, names)
+    try:
+        return _train(args, trainer, store, estimate)
+    except RuntimeError as exc:
+        if not args.shards:
+            raise
+        print(f"slide: {exc}", file=sys.stderr)  # a lost shard: the message says how to resume
+        return 3
+    finally:
+        close = getattr(trainer, "close", None)
+        if close is not None:
+            close()
+
+
+def _train(args, trainer, store, estimate) -> int:
+    from tqdm import tqdm
+
     resolved = trainer.resolved()
     _emit(
         {
@@ -309,6 +337,17 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--time-budget", type=float, help="stop after this many seconds of training")
     t.add_argument("--keep", type=int, default=2, help="snapshot versions to keep")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
+    t.add_argument(
+        "--shards",
+        type=int,
+        default=0,
+        help="split the output layer by label over this many Ray actors (pip install -e '.[ray]'); 0 = one process",
+    )
+    t.add_argument(
+        "--ray-address",
+        default="local",
+        help="with --shards: 'local' starts a Ray instance on this machine, else a cluster's address (ray://head:10001)",
+    )
     _config_flags(t)
     t.set_defaults(func=cmd_train)
 

@@ -17,6 +17,7 @@ import shutil
 import tempfile
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -109,12 +110,18 @@ class SnapshotStore:
         return (versions[-1], self.path(versions[-1])) if versions else None
 
     def publish(
-        self, arrays: dict[str, np.ndarray], meta: dict, links: dict[str, tuple[Path, dict]] | None = None
+        self,
+        arrays: dict[str, np.ndarray],
+        meta: dict,
+        links: dict[str, tuple[Path, dict]] | None = None,
+        parts: Callable[[Path], dict] | None = None,
     ) -> tuple[int, Path]:
         """Write a new version atomically and prune old ones; returns (version, path).
 
         links: arrays taken unchanged from another version, name -> (its .npy file, its manifest entry): hard-linked
-        (copied where the file system cannot link), not written again."""
+        (copied where the file system cannot link), not written again. parts: called with the version's temp
+        directory before the manifest is written, to write more of the version there (a sharded model's slices,
+        each in its own fsynced subdirectory); what it returns joins the manifest."""
         self.root.mkdir(parents=True, exist_ok=True)
         version = max((int(m[1]) for e in self.root.iterdir() if (m := _VERSION_DIR.match(e.name))), default=0) + 1
         tmp = Path(tempfile.mkdtemp(prefix=".publish-", dir=self.root))
@@ -130,15 +137,19 @@ class SnapshotStore:
                 except OSError:
                     shutil.copyfile(source, tmp / f"{name}.npy")
                 files[name] = dict(info)
+            extra = parts(tmp) if parts is not None else {}
             manifest = {
                 "format_version": FORMAT_VERSION,
                 "version": version,
                 "created_at": time.time(),
                 **meta,
+                **extra,
                 "arrays": files,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
             for f in tmp.iterdir():
+                if not f.is_file():
+                    continue
                 with open(f, "rb") as fh:
                     os.fsync(fh.fileno())
             target = self.path(version)
@@ -253,7 +264,12 @@ def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False)
     names = [n for n in manifest["arrays"] if not n.startswith("opt_")]
     arrays = load_arrays(path, names, mmap=mmap, verify=verify)
     config = manifest_config(manifest)
-    model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
+    if manifest.get("shards"):
+        from .distributed.snapshot import merge_shards
+
+        model = merge_shards(path, manifest, config, mmap=mmap, verify=verify)
+    else:
+        model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
     model.version = int(manifest["version"])
     model.trainer_state = manifest.get("trainer_state", {})
     attach_text(model, manifest, arrays)

@@ -420,6 +420,9 @@ class Trainer:
             raise FileNotFoundError(f"no snapshot to resume from in {store.root}")
         _, path = latest
         manifest = read_manifest(path)
+        if manifest.get("shards"):
+            shards = len(manifest["shards"])
+            raise ValueError(f"{path} was written by sharded training: resume it with --shards {shards}")
         config = manifest_config(manifest)
         arrays = load_arrays(path, mmap=False, verify=True)
         served: dict | None = None

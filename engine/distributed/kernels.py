@@ -1,0 +1,357 @@
+"""The output layer's step split at the cross-shard softmax, for label-sharded training.
+
+The single-process step (kernels.forward.train_point) scores a point's active output neurons, normalises
+their softmax and computes the deltas in one call. A shard owns only a slice of the labels, so its step
+stops twice for the other shards:
+
+1. `shard_forward_batch`: the replicated hidden layers and this shard's output active set; returns each
+   point's largest local logit (the driver takes the maximum over shards);
+2. `shard_exps_batch`: exp(logit - global max) over the local active set; returns each point's local sum
+   (the driver adds them over shards);
+3. `shard_deltas_batch`: probabilities with the global sum, loss and deltas (p - y / |Y|) / batch over the
+   local active set, with |Y| the point's label count over all shards.
+
+Each stage runs the same loops as train_point and softmax_inplace in the same order, so a run with one
+shard computes the same numbers, bit for bit, as the single-process trainer. `dense_output_grads` is the
+backward pass through a dense output layer (train_point's backward_point does it inline).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import prange
+
+from .._numba import fast_kernel, fast_parallel_kernel
+from ..kernels.forward import lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
+from ..kernels.lowlevel import float_bits, float_from_bits, weight_at
+from ..kernels.sampling import add_ids, is_label, kth_largest, next_generation, pad_random
+
+
+@fast_kernel
+def shard_forward_point(
+    i,
+    p,
+    stream,
+    x_indptr,
+    x_indices,
+    x_values,
+    y_indptr,
+    y_indices,
+    w0,
+    b0,
+    weights,
+    layer_slot,
+    hidx,
+    hsign,
+    hparams,
+    toffsets,
+    tids,
+    hubs,
+    hid,
+    act_ids,
+    act_val,
+    nact,
+    nkept,
+    tags,
+    counts,
+    gens,
+    chunk,
+    qmargins,
+    qcodes,
+    qbuck,
+    probes,
+    threshold,
+    max_active,
+    min_active,
+    seed,
+    random_negatives,
+    negative_group,
+    label_flags,
+):
+    """train_point's forward pass of dataset row p in batch slot i, up to the output logits; y holds this
+    shard's labels only (local ids). Returns the largest output logit (-inf for an empty active set).
+    label_flags uint8 (b, cap): 1 where an active neuron of a sampled output layer is a true label (the
+    membership tags it is read from are reused by the chunk's next point)."""
+    depth = len(weights)
+    sparse_input_layer(w0, b0, x_indices, x_values, x_indptr[p], x_indptr[p + 1], hid[0][i])
+    labels = y_indices[y_indptr[p] : y_indptr[p + 1]]
+    gen = np.int64(0)
+    for layer in range(1, depth):
+        w = weights[layer]
+        out_dim = w.shape[0]
+        inp = hid[layer - 1][i]
+        vals = act_val[layer - 1][i]
+        ids = act_ids[layer - 1][i]
+        slot = layer_slot[layer]
+        is_output = layer == depth - 1
+        if slot >= 0:
+            gen = next_generation(tags, gens, chunk)
+            n = lsh_active_set(
+                inp,
+                slot,
+                hidx,
+                hsign,
+                hparams,
+                toffsets,
+                tids,
+                hubs,
+                tags[chunk],
+                counts[chunk],
+                gen,
+                qmargins[chunk],
+                qcodes[chunk],
+                qbuck[chunk],
+                probes,
+                threshold,
+                max_active,
+                ids,
+            )
+            if is_output:
+                n = add_ids(ids, n, labels, tags[chunk], gen, -1)
+            n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + layer)
+            n_kept = n
+            if is_output and random_negatives > 0:
+                n = pad_random(
+                    ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed, (stream // negative_group) * depth
+                )
+            for a in range(n):
+                prefetch_ahead(w, ids, a, n)
+                vals[a] = neuron_preactivation(w, ids[a], inp)
+            if n > n_kept:
+                shift = math.log((out_dim - n_kept) / (n - n_kept))
+                for a in range(n_kept, n):
+                    vals[a] += shift
+            if is_output:
+                nkept[i] = n_kept
+                for a in range(n):
+                    label_flags[i, a] = 1 if is_label(tags[chunk], ids[a]) else 0
+        else:
+            n = out_dim
+            for j in range(n):
+                vals[j] = neuron_preactivation(w, j, inp)
+            if is_output:
+                nkept[i] = n
+        nact[i, layer] = n
+        if not is_output:
+            h = hid[layer][i]
+            h[:] = 0.0
+            for a in range(n):
+                if vals[a] < 0.0:
+                    vals[a] = 0.0
+                h[ids[a] if slot >= 0 else a] = vals[a]
+    out_l = depth - 1
+    vals = act_val[out_l - 1][i]
+    top = -np.inf
+    for a in range(nact[i, out_l]):
+        if vals[a] > top:
+            top = vals[a]
+    return top
+
+
+@fast_parallel_kernel
+def shard_forward_batch(
+    points,
+    first_stream,
+    x_indptr,
+    x_indices,
+    x_values,
+    y_indptr,
+    y_indices,
+    w0,
+    b0,
+    weights,
+    layer_slot,
+    hidx,
+    hsign,
+    hparams,
+    toffsets,
+    tids,
+    hubs,
+    hid,
+    act_ids,
+    act_val,
+    nact,
+    nkept,
+    tags,
+    counts,
+    gens,
+    qmargins,
+    qcodes,
+    qbuck,
+    n_chunks,
+    probes,
+    threshold,
+    max_active,
+    min_active,
+    seed,
+    random_negatives,
+    negative_group,
+    label_flags,
+    tops,
+):
+    """shard_forward_point for every point of a batch (chunk c owns scratch row c and points c, c+n_chunks,
+    ...); tops float64 (b,) receives each point's largest output logit."""
+    b = points.shape[0]
+    for c in prange(n_chunks):
+        for i in range(c, b, n_chunks):
+            tops[i] = shard_forward_point(
+                i,
+                points[i],
+                first_stream + i,
+                x_indptr,
+                x_indices,
+                x_values,
+                y_indptr,
+                y_indices,
+                w0,
+                b0,
+                weights,
+                layer_slot,
+                hidx,
+                hsign,
+                hparams,
+                toffsets,
+                tids,
+                hubs,
+                hid,
+                act_ids,
+                act_val,
+                nact,
+                nkept,
+                tags,
+                counts,
+                gens,
+                c,
+                qmargins,
+                qcodes,
+                qbuck,
+                probes,
+                threshold,
+                max_active,
+                min_active,
+                seed,
+                random_negatives,
+                negative_group,
+                label_flags,
+            )
+
+
+@fast_kernel
+def output_exps(vals, n, top):
+    """vals[:n] = exp(vals[:n] - top); returns their sum (float64), in softmax_inplace's order."""
+    total = 0.0
+    for a in range(n):
+        e = math.exp(vals[a] - top)
+        vals[a] = e
+        total += e
+    return total
+
+
+@fast_parallel_kernel
+def shard_exps_batch(vals, nact_out, tops, sums):
+    """output_exps of every point: vals float32 (b, cap) output activations, nact_out int32 (b,), tops
+    float64 (b,) the maxima over all shards; sums float64 (b,) receives the local sums."""
+    for i in prange(vals.shape[0]):
+        sums[i] = output_exps(vals[i], nact_out[i], tops[i])
+
+
+@fast_kernel
+def shard_deltas_point(
+    i, y_indptr, y_indices, n_labels, inv_batch, total, flags, vals, n, n_kept, sampled, hard_negatives, keys
+):
+    """train_point's output half for batch slot i after the softmax's exponentials: probabilities from the
+    global sum `total`, the loss of this shard's labels, and deltas; n_labels is the point's label count
+    over all shards (0: no gradient). flags: the point's label flags from shard_forward_point."""
+    if n_labels == 0:
+        vals[:n] = 0.0
+        return 0.0
+    inv = 1.0 / total
+    for a in range(n):
+        vals[a] *= inv
+    loss = 0.0
+    share = 1.0 / n_labels
+    if sampled:
+        cut = -1.0
+        local_labels = y_indptr[i + 1] - y_indptr[i]
+        if hard_negatives > 0 and n_kept - local_labels > hard_negatives:
+            c = 0
+            for a in range(n_kept):
+                if flags[a] == 0:
+                    keys[c] = np.int32(float_bits(vals[a]))
+                    c += 1
+            if c > hard_negatives:
+                cut = float_from_bits(np.uint32(kth_largest(keys, c, hard_negatives)))
+        for a in range(n):
+            target = 0.0
+            if flags[a] != 0:
+                target = share
+                loss -= share * math.log(max(vals[a], 1e-30))
+            elif vals[a] < cut and a < n_kept:
+                vals[a] = 0.0
+            vals[a] = (vals[a] - target) * inv_batch
+    else:
+        for q in range(y_indptr[i], y_indptr[i + 1]):
+            loss -= share * math.log(max(vals[y_indices[q]], 1e-30))
+        for a in range(n):
+            vals[a] *= inv_batch
+        for q in range(y_indptr[i], y_indptr[i + 1]):
+            vals[y_indices[q]] -= share * inv_batch
+    return loss
+
+
+@fast_parallel_kernel
+def shard_deltas_batch(
+    y_indptr,
+    y_indices,
+    n_labels,
+    totals,
+    label_flags,
+    act_val_out,
+    nact_out,
+    nkept,
+    sampled,
+    hard_negatives,
+    counts,
+    n_chunks,
+    losses,
+):
+    """shard_deltas_point for every point; chunk c uses the scratch row counts[c] for its points c,
+    c+n_chunks, ...; y: the batch's local labels in slot order; losses float64 (b,)."""
+    b = act_val_out.shape[0]
+    inv_batch = 1.0 / b
+    for c in prange(n_chunks):
+        for i in range(c, b, n_chunks):
+            losses[i] = shard_deltas_point(
+                i,
+                y_indptr,
+                y_indices,
+                n_labels[i],
+                inv_batch,
+                totals[i],
+                label_flags[i],
+                act_val_out[i],
+                nact_out[i],
+                nkept[i],
+                sampled,
+                hard_negatives,
+                counts[c],
+            )
+
+
+@fast_parallel_kernel
+def dense_output_grads(w, act_val_out, nact_out, grads):
+    """grads float32 (b, in): the gradient at a dense output layer's inputs, sum_a delta[a] * w[a, :in],
+    in backward_point's order."""
+    in_dim = w.shape[1] - 1
+    for i in prange(act_val_out.shape[0]):
+        g = grads[i]
+        g[:in_dim] = 0.0
+        vals = act_val_out[i]
+        for a in range(nact_out[i]):
+            d = vals[a]
+            if d != 0.0:
+                row = w[a]
+                for k in range(in_dim):
+                    g[k] += d * weight_at(row, k)

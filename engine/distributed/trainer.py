@@ -477,7 +477,7 @@ class DistributedTrainer(Trainer):
 
     # ---- resume and shutdown ------------------------------------------------------------------
     @classmethod
-    def resume(
+    def resume(  # type: ignore[override]
         cls,
         store: SnapshotStore,
         train: Dataset,

@@ -147,7 +147,7 @@ class AliasRow(Base):
     __tablename__ = "aliases"
 
     name: Mapped[str] = mapped_column(String(64), primary_key=True)
-    # A plain id, not a foreign key: deleting the job leaves the alias answering 404 until it is moved or deleted.
+    # A plain id, not a foreign key: a job cannot be deleted while an alias names it (JobService.delete checks).
     model_id: Mapped[str] = mapped_column(String(ID_LENGTH), index=True)
     version: Mapped[int | None] = mapped_column(Integer, nullable=True)
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime(), default=utcnow)

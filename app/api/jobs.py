@@ -195,10 +195,12 @@ def resume_job(job_id: str, jobs: JobsDep) -> JobPublic:
     "/{job_id}",
     status_code=204,
     summary="Cancel and remove a job, its metrics and its model",
-    responses=problem_responses(401, 404),
+    responses=problem_responses(401, 404, 409),
 )
 def delete_job(job_id: str, jobs: JobsDep, registry: RegistryDep) -> Response:
-    """In any state: a trainer still running is killed first (no checkpoint), then the job's rows and files go."""
+    """In any state: a trainer still running is killed first (no checkpoint), then the job's rows and files go.
+    409 while an alias points at the job's model (`aliases` lists them): move or delete those aliases first, so
+    that no client calling an alias is left with 404s."""
     jobs.delete(job_id)
     registry.evict(job_id)
     return Response(status_code=204)

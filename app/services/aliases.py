@@ -53,6 +53,8 @@ class AliasService:
                     raise VersionGone(model_id, int(version), store.versions()) from None
             try:
                 with self.db.session() as s:
+                    if s.get(JobRow, model_id) is None:  # deleted meanwhile (deleting checks aliases in one step)
+                        raise NotFound("model", model_id)
                     row = s.get(AliasRow, name)
                     created = row is None
                     if row is None:

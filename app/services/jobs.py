@@ -32,7 +32,7 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 import engine
-from app.db import Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utcnow
+from app.db import AliasRow, Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utcnow
 from app.domain import INIT_FROM, RESUMABLE_STATES, TRAINING_STATES, JobSpec, JobState
 from app.services.admission import QueueSlot, check_fits, estimate_job, plan_queue
 from app.services.errors import Conflict, InvalidContent, NotFound, require_id
@@ -333,17 +333,28 @@ class JobService:
 
     def delete(self, job_id: str) -> None:
         """Remove the job, its metrics, versions and snapshots; a trainer still running is killed first (no
-        checkpoint: its files go too). The rows go first, so the supervisor cannot start the job meanwhile."""
+        checkpoint: its files go too). The rows go first, so the supervisor cannot start the job meanwhile.
+        Conflict while an alias points at the model: clients calling it would get 404s, so the aliases are
+        moved or deleted first, deliberately."""
         self.get(job_id)  # NotFound for an unknown or malformed id
+        with self.db.session() as s:
+            names = list(s.scalars(select(AliasRow.name).where(AliasRow.model_id == job_id).order_by(AliasRow.name)))
+            if names:
+                shown = ", ".join(names[:10]) + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+                which = f"the alias {shown} points" if len(names) == 1 else f"the aliases {shown} point"
+                raise Conflict(
+                    f"job {job_id} cannot be deleted: {which} at its model; move them to another model "
+                    "(PUT /v1/aliases/{alias}) or delete them (DELETE /v1/aliases/{alias}) first",
+                    aliases=names,
+                )
+            s.execute(delete(MetricRow).where(MetricRow.job_id == job_id))
+            s.execute(delete(ModelVersionRow).where(ModelVersionRow.job_id == job_id))
+            s.execute(delete(JobRow).where(JobRow.id == job_id))
         try:
             source = json.loads((self.settings.job_dir(job_id) / INIT_FROM).read_text())
             engine.SnapshotStore(self.settings.snapshots_dir(source["model_id"])).unpin(f"init-{job_id}")
         except (OSError, ValueError, KeyError):
             pass
-        with self.db.session() as s:
-            s.execute(delete(MetricRow).where(MetricRow.job_id == job_id))
-            s.execute(delete(ModelVersionRow).where(ModelVersionRow.job_id == job_id))
-            s.execute(delete(JobRow).where(JobRow.id == job_id))
         self.supervisor.cancel(job_id)
         _remove_tree(self.settings.job_dir(job_id))
         log.info("job %s deleted", job_id)

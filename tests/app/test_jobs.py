@@ -81,6 +81,28 @@ def test_idempotency_key(tmp_path, client_for, xmc_files):
     assert client.get("/v1/jobs").json()["count"] == 0
 
 
+def test_deleting_a_job_an_alias_points_at_is_refused(tmp_path, client_for, xmc_files):
+    client = client_for(make_settings(tmp_path / "data", max_concurrent_jobs=1))
+    train_id = upload(client, xmc_files["train"]).json()["id"]
+    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 2}}).json()["id"]
+    for name in ("prod", "canary"):
+        r = client.put(f"/v1/aliases/{name}", json={"model_id": job_id, "version": None})
+        assert r.status_code == 200, r.text
+    p = assert_problem(client.delete(f"/v1/jobs/{job_id}"), 409)
+    assert p["aliases"] == ["canary", "prod"]
+    assert "canary, prod" in p["detail"] and "DELETE /v1/aliases/" in p["detail"]
+    assert client.get(f"/v1/jobs/{job_id}").status_code == 200  # nothing was removed
+    assert client.get("/v1/aliases/prod").json()["model_id"] == job_id
+    assert client.delete("/v1/aliases/canary").status_code == 204
+    p = assert_problem(client.delete(f"/v1/jobs/{job_id}"), 409)
+    assert p["aliases"] == ["prod"] and "the alias prod points" in p["detail"]
+    other = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 2}}).json()["id"]
+    assert client.put("/v1/aliases/prod", json={"model_id": other, "version": None}).status_code == 200
+    assert client.delete(f"/v1/jobs/{job_id}").status_code == 204  # the alias moved away: free to go
+    assert_problem(client.get(f"/v1/jobs/{job_id}"), 404)
+    assert client.get("/v1/aliases/prod").json()["model_id"] == other
+
+
 @pytest.mark.slow
 def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, xmc_files):
     settings = make_settings(tmp_path / "data", max_concurrent_jobs=1, snapshot_interval_s=0.2)

@@ -69,6 +69,12 @@ class JobSpec:
     """The estimate's breakdown, for the trainer's log and its out-of-memory message."""
     init_from: str | None = None
     """A snapshot version directory the job starts from (fine-tuning), or None for a fresh model."""
+    ray_address: str | None = None
+    """The Ray cluster of a job with a ray backend (None: the job trains in its own process)."""
+    shards: int = 0
+    """Label shards of a job with a ray backend (0: the job trains in its own process)."""
+    shard_memory: int | None = None
+    """Bytes each shard reserves from Ray's `memory` resource (its estimate), or None."""
 
 
 TRAINER_LOCK = "trainer.lock"
@@ -77,5 +83,7 @@ LABEL_REQUESTS = "label-requests"
 """Directory in a job's directory where label additions and retirements wait for its trainer (one JSON file each)."""
 LABEL_EVENTS = "label-events.jsonl"
 """File in a job's directory: one JSON line per label change applied (the events stream's `labels` events)."""
+BACKEND = "backend.json"
+"""File in a job's directory saying where it trains (POST /v1/jobs `backend`); absent = this machine."""
 INIT_FROM = "init-from.json"
 """File in a job's directory naming the model version it starts from (POST /v1/jobs `init_from`)."""

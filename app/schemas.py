@@ -180,6 +180,17 @@ class InitFrom(BaseModel):
     version: int | None = Field(None, ge=1, description="A retained version; null = its newest.")
 
 
+class JobBackend(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    kind: Literal["local", "ray"] = Field(
+        "local",
+        description="`local`: one trainer process on this machine. `ray`: the output layer split by label over "
+        "`shards` actors of the Ray cluster in SLIDE_RAY_ADDRESS (the service must be started with it).",
+    )
+    shards: int = Field(1, ge=1, le=1024, description="Label shards of a `ray` job (1 for `local`).")
+
+
 class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
 
@@ -192,6 +203,11 @@ class JobCreate(BaseModel):
         default_factory=SlideConfigModel,
         description="Engine settings; omitted fields take the engine defaults.",
         examples=[JOB_CONFIG_EXAMPLE],
+    )
+    backend: JobBackend = Field(
+        default_factory=JobBackend,
+        description="Where the job trains: this machine (default) or label shards on a Ray cluster.",
+        examples=[{"kind": "ray", "shards": 4}],
     )
     init_from: InitFrom | None = Field(
         None,
@@ -235,6 +251,7 @@ class JobPublic(BaseModel):
     train_dataset_id: str
     eval_dataset_id: str | None
     config: SlideConfigModel
+    backend: JobBackend = Field(default_factory=JobBackend, description="Where the job trains.")
     progress: JobProgress
     latest_metrics: MetricPoint | None = None
     model_version: int | None = Field(None, description="Newest published snapshot; predictions use it.")

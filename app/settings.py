@@ -45,6 +45,14 @@ class Settings(BaseSettings):
     """Memory the training jobs may use together, by their estimates (e.g. `8GiB`). A job whose estimate exceeds it is
     refused (422); one that fits alone but not beside the running jobs waits in `queued`. Each trainer is held to its
     own estimate plus a margin."""
+    ray_address: str | None = None
+    """A Ray cluster for jobs that ask for `"backend": {"kind": "ray", "shards": P}` (their output layer split by
+    label over P actors): `ray://head:10001`, `auto` (this machine is a node of the cluster), or `local` (start
+    Ray on this machine). The nodes must see the data dir at the same path. Unset = such jobs are refused (422).
+    Needs `pip install -e '.[ray]'`."""
+    ray_shard_memory: ByteSize | None = None
+    """Memory one shard of a ray job may use on a Ray node, by its estimate (e.g. `16GiB`): a job whose shards need
+    more is refused (422); each shard reserves its estimate from Ray's `memory` resource. Unset = not checked."""
     auto_resume: bool = True
     """On start-up, resume jobs that were training when the service stopped (else they stay `interrupted`)."""
 
@@ -73,6 +81,11 @@ class Settings(BaseSettings):
     @field_validator("api_key", mode="before")
     @classmethod
     def _empty_key_is_none(cls, v: object) -> object:
+        return None if v is None or (isinstance(v, str) and not v.strip()) else v
+
+    @field_validator("ray_address", mode="before")
+    @classmethod
+    def _empty_address_is_none(cls, v: object) -> object:
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
     @field_validator("max_upload_bytes")

@@ -15,6 +15,7 @@ from app.errors import problem_responses
 from app.schemas import (
     EXAMPLE_ID,
     JOB_CONFIG_EXAMPLE,
+    JobBackend,
     JobCreate,
     JobList,
     JobProgress,
@@ -39,7 +40,7 @@ def job_publics(jobs: JobService, rows: list[JobRow]) -> list[JobPublic]:
     versions = jobs.latest_versions([r.id for r in rows])
     memory = jobs.memory(rows)
     queue = jobs.queue() if any(r.state == JobState.QUEUED for r in rows) else {}
-    return [job_public(r, versions.get(r.id), memory.get(r.id), queue.get(r.id)) for r in rows]
+    return [job_public(r, versions.get(r.id), memory.get(r.id), queue.get(r.id), jobs.backend(r.id)) for r in rows]
 
 
 def _config(config: dict[str, Any]) -> Any:
@@ -50,7 +51,11 @@ def _config(config: dict[str, Any]) -> Any:
 
 
 def job_public(
-    row: JobRow, model_version: int | None, memory: MemoryEstimate | None = None, queue: QueueSlot | None = None
+    row: JobRow,
+    model_version: int | None,
+    memory: MemoryEstimate | None = None,
+    queue: QueueSlot | None = None,
+    backend: dict[str, Any] | None = None,
 ) -> JobPublic:
     config: dict[str, Any] = {k: v for k, v in (row.config or {}).items() if k in _CONFIG_FIELDS}
     latest = row.latest_metrics or None
@@ -61,6 +66,7 @@ def job_public(
         train_dataset_id=row.train_dataset_id,
         eval_dataset_id=row.eval_dataset_id,
         config=_config(config),
+        backend=JobBackend.model_validate(backend or {}),
         progress=JobProgress(
             epoch=row.epoch or 0,
             epochs=int(config.get("epochs", 0)),
@@ -143,6 +149,7 @@ def create_job(
         body.config.model_dump(),
         idempotency_key=idempotency_key,
         init_from=body.init_from.model_dump() if body.init_from is not None else None,
+        backend=body.backend.model_dump(),
     )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"

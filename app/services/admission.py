@@ -37,9 +37,10 @@ def estimate_job(
     test: DatasetRow | None,
     settings: Settings,
     init_from: str | None = None,
+    shards: int = 0,
 ) -> MemoryEstimate:
     """The job's estimate; init_from: the snapshot version it starts from (its shape grown to the data's, plus what
-    growing holds, engine.warmstart.warm_start_shape)."""
+    growing holds, engine.warmstart.warm_start_shape). shards > 0: a job on Ray (`sharded_estimate`)."""
     cfg = config if isinstance(config, SlideConfig) else SlideConfig.from_dict(config)
     num_features, num_labels, extra = train.num_features, train.num_labels, 0
     if init_from is not None:
@@ -70,11 +71,62 @@ def estimate_job(
         eval_label_entries=int(round(test.avg_labels_per_point * test.num_points)) if test is not None else 0,
         threads=trainer_pool(cfg, settings),
     )
+    if shards:
+        return sharded_estimate(est)
     if init_from is None:
         return est
     from engine.warmstart import with_warm_start
 
     return with_warm_start(est, extra)
+
+
+SHARDED_LOCAL_PARTS = ("baseline", "data", "evaluation")
+"""What a ray job's trainer process holds on this machine: the model, its optimizer, tables and step buffers live in
+the shards on the Ray nodes."""
+
+
+def sharded_estimate(est: MemoryEstimate) -> MemoryEstimate:
+    """A ray job's charge on this machine: its driver process (the estimate's baseline, data and evaluation parts)
+    and the merged model the service maps to serve its snapshots."""
+    return MemoryEstimate({k: v for k, v in est.parts.items() if k in SHARDED_LOCAL_PARTS}, est.serving, est.fields)
+
+
+def shard_estimate(config: SlideConfig, train: DatasetRow, test: DatasetRow | None, shards: int) -> int:
+    """Bytes one shard actor of a ray job needs on its node: a trainer over its slice of the labels (the widest one)
+    with its own validation rows and scratch."""
+    from engine.distributed.shard import shard_config
+
+    est = estimate_memory(
+        shard_config(config, train.num_labels),
+        train.num_points,
+        train.num_features,
+        -(-train.num_labels // max(1, shards)),
+        nnz=train.nnz,
+        label_entries=int(round(train.avg_labels_per_point * train.num_points)),
+        eval_points=0,
+        threads=max(1, config.threads),
+    )
+    return est.trainer
+
+
+def check_shards(
+    config: SlideConfig, train: DatasetRow, test: DatasetRow | None, shards: int, settings: Settings
+) -> int:
+    """A ray job's per-shard estimate; raises MemoryLimitExceeded when it exceeds SLIDE_RAY_SHARD_MEMORY (if set)."""
+    need = shard_estimate(config, train, test, shards)
+    limit = settings.ray_shard_memory
+    if limit is not None and need > int(limit):
+        raise MemoryLimitExceeded(
+            f"each of the job's {shards} shards needs an estimated {format_bytes(need)} of memory, more than "
+            f"SLIDE_RAY_SHARD_MEMORY = {format_bytes(int(limit))}. Use more shards (backend.shards), or raise "
+            "SLIDE_RAY_SHARD_MEMORY if the Ray nodes have the memory.",
+            loc=("body", "backend", "shards"),
+            estimated_memory_bytes=need,
+            limit_bytes=int(limit),
+            fields=["shards"],
+            memory_breakdown={"shard": need},
+        )
+    return need
 
 
 def drivers(
@@ -107,9 +159,13 @@ def check_fits(
     settings: Settings,
     what: str = "this job",
     init_from: str | None = None,
+    shards: int = 0,
 ) -> MemoryEstimate:
-    """The job's estimate; raises MemoryLimitExceeded when it alone exceeds SLIDE_MAX_JOB_MEMORY."""
-    est = estimate_job(config, train, test, settings, init_from)
+    """The job's estimate; raises MemoryLimitExceeded when it alone exceeds SLIDE_MAX_JOB_MEMORY (and, for a job on
+    Ray, when a shard exceeds SLIDE_RAY_SHARD_MEMORY)."""
+    if shards:
+        check_shards(config, train, test, shards, settings)
+    est = estimate_job(config, train, test, settings, init_from, shards)
     limit = int(settings.max_job_memory)
     if est.total <= limit:
         return est

@@ -15,6 +15,7 @@ from __future__ import annotations
 import builtins
 import fcntl
 import hashlib
+import importlib.util
 import json
 import logging
 import multiprocessing
@@ -33,8 +34,8 @@ from sqlalchemy.exc import IntegrityError
 
 import engine
 from app.db import AliasRow, Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utcnow
-from app.domain import INIT_FROM, RESUMABLE_STATES, TRAINING_STATES, JobSpec, JobState
-from app.services.admission import QueueSlot, check_fits, estimate_job, plan_queue
+from app.domain import BACKEND, INIT_FROM, RESUMABLE_STATES, TRAINING_STATES, JobSpec, JobState
+from app.services.admission import QueueSlot, check_fits, estimate_job, plan_queue, shard_estimate
 from app.services.errors import Conflict, InvalidContent, NotFound, require_id
 from app.services.worker import LOG_FILE, run_job
 from app.settings import Settings
@@ -66,12 +67,18 @@ class JobService:
         config: dict[str, Any],
         idempotency_key: str | None = None,
         init_from: dict[str, Any] | None = None,
+        backend: dict[str, Any] | None = None,
     ) -> tuple[JobRow, bool]:
         """Returns (job, created). The same Idempotency-Key with the same request returns the first job.
-        init_from: {"model_id", "version"} of a model to start from (version None = its newest)."""
+        init_from: {"model_id", "version"} of a model to start from (version None = its newest). backend: {"kind":
+        "local" | "ray", "shards": P} (None = local)."""
+        backend = backend if backend is not None and backend.get("kind") == "ray" else None
+        request = {"train": train_dataset_id, "eval": eval_dataset_id, "config": config, "init_from": init_from}
+        if backend is not None:
+            request["backend"] = backend
         request_hash = hashlib.sha256(
             json.dumps(
-                {"train": train_dataset_id, "eval": eval_dataset_id, "config": config, "init_from": init_from},
+                request,
                 sort_keys=True,
                 default=str,
             ).encode()
@@ -110,10 +117,11 @@ class JobService:
                         "share one feature and label space",
                         loc=("body", "eval_dataset_id"),
                     )
+        shards = self._check_backend(backend, init_from, train.num_labels)
         source = self._source(init_from, cfg) if init_from is not None else None
         if source is not None:
             cfg = source[2]  # the structure settings are the source's
-        check_fits(cfg, train, test, self.settings, init_from=str(source[1]) if source else None)
+        check_fits(cfg, train, test, self.settings, init_from=str(source[1]) if source else None, shards=shards)
         job = JobRow(
             id=uuid.uuid4().hex,
             train_dataset_id=train_dataset_id,
@@ -139,6 +147,8 @@ class JobService:
                 raise
             return existing, False
         self.settings.job_dir(job.id).mkdir(parents=True, exist_ok=True)
+        if shards:
+            (self.settings.job_dir(job.id) / BACKEND).write_text(json.dumps({"kind": "ray", "shards": shards}))
         if source is not None and init_from is not None:
             model_id, version = init_from["model_id"], source[0]
             # the source version stays on disk until this job is deleted (a queued job reads it when it starts)
@@ -178,6 +188,48 @@ class JobService:
                 loc=("body", "init_from", "version"),
             ) from None
         return int(version), path, warm_start_config(manifest_config(manifest), cfg, int(manifest["num_labels"]))
+
+    def _check_backend(self, backend: dict[str, Any] | None, init_from: dict[str, Any] | None, labels: int) -> int:
+        """A job's label shards on Ray (0 = it trains on this machine); 422 when this service has no Ray cluster."""
+        if backend is None:
+            return 0
+        shards = int(backend.get("shards", 1))
+        if self.settings.ray_address is None:
+            raise InvalidContent(
+                "backend.kind: this service has no Ray cluster for ray jobs. Start it with SLIDE_RAY_ADDRESS set "
+                "(ray://head:10001 for a cluster, e.g. KubeRay's head service, or local to start Ray on this "
+                "machine) and the ray extra installed (pip install -e '.[ray]'), or leave backend out to train here",
+                loc=("body", "backend", "kind"),
+            )
+        if importlib.util.find_spec("ray") is None:
+            raise InvalidContent(
+                "backend.kind: SLIDE_RAY_ADDRESS is set but Ray is not installed: pip install -e '.[ray]'",
+                loc=("body", "backend", "kind"),
+            )
+        if shards > labels:
+            raise InvalidContent(
+                f"backend.shards: {shards} shards for {labels} labels; a shard needs at least one label",
+                loc=("body", "backend", "shards"),
+            )
+        if init_from is not None:
+            raise InvalidContent(
+                "backend: init_from (fine-tuning) trains on this machine only; leave one of them out",
+                loc=("body", "backend", "kind"),
+            )
+        return shards
+
+    def backend(self, job_id: str) -> dict[str, Any]:
+        """Where a job trains: {"kind": "local" | "ray", "shards": P}."""
+        try:
+            info = json.loads((self.settings.job_dir(job_id) / BACKEND).read_text())
+            return {"kind": "ray", "shards": int(info["shards"])}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {"kind": "local", "shards": 1}
+
+    def shards(self, job_id: str) -> int:
+        """A ray job's label shards; 0 for a job that trains on this machine."""
+        backend = self.backend(job_id)
+        return int(backend["shards"]) if backend["kind"] == "ray" else 0
 
     def init_source(self, job_id: str) -> str | None:
         """The snapshot version path a job starts from (None for a fresh model)."""
@@ -229,7 +281,9 @@ class JobService:
                 continue
             try:
                 test = rows.get(j.eval_dataset_id or "")
-                out[j.id] = estimate_job(j.config, train, test, self.settings, self.init_source(j.id))
+                out[j.id] = estimate_job(
+                    j.config, train, test, self.settings, self.init_source(j.id), self.shards(j.id)
+                )
             except (ConfigError, TypeError, ValueError):
                 continue
         return out
@@ -321,7 +375,21 @@ class JobService:
             assert train is not None  # not missing, checked above
             if job.state in RESUMABLE_STATES:
                 cfg = SlideConfig.from_dict(job.config)
-                check_fits(cfg, train, test, self.settings, what=f"job {job_id}", init_from=self.init_source(job_id))
+                if self.shards(job_id) and self.settings.ray_address is None:
+                    raise Conflict(
+                        f"job {job_id} trains on Ray and this service has no Ray cluster: start it with "
+                        "SLIDE_RAY_ADDRESS set to resume the job",
+                        state=job.state,
+                    )
+                check_fits(
+                    cfg,
+                    train,
+                    test,
+                    self.settings,
+                    what=f"job {job_id}",
+                    init_from=self.init_source(job_id),
+                    shards=self.shards(job_id),
+                )
             if not _transition(s, job_id, RESUMABLE_STATES, state=JobState.QUEUED, error=None, finished_at=None):
                 hint = {
                     JobState.STOPPING: "it is writing its checkpoint; resume it once it is stopped",
@@ -617,6 +685,19 @@ class Supervisor:
                             error=f"could not start the trainer process: {type(exc).__name__}: {exc}",
                         )
 
+    def _ray_spec(self, job: JobRow) -> dict[str, Any]:
+        """The JobSpec fields of a job with a ray backend (none for a local job)."""
+        shards = JobService(self.settings, self.db, self).shards(job.id)
+        if not shards:
+            return {}
+        memory = None
+        with self.db.session() as s:
+            train = s.get(DatasetRow, job.train_dataset_id)
+            if train is not None:
+                cfg = SlideConfig.from_dict(job.config)
+                memory = shard_estimate(cfg, train, None, shards)
+        return {"ray_address": self.settings.ray_address, "shards": shards, "shard_memory": memory}
+
     def _spawn(self, job: JobRow, est: MemoryEstimate | None = None) -> None:
         st = self.settings
         spec = JobSpec(
@@ -637,6 +718,7 @@ class Supervisor:
             parent_pid=os.getpid(),
             run=job.runs + 1,  # what _launch just wrote: the child's writes are fenced by it
             init_from=JobService(st, self.db, self).init_source(job.id),
+            **self._ray_spec(job),
         )
         st.job_dir(job.id).mkdir(parents=True, exist_ok=True)
         stop_event, interrupt_event, training_event = self.ctx.Event(), self.ctx.Event(), self.ctx.Event()

@@ -293,8 +293,11 @@ class JobProcess:
         import engine
         import engine.trainer  # noqa: F401 - numpy and Numba loaded: the baseline the memory ceiling starts from
 
-        self.ceiling = apply_memory_ceiling(self.spec.memory_estimate, self.spec.trainer_threads)
         spec = self.spec
+        if spec.shards:
+            self._train_on_ray()
+            return
+        self.ceiling = apply_memory_ceiling(self.spec.memory_estimate, self.spec.trainer_threads)
         train = engine.load_dataset(spec.train_path, mmap=True)
         test = engine.load_dataset(spec.eval_path, mmap=True) if spec.eval_path else None
         store = engine.SnapshotStore(spec.snapshots_dir, keep=spec.snapshot_keep)
@@ -323,6 +326,43 @@ class JobProcess:
             )
         if not spec.init_from:
             self._attach_text(trainer, spec.train_path)
+        self._run(trainer, store, labels=True)
+
+    def _train_on_ray(self) -> None:
+        """A job with a ray backend: DistributedTrainer, its shards on the Ray cluster (no memory ceiling here: a
+        local Ray instance's processes would inherit it; the shards reserve their estimates from Ray instead)."""
+        import engine
+        from engine.distributed import DistributedTrainer
+
+        spec = self.spec
+        assert spec.ray_address is not None
+        train = engine.load_dataset(spec.train_path, mmap=True)
+        test = engine.load_dataset(spec.eval_path, mmap=True) if spec.eval_path else None
+        store = engine.SnapshotStore(spec.snapshots_dir, keep=spec.snapshot_keep)
+        options = {"memory": spec.shard_memory} if spec.shard_memory else None
+        if store.latest() is not None:
+            trainer = DistributedTrainer.resume(store, train, test, spec.shards, spec.ray_address, options)
+            log.info("resumed from snapshot v%d at step %d on %d shards", store.latest()[0], trainer.step, spec.shards)
+        else:
+            config = engine.SlideConfig.from_dict(spec.config)
+            trainer = DistributedTrainer(config, train, test, store, spec.shards, spec.ray_address, options)
+            log.info(
+                "started on %d shards (Ray at %s): %d points, %d features, %d labels",
+                spec.shards,
+                spec.ray_address,
+                train.num_points,
+                train.num_features,
+                train.num_labels,
+            )
+        try:
+            self._attach_text(trainer, spec.train_path)
+            self._run(trainer, store, labels=False)
+        finally:
+            trainer.close()
+
+    def _run(self, trainer: Any, store: Any, labels: bool) -> None:
+        """Train until done or stopped, then record the job's final state."""
+        spec = self.spec
         self.trainer = trainer
         self._forget_beyond(trainer.step, trainer.epoch, store.versions())
         heartbeat = threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True)
@@ -333,9 +373,10 @@ class JobProcess:
             on_metrics=self._on_metrics,
             on_snapshot=self._on_snapshot,
             snapshot_every_s=spec.snapshot_interval_s,
-            before_step=self._apply_label_requests,
+            before_step=self._apply_label_requests if labels else None,
         )
-        self._apply_label_requests(force=True)  # those that came after the last step
+        if labels:
+            self._apply_label_requests(force=True)  # those that came after the last step
         self._done.set()
         heartbeat.join(timeout=5)
         if not result.get("stopped"):

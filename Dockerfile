@@ -15,10 +15,14 @@ RUN groupadd --system --gid 10001 slide \
 
 WORKDIR /opt/slide
 
+# Optional extras of pyproject.toml to install too, comma-separated (the compose file's ray profile builds
+# with EXTRAS=ray,postgres: Ray nodes and the service that drives them need the same Ray).
+ARG EXTRAS=""
+
 # Dependencies first, from pyproject.toml alone: this layer is rebuilt only when pyproject.toml changes,
 # not on every source edit.
 COPY pyproject.toml ./
-RUN python -c "import tomllib; print('\n'.join(tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies']))" \
+RUN python -c "import os, tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; extras = [e for e in os.environ.get('EXTRAS', '').split(',') if e]; print('\n'.join(p['dependencies'] + [d for e in extras for d in p['optional-dependencies'][e]]))" \
         > /tmp/requirements.txt \
     && pip install --no-cache-dir -r /tmp/requirements.txt \
     && rm /tmp/requirements.txt

@@ -83,9 +83,9 @@ class Settings(BaseSettings):
     def _empty_key_is_none(cls, v: object) -> object:
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
-    @field_validator("ray_address", mode="before")
+    @field_validator("ray_address", "ray_shard_memory", mode="before")
     @classmethod
-    def _empty_address_is_none(cls, v: object) -> object:
+    def _empty_ray_setting_is_none(cls, v: object) -> object:
         return None if v is None or (isinstance(v, str) and not v.strip()) else v
 
     @field_validator("max_upload_bytes")

@@ -15,6 +15,7 @@ slice into its own subdirectory (a shared filesystem across the cluster's nodes)
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ def connect(address: str, num_cpus: int | None = None, object_store_bytes: int =
             log_to_driver=False,
             configure_logging=False,
         )
+    elif address.startswith("ray://"):
+        ray.init(address)  # Ray Client: a driver outside the cluster (e.g. the service beside a KubeRay cluster)
     else:
         ray.init(address=address, log_to_driver=False, configure_logging=False)
     return True
@@ -86,6 +89,7 @@ class _Shard:
 
         cfg = SlideConfig.from_dict(config)
         set_threads(cfg.threads)
+        self.seconds: dict[str, float] = {}
         train = load_dataset(data) if isinstance(data, str) else data
         if resume_dir is None:
             self.trainer = ShardTrainer(cfg, train, shard, shards)
@@ -94,7 +98,14 @@ class _Shard:
             self.trainer = ShardTrainer.from_snapshot(cfg, train, shard, shards, resume_dir, state)
 
     def call(self, method: str, *args: Any) -> Any:
-        return getattr(self.trainer, method)(*args)
+        t0 = time.perf_counter()
+        out = getattr(self.trainer, method)(*args)
+        self.seconds[method] = self.seconds.get(method, 0.0) + time.perf_counter() - t0
+        return out
+
+    def timings(self) -> dict[str, float]:
+        """Seconds this shard has spent in each method called through `call` (its compute, without Ray's)."""
+        return dict(self.seconds)
 
     def predict(self, indptr, indices, values, k: int, mode: PredictMode, probes: int | None, best: bool):
         """Top-k of this shard's labels (global ids; -1 / -inf pad when the shard has fewer than k)."""
@@ -342,6 +353,8 @@ class DistributedTrainer(Trainer):
     ):
         group = _group or ShardGroup.start(config, train, shards, address, actor_options=actor_options)
         self.group = group
+        self.stage_seconds: dict[str, float] = {}
+        """Driver seconds per stage of the steps so far (the shards' compute plus Ray's calls), for benchmarks."""
         try:
             model = ShardedModel(group, config, train.num_features, train.num_labels)
             super().__init__(config, train, test, store, model=model)  # type: ignore[arg-type]
@@ -376,6 +389,8 @@ class DistributedTrainer(Trainer):
         self._lr = cfg.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.lr_decay)
         pending = group._inflight
         group._inflight = []
+        clock = self.stage_seconds
+        t0 = time.perf_counter()
         if pending:  # the previous step's backward stage: its answers come back before this step's
             refs = pending + [a.call.remote("forward", points, self._lr) for a in group.actors]
             answers = group.get(refs)
@@ -384,10 +399,12 @@ class DistributedTrainer(Trainer):
         else:
             tops = group.all("forward", points, self._lr)
         top = tops[0] if len(tops) == 1 else np.max(np.stack(tops), axis=0)
+        t1 = time.perf_counter()
         sums = group.all("exps", top)
         total = sums[0]
         for s in sums[1:]:
             total = total + s
+        t2 = time.perf_counter()
         parts = group.all("update", total)
         losses = parts[0][0]
         grads = parts[0][1]
@@ -396,6 +413,9 @@ class DistributedTrainer(Trainer):
             grads = grads + part[1]
         grads_ref = group.put(grads)
         group.submit("backward", grads_ref)
+        t3 = time.perf_counter()
+        for stage, seconds in (("backward+forward", t1 - t0), ("exps", t2 - t1), ("update", t3 - t2)):
+            clock[stage] = clock.get(stage, 0.0) + seconds
         p = group.shards
         # sent: points, max, sum and summed gradients to every shard; received: maxima, sums, losses, gradients
         group.bytes_sent += p * (_nbytes([points, top, total, grads]) + 8) + _nbytes(
@@ -520,6 +540,11 @@ class DistributedTrainer(Trainer):
         trainer.train_seconds = float(st["train_seconds"])
         trainer.history = [TrainingMetrics.from_dict(h) for h in st.get("history", [])]
         return trainer
+
+    def shard_timings(self) -> list[dict[str, float]]:
+        """Each shard's compute seconds per stage so far (see `stage_seconds` for the driver's view)."""
+        self.sync()
+        return self.group.get([a.timings.remote() for a in self.group.actors])
 
     def close(self) -> None:
         self.group.close()

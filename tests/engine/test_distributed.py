@@ -121,6 +121,24 @@ def test_merged_predictions_are_the_whole_models(two_shards, data):
     assert precision_at_k(lsh_labels, x.y_indptr, x.y_indices, 1) > 0.2
 
 
+def test_cli_trains_on_shards_and_resumes(cluster, data, tmp_path, capsys):
+    from engine import write_xmc
+    from engine.cli import main
+
+    train, test = data
+    files = [str(write_xmc(d, tmp_path / f"{name}.txt")) for d, name in ((train, "train"), (test, "test"))]
+    common = ["train", "--train", files[0], "--test", files[1], "--out", str(tmp_path / "m"), "--quiet"]
+    settings = ["--hidden", "32", "--threads", "1", "--batch-size", "64", "--sample-output", "true"]
+    assert main([*common, *settings, "--epochs", "1", "--shards", "2"]) == 0
+    first = capsys.readouterr().out.splitlines()
+    assert '"shards": 2' in first[0] and '"done": true' in first[-1]
+    assert main([*common, "--epochs", "2", "--shards", "2", "--resume"]) == 0  # the snapshot's config: 1 epoch
+    version = SnapshotStore(tmp_path / "m").latest()[1]
+    assert len(read_manifest(version)["shards"]) == 2
+    assert main(["eval", "--model", str(tmp_path / "m"), "--test", files[1], "--mode", "exact"]) == 0
+    assert '"p_at_1"' in capsys.readouterr().out
+
+
 def test_losing_a_node_stops_training_and_resume_completes(cluster, data, tmp_path):
     train, test = data
     cfg = config(sample_output=True, epochs=6, val_points=-1)

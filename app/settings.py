@@ -68,6 +68,10 @@ class Settings(BaseSettings):
     predict_concurrency: int = Field(0, ge=0, le=1024)
     """Predict requests computed at once; more wait their turn without holding a thread. Each one computing holds
     scratch buffers the size of the output layer, so this bounds memory and threads under load. 0 = 2 x CPU cores."""
+    predict_inline_max_instances: int = Field(4, ge=0, le=64)
+    """A predict request of up to this many instances, scored through the hash tables (or against a small output
+    layer), is answered on the event loop, without the hop to a predict thread that would cost more than its
+    sub-millisecond work, once its model is loaded. 0 = every request in a predict thread."""
 
     progress_interval_s: PositiveSeconds = 1.0
     """How often a training process records its progress (step, samples/s) and checks for a stop request."""

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated
 
 import anyio.to_thread
 from fastapi import APIRouter, Path, Response
 
 from app.api.datasets import Cursor, Limit
-from app.api.deps import AliasesDep, JobsDep, RegistryDep, SettingsDep, TelemetryDep
+from app.api.deps import AliasesDep, RegistryDep, ServicesDep
 from app.api.models import TextPredictBody, predict_response, run_predict
 from app.db import AliasRow
 from app.errors import problem_responses
 from app.schemas import ALIAS_PATTERN, AliasList, AliasPublic, AliasPut, PredictRequest, PredictResponse
-from app.services.aliases import AliasService, Resolved
+from app.services.aliases import Resolved
+from app.services.container import Services
 from app.services.errors import NotFound, NotReady
-from app.services.jobs import JobService
 from app.services.pagination import DEFAULT_LIMIT
 from app.services.registry import ModelRegistry, PredictResult, VersionGone
-from app.settings import Settings
 
 router = APIRouter(prefix="/v1/aliases", tags=["aliases"])
 
@@ -78,25 +77,18 @@ def delete_alias(alias: AliasName, aliases: AliasesDep) -> Response:
     return Response(status_code=204)
 
 
-def _predict_through(
-    aliases: AliasService,
-    alias: str,
-    jobs: JobService,
-    registry: ModelRegistry,
-    telemetry: Any,
-    settings: Settings,
-    body: PredictRequest,
-) -> tuple[Resolved, PredictResult]:
+def _predict_through(services: Services, alias: str, body: PredictRequest) -> tuple[Resolved, PredictResult]:
+    aliases = services.aliases
     target = aliases.resolve(alias)
     try:
-        result = run_predict(jobs, registry, telemetry, settings, target.model_id, body, target.version)
+        result = run_predict(services, target.model_id, body, target.version)
     except VersionGone:
         # The alias moved and its old version was pruned between resolving and loading: resolve again once.
         again = aliases.resolve(alias)
         if (again.model_id, again.version) == (target.model_id, target.version):
             raise
         target = again
-        result = run_predict(jobs, registry, telemetry, settings, target.model_id, body, target.version)
+        result = run_predict(services, target.model_id, body, target.version)
     return target, result
 
 
@@ -106,19 +98,12 @@ def _predict_through(
     summary="Top-k labels from the version an alias points at",
     responses=problem_responses(400, 401, 404, 409, 422, 503),
 )
-async def predict_alias(
-    alias: AliasName,
-    aliases: AliasesDep,
-    jobs: JobsDep,
-    registry: RegistryDep,
-    telemetry: TelemetryDep,
-    settings: SettingsDep,
-    body: TextPredictBody,
-) -> PredictResponse:
+async def predict_alias(alias: AliasName, services: ServicesDep, body: TextPredictBody) -> Response:
     """The same body and answer as `POST /v1/models/{id}/predict`, with `model_id`, `model_version` and `alias`
     saying what answered. The alias is resolved once per request: a request in flight while the alias moves
     finishes on the version it started with."""
+    # Resolving reads the database: in the predict pool, whatever the request's size.
     target, result = await anyio.to_thread.run_sync(
-        _predict_through, aliases, alias, jobs, registry, telemetry, settings, body, limiter=registry.limiter
+        _predict_through, services, alias, body, limiter=services.registry.limiter
     )
     return predict_response(target.model_id, result, body, alias=alias)

@@ -3,6 +3,8 @@ version; its versions; evaluation over HTTP. /v1/evaluations/{id}: a background 
 
 from __future__ import annotations
 
+import json
+import math
 import time
 from typing import Annotated, Any
 
@@ -17,8 +19,8 @@ from app.api.deps import (
     EvaluationsDep,
     JobsDep,
     RegistryDep,
+    ServicesDep,
     SettingsDep,
-    TelemetryDep,
 )
 from app.api.jobs import metric_point
 from app.db import EvaluationRow, JobRow, ModelVersionRow
@@ -30,12 +32,12 @@ from app.schemas import (
     ModelList,
     ModelPublic,
     ModelVersionPublic,
-    Prediction,
     PredictRequest,
     PredictResponse,
     VersionList,
     VersionPublic,
 )
+from app.services.container import Services
 from app.services.datasets import DatasetService
 from app.services.errors import InvalidContent, NotFound, NotReady
 from app.services.jobs import JobService
@@ -77,41 +79,53 @@ def instances_of(body: PredictRequest) -> list[Any]:
     return [i.text if i.text is not None else (i.indices, i.values) for i in body.instances]
 
 
-def predict_response(
-    model_id: str, result: PredictResult, body: PredictRequest, alias: str | None = None
-) -> PredictResponse:
+def predict_response(model_id: str, result: PredictResult, body: PredictRequest, alias: str | None = None) -> Response:
+    """The PredictResponse as JSON, encoded directly: the values come from the engine and are already of the
+    schema's types, so validating them again through the response model would only cost time."""
     probabilities = softmax_rows(result.scores) if body.probabilities else None
     names, notes = result.names, result.notes
-    return PredictResponse(
-        model_id=model_id,
-        model_version=result.version,
-        mode=result.mode,
-        alias=alias,
-        warnings=_short_answers(result, body.k),
-        predictions=[
-            Prediction(
-                labels=labels,
-                names=names[r] if names is not None else None,
-                scores=scores,
-                probabilities=probabilities[r] if probabilities is not None else None,
-                note=notes[r] if notes is not None else None,
-            )
+    content = {
+        "model_id": model_id,
+        "model_version": result.version,
+        "mode": result.mode,
+        "alias": alias,
+        "predictions": [
+            {
+                "labels": labels,
+                "names": names[r] if names is not None else None,
+                "scores": _finite(scores),
+                "probabilities": _finite(probabilities[r]) if probabilities is not None else None,
+                "note": notes[r] if notes is not None else None,
+            }
             for r, (labels, scores) in enumerate(zip(result.labels, result.scores, strict=True))
         ],
+        "warnings": _short_answers(result, body.k),
+    }
+    return Response(
+        json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode(),
+        media_type="application/json",
     )
 
 
+def _finite(xs: list[float]) -> list[float | None]:
+    """JSON has no NaN or infinity: null for them, as pydantic encodes them."""
+    if all(math.isfinite(x) for x in xs):
+        return xs  # type: ignore[return-value]
+    return [x if math.isfinite(x) else None for x in xs]
+
+
 def run_predict(
-    jobs: JobService,
-    registry: ModelRegistry,
-    telemetry: Any,
-    settings: Settings,
-    model_id: str,
-    body: PredictRequest,
-    version: int | None,
+    services: Services, model_id: str, body: PredictRequest, version: int | None, loaded: Any = None
 ) -> PredictResult:
-    """The blocking part of a predict request (run in the predict pool)."""
-    job = _job_of(jobs, model_id)  # 404 for an unknown id
+    """The blocking part of a predict request (in the predict pool; on the event loop for a small request to a
+    model already loaded, `loaded`, whose job was looked up before)."""
+    jobs, registry = services.jobs, services.registry
+    names_from = registry.dataset_dir(model_id) if loaded is not None else None
+    job_state = None
+    if names_from is None:
+        job = _job_of(jobs, model_id)  # 404 for an unknown id
+        names_from, job_state = services.settings.dataset_dir(job.train_dataset_id), job.state
+        registry.remember_dataset_dir(model_id, names_from)
     start = time.perf_counter()
     try:
         result = registry.predict(
@@ -120,13 +134,28 @@ def run_predict(
             body.k,
             body.mode,
             version=version,
-            names_from=settings.dataset_dir(job.train_dataset_id),
-            job_state=job.state,
+            loaded=loaded,
+            names_from=names_from,
+            job_state=job_state,
         )
     except NotReady as exc:
         raise _not_ready(jobs, model_id, exc) from exc
-    telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)
+    services.telemetry.observe_predict(model_id, body.mode, len(body.instances), time.perf_counter() - start)
     return result
+
+
+async def predict_now_or_in_pool(
+    services: Services, model_id: str, body: PredictRequest, version: int | None
+) -> PredictResult:
+    """Answer a small request to a loaded model here, on the event loop (well under a millisecond of work: see
+    ModelRegistry.predicts_inline), anything else in a thread of the bounded predict pool."""
+    registry = services.registry
+    max_inline = services.settings.predict_inline_max_instances
+    if max_inline and registry.dataset_dir(model_id) is not None:
+        loaded = registry.held_current(model_id) if version is None else registry.held_version(model_id, version)
+        if loaded is not None and registry.predicts_inline(loaded, instances_of(body), body.mode, max_inline):
+            return run_predict(services, model_id, body, version, loaded)
+    return await anyio.to_thread.run_sync(run_predict, services, model_id, body, version, limiter=registry.limiter)
 
 
 def _model_public(
@@ -212,14 +241,7 @@ def get_model(
     summary="Top-k labels from the live model",
     responses=problem_responses(400, 401, 404, 409, 422, 503),
 )
-async def predict(
-    model_id: str,
-    jobs: JobsDep,
-    registry: RegistryDep,
-    telemetry: TelemetryDep,
-    settings: SettingsDep,
-    body: PredictBody,
-) -> PredictResponse:
+async def predict(model_id: str, services: ServicesDep, body: PredictBody) -> Response:
     """Served from the newest published snapshot of the job's weights and hash tables: while the job trains,
     answers improve as new snapshots appear (`model_version` says which one answered). 503 before the first while the
     job is queued or training (the detail says whether it is still queued, and where); 409 when the job has no
@@ -227,10 +249,7 @@ async def predict(
     prediction has fewer than k labels. An instance is `{"indices", "values"}` or, for a model trained on a text
     dataset, `{"text"}`; each prediction has the label ids, their `names` (null when the model has none) and
     scores, and a `note` when it has fewer than k labels or no word of the text is known."""
-    # One hop to a thread of the predict pool (bounded: see ModelRegistry.limiter); the response is built here.
-    result = await anyio.to_thread.run_sync(
-        run_predict, jobs, registry, telemetry, settings, model_id, body, None, limiter=registry.limiter
-    )
+    result = await predict_now_or_in_pool(services, model_id, body, None)
     return predict_response(model_id, result, body)
 
 
@@ -241,19 +260,11 @@ async def predict(
     responses=problem_responses(400, 401, 404, 422),
 )
 async def predict_version(
-    model_id: str,
-    version: Annotated[int, Path(ge=1, le=2**31 - 1)],
-    jobs: JobsDep,
-    registry: RegistryDep,
-    telemetry: TelemetryDep,
-    settings: SettingsDep,
-    body: PredictBody,
-) -> PredictResponse:
+    model_id: str, version: Annotated[int, Path(ge=1, le=2**31 - 1)], services: ServicesDep, body: PredictBody
+) -> Response:
     """As `POST /v1/models/{id}/predict`, from exactly `version`. 404 when that version is not retained (pruned
     beyond SLIDE_SNAPSHOT_KEEP; an alias pinned to a version keeps it)."""
-    result = await anyio.to_thread.run_sync(
-        run_predict, jobs, registry, telemetry, settings, model_id, body, version, limiter=registry.limiter
-    )
+    result = await predict_now_or_in_pool(services, model_id, body, version)
     return predict_response(model_id, result, body)
 
 

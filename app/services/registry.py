@@ -66,6 +66,17 @@ class PredictResult:
 
 PINNED_CACHE = 8
 """Exact versions (pinned by an alias, or asked for by number) held loaded at once, besides each newest."""
+INLINE_MAX_NNZ = 4096
+"""Most feature ids of one instance answered on the event loop."""
+INLINE_MAX_EXACT_WEIGHTS = 1 << 21
+"""Largest output layer (labels x inputs) scored exactly on the event loop (~0.5 ms a query on one core)."""
+
+
+def _mtime_ns(path: Any) -> int:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return -1
 
 
 class ModelRegistry:
@@ -81,6 +92,8 @@ class ModelRegistry:
         self._limiter: Any = None
         self._versions: dict[tuple[str, int], LoadedModel] = {}  # insertion order = least recently used first
         self._names: dict[str, tuple[float, Any]] = {}  # dataset dir -> (mtime of text.json, LabelNames)
+        self._listed: dict[str, int] = {}  # job id -> mtime (ns) of its snapshot dir when its newest was last found
+        self._dataset_dirs: dict[str, Any] = {}  # job id -> its training dataset's dir (label names), once looked up
         if not isinstance(self._predict_guard, nullcontext):
             log.warning("Numba has no thread-safe threading layer (TBB or OpenMP): predictions run one at a time")
 
@@ -95,6 +108,7 @@ class ModelRegistry:
         if held is not None and time.monotonic() - self._checked.get(job_id, 0.0) < self.check_interval_s:
             return held
         store = engine.SnapshotStore(self.settings.snapshots_dir(job_id))
+        listed_at = _mtime_ns(store.root)  # before listing: a version published meanwhile changes it again
         latest = store.latest()
         self._checked[job_id] = time.monotonic()
         if latest is None:
@@ -112,6 +126,7 @@ class ModelRegistry:
                 retry_after_s=max(1, int(min(self.settings.snapshot_interval_s, 30))),
             )
         if held is not None and held.version >= latest[0]:
+            self._listed[job_id] = listed_at
             return held
         with self._lock_for(job_id):
             held = self._models.get(job_id)
@@ -119,7 +134,53 @@ class ModelRegistry:
                 return held
             loaded = self._load(job_id, store, held)
             self._models[job_id] = loaded
+            if loaded.version >= latest[0]:
+                self._listed[job_id] = listed_at
             return loaded
+
+    def held_current(self, job_id: str) -> LoadedModel | None:
+        """The model `current` would answer with, when that is known without reading the snapshot dir: it is held
+        and the dir has not changed since its newest version was found (one stat). A dir changed within the last
+        second is listed again (`current`), since file systems stamp times coarsely. None otherwise."""
+        held = self._models.get(job_id)
+        listed = self._listed.get(job_id)
+        if held is None or listed is None:
+            return None
+        now_ns = time.time_ns()
+        mtime = _mtime_ns(self.settings.snapshots_dir(job_id))
+        if mtime != listed or now_ns - mtime < 1_000_000_000:
+            return None
+        return held
+
+    def held_version(self, job_id: str, version: int) -> LoadedModel | None:
+        """Exactly `version` when it is held or cached (no disk access), else None (`version` loads it)."""
+        held = self._models.get(job_id)
+        if held is not None and held.version == version:
+            return held
+        with self._guard:
+            return self._versions.get((job_id, int(version)))
+
+    def remember_dataset_dir(self, job_id: str, dataset_dir: Any) -> None:
+        """The job's training dataset dir (where label names may be stored), as its row said."""
+        self._dataset_dirs[job_id] = dataset_dir
+
+    def dataset_dir(self, job_id: str) -> Any:
+        return self._dataset_dirs.get(job_id)
+
+    def predicts_inline(self, loaded: LoadedModel, instances: list[Any], mode: str, max_instances: int) -> bool:
+        """Whether a request is small enough to answer on the event loop (no thread hop): at most `max_instances`
+        instances of at most INLINE_MAX_NNZ feature ids (texts are bounded by their schema), scored through the
+        hash tables or against an output layer of at most INLINE_MAX_EXACT_WEIGHTS weights: well under a
+        millisecond each. Never when predictions must take turns (no thread-safe Numba layer)."""
+        if not isinstance(self._predict_guard, nullcontext) or not 0 < len(instances) <= max_instances:
+            return False
+        for inst in instances:
+            if not isinstance(inst, str) and len(inst[0]) > INLINE_MAX_NNZ:
+                return False
+        model = loaded.model
+        if model.resolve_mode(mode)[1] == "lsh":
+            return True
+        return int(model.weights[-1].size) <= INLINE_MAX_EXACT_WEIGHTS
 
     def _load(self, job_id: str, store: Any, held: LoadedModel | None) -> LoadedModel:
         last_exc: Exception | None = None
@@ -214,6 +275,8 @@ class ModelRegistry:
     def evict(self, job_id: str) -> None:
         self._models.pop(job_id, None)
         self._checked.pop(job_id, None)
+        self._listed.pop(job_id, None)
+        self._dataset_dirs.pop(job_id, None)
         with self._guard:
             for key in [k for k in self._versions if k[0] == job_id]:
                 self._versions.pop(key, None)

@@ -213,6 +213,44 @@ def measure_inference(model, test, args) -> dict:
         if mode == "lsh":
             m = len(tops["exact"])
             out[name]["recall_at_5_vs_exact"] = topk_recall(tops[name][:m], tops["exact"][:m])
+    out["text"] = measure_text(model, test, rows, args)
+    return out
+
+
+def measure_text(model, test, rows, args) -> dict:
+    """The text path's cost at this model's size: `lsh` top-5 of the same queries as feature ids and as text,
+    alternating query by query (so the machine's load falls on both alike). The text featurizer's vocabulary is
+    the feature space (term `t<i>` = feature i, idf drawn once), a query's text its feature ids as words; the
+    text path runs `TextFeaturizer.transform_one` first, as the service does."""
+    from engine.text import TextFeaturizer
+
+    rng = np.random.default_rng(args.seed)
+    idf = (1.0 + rng.gamma(2.0, 2.0, size=int(model.num_features))).astype(np.float32)
+    featurizer = TextFeaturizer({}, [f"t{i}" for i in range(int(model.num_features))], idf)
+    lat: dict[str, list[float]] = {"indices": [], "text": []}
+    cpu: dict[str, list[float]] = {"indices": [], "text": []}
+    words = []
+    for r in rows:
+        s, e = test.x_indptr[r], test.x_indptr[r + 1]
+        ids, vals = test.x_indices[s:e], test.x_values[s:e]
+        text = " ".join(f"t{i}" for i in np.asarray(ids).tolist())
+        words.append(e - s)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        model.predict(np.array([0, e - s], dtype=np.int64), ids, vals, k=5, mode="lsh")
+        lat["indices"].append(time.perf_counter() - t0)
+        cpu["indices"].append(time.thread_time() - c0)
+        t0, c0 = time.perf_counter(), time.thread_time()
+        t_ids, t_vals = featurizer.transform_one(text)
+        model.predict(np.array([0, len(t_ids)], dtype=np.int64), t_ids, t_vals, k=5, mode="lsh")
+        lat["text"].append(time.perf_counter() - t0)
+        cpu["text"].append(time.thread_time() - c0)
+    out: dict = {"queries": len(rows), "mean_words": float(np.mean(words)), "vocabulary": int(model.num_features)}
+    for name in lat:
+        out[f"{name}_p50_ms"] = 1e3 * float(np.percentile(lat[name], 50))
+        out[f"{name}_p99_ms"] = 1e3 * float(np.percentile(lat[name], 99))
+        out[f"{name}_cpu_p50_ms"] = 1e3 * float(np.percentile(cpu[name], 50))
+    out["text_minus_indices_p50_ms"] = out["text_p50_ms"] - out["indices_p50_ms"]
+    out["text_minus_indices_cpu_p50_ms"] = out["text_cpu_p50_ms"] - out["indices_cpu_p50_ms"]
     return out
 
 
@@ -303,6 +341,7 @@ def main() -> int:
         default="ours-sparse,ours-dense,torch-dense",
         help="systems to (re)run; results of others from an earlier run with the same budget are kept",
     )
+    p.add_argument("--out", help="results file (default benchmarks/results/<preset>.json)")
     p.add_argument("--worker")
     p.add_argument("--data")
     args = p.parse_args()
@@ -320,7 +359,7 @@ def main() -> int:
         return 0
 
     info = prepare(args)
-    out = ROOT / "benchmarks" / "results" / f"{args.preset}.json"
+    out = Path(args.out) if args.out else ROOT / "benchmarks" / "results" / f"{args.preset}.json"
     previous = json.loads(out.read_text()) if out.exists() else {}
     same_setup = previous.get("budget_s") == args.budget and previous.get("threads") == args.threads
     results = dict(previous.get("results", {})) if same_setup else {}
@@ -375,9 +414,20 @@ def main() -> int:
     if "inference" in sp:
         print(f"\n{'mode':<13}{'p50 ms':>9}{'p99 ms':>9}{'batch q/s':>11}{'scored':>9}{'recall@5':>10}")
         for mode, r in sp["inference"].items():
+            if mode == "text":
+                continue
             print(
                 f"{mode:<13}{r['p50_ms']:>9.3f}{r['p99_ms']:>9.3f}{r['batch_queries_per_s']:>11.0f}"
                 f"{r['mean_scored']:>9.0f}{fmt(r.get('recall_at_5_vs_exact')):>10}"
+            )
+        tx = sp["inference"].get("text")
+        if tx:
+            print(
+                f"\nlsh top-5 by text ({tx['mean_words']:.0f} words, {tx['vocabulary']:,}-term vocabulary) against "
+                f"feature ids, alternating: p50 {tx['text_p50_ms']:.3f} / {tx['indices_p50_ms']:.3f} ms, p99 "
+                f"{tx['text_p99_ms']:.3f} / {tx['indices_p99_ms']:.3f} ms; text adds "
+                f"{tx['text_minus_indices_p50_ms']:.3f} ms at p50 (target: <= 1 ms); CPU time p50 "
+                f"{tx['text_cpu_p50_ms']:.3f} / {tx['indices_cpu_p50_ms']:.3f} ms"
             )
         print(f"\nours-sparse peak RSS / (weights + Adam + tables) = {sp['peak_rss_bytes'] / sp['state_bytes']:.2f}")
         if "peak_anon_rss_bytes" in sp:

@@ -579,7 +579,8 @@ class Run:
 
     def start_job(self, dataset_id: str) -> None:
         a = self.args
-        config = {"epochs": 1_000_000, "eval_every": a.eval_every, "seed": a.seed}
+        # Early stopping (on by default) would end the job within the phases: it trains until stopped.
+        config = {"epochs": 1_000_000, "early_stop_patience": 0, "eval_every": a.eval_every, "seed": a.seed}
         if a.trainer_threads:
             config["threads"] = a.trainer_threads
         config.update(json.loads(a.job_config) if a.job_config else {})
@@ -687,8 +688,13 @@ class Run:
         return result
 
     def stop_job(self) -> None:
-        log(f"stopping job {self.job_id}")
         t0 = time.monotonic()
+        state = self.job()["state"]
+        if state not in ("queued", "running", "interrupted"):
+            log(f"job {self.job_id} is already {state}")
+            self.stop_s = 0.0
+            return
+        log(f"stopping job {self.job_id}")
         self.service.call("POST", f"/v1/jobs/{self.job_id}/stop", "stop job")
         while self.job()["state"] not in ("stopped", "completed", "failed", "interrupted"):
             if time.monotonic() - t0 > 600:

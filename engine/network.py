@@ -16,6 +16,8 @@ import numpy as np
 
 from . import labels, lsh, tables
 from .config import DENSE_OUTPUT_MAX_LABELS, SlideConfig
+from .kernels.groups import Layers, Lookup, Retrieval, TopK
+from .kernels.groups import Tables as KernelTables
 from .kernels.inference import predict_batch, predict_batch_serial
 from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
@@ -196,7 +198,7 @@ class SlideModel:
                 tb.codes[:, rows] = lsh.hash_matrix(w, hf, rows, center=tb.center)
                 tb.inserted[rows] = round_id
             count = int(rows.size)
-        tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion, int(hf.params[7]), round_id)
+        tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion, hf.seed, round_id)
         self.update_hubs(layer, serving=serving_hubs)
         if layer == self.depth - 1:
             labels.drop_retired_from_tables(self)  # out of the buckets and the hubs
@@ -309,40 +311,23 @@ class SlideModel:
             return Predictions(out_labels, out_scores, n_scored, used)
         scratch = self._take_scratch(probes)
         try:
-            _, hid, ids, tags, counts, gens, qmargins, qcodes, qbuck = scratch
-            n_chunks = max(1, min(n, numba.get_num_threads(), tags.shape[0]))
-            hidx, hsign, hparams, toffsets, tids, hubs = self.kernel_tables(serving=True)
+            _, hid, ids, lookup = scratch
+            n_chunks = max(1, min(n, numba.get_num_threads(), lookup.tags.shape[0]))
+            retrieval = Retrieval(probes, self.config.active_threshold, self.predict_max_active)
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
             run(
                 indptr,
                 indices,
                 values,
                 use_tables,
-                self.weights[0],
-                self.b0,
-                self.weights,
-                self.layer_slot,
-                hidx,
-                hsign,
-                hparams,
-                toffsets,
-                tids,
-                hubs,
+                self.kernel_layers(),
+                self.kernel_tables(serving=True),
+                retrieval,
                 hid,
                 ids,
-                tags,
-                counts,
-                gens,
-                qmargins,
-                qcodes,
-                qbuck,
+                lookup,
                 n_chunks,
-                probes,
-                self.config.active_threshold,
-                self.predict_max_active,
-                out_labels,
-                out_scores,
-                n_scored,
+                TopK(out_labels, out_scores, n_scored),
             )
         finally:
             self._return_scratch(scratch)
@@ -395,11 +380,15 @@ class SlideModel:
         self.serving_report = report
         return report
 
-    def kernel_tables(self, serving: bool = False) -> tuple:
-        """(hidx, hsign, hparams, toffsets, tids, hubs) tuples as the kernels take them (a dummy when no
-        layer is sampled); `serving` gives each layer's serving hubs (its training hubs if it has none)."""
+    def kernel_layers(self) -> Layers:
+        """The parameters as the kernels take them (kernels.groups.Layers)."""
+        return Layers(self.weights, self.b0, self.layer_slot)
+
+    def kernel_tables(self, serving: bool = False) -> KernelTables:
+        """The hash functions, buckets and hubs as the kernels take them (kernels.groups.Tables; a dummy
+        when no layer is sampled); `serving` gives each layer's serving hubs (its training hubs if it has none)."""
         if not self.hashes:
-            return (
+            return KernelTables(
                 (np.zeros((1, 1), np.int32),),
                 (np.ones((1, 1), np.float32),),
                 (np.zeros(8, np.int64),),
@@ -407,7 +396,7 @@ class SlideModel:
                 (np.zeros((1, 1), np.int32),),
                 (np.zeros(0, np.int32),),
             )
-        return (
+        return KernelTables(
             tuple(h.idx for h in self.hashes),
             tuple(h.sign for h in self.hashes),
             tuple(h.params for h in self.hashes),
@@ -417,8 +406,8 @@ class SlideModel:
         )
 
     def _take_scratch(self, probes: int) -> tuple:
-        """Per-thread buffers for prediction with `probes` probes: (key, hid, ids, tags, counts, gens,
-        qmargins, qcodes, qbuck), taken from a process-wide pool keyed by their shapes, so concurrent
+        """Per-thread buffers for prediction with `probes` probes: (key, hid, ids, kernels.groups.Lookup),
+        taken from a process-wide pool keyed by their shapes, so concurrent
         requests never share one and a new version of the same model reuses its predecessor's (~45 MB
         per request at 670k labels) instead of leaving the allocator a fresh set at every swap."""
         threads = numba.config.NUMBA_NUM_THREADS
@@ -446,17 +435,15 @@ class SlideModel:
             if free:
                 return free.pop()
         hid = tuple(np.zeros((threads, width), dtype=np.float32) for width in widths)
-        return (
-            key,
-            hid,
-            np.zeros((threads, cap), np.int32),
-            np.zeros((threads, n_max), np.int64),
-            np.zeros((threads, cap), np.int32),
-            np.zeros(threads, np.int64),
-            np.zeros((threads, n_codes), np.float64),
-            np.zeros((threads, n_codes), np.int32),
-            np.zeros((threads, n_buckets), np.int32),
+        lookup = Lookup(
+            tags=np.zeros((threads, n_max), np.int64),
+            counts=np.zeros((threads, cap), np.int32),
+            gens=np.zeros(threads, np.int64),
+            qmargins=np.zeros((threads, n_codes), np.float64),
+            qcodes=np.zeros((threads, n_codes), np.int32),
+            qbuck=np.zeros((threads, n_buckets), np.int32),
         )
+        return (key, hid, np.zeros((threads, cap), np.int32), lookup)
 
     @staticmethod
     def _return_scratch(scratch: tuple) -> None:

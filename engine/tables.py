@@ -17,7 +17,7 @@ import numpy as np
 from numba import prange
 
 from ._numba import kernel, parallel_kernel
-from .lsh import mix3
+from .kernels.hashing import mix3
 
 FIFO, RESERVOIR = 0, 1
 POLICY_IDS = {"fifo": FIFO, "reservoir": RESERVOIR}

@@ -29,6 +29,7 @@ from . import labels, lsh, schedule
 from ._numba import set_threads
 from .config import SlideConfig
 from .kernels.forward import backward_batch, train_batch
+from .kernels.groups import Activations, Backprop, Batch, Lookup, Retrieval, Sampling
 from .kernels.optimizer import (
     group_by_feature,
     group_by_row,
@@ -70,28 +71,27 @@ CALIBRATION_POINTS = 200
 
 
 class StepBuffers(NamedTuple):
-    """Scratch of one training step, allocated once per batch size (shapes: kernels.forward).
+    """Scratch of one training step, allocated once per batch size (kernels.groups): per batch slot the
+    activations and deltas, per worker chunk the active-set lookup and the backward pass's rows."""
 
-    Per batch slot: hid, act_ids, act_val (tuples over layers), nact, delta0, losses, nkept. Per
-    worker chunk: tags, counts, gens (active-set membership, see kernels.sampling), qmargins, qcodes,
-    qbuck (one input's hash codes and buckets), gin, gprev (backward scratch rows).
-    """
+    act: Activations
+    lookup: Lookup
+    back: Backprop
 
-    hid: tuple
-    act_ids: tuple
-    act_val: tuple
-    nact: np.ndarray
-    delta0: np.ndarray
-    losses: np.ndarray
-    tags: np.ndarray
-    counts: np.ndarray
-    gens: np.ndarray
-    qmargins: np.ndarray
-    qcodes: np.ndarray
-    qbuck: np.ndarray
-    gin: np.ndarray
-    gprev: np.ndarray
-    nkept: np.ndarray
+    def first(self, b: int) -> Activations:
+        """The activations of the first b batch slots (a shorter last batch)."""
+        a = self.act
+        if b == a.nact.shape[0]:
+            return a
+        return Activations(
+            hid=tuple(h[:b] for h in a.hid),
+            act_ids=tuple(x[:b] for x in a.act_ids),
+            act_val=tuple(x[:b] for x in a.act_val),
+            nact=a.nact[:b],
+            nkept=a.nkept[:b],
+            delta0=a.delta0[:b],
+            losses=a.losses[:b],
+        )
 
 
 def epoch_order(seed: int, epoch: int, num_points: int) -> np.ndarray:
@@ -506,21 +506,24 @@ class Trainer:
             return np.zeros((threads, width), dtype)
 
         self._bufs: StepBuffers = StepBuffers(
-            hid=hid,
-            act_ids=tuple(act_ids),
-            act_val=tuple(act_val),
-            nact=np.zeros((batch, depth), np.int32),
-            delta0=np.zeros((batch, model.weights[0].shape[1]), np.float32),
-            losses=np.zeros(batch, np.float32),
-            tags=per_chunk(n_max, np.int64),
-            counts=per_chunk(max(a.shape[1] for a in act_ids), np.int32),
-            gens=np.zeros(threads, np.int64),
-            qmargins=per_chunk(n_codes, np.float64),
-            qcodes=per_chunk(n_codes, np.int32),
-            qbuck=per_chunk(n_tables_max * (1 + cfg.probes), np.int32),
-            gin=per_chunk(width_max, np.float32),
-            gprev=per_chunk(width_max, np.float32),
-            nkept=np.zeros(batch, np.int32),
+            act=Activations(
+                hid=hid,
+                act_ids=tuple(act_ids),
+                act_val=tuple(act_val),
+                nact=np.zeros((batch, depth), np.int32),
+                nkept=np.zeros(batch, np.int32),
+                delta0=np.zeros((batch, model.weights[0].shape[1]), np.float32),
+                losses=np.zeros(batch, np.float32),
+            ),
+            lookup=Lookup(
+                tags=per_chunk(n_max, np.int64),
+                counts=per_chunk(max(a.shape[1] for a in act_ids), np.int32),
+                gens=np.zeros(threads, np.int64),
+                qmargins=per_chunk(n_codes, np.float64),
+                qcodes=per_chunk(n_codes, np.int32),
+                qbuck=per_chunk(n_tables_max * (1 + cfg.probes), np.int32),
+            ),
+            back=Backprop(gin=per_chunk(width_max, np.float32), gprev=per_chunk(width_max, np.float32)),
         )
         self._group_of_row = [np.full(w.shape[0], -1, np.int32) for w in model.weights]
         out = model.depth - 1
@@ -540,29 +543,8 @@ class Trainer:
             raise ValueError("train_step needs at least one point")
         if b > cfg.batch_size:
             raise ValueError(f"a batch holds at most batch_size={cfg.batch_size} points, got {b}")
-        (
-            hid,
-            act_ids,
-            act_val,
-            nact,
-            delta0,
-            losses,
-            tags,
-            counts,
-            gens,
-            qmargins,
-            qcodes,
-            qbuck,
-            gin,
-            gprev,
-            nkept,
-        ) = self._buffers(cfg.batch_size)
-        if b != cfg.batch_size:
-            hid = tuple(h[:b] for h in hid)
-            act_ids = tuple(a[:b] for a in act_ids)
-            act_val = tuple(a[:b] for a in act_val)
-            nact, nkept, delta0, losses = nact[:b], nkept[:b], delta0[:b], losses[:b]
-        hidx, hsign, hparams, toffsets, tids, hubs = model.kernel_tables()
+        bufs = self._buffers(cfg.batch_size)
+        act = bufs.first(b)
         n_chunks = max(1, min(b, numba.get_num_threads()))
         fused = self._fused_output
         data = self._train_rows.take(points)
@@ -572,49 +554,34 @@ class Trainer:
             data = normalize_rows(data)
         self._lr = cfg.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.lr_decay)
         slots = np.arange(b, dtype=np.int64)
+        net = model.kernel_layers()
         train_batch(
             slots,
             self.samples_seen,
-            data.x_indptr,
-            data.x_indices,
-            data.x_values,
-            data.y_indptr,
-            data.y_indices,
-            model.weights[0],
-            model.b0,
-            model.weights,
-            model.layer_slot,
-            hidx,
-            hsign,
-            hparams,
-            toffsets,
-            tids,
-            hubs,
-            hid,
-            act_ids,
-            act_val,
-            nact,
-            nkept,
-            delta0,
-            losses,
-            tags,
-            counts,
-            gens,
-            qmargins,
-            qcodes,
-            qbuck,
-            gin,
-            gprev,
+            Batch(data.x_indptr, data.x_indices, data.x_values, data.y_indptr, data.y_indices),
+            net,
+            model.kernel_tables(),
+            Retrieval(cfg.probes, cfg.active_threshold, model.max_active),
+            Sampling(
+                min_active=cfg.min_active,
+                seed=cfg.seed,
+                hard_negatives=self._hard_negatives,
+                random_negatives=self._random_negatives,
+                negative_group=cfg.random_negative_group,
+            ),
+            act,
+            bufs.lookup,
+            bufs.back,
             n_chunks,
-            cfg.probes,
-            cfg.active_threshold,
-            model.max_active,
-            cfg.min_active,
-            cfg.seed,
-            self._hard_negatives,
-            self._random_negatives,
-            cfg.random_negative_group,
             not fused,
+        )
+        hid, act_ids, act_val, nact, delta0, losses = (
+            act.hid,
+            act.act_ids,
+            act.act_val,
+            act.nact,
+            act.delta0,
+            act.losses,
         )
         out = model.depth - 1
         layers = list(range(1, model.depth))
@@ -623,9 +590,7 @@ class Trainer:
             grad_inputs = self._grad_inputs[:, :b]
             grad_inputs[:] = 0.0
             self._update_layer(out, act_ids, act_val, nact, hid, grad_inputs)
-            backward_batch(
-                grad_inputs, n_chunks, model.weights, model.layer_slot, hid, act_ids, act_val, nact, delta0, gin, gprev
-            )
+            backward_batch(grad_inputs, n_chunks, net, act, bufs.back)
             layers.remove(out)
         for layer in layers:
             self._update_layer(layer, act_ids, act_val, nact, hid, self._grad_inputs[:0])

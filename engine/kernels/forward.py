@@ -7,7 +7,7 @@ contiguous row to hash, score and update. A layer with a hash-table slot compute
 neurons; the output layer normalises its softmax over the active set. Weights are float32 or
 bfloat16 bits (lowlevel.weight_at widens them); activations and sums are float32.
 
-Batch buffers (b = batch size, cap_l = most active neurons of layer l):
+Batch buffers (b = batch size, cap_l = most active neurons of layer l), grouped as kernels.groups says:
   hid[l]      float32 (b, width_l)  dense ReLU output of hidden layer l (l = 0 .. D-1)
   act_ids[l-1] int32  (b, cap_l)    active neuron ids of layer l (unused for dense layers)
   act_val[l-1] float32 (b, cap_l)   activations, overwritten by the backward pass with deltas
@@ -28,7 +28,8 @@ import numpy as np
 from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
-from ..lsh import hash_vector, probe_buckets
+from .groups import Activations, Layers, Tables
+from .hashing import SEED, TABLES, hash_vector, probe_buckets
 from .lowlevel import float_bits, float_from_bits, prefetch_row_read, weight_at
 from .sampling import (
     add_ids,
@@ -83,47 +84,43 @@ def neuron_preactivation(w, j, inp):
 
 
 @kernel
-def lsh_active_set(
-    inp,
-    slot,
-    hidx,
-    hsign,
-    hparams,
-    toffsets,
-    tids,
-    hubs,
-    tags,
-    counts,
-    gen,
-    qmargins,
-    qcodes,
-    qbuck,
-    probes,
-    threshold,
-    max_active,
-    ids,
-):
+def lsh_active_set(inp, slot, tabs, lookup, chunk, gen, retrieval, ids):
     """Retrieve the candidates of one input from a sampled layer's tables into ids; returns how many.
 
     The layer's hubs (the neurons scoring highest on its average input) join every set: they score
     high for most inputs, so they must keep meeting negative gradients, but cosine buckets centred on
-    the keys do not always return them. probes > 0 also reads that many neighbouring buckets per table
-    (multi-probe, see lsh.probe_buckets); qbuck must hold L * (1 + probes) entries. tags int64 (layer
-    width,) and gen: see sampling; counts int32 holds as many entries as ids.
+    the keys do not always return them. retrieval.probes > 0 also reads that many neighbouring buckets
+    per table (multi-probe, see hashing.probe_buckets). tabs: groups.Tables; lookup: groups.Lookup,
+    whose row `chunk` this call uses, with gen its current generation (see sampling); ids holds at
+    most as many entries as lookup.counts' rows.
     """
-    hp = hparams[slot]
-    n_tables = hp[2]
-    n_codes = hidx[slot].shape[0]
+    hp = tabs.hparams[slot]
+    hidx = tabs.hidx[slot]
+    hsign = tabs.hsign[slot]
+    n_tables = hp[TABLES]
+    n_codes = hidx.shape[0]
+    probes = retrieval.probes
     stride = 1 + probes
-    buckets = qbuck[: n_tables * stride]
+    tags = lookup.tags[chunk]
+    counts = lookup.counts[chunk]
+    qcodes = lookup.qcodes[chunk]
+    buckets = lookup.qbuck[chunk][: n_tables * stride]
     if probes == 0:
-        hash_vector(inp, hidx[slot], hsign[slot], hp, qcodes[:n_codes], buckets)
+        hash_vector(inp, hidx, hsign, hp, qcodes[:n_codes], buckets)
     else:
-        probe_buckets(inp, hidx[slot], hsign[slot], hp, probes, qmargins[:n_codes], qcodes[:n_codes], buckets)
-    n = collect_candidates(buckets, stride, toffsets[slot], tids[slot], tags, gen, ids, counts)
-    n = filter_candidates(ids, n, counts, threshold, max_active[slot], n_tables * stride, tie_seed(hp[7], buckets))
+        probe_buckets(inp, hidx, hsign, hp, probes, lookup.qmargins[chunk][:n_codes], qcodes[:n_codes], buckets)
+    n = collect_candidates(buckets, stride, tabs.offsets[slot], tabs.ids[slot], tags, gen, ids, counts)
+    n = filter_candidates(
+        ids,
+        n,
+        counts,
+        retrieval.threshold,
+        retrieval.max_active[slot],
+        n_tables * stride,
+        tie_seed(hp[SEED], buckets),
+    )
     mark_active(ids, n, tags, gen)
-    return add_ids(ids, n, hubs[slot], tags, gen, 1)
+    return add_ids(ids, n, tabs.hubs[slot], tags, gen, 1)
 
 
 @fast_kernel
@@ -144,68 +141,36 @@ def softmax_inplace(vals, n):
 
 @fast_kernel
 def train_point(
-    i,
-    p,
-    stream,
-    x_indptr,
-    x_indices,
-    x_values,
-    y_indptr,
-    y_indices,
-    inv_batch,
-    w0,
-    b0,
-    weights,
-    layer_slot,
-    hidx,
-    hsign,
-    hparams,
-    toffsets,
-    tids,
-    hubs,
-    hid,
-    act_ids,
-    act_val,
-    nact,
-    nkept,
-    delta0,
-    tags,
-    counts,
-    gens,
-    chunk,
-    qmargins,
-    qcodes,
-    qbuck,
-    gin,
-    gprev,
-    probes,
-    threshold,
-    max_active,
-    min_active,
-    seed,
-    hard_negatives,
-    random_negatives,
-    negative_group,
-    backprop_output,
+    i, p, stream, batch, inv_batch, net, tabs, retrieval, sampling, act, lookup, back, chunk, backprop_output
 ):
-    """Forward and backward of dataset row p in batch slot i; returns its loss (0 when unlabelled).
+    """Forward and backward of dataset row p of `batch` (groups.Batch) in batch slot i, on worker chunk
+    `chunk`'s scratch rows; returns its loss (0 when unlabelled). inv_batch: 1 / batch size.
 
     backprop_output False stops at the output layer's deltas: the caller runs the backward pass through
     that layer fused with its update (optimizer.update_sampled_layer) and the rest with backward_batch.
 
-    random_negatives > 0: a sampled output layer also draws that many neurons uniformly from those not
-    yet active, their logits raised by log(not yet active / drawn), so the softmax's normaliser is an
+    sampling.random_negatives > 0: a sampled output layer also draws that many neurons uniformly from those
+    not yet active, their logits raised by log(not yet active / drawn), so the softmax's normaliser is an
     unbiased estimate of the full one and the loss cannot fall by pushing every unretrieved label down
     at once. The negative_group consecutive points of a stream group read one random sequence, each
     keeping the first draws it had not retrieved: few enough share it that every row still meets a
     negative gradient every few steps (the unretrieved labels must be pushed down row by row), while
-    the optimizer steps on fewer distinct rows. hard_negatives > 0:
+    the optimizer steps on fewer distinct rows. sampling.hard_negatives > 0:
     only that many retrieved non-label neurons, those with the highest probability, keep their delta;
     the others' are set to exactly 0 (no gradient). Random negatives always keep theirs.
     """
+    weights = net.weights
+    layer_slot = net.layer_slot
+    hid, act_ids, act_val, nact, nkept = act.hid, act.act_ids, act.act_val, act.nact, act.nkept
+    tags = lookup.tags
+    seed = sampling.seed
+    random_negatives = sampling.random_negatives
+    hard_negatives = sampling.hard_negatives
     depth = len(weights)
-    sparse_input_layer(w0, b0, x_indices, x_values, x_indptr[p], x_indptr[p + 1], hid[0][i])
-    labels = y_indices[y_indptr[p] : y_indptr[p + 1]]
+    sparse_input_layer(
+        weights[0], net.b0, batch.x_indices, batch.x_values, batch.x_indptr[p], batch.x_indptr[p + 1], hid[0][i]
+    )
+    labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
     n_labels = labels.shape[0]
     gen = np.int64(0)
     for layer in range(1, depth):
@@ -217,35 +182,23 @@ def train_point(
         slot = layer_slot[layer]
         is_output = layer == depth - 1
         if slot >= 0:
-            gen = next_generation(tags, gens, chunk)
-            n = lsh_active_set(
-                inp,
-                slot,
-                hidx,
-                hsign,
-                hparams,
-                toffsets,
-                tids,
-                hubs,
-                tags[chunk],
-                counts[chunk],
-                gen,
-                qmargins[chunk],
-                qcodes[chunk],
-                qbuck[chunk],
-                probes,
-                threshold,
-                max_active,
-                ids,
-            )
+            gen = next_generation(tags, lookup.gens, chunk)
+            n = lsh_active_set(inp, slot, tabs, lookup, chunk, gen, retrieval, ids)
             if is_output:
                 n = add_ids(ids, n, labels, tags[chunk], gen, -1)
-            n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + layer)
+            n = pad_random(ids, n, sampling.min_active, out_dim, tags[chunk], gen, seed, stream * depth + layer)
             n_kept = n
             if is_output and random_negatives > 0:
                 # stream * depth + 0 is free: the input layer is never sampled
                 n = pad_random(
-                    ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed, (stream // negative_group) * depth
+                    ids,
+                    n,
+                    n + random_negatives,
+                    out_dim,
+                    tags[chunk],
+                    gen,
+                    seed,
+                    (stream // sampling.negative_group) * depth,
                 )
             for a in range(n):
                 prefetch_ahead(w, ids, a, n)
@@ -282,7 +235,7 @@ def train_point(
     if n_labels == 0:
         for layer in range(1, depth):
             act_val[layer - 1][i, : nact[i, layer]] = 0.0
-        delta0[i, :] = 0.0
+        act.delta0[i, :] = 0.0
         return 0.0
     share = 1.0 / n_labels
     if sampled:
@@ -291,7 +244,7 @@ def train_point(
         cut = -1.0
         if hard_negatives > 0 and n_kept - n_labels > hard_negatives:
             # probabilities are >= 0, so their float32 bit patterns order as they do
-            keys = counts[chunk]
+            keys = lookup.counts[chunk]
             c = 0
             for a in range(n_kept):
                 if not is_label(row_tags, ids[a]):
@@ -316,24 +269,26 @@ def train_point(
             vals[labels[q]] -= share * inv_batch
 
     if backprop_output:
-        backward_point(i, out_l, gin[chunk], gprev[chunk], weights, layer_slot, hid, act_ids, act_val, nact, delta0)
+        backward_point(i, out_l, back.gin[chunk], back.gprev[chunk], net, act)
     return loss
 
 
 @fast_kernel
-def backward_point(i, top, g, g_prev, weights, layer_slot, hid, act_ids, act_val, nact, delta0):
-    """Backward of batch slot i through layers top .. 1 (active neurons only), then delta0.
+def backward_point(i, top, g, g_prev, net, act):
+    """Backward of batch slot i through layers top .. 1 (active neurons only), then act.delta0.
 
     top = the output layer starts from its deltas in act_val; a lower top starts from g, the gradient
     at layer top's outputs (hid[top][i]). g and g_prev are float32 scratch rows of the widest layer.
     """
+    weights = net.weights
+    hid, act_ids, act_val, nact = act.hid, act.act_ids, act.act_val, act.nact
     out_l = len(weights) - 1
     for layer in range(top, 0, -1):
         w = weights[layer]
         in_dim = w.shape[1] - 1
         vals = act_val[layer - 1][i]
         ids = act_ids[layer - 1][i]
-        sampled = layer_slot[layer] >= 0
+        sampled = net.layer_slot[layer] >= 0
         n = nact[i, layer]
         if layer < out_l:
             h = hid[layer][i]
@@ -349,20 +304,27 @@ def backward_point(i, top, g, g_prev, weights, layer_slot, hid, act_ids, act_val
                     g_prev[k] += d * weight_at(row, k)
         g, g_prev = g_prev, g
     h0 = hid[0][i]
+    delta0 = act.delta0
     for k in range(h0.shape[0]):
         delta0[i, k] = g[k] if h0[k] > 0.0 else 0.0
 
 
 @fast_parallel_kernel
-def backward_batch(grad_inputs, n_chunks, weights, layer_slot, hid, act_ids, act_val, nact, delta0, gin, gprev):
+def backward_batch(grad_inputs, n_chunks, net, act, back):
     """The backward pass below the output layer for every point of a batch, from the gradient at the
     output layer's inputs: grad_inputs float32 (chunks, b, width) summed over chunks in order (see
     optimizer.update_sampled_layer). Chunk c of n_chunks owns scratch row c and points c, c+n_chunks, ...
     """
-    top = len(weights) - 2
+    top = len(net.weights) - 2
     b = grad_inputs.shape[1]
     width = grad_inputs.shape[2]
+    weights, b0, layer_slot = net
+    hid, act_ids, act_val, nact, nkept, delta0, losses = act
+    gin, gprev = back
     for c in prange(n_chunks):
+        # see kernels.groups: groups holding tuples are rebuilt inside the loop, stores go to unpacked arrays
+        net = Layers(weights, b0, layer_slot)
+        act = Activations(hid, act_ids, act_val, nact, nkept, delta0, losses)
         g = gin[c]
         for i in range(c, b, n_chunks):
             g[:width] = 0.0
@@ -370,104 +332,42 @@ def backward_batch(grad_inputs, n_chunks, weights, layer_slot, hid, act_ids, act
                 src = grad_inputs[part, i]
                 for k in range(width):
                     g[k] += src[k]
-            backward_point(i, top, g, gprev[c], weights, layer_slot, hid, act_ids, act_val, nact, delta0)
+            backward_point(i, top, g, gprev[c], net, act)
 
 
 @fast_parallel_kernel
 def train_batch(
-    points,
-    first_stream,
-    x_indptr,
-    x_indices,
-    x_values,
-    y_indptr,
-    y_indices,
-    w0,
-    b0,
-    weights,
-    layer_slot,
-    hidx,
-    hsign,
-    hparams,
-    toffsets,
-    tids,
-    hubs,
-    hid,
-    act_ids,
-    act_val,
-    nact,
-    nkept,
-    delta0,
-    losses,
-    tags,
-    counts,
-    gens,
-    qmargins,
-    qcodes,
-    qbuck,
-    gin,
-    gprev,
-    n_chunks,
-    probes,
-    threshold,
-    max_active,
-    min_active,
-    seed,
-    hard_negatives,
-    random_negatives,
-    negative_group,
-    backprop_output,
+    points, first_stream, batch, net, tabs, retrieval, sampling, act, lookup, back, n_chunks, backprop_output
 ):
-    """Forward + backward of every point of a batch; chunk c owns scratch row c and points c, c+n_chunks, ...
+    """Forward + backward of every point of a batch (dataset rows `points` of groups.Batch `batch`);
+    chunk c owns scratch row c and points c, c+n_chunks, ... Losses go to act.losses.
 
     Results do not depend on n_chunks: per-point randomness is keyed by the point's stream number.
     """
     b = points.shape[0]
     inv_batch = 1.0 / b
+    weights, b0, layer_slot = net
+    hidx, hsign, hparams, offsets, ids, hubs = tabs
+    hid, act_ids, act_val, nact, nkept, delta0, losses = act
     for c in prange(n_chunks):
+        # see kernels.groups: groups holding tuples are rebuilt inside the loop, stores go to unpacked arrays
+        net = Layers(weights, b0, layer_slot)
+        tabs = Tables(hidx, hsign, hparams, offsets, ids, hubs)
+        act = Activations(hid, act_ids, act_val, nact, nkept, delta0, losses)
         for i in range(c, b, n_chunks):
             losses[i] = train_point(
                 i,
                 points[i],
                 first_stream + i,
-                x_indptr,
-                x_indices,
-                x_values,
-                y_indptr,
-                y_indices,
+                batch,
                 inv_batch,
-                w0,
-                b0,
-                weights,
-                layer_slot,
-                hidx,
-                hsign,
-                hparams,
-                toffsets,
-                tids,
-                hubs,
-                hid,
-                act_ids,
-                act_val,
-                nact,
-                nkept,
-                delta0,
-                tags,
-                counts,
-                gens,
+                net,
+                tabs,
+                retrieval,
+                sampling,
+                act,
+                lookup,
+                back,
                 c,
-                qmargins,
-                qcodes,
-                qbuck,
-                gin,
-                gprev,
-                probes,
-                threshold,
-                max_active,
-                min_active,
-                seed,
-                hard_negatives,
-                random_negatives,
-                negative_group,
                 backprop_output,
             )

@@ -7,6 +7,7 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from .forward import lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
+from .groups import Layers, Tables
 from .sampling import next_generation
 
 
@@ -26,47 +27,25 @@ def push_topk(labels, scores, j, s):
 
 
 @fast_parallel_kernel
-def predict_batch(
-    indptr,
-    indices,
-    values,
-    use_tables,
-    w0,
-    b0,
-    weights,
-    layer_slot,
-    hidx,
-    hsign,
-    hparams,
-    toffsets,
-    tids,
-    hubs,
-    hid,
-    ids,
-    tags,
-    counts,
-    gens,
-    qmargins,
-    qcodes,
-    qbuck,
-    n_chunks,
-    probes,
-    threshold,
-    max_active,
-    out_labels,
-    out_scores,
-    n_scored,
-):
-    """out_labels int32 (n, k) (-1 where fewer than k were scored), out_scores float32 (n, k): raw
-    output-layer scores; n_scored int64 (n,): how many output neurons were scored per point.
+def predict_batch(indptr, indices, values, use_tables, net, tabs, retrieval, hid, ids, lookup, n_chunks, out):
+    """Top-k output neurons of n sparse points (CSR arrays) into out (groups.TopK): labels int32 (n, k)
+    (-1 where fewer than k were scored), scores float32 (n, k) (raw output-layer scores) and n_scored
+    int64 (n,) (how many output neurons were scored per point).
 
     use_tables bool (depth,): whether a sampled layer scores only its tables' candidates (else all its
-    neurons); a layer without tables (slot -1) is always dense."""
+    neurons); a layer without tables (slot -1) is always dense. net, tabs, retrieval, lookup: see
+    kernels.groups; hid (tuple over hidden layers) and ids int32 hold one row per chunk."""
     n = indptr.shape[0] - 1
+    weights, b0, layer_slot = net
+    hidx, hsign, hparams, offsets, table_ids, hubs = tabs
+    out_labels, out_scores, n_scored = out
     depth = len(weights)
     for c in prange(n_chunks):
+        # see kernels.groups: groups holding tuples are rebuilt inside the loop, stores go to unpacked arrays
+        net = Layers(weights, b0, layer_slot)
+        tabs = Tables(hidx, hsign, hparams, offsets, table_ids, hubs)
         for i in range(c, n, n_chunks):
-            sparse_input_layer(w0, b0, indices, values, indptr[i], indptr[i + 1], hid[0][c])
+            sparse_input_layer(weights[0], net.b0, indices, values, indptr[i], indptr[i + 1], hid[0][c])
             labels = out_labels[i]
             scores = out_scores[i]
             labels[:] = -1
@@ -74,30 +53,11 @@ def predict_batch(
             for layer in range(1, depth):
                 w = weights[layer]
                 inp = hid[layer - 1][c]
-                slot = layer_slot[layer]
+                slot = net.layer_slot[layer]
                 sampled = slot >= 0 and use_tables[layer]
                 if sampled:
-                    gen = next_generation(tags, gens, c)
-                    m = lsh_active_set(
-                        inp,
-                        slot,
-                        hidx,
-                        hsign,
-                        hparams,
-                        toffsets,
-                        tids,
-                        hubs,
-                        tags[c],
-                        counts[c],
-                        gen,
-                        qmargins[c],
-                        qcodes[c],
-                        qbuck[c],
-                        probes,
-                        threshold,
-                        max_active,
-                        ids[c],
-                    )
+                    gen = next_generation(lookup.tags, lookup.gens, c)
+                    m = lsh_active_set(inp, slot, tabs, lookup, c, gen, retrieval, ids[c])
                 else:
                     m = w.shape[0]
                 if layer < depth - 1:

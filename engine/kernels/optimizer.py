@@ -24,7 +24,7 @@ from numba import prange, types
 from numba.extending import overload
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
-from ..lsh import mix3
+from .hashing import mix3
 from .lowlevel import float_bits, float_from_bits, prefetch_item, prefetch_row, store_weight, weight_at
 
 _PREFETCH_AHEAD = 8

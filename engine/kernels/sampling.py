@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 
 from .._numba import kernel
-from ..lsh import mix3
+from .hashing import mix3
 from .lowlevel import prefetch_item
 
 _LOW = np.int64(0xFFFFFFFF)

@@ -73,7 +73,7 @@ def engine_hidden(model, data, p):
 
 def active_masks(trainer, n_points):
     """{layer: bool (b, out)} of the neurons each point of the last batch computed (sampled layers)."""
-    act_ids, nact = trainer._bufs.act_ids, trainer._bufs.nact
+    act_ids, nact = trainer._bufs.act.act_ids, trainer._bufs.act.nact
     masks = {}
     for layer in trainer.model.sampled_layers():
         mask = np.zeros((n_points, trainer.model.weights[layer].shape[0]), dtype=bool)
@@ -285,7 +285,7 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
         masks = active_masks(trainer, len(points))
         keep = naive.hard_negative_mask(ref.w0, ref.b0, ref.ws, x, labels, masks, 3)
         bufs = trainer._bufs
-        act_ids, act_val, nact = bufs.act_ids, bufs.act_val, bufs.nact
+        act_ids, act_val, nact = bufs.act.act_ids, bufs.act.act_val, bufs.act.nact
         for i, y in enumerate(labels):
             n = nact[i, out]
             kept = act_ids[out - 1][i, :n][act_val[out - 1][i, :n] != 0]
@@ -300,9 +300,9 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
 def drawn_negatives(trainer, n_points):
     """(drawn, shift): bool (b, labels) of the random negatives of each point of the last batch, and
     the log-Q shift the engine should have added to their logits: log(not yet active / drawn)."""
-    act_ids, nact = trainer._bufs.act_ids, trainer._bufs.nact
+    act_ids, nact = trainer._bufs.act.act_ids, trainer._bufs.act.nact
     n_labels = trainer.model.num_labels
-    nkept = trainer._bufs.nkept
+    nkept = trainer._bufs.act.nkept
     out = trainer.model.depth - 1
     drawn = np.zeros((n_points, n_labels), dtype=bool)
     shift = np.zeros((n_points, n_labels))
@@ -348,8 +348,8 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
         masks = active_masks(trainer, len(points))
         drawn, shift = drawn_negatives(trainer, len(points))
         bufs = trainer._bufs
-        act_ids, act_val, nact = bufs.act_ids, bufs.act_val, bufs.nact
-        nkept = bufs.nkept[: len(points)]
+        act_ids, act_val, nact = bufs.act.act_ids, bufs.act.act_val, bufs.act.nact
+        nkept = bufs.act.nkept[: len(points)]
         assert (drawn.sum(axis=1) == np.minimum(r, L - nkept)).all()
         for i, y in enumerate(labels):
             assert not drawn[i, y].any(), "labels are never drawn: they are already active"
@@ -389,8 +389,8 @@ def test_random_negatives_are_uniform_over_the_unretrieved(data):
     for _ in range(25):
         trainer.train_step(np.arange(40))
         drawn, _ = drawn_negatives(trainer, 40)
-        act_ids = trainer._bufs.act_ids
-        nkept = trainer._bufs.nkept
+        act_ids = trainer._bufs.act.act_ids
+        nkept = trainer._bufs.act.nkept
         for i in range(40):
             retrieved = np.zeros(L, dtype=bool)
             retrieved[act_ids[0][i, : nkept[i]]] = True
@@ -556,7 +556,7 @@ def test_active_set_follows_the_buckets(data, max_active):
     trainer.train_step(points)
     masks = active_masks(trainer, 8)[1]
     for i, p in enumerate(points):
-        h = trainer._bufs.hid[0][i]  # the hidden vector the step hashed (bits matter for SimHash)
+        h = trainer._bufs.act.hid[0][i]  # the hidden vector the step hashed (bits matter for SimHash)
         s, e = data.x_indptr[p], data.x_indptr[p + 1]
         np.testing.assert_allclose(
             h, naive.hidden_float32(w0, b0, data.x_indices[s:e], data.x_values[s:e]), rtol=1e-5, atol=1e-6

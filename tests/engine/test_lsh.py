@@ -10,6 +10,7 @@ import pytest
 
 from engine import lsh
 from engine.config import SlideConfig
+from engine.kernels import hashing
 
 from . import naive
 
@@ -165,9 +166,9 @@ def test_mixed_radix_index_is_a_bijection(radix, k):
     log-shift combination reached ~3.6% of buckets)."""
     combos = np.array(list(itertools.product(range(radix), repeat=k)), dtype=np.int32)
     n = len(combos)
-    params = np.array([lsh.WTA, k, n, radix, radix**k, 0, math.ceil(math.log2(radix**k)), 123], np.int64)
+    params = np.array([hashing.WTA, k, n, radix, radix**k, 0, math.ceil(math.log2(radix**k)), 123], np.int64)
     buckets = np.empty(n, dtype=np.int32)
-    lsh.combine_codes(combos.ravel(), params, buckets)
+    hashing.combine_codes(combos.ravel(), params, buckets)
     assert sorted(buckets.tolist()) == list(range(radix**k))
     # ... and the id is the mixed-radix number with code j as digit j.
     np.testing.assert_array_equal(buckets, combos @ (radix ** np.arange(k)))
@@ -213,9 +214,9 @@ def test_folded_index_reaches_every_bucket_with_uniform_load():
     k, bits = 16, 8
     combos = ((np.arange(2**k)[:, None] >> np.arange(k)) & 1).astype(np.int32)
     n = len(combos)
-    params = np.array([lsh.SIMHASH, k, n, 2, 2**bits, 1, bits, 77], np.int64)
+    params = np.array([hashing.SIMHASH, k, n, 2, 2**bits, 1, bits, 77], np.int64)
     buckets = np.empty(n, dtype=np.int32)
-    lsh.combine_codes(combos.ravel(), params, buckets)
+    hashing.combine_codes(combos.ravel(), params, buckets)
     counts = np.bincount(buckets, minlength=2**bits)
     assert len(counts) == 2**bits and counts.min() > 0
     expected = n / 2**bits  # 256

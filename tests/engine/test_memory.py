@@ -49,10 +49,19 @@ def test_parts_are_the_arrays_a_trainer_allocates(settings):
     assert est.parts["optimizer"] == _nbytes(optimizer) + _nbytes(trainer.input_mean.values())
     tables = [a for t in model.tables for a in t] + [a for h in model.hashes for a in h]
     assert est.parts["tables"] == _nbytes(tables)
-    flat = [a for x in bufs for a in (x if isinstance(x, tuple) else (x,))]
+    flat = list(_leaves(bufs))
     assert est.parts["step_buffers"] == _nbytes(flat) + _nbytes(trainer._group_of_row) + trainer._grad_inputs.nbytes
     assert est.serving == _nbytes(model_arrays(model).values())
     assert est.total == est.trainer + est.serving > est.parts["baseline"]
+
+
+def _leaves(x):
+    """The arrays of nested tuples (the step buffers' groups of per-layer tuples)."""
+    if isinstance(x, tuple):
+        for y in x:
+            yield from _leaves(y)
+    else:
+        yield x
 
 
 def test_estimate_grows_with_what_drives_it():

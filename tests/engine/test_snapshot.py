@@ -214,7 +214,7 @@ def test_snapshot_from_before_serving_hubs_serves_with_the_training_hubs(tmp_pat
     del arrays["table0_serve_hubs"]
     old = model_from_arrays(cfg, train.num_features, train.num_labels, arrays)
     assert old.tables[0].serve_hubs.shape == (0,)
-    np.testing.assert_array_equal(old.kernel_tables(serving=True)[5][0], trainer.model.tables[0].hubs)
+    np.testing.assert_array_equal(old.kernel_tables(serving=True).hubs[0], trainer.model.tables[0].hubs)
     labels, _ = predict_both(old, test, "lsh")
     assert labels.shape == (test.num_points, 5)
 

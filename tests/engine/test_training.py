@@ -120,7 +120,7 @@ def test_lazy_adam_touches_only_active_rows_and_present_features(data):
         before = [w.copy() for w in model.weights]
         b0_before = model.b0.copy()
         trainer.train_step(points)
-        act_ids, nact = trainer._bufs.act_ids, trainer._bufs.nact
+        act_ids, nact = trainer._bufs.act.act_ids, trainer._bufs.act.nact
         active = np.unique(np.concatenate([act_ids[out - 1][i, : nact[i, out]] for i in range(len(points))]))
         present = np.unique(np.concatenate([data.x_indices[data.x_indptr[p] : data.x_indptr[p + 1]] for p in points]))
         assert 0 < len(active) < model.num_labels and 0 < len(present) < model.num_features

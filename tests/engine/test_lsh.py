@@ -107,7 +107,9 @@ def test_multi_probe_flips_the_least_confident_bits(table_bits):
             for p in range(1, 4):
                 flipped = codes.copy()
                 flipped[order[p - 1]] ^= 1
-                want = naive.combine(flipped, k, n_tables, 2, int(hf.params[5]), int(hf.params[6]), int(hf.params[7]))
+                want = naive.combine(
+                    flipped, k, n_tables, 2, int(hf.params[hashing.FOLD]), int(hf.params[hashing.TABLE_BITS]), hf.seed
+                )
                 assert got[t, p] == want[t]
 
 

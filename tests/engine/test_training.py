@@ -247,7 +247,7 @@ def test_rebuild_every_draws_new_functions(data):
         hf, tb = model.hashes[0], model.tables[0]
         if r % 2 == 0:
             assert not np.array_equal(hf.idx, history[-1].idx) or not np.array_equal(hf.sign, history[-1].sign)
-            assert hf.params[7] != history[-1].params[7]
+            assert hf.seed != history[-1].seed
             assert hashed == model.num_labels  # a rebuild rehashes every neuron
             assert np.all(tb.inserted == r)
             np.testing.assert_array_equal(tb.codes, lsh.hash_matrix(model.weights[-1], hf, center=tb.center))

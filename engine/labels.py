@@ -406,13 +406,6 @@ def grow_features(model: SlideModel, num_features: int, rng: np.random.Generator
     _match_access(model)
 
 
-def pad_rows(a: np.ndarray, rows: int) -> np.ndarray:
-    """a with zero rows appended up to `rows` rows (a itself when it has them)."""
-    if a.shape[0] >= rows:
-        return a
-    return np.concatenate([a, np.zeros((rows - a.shape[0], *a.shape[1:]), a.dtype)])
-
-
 def merge_label_names(old: LabelNames | None, old_count: int, new_names: Sequence[str]) -> tuple[np.ndarray, list[str]]:
     """Match a dataset's label names to a model's: (int64 map from dataset label id to model label id, the
     model's names after the dataset's unknown names are appended in order)."""

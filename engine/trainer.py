@@ -27,6 +27,7 @@ import numpy as np
 
 from . import labels, lsh, schedule
 from ._numba import set_threads
+from .adam import LazyAdamState
 from .config import SlideConfig
 from .kernels.forward import backward_batch, train_batch
 from .kernels.groups import Activations, Backprop, Batch, Lookup, Retrieval, Sampling
@@ -117,12 +118,12 @@ class Trainer:
         test: Dataset | None = None,
         store: SnapshotStore | None = None,
         model: SlideModel | None = None,
-        optimizer: dict[str, np.ndarray] | None = None,
+        optimizer: LazyAdamState | None = None,
         init_from: str | os.PathLike | SnapshotStore | None = None,
         label_names: Sequence[str] | None = None,
         featurizer: TextFeaturizer | None = None,
     ):
-        """optimizer: Adam's state as `arrays()` names it (`opt_m0`, ...), to continue from; None = fresh.
+        """optimizer: Adam's state to continue from; None = fresh.
 
         init_from: a snapshot (a version directory, or a store or its root for the newest version) to start
         from instead of a fresh model: its weights, tables, optimizer state and featurizer, grown to the data
@@ -180,38 +181,27 @@ class Trainer:
         self._serving_hubs_step = -1
 
     # ---- state ------------------------------------------------------------------------------
-    def _init_optimizer(self, arrays: dict[str, np.ndarray] | None = None) -> None:
+    def _init_optimizer(self, state: LazyAdamState | None = None) -> None:
         w = self.model.weights
-        if arrays is not None:  # taken as they are: no zeroed copy beside them (it would count against a ceiling)
-            depth = len(w)
+        if state is not None:  # taken as it is: no zeroed copy beside it (it would count against a ceiling)
             # a snapshot written after labels were added keeps the optimizer's arrays: new rows start at zero
-            arrays = dict(arrays)
-            for layer in range(depth):
-                for kind in ("m", "v", "steps", "drift"):
-                    name = f"opt_{kind}{layer}"
-                    arrays[name] = labels.pad_rows(arrays[name], w[layer].shape[0])
-            self.m = tuple(arrays[f"opt_m{layer}"] for layer in range(depth))
-            for layer, m in enumerate(self.m):
+            state = state.grown([x.shape[0] for x in w])
+            for layer, m in enumerate(state.m):
                 if m.dtype != self._moment_dtype(layer):
                     raise ValueError(
                         f"opt_m{layer} is {m.dtype}, the config says {np.dtype(self._moment_dtype(layer))}"
                     )
-            self.v = tuple(arrays[f"opt_v{layer}"] for layer in range(depth))
-            self.steps = tuple(arrays[f"opt_steps{layer}"] for layer in range(depth))
-            self.drift = tuple(arrays[f"opt_drift{layer}"] for layer in range(depth))
-            self.mb0, self.vb0 = arrays["opt_mb0"], arrays["opt_vb0"]
-            self.input_mean = {layer: arrays[f"opt_input_mean{layer}"] for layer in self.model.sampled_layers()}
+            self.adam = state
             return
-        self.m = tuple(np.zeros(x.shape, self._moment_dtype(layer)) for layer, x in enumerate(w))
-        self.v = tuple(np.zeros(x.shape, np.float32) for x in w)
-        self.steps = tuple(np.zeros(x.shape[0], dtype=np.int64) for x in w)
-        self.drift = tuple(np.zeros(x.shape[0], dtype=np.float32) for x in w)
-        self.mb0 = np.zeros_like(self.model.b0)
-        self.vb0 = np.zeros_like(self.model.b0)
-        self.input_mean = {
-            layer: self.model.tables[self.model.layer_slot[layer]].query_center.astype(np.float64)
-            for layer in self.model.sampled_layers()
-        }
+        self.adam = LazyAdamState.zeros(
+            w,
+            self.model.b0,
+            [self._moment_dtype(layer) for layer in range(len(w))],
+            {
+                layer: self.model.tables[self.model.layer_slot[layer]].query_center
+                for layer in self.model.sampled_layers()
+            },
+        )
 
     def _moment_dtype(self, layer: int) -> type:
         """dtype of layer's first moment: bfloat16 bits (uint16) for a sampled layer if configured."""
@@ -260,17 +250,7 @@ class Trainer:
     def arrays(self) -> dict[str, np.ndarray]:
         """The training state: the model training continues from, and the optimizer's arrays."""
         arrays = model_arrays(self._training_model or self.model)
-        for layer in range(len(self.m)):
-            arrays.update(
-                {
-                    f"opt_m{layer}": self.m[layer],
-                    f"opt_v{layer}": self.v[layer],
-                    f"opt_steps{layer}": self.steps[layer],
-                    f"opt_drift{layer}": self.drift[layer],
-                }
-            )
-        arrays.update({"opt_mb0": self.mb0, "opt_vb0": self.vb0})
-        arrays.update({f"opt_input_mean{layer}": m for layer, m in self.input_mean.items()})
+        arrays.update(self.adam.to_arrays())
         return arrays
 
     def publish(self) -> tuple[int, Path] | None:
@@ -362,18 +342,13 @@ class Trainer:
         was_live = labels.retire_labels(self.model, ids)
         out = self.model.depth - 1
         rows = np.asarray(list(ids), dtype=np.int64)
-        for arr in (self.m[out], self.v[out], self.steps[out], self.drift[out]):
-            arr[rows] = 0
+        self.adam.reset_rows(out, rows)
         self._retired = self._retired_labels()
         self._serving_hubs_step = -1
         return was_live
 
     def _grow_optimizer(self) -> None:
-        w = self.model.weights
-        self.m = tuple(labels.pad_rows(a, x.shape[0]) for a, x in zip(self.m, w, strict=True))
-        self.v = tuple(labels.pad_rows(a, x.shape[0]) for a, x in zip(self.v, w, strict=True))
-        self.steps = tuple(labels.pad_rows(a, x.shape[0]) for a, x in zip(self.steps, w, strict=True))
-        self.drift = tuple(labels.pad_rows(a, x.shape[0]) for a, x in zip(self.drift, w, strict=True))
+        self.adam = self.adam.grown([w.shape[0] for w in self.model.weights])
 
     def _serves_best(self) -> bool:
         """Whether the served model is a kept best one rather than the current training state."""
@@ -399,7 +374,7 @@ class Trainer:
         if self._serving_hubs_step == self.step:
             return  # weights and input means change only in a step
         for layer in self.model.sampled_layers():
-            self.model.update_hubs(layer, training=False, center=self.input_mean[layer])
+            self.model.update_hubs(layer, training=False, center=self.adam.input_mean[layer])
         self._serving_hubs_step = self.step
 
     @classmethod
@@ -440,7 +415,7 @@ class Trainer:
             raise ValueError("the training set's dimensions differ from the snapshot's")
         st = manifest["trainer_state"]
         try:
-            trainer = cls(config, train, test, store, model=model, optimizer=arrays)
+            trainer = cls(config, train, test, store, model=model, optimizer=LazyAdamState.from_arrays(arrays))
         except ValueError as exc:
             raise ValueError(f"snapshot {path}: {exc}") from exc
         trainer.best = st.get("best")
@@ -600,9 +575,9 @@ class Trainer:
         lr, b1, b2, eps = self._lr, cfg.beta1, cfg.beta2, cfg.eps
         update_input_layer(
             model.weights[0],
-            self.m[0],
-            self.v[0],
-            self.steps[0],
+            self.adam.m[0],
+            self.adam.v[0],
+            self.adam.steps[0],
             data.x_values,
             delta0,
             group_start,
@@ -614,11 +589,11 @@ class Trainer:
             b2,
             eps,
         )
-        update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
+        update_input_bias(model.b0, self.adam.mb0, self.adam.vb0, delta0, self.step + 1, lr, b1, b2, eps)
         for layer in model.sampled_layers():
             # running mean of the layer's inputs, which picks the hubs at the next rehash
-            self.input_mean[layer] *= _INPUT_MEAN_DECAY
-            self.input_mean[layer] += (1.0 - _INPUT_MEAN_DECAY) * hid[layer - 1].mean(axis=0, dtype=np.float64)
+            self.adam.input_mean[layer] *= _INPUT_MEAN_DECAY
+            self.adam.input_mean[layer] += (1.0 - _INPUT_MEAN_DECAY) * hid[layer - 1].mean(axis=0, dtype=np.float64)
         self.step += 1
         self.samples_seen += b
         labelled = int(np.count_nonzero(self._labelled[points]))
@@ -642,10 +617,10 @@ class Trainer:
             )
             update_sampled_layer(
                 w,
-                self.m[layer],
-                self.v[layer],
-                self.steps[layer],
-                self.drift[layer],
+                self.adam.m[layer],
+                self.adam.v[layer],
+                self.adam.steps[layer],
+                self.adam.drift[layer],
                 act_val[layer - 1],
                 hid[layer - 1],
                 group_start,
@@ -662,10 +637,10 @@ class Trainer:
         else:
             update_dense_layer(
                 w,
-                self.m[layer],
-                self.v[layer],
-                self.steps[layer],
-                self.drift[layer],
+                self.adam.m[layer],
+                self.adam.v[layer],
+                self.adam.steps[layer],
+                self.adam.drift[layer],
                 act_val[layer - 1],
                 hid[layer - 1],
                 lr,
@@ -682,17 +657,17 @@ class Trainer:
         rebuild = cfg.rebuild_every > 0 and self.rehash_round % cfg.rebuild_every == 0
         hashed = 0
         for layer in model.sampled_layers():
-            model.tables[model.layer_slot[layer]].query_center[:] = self.input_mean[layer]
+            model.tables[model.layer_slot[layer]].query_center[:] = self.adam.input_mean[layer]
             rng = np.random.default_rng([cfg.seed, 11, self.rehash_round, layer]) if rebuild else None
             rows = None
             if cfg.drift_threshold > 0 and not rebuild:
                 norms = model.row_norms(layer)
-                rows = np.flatnonzero(self.drift[layer] > cfg.drift_threshold * np.maximum(norms, 1e-12))
+                rows = np.flatnonzero(self.adam.drift[layer] > cfg.drift_threshold * np.maximum(norms, 1e-12))
             hashed += model.rehash_layer(layer, self.rehash_round, rows=rows, new_functions=rng, serving_hubs=False)
             if rows is None:
-                self.drift[layer][:] = 0.0
+                self.adam.drift[layer][:] = 0.0
             else:
-                self.drift[layer][rows] = 0.0
+                self.adam.drift[layer][rows] = 0.0
         interval = min(cfg.rehash_max_interval, cfg.rehash_n0 * math.exp(cfg.rehash_lambda * self.rehash_round))
         self.next_rehash_step = self.step + max(1, int(round(interval)))
         return hashed

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from . import labels
+from .adam import LazyAdamState
 from .config import SlideConfig
 from .memory import MemoryEstimate, estimate_memory
 from .network import SlideModel, layer_slots
@@ -55,7 +56,7 @@ class WarmStart(NamedTuple):
 
     config: SlideConfig
     model: SlideModel
-    optimizer: dict[str, np.ndarray]
+    optimizer: LazyAdamState
     train: Dataset
     test: Dataset | None
 
@@ -211,10 +212,7 @@ def warm_start(
         from .text import LabelNames
 
         model.label_names = LabelNames.from_list(names)
-    optimizer = {n: a for n, a in arrays.items() if n.startswith("opt_")}
-    for layer, w in enumerate(model.weights):
-        for kind in ("m", "v", "steps", "drift"):
-            optimizer[f"opt_{kind}{layer}"] = labels.pad_rows(optimizer[f"opt_{kind}{layer}"], w.shape[0])
+    optimizer = LazyAdamState.from_arrays(arrays).grown([w.shape[0] for w in model.weights])
     return WarmStart(cfg, model, optimizer, train, test)
 
 

@@ -129,9 +129,9 @@ class NaiveAdam:
         ours = [self.w0, *self.ws]
         for layer, w in enumerate(model.weights):
             np.testing.assert_array_equal(
-                trainer.steps[layer], self.steps[layer], err_msg=f"step counts of layer {layer}"
+                trainer.adam.steps[layer], self.steps[layer], err_msg=f"step counts of layer {layer}"
             )
-            m = trainer.m[layer]
+            m = trainer.adam.m[layer]
             if m.dtype == np.uint16:
                 # one bfloat16 step (2^-8) where float32 and float64 round a value to different sides
                 np.testing.assert_allclose(
@@ -144,11 +144,11 @@ class NaiveAdam:
                 np.testing.assert_allclose(m, self.m[layer], rtol=rtol, atol=atol_m, err_msg=f"m of layer {layer}")
             atol_v = max(1e-12, 1e-6 * float(np.abs(self.v[layer]).max(initial=0.0)))
             np.testing.assert_allclose(
-                trainer.v[layer], self.v[layer], rtol=rtol, atol=atol_v, err_msg=f"v of layer {layer}"
+                trainer.adam.v[layer], self.v[layer], rtol=rtol, atol=atol_v, err_msg=f"v of layer {layer}"
             )
             np.testing.assert_allclose(w, ours[layer], rtol=rtol, atol=atol_w, err_msg=f"weights of layer {layer}")
         np.testing.assert_allclose(model.b0, self.b0, rtol=rtol, atol=atol_w)
-        np.testing.assert_allclose(trainer.mb0, self.mb0, rtol=rtol, atol=1e-9)
+        np.testing.assert_allclose(trainer.adam.mb0, self.mb0, rtol=rtol, atol=1e-9)
 
 
 # ---- dense training step == naive gradient + naive lazy Adam -----------------------------------------
@@ -182,7 +182,7 @@ def test_first_moment_is_the_batch_gradient(data):
     g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
     for layer, g in enumerate([g_w0, *gs]):
         assert np.abs(g).max() > 1e-4
-        np.testing.assert_allclose(trainer.m[layer] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8)
+        np.testing.assert_allclose(trainer.adam.m[layer] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8)
 
 
 def test_unlabelled_points_contribute_no_gradient(data):
@@ -213,7 +213,7 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
     g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
     for layer, g in enumerate([g_w0, *gs]):
         np.testing.assert_allclose(
-            trainer.m[layer] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8, err_msg=f"gradient of layer {layer}"
+            trainer.adam.m[layer] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8, err_msg=f"gradient of layer {layer}"
         )
 
 
@@ -280,7 +280,7 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
     out = trainer.model.depth - 1
     for points in (np.arange(8), np.arange(5, 13), np.array([30, 31, 1, 2])):
         x, labels = batch(data, points)
-        before = trainer.steps[out].copy()
+        before = trainer.adam.steps[out].copy()
         trainer.train_step(points)
         masks = active_masks(trainer, len(points))
         keep = naive.hard_negative_mask(ref.w0, ref.b0, ref.ws, x, labels, masks, 3)
@@ -293,7 +293,7 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
             assert n - len(y) > 3 + 2, "enough negatives for the cut to bite"
         ref.step(x, labels, active=masks, keep=keep)
         ref.assert_matches(trainer)
-        stepped = np.flatnonzero(trainer.steps[out] != before)
+        stepped = np.flatnonzero(trainer.adam.steps[out] != before)
         assert 0 < len(stepped) < len(np.flatnonzero(masks[out].any(axis=0)))
 
 
@@ -608,7 +608,7 @@ def test_engine_gradient_matches_finite_differences_of_the_engine_loss(data):
         return loss / len(points), trainer
 
     _, trainer = run(base.weights, base.b0)
-    grads = [m / (1 - cfg.beta1) for m in trainer.m]
+    grads = [m / (1 - cfg.beta1) for m in trainer.adam.m]
     rng = np.random.default_rng(1)
     h = 1e-2  # the engine keeps per-point losses in float32: the step must dwarf their rounding
     checked = 0
@@ -862,15 +862,15 @@ def test_bfloat16_first_moments_follow_float32_adam(data):
         moment_dtype="float32",
     )
     exact, compact = Trainer(cfg, data), Trainer(cfg.replace(moment_dtype="bfloat16"), data)
-    assert compact.m[1].dtype == np.uint16 and exact.m[1].dtype == np.float32
-    assert compact.m[0].dtype == np.float32, "dense layers keep float32 moments"
+    assert compact.adam.m[1].dtype == np.uint16 and exact.adam.m[1].dtype == np.float32
+    assert compact.adam.m[0].dtype == np.float32, "dense layers keep float32 moments"
     start = compact.model.weights[1].copy()
     exact.train_step(np.arange(8))
     compact.train_step(np.arange(8))
     for a, b in zip(exact.model.weights, compact.model.weights, strict=True):
         np.testing.assert_array_equal(a, b)
-    np.testing.assert_array_equal(compact.m[1], to_bfloat16(exact.m[1]))
-    assert np.count_nonzero(compact.m[1]) > 0
+    np.testing.assert_array_equal(compact.adam.m[1], to_bfloat16(exact.adam.m[1]))
+    assert np.count_nonzero(compact.adam.m[1]) > 0
     for s in range(1, 6):
         points = np.arange(8 * s, 8 * s + 8) % data.num_points
         exact.train_step(points)
@@ -955,7 +955,7 @@ def test_bfloat16_weights_take_the_float32_step_rounded_to_a_neighbour(data):
     )
     exact, compact = Trainer(cfg, data), Trainer(cfg.replace(weight_dtype="bfloat16"), data)
     assert all(w.dtype == np.uint16 for w in compact.model.weights)
-    assert compact.v[1].dtype == np.float32 and compact.model.b0.dtype == np.float32
+    assert compact.adam.v[1].dtype == np.float32 and compact.model.b0.dtype == np.float32
     for layer in range(exact.model.depth):
         exact.model.weights[layer][:] = compact.model.float_weights(layer)
     exact.model.rehash_layer(1, round_id=0)
@@ -966,8 +966,8 @@ def test_bfloat16_weights_take_the_float32_step_rounded_to_a_neighbour(data):
     loss_compact, _, _ = compact.train_step(points)
     assert loss_compact == pytest.approx(loss_exact, rel=1e-5)
     for layer in range(exact.model.depth):
-        np.testing.assert_array_equal(compact.steps[layer], exact.steps[layer])
-        np.testing.assert_allclose(compact.v[layer], exact.v[layer], rtol=1e-5, atol=1e-12)
+        np.testing.assert_array_equal(compact.adam.steps[layer], exact.adam.steps[layer])
+        np.testing.assert_allclose(compact.adam.v[layer], exact.adam.v[layer], rtol=1e-5, atol=1e-12)
         want = exact.model.weights[layer]
         bits = want.view(np.uint32)
         down = from_bfloat16((bits >> 16).astype(np.uint16))  # toward zero
@@ -978,7 +978,7 @@ def test_bfloat16_weights_take_the_float32_step_rounded_to_a_neighbour(data):
         off = ~on_grid
         assert np.all((got[off] == down[off]) | (got[off] == up[off])), f"layer {layer}"
         assert np.any(got[off] == down[off]) and np.any(got[off] == up[off])
-        idle = exact.steps[layer] == 0
+        idle = exact.adam.steps[layer] == 0
         np.testing.assert_array_equal(compact.model.weights[layer][idle], start[layer][idle])
 
 

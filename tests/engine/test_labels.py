@@ -157,7 +157,7 @@ def test_trainer_adds_and_retires_while_training_and_resumes(data, trained, tmp_
     # a resumed trainer (a killed one, too, starts from here) keeps both
     again = Trainer.resume(store, _drop_last_labels(train, keep), _drop_last_labels(test, keep))
     assert again.model.num_labels == keep + 1
-    assert again.m[-1].shape[0] == keep + 1 and again._retired is not None and again._retired[common]
+    assert again.adam.m[-1].shape[0] == keep + 1 and again._retired is not None and again._retired[common]
     again.config = again.config.replace(epochs=3)
     again.run()
     model = load_model(store.latest()[1])
@@ -194,7 +194,7 @@ def test_warm_start_grows_labels_and_features_and_leaves_the_source(data, traine
             assert j in members or np.diff(tb.offsets[t])[b] == model.config.bucket_size
     src_model = load_model(path)
     np.testing.assert_array_equal(model.float_weights(1)[:keep], src_model.float_weights(1))
-    assert trainer.m[1].shape[0] == train.num_labels
+    assert trainer.adam.m[1].shape[0] == train.num_labels
     result = trainer.run()
     assert np.isfinite(result["loss"]) and result["p_at_1"] > 0
     after = load_arrays(path)
@@ -279,5 +279,5 @@ def test_edit_snapshot_publishes_a_version_linking_what_did_not_change(data, tra
         lab.edit_snapshot(store, add=[("fresh", examples)])
     # training resumes from the edited version: Adam's state of the new row is zero
     trainer = Trainer.resume(store, _drop_last_labels(train, keep), _drop_last_labels(test, keep))
-    assert trainer.m[1].shape[0] == keep + 1 and not trainer.v[1][keep].any()
+    assert trainer.adam.m[1].shape[0] == keep + 1 and not trainer.adam.v[1][keep].any()
     assert trainer._retired is not None and trainer._retired[0]

@@ -45,8 +45,7 @@ def test_parts_are_the_arrays_a_trainer_allocates(settings):
     est = estimate_for(cfg, train, test, threads=numba.config.NUMBA_NUM_THREADS)  # the pool the buffers are for
     model = trainer.model
     assert est.parts["weights"] == _nbytes(model.weights) + model.b0.nbytes
-    optimizer = [*trainer.m, *trainer.v, *trainer.steps, *trainer.drift, trainer.mb0, trainer.vb0]
-    assert est.parts["optimizer"] == _nbytes(optimizer) + _nbytes(trainer.input_mean.values())
+    assert est.parts["optimizer"] == _nbytes(trainer.adam.to_arrays().values())
     tables = [a for t in model.tables for a in t] + [a for h in model.hashes for a in h]
     assert est.parts["tables"] == _nbytes(tables)
     flat = list(_leaves(bufs))
@@ -161,7 +160,7 @@ def test_resume_holds_one_copy_of_the_optimizer_state(tmp_path):
     store = SnapshotStore(tmp_path / "store")
     first = Trainer(SlideConfig(hidden=(64,), epochs=1, threads=1, batch_size=200), train, test, store)
     first.run()
-    optimizer = _nbytes([*first.m, *first.v, *first.steps, *first.drift])
+    optimizer = _nbytes([*first.adam.m, *first.adam.v, *first.adam.steps, *first.adam.drift])
     snapshot = sum(f.stat().st_size for f in store.latest()[1].glob("*.npy"))
     del first
     tracemalloc.start()

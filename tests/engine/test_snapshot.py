@@ -239,7 +239,7 @@ def test_snapshot_from_before_moment_dtype_resumes_with_float32_moments(tmp_path
     del manifest["config"]["moment_dtype"]
     (path / MANIFEST).write_text(json.dumps(manifest))
     resumed = Trainer.resume(store, train, test)
-    assert resumed.config.moment_dtype == "float32" and resumed.m[1].dtype == np.float32
+    assert resumed.config.moment_dtype == "float32" and resumed.adam.m[1].dtype == np.float32
     resumed.run()
     assert resumed.step == 16
 

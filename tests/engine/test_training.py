@@ -136,12 +136,12 @@ def test_lazy_adam_touches_only_active_rows_and_present_features(data):
         assert np.mean(np.any(model.weights[0][present] != before[0][present], axis=1)) > 0.8
         assert not np.array_equal(model.b0, b0_before)
     # Per-row step counts = batches in which the row was touched; never-touched rows have no state.
-    np.testing.assert_array_equal(trainer.steps[out], active_count)
-    np.testing.assert_array_equal(trainer.steps[0], feature_count)
+    np.testing.assert_array_equal(trainer.adam.steps[out], active_count)
+    np.testing.assert_array_equal(trainer.adam.steps[0], feature_count)
     never = active_count == 0
     assert never.any()
-    assert np.all(trainer.m[out][never] == 0) and np.all(trainer.v[out][never] == 0)
-    assert np.all(trainer.m[0][feature_count == 0] == 0)
+    assert np.all(trainer.adam.m[out][never] == 0) and np.all(trainer.adam.v[out][never] == 0)
+    assert np.all(trainer.adam.m[0][feature_count == 0] == 0)
 
 
 # ---- rehash schedule -------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def test_rehash_reinserts_every_neuron_at_its_current_bucket(data):
     np.testing.assert_allclose(tb.center, model.float_weights(-1)[:, :-1].mean(axis=0), rtol=1e-5, atol=1e-8)
     np.testing.assert_array_equal(tb.codes, lsh.hash_matrix(w, hf, center=tb.center))
     assert np.all(tb.inserted == 1)
-    assert np.all(trainer.drift[-1] == 0)
+    assert np.all(trainer.adam.drift[-1] == 0)
 
 
 def test_drift_threshold_rehashes_only_drifted_rows(data):
@@ -206,15 +206,15 @@ def test_drift_threshold_rehashes_only_drifted_rows(data):
         trainer.train_step(np.arange(16 * s, 16 * s + 16))
     w = model.weights[out]
     norms = np.linalg.norm(model.float_weights(out)[:, :-1], axis=1)
-    ratio = trainer.drift[out] / norms
+    ratio = trainer.adam.drift[out] / norms
     # Pick the threshold so that about half of the touched rows count as drifted.
     threshold = float(np.median(ratio[ratio > 0]))
     trainer.config = trainer.config.replace(drift_threshold=threshold)
-    drifted = np.flatnonzero(trainer.drift[out] > threshold * norms)
+    drifted = np.flatnonzero(trainer.adam.drift[out] > threshold * norms)
     steady = np.setdiff1d(np.arange(model.num_labels), drifted)
     assert 0 < len(drifted) < model.num_labels
     codes_before, inserted_before = tb.codes.copy(), tb.inserted.copy()
-    drift_before = trainer.drift[out].copy()
+    drift_before = trainer.adam.drift[out].copy()
     center_before = tb.center.copy()
     fresh = lsh.hash_matrix(w, hf, center=tb.center)
     assert not np.array_equal(fresh[:, steady], codes_before[:, steady]), (
@@ -227,8 +227,8 @@ def test_drift_threshold_rehashes_only_drifted_rows(data):
     np.testing.assert_array_equal(tb.codes[:, steady], codes_before[:, steady])
     assert np.all(tb.inserted[drifted] == 1)
     np.testing.assert_array_equal(tb.inserted[steady], inserted_before[steady])
-    assert np.all(trainer.drift[out][drifted] == 0)
-    np.testing.assert_array_equal(trainer.drift[out][steady], drift_before[steady])
+    assert np.all(trainer.adam.drift[out][drifted] == 0)
+    np.testing.assert_array_equal(trainer.adam.drift[out][steady], drift_before[steady])
     # The buckets hold what the codes say.
     for t in range(hf.n_tables):
         for b in np.unique(tb.codes[t]):
@@ -381,7 +381,7 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
     tb = model.tables[0]
     assert tb.serve_hubs.shape == (40,) and len(set(tb.serve_hubs.tolist())) == 40
     w = model.float_weights(1)
-    static = w[:, :-1] @ trainer.input_mean[1] + w[:, -1]
+    static = w[:, :-1] @ trainer.adam.input_mean[1] + w[:, -1]
     norms = np.linalg.norm(w[:, :-1], axis=1)
     serve = set(tb.serve_hubs.tolist())
     assert set(np.argsort(-static)[:20].tolist()) <= serve
@@ -420,7 +420,7 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
     bare = Trainer(cfg.replace(eval_points=0), train)
     bare.run(time_budget_s=0.5)
     served = bare.model.tables[0].serve_hubs.copy()
-    bare.model.update_hubs(1, training=False, center=bare.input_mean[1])
+    bare.model.update_hubs(1, training=False, center=bare.adam.input_mean[1])
     np.testing.assert_array_equal(bare.model.tables[0].serve_hubs, served)
 
 
@@ -434,4 +434,4 @@ def test_train_step_refuses_empty_and_oversized_batches():
     with pytest.raises(ValueError, match="at most batch_size=8"):
         trainer.train_step(np.arange(9))
     trainer.train_step(np.arange(8))
-    assert all(np.all(np.isfinite(m)) for m in trainer.input_mean.values())
+    assert all(np.all(np.isfinite(m)) for m in trainer.adam.input_mean.values())

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from docker.utils.build import PatternMatcher
 from dockerfile_parse import DockerfileParser
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -208,46 +209,23 @@ def test_healthcheck_calls_healthz_with_urllib():
 
 
 # --------------------------------------------------------------------------------------------------
-# .dockerignore (Docker's rules: patterns match a path or any of its parents; the last match wins)
+# .dockerignore, matched by the Docker SDK's PatternMatcher (Moby's rules: a pattern matches a path or any of
+# its parents, `**` spans directories, the last matching line wins)
 
 
-def _pattern_regex(pattern: str) -> re.Pattern:
-    out, i = "", 0
-    while i < len(pattern):
-        if pattern.startswith("**/", i):
-            out, i = out + "(?:.*/)?", i + 3
-        elif pattern.startswith("**", i):
-            out, i = out + ".*", i + 2
-        elif pattern[i] == "*":
-            out, i = out + "[^/]*", i + 1
-        elif pattern[i] == "?":
-            out, i = out + "[^/]", i + 1
-        else:
-            out, i = out + re.escape(pattern[i]), i + 1
-    return re.compile(out + r"\Z")
+def dockerignore_patterns(lines: list[str] | None = None) -> list[str]:
+    """The patterns of .dockerignore (or of `lines`) as the Docker client reads them: no blanks, no comments."""
+    if lines is None:
+        lines = DOCKERIGNORE.read_text().splitlines() if DOCKERIGNORE.exists() else []
+    return [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
 
 
 def dockerignored(path: str, lines: list[str] | None = None) -> bool:
-    if lines is None:
-        lines = DOCKERIGNORE.read_text().splitlines() if DOCKERIGNORE.exists() else []
-    path = os.path.normpath(path).lstrip("/")
-    parts = path.split("/")
-    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-    excluded = False
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        negate = line.startswith("!")
-        pattern = os.path.normpath(line.lstrip("!").strip()).lstrip("/")
-        regex = _pattern_regex(pattern)
-        if any(regex.match(p) for p in prefixes):
-            excluded = not negate
-    return excluded
+    return bool(PatternMatcher(dockerignore_patterns(lines)).matches(os.path.normpath(path).lstrip("/")))
 
 
 def test_dockerignore_rules_as_docker_reads_them():
-    rules = ["*", "!engine", "!docker/entrypoint.sh", "**/__pycache__"]
+    rules = ["# comment", "*", "!engine", "", "!docker/entrypoint.sh", "**/__pycache__"]
     assert dockerignored(".venv/bin/python", rules)
     assert not dockerignored("engine/sparse.py", rules)
     assert dockerignored("engine/__pycache__/sparse.cpython-311.pyc", rules)

@@ -318,6 +318,13 @@ class ModelPublic(BaseModel):
     num_labels: int | None = None
     train_dataset_id: str
     versions: list[ModelVersionPublic]
+    resolved: dict[str, Any] | None = Field(
+        None,
+        description="What the job's settings resolve to for its data, from the newest snapshot: which layers are "
+        "LSH-sampled and, per layer (`layers`, by layer number), its neurons, hash K and L, buckets per table, "
+        "retrieval caps in training and serving, hubs and negatives; the training and validation points, steps "
+        "per epoch and warm-up steps. Null before the first snapshot, and in the model list.",
+    )
 
 
 class ModelList(BaseModel):

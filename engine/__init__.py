@@ -39,6 +39,10 @@ _EXPORTS = {
     "TrainingMetrics": "engine.progress",
     "SnapshotStore": "engine.snapshot",
     "load_model": "engine.snapshot",
+    "read_manifest": "engine.snapshot",
+    "manifest_resolved": "engine.snapshot",
+    "resolve": "engine.resolve",
+    "Resolved": "engine.resolve",
 }
 
 __all__ = sorted(_EXPORTS)

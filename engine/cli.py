@@ -207,6 +207,7 @@ def _train(args, trainer, store, estimate) -> int:
     from tqdm import tqdm
 
     resolved = trainer.resolved()
+    resolved = resolved.to_dict() if hasattr(resolved, "to_dict") else resolved  # the sharded trainer's is a dict
     _emit(
         {
             "estimated_memory_bytes": estimate.total,

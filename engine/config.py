@@ -242,9 +242,10 @@ class SlideConfig:
         _check(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype", "must be float32 or bfloat16")
         _check(self.weight_dtype in ("float32", "bfloat16"), "weight_dtype", "must be float32 or bfloat16")
         _check(
-            1 <= self.active_threshold <= (self.hash_l or WIDE_LAYER_TABLES),
+            1 <= self.active_threshold <= (self.hash_l or SMALL_LAYER_TABLES),
             "active_threshold",
-            f"must be in [1, hash_l] ({WIDE_LAYER_TABLES} when hash_l is 0, auto)",
+            f"must be in [1, hash_l] (at most {SMALL_LAYER_TABLES} when hash_l is 0, auto; engine.resolve checks it "
+            f"against each layer's tables once the data's shape is known: {WIDE_LAYER_TABLES} for a wide layer)",
         )
         _check(
             self.hash_family == "simhash" or (self.probes == 0 and self.predict_probes <= 0),

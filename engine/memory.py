@@ -3,8 +3,8 @@
 `estimate_memory` adds up the arrays a `Trainer` holds (weights, Adam's moments and step counts, hash tables,
 step buffers, data read buffers, evaluation scratch), the largest short-lived allocation on top of them, and the
 resident size of a trainer process before any of it (interpreter, numpy, Numba and its compiled kernels). The
-auto settings are resolved with the engine's own resolvers (`lsh.resolve_*`, `network.layer_widths`), so the
-estimate follows them. `serving` is separate: the published snapshot's model arrays (weights and tables), which
+auto settings are resolved by the engine's own resolver (`engine.resolve`), so the estimate follows them.
+`serving` is separate: the published snapshot's model arrays (weights and tables), which
 a service maps to answer predictions while the job trains.
 
 The estimate is checked against the measured peak resident size of trainer processes (tests/engine/test_memory.py).
@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import lsh, schedule
 from .config import SlideConfig
-from .network import layer_slots, layer_widths
+from .network import layer_widths, slots_of
+from .resolve import resolve
 
 BASELINE_BYTES = 185 * 2**20
 """Resident size of a trainer process before its model: Python, numpy, Numba, llvmlite and the compiled kernels
@@ -123,7 +123,9 @@ def estimate_memory(
     n_points, n_feat, n_lab = int(num_points), int(num_features), int(num_labels)
     widths = layer_widths(cfg, n_feat, n_lab)
     depth = len(widths) - 1  # weight layers, the input layer included
-    slots = layer_slots(cfg, n_lab)
+    plan = resolve(cfg, n_feat, n_lab, n_points)
+    slots = slots_of(plan)
+    by_layer = {p.layer: p for p in plan.layers}
     wbytes = 2 if cfg.weight_dtype == "bfloat16" else 4
     if max_labels_per_point is None:
         avg = label_entries / n_points if n_points else 1.0
@@ -147,11 +149,11 @@ def estimate_memory(
     tables = 0
     layer_l, layer_cap, layer_codes, hubs_of, serve_hubs_of = {}, {}, {}, {}, {}
     for layer in sampled:
-        n, dim = widths[layer + 1], widths[layer]
-        k, n_tables = lsh.resolve_k(cfg, n), lsh.resolve_l(cfg, n)
-        _, n_buckets, _, _ = lsh.table_geometry(cfg, k)
+        lp = by_layer[layer]
+        n, dim = lp.neurons, lp.inputs
+        k, n_tables, n_buckets = lp.hash_k, lp.hash_l, lp.buckets
         per_code = max(1, int(round(cfg.simhash_density * dim))) if cfg.hash_family == "simhash" else cfg.bin_size
-        hubs, serve_hubs = min(n, lsh.resolve_hubs(cfg, n)), min(n, lsh.resolve_serve_hubs(cfg, n))
+        hubs, serve_hubs = min(n, lp.hub_neurons), min(n, lp.predict_hubs)
         tables += 2 * n_tables * n * 4  # codes, ids
         tables += n * 4 + n_tables * (n_buckets + 1) * 8  # inserted, offsets
         tables += dim * (4 + 4) + (hubs + serve_hubs) * 4  # center, query_center, hubs
@@ -163,7 +165,7 @@ def estimate_memory(
             hubs,
             serve_hubs,
         )
-        extra = lsh.resolve_random_negatives(cfg, n) if layer == depth - 1 else 0
+        extra = lp.random_negatives
         layer_cap[layer] = min(
             n, n_tables * (1 + cfg.probes) * cfg.bucket_size + hubs + max_labels + cfg.min_active + extra
         )
@@ -196,7 +198,7 @@ def estimate_memory(
         share = used / eval_points
         evaluation += used * 8 + int(share * (eval_nnz * 8 + eval_label_entries * 4)) + used * 16  # rows, batch
         evaluation += used * _MAX_K * 8  # top-k out
-        pp = cfg.probes if cfg.predict_probes == -1 else cfg.predict_probes
+        pp = plan.predict_probes
         serve_cap = max(
             [
                 min(
@@ -211,7 +213,7 @@ def estimate_memory(
         evaluation += t * max(layer_l.values() or [1]) * (1 + pp) * 4
 
     # The validation split (schedule.validation_split): its rows in memory, and the copy of the best model so far.
-    n_val = schedule.validation_size(cfg, n_points)
+    n_val = plan.val_points or 0
     validation = 0
     if n_val:
         share = n_val / n_points
@@ -224,8 +226,7 @@ def estimate_memory(
     init = max(min(rows[layer], _INIT_ROWS) * cols[layer] * (4 + (2 if wbytes == 2 else 0)) for layer in range(depth))
     rebuild = 0
     for layer in sampled:
-        n, dim = widths[layer + 1], widths[layer]
-        _, n_buckets, _, _ = lsh.table_geometry(cfg, layer_codes[layer] // layer_l[layer])
+        n, dim, n_buckets = by_layer[layer].neurons, by_layer[layer].inputs, by_layer[layer].buckets
         per_table = (n_buckets + 1) * 8 * 3 + n * 4
         hashing = min(_HASH_CHUNKS, t) * (dim * _HASH_BLOCK * 4 + layer_codes[layer] * _HASH_BLOCK * 4) + n * 8
         rebuild = max(rebuild, min(t, layer_l[layer]) * per_table + hashing, n * (4 + 4 + 8 + 8))
@@ -233,7 +234,7 @@ def estimate_memory(
     per_point = [
         min(
             layer_cap[layer],
-            (lsh.resolve_max_active(cfg, widths[layer + 1]) or layer_cap[layer])
+            (by_layer[layer].max_active or layer_cap[layer])
             + layer_cap[layer]
             - layer_l[layer] * (1 + cfg.probes) * cfg.bucket_size,
         )

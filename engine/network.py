@@ -8,6 +8,7 @@ is float32 or bfloat16 bits (uint16), as config.weight_dtype says; `float_weight
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from typing import TYPE_CHECKING, Literal, NamedTuple
 
@@ -15,7 +16,7 @@ import numba
 import numpy as np
 
 from . import labels, lsh, tables
-from .config import DENSE_OUTPUT_MAX_LABELS, SlideConfig
+from .config import SlideConfig
 from .kernels.groups import Layers, Lookup, Retrieval, TopK
 from .kernels.groups import Tables as KernelTables
 from .kernels.inference import predict_batch, predict_batch_serial
@@ -23,6 +24,7 @@ from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
 from .lsh import HashFunctions
 from .metrics import precision_at_k, topk_recall
+from .resolve import Resolved, resolve
 from .sparse import unit_rows
 from .tables import Tables
 
@@ -88,16 +90,12 @@ class SlideModel:
         self.b0 = b0
         self.hashes = list(hashes)
         self.tables = list(tables_)
-        self.layer_slot = layer_slots(config, num_labels)
-        sampled = np.flatnonzero(self.layer_slot >= 0)
-        self.max_active = np.array(
-            [lsh.resolve_max_active(config, self.weights[layer].shape[0]) for layer in sampled] or [0], dtype=np.int64
-        )
-        self.predict_probes = config.probes if config.predict_probes == -1 else config.predict_probes
-        self.predict_max_active = np.array(
-            [lsh.resolve_max_active(config, self.weights[layer].shape[0], True) for layer in sampled] or [0],
-            dtype=np.int64,
-        )
+        plan = resolve(config, self.num_features, self.num_labels)
+        self.layer_slot = slots_of(plan)
+        plans = [plan.layers[layer - 1] for layer in self.sampled_layers()]
+        self.max_active = np.array([p.max_active for p in plans] or [0], dtype=np.int64)
+        self.predict_probes = plan.predict_probes
+        self.predict_max_active = np.array([p.predict_max_active for p in plans] or [0], dtype=np.int64)
         if len(self.hashes) != int((self.layer_slot >= 0).sum()) or len(self.tables) != len(self.hashes):
             raise ValueError("one hash family and one table set are needed per sampled layer")
         self.featurizer: TextFeaturizer | None = None
@@ -125,30 +123,47 @@ class SlideModel:
         weights = [_random_layer(rng, num_features, widths[1], config.init_std, dtype, bias=False)]
         for layer in range(1, len(widths) - 1):
             weights.append(_random_layer(rng, widths[layer + 1], widths[layer] + 1, config.init_std, dtype, bias=True))
-        sampled = [int(layer) for layer in np.flatnonzero(layer_slots(config, num_labels) >= 0)]
-        hashes = [lsh.draw_hash_functions(config, widths[layer], widths[layer + 1], rng) for layer in sampled]
+        plan = resolve(config, num_features, num_labels)
+        sampled = [p for p in plan.layers if p.sampled]
+        hashes = [lsh.draw_hash_functions(config, p.inputs, p.neurons, rng) for p in sampled]
         tabs = [
-            tables.empty_tables(
-                hf.n_tables,
-                widths[layer + 1],
-                hf.num_buckets,
-                widths[layer],
-                lsh.resolve_hubs(config, widths[layer + 1]),
-                lsh.resolve_serve_hubs(config, widths[layer + 1]),
-            )
-            for layer, hf in zip(sampled, hashes, strict=True)
+            tables.empty_tables(hf.n_tables, p.neurons, hf.num_buckets, p.inputs, p.hub_neurons, p.predict_hubs)
+            for p, hf in zip(sampled, hashes, strict=True)
         ]
         model = cls(
             config, num_features, num_labels, tuple(weights), np.zeros(widths[1], dtype=np.float32), hashes, tabs
         )
-        for layer in sampled:
-            model.rehash_layer(layer, round_id=0)
+        for p in sampled:
+            model.rehash_layer(p.layer, round_id=0)
         return model
 
     @property
     def depth(self) -> int:
         """Number of weight layers (input layer included)."""
         return len(self.weights)
+
+    @property
+    def plan(self) -> Resolved:
+        """The concrete per-layer values the model runs with: the config resolved for its shape (engine.resolve),
+        with each sampled layer's K, L, buckets, hubs and caps as its hash functions, tables and arrays hold them
+        (a model read from a snapshot keeps the values it was built with)."""
+        plan = resolve(self.config, self.num_features, self.num_labels)
+        layers = list(plan.layers)
+        for layer in self.sampled_layers():
+            slot = int(self.layer_slot[layer])
+            hf, tb = self.hashes[slot], self.tables[slot]
+            layers[layer - 1] = dataclasses.replace(
+                layers[layer - 1],
+                neurons=int(self.weights[layer].shape[0]),
+                hash_k=hf.k,
+                hash_l=hf.n_tables,
+                buckets=hf.num_buckets,
+                max_active=int(self.max_active[slot]),
+                predict_max_active=int(self.predict_max_active[slot]),
+                hub_neurons=int(tb.hubs.shape[0]),
+                predict_hubs=int(tb.serve_hubs.shape[0]),
+            )
+        return dataclasses.replace(plan, layers=tuple(layers), predict_probes=self.predict_probes)
 
     def sampled_layers(self) -> list[int]:
         return [int(layer) for layer in np.flatnonzero(self.layer_slot >= 0)]
@@ -488,25 +503,17 @@ def layer_widths(config: SlideConfig, num_features: int, num_labels: int) -> lis
     return [int(num_features), *config.hidden, int(num_labels)]
 
 
-def samples_output(config: SlideConfig, num_labels: int) -> bool:
-    """Whether the output layer is LSH-sampled: as configured, or (None = auto) when it is wider than
-    DENSE_OUTPUT_MAX_LABELS."""
-    if config.sample_output is None:
-        return int(num_labels) > DENSE_OUTPUT_MAX_LABELS
-    return bool(config.sample_output)
+def slots_of(plan: Resolved) -> np.ndarray:
+    """int64 (depth,): hash-table slot of each weight layer, -1 for dense layers and the input layer."""
+    slots = np.full(len(plan.layers) + 1, -1, dtype=np.int64)
+    sampled = plan.sampled_layers()
+    slots[sampled] = np.arange(len(sampled))
+    return slots
 
 
 def layer_slots(config: SlideConfig, num_labels: int) -> np.ndarray:
-    """int64 (depth,): hash-table slot of each weight layer, -1 for dense layers and the input layer."""
-    depth = len(config.hidden) + 1
-    slots = np.full(depth, -1, dtype=np.int64)
-    sample_output = samples_output(config, num_labels)
-    s = 0
-    for layer in range(1, depth):
-        if (layer == depth - 1 and sample_output) or (layer < depth - 1 and config.sample_hidden):
-            slots[layer] = s
-            s += 1
-    return slots
+    """slots_of the config's plan for this many labels (which layers are sampled needs no other shape)."""
+    return slots_of(resolve(config, 1, num_labels))
 
 
 def check_csr(indptr, indices, values, num_features: int):

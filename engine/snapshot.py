@@ -25,6 +25,7 @@ import numpy as np
 from .config import SlideConfig
 from .lsh import HashFunctions
 from .network import SlideModel, layer_slots
+from .resolve import resolve
 from .tables import Tables
 
 FORMAT_VERSION = 1
@@ -54,6 +55,20 @@ def manifest_config(manifest: dict) -> SlideConfig:
     """The config a snapshot was written with; settings added since keep the meaning its arrays had
     (float32 weights and moments before weight_dtype and moment_dtype existed)."""
     return SlideConfig.from_dict({"moment_dtype": "float32", "weight_dtype": "float32", **manifest["config"]})
+
+
+def manifest_resolved(manifest: dict) -> dict:
+    """What the snapshot's config resolves to for its data (engine.resolve, as `Resolved.to_dict`): as its
+    trainer recorded it, or, for a snapshot written before the record had per-layer plans, from its config
+    and shape (with the run's values it did record)."""
+    recorded = (manifest.get("trainer_state") or {}).get("resolved") or {}
+    if "layers" in recorded:
+        return recorded
+    out = resolve(manifest_config(manifest), manifest["num_features"], manifest["num_labels"]).to_dict()
+    out.update(
+        {k: recorded[k] for k in ("train_points", "val_points", "steps_per_epoch", "lr_warmup_steps") if k in recorded}
+    )
+    return out
 
 
 def model_from_arrays(config: SlideConfig, num_features: int, num_labels: int, arrays) -> SlideModel:

@@ -14,6 +14,7 @@ when `run()` returns `trainer.model` is the best model. The test set is only rep
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import re
@@ -25,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 import numba
 import numpy as np
 
-from . import labels, lsh, schedule
+from . import labels, schedule
 from ._numba import set_threads
 from .adam import LazyAdamState
 from .config import SlideConfig
@@ -42,6 +43,7 @@ from .kernels.optimizer import (
 from .metrics import precision_at_k
 from .network import PredictMode, SlideModel
 from .progress import TrainingMetrics
+from .resolve import Resolved
 from .snapshot import (
     SnapshotStore,
     attach_text,
@@ -173,8 +175,9 @@ class Trainer:
         self._labelled = np.diff(self._train_rows.y_indptr) > 0
         out = self.model.depth - 1
         sampled_output = self.model.layer_slot[out] >= 0
-        self._hard_negatives = lsh.resolve_hard_negatives(config, self.model.num_labels) if sampled_output else 0
-        self._random_negatives = lsh.resolve_random_negatives(config, self.model.num_labels) if sampled_output else 0
+        output = self.model.plan.output
+        self._hard_negatives = output.hard_negatives
+        self._random_negatives = output.random_negatives
         # the backward pass through a sampled output layer runs inside its update (see train_step)
         self._fused_output = bool(sampled_output)
         self._buffers_for: int | None = None
@@ -222,30 +225,18 @@ class Trainer:
             "evals_since_best": self.evals_since_best,
             "lr_decays": self.lr_decays,
             "early_stopped": self.early_stopped,
-            "resolved": self.resolved(),
+            "resolved": self.resolved().to_dict(),
         }
 
-    def resolved(self) -> dict:
-        """The concrete values behind the config's auto (0) settings for this data."""
-        out: dict[str, Any] = {
-            "val_points": int(self._val_idx.size),
-            "train_points": int(self._train_idx.size),
-            "sample_output": bool(self.model.layer_slot[-1] >= 0),
-            "lr_warmup_steps": self._warmup,
-            "steps_per_epoch": self._steps_per_epoch,
-            "hard_negatives": self._hard_negatives,
-            "random_negatives": self._random_negatives,
-        }
-        for layer in self.model.sampled_layers():
-            slot = self.model.layer_slot[layer]
-            hf = self.model.hashes[slot]
-            out[f"layer{layer}"] = {
-                "neurons": int(self.model.weights[layer].shape[0]),
-                "hash_k": hf.k,
-                "hash_l": hf.n_tables,
-                "max_active": int(self.model.max_active[slot]),
-            }
-        return out
+    def resolved(self) -> Resolved:
+        """What the config's auto settings resolve to for this model and training set (engine.resolve)."""
+        return dataclasses.replace(
+            self.model.plan,
+            train_points=int(self._train_idx.size),
+            val_points=int(self._val_idx.size),
+            steps_per_epoch=self._steps_per_epoch,
+            lr_warmup_steps=self._warmup,
+        )
 
     def arrays(self) -> dict[str, np.ndarray]:
         """The training state: the model training continues from, and the optimizer's arrays."""

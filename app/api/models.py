@@ -188,7 +188,12 @@ def _model_public(
 
 
 def _describe(
-    job: JobRow, jobs: JobService, datasets: DatasetService, registry: ModelRegistry, settings: Settings
+    job: JobRow,
+    jobs: JobService,
+    datasets: DatasetService,
+    registry: ModelRegistry,
+    settings: Settings,
+    with_resolved: bool = False,
 ) -> ModelPublic:
     on_disk = engine.SnapshotStore(settings.snapshots_dir(job.id)).versions()
     held = registry.peek(job.id)
@@ -201,7 +206,14 @@ def _describe(
             dims = (ds.num_features, ds.num_labels)
         except NotFound:
             pass
-    return _model_public(job, jobs.versions(job.id), on_disk, dims)
+    public = _model_public(job, jobs.versions(job.id), on_disk, dims)
+    if with_resolved and on_disk:
+        try:
+            path = engine.SnapshotStore(settings.snapshots_dir(job.id)).path(max(on_disk))
+            public.resolved = engine.manifest_resolved(engine.read_manifest(path))
+        except (engine.SnapshotError, engine.ConfigError, KeyError):
+            pass  # pruned meanwhile, or unreadable: the rest of the answer stands
+    return public
 
 
 @router.get(
@@ -232,7 +244,7 @@ def list_models(
 def get_model(
     model_id: str, jobs: JobsDep, datasets: DatasetsDep, registry: RegistryDep, settings: SettingsDep
 ) -> ModelPublic:
-    return _describe(_job_of(jobs, model_id), jobs, datasets, registry, settings)
+    return _describe(_job_of(jobs, model_id), jobs, datasets, registry, settings, with_resolved=True)
 
 
 @router.post(

@@ -41,6 +41,7 @@ from app.services.worker import LOG_FILE, run_job
 from app.settings import Settings
 from engine import ConfigError, SlideConfig
 from engine.memory import MemoryEstimate
+from engine.resolve import resolve
 from engine.snapshot import manifest_config, read_manifest
 from engine.warmstart import warm_start_config
 
@@ -121,6 +122,12 @@ class JobService:
         source = self._source(init_from, cfg) if init_from is not None else None
         if source is not None:
             cfg = source[2]  # the structure settings are the source's
+        else:
+            try:  # the settings that depend on the data's shape (a layer's auto tables bound active_threshold)
+                resolve(cfg, train.num_features, train.num_labels, train.num_points)
+            except ConfigError as exc:
+                message = str(exc).split(": ", 1)[-1]
+                raise InvalidContent(f"config.{exc.field}: {message}", loc=("body", "config", exc.field)) from exc
         check_fits(cfg, train, test, self.settings, init_from=str(source[1]) if source else None, shards=shards)
         job = JobRow(
             id=uuid.uuid4().hex,

@@ -426,7 +426,19 @@ def test_predict_on_a_model_that_never_trained_is_409_saying_to_resume(svc: Svc)
     p = assert_problem(r, 409)
     assert p["type"] == "urn:slide:problem:conflict" and "no snapshot" in p["detail"], p
     assert f"/v1/jobs/{svc.untrained}/resume" in p["detail"] and "retry-after" not in r.headers
-    assert svc.client.get(f"/v1/models/{svc.untrained}").json()["ready"] is False
+    untrained = svc.client.get(f"/v1/models/{svc.untrained}").json()
+    assert untrained["ready"] is False and untrained["resolved"] is None
+
+
+def test_a_model_shows_what_its_settings_resolved_to(svc: Svc) -> None:
+    """GET /v1/models/{id} answers with the newest snapshot's resolved settings (engine.resolve): a tiny label set
+    trains its output layer densely, and 120 points are too few for an automatic validation split."""
+    model = svc.client.get(f"/v1/models/{svc.trained}").json()
+    resolved = model["resolved"]
+    assert resolved["sample_output"] is False and resolved["train_points"] == 120 and resolved["val_points"] == 0
+    assert resolved["layers"]["1"]["neurons"] == model["num_labels"] and resolved["layers"]["1"]["inputs"] == 16
+    assert resolved["layers"]["1"]["sampled"] is False and resolved["layers"]["1"]["hash_l"] == 0
+    assert all(m["resolved"] is None for m in svc.client.get("/v1/models").json()["data"])
 
 
 @pytest.mark.parametrize("model_id", ["0" * 32, "nope"])

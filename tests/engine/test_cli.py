@@ -19,7 +19,9 @@ def test_train_eval_predict_report_resolutions_and_modes(tmp_path, capsys):
     assert main([*args, "--epochs", "2", "--hidden", "16", "--seed", "1", "--sample-output", "true"]) == 0
     out = lines(capsys)
     resolved = out[0]["resolved"]
-    assert resolved["val_points"] == 120 and resolved["train_points"] == 1080 and resolved["layer1"]["hash_l"] == 50
+    assert (
+        resolved["val_points"] == 120 and resolved["train_points"] == 1080 and resolved["layers"]["1"]["hash_l"] == 50
+    )
     assert resolved["sample_output"] is True
     assert out[-1]["done"] and out[-1]["served_step"] >= 1 and out[-1]["eval_mode"] == "exact"
     assert [r["epoch"] for r in out if "val_p_at_1" in r] == [1, 2]

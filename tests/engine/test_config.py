@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from engine.config import DENSE_OUTPUT_MAX_LABELS, ConfigError, SlideConfig
-from engine.network import SlideModel, samples_output
+from engine.network import SlideModel
+from engine.resolve import samples_output
 
 
 @pytest.mark.parametrize(

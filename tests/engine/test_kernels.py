@@ -91,7 +91,7 @@ class NaiveAdam:
         """resolved: the trainer's resolved settings (the warm-up of the step-size schedule)."""
         self.w0, self.b0, self.ws = params
         self.cfg = cfg
-        self.warmup = resolved["lr_warmup_steps"]
+        self.warmup = resolved.lr_warmup_steps
         shapes = [self.w0.shape] + [w.shape for w in self.ws]
         self.m = [np.zeros(s) for s in shapes]
         self.v = [np.zeros(s) for s in shapes]

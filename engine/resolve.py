@@ -1,0 +1,132 @@
+"""The one place where a config's auto settings become concrete values for a data shape.
+
+`resolve(config, num_features, num_labels, num_points)` turns every auto (and every special value) into
+the number the engine uses, per layer where a setting is per layer: which layers are LSH-sampled, their K,
+L and bucket geometry, retrieval caps, hubs and negatives, and the run's validation split and warm-up.
+The model, the trainer and the memory estimate all read it, and it is what `slide train` prints first, what a
+snapshot's manifest records (`resolved`) and what `GET /v1/models/{id}` returns. The maths behind the
+hashing choices lives in lsh.py and the schedule's in schedule.py; this module only decides and records.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from . import lsh, schedule
+from .config import DENSE_OUTPUT_MAX_LABELS, ConfigError, SlideConfig
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """A weight layer >= 1 as the engine runs it. The hashing fields are 0 for a dense layer, and the
+    negatives 0 for a hidden layer. Counts of 0 mean none (max_active, predict_max_active: no cap)."""
+
+    layer: int
+    neurons: int
+    inputs: int
+    sampled: bool
+    hash_k: int = 0
+    hash_l: int = 0
+    buckets: int = 0
+    max_active: int = 0
+    predict_max_active: int = 0
+    hub_neurons: int = 0
+    predict_hubs: int = 0
+    hard_negatives: int = 0
+    random_negatives: int = 0
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """Concrete values for one config and data shape (see the module doc). train_points, val_points,
+    steps_per_epoch and lr_warmup_steps are None when the number of training points is not known."""
+
+    sample_output: bool
+    probes: int
+    predict_probes: int
+    layers: tuple[LayerPlan, ...]
+    train_points: int | None = None
+    val_points: int | None = None
+    steps_per_epoch: int | None = None
+    lr_warmup_steps: int | None = None
+
+    @property
+    def output(self) -> LayerPlan:
+        return self.layers[-1]
+
+    def sampled_layers(self) -> list[int]:
+        return [p.layer for p in self.layers if p.sampled]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the run's values, then `layers` keyed by layer number."""
+        d = asdict(self)
+        d["layers"] = {str(p.layer): {k: v for k, v in asdict(p).items() if k != "layer"} for p in self.layers}
+        return d
+
+
+def samples_output(config: SlideConfig, num_labels: int) -> bool:
+    """Whether the output layer is LSH-sampled: as configured, or (None = auto) when it is wider than
+    DENSE_OUTPUT_MAX_LABELS."""
+    if config.sample_output is None:
+        return int(num_labels) > DENSE_OUTPUT_MAX_LABELS
+    return bool(config.sample_output)
+
+
+def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points: int | None = None) -> Resolved:
+    """The concrete values of `config` for data of this shape (num_points: training points, if known).
+
+    Raises ConfigError when a setting cannot hold for this shape (active_threshold above a layer's tables)."""
+    widths = [int(num_features), *config.hidden, int(num_labels)]
+    out = len(widths) - 2  # the output layer's index: W[l] maps widths[l] inputs to widths[l + 1] neurons
+    sample_out = samples_output(config, num_labels)
+    layers = []
+    for layer in range(1, out + 1):
+        neurons, inputs = widths[layer + 1], widths[layer]
+        is_output = layer == out
+        sampled = sample_out if is_output else config.sample_hidden
+        if not sampled:
+            layers.append(LayerPlan(layer, neurons, inputs, False))
+            continue
+        k, n_tables = lsh.resolve_k(config, neurons), lsh.resolve_l(config, neurons)
+        if config.active_threshold > n_tables:
+            raise ConfigError(
+                "active_threshold",
+                f"must be at most the tables of every sampled layer; layer {layer} ({neurons:,} neurons) has "
+                f"{n_tables} (hash_l), got {config.active_threshold}",
+            )
+        layers.append(
+            LayerPlan(
+                layer,
+                neurons,
+                inputs,
+                True,
+                hash_k=k,
+                hash_l=n_tables,
+                buckets=lsh.table_geometry(config, k)[1],
+                max_active=lsh.resolve_max_active(config, neurons),
+                predict_max_active=lsh.resolve_max_active(config, neurons, predict=True),
+                hub_neurons=lsh.resolve_hubs(config, neurons),
+                predict_hubs=lsh.resolve_serve_hubs(config, neurons),
+                hard_negatives=lsh.resolve_hard_negatives(config, neurons) if is_output else 0,
+                random_negatives=lsh.resolve_random_negatives(config, neurons) if is_output else 0,
+            )
+        )
+    run: dict[str, int | None] = {}
+    if num_points is not None:
+        val = schedule.validation_size(config, int(num_points))
+        train = int(num_points) - val
+        steps = -(-train // config.batch_size)
+        run = dict(
+            train_points=train,
+            val_points=val,
+            steps_per_epoch=steps,
+            lr_warmup_steps=schedule.warmup_steps(config, steps),
+        )
+    return Resolved(
+        sample_output=sample_out,
+        probes=config.probes,
+        predict_probes=config.probes if config.predict_probes == -1 else config.predict_probes,
+        layers=tuple(layers),
+        **run,
+    )

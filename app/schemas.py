@@ -15,16 +15,17 @@ import dataclasses
 import datetime as dt
 import inspect
 import itertools
+import json
 import typing
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, create_model, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model, model_validator
 
 from app.db import METRIC_FIELDS
 from app.domain import JobState
 from engine import SlideConfig
-from engine.config import BOUNDS, MAX_HIDDEN_LAYERS, Bounds
+from engine.config import BOUNDS, LEGACY, MAX_HIDDEN_LAYERS, Bounds, ConfigError, check_setting
 from engine.progress import TrainingMetrics
 
 EXAMPLE_ID = "3f2c9a7e5b1d4c8e9f0a1b2c3d4e5f60"
@@ -132,9 +133,14 @@ def _config_model() -> type[BaseModel]:
             (item, *_rest) = typing.get_args(tp) or (Any,)
             tp = list[Annotated[item, Field(**limits)]]  # type: ignore[valid-type]
             limits = {"min_length": 1, "max_length": MAX_HIDDEN_LAYERS}
+        elif bounds is not None and tp not in (int, float):  # a number, or null (auto) and/or a word
+            tp, limits = _setting_type(f.name, tp, limits, defaults[f.name]), {}
         description = docs.get(f.name)
         if bounds is not None:
             description = f"{description or ''}\n\nRange: {bounds}.".strip()
+        if f.name in LEGACY:
+            old = ", ".join(f"{n} (= {json.dumps(v)})" for n, v in LEGACY[f.name].items())
+            description = f"{description or ''}\n\nDeprecated, still accepted for one release: {old}."
         # pydantic copies list defaults
         fields[f.name] = (tp, Field(defaults[f.name], description=description, **limits))
     return create_model(
@@ -144,6 +150,42 @@ def _config_model() -> type[BaseModel]:
         ),
         **fields,
     )
+
+
+def _setting_type(name: str, tp: Any, limits: dict[str, Any], default: Any) -> Any:
+    """The type of a setting that is a bounded number or null (auto) or its word, plus the numbers it took before
+    (engine.config.LEGACY), which a job body may still send (the service reads them as what they meant). One
+    validator checks it as SlideConfig does, so an error names the field and its range."""
+    args = typing.get_args(tp)
+    number = next(a for a in args if a in (int, float))
+    words = [w for a in args if typing.get_origin(a) is Literal for w in typing.get_args(a)]
+    legacy = list(LEGACY.get(name, {}))
+
+    def validate(value: Any) -> Any:
+        if type(value) is int and value in legacy:
+            return value
+        if value is not None and type(value) not in (number, str):
+            raise ValueError(
+                f"expected {'an integer' if number is int else 'a number'}, null or {words}; got {value!r}"
+            )
+        try:
+            check_setting(name, value)
+        except ConfigError as exc:
+            raise ValueError(str(exc).split(": ", 1)[-1]) from None
+        return value
+
+    schema: list[dict[str, Any]] = [{"type": "integer" if number is int else "number", **_json_limits(limits)}]
+    schema += [{"const": w, "type": "string"} for w in words]
+    if legacy:
+        schema.append({"enum": legacy, "type": "integer", "deprecated": True})
+    if type(None) in args:
+        schema.append({"type": "null"})
+    return Annotated[Any, PlainValidator(validate), WithJsonSchema({"anyOf": schema, "default": default})]
+
+
+def _json_limits(limits: dict[str, Any]) -> dict[str, Any]:
+    names = {"ge": "minimum", "le": "maximum", "gt": "exclusiveMinimum", "lt": "exclusiveMaximum"}
+    return {names[k]: v for k, v in limits.items()}
 
 
 def _limits(bounds: Bounds) -> dict[str, float]:
@@ -276,6 +318,12 @@ class JobPublic(BaseModel):
         None,
         description="Queued jobs: why it waits (a free slot, memory beside the running jobs, an earlier job).",
         examples=["waiting for memory: needs an estimated 3.10 GB, 1.20 GB of SLIDE_MAX_JOB_MEMORY = 8.00 GB is free"],
+    )
+    deprecations: list[str] = Field(
+        default_factory=list,
+        description="In the answer to POST /v1/jobs: each config value the request gave in a deprecated form, and "
+        "what to send instead (the job runs with what it means).",
+        examples=[['hard_negatives: -1 is deprecated and will be refused in a later release; use "all"']],
     )
     runs: int = Field(description="Trainer processes this job has had (1 + resumes).")
     interruptions: int = Field(description="Times the service went down while this job was training.")

@@ -35,7 +35,7 @@ class Settings(BaseSettings):
     snapshot_keep: int = Field(3, ge=1, le=100)
     """Snapshot versions kept per job (older ones are pruned by the trainer)."""
     trainer_threads: int = Field(0, ge=0, le=1024)
-    """Numba threads per training process when the job's config says `threads: 0` (0 = all cores)."""
+    """Numba threads per training process when the job's config leaves `threads` null (0 = all cores)."""
     trainer_nice: int = Field(10, ge=0, le=19)
     """Niceness added to training processes: when predictions and training want the same cores, predictions (a
     user waiting) get them first and training (throughput) takes the rest; 0 = the service's own priority."""

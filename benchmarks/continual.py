@@ -176,7 +176,7 @@ def latency_part(args) -> dict:
     train_set, test_set = generate("amazon670k", seed=args.seed, num_train=args.latency_points, num_test=2000)
     work = Path(tempfile.mkdtemp(prefix="continual-670k-"))
     store = SnapshotStore(work / "m", keep=2)
-    config = SlideConfig(threads=args.threads, seed=args.seed, val_points=-1)
+    config = SlideConfig(threads=args.threads, seed=args.seed, val_points="none")
     trainer = Trainer(config, train_set, None, store)
     trainer.run(time_budget_s=args.latency_train_s, snapshot_every_s=1e9)
     del trainer

@@ -5,7 +5,7 @@ their P@1 at equal steps even on a busy machine; the per-phase timings are only 
 machine. Most of BENCHMARKS.md's "Why the defaults" and "Tried and rejected" measurements come from it.
 
     python benchmarks/curve.py --preset amazon670k --steps 3000 --evals 4
-    python benchmarks/curve.py --preset delicious200k --steps 4000 --config '{"hard_negatives": -1}'
+    python benchmarks/curve.py --preset delicious200k --steps 4000 --config '{"hard_negatives": "all"}'
 """
 
 from __future__ import annotations

@@ -101,7 +101,7 @@ def engine_config(args, dense: bool):
 
 
 def epoch_records(history: list[TrainingMetrics], num_points: int) -> list[dict]:
-    """The evaluations a trainer made at the end of each epoch (eval_every=0 evaluates there), once
+    """The evaluations a trainer made at the end of each epoch (eval_every None evaluates there), once
     each: a budget that ends on an epoch's last batch reports that point twice."""
     ends = {}
     for h in history:

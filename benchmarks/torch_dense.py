@@ -181,7 +181,7 @@ def engine_eval_rows(num_test: int, eval_points: int, seed: int) -> np.ndarray:
     """The test subset the engine's Trainer evaluates on, so both report on the same points."""
     from engine.trainer import eval_rows
 
-    return eval_rows(num_test, eval_points, seed)
+    return eval_rows(num_test, eval_points or None, seed)  # 0 = all
 
 
 def train_torch_dense(

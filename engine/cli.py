@@ -22,7 +22,7 @@ import tomllib
 import typing
 from pathlib import Path
 
-from .config import ConfigError, SlideConfig
+from .config import ConfigError, SlideConfig, upgrade_settings
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
@@ -44,9 +44,29 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help=f"default {default}")
         elif kind in (int, float):
             group.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+        elif int in typing.get_args(kind):  # a number, auto (None) and/or a word
+            words = [
+                w for a in typing.get_args(kind) if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)
+            ]
+            metavar = "|".join(["N", *(["auto"] if type(None) in typing.get_args(kind) else []), *words])
+            group.add_argument(
+                flag,
+                type=_setting_value,
+                default=None,
+                metavar=metavar,
+                help=f"default {'auto' if f.default is None else f.default}",
+            )
         else:
             choices = list(typing.get_args(kind)) or None
             group.add_argument(flag, choices=choices, default=None, help=f"default {f.default}")
+
+
+def _setting_value(s: str) -> int | str:
+    """A number, or a word (`auto`, `none`, `all`) that SlideConfig checks against the field."""
+    try:
+        return int(s)
+    except ValueError:
+        return s.lower()
 
 
 def _parse_bool(s: str) -> bool:
@@ -69,6 +89,8 @@ def build_config(args: argparse.Namespace) -> SlideConfig:
     if args.dense:
         values["sample_output"] = False
         values["sample_hidden"] = False
+    for note in upgrade_settings(values)[1]:
+        print(f"slide: {note}", file=sys.stderr)
     return SlideConfig.from_dict(values)
 
 

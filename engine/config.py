@@ -1,7 +1,9 @@
 """Training and network configuration: one frozen dataclass, checked on creation.
 
 Every field has a default that works on unseen data; the service exposes the same fields over HTTP,
-the CLI as flags and `--config file.toml`.
+the CLI as flags and `--config file.toml`. A setting the engine can choose from the data is None (auto) by
+default; what auto resolves to for a data shape is engine.resolve's to say. A count that can be switched off
+takes the word its field names ("none", "all") rather than a special number.
 """
 
 from __future__ import annotations
@@ -11,15 +13,17 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 HashFamily = Literal["simhash", "wta", "dwta"]
+NoneWord = Literal["none"]
+AllWord = Literal["all"]
 Insertion = Literal["fifo", "reservoir"]
 MomentDtype = Literal["float32", "bfloat16"]
 WeightDtype = Literal["float32", "bfloat16"]
 
 
 WIDE_LAYER_TABLES = 16
-"""Tables of a sampled layer wider than 20,000 neurons when hash_l is 0 (auto)."""
+"""Tables of a sampled layer wider than 20,000 neurons when hash_l is None (auto)."""
 SMALL_LAYER_TABLES = 50
-"""Tables of a narrower sampled layer when hash_l is 0 (auto)."""
+"""Tables of a narrower sampled layer when hash_l is None (auto)."""
 DENSE_OUTPUT_MAX_LABELS = 2048
 """Widest output layer that sample_output = None (auto) trains densely, with a full softmax."""
 
@@ -53,29 +57,29 @@ COUNT_MAX = 2**24
 
 BOUNDS: dict[str, Bounds] = {
     "hidden": Bounds(1, 2**20),
-    "hash_k": Bounds(0, 64, note="0 = auto"),
-    "hash_l": Bounds(0, 1024, note="0 = auto"),
+    "hash_k": Bounds(1, 64, note="null = auto"),
+    "hash_l": Bounds(1, 1024, note="null = auto"),
     "bin_size": Bounds(2, 256),
     "simhash_density": Bounds(0.0, 1.0, low_open=True),
-    "table_bits": Bounds(0, 24, note="0 = auto; buckets per table are 2^table_bits"),
+    "table_bits": Bounds(1, 24, note="null = auto; buckets per table are 2^table_bits"),
     "bucket_size": Bounds(1, 2**20),
     "active_threshold": Bounds(1, 1024, note="at most hash_l"),
-    "max_active": Bounds(-1, COUNT_MAX, note="-1 = no cap, 0 = auto"),
-    "predict_max_active": Bounds(-1, COUNT_MAX, note="-1 = no cap, 0 = auto"),
+    "max_active": Bounds(1, COUNT_MAX, note='null = auto, "none" = no cap'),
+    "predict_max_active": Bounds(1, COUNT_MAX, note='null = auto, "none" = no cap'),
     "probes": Bounds(0, 64),
-    "predict_probes": Bounds(-1, 64, note="-1 = as probes"),
-    "hub_neurons": Bounds(-1, COUNT_MAX, note="-1 = none, 0 = auto"),
-    "predict_hubs": Bounds(-1, COUNT_MAX, note="-1 = the training hubs, 0 = auto"),
-    "hard_negatives": Bounds(-1, COUNT_MAX, note="-1 = all, 0 = auto"),
-    "random_negatives": Bounds(-1, COUNT_MAX, note="-1 = none, 0 = auto"),
+    "predict_probes": Bounds(0, 64, note="null = as probes"),
+    "hub_neurons": Bounds(1, COUNT_MAX, note='null = auto, "none" = no hubs'),
+    "predict_hubs": Bounds(1, COUNT_MAX, note='null = auto, "none" = the training hubs only'),
+    "hard_negatives": Bounds(1, COUNT_MAX, note='null = auto, "all" = every non-label'),
+    "random_negatives": Bounds(1, COUNT_MAX, note='null = auto, "none" = no random negatives'),
     "random_negative_group": Bounds(1, 65536, note="1 = no sharing"),
     "min_active": Bounds(0, COUNT_MAX),
     "batch_size": Bounds(1, 65536),
     "epochs": Bounds(0, 10**7),
     "lr": Bounds(0.0, 1.0, low_open=True),
-    "lr_warmup_steps": Bounds(-1, 10**9, note="-1 = none, 0 = auto"),
+    "lr_warmup_steps": Bounds(1, 10**9, note='null = auto, "none" = no warm-up'),
     "lr_decay": Bounds(0.0, 1.0, low_open=True, note="1 = constant step size"),
-    "val_points": Bounds(-1, 10**7, note="-1 = none, 0 = auto"),
+    "val_points": Bounds(1, 10**7, note='null = auto, "none" = no validation split'),
     "early_stop_patience": Bounds(0, 10**6, note="0 = never stop early"),
     "beta1": Bounds(0.0, 1.0, high_open=True),
     "beta2": Bounds(0.0, 1.0, high_open=True),
@@ -86,12 +90,49 @@ BOUNDS: dict[str, Bounds] = {
     "rehash_max_interval": Bounds(1, 10**9),
     "rebuild_every": Bounds(0, 10**6, note="0 = never"),
     "drift_threshold": Bounds(0.0, 10.0, high_open=True),
-    "threads": Bounds(0, 1024, note="0 = all cores"),
+    "threads": Bounds(1, 1024, note="null = all cores"),
     "seed": Bounds(0, 2**63, high_open=True),
-    "eval_every": Bounds(0, 10**9, note="0 = once per epoch"),
-    "eval_points": Bounds(0, 10**7, note="0 = all"),
+    "eval_every": Bounds(1, 10**9, note="null = once per epoch"),
+    "eval_points": Bounds(1, 10**7, note="null = all"),
 }
 """The range of every numeric setting: SlideConfig checks them, and the service's job schema states them."""
+
+WORDS: dict[str, str] = {
+    "max_active": "none",
+    "predict_max_active": "none",
+    "hub_neurons": "none",
+    "predict_hubs": "none",
+    "hard_negatives": "all",
+    "random_negatives": "none",
+    "lr_warmup_steps": "none",
+    "val_points": "none",
+}
+"""The word a count setting takes instead of a number (what it means: the field's note in BOUNDS)."""
+
+LEGACY: dict[str, dict[int, str | None]] = {
+    **{name: {0: None} for name in ("hash_k", "hash_l", "table_bits", "threads", "eval_every", "eval_points")},
+    **{name: {0: None, -1: word} for name, word in WORDS.items()},
+    "predict_probes": {-1: None},
+}
+"""Numbers that meant auto (0) or none/all (-1) before those became null and words, by field: what they mean now.
+SlideConfig.from_dict still takes them (snapshots and job bodies written before); `upgrade_settings` says so."""
+
+
+def upgrade_settings(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """values with the old numbers of LEGACY (and "auto", which a TOML file writes for null) replaced by what
+    they mean now, and a deprecation note per number replaced."""
+    out = dict(values)
+    notes = []
+    for name, old in LEGACY.items():
+        value = out.get(name)
+        if value == "auto":
+            out[name] = None
+        elif isinstance(value, int) and not isinstance(value, bool) and value in old:
+            new = old[value]
+            out[name] = new
+            shown = "null (auto)" if new is None else f'"{new}"'
+            notes.append(f"{name}: {value} is deprecated and will be refused in a later release; use {shown}")
+    return out, notes
 
 
 @dataclass(frozen=True)
@@ -110,18 +151,18 @@ class SlideConfig:
     hash_family: HashFamily = "simhash"
     """Hash function of the tables: simhash (signed sparse random projections; the only one with multi-probe),
     wta or dwta (winner-take-all codes; dwta densifies sparse inputs)."""
-    hash_k: int = 0
-    """Codes (WTA/DWTA) or bits (SimHash) concatenated per table; 0 = auto, chosen from the layer width so that
+    hash_k: int | None = None
+    """Codes (WTA/DWTA) or bits (SimHash) concatenated per table; None = auto, chosen from the layer width so that
     an input's L buckets hold about 5% of the layer's neurons (at most 1,000). Larger = smaller buckets."""
-    hash_l: int = 0
-    """Number of independent tables; 0 = auto: 16 for layers wider than 20,000 neurons (their buckets fill, so
+    hash_l: int | None = None
+    """Number of independent tables; None = auto: 16 for layers wider than 20,000 neurons (their buckets fill, so
     16 already return max_active), else 50. More tables retrieve more and cost more per step and per rehash."""
     bin_size: int = 8
     """WTA/DWTA bin width: each code is an argmax position in [0, bin_size)."""
     simhash_density: float = 0.05
     """Fraction of non-zero (+-1) entries in each SimHash projection."""
-    table_bits: int = 0
-    """log2 of buckets per table; 0 = the code space's own size, capped at 20."""
+    table_bits: int | None = None
+    """log2 of buckets per table; None = auto, the code space's own size capped at 20."""
     bucket_size: int = 64
     """Capacity of a bucket (neuron ids). Trained rows crowd into full buckets, so this sets how many candidates
     an input reads from each table: larger reads more and costs more per step."""
@@ -129,35 +170,37 @@ class SlideConfig:
     """What a full bucket does with a new id: replace the oldest (fifo) or reservoir sampling."""
 
     active_threshold: int = 1
-    """Keep a retrieved neuron only if it was found in at least this many of the L buckets."""
-    max_active: int = 0
-    """Cap on retrieved neurons per point, keeping the most frequently retrieved: 0 = auto (the layer's target
-    active size: 5% of a small layer, at most 1,000), -1 = no cap."""
-    predict_max_active: int = 0
-    """The same cap when serving predictions, serving hubs on top: 0 = auto (the training cap for a layer with
-    serving hubs, else none), -1 = the whole buckets (at most hash_l * bucket_size), > 0 = this many. Raise it
-    for recall, lower it for latency."""
+    """Keep a retrieved neuron only if it was found in at least this many of the L buckets (at most the tables of
+    every sampled layer)."""
+    max_active: int | NoneWord | None = None
+    """Cap on retrieved neurons per point, keeping the most frequently retrieved: None = auto (the layer's target
+    active size: 5% of a small layer, at most 1,000), "none" = no cap."""
+    predict_max_active: int | NoneWord | None = None
+    """The same cap when serving predictions, serving hubs on top: None = auto (the training cap for a layer with
+    serving hubs, else none), "none" = the whole buckets (at most hash_l * bucket_size). Raise it for recall,
+    lower it for latency."""
     probes: int = 0
     """Multi-probe SimHash in training: extra buckets read per table, each one least-confident bit away from
     the input's own (0 = the input's own bucket only). Raises recall with few tables, at a cost per step."""
-    predict_probes: int = -1
-    """The same when serving predictions: -1 = as in training."""
-    hub_neurons: int = 0
+    predict_probes: int | None = None
+    """The same when serving predictions: None = as in training."""
+    hub_neurons: int | NoneWord | None = None
     """Neurons with the highest score for the average input, added to every active set so they keep meeting
-    negative gradients: 0 = auto (a quarter of the target active size, at most 256, for layers wider than
-    20,000 neurons), -1 = none."""
-    predict_hubs: int = 0
-    """Hub neurons added to every candidate set when serving: 0 = auto (for layers wider than 20,000 neurons
+    negative gradients: None = auto (a quarter of the target active size, at most 256, for layers wider than
+    20,000 neurons, else none), "none" = no hubs."""
+    predict_hubs: int | NoneWord | None = None
+    """Hub neurons added to every candidate set when serving: None = auto (for layers wider than 20,000 neurons
     the larger of twice the target active size and 1% of the layer, half by score on the mean input and half
-    by weight norm; else the training hubs), -1 = the training hubs only. Raise it if lsh recall falls."""
-    hard_negatives: int = 0
+    by weight norm; else the training hubs), "none" = the training hubs only. Raise it if lsh recall falls."""
+    hard_negatives: int | AllWord | None = None
     """Per point, only this many of the output active set's non-label neurons, the most probable, get a
-    gradient (the softmax still spans the whole set): 0 = auto (a quarter of the target active size for
-    layers wider than 20,000 neurons, else all), -1 = all. Fewer = a cheaper update; too few stops learning."""
-    random_negatives: int = 0
+    gradient (the softmax still spans the whole set): None = auto (a quarter of the target active size for
+    layers wider than 20,000 neurons, else all), "all" = all. Fewer = a cheaper update; too few stops learning."""
+    random_negatives: int | NoneWord | None = None
     """Output neurons each point draws uniformly from those it did not retrieve, with log-Q-corrected logits,
-    so the sampled softmax estimates the full one: 0 = auto (250 for output layers wider than 20,000 neurons),
-    -1 = none. Needed with many labels per point; -1 with lr=1e-3 is faster where points have few labels."""
+    so the sampled softmax estimates the full one: None = auto (250 for output layers wider than 20,000
+    neurons, else none), "none" = none. Needed with many labels per point; "none" with lr=1e-3 trains faster
+    where points have few labels."""
     random_negative_group: int = 4
     """Consecutive training points that draw their random negatives from one random sequence, each point's
     draw still uniform over its own unretrieved labels (1 = every point its own). Sharing cuts the distinct
@@ -173,9 +216,10 @@ class SlideConfig:
     """Adam's peak step size (see lr_warmup_steps and lr_decay). Lazy Adam moves a row only when a batch
     touches it, so the rows of rare features and labels get few steps: a large step lets them learn within a
     few epochs, and the plateau decay and the best snapshot take care of what it costs later."""
-    lr_warmup_steps: int = 0
+    lr_warmup_steps: int | NoneWord | None = None
     """Steps over which the step size rises linearly from lr / warm-up steps to lr, so the first updates
-    of rows that Adam has barely seen stay small: 0 = auto (a quarter of an epoch, at most 500), -1 = none."""
+    of rows that Adam has barely seen stay small: None = auto (a quarter of an epoch, at most 500), "none" = no
+    warm-up."""
     lr_decay: float = 0.5
     """Factor applied to the step size each time an evaluation brings no new best validation P@1 (reduce
     on plateau; 1 = constant). It follows the validation history, never the number of epochs configured,
@@ -183,10 +227,11 @@ class SlideConfig:
     normalize_input: bool = False
     """Scale every input row (training and prediction) to unit L2 norm; for raw counts or unnormalised
     TF-IDF, whose row norms vary with document length."""
-    val_points: int = 0
+    val_points: int | NoneWord | None = None
     """Training points held out as a validation split (seeded, never trained on) that picks the served
-    snapshot and stops training early: 0 = auto (a tenth of the training set, at most 5,000, none below
-    1,000 points), -1 = none (the last state is served), > 0 = this many. The test set is only reported."""
+    snapshot and stops training early: None = auto (a tenth of the training set, at most 5,000, none below
+    1,000 points), "none" = no split (the last state is served), a number = this many. The test set is only
+    reported."""
     early_stop_patience: int = 3
     """Evaluations without a new best validation P@1 before training stops (0 = run every epoch)."""
     beta1: float = 0.9
@@ -218,14 +263,14 @@ class SlideConfig:
     drift_threshold: float = 0.0
     """Rehash only rows whose weights moved by more than this fraction of their norm (0 = all rows)."""
 
-    threads: int = 0
-    """Worker threads (0 = all cores Numba sees)."""
+    threads: int | None = None
+    """Worker threads (None = all cores Numba sees)."""
     seed: int = 0
     """Seed of every random draw (weights, hash functions, sampling); with threads=1 a run is bit-identical."""
-    eval_every: int = 0
-    """Evaluate every this many steps (0 = once per epoch)."""
-    eval_points: int = 2000
-    """Test points used by the periodic evaluation (0 = all); it reports them and selects nothing."""
+    eval_every: int | None = None
+    """Evaluate every this many steps (None = once per epoch)."""
+    eval_points: int | None = 2000
+    """Test points used by the periodic evaluation (None = all); it reports them and selects nothing."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -234,9 +279,9 @@ class SlideConfig:
             "hidden",
             f"give 1 to {MAX_HIDDEN_LAYERS} hidden layers; got {len(self.hidden)}",
         )
-        for name, bounds in BOUNDS.items():
+        for name in BOUNDS:
             for value in self.hidden if name == "hidden" else (getattr(self, name),):
-                _check(bounds.contains(value), name, f"must be in {bounds}; got {value}")
+                check_setting(name, value)
         _check(self.hash_family in ("simhash", "wta", "dwta"), "hash_family", "must be simhash, wta or dwta")
         _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
         _check(self.moment_dtype in ("float32", "bfloat16"), "moment_dtype", "must be float32 or bfloat16")
@@ -244,11 +289,11 @@ class SlideConfig:
         _check(
             1 <= self.active_threshold <= (self.hash_l or SMALL_LAYER_TABLES),
             "active_threshold",
-            f"must be in [1, hash_l] (at most {SMALL_LAYER_TABLES} when hash_l is 0, auto; engine.resolve checks it "
+            f"must be in [1, hash_l] (at most {SMALL_LAYER_TABLES} when hash_l is auto; engine.resolve checks it "
             f"against each layer's tables once the data's shape is known: {WIDE_LAYER_TABLES} for a wide layer)",
         )
         _check(
-            self.hash_family == "simhash" or (self.probes == 0 and self.predict_probes <= 0),
+            self.hash_family == "simhash" or (self.probes == 0 and not self.predict_probes),
             "probes",
             "multi-probe needs the simhash family (WTA/DWTA codes have no confidence margin)",
         )
@@ -260,8 +305,9 @@ class SlideConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any] | None) -> SlideConfig:
-        """Build from a plain mapping; unknown keys are an error naming them."""
-        values = dict(values or {})
+        """Build from a plain mapping; unknown keys are an error naming them. The numbers settings used before
+        null and words (LEGACY) are read as what they meant: `upgrade_settings` lists them."""
+        values, _ = upgrade_settings(dict(values or {}))
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -282,6 +328,15 @@ class ConfigError(ValueError):
         super().__init__(f"{field_name}: {message}")
 
 
+def check_setting(name: str, value: Any) -> None:
+    """Raise ConfigError unless `value` is in the range of the numeric setting `name` (BOUNDS), or null (auto)
+    or the setting's word where it takes them."""
+    if (value is None and name in LEGACY) or (name in WORDS and value == WORDS[name]):
+        return
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and BOUNDS[name].contains(value)
+    _check(ok, name, f"must be in {BOUNDS[name]}; got {value!r}")
+
+
 def _check(ok: bool, name: str, message: str) -> None:
     if not ok:
         raise ConfigError(name, message)
@@ -293,6 +348,10 @@ __all__ = [
     "ConfigError",
     "BOUNDS",
     "Bounds",
+    "LEGACY",
+    "WORDS",
+    "upgrade_settings",
+    "check_setting",
     "MAX_HIDDEN_LAYERS",
     "HashFamily",
     "Insertion",

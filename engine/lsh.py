@@ -83,25 +83,26 @@ def is_wide_layer(n_neurons: int) -> bool:
 
 def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = False) -> int:
     """The cap on retrieved neurons per input for a layer in training or prediction (0 = no cap).
-    Serving with predict_max_active = 0 (auto) uses the training cap when the layer has serving hubs
+    Serving with predict_max_active None (auto) uses the training cap when the layer has serving hubs
     to cover what the cap leaves out, and no cap otherwise."""
-    if predict and config.predict_max_active != 0:
-        return max(0, config.predict_max_active)
+    if predict and config.predict_max_active is not None:
+        return 0 if config.predict_max_active == "none" else int(config.predict_max_active)
     if predict and resolve_serve_hubs(config, n_neurons) == 0:
         return 0
     cap = config.max_active
-    if cap == -1:
+    if cap == "none":
         return 0
-    return cap or target_active(n_neurons)
+    return target_active(n_neurons) if cap is None else int(cap)
 
 
-def _wide_layer_setting(value: int, n_neurons: int, auto: int) -> int:
-    """A count setting of a sampled layer: -1 = none, > 0 = that many (at most the layer), 0 = `auto`
-    once the layer is too wide for its target active size to be 5% of it (> 20,000 neurons), else none."""
-    if value == -1:
+def _wide_layer_setting(value: int | str | None, n_neurons: int, auto: int) -> int:
+    """A count setting of a sampled layer as the kernels take it (0 = none, or for hard_negatives all): its
+    word ("none", "all") = 0, a number = that many (at most the layer), None = `auto` once the layer is too
+    wide for its target active size to be 5% of it (> 20,000 neurons), else 0."""
+    if isinstance(value, str):
         return 0
-    if value:
-        return min(n_neurons, value)
+    if value is not None:
+        return min(n_neurons, int(value))
     return auto if is_wide_layer(n_neurons) else 0
 
 
@@ -113,7 +114,7 @@ def resolve_hubs(config: SlideConfig, n_neurons: int) -> int:
 
 
 def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
-    """How many non-label neurons of an output active set get a gradient per point (0 = all):
+    """How many non-label neurons of an output active set get a gradient per point (0 = all, "all"):
     config.hard_negatives, or (auto) a quarter of the target active size (as many as the auto hubs)
     once the layer is too wide for the target to be 5% of it (> 20,000 neurons). With the random
     negatives pushing down what the tables miss, a cut this tight learns almost as much per step as
@@ -132,31 +133,31 @@ def resolve_random_negatives(config: SlideConfig, n_neurons: int) -> int:
 def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:
     """How many hubs a sampled layer adds to every candidate set when serving: config.predict_hubs, or
     (auto) for layers wider than 20,000 neurons the larger of twice the target active size and 1% of
-    the layer, else none (0 = serve with the training hubs). Half are picked by score on the mean
+    the layer, else none (0: serve with the training hubs). Half are picked by score on the mean
     input, half by weight norm: with skewed norms the largest inner products belong to long rows,
     which cosine buckets return only when nearly aligned with the query. Norms keep spreading as
     training goes on, hence a share of the layer rather than a fixed count (see BENCHMARKS.md)."""
-    if config.predict_hubs == -1:
+    if config.predict_hubs == "none":
         return 0
-    if config.predict_hubs:
-        return min(n_neurons, config.predict_hubs)
+    if config.predict_hubs is not None:
+        return min(n_neurons, int(config.predict_hubs))
     target = target_active(n_neurons)
     return min(n_neurons, max(2 * target, n_neurons // 100)) if is_wide_layer(n_neurons) else 0
 
 
 def resolve_l(config: SlideConfig, n_neurons: int) -> int:
-    """Tables of a sampled layer of n_neurons: config.hash_l, or (0 = auto) 16 once the layer is too
+    """Tables of a sampled layer of n_neurons: config.hash_l, or (None = auto) 16 once the layer is too
     wide for its target active size to be 5% of it (> 20,000 neurons: its buckets fill, and 16 full
     buckets already hold the target), else 50 (see SlideConfig.hash_l)."""
-    if config.hash_l:
+    if config.hash_l is not None:
         return config.hash_l
     return WIDE_LAYER_TABLES if is_wide_layer(n_neurons) else SMALL_LAYER_TABLES
 
 
 def resolve_k(config: SlideConfig, n_neurons: int) -> int:
-    """Codes per table: config.hash_k, or (0 = auto) enough that the L buckets of an input hold about
+    """Codes per table: config.hash_k, or (None = auto) enough that the L buckets of an input hold about
     `target_active(n_neurons)` neurons together, so the active set stays a small fraction of the layer."""
-    if config.hash_k:
+    if config.hash_k is not None:
         return config.hash_k
     radix = 2 if config.hash_family == "simhash" else config.bin_size
     per_bucket = max(1.0, target_active(n_neurons) / resolve_l(config, n_neurons))
@@ -165,10 +166,10 @@ def resolve_k(config: SlideConfig, n_neurons: int) -> int:
 
 def table_geometry(config: SlideConfig, k: int) -> tuple[int, int, bool, int]:
     """(radix, num_buckets, fold, table_bits) for K codes: exact mixed-radix ids when they fit, else
-    folded to table_bits (config.table_bits, or 0 = as many bits as the codes carry, capped at 20)."""
+    folded to table_bits (config.table_bits, or None = as many bits as the codes carry, capped at 20)."""
     radix = 2 if config.hash_family == "simhash" else config.bin_size
     space = radix**k
-    bits = config.table_bits or min(20, math.ceil(math.log2(space)))
+    bits = config.table_bits if config.table_bits is not None else min(20, math.ceil(math.log2(space)))
     if space <= 2**bits:
         return radix, int(space), False, bits
     return radix, 2**bits, True, bits

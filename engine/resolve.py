@@ -126,7 +126,7 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
     return Resolved(
         sample_output=sample_out,
         probes=config.probes,
-        predict_probes=config.probes if config.predict_probes == -1 else config.predict_probes,
+        predict_probes=config.probes if config.predict_probes is None else config.predict_probes,
         layers=tuple(layers),
         **run,
     )

@@ -9,7 +9,7 @@ import numpy as np
 from .config import SlideConfig
 
 AUTO_WARMUP_MAX = 500
-"""Most warm-up steps `lr_warmup_steps = 0` (auto) chooses."""
+"""Most warm-up steps `lr_warmup_steps = None` (auto) chooses."""
 AUTO_VAL_FRACTION = 0.1
 AUTO_VAL_MAX = 5000
 AUTO_VAL_MIN_TRAIN = 1000
@@ -20,9 +20,9 @@ MIN_IMPROVEMENT = 1e-4
 
 def warmup_steps(config: SlideConfig, steps_per_epoch: int) -> int:
     """Warm-up length in steps: lr_warmup_steps, or auto a quarter of an epoch capped at AUTO_WARMUP_MAX."""
-    if config.lr_warmup_steps == -1:
+    if config.lr_warmup_steps == "none":
         return 0
-    if config.lr_warmup_steps > 0:
+    if config.lr_warmup_steps is not None:
         return int(config.lr_warmup_steps)
     return int(min(AUTO_WARMUP_MAX, max(1, steps_per_epoch // 4)))
 
@@ -36,10 +36,10 @@ def lr_factor(step: int, warmup: int, decays: int, decay: float) -> float:
 
 def validation_size(config: SlideConfig, num_points: int) -> int:
     """Training points the validation split holds (see SlideConfig.val_points); always leaves one to train on."""
-    if config.val_points == -1 or num_points < 2:
+    if config.val_points == "none" or num_points < 2:
         return 0
-    if config.val_points > 0:
-        return int(min(config.val_points, num_points - 1))
+    if config.val_points is not None:
+        return int(min(int(config.val_points), num_points - 1))
     if num_points < AUTO_VAL_MIN_TRAIN:
         return 0
     return int(min(AUTO_VAL_MAX, round(AUTO_VAL_FRACTION * num_points)))

@@ -22,13 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import SlideConfig
+from .config import SlideConfig, upgrade_settings
 from .lsh import HashFunctions
 from .network import SlideModel, layer_slots
 from .resolve import resolve
 from .tables import Tables
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""2: auto settings are null and switched-off counts words ("none", "all") in the config (engine.config.LEGACY);
+a version 1 manifest (0 = auto, -1 = none/all) is migrated when read (`migrate_manifest`)."""
 MANIFEST = "manifest.json"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 PINS_DIR = ".pins"
@@ -245,8 +247,16 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{path}: no readable manifest ({exc})") from exc
-    if manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format_version") not in (1, FORMAT_VERSION):
         raise SnapshotError(f"{path}: unsupported snapshot format {manifest.get('format_version')}")
+    return migrate_manifest(manifest)
+
+
+def migrate_manifest(manifest: dict) -> dict:
+    """A manifest in the current format: version 1's config numbers that meant auto or none/all become null and
+    words (the arrays are the same in both formats)."""
+    if manifest.get("format_version") == 1:
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "config": upgrade_settings(manifest["config"])[0]}
     return manifest
 
 

@@ -103,9 +103,9 @@ def epoch_order(seed: int, epoch: int, num_points: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(num_points)
 
 
-def eval_rows(num_test: int, eval_points: int, seed: int) -> np.ndarray:
-    """The test points periodic evaluation uses: all (eval_points 0 or >= num_test) or a seeded subset."""
-    if eval_points == 0 or eval_points >= num_test:
+def eval_rows(num_test: int, eval_points: int | None, seed: int) -> np.ndarray:
+    """The test points periodic evaluation uses: all (eval_points None or >= num_test) or a seeded subset."""
+    if eval_points is None or eval_points >= num_test:
         return np.arange(num_test)
     return np.sort(np.random.default_rng([seed, 7]).choice(num_test, size=eval_points, replace=False))
 

@@ -27,6 +27,7 @@ from app.schemas import (
 from app.services.admission import QueueSlot
 from app.services.jobs import JobService
 from app.services.pagination import DEFAULT_LIMIT
+from engine.config import upgrade_settings
 from engine.memory import MemoryEstimate
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
@@ -57,7 +58,8 @@ def job_public(
     queue: QueueSlot | None = None,
     backend: dict[str, Any] | None = None,
 ) -> JobPublic:
-    config: dict[str, Any] = {k: v for k, v in (row.config or {}).items() if k in _CONFIG_FIELDS}
+    stored, _ = upgrade_settings(row.config or {})  # a job created before null and words shows what it meant
+    config: dict[str, Any] = {k: v for k, v in stored.items() if k in _CONFIG_FIELDS}
     latest = row.latest_metrics or None
     slot = queue if queue is not None and row.state == JobState.QUEUED else None
     return JobPublic(
@@ -153,7 +155,9 @@ def create_job(
     )
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
-    return job_publics(jobs, [job])[0]
+    public = job_publics(jobs, [job])[0]
+    public.deprecations = upgrade_settings(body.config.model_dump(exclude_unset=True))[1]
+    return public
 
 
 @router.get("", response_model=JobList, summary="List jobs, newest first", responses=problem_responses(401, 422))

@@ -104,7 +104,7 @@ def shard_estimate(config: SlideConfig, train: DatasetRow, test: DatasetRow | No
         nnz=train.nnz,
         label_entries=int(round(train.avg_labels_per_point * train.num_points)),
         eval_points=0,
-        threads=max(1, config.threads),
+        threads=max(1, config.threads or 1),
     )
     return est.trainer
 

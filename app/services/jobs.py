@@ -95,7 +95,7 @@ class JobService:
             raise InvalidContent(f"config.{exc.field}: {message}", loc=("body", "config", exc.field)) from exc
         except (TypeError, ValueError) as exc:
             raise InvalidContent(f"config: {exc}", loc=("body", "config")) from exc
-        if cfg.threads == 0 and self.settings.trainer_threads:
+        if cfg.threads is None and self.settings.trainer_threads:
             cfg = cfg.replace(threads=self.settings.trainer_threads)
         with self.db.session() as s:
             train = s.get(DatasetRow, train_dataset_id) if _is_id(train_dataset_id) else None

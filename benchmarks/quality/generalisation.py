@@ -33,7 +33,14 @@ from benchmarks.quality import datasets  # noqa: E402
 from engine import SlideConfig, Trainer, TrainingMetrics  # noqa: E402
 from engine.metrics import precision_at_k  # noqa: E402
 
-OLD = {"val_points": -1, "lr_warmup_steps": -1, "lr_decay": 1.0, "early_stop_patience": 0, "lr": 3e-3, "init_std": 0.01}
+OLD = {
+    "val_points": "none",
+    "lr_warmup_steps": "none",
+    "lr_decay": 1.0,
+    "early_stop_patience": 0,
+    "lr": 3e-3,
+    "init_std": 0.01,
+}
 """The defaults before model selection: constant step size 3e-3, init N(0, 0.01), no split, the last model served."""
 VARIANTS = {"old": OLD, "new": {}}
 

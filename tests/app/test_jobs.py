@@ -35,6 +35,25 @@ def datasets(client, xmc_files):
     return train["id"], test["id"]
 
 
+def test_a_job_body_with_the_old_auto_and_none_numbers_runs_with_a_deprecation_note(client, datasets):
+    """0 (auto) and -1 (none / all) are read as null and the field's word for one more release, and the answer to
+    the POST says what to send instead; the job shows (and runs with) what they mean."""
+    train_id, _ = datasets
+    config = {"epochs": 1, "hash_l": 0, "hard_negatives": -1, "val_points": -1, "predict_probes": -1}
+    r = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    assert len(job["deprecations"]) == 4 and any('use "all"' in d for d in job["deprecations"]), job["deprecations"]
+    shown = {k: job["config"][k] for k in config}
+    assert shown == {"epochs": 1, "hash_l": None, "hard_negatives": "all", "val_points": "none", "predict_probes": None}
+    again = client.get(f"/v1/jobs/{job['id']}").json()
+    assert again["config"] == job["config"] and again["deprecations"] == []
+    client.post(f"/v1/jobs/{job['id']}/stop")
+    fresh = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 1, "hash_l": None}})
+    assert fresh.status_code == 201 and fresh.json()["deprecations"] == []
+    client.post(f"/v1/jobs/{fresh.json()['id']}/stop")
+
+
 def test_config_and_reference_errors_name_the_field(client, datasets):
     train_id, _ = datasets
     cases = [

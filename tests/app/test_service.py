@@ -99,7 +99,9 @@ def test_openapi_documents_problems_and_examples(client):
     config = spec["components"]["schemas"]["SlideConfig"]["properties"]
     from engine import SlideConfig
 
-    assert config["hash_l"]["default"] == SlideConfig().hash_l  # defaults come from the engine
+    assert config["bucket_size"]["default"] == SlideConfig().bucket_size  # defaults come from the engine
+    assert config["hash_l"].get("default") is SlideConfig().hash_l is None  # auto: null, or no default stated
+    assert {"type": "null"} in config["hash_l"]["anyOf"]
     assert config["hash_family"]["enum"] == ["simhash", "wta", "dwta"]
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 200

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.config import DENSE_OUTPUT_MAX_LABELS, ConfigError, SlideConfig
+from engine.config import DENSE_OUTPUT_MAX_LABELS, ConfigError, SlideConfig, upgrade_settings
 from engine.network import SlideModel
 from engine.resolve import samples_output
 
@@ -15,6 +15,10 @@ from engine.resolve import samples_output
     [
         ({"hash_family": "minhash"}, "hash_family"),
         ({"hash_l": -1}, "hash_l"),
+        ({"hash_l": 0}, "hash_l"),
+        ({"max_active": "all"}, "max_active"),
+        ({"hard_negatives": "none"}, "hard_negatives"),
+        ({"val_points": 0}, "val_points"),
         ({"hash_l": 1025}, "hash_l"),
         ({"probes": -1}, "probes"),
         ({"probes": 65}, "probes"),
@@ -70,3 +74,27 @@ def test_an_auto_dense_model_round_trips_through_a_snapshot(tmp_path):
     assert loaded.config.sample_output is None and loaded.layer_slot[-1] == -1
     x = (np.array([0, 2]), np.array([3, 7], np.int32), np.ones(2, np.float32))
     assert np.array_equal(loaded.predict(*x, k=5)[0], model.predict(*x, k=5)[0])
+
+
+def test_auto_is_none_and_switched_off_counts_are_words():
+    cfg = SlideConfig(max_active="none", hard_negatives="all", val_points="none", hash_l=None)
+    assert SlideConfig.from_dict(cfg.to_dict()) == cfg
+    assert all(getattr(SlideConfig(), name) is None for name in ("hash_k", "hash_l", "max_active", "threads"))
+
+
+def test_the_numbers_settings_used_before_still_read_as_what_they_meant():
+    old = {"hash_l": 0, "max_active": -1, "hard_negatives": -1, "predict_probes": -1, "val_points": 0, "probes": 0}
+    values, notes = upgrade_settings(old)
+    assert values == {
+        "hash_l": None,
+        "max_active": "none",
+        "hard_negatives": "all",
+        "predict_probes": None,
+        "val_points": None,
+        "probes": 0,  # 0 probes always meant none: a plain number
+    }
+    assert len(notes) == 5 and any(n.startswith("hard_negatives: -1 is deprecated") and '"all"' in n for n in notes)
+    assert SlideConfig.from_dict(old) == SlideConfig(max_active="none", hard_negatives="all")
+    assert upgrade_settings({"hash_k": "auto"}) == ({"hash_k": None}, [])  # what a TOML file writes for null
+    with pytest.raises(ConfigError, match="hash_l"):
+        SlideConfig(hash_l=0)  # the constructor takes the current form only

@@ -316,7 +316,7 @@ def drawn_negatives(trainer, n_points):
     return drawn, shift
 
 
-@pytest.mark.parametrize("hard_negatives, r", [(-1, 6), (3, 24)])
+@pytest.mark.parametrize("hard_negatives, r", [("all", 6), (3, 24)])
 def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_negatives, r):
     """random_negatives = r adds, per point, r neurons drawn outside its retrieved set + labels, with
     their logits raised by log((L - kept) / r). The step equals naive Adam on the gradient of that
@@ -355,7 +355,7 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
             assert not drawn[i, y].any(), "labels are never drawn: they are already active"
             draws.add(tuple(np.flatnonzero(drawn[i])))
         keep = None
-        if hard_negatives > 0:
+        if hard_negatives != "all":
             keep = naive.hard_negative_mask(ref.w0, ref.b0, ref.ws, x, labels, masks, hard_negatives, drawn, shift)
             for i in range(len(points)):
                 n = nact[i, out]
@@ -476,7 +476,7 @@ def test_random_negatives_auto_only_for_wide_output_layers():
     assert lsh.resolve_random_negatives(SlideConfig(), 670_091) == 250
     assert lsh.resolve_random_negatives(SlideConfig(), 205_443) == 250
     assert lsh.resolve_random_negatives(SlideConfig(), 2_000) == 0
-    assert lsh.resolve_random_negatives(SlideConfig(random_negatives=-1), 670_091) == 0
+    assert lsh.resolve_random_negatives(SlideConfig(random_negatives="none"), 670_091) == 0
     assert lsh.resolve_random_negatives(SlideConfig(random_negatives=7), 2_000) == 7
     assert lsh.resolve_random_negatives(SlideConfig(random_negatives=70), 40) == 40
 
@@ -484,7 +484,7 @@ def test_random_negatives_auto_only_for_wide_output_layers():
 def test_hard_negatives_auto_only_for_wide_output_layers():
     assert lsh.resolve_hard_negatives(SlideConfig(), 670_091) == lsh.target_active(670_091) // 4 == 250
     assert lsh.resolve_hard_negatives(SlideConfig(), 2_000) == 0
-    assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives=-1), 670_091) == 0
+    assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives="all"), 670_091) == 0
     assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives=7), 2_000) == 7
 
 
@@ -532,7 +532,7 @@ def test_kth_largest_is_the_sorted_value():
         np.testing.assert_array_equal(keys[n:], tail)  # nothing beyond n touched
 
 
-@pytest.mark.parametrize("max_active", [-1, 6])
+@pytest.mark.parametrize("max_active", ["none", 6])
 def test_active_set_follows_the_buckets(data, max_active):
     """The output active set of a point = union of its L buckets (capped to the most frequently
     retrieved when max_active > 0) + its labels."""
@@ -563,8 +563,9 @@ def test_active_set_follows_the_buckets(data, max_active):
         )
         buckets = lsh.hash_dense(h, hf)
         found = tables.query(tb, buckets)
-        expected = set(naive.retrieve(found, 1, max(max_active, 0), naive.tie_seed(hf.params, buckets)).tolist())
-        if max_active > 0:
+        cap = 0 if max_active == "none" else max_active
+        expected = set(naive.retrieve(found, 1, cap, naive.tie_seed(hf.params, buckets)).tolist())
+        if cap:
             assert len(np.unique(found)) > max_active, "the cap binds"
         expected |= set(tb.hubs.tolist())
         expected |= set(data.y_indices[data.y_indptr[p] : data.y_indptr[p + 1]].tolist())
@@ -644,7 +645,6 @@ def trained_model():
         seed=21,
         rehash_n0=5,
         epochs=2,
-        eval_every=0,
     )
     trainer = Trainer(cfg, train)
     trainer.run()
@@ -682,11 +682,11 @@ def test_lsh_scores_are_exact_scores_of_the_same_labels(trained_model):
 @pytest.mark.parametrize(
     "threshold, train_cap, predict_cap, predict_hubs, cap",
     [
-        (1, 0, -1, 0, 0),  # no serving cap: every bucket member is scored
-        (2, 0, -1, 0, 0),  # only neurons found in >= 2 of the L buckets
-        (1, 0, 7, 0, 7),  # a serving cap: the 7 most frequently retrieved
-        (1, 9, 0, 0, 0),  # predict_max_active = 0 (auto) on a layer without serving hubs: no cap
-        (1, 9, 0, 4, 9),  # ... and on one configured with serving hubs: the training cap
+        (1, None, "none", None, 0),  # no serving cap: every bucket member is scored
+        (2, None, "none", None, 0),  # only neurons found in >= 2 of the L buckets
+        (1, None, 7, None, 7),  # a serving cap: the 7 most frequently retrieved
+        (1, 9, None, None, 0),  # predict_max_active None (auto) on a layer without serving hubs: no cap
+        (1, 9, None, 4, 9),  # ... and on one configured with serving hubs: the training cap
     ],
 )
 def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train_cap, predict_cap, predict_hubs, cap):

@@ -240,7 +240,7 @@ def test_cli_init_from_text_matches_names_and_terms(tmp_path, capsys):
 
     write(tmp_path / "a.jsonl", ["c0", "c1", "c2", "c3"], 300)
     write(tmp_path / "b.jsonl", ["c5", "c3", "c1", "c4"], 300)  # other order, two new classes and their words
-    base = ["--quiet", "--hidden", "16", "--epochs", "3", "--val-points", "-1", "--lr", "0.05"]
+    base = ["--quiet", "--hidden", "16", "--epochs", "3", "--val-points", "none", "--lr", "0.05"]
     assert main(["train", "--train", str(tmp_path / "a.jsonl"), "--out", str(tmp_path / "a"), *base]) == 0
     args = ["train", "--train", str(tmp_path / "b.jsonl"), "--out", str(tmp_path / "b"), "--init-from"]
     assert main([*args, str(tmp_path / "a"), *base]) == 0

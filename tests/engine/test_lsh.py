@@ -17,7 +17,7 @@ from . import naive
 FAMILIES = ("simhash", "wta", "dwta")
 
 
-def draw(family, k, n_tables, dim=64, bin_size=8, table_bits=0, seed=0, density=0.33, n_neurons=1000):
+def draw(family, k, n_tables, dim=64, bin_size=8, table_bits=None, seed=0, density=0.33, n_neurons=1000):
     cfg = SlideConfig(
         hash_family=family, hash_k=k, hash_l=n_tables, bin_size=bin_size, table_bits=table_bits, simhash_density=density
     )
@@ -56,10 +56,10 @@ def collision_rate(hf, pairs):
 
 # ---- twins ---------------------------------------------------------------------------------------
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("k, table_bits", [(3, 0), (6, 5)])  # exact mixed radix, then folded
+@pytest.mark.parametrize("k, table_bits", [(3, None), (6, 5)])  # exact mixed radix, then folded
 def test_bucket_ids_equal_naive_twin(family, k, table_bits):
     hf = draw(family, k, 12, dim=40, table_bits=table_bits, seed=3)
-    assert bool(hf.params[5]) == (table_bits != 0)
+    assert bool(hf.params[5]) == (table_bits is not None)
     rng = np.random.default_rng(1)
     vectors = [rng.standard_normal(40)]
     vectors += [np.where(rng.random(40) < 0.15, rng.random(40), 0.0) for _ in range(20)]  # empty bins
@@ -91,7 +91,7 @@ def test_hash_matrix_hashes_centred_rows(family):
         np.testing.assert_array_equal(plain[:, j], naive.bucket_ids(w[j, :16], hf.idx, hf.sign, hf.params))
 
 
-@pytest.mark.parametrize("table_bits", [0, 5])
+@pytest.mark.parametrize("table_bits", [None, 5])
 def test_multi_probe_flips_the_least_confident_bits(table_bits):
     hf = draw("simhash", 6, 8, dim=32, table_bits=table_bits, seed=4)
     k, n_tables = hf.k, hf.n_tables
@@ -181,17 +181,17 @@ def test_geometry_folds_only_when_the_code_space_does_not_fit():
     assert lsh.table_geometry(cfg, 3) == (8, 512, False, 9)
     cfg = SlideConfig(hash_family="simhash", hash_k=12, table_bits=8)
     assert lsh.table_geometry(cfg, 12) == (2, 256, True, 8)
-    cfg = SlideConfig(hash_family="wta", bin_size=8, table_bits=0)
+    cfg = SlideConfig(hash_family="wta", bin_size=8)
     assert lsh.table_geometry(cfg, 8) == (8, 2**20, True, 20)  # 2^24 codes, capped at 20 bits
     cfg = SlideConfig(hash_family="wta", bin_size=6)
     assert lsh.table_geometry(cfg, 2) == (6, 36, False, 6)  # non power of two radix: 36 buckets exactly
 
 
 def test_auto_k_keeps_the_expected_active_set_a_small_fraction():
-    """hash_k = 0 picks K from the layer width: more neurons, more bits, and an input's L buckets
+    """hash_k None (auto) picks K from the layer width: more neurons, more bits, and an input's L buckets
     (L * n / buckets neurons on average) stay a small share of a wide layer."""
     for family, radix in (("simhash", 2), ("dwta", 8)):
-        cfg = SlideConfig(hash_family=family, hash_k=0, hash_l=50, bin_size=8)
+        cfg = SlideConfig(hash_family=family, hash_k=None, hash_l=50, bin_size=8)
         ks = [lsh.resolve_k(cfg, n) for n in (10, 1000, 10_000, 100_000, 670_091)]
         assert ks[0] >= 1 and all(b >= a for a, b in itertools.pairwise(ks)), ks
         for n, k in zip((10_000, 100_000, 670_091), ks[2:], strict=True):
@@ -200,9 +200,9 @@ def test_auto_k_keeps_the_expected_active_set_a_small_fraction():
 
 
 def test_auto_tables_are_16_for_wide_layers_and_50_for_small_ones():
-    """hash_l = 0: a layer past 20,000 neurons (target active size < 5% of it) gets 16 tables, a
+    """hash_l None (auto): a layer past 20,000 neurons (target active size < 5% of it) gets 16 tables, a
     smaller one 50; an explicit hash_l wins; the drawn functions and auto K follow the resolved L."""
-    cfg = SlideConfig(hash_l=0)
+    cfg = SlideConfig()
     assert [lsh.resolve_l(cfg, n) for n in (100, 5_000, 20_000, 20_001, 670_091)] == [50, 50, 50, 16, 16]
     assert lsh.resolve_l(cfg.replace(hash_l=7), 670_091) == 7
     rng = np.random.default_rng(0)

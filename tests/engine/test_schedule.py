@@ -26,13 +26,21 @@ def test_warmup_steps_resolution():
     assert schedule.warmup_steps(SlideConfig(), 8) == 2  # a quarter of an epoch
     assert schedule.warmup_steps(SlideConfig(), 3) == 1
     assert schedule.warmup_steps(SlideConfig(), 100_000) == schedule.AUTO_WARMUP_MAX
-    assert schedule.warmup_steps(SlideConfig(lr_warmup_steps=-1), 100) == 0
+    assert schedule.warmup_steps(SlideConfig(lr_warmup_steps="none"), 100) == 0
     assert schedule.warmup_steps(SlideConfig(lr_warmup_steps=37), 100) == 37
 
 
 @pytest.mark.parametrize(
     ("val_points", "n", "want"),
-    [(0, 999, 0), (0, 1000, 100), (0, 44_000, 4400), (0, 500_000, 5000), (-1, 500_000, 0), (7, 100, 7), (50, 10, 9)],
+    [
+        (None, 999, 0),
+        (None, 1000, 100),
+        (None, 44_000, 4400),
+        (None, 500_000, 5000),
+        ("none", 500_000, 0),
+        (7, 100, 7),
+        (50, 10, 9),
+    ],
 )
 def test_validation_size(val_points, n, want):
     assert schedule.validation_size(SlideConfig(val_points=val_points), n) == want
@@ -50,7 +58,7 @@ def test_validation_split_is_seeded_disjoint_and_complete():
     assert not np.array_equal(val, other)
     # the held-out rows are spread over the file, not its head or tail (uniform: mean ~ 1000 +- 33)
     assert abs(val.mean() - 1000) < 150
-    none_train, none_val = schedule.validation_split(SlideConfig(val_points=-1), 50)
+    none_train, none_val = schedule.validation_split(SlideConfig(val_points="none"), 50)
     assert none_val.size == 0 and np.array_equal(none_train, np.arange(50))
 
 
@@ -66,7 +74,7 @@ def test_improvement_and_patience():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("lr_warmup_steps", -2), ("lr_decay", 0.0), ("lr_decay", 1.5), ("val_points", -2)] + [("early_stop_patience", -1)],
+    [("lr_warmup_steps", 0), ("lr_decay", 0.0), ("lr_decay", 1.5), ("val_points", -1)] + [("early_stop_patience", -1)],
 )
 def test_new_settings_are_checked(field, value):
     with pytest.raises(ConfigError, match=field):

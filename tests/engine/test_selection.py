@@ -31,7 +31,7 @@ CFG = SlideConfig(
     val_points=40,
     early_stop_patience=3,
     lr_decay=0.5,
-    lr_warmup_steps=-1,
+    lr_warmup_steps="none",
 )
 
 

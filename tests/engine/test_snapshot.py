@@ -8,8 +8,16 @@ import mmap
 import numpy as np
 import pytest
 
-from engine.config import SlideConfig
-from engine.snapshot import MANIFEST, SnapshotError, SnapshotStore, load_arrays, load_model, read_manifest
+from engine.config import LEGACY, SlideConfig
+from engine.snapshot import (
+    MANIFEST,
+    SnapshotError,
+    SnapshotStore,
+    load_arrays,
+    load_model,
+    manifest_resolved,
+    read_manifest,
+)
 from engine.trainer import Trainer
 
 from . import naive
@@ -31,7 +39,6 @@ CFG = SlideConfig(
     rebuild_every=2,
     seed=5,
     threads=1,
-    eval_every=0,
 )
 
 
@@ -285,3 +292,41 @@ def test_bfloat16_weights_are_stored_as_they_are(tmp_path, data):
             served.hashes,
             served.tables,
         )
+
+
+def _as_format_1(config: dict) -> dict:
+    """A config as a format 1 manifest wrote it: 0 for auto, -1 for a switched-off count (engine.config.LEGACY)."""
+    out = dict(config)
+    for name, old in LEGACY.items():
+        for number, meaning in old.items():
+            if out[name] == meaning:
+                out[name] = number
+                break
+    return out
+
+
+def test_a_format_1_snapshot_is_migrated_when_read(tmp_path, data):
+    """A snapshot written before auto became null (format 1: 0 = auto, -1 = none / all) loads, serves and resumes
+    as the run it was; the resolved settings it recorded (without per-layer plans) are completed from its config."""
+    train, test = data
+    store = SnapshotStore(tmp_path)
+    trainer = Trainer(CFG.replace(hash_k=None, hard_negatives="all", val_points="none", epochs=1), train, test, store)
+    trainer.run()
+    _, path = store.latest()
+    manifest = json.loads((path / MANIFEST).read_text())
+    assert manifest["format_version"] == 2 and manifest["config"]["hard_negatives"] == "all"
+    old = {**manifest, "format_version": 1, "config": _as_format_1(manifest["config"])}
+    old["trainer_state"] = {**manifest["trainer_state"], "resolved": {"train_points": 120, "val_points": 0}}
+    assert (old["config"]["hash_k"], old["config"]["hard_negatives"], old["config"]["predict_probes"]) == (0, -1, -1)
+    (path / MANIFEST).write_text(json.dumps(old))
+
+    read = read_manifest(path)
+    assert read["format_version"] == 2 and read["config"] == manifest["config"]
+    model = load_model(path)
+    assert model.config == trainer.config
+    for mode in ("lsh", "exact"):
+        np.testing.assert_array_equal(predict_both(model, test, mode)[0], predict_both(trainer.model, test, mode)[0])
+    resumed = Trainer.resume(store, train, test)
+    assert resumed.config == trainer.config and resumed.step == trainer.step
+    resolved = manifest_resolved(read)
+    assert resolved["train_points"] == 120 and resolved["layers"]["1"]["hash_l"] == CFG.hash_l

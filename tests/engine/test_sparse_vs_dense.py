@@ -20,7 +20,7 @@ from engine.metrics import precision_at_k
 from engine.synth import generate
 
 COMMON = dict(
-    epochs=10, lr=1e-2, batch_size=128, seed=0, threads=1, eval_points=0, val_points=-1, early_stop_patience=0
+    epochs=10, lr=1e-2, batch_size=128, seed=0, threads=1, eval_points=None, val_points="none", early_stop_patience=0
 )
 """Both train all 10 epochs on all the training data (no validation split, no early stop): the same epochs."""
 SPARSE = dict(sample_output=True, hash_family="simhash", hash_l=100, max_active=20, rehash_n0=5, rehash_lambda=0.05)

@@ -225,7 +225,6 @@ CFG = SlideConfig(
     epochs=10,
     seed=1,
     threads=1,
-    eval_every=0,
     sample_output=False,
     sample_hidden=False,
 )

@@ -38,7 +38,6 @@ SAMPLED = SlideConfig(
     rehash_lambda=0.3,
     rebuild_every=2,
     seed=17,
-    eval_every=0,
 )
 
 
@@ -296,8 +295,8 @@ def train_tiny(tiny, **changes):
         epochs=3,
         rehash_n0=10,
         seed=0,
-        threads=0,
-        eval_points=0,
+        threads=None,
+        eval_points=None,
     ).replace(**changes)
     trainer = Trainer(cfg, train, test)
     history = []
@@ -309,7 +308,7 @@ def test_training_on_tiny_synthetic_data_learns(tiny):
     train, test = tiny
     baseline = popularity_p_at_1(train, test)
     assert baseline < 0.1
-    trainer, history, final = train_tiny(tiny, hash_family="simhash", hash_k=6, hash_l=8, max_active=-1)
+    trainer, history, final = train_tiny(tiny, hash_family="simhash", hash_k=6, hash_l=8, max_active="none")
     assert [h.epoch for h in history] == [1, 2, 3] and not final["stopped"]
     assert history[-1].loss < history[0].loss
     assert history == trainer.history
@@ -343,7 +342,7 @@ def test_multi_probe_prediction_scores_more_candidates_and_recalls_more_of_exact
     trained = default_trained[0].model
     # The same arrays without a serving cap, so that every probed candidate is scored.
     model = SlideModel(
-        trained.config.replace(predict_max_active=-1),
+        trained.config.replace(predict_max_active="none"),
         trained.num_features,
         trained.num_labels,
         trained.weights,
@@ -417,7 +416,7 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
     plain.refresh_serving_hubs()
     assert not np.array_equal(plain.model.tables[0].serve_hubs, before)
     # A run with nowhere to publish refreshes them at its end.
-    bare = Trainer(cfg.replace(eval_points=0), train)
+    bare = Trainer(cfg.replace(eval_points=None), train)
     bare.run(time_budget_s=0.5)
     served = bare.model.tables[0].serve_hubs.copy()
     bare.model.update_hubs(1, training=False, center=bare.adam.input_mean[1])

@@ -162,7 +162,7 @@ def main() -> int:
     train, _ = generate("amazon670k", num_train=args.points, num_test=10, num_labels=args.labels)
     with tempfile.TemporaryDirectory() as tmp:
         train = load_dataset(save_dataset(train, Path(tmp) / "train"))  # the shards open it from its directory
-        cfg = SlideConfig(batch_size=args.batch, threads=1, sample_output=True, val_points=-1)
+        cfg = SlideConfig(batch_size=args.batch, threads=1, sample_output=True, val_points="none")
         set_threads(1)
         single = single_process(cfg, train, args.steps, args.warmup)
         rows = [measure(cfg, train, p, args.steps, args.warmup) for p in shard_counts]

@@ -228,8 +228,7 @@ def cmd_train(args) -> int:
 def _train(args, trainer, store, estimate) -> int:
     from tqdm import tqdm
 
-    resolved = trainer.resolved()
-    resolved = resolved.to_dict() if hasattr(resolved, "to_dict") else resolved  # the sharded trainer's is a dict
+    resolved = trainer.resolved().to_dict()
     _emit(
         {
             "estimated_memory_bytes": estimate.total,

@@ -10,7 +10,7 @@ hashing choices lives in lsh.py and the schedule's in schedule.py; this module o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import lsh, schedule
@@ -40,7 +40,9 @@ class LayerPlan:
 @dataclass(frozen=True)
 class Resolved:
     """Concrete values for one config and data shape (see the module doc). train_points, val_points,
-    steps_per_epoch and lr_warmup_steps are None when the number of training points is not known."""
+    steps_per_epoch and lr_warmup_steps are None when the number of training points is not known.
+    shard_labels: the labels of each shard of a label-sharded run (engine.distributed), whose `layers` are
+    shard 0's; None for a single process."""
 
     sample_output: bool
     probes: int
@@ -50,6 +52,7 @@ class Resolved:
     val_points: int | None = None
     steps_per_epoch: int | None = None
     lr_warmup_steps: int | None = None
+    shard_labels: tuple[int, ...] | None = None
 
     @property
     def output(self) -> LayerPlan:
@@ -112,21 +115,21 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
                 random_negatives=lsh.resolve_random_negatives(config, neurons) if is_output else 0,
             )
         )
-    run: dict[str, int | None] = {}
-    if num_points is not None:
-        val = schedule.validation_size(config, int(num_points))
-        train = int(num_points) - val
-        steps = -(-train // config.batch_size)
-        run = dict(
-            train_points=train,
-            val_points=val,
-            steps_per_epoch=steps,
-            lr_warmup_steps=schedule.warmup_steps(config, steps),
-        )
-    return Resolved(
+    plan = Resolved(
         sample_output=sample_out,
         probes=config.probes,
         predict_probes=config.probes if config.predict_probes is None else config.predict_probes,
         layers=tuple(layers),
-        **run,
+    )
+    if num_points is None:
+        return plan
+    val = schedule.validation_size(config, int(num_points))
+    train = int(num_points) - val
+    steps = -(-train // config.batch_size)
+    return replace(
+        plan,
+        train_points=train,
+        val_points=val,
+        steps_per_epoch=steps,
+        lr_warmup_steps=schedule.warmup_steps(config, steps),
     )

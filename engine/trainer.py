@@ -43,7 +43,7 @@ from .kernels.optimizer import (
 from .metrics import precision_at_k
 from .network import PredictMode, SlideModel
 from .progress import TrainingMetrics
-from .resolve import Resolved
+from .resolve import Resolved, resolve
 from .snapshot import (
     SnapshotStore,
     attach_text,
@@ -175,7 +175,8 @@ class Trainer:
         self._labelled = np.diff(self._train_rows.y_indptr) > 0
         out = self.model.depth - 1
         sampled_output = self.model.layer_slot[out] >= 0
-        output = self.model.plan.output
+        # the output layer's negatives for its width (a sharded model's is its whole label set)
+        output = resolve(self.config.replace(sample_output=bool(sampled_output)), 1, self.model.num_labels).output
         self._hard_negatives = output.hard_negatives
         self._random_negatives = output.random_negatives
         # the backward pass through a sampled output layer runs inside its update (see train_step)

@@ -25,58 +25,28 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel
 from ..kernels.forward import lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
+from ..kernels.groups import Activations, Layers, Tables
 from ..kernels.lowlevel import float_bits, float_from_bits, weight_at
 from ..kernels.sampling import add_ids, is_label, kth_largest, next_generation, pad_random
 
 
 @fast_kernel
-def shard_forward_point(
-    i,
-    p,
-    stream,
-    x_indptr,
-    x_indices,
-    x_values,
-    y_indptr,
-    y_indices,
-    w0,
-    b0,
-    weights,
-    layer_slot,
-    hidx,
-    hsign,
-    hparams,
-    toffsets,
-    tids,
-    hubs,
-    hid,
-    act_ids,
-    act_val,
-    nact,
-    nkept,
-    tags,
-    counts,
-    gens,
-    chunk,
-    qmargins,
-    qcodes,
-    qbuck,
-    probes,
-    threshold,
-    max_active,
-    min_active,
-    seed,
-    random_negatives,
-    negative_group,
-    label_flags,
-):
+def shard_forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act, lookup, chunk, label_flags):
     """train_point's forward pass of dataset row p in batch slot i, up to the output logits; y holds this
     shard's labels only (local ids). Returns the largest output logit (-inf for an empty active set).
     label_flags uint8 (b, cap): 1 where an active neuron of a sampled output layer is a true label (the
     membership tags it is read from are reused by the chunk's next point)."""
+    weights = net.weights
+    layer_slot = net.layer_slot
+    hid, act_ids, act_val, nact, nkept = act.hid, act.act_ids, act.act_val, act.nact, act.nkept
+    tags = lookup.tags
+    seed = sampling.seed
+    random_negatives = sampling.random_negatives
     depth = len(weights)
-    sparse_input_layer(w0, b0, x_indices, x_values, x_indptr[p], x_indptr[p + 1], hid[0][i])
-    labels = y_indices[y_indptr[p] : y_indptr[p + 1]]
+    sparse_input_layer(
+        weights[0], net.b0, batch.x_indices, batch.x_values, batch.x_indptr[p], batch.x_indptr[p + 1], hid[0][i]
+    )
+    labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
     gen = np.int64(0)
     for layer in range(1, depth):
         w = weights[layer]
@@ -87,34 +57,22 @@ def shard_forward_point(
         slot = layer_slot[layer]
         is_output = layer == depth - 1
         if slot >= 0:
-            gen = next_generation(tags, gens, chunk)
-            n = lsh_active_set(
-                inp,
-                slot,
-                hidx,
-                hsign,
-                hparams,
-                toffsets,
-                tids,
-                hubs,
-                tags[chunk],
-                counts[chunk],
-                gen,
-                qmargins[chunk],
-                qcodes[chunk],
-                qbuck[chunk],
-                probes,
-                threshold,
-                max_active,
-                ids,
-            )
+            gen = next_generation(tags, lookup.gens, chunk)
+            n = lsh_active_set(inp, slot, tabs, lookup, chunk, gen, retrieval, ids)
             if is_output:
                 n = add_ids(ids, n, labels, tags[chunk], gen, -1)
-            n = pad_random(ids, n, min_active, out_dim, tags[chunk], gen, seed, stream * depth + layer)
+            n = pad_random(ids, n, sampling.min_active, out_dim, tags[chunk], gen, seed, stream * depth + layer)
             n_kept = n
             if is_output and random_negatives > 0:
                 n = pad_random(
-                    ids, n, n + random_negatives, out_dim, tags[chunk], gen, seed, (stream // negative_group) * depth
+                    ids,
+                    n,
+                    n + random_negatives,
+                    out_dim,
+                    tags[chunk],
+                    gen,
+                    seed,
+                    (stream // sampling.negative_group) * depth,
                 )
             for a in range(n):
                 prefetch_ahead(w, ids, a, n)
@@ -152,89 +110,22 @@ def shard_forward_point(
 
 @fast_parallel_kernel
 def shard_forward_batch(
-    points,
-    first_stream,
-    x_indptr,
-    x_indices,
-    x_values,
-    y_indptr,
-    y_indices,
-    w0,
-    b0,
-    weights,
-    layer_slot,
-    hidx,
-    hsign,
-    hparams,
-    toffsets,
-    tids,
-    hubs,
-    hid,
-    act_ids,
-    act_val,
-    nact,
-    nkept,
-    tags,
-    counts,
-    gens,
-    qmargins,
-    qcodes,
-    qbuck,
-    n_chunks,
-    probes,
-    threshold,
-    max_active,
-    min_active,
-    seed,
-    random_negatives,
-    negative_group,
-    label_flags,
-    tops,
+    points, first_stream, batch, net, tabs, retrieval, sampling, act, lookup, n_chunks, label_flags, tops
 ):
     """shard_forward_point for every point of a batch (chunk c owns scratch row c and points c, c+n_chunks,
-    ...); tops float64 (b,) receives each point's largest output logit."""
+    ...); tops float64 (b,) receives each point's largest output logit. The groups: kernels.groups."""
     b = points.shape[0]
+    weights, b0, layer_slot = net
+    hidx, hsign, hparams, offsets, ids, hubs = tabs
+    hid, act_ids, act_val, nact, nkept, delta0, losses = act
     for c in prange(n_chunks):
+        # see kernels.groups: groups holding tuples are rebuilt inside the loop, stores go to unpacked arrays
+        net = Layers(weights, b0, layer_slot)
+        tabs = Tables(hidx, hsign, hparams, offsets, ids, hubs)
+        act = Activations(hid, act_ids, act_val, nact, nkept, delta0, losses)
         for i in range(c, b, n_chunks):
             tops[i] = shard_forward_point(
-                i,
-                points[i],
-                first_stream + i,
-                x_indptr,
-                x_indices,
-                x_values,
-                y_indptr,
-                y_indices,
-                w0,
-                b0,
-                weights,
-                layer_slot,
-                hidx,
-                hsign,
-                hparams,
-                toffsets,
-                tids,
-                hubs,
-                hid,
-                act_ids,
-                act_val,
-                nact,
-                nkept,
-                tags,
-                counts,
-                gens,
-                c,
-                qmargins,
-                qcodes,
-                qbuck,
-                probes,
-                threshold,
-                max_active,
-                min_active,
-                seed,
-                random_negatives,
-                negative_group,
-                label_flags,
+                i, points[i], first_stream + i, batch, net, tabs, retrieval, sampling, act, lookup, c, label_flags
             )
 
 

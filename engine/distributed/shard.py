@@ -27,10 +27,14 @@ import numba
 import numpy as np
 
 from .. import lsh, tables
+from ..adam import LazyAdamState
 from ..config import SlideConfig
 from ..kernels.forward import backward_batch
+from ..kernels.groups import Batch, Retrieval, Sampling
+from ..kernels.hashing import mix3
 from ..kernels.optimizer import group_by_feature, update_input_bias, update_input_layer
-from ..network import _INIT_ROWS, SlideModel, layer_slots, layer_widths, samples_output, weight_storage
+from ..network import _INIT_ROWS, SlideModel, layer_slots, layer_widths, weight_storage
+from ..resolve import samples_output
 from ..snapshot import FORMAT_VERSION, MANIFEST, _file_crc32, model_arrays, model_from_arrays
 from ..sparse import Dataset, normalize_rows
 from ..trainer import _INPUT_MEAN_DECAY, _MODEL_ARRAY, TRAINING_ARRAYS, Trainer
@@ -56,7 +60,7 @@ def shard_config(config: SlideConfig, num_labels: int) -> SlideConfig:
 
 def shard_seed(seed: int, shard: int) -> int:
     """The seed of shard p's sampling (random negatives, padding): shard 0 keeps the run's seed."""
-    return int(seed) if shard == 0 else int(lsh.mix3(np.uint64(seed), np.uint64(0x5A4D), np.uint64(shard))) >> 1
+    return int(seed) if shard == 0 else int(mix3(np.uint64(seed), np.uint64(0x5A4D), np.uint64(shard))) >> 1
 
 
 def initialize_shard(config: SlideConfig, num_features: int, num_labels: int, lo: int, hi: int) -> SlideModel:
@@ -127,7 +131,7 @@ class ShardTrainer(Trainer):
         shard: int,
         shards: int,
         model: SlideModel | None = None,
-        optimizer: dict[str, np.ndarray] | None = None,
+        optimizer: LazyAdamState | None = None,
     ):
         self.shard, self.shards = int(shard), int(shards)
         self.lo, self.hi = label_ranges(train.num_labels, shards)[shard]
@@ -150,13 +154,9 @@ class ShardTrainer(Trainer):
         if not 1 <= b <= cfg.batch_size:
             raise ValueError(f"a batch holds 1 to batch_size={cfg.batch_size} points, got {b}")
         bufs = self._buffers(cfg.batch_size)
-        hid, act_ids, act_val = bufs.hid, bufs.act_ids, bufs.act_val
-        nact, nkept, delta0 = bufs.nact, bufs.nkept, bufs.delta0
-        if b != cfg.batch_size:
-            hid = tuple(h[:b] for h in hid)
-            act_ids = tuple(a[:b] for a in act_ids)
-            act_val = tuple(a[:b] for a in act_val)
-            nact, nkept, delta0 = nact[:b], nkept[:b], delta0[:b]
+        act = bufs.first(b)
+        hid, act_ids, act_val = act.hid, act.act_ids, act.act_val
+        nact, nkept, delta0 = act.nact, act.nkept, act.delta0
         data = self._train_rows.take(points)
         if cfg.normalize_input:
             data = normalize_rows(data)
@@ -167,7 +167,6 @@ class ShardTrainer(Trainer):
         np.cumsum(np.bincount(row[mine], minlength=b), out=y_indptr[1:])
         y_indices = np.ascontiguousarray(y[mine] - self.lo, dtype=np.int32)
         self._lr = float(lr)
-        hidx, hsign, hparams, toffsets, tids, hubs = model.kernel_tables()
         n_chunks = max(1, min(b, numba.get_num_threads()))
         out = model.depth - 1
         flags = self._label_flags[:b]
@@ -175,40 +174,20 @@ class ShardTrainer(Trainer):
         shard_forward_batch(
             np.arange(b, dtype=np.int64),
             self.samples_seen,
-            data.x_indptr,
-            data.x_indices,
-            data.x_values,
-            y_indptr,
-            y_indices,
-            model.weights[0],
-            model.b0,
-            model.weights,
-            model.layer_slot,
-            hidx,
-            hsign,
-            hparams,
-            toffsets,
-            tids,
-            hubs,
-            hid,
-            act_ids,
-            act_val,
-            nact,
-            nkept,
-            bufs.tags,
-            bufs.counts,
-            bufs.gens,
-            bufs.qmargins,
-            bufs.qcodes,
-            bufs.qbuck,
+            Batch(data.x_indptr, data.x_indices, data.x_values, y_indptr, y_indices),
+            model.kernel_layers(),
+            model.kernel_tables(),
+            Retrieval(cfg.probes, cfg.active_threshold, model.max_active),
+            Sampling(
+                min_active=cfg.min_active,
+                seed=self._seed,
+                hard_negatives=self._hard_negatives,
+                random_negatives=self._random_negatives,
+                negative_group=cfg.random_negative_group,
+            ),
+            act,
+            bufs.lookup,
             n_chunks,
-            cfg.probes,
-            cfg.active_threshold,
-            model.max_active,
-            cfg.min_active,
-            self._seed,
-            self._random_negatives,
-            cfg.random_negative_group,
             flags,
             tops,
         )
@@ -225,6 +204,7 @@ class ShardTrainer(Trainer):
             nact=nact,
             nkept=nkept,
             delta0=delta0,
+            act=act,
             n_chunks=n_chunks,
             out=out,
         )
@@ -260,7 +240,7 @@ class ShardTrainer(Trainer):
             st["nkept"],
             sampled,
             self._hard_negatives,
-            bufs.counts,
+            bufs.lookup.counts,
             st["n_chunks"],
             losses,
         )
@@ -290,19 +270,7 @@ class ShardTrainer(Trainer):
         act_ids, act_val, nact, hid, delta0 = st["act_ids"], st["act_val"], st["nact"], st["hid"], st["delta0"]
         bufs = self._bufs
         grads = np.ascontiguousarray(grads, np.float32).reshape(1, b, -1)
-        backward_batch(
-            grads,
-            st["n_chunks"],
-            model.weights,
-            model.layer_slot,
-            hid,
-            act_ids,
-            act_val,
-            nact,
-            delta0,
-            bufs.gin,
-            bufs.gprev,
-        )
+        backward_batch(grads, st["n_chunks"], model.kernel_layers(), st["act"], bufs.back)
         for layer in range(1, out):
             self._update_layer(layer, act_ids, act_val, nact, hid, self._grad_inputs[:0])
         data = st["data"]
@@ -313,9 +281,9 @@ class ShardTrainer(Trainer):
         lr, b1, b2, eps = self._lr, cfg.beta1, cfg.beta2, cfg.eps
         update_input_layer(
             model.weights[0],
-            self.m[0],
-            self.v[0],
-            self.steps[0],
+            self.adam.m[0],
+            self.adam.v[0],
+            self.adam.steps[0],
             data.x_values,
             delta0,
             group_start,
@@ -327,10 +295,10 @@ class ShardTrainer(Trainer):
             b2,
             eps,
         )
-        update_input_bias(model.b0, self.mb0, self.vb0, delta0, self.step + 1, lr, b1, b2, eps)
+        update_input_bias(model.b0, self.adam.mb0, self.adam.vb0, delta0, self.step + 1, lr, b1, b2, eps)
         for layer in model.sampled_layers():
-            self.input_mean[layer] *= _INPUT_MEAN_DECAY
-            self.input_mean[layer] += (1.0 - _INPUT_MEAN_DECAY) * hid[layer - 1].mean(axis=0, dtype=np.float64)
+            self.adam.input_mean[layer] *= _INPUT_MEAN_DECAY
+            self.adam.input_mean[layer] += (1.0 - _INPUT_MEAN_DECAY) * hid[layer - 1].mean(axis=0, dtype=np.float64)
         self.step += 1
         self.samples_seen += b
         self._pending = None
@@ -346,7 +314,7 @@ class ShardTrainer(Trainer):
 
     def _buffers(self, batch: int):
         bufs = super()._buffers(batch)
-        cap = bufs.act_val[-1].shape[1]
+        cap = bufs.act.act_val[-1].shape[1]
         if getattr(self, "_label_flags", np.zeros((0, 0))).shape != (batch, cap):
             self._label_flags = np.zeros((batch, cap), np.uint8)
         return bufs
@@ -427,7 +395,7 @@ class ShardTrainer(Trainer):
             arrays.update({name[len(prefix) :]: arrays.pop(name) for name in list(arrays) if name.startswith(prefix)})
         cfg = shard_config(config, train.num_labels)
         model = model_from_arrays(cfg, train.num_features, hi - lo, arrays)
-        trainer = cls(config, train, shard, shards, model=model, optimizer=arrays)
+        trainer = cls(config, train, shard, shards, model=model, optimizer=LazyAdamState.from_arrays(arrays))
         trainer.best = state.get("best")
         trainer.evals_since_best = int(state.get("evals_since_best", 0))
         trainer.lr_decays = int(state.get("lr_decays", 0))

@@ -14,6 +14,7 @@ slice into its own subdirectory (a shared filesystem across the cluster's nodes)
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -23,8 +24,10 @@ from typing import Any
 import numpy as np
 
 from .. import schedule
+from ..adam import LazyAdamState
 from ..config import SlideConfig
 from ..network import Predictions, PredictMode, check_csr, layer_slots
+from ..resolve import Resolved
 from ..snapshot import SnapshotStore, manifest_config, read_manifest
 from ..sparse import Dataset, load_dataset
 from ..trainer import TRAINING_ARRAYS, Trainer
@@ -157,10 +160,10 @@ class ShardGroup:
         actor_options: dict | None = None,
         start_timeout_s: float = START_TIMEOUT_S,
     ) -> ShardGroup:
-        """Start P shard actors (each asks Ray for config.threads CPUs, 1 when threads is 0)."""
+        """Start P shard actors (each asks Ray for config.threads CPUs, 1 when threads is auto)."""
         ray = require_ray()
         ranges = label_ranges(train.num_labels, shards)
-        cpus = max(1, int(config.threads))
+        cpus = max(1, int(config.threads or 1))
         started = connect(address, num_cpus=max(cpus * shards, 1))
         data: Any = _dataset_dir(train)
         if data is None:
@@ -207,7 +210,7 @@ class ShardGroup:
         except ray.exceptions.GetTimeoutError as exc:
             raise ShardLostError(
                 f"{self.shards} shards did not start within {timeout:g} s: each needs the threads setting's CPUs "
-                "(1 when threads is 0) free on a node of the Ray cluster (`ray status` shows what is free)"
+                "(1 when threads is auto) free on a node of the Ray cluster (`ray status` shows what is free)"
             ) from exc
         except lost as exc:
             raise ShardLostError(
@@ -366,18 +369,20 @@ class DistributedTrainer(Trainer):
         return None  # labels are not added or retired in a sharded run
 
     # the optimizer's state lives in the shards
-    def _init_optimizer(self, arrays: dict[str, np.ndarray] | None = None) -> None:
+    def _init_optimizer(self, state: LazyAdamState | None = None) -> None:
         return None
 
     def arrays(self) -> dict[str, np.ndarray]:
         raise NotImplementedError("a sharded model's arrays live in its shards: see publish()")
 
-    def resolved(self) -> dict:
-        out = dict(self.group.each("resolved", [()] * self.group.shards)[0])
-        out["sample_output"] = bool(self.model.layer_slot[-1] >= 0)
-        out["shards"] = self.group.shards
-        out["shard_labels"] = [hi - lo for lo, hi in self.group.ranges]
-        return out
+    def resolved(self) -> Resolved:
+        """Shard 0's resolved settings (its output layer is its slice), with every shard's label count."""
+        first: Resolved = self.group.each("resolved", [()] * self.group.shards)[0]
+        return dataclasses.replace(
+            first,
+            sample_output=bool(self.model.layer_slot[-1] >= 0),
+            shard_labels=tuple(hi - lo for lo, hi in self.group.ranges),
+        )
 
     # ---- one step ---------------------------------------------------------------------------
     def train_step(self, points: np.ndarray) -> tuple[float, int, float]:

@@ -45,7 +45,7 @@ def data():
 
 
 def config(**over) -> SlideConfig:
-    base = dict(hidden=(32,), batch_size=64, threads=1, seed=11, rehash_n0=5, epochs=1, eval_points=0)
+    base = dict(hidden=(32,), batch_size=64, threads=1, seed=11, rehash_n0=5, epochs=1, eval_points=None)
     return SlideConfig(**{**base, **over})
 
 
@@ -84,7 +84,7 @@ def two_shards(cluster, data, tmp_path_factory):
     points, its snapshot store) and the single-process run's result at the same seed. The shards stop here, so
     that the next tests find the worker node free."""
     train, test = data
-    cfg = config(sample_output=True, epochs=4, val_points=-1, random_negatives=100)
+    cfg = config(sample_output=True, epochs=4, val_points="none", random_negatives=100)
     root = tmp_path_factory.mktemp("two")
     single_result = Trainer(cfg, train, test).run()
     x = test.row_slice(0, 300)
@@ -141,7 +141,7 @@ def test_cli_trains_on_shards_and_resumes(cluster, data, tmp_path, capsys):
 
 def test_losing_a_node_stops_training_and_resume_completes(cluster, data, tmp_path):
     train, test = data
-    cfg = config(sample_output=True, epochs=6, val_points=-1)
+    cfg = config(sample_output=True, epochs=6, val_points="none")
     store = SnapshotStore(tmp_path / "job")
     trainer = DistributedTrainer(cfg, train, test, store, shards=2, actor_options=ON_WORKER)
     failure: list[BaseException] = []

@@ -7,14 +7,19 @@ On this machine: an amazon670k-shaped model (670,091 labels, 135,909 features; `
 warm-up steps. It prints samples/s, bytes sent per step between the driver and the shards, the driver's time per
 step and the slowest shard's compute per step, next to the single-process Trainer.
 
-The cost model: the slowest shard's compute per step is A + B / P (A: what every shard does whatever P, i.e. the
-replicated hidden layers and the shard's own capped active set; B / P: what shrinks with the shard's slice of the
-labels, i.e. rehashing and table upkeep), stretched by P / cores when shards outnumber the cores; the driver adds
-an overhead per step of c0 + c1 * P (Ray calls and reductions). A, B, c0 and c1 are fitted on the first two shard
-counts and checked on the others. The projection puts one shard per machine (N = P) with `--speedup` times this
-machine's single-thread compute, the measured bytes at `--bandwidth-gbps`, and prints time per epoch for
-Amazon-670K and a catalog of `--catalog-labels` labels (one training query per label and epoch), and which term
-dominates.
+The cost model of one step with P shards on `cores` cores:
+
+    step(P) = (A + R / P) * max(1, P / cores) + 3 * rt(P) + bytes(P) / bandwidth
+
+R is the output layer's rehash (timed here on the whole layer, in-process) spread over rehash_max_interval steps:
+the only per-step work that shrinks with a shard's slice of the labels. A is the rest of one shard's compute at
+P = 1 (the replicated hidden layers, and the shard's own active set, which is capped per shard and so does not
+shrink either). rt(P) is a round of Ray calls to P actors (timed with empty calls); a step makes three rounds the
+driver waits for (the backward stage overlaps the next forward). A and R come from P = 1; the other shard counts
+check the model. The projection puts one shard per machine (N = P, no contention) with `--speedup` times this
+machine's single-thread compute, R scaled to the catalog's labels, rt(1) per round and the measured bytes at
+`--bandwidth-gbps`, and prints time per epoch for Amazon-670K and a catalog of `--catalog-labels` labels (one
+training query per label and epoch), with the largest term.
 """
 
 from __future__ import annotations
@@ -47,6 +52,12 @@ def measure(cfg, train, shards: int, steps: int, warmup: int) -> dict:
             return time.perf_counter() - t
 
         run(0, warmup)
+        group = trainer.group
+        group.get([a.ping.remote() for a in group.actors])
+        t = time.perf_counter()
+        for _ in range(50):
+            group.get([a.ping.remote() for a in group.actors])
+        rt_ms = (time.perf_counter() - t) / 50 * 1e3
         bytes0, stages0, shard0 = trainer.group.bytes_sent, dict(trainer.stage_seconds), trainer.shard_timings()
         seconds = run(warmup, steps)
         shard1 = trainer.shard_timings()
@@ -58,6 +69,7 @@ def measure(cfg, train, shards: int, steps: int, warmup: int) -> dict:
         return {
             "shards": shards,
             "start_s": start_s,
+            "round_trip_ms": rt_ms,
             "samples_per_s": steps * b / seconds,
             "step_ms": seconds / steps * 1e3,
             "bytes_per_step": (trainer.group.bytes_sent - bytes0) / steps,
@@ -84,47 +96,56 @@ def single_process(cfg, train, steps: int, warmup: int) -> dict:
     return {"samples_per_s": steps * b / seconds, "step_ms": seconds / steps * 1e3}
 
 
-def fit(rows: list[dict], cores: int) -> dict:
-    """A, B (ms) of compute(P) = (A + B / P) * max(1, P / cores) and c0, c1 (ms) of overhead(P) = c0 + c1 * P, from
-    the first two shard counts."""
-    (p1, r1), (p2, r2) = [(r["shards"], r) for r in rows[:2]]
+def rehash_ms(cfg, train) -> float:
+    """Milliseconds of one rehash of the whole output layer (hashing every row, rebuilding the tables)."""
+    from engine.network import SlideModel
 
-    def unstretched(r: dict) -> float:
-        return r["shard_compute_ms"] / max(1.0, r["shards"] / cores)
-
-    b = (unstretched(r1) - unstretched(r2)) / (1 / p1 - 1 / p2)
-    a = unstretched(r1) - b / p1
-    o1, o2 = r1["step_ms"] - r1["shard_compute_ms"], r2["step_ms"] - r2["shard_compute_ms"]
-    c1 = (o2 - o1) / (p2 - p1)
-    return {"A_ms": a, "B_ms": b, "c0_ms": o1 - c1 * p1, "c1_ms": c1}
+    model = SlideModel.initialize(cfg, train.num_features, train.num_labels)
+    out = model.depth - 1
+    model.rehash_layer(out, round_id=1)
+    t = time.perf_counter()
+    for r in range(3):
+        model.rehash_layer(out, round_id=2 + r, serving_hubs=False)
+    return (time.perf_counter() - t) / 3 * 1e3
 
 
-def predict(model: dict, shards: int, cores: int) -> float:
-    compute = (model["A_ms"] + model["B_ms"] / shards) * max(1.0, shards / cores)
-    return compute + model["c0_ms"] + model["c1_ms"] * shards
+def fit(rows: list[dict], rehash: float, interval: int) -> dict:
+    """A and R (ms) from the one-shard run: R = rehash / interval, A = the shard's compute - R."""
+    one = rows[0]
+    assert one["shards"] == 1, "the first shard count must be 1"
+    r = rehash / interval
+    return {"A_ms": one["shard_compute_ms"] - r, "R_ms": r}
 
 
-def project(model: dict, labels_measured: int, bytes_per_step: float, args) -> list[dict]:
-    """Time per epoch with one shard per machine: compute / speedup (A fixed, B scaled to the catalog's labels per
-    shard), the driver overhead measured here (Ray calls), and the bytes over the network."""
+def predict(model: dict, row: dict, cores: int) -> float:
+    p = row["shards"]
+    compute = (model["A_ms"] + model["R_ms"] / p) * max(1.0, p / cores)
+    return compute + 3 * row["round_trip_ms"]
+
+
+def project(model: dict, labels_measured: int, rows: list[dict], args) -> list[dict]:
+    """Time per epoch with one shard per machine (see the module docstring)."""
     out = []
     catalogs = [("Amazon-670K", 670_091, 490_449), (f"{args.catalog_labels:,} labels", args.catalog_labels, None)]
+    rt, per_shard_bytes = rows[0]["round_trip_ms"], rows[0]["bytes_per_step"]
     for name, labels, points in catalogs:
         points = points or labels
         steps = -(-points // args.batch)
         for n in (1, 2, 4, 8, 16, 32, 64):
-            fixed = model["A_ms"] / args.speedup
-            sliced = model["B_ms"] * labels / labels_measured / n / args.speedup
-            network = bytes_per_step * 8 / (args.bandwidth_gbps * 1e9) * 1e3 + model["c0_ms"] + model["c1_ms"] * n
-            step = fixed + sliced + network
-            terms = {"replicated + per-shard active set": fixed, "label slice (rehash, tables)": sliced}
-            terms["communication"] = network
+            terms = {
+                "replicated + own active set": model["A_ms"] / args.speedup,
+                "label slice (rehash)": model["R_ms"] * labels / labels_measured / n / args.speedup,
+                "Ray calls": 3 * rt,
+                "bytes": per_shard_bytes * n * 8 / (args.bandwidth_gbps * 1e9) * 1e3,
+            }
+            step = sum(terms.values())
             out.append(
                 {
                     "catalog": name,
                     "machines": n,
                     "step_ms": step,
                     "epoch_h": steps * step / 3.6e6,
+                    "terms": terms,
                     "dominant": max(terms, key=lambda k: terms[k]),
                     "shard_gb": shard_memory(labels, n, args) / 1e9,
                 }
@@ -166,33 +187,37 @@ def main() -> int:
         set_threads(1)
         single = single_process(cfg, train, args.steps, args.warmup)
         rows = [measure(cfg, train, p, args.steps, args.warmup) for p in shard_counts]
-    model = fit(rows, args.cores)
+        rehash = rehash_ms(cfg, train)
+    model = fit(rows, rehash, cfg.rehash_max_interval)
     print(f"amazon670k shape: {args.labels:,} labels, {args.points:,} points, batch {args.batch}, one thread per shard")
     print(f"single-process Trainer: {single['samples_per_s']:.0f} samples/s ({single['step_ms']:.1f} ms/step)\n")
-    print("| shards | samples/s | bytes/step | step ms | slowest shard compute ms | model ms | model / measured |")
-    print("|---|---|---|---|---|---|---|")
+    print(
+        "| shards | samples/s | bytes/step | step ms | slowest shard ms | Ray round ms | model ms | model / measured |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        m = predict(model, r["shards"], args.cores)
+        m = predict(model, r, args.cores)
         print(
             f"| {r['shards']} | {r['samples_per_s']:.0f} | {r['bytes_per_step']:,.0f} | {r['step_ms']:.1f} | "
-            f"{r['shard_compute_ms']:.1f} | {m:.1f} | {m / r['step_ms']:.2f} |"
+            f"{r['shard_compute_ms']:.1f} | {r['round_trip_ms']:.2f} | {m:.1f} | {m / r['step_ms']:.2f} |"
         )
     print(
-        f"\nfit on {shard_counts[0]} and {shard_counts[1]} shards: A = {model['A_ms']:.1f} ms (every shard, any P), "
-        f"B = {model['B_ms']:.1f} ms (divided by P), overhead = {model['c0_ms']:.1f} + {model['c1_ms']:.2f} * P ms"
+        f"\nrehash of all {args.labels:,} rows: {rehash:.0f} ms, every {cfg.rehash_max_interval} steps: "
+        f"R = {model['R_ms']:.1f} ms/step; A = {model['A_ms']:.1f} ms/step"
     )
     for r in rows:
         stages = ", ".join(f"{k} {v:.1f}" for k, v in r["shard_stage_ms"].items())
         print(f"  {r['shards']} shards, slowest shard per stage (ms/step): {stages}")
-    proj = project(model, args.labels, rows[0]["bytes_per_step"], args)
+    proj = project(model, args.labels, rows, args)
     speed = f"{args.speedup:g}x this machine's thread, {args.bandwidth_gbps:g} Gb/s"
     print(f"\nprojection: one shard per machine at {speed}")
-    print("| catalog | machines | step ms | hours per epoch | largest term | shard memory GB |")
-    print("|---|---|---|---|---|---|")
+    print("| catalog | machines | step ms | hours per epoch | largest term | terms ms | shard memory GB |")
+    print("|---|---|---|---|---|---|---|")
     for p in proj:
+        terms = " / ".join(f"{v:.1f}" for v in p["terms"].values())
         print(
             f"| {p['catalog']} | {p['machines']} | {p['step_ms']:.1f} | {p['epoch_h']:.2f} | {p['dominant']} | "
-            f"{p['shard_gb']:.1f} |"
+            f"{terms} | {p['shard_gb']:.1f} |"
         )
     if args.json:
         Path(args.json).write_text(json.dumps({"single": single, "rows": rows, "model": model, "projection": proj}))

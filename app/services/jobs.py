@@ -194,6 +194,12 @@ class JobService:
                 f"init_from.version: model {model_id} has no version {version} (retained: {store.versions()})",
                 loc=("body", "init_from", "version"),
             ) from None
+        if manifest.get("shards"):
+            raise InvalidContent(
+                f"init_from.model_id: model {model_id} was trained on Ray label shards; fine-tuning starts from a "
+                "model trained on this machine",
+                loc=("body", "init_from", "model_id"),
+            )
         return int(version), path, warm_start_config(manifest_config(manifest), cfg, int(manifest["num_labels"]))
 
     def _check_backend(self, backend: dict[str, Any] | None, init_from: dict[str, Any] | None, labels: int) -> int:

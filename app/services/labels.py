@@ -63,6 +63,16 @@ class LabelService:
         except NotFound:
             raise NotFound("model", model_id) from None
 
+    def _editable(self, model_id: str) -> JobRow:
+        """The job of a model whose labels may change: not one trained on Ray shards (its snapshots are sharded)."""
+        job = self._job(model_id)
+        if self.jobs.shards(model_id):
+            raise Conflict(
+                f"model {model_id} is trained on Ray label shards: adding or retiring its labels is not supported; "
+                "train the catalog on this machine to change its labels online"
+            )
+        return job
+
     def _dataset_names(self, job: JobRow) -> Any:
         from engine.text import load_text_info
 
@@ -75,7 +85,7 @@ class LabelService:
     def add(self, model_id: str, labels: list[tuple[str, list[Instance]]]) -> dict[str, Any]:
         """{"label_ids", "model_version", "state": "applied"} or, for a training job, {"state": "pending",
         "request_id"}. Conflict (409) for a name in use, InvalidContent (422) for bad examples."""
-        job = self._job(model_id)
+        job = self._editable(model_id)
         names = [n for n, _ in labels]
         repeated = sorted({n for n in names if names.count(n) > 1})
         if repeated:
@@ -99,7 +109,7 @@ class LabelService:
 
     def retire(self, model_id: str, label_id: int) -> bool:
         """Retire a label: True when done now, False when handed to the training job. NotFound for an unknown id."""
-        job = self._job(model_id)
+        job = self._editable(model_id)
         store = engine.SnapshotStore(self.settings.snapshots_dir(model_id), keep=self.settings.snapshot_keep)
         with self._without_trainer(model_id) as free:
             if free and (store.latest() is not None or job.state not in ACTIVE_STATES):

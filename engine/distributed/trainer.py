@@ -63,6 +63,7 @@ def connect(address: str, num_cpus: int | None = None, object_store_bytes: int =
         return False
     if address == "local":
         ray.init(
+            address="local",  # a new instance, even when another one runs on this machine
             num_cpus=num_cpus,
             object_store_memory=object_store_bytes,
             include_dashboard=False,

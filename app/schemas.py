@@ -129,10 +129,15 @@ def _config_model() -> type[BaseModel]:
         tp = hints.get(f.name, Any)
         bounds = BOUNDS.get(f.name)
         limits: dict[str, Any] = _limits(bounds) if bounds is not None else {}
-        if typing.get_origin(tp) is tuple:  # JSON has arrays, not tuples; the bounds are the items'
-            (item, *_rest) = typing.get_args(tp) or (Any,)
-            tp = list[Annotated[item, Field(**limits)]]  # type: ignore[valid-type]
-            limits = {"min_length": 1, "max_length": MAX_HIDDEN_LAYERS}
+        arrays = [a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is tuple]
+        if arrays:  # JSON has arrays, not tuples; the bounds are the items'; null = auto where the field allows it
+            (item, *_rest) = typing.get_args(arrays[0]) or (Any,)
+            items = Annotated[
+                list[Annotated[item, Field(**limits)]],  # type: ignore[valid-type]
+                Field(min_length=1, max_length=MAX_HIDDEN_LAYERS),
+            ]
+            tp = items | None if type(None) in typing.get_args(tp) else items
+            limits = {}
         elif bounds is not None and tp not in (int, float):  # a number, or null (auto) and/or a word
             tp, limits = _setting_type(f.name, tp, limits, defaults[f.name]), {}
         description = docs.get(f.name)
@@ -204,7 +209,7 @@ else:
 # --------------------------------------------------------------------------------------------------- jobs
 
 JOB_CONFIG_EXAMPLE = {
-    "hidden": [128],
+    "hidden": [256],
     "hash_family": "dwta",
     "hash_k": 6,
     "hash_l": 50,

@@ -37,7 +37,8 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
                 flag,
                 type=lambda s: tuple(int(x) for x in s.split(",")),
                 default=None,
-                help=f"comma-separated hidden widths (default {','.join(map(str, SlideConfig.hidden))})",
+                help="comma-separated hidden widths (default auto: 512 when the output layer is sampled and has at "
+                "most 100,000 labels, else 128)",
             )
         elif kind in (bool, bool | None):
             default = "auto" if f.default is None else f.default

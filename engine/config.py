@@ -26,6 +26,14 @@ SMALL_LAYER_TABLES = 50
 """Tables of a narrower sampled layer when hash_l is None (auto)."""
 DENSE_OUTPUT_MAX_LABELS = 2048
 """Widest output layer that sample_output = None (auto) trains densely, with a full softmax."""
+NARROW_HIDDEN = 128
+"""The hidden width hidden = None (auto) gives a dense output layer and an output layer of more than
+WIDE_HIDDEN_MAX_LABELS labels."""
+WIDE_HIDDEN = 512
+"""The hidden width hidden = None (auto) gives a sampled output layer of up to WIDE_HIDDEN_MAX_LABELS labels."""
+WIDE_HIDDEN_MAX_LABELS = 100_000
+"""Widest output layer that gets WIDE_HIDDEN: its rows and Adam state take about 400 MB there (8 bytes a weight
+with bfloat16 weights and first moments)."""
 
 
 @dataclass(frozen=True)
@@ -139,9 +147,12 @@ def upgrade_settings(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]
 class SlideConfig:
     """Network, hashing, optimizer and schedule of one SLIDE training run."""
 
-    hidden: tuple[int, ...] = (128,)
-    """Widths of the hidden ReLU layers, input side first. A wider layer can fit more and makes every step cost
-    more."""
+    hidden: tuple[int, ...] | None = None
+    """Widths of the hidden ReLU layers, input side first. None = auto, one layer: WIDE_HIDDEN (512) neurons when
+    the output layer is LSH-sampled and has at most WIDE_HIDDEN_MAX_LABELS (100,000) labels, where its wider
+    embedding fits more labels apart at a cost proportional to the few active neurons; else NARROW_HIDDEN (128),
+    since a dense output layer pays for every label at every step and a wider one costs memory. A wider layer
+    can fit more and makes every step cost more."""
     sample_hidden: bool = False
     """LSH-sample the hidden layers too. Off by default: the output layer is where the cost is."""
     sample_output: bool | None = None
@@ -273,14 +284,15 @@ class SlideConfig:
     """Test points used by the periodic evaluation (None = all); it reports them and selects nothing."""
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
-        _check(
-            1 <= len(self.hidden) <= MAX_HIDDEN_LAYERS,
-            "hidden",
-            f"give 1 to {MAX_HIDDEN_LAYERS} hidden layers; got {len(self.hidden)}",
-        )
+        if self.hidden is not None:
+            object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+            _check(
+                1 <= len(self.hidden) <= MAX_HIDDEN_LAYERS,
+                "hidden",
+                f"give 1 to {MAX_HIDDEN_LAYERS} hidden layers (or null for auto); got {len(self.hidden)}",
+            )
         for name in BOUNDS:
-            for value in self.hidden if name == "hidden" else (getattr(self, name),):
+            for value in (self.hidden or ()) if name == "hidden" else (getattr(self, name),):
                 check_setting(name, value)
         _check(self.hash_family in ("simhash", "wta", "dwta"), "hash_family", "must be simhash, wta or dwta")
         _check(self.insertion in ("fifo", "reservoir"), "insertion", "must be fifo or reservoir")
@@ -300,7 +312,7 @@ class SlideConfig:
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
-        d["hidden"] = list(self.hidden)
+        d["hidden"] = None if self.hidden is None else list(self.hidden)
         return d
 
     @classmethod

@@ -24,7 +24,7 @@ from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
 from .lsh import HashFunctions
 from .metrics import precision_at_k, topk_recall
-from .resolve import Resolved, resolve
+from .resolve import Resolved, concrete, hidden_widths, resolve
 from .sparse import unit_rows
 from .tables import Tables
 
@@ -77,6 +77,8 @@ class SlideModel:
         tables_: list[Tables],
         serve_tables: np.ndarray | None = None,
     ):
+        if config.hidden is None:  # the widths the weights have (what auto resolved to when they were made)
+            config = config.replace(hidden=(weights[0].shape[1], *(w.shape[0] for w in weights[1:-1])))
         self.config = config
         self.num_features = int(num_features)
         self.num_labels = int(num_labels)
@@ -117,6 +119,7 @@ class SlideModel:
         """Random weights N(0, init_std), zero biases, hash functions drawn and tables built from `seed`."""
         if num_features < 1 or num_labels < 1:
             raise ValueError("a model needs at least one feature and one label")
+        config = concrete(config, num_labels)
         rng = np.random.default_rng(config.seed)
         widths = layer_widths(config, num_features, num_labels)
         dtype = weight_storage(config)
@@ -500,7 +503,7 @@ def _top(values: np.ndarray, m: int) -> np.ndarray:
 
 
 def layer_widths(config: SlideConfig, num_features: int, num_labels: int) -> list[int]:
-    return [int(num_features), *config.hidden, int(num_labels)]
+    return [int(num_features), *hidden_widths(config, num_labels), int(num_labels)]
 
 
 def slots_of(plan: Resolved) -> np.ndarray:

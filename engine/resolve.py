@@ -14,7 +14,14 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 from . import lsh, schedule
-from .config import DENSE_OUTPUT_MAX_LABELS, ConfigError, SlideConfig
+from .config import (
+    DENSE_OUTPUT_MAX_LABELS,
+    NARROW_HIDDEN,
+    WIDE_HIDDEN,
+    WIDE_HIDDEN_MAX_LABELS,
+    ConfigError,
+    SlideConfig,
+)
 
 
 @dataclass(frozen=True)
@@ -45,6 +52,7 @@ class Resolved:
     shard 0's; None for a single process."""
 
     sample_output: bool
+    hidden: tuple[int, ...]
     probes: int
     predict_probes: int
     layers: tuple[LayerPlan, ...]
@@ -64,6 +72,7 @@ class Resolved:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: the run's values, then `layers` keyed by layer number."""
         d = asdict(self)
+        d["hidden"] = list(self.hidden)
         d["layers"] = {str(p.layer): {k: v for k, v in asdict(p).items() if k != "layer"} for p in self.layers}
         return d
 
@@ -76,11 +85,27 @@ def samples_output(config: SlideConfig, num_labels: int) -> bool:
     return bool(config.sample_output)
 
 
+def hidden_widths(config: SlideConfig, num_labels: int) -> tuple[int, ...]:
+    """The hidden layers' widths: as configured, or (None = auto) one layer of WIDE_HIDDEN neurons when the output
+    layer is sampled and has at most WIDE_HIDDEN_MAX_LABELS labels, else of NARROW_HIDDEN (config.hidden)."""
+    if config.hidden is not None:
+        return tuple(config.hidden)
+    wide = samples_output(config, num_labels) and int(num_labels) <= WIDE_HIDDEN_MAX_LABELS
+    return (WIDE_HIDDEN if wide else NARROW_HIDDEN,)
+
+
+def concrete(config: SlideConfig, num_labels: int) -> SlideConfig:
+    """The config with its structure settings made concrete for this many labels (hidden = None resolved), so a
+    model built from it, and its snapshot, keep their shape whatever a later auto rule says."""
+    return config if config.hidden is not None else config.replace(hidden=hidden_widths(config, num_labels))
+
+
 def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points: int | None = None) -> Resolved:
     """The concrete values of `config` for data of this shape (num_points: training points, if known).
 
     Raises ConfigError when a setting cannot hold for this shape (active_threshold above a layer's tables)."""
-    widths = [int(num_features), *config.hidden, int(num_labels)]
+    hidden = hidden_widths(config, num_labels)
+    widths = [int(num_features), *hidden, int(num_labels)]
     out = len(widths) - 2  # the output layer's index: W[l] maps widths[l] inputs to widths[l + 1] neurons
     sample_out = samples_output(config, num_labels)
     layers = []
@@ -117,6 +142,7 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
         )
     plan = Resolved(
         sample_output=sample_out,
+        hidden=hidden,
         probes=config.probes,
         predict_probes=config.probes if config.predict_probes is None else config.predict_probes,
         layers=tuple(layers),

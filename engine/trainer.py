@@ -140,11 +140,13 @@ class Trainer:
             raise ValueError("the test set has more features or labels than the training set")
         if model is not None and (model.num_features < train.num_features or model.num_labels < train.num_labels):
             raise ValueError("the training set has more features or labels than the model")
+        self.model = model or SlideModel.initialize(config, train.num_features, train.num_labels)
+        if config.hidden is None:  # the widths auto gave the model, so that its snapshots record them
+            config = config.replace(hidden=self.model.config.hidden)
         self.config = config
         self.train = train
         self.test = test
         self.store = store
-        self.model = model or SlideModel.initialize(config, train.num_features, train.num_labels)
         self._retired = self._retired_labels()
         self.step = 0
         self.epoch = 0

@@ -22,6 +22,7 @@ from .adam import LazyAdamState
 from .config import SlideConfig
 from .memory import MemoryEstimate, estimate_memory
 from .network import SlideModel, layer_slots
+from .resolve import hidden_widths
 from .snapshot import SnapshotStore, attach_text, load_arrays, manifest_config, model_from_arrays, read_manifest
 from .sparse import Dataset
 
@@ -242,7 +243,7 @@ def warm_start_shape(
     src_labels, src_features = int(manifest["num_labels"]), int(manifest["num_features"])
     cfg = warm_start_config(manifest_config(manifest), config, src_labels)
     labels_out = src_labels + num_labels if named else max(src_labels, num_labels)
-    width = cfg.hidden[-1] + 1
+    width = hidden_widths(cfg, src_labels)[-1] + 1
     weight_bytes = 2 if cfg.weight_dtype == "bfloat16" else 4
     moment_bytes = 2 if cfg.moment_dtype == "bfloat16" else 4
     # the source's output layer, its moments and step counts beside their grown copies; the remapped data

@@ -15,7 +15,7 @@ from engine.config import BOUNDS, MAX_HIDDEN_LAYERS
 NUMERIC = [
     f.name
     for f in dataclasses.fields(SlideConfig)
-    if (hint := typing.get_type_hints(SlideConfig)[f.name]) in (int, float, tuple[int, ...])
+    if (hint := typing.get_type_hints(SlideConfig)[f.name]) in (int, float, tuple[int, ...], tuple[int, ...] | None)
     or {int, float} & set(typing.get_args(hint))  # a number or null (auto) and/or a word
 ]
 
@@ -63,10 +63,12 @@ def test_the_job_schema_states_the_same_bounds():
     from app.schemas import SlideConfigModel
 
     props = SlideConfigModel.model_json_schema()["properties"]
+    hidden = props["hidden"]["anyOf"][0]  # the widths; then null (auto)
+    assert props["hidden"]["anyOf"][1] == {"type": "null"} and props["hidden"]["default"] is None
     for name, b in BOUNDS.items():
-        schema = props[name]["items"] if name == "hidden" else props[name]
+        schema = hidden["items"] if name == "hidden" else props[name]
         schema = schema["anyOf"][0] if "anyOf" in schema else schema  # the number; then its word, old numbers, null
         assert schema["exclusiveMinimum" if b.low_open else "minimum"] == b.low, name
         assert schema["exclusiveMaximum" if b.high_open else "maximum"] == b.high, name
         assert f"Range: {b}" in props[name]["description"], name
-    assert props["hidden"]["maxItems"] == MAX_HIDDEN_LAYERS and props["hidden"]["minItems"] == 1
+    assert hidden["maxItems"] == MAX_HIDDEN_LAYERS and hidden["minItems"] == 1

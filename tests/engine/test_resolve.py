@@ -68,3 +68,40 @@ def test_an_old_manifest_gets_its_plan_from_its_config():
     assert got["layers"]["1"]["hash_l"] == 50 and got["train_points"] == 90 and got["val_points"] == 10
     new = {**old, "trainer_state": {"resolved": got}}
     assert manifest_resolved(new) is got
+
+
+@pytest.mark.parametrize(
+    ("labels", "overrides", "width"),
+    [
+        (500, {}, 128),  # a dense output layer pays for every label at every step
+        (5_000, {}, 512),  # sampled: the cost follows the few active neurons
+        (100_000, {}, 512),
+        (100_001, {}, 128),  # memory: rows and Adam state at 8 bytes a weight
+        (670_091, {}, 128),
+        (5_000, {"sample_output": False}, 128),
+        (500, {"sample_output": True}, 512),
+        (5_000, {"hidden": (64, 32)}, (64, 32)),
+    ],
+)
+def test_auto_hidden_width_follows_the_output_layer(labels, overrides, width):
+    plan = resolve(SlideConfig(**overrides), 1_000, labels)
+    want = width if isinstance(width, tuple) else (width,)
+    assert plan.hidden == want and plan.output.inputs == want[-1]
+    assert plan.to_dict()["hidden"] == list(want)
+
+
+def test_a_model_and_its_snapshot_keep_the_widths_auto_gave_them(tmp_path):
+    from engine import Trainer
+    from engine.snapshot import SnapshotStore, load_model, manifest_config, read_manifest
+    from engine.synth import generate
+
+    train, test = generate("tiny", seed=0)
+    cfg = SlideConfig(epochs=1, sample_output=True)
+    assert cfg.hidden is None
+    store = SnapshotStore(tmp_path / "store")
+    trainer = Trainer(cfg, train, test, store)
+    assert trainer.config.hidden == trainer.model.config.hidden == (512,) and trainer.model.weights[0].shape[1] == 512
+    trainer.run()
+    _, path = store.latest()
+    assert manifest_config(read_manifest(path)).hidden == (512,), "the snapshot records the concrete widths"
+    assert load_model(path).weights[0].shape[1] == 512

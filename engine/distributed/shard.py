@@ -34,7 +34,7 @@ from ..kernels.groups import Batch, Retrieval, Sampling
 from ..kernels.hashing import mix3
 from ..kernels.optimizer import group_by_feature, update_input_bias, update_input_layer
 from ..network import _INIT_ROWS, SlideModel, layer_slots, layer_widths, weight_storage
-from ..resolve import samples_output
+from ..resolve import concrete, samples_output
 from ..snapshot import FORMAT_VERSION, MANIFEST, _file_crc32, model_arrays, model_from_arrays
 from ..sparse import Dataset, normalize_rows
 from ..trainer import _INPUT_MEAN_DECAY, _MODEL_ARRAY, TRAINING_ARRAYS, Trainer
@@ -53,9 +53,9 @@ def label_ranges(num_labels: int, shards: int) -> list[tuple[int, int]]:
 
 
 def shard_config(config: SlideConfig, num_labels: int) -> SlideConfig:
-    """A shard's config: whether the output layer is sampled is decided by the whole layer's width (auto
-    would look at the shard's slice); the other auto settings follow the shard's own width."""
-    return config.replace(sample_output=samples_output(config, num_labels))
+    """A shard's config: whether the output layer is sampled, and the hidden widths, are decided by the whole
+    layer's width (auto would look at the shard's slice); the other auto settings follow the shard's own width."""
+    return concrete(config, num_labels).replace(sample_output=samples_output(config, num_labels))
 
 
 def shard_seed(seed: int, shard: int) -> int:

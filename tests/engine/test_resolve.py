@@ -105,3 +105,13 @@ def test_a_model_and_its_snapshot_keep_the_widths_auto_gave_them(tmp_path):
     _, path = store.latest()
     assert manifest_config(read_manifest(path)).hidden == (512,), "the snapshot records the concrete widths"
     assert load_model(path).weights[0].shape[1] == 512
+
+
+def test_label_shards_take_the_whole_layers_auto_widths():
+    from engine.distributed.shard import label_ranges, shard_config
+
+    cfg = SlideConfig()
+    for lo, hi in label_ranges(3_000, 2):  # each shard alone (1,500 labels) would be dense and 128 wide
+        shard = shard_config(cfg, 3_000)
+        assert shard.hidden == (512,) and shard.sample_output is True
+        assert resolve(shard, 100, hi - lo).hidden == (512,)

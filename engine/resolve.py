@@ -70,10 +70,15 @@ class Resolved:
         return [p.layer for p in self.layers if p.sampled]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the run's values, then `layers` keyed by layer number."""
+        """JSON-ready: the run's values, then `layers` keyed by layer number (and for a sharded run `shards` and
+        `shard_labels`)."""
         d = asdict(self)
         d["hidden"] = list(self.hidden)
         d["layers"] = {str(p.layer): {k: v for k, v in asdict(p).items() if k != "layer"} for p in self.layers}
+        if self.shard_labels is None:
+            del d["shard_labels"]
+        else:
+            d["shards"] = len(self.shard_labels)
         return d
 
 

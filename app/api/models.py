@@ -154,7 +154,16 @@ async def predict_now_or_in_pool(
     if max_inline and registry.dataset_dir(model_id) is not None:
         loaded = registry.held_current(model_id) if version is None else registry.held_version(model_id, version)
         if loaded is not None and registry.predicts_inline(loaded, instances_of(body), body.mode, max_inline):
-            return run_predict(services, model_id, body, version, loaded)
+            # it holds one of the pool's tokens too, so SLIDE_PREDICT_CONCURRENCY bounds both paths together
+            try:
+                registry.limiter.acquire_nowait()
+            except anyio.WouldBlock:
+                pass  # every token is taken: wait for one in the pool
+            else:
+                try:
+                    return run_predict(services, model_id, body, version, loaded)
+                finally:
+                    registry.limiter.release()
     return await anyio.to_thread.run_sync(run_predict, services, model_id, body, version, limiter=registry.limiter)
 
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -89,7 +90,7 @@ def new_label_recall(pred: np.ndarray, test: Dataset, new: np.ndarray) -> tuple[
 def wordnet_part(args) -> dict:
     from benchmarks.quality.datasets import load
 
-    train_set, test_set = load("wordnet", args.data_root) if args.data_root else load("wordnet")
+    train_set, test_set = load(args.set, args.data_root) if args.data_root else load(args.set)
     rng = np.random.default_rng(args.seed)
     counts = np.bincount(np.asarray(train_set.y_indices), minlength=train_set.num_labels)
     eligible = np.flatnonzero(counts >= args.examples)
@@ -108,12 +109,23 @@ def wordnet_part(args) -> dict:
     drop = np.zeros(train_set.num_labels, bool)
     drop[new_ids] = True
     old_train = with_num_labels(without_labels(full_train, drop), n_old)
-    print(f"wordnet: {n_new} of {train_set.num_labels} labels held out", file=sys.stderr, flush=True)
+    print(f"{args.set}: {n_new} of {train_set.num_labels} labels held out", file=sys.stderr, flush=True)
 
     config = SlideConfig(epochs=args.epochs, threads=args.threads, seed=args.seed)
-    work = Path(tempfile.mkdtemp(prefix="continual-"))
-    _, old_s = train(config, old_train, work / "old")
-    full_trainer, full_s = train(config, full_train, work / "full")
+    if args.reuse:  # the models of an earlier run (same set, seed and config): only adding and fine-tuning again
+        work = Path(args.reuse)
+        store = SnapshotStore(work / "old")
+        for v in store.versions()[1:]:
+            shutil.rmtree(store.path(v))
+        shutil.rmtree(work / "finetune", ignore_errors=True)
+        old_s, full_s = args.reuse_seconds
+        full_model = load_model(SnapshotStore(work / "full").latest()[1])
+    else:
+        work = Path(tempfile.mkdtemp(prefix="continual-"))
+        _, old_s = train(config, old_train, work / "old")
+        full_trainer, full_s = train(config, full_train, work / "full")
+        full_model = full_trainer.model
+        print(f"  models in {work}", file=sys.stderr, flush=True)
 
     store = SnapshotStore(work / "old")
     old_model = load_model(store.latest()[1])
@@ -123,7 +135,7 @@ def wordnet_part(args) -> dict:
     add_s = time.perf_counter() - t0
     assert edit.added.tolist() == new_ids.tolist()
     added = load_model(store.latest()[1])
-    full = full_trainer.model
+    full = full_model
 
     x = (test.x_indptr, test.x_indices, test.x_values)
     carries_new = np.zeros(test.num_points, bool)
@@ -214,6 +226,7 @@ def latency_part(args) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--set", default="wordnet", help="a set of benchmarks/quality/datasets.py")
     ap.add_argument("--holdout", type=float, default=0.05)
     ap.add_argument("--examples", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=5, help="the full training budget (early stopping applies)")
@@ -224,6 +237,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-train-s", type=float, default=20.0)
     ap.add_argument("--latency-labels", type=int, default=100)
     ap.add_argument("--latency-rounds", type=int, default=3)
+    ap.add_argument("--reuse", help="the models directory an earlier run printed: add and fine-tune again only")
+    ap.add_argument(
+        "--reuse-seconds", type=float, nargs=2, default=(0.0, 0.0), help="with --reuse: its old and full training times"
+    )
     ap.add_argument("--skip-wordnet", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual.json"))

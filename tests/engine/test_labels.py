@@ -64,14 +64,24 @@ def test_add_labels_imprints_rows_into_the_right_buckets(data, trained):
     assert model.label_names[0] == "0"  # an XMC model's old labels are named by their ids
     w = model.float_weights(model.depth - 1)
     np.testing.assert_array_equal(w[:keep], old_w)  # old rows untouched
-    # naive twin of the imprint: mean ReLU hidden activation, scaled to the median live norm, median bias
+    # naive twin of the imprint: from the layer's mean input to the examples' mean ReLU activation, orthogonal to
+    # the rows of the 10 best old labels on the examples, the median live norm long; the bias puts it at the 3rd
+    # best old label's score on its examples (median)
     norms = np.linalg.norm(old_w[:, :-1], axis=1)
+    center = old_tables.query_center.astype(np.float64)
     for r, ex in enumerate(examples):
         x = naive.dense_rows(*ex, model.num_features)
-        h = np.maximum(x @ model.weights[0].astype(np.float64) + model.b0, 0.0).mean(axis=0)
-        want = h / np.linalg.norm(h) * np.median(norms)
-        np.testing.assert_allclose(w[keep + r, :-1], want, rtol=1e-4, atol=1e-6)
-        assert w[keep + r, -1] == pytest.approx(np.median(old_w[:, -1]), rel=1e-6)
+        h = np.maximum(x @ model.weights[0].astype(np.float64) + model.b0, 0.0)
+        scores = h @ old_w[:, :-1].T.astype(np.float64) + old_w[:, -1]
+        order = np.argsort(-scores, axis=1, kind="stable")
+        rivals = np.unique(order[:, :10])
+        basis = old_w[rivals, :-1].T.astype(np.float64)
+        d = h.mean(axis=0) - center
+        d = d - basis @ np.linalg.lstsq(basis, d, rcond=None)[0]
+        want = d / np.linalg.norm(d) * np.median(norms)
+        np.testing.assert_allclose(w[keep + r, :-1], want, rtol=2e-3, atol=1e-5)
+        third = np.sort(scores, axis=1)[:, -3]
+        assert w[keep + r, -1] == pytest.approx(np.median(third - h @ want), rel=2e-3, abs=1e-4)
 
     tb, hf = model.tables[0], model.hashes[0]
     cap = model.config.bucket_size

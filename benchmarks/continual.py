@@ -164,6 +164,8 @@ def wordnet_part(args) -> dict:
     result["add_seconds"] = add_s
     result["train_old_s"], result["train_full_s"] = old_s, full_s
 
+    if args.skip_finetune:
+        return result
     ft_trainer, ft_s = train(config.replace(epochs=1), full_train, work / "finetune", init_from=store)
     for mode in ("auto", "exact"):
         p_ft = precision_at_k(ft_trainer.model.predict(*x, k=1, mode=mode)[0], test.y_indptr, test.y_indices, 1)
@@ -242,6 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         "--reuse-seconds", type=float, nargs=2, default=(0.0, 0.0), help="with --reuse: its old and full training times"
     )
     ap.add_argument("--skip-wordnet", action="store_true")
+    ap.add_argument("--skip-finetune", action="store_true")
     ap.add_argument("--skip-latency", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "continual.json"))
     args = ap.parse_args(argv)
@@ -258,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def print_table(results: dict) -> None:
-    if "wordnet" in results:
+    if "wordnet" in results and "finetune_s" in results["wordnet"]:
         w = results["wordnet"]
         print(f"| measure (wordnet, {w['held_out']} of {w['labels']} labels held out) | auto | exact | target |")
         print("|---|---|---|---|")

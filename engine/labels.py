@@ -1,11 +1,11 @@
 """Labels that come and go after training, and models that grow into larger label and feature spaces.
 
 - **Adding a label** appends an output row imprinted from a few example points (`imprint_rows`): it points
-  from the layer's mean input to the mean of their last hidden activations, without the part the rows of the
-  best existing labels on them already score, and is as long as the median live row; its bias places it at
-  about the third rank on its own examples, so inputs like them find it in their top few and others do not.
-  The row is hashed with the layer's functions and inserted into every table (a full bucket drops its oldest
-  member), so `lsh` and `exact` see it at once. Adam's state of the row starts at zero.
+  from the layer's mean input to the mean of their last hidden activations and is as long as the median live
+  row; its bias places it at about the third rank on its own examples, so inputs like them find it near the
+  top and an average input does not. The row is hashed with the layer's functions and inserted into every
+  table (a full bucket drops its oldest member), and served to every query until the layer is next rehashed,
+  so `lsh` and `exact` see it at once. Adam's state of the row starts at zero.
 - **Retiring a label** zeroes its row and sets its bias to -inf: its score is -inf in every mode, and
   the top-k kernels never keep a -inf score, so it is never predicted. It leaves the buckets (and
   stays out of them at every rehash), and a trainer drops it from the training points. The status is
@@ -98,17 +98,13 @@ IMPRINT_RANK = 3
 """A new label's bias puts it at about this rank among the model's labels on its own examples (median over them)."""
 
 
-RIVALS = 10
-"""The best existing labels on each example whose row directions a new row is made orthogonal to."""
-
-
 def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
     """float32 (m, width + 1): one output row per new label from its example points (see the module doc).
 
     The row points from the layer's mean input (a sampled layer's tables keep it; else the origin) to the
-    examples' mean activation, with the median live row norm. Its bias places it at about IMPRINT_RANK among the
-    existing labels on its own examples: where it scores like the labels that fit them, not above every label
-    on every input (an input unlike its examples scores it lower than they do)."""
+    examples' mean activation, as long as the median live row. Its bias places it at about IMPRINT_RANK among
+    the existing labels on its own examples (median over them): it scores like the labels that fit them, and an
+    input unlike them scores it lower."""
     width = model.weights[-1].shape[1]
     if not examples:
         return np.zeros((0, width), np.float32)
@@ -123,15 +119,11 @@ def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
     sizes = [len(c[0]) - 1 for c in csr]
     rank = min(IMPRINT_RANK, int(live.sum()))
     anchor = np.zeros(0, np.float32)
-    rivals = np.zeros((0, 0), np.int32)
-    if sum(sizes) and rank > 0:  # the best existing labels on every example, in one call
+    if sum(sizes) and rank > 0:  # the score of the rank-th existing label on every example, in one call
         indptr = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(c[0]) for c in csr if len(c[0]) > 1]))])
         indices = np.concatenate([c[1][: c[0][-1]] for c in csr if len(c[0]) > 1])
         values = np.concatenate([c[2][: c[0][-1]] for c in csr if len(c[0]) > 1])
-        k = min(max(rank, RIVALS), int(live.sum()))
-        rivals, top = model.predict(indptr, indices, values, k=k, mode="auto")
-        anchor = top[:, rank - 1]
-    w_out = model.weights[-1]
+        anchor = model.predict(indptr, indices, values, k=rank, mode="auto")[1][:, rank - 1]
     rows = np.zeros((len(examples), width), np.float32)
     at = 0
     for r, (indptr, indices, values) in enumerate(csr):
@@ -140,17 +132,6 @@ def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
             continue  # no examples: a zero row, left to training
         h = hidden_activations(model, indptr, indices, values)
         direction = h.mean(axis=0) - center
-        near = np.unique(rivals[at : at + sizes[r]].ravel()) if rivals.size else np.zeros(0, np.int32)
-        near = near[near >= 0]
-        if near.size and RIVALS:
-            # what the best existing labels on the examples already score stays theirs: only the rest is the new
-            # label's (its row is orthogonal to theirs)
-            basis = w_out[near][:, :-1]
-            basis = from_bfloat16(basis) if basis.dtype == np.uint16 else np.asarray(basis, np.float32)
-            q, _ = np.linalg.qr(basis.T.astype(np.float64))
-            rest = direction - (q @ (q.T @ direction)).astype(np.float32)
-            if np.linalg.norm(rest) > 1e-3 * np.linalg.norm(direction):
-                direction = rest
         norm = float(np.linalg.norm(direction))
         if norm > 0:
             rows[r, :-1] = direction * (scale / norm)
@@ -292,8 +273,8 @@ def append_output_rows(model: SlideModel, rows: np.ndarray) -> np.ndarray:
         new_ids = np.arange(first, first + m, dtype=np.int64)
         codes = lsh.hash_matrix(new_w, hf, new_ids, center=tb.center)
         grown = insert_rows(tb, codes, first, model.config.bucket_size)
-        # served to every query until the layer is rehashed: an imprinted row's direction is not what the queries
-        # that should find it hash like (see imprint_rows); a layer without serving hubs of its own serves its hubs
+        # served to every query until the layer is rehashed: a row imprinted from a few examples hashes like their
+        # mean, not like every query that should find it; a layer without serving hubs of its own serves its hubs
         base = grown.serve_hubs if grown.serve_hubs.size else grown.hubs
         grown = grown._replace(serve_hubs=np.concatenate([base, new_ids.astype(np.int32)]))
         model.tables[slot] = grown

@@ -317,6 +317,8 @@ class Trainer:
         if best is not None:
             labels.add_labels(best, examples, names)
         ids = labels.add_labels(self.model, examples, names)
+        if self._training_model is not None:  # run() returned: self.model is the best one, this the state to resume
+            labels.add_labels(self._training_model, examples, names)
         if best is not None:
             self._best_arrays = model_arrays(best)
         self.config = self.config.replace(sample_output=self.model.config.sample_output)
@@ -334,6 +336,8 @@ class Trainer:
             labels.retire_labels(best, ids)
             self._best_arrays = model_arrays(best)
         was_live = labels.retire_labels(self.model, ids)
+        if self._training_model is not None:
+            labels.retire_labels(self._training_model, ids)
         out = self.model.depth - 1
         rows = np.asarray(list(ids), dtype=np.int64)
         self.adam.reset_rows(out, rows)

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--holdout", type=float, default=0.05)
     ap.add_argument("--examples", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=5, help="the full training budget (early stopping applies)")
-    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None, help="where the quality sets are cached (default bench-data/quality)")
     ap.add_argument("--latency-points", type=int, default=20000)

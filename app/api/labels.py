@@ -30,7 +30,7 @@ def _instance(i: Instance) -> str | tuple[list[int], list[float]]:
     summary="Add labels, each imprinted from a few example points",
     responses={
         202: {"model": LabelsAdded, "description": "The job is training: its trainer applies them at its next step"},
-        **problem_responses(401, 404, 409, 422),
+        **problem_responses(400, 401, 404, 409, 422),
     },
 )
 async def add_labels(model_id: str, body: LabelsAdd, response: Response, labels: LabelsDep) -> LabelsAdded:

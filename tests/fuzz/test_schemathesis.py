@@ -35,7 +35,8 @@ MAX_EXAMPLES = int(os.environ.get("FUZZ_MAX_EXAMPLES", "12"))  # per operation a
 # JSON Schema cannot say these, so a schema-valid request can still be refused with 422 naming the field:
 # an upload's content must be a well-formed XMC file under the size limit (413 past it); a job needs a dataset
 # that exists and config values inside the engine's ranges; a predict instance pairs each index with a value
-# and stays below the model's feature count; an instance has `text` or `indices`/`values`, not both; a cursor is
+# and stays below the model's feature count; an instance (to predict, or a new label's example) has `text` or
+# `indices`/`values`, not both; a cursor is
 # one a list returned; label names number the dataset's labels; an evaluation set shares the model's feature and
 # label space. Every other check still applies to those operations.
 SEMANTIC_422 = ["2xx", "401", "404", "409", "422"]
@@ -44,6 +45,7 @@ NO_SNAPSHOT_503 = {
     "POST /v1/models/{model_id}/predict",
     "POST /v1/aliases/{alias}/predict",
     "POST /v1/models/{model_id}/evaluate",
+    "GET /v1/models/{model_id}/labels",
 }
 CONFIG = {
     "seed": SEED,
@@ -86,6 +88,7 @@ CONFIG = {
                 "GET /v1/models/{model_id}/versions",
                 "PUT /v1/datasets/{dataset_id}/label-names",
                 "POST /v1/models/{model_id}/versions/{version}/predict",
+                "POST /v1/models/{model_id}/labels",
             )
         ),
     ],

@@ -567,6 +567,20 @@ class Trainer:
             layers.remove(out)
         for layer in layers:
             self._update_layer(layer, act_ids, act_val, nact, hid, self._grad_inputs[:0])
+        self._update_input_layer(data, slots, delta0, hid)
+        self.step += 1
+        self.samples_seen += b
+        labelled = int(np.count_nonzero(self._labelled[points]))
+        out_active = float(nact[:, model.depth - 1].mean()) if b else 0.0
+        if self.step >= self.next_rehash_step:
+            self.rehash()
+        return float(losses.sum()), labelled, out_active
+
+    def _update_input_layer(self, data, slots: np.ndarray, delta0: np.ndarray, hid) -> None:
+        """Adam on the input layer's rows the batch touched (data: its CSR points, slots int64 (b,) their batch
+        positions, delta0 float32 (b, h1) the gradient at layer 0) and on its bias; then the running mean of each
+        sampled layer's inputs, which picks the hubs at the next rehash."""
+        model, cfg = self.model, self.config
         group_start, pair_point, pair_nz, touched = group_by_feature(
             slots, data.x_indptr, data.x_indices, self._group_of_row[0]
         )
@@ -589,16 +603,8 @@ class Trainer:
         )
         update_input_bias(model.b0, self.adam.mb0, self.adam.vb0, delta0, self.step + 1, lr, b1, b2, eps)
         for layer in model.sampled_layers():
-            # running mean of the layer's inputs, which picks the hubs at the next rehash
             self.adam.input_mean[layer] *= _INPUT_MEAN_DECAY
             self.adam.input_mean[layer] += (1.0 - _INPUT_MEAN_DECAY) * hid[layer - 1].mean(axis=0, dtype=np.float64)
-        self.step += 1
-        self.samples_seen += b
-        labelled = int(np.count_nonzero(self._labelled[points]))
-        out_active = float(nact[:, model.depth - 1].mean()) if b else 0.0
-        if self.step >= self.next_rehash_step:
-            self.rehash()
-        return float(losses.sum()), labelled, out_active
 
     def _update_layer(self, layer: int, act_ids, act_val, nact, hid, grad_inputs) -> None:
         """Adam on a layer (>= 1) from the batch's deltas; grad_inputs: see update_sampled_layer."""

@@ -32,12 +32,11 @@ from ..config import SlideConfig
 from ..kernels.forward import backward_batch
 from ..kernels.groups import Batch, Retrieval, Sampling
 from ..kernels.hashing import mix3
-from ..kernels.optimizer import group_by_feature, update_input_bias, update_input_layer
 from ..network import _INIT_ROWS, SlideModel, layer_slots, layer_widths, weight_storage
 from ..resolve import concrete, samples_output
 from ..snapshot import FORMAT_VERSION, MANIFEST, _file_crc32, model_arrays, model_from_arrays
 from ..sparse import Dataset, normalize_rows
-from ..trainer import _INPUT_MEAN_DECAY, _MODEL_ARRAY, TRAINING_ARRAYS, Trainer
+from ..trainer import _MODEL_ARRAY, TRAINING_ARRAYS, Trainer
 from .kernels import dense_output_grads, shard_deltas_batch, shard_exps_batch, shard_forward_batch
 
 SHARD_DIR = "shard-{:03d}"
@@ -265,7 +264,7 @@ class ShardTrainer(Trainer):
         over all shards; then the step counters and the rehash schedule. Returns (rehash_round,
         next_rehash_step)."""
         st = self._require("update")
-        cfg, model = self.config, self.model
+        model = self.model
         b, out = st["b"], st["out"]
         act_ids, act_val, nact, hid, delta0 = st["act_ids"], st["act_val"], st["nact"], st["hid"], st["delta0"]
         bufs = self._bufs
@@ -273,32 +272,7 @@ class ShardTrainer(Trainer):
         backward_batch(grads, st["n_chunks"], model.kernel_layers(), st["act"], bufs.back)
         for layer in range(1, out):
             self._update_layer(layer, act_ids, act_val, nact, hid, self._grad_inputs[:0])
-        data = st["data"]
-        slots = np.arange(b, dtype=np.int64)
-        group_start, pair_point, pair_nz, touched = group_by_feature(
-            slots, data.x_indptr, data.x_indices, self._group_of_row[0]
-        )
-        lr, b1, b2, eps = self._lr, cfg.beta1, cfg.beta2, cfg.eps
-        update_input_layer(
-            model.weights[0],
-            self.adam.m[0],
-            self.adam.v[0],
-            self.adam.steps[0],
-            data.x_values,
-            delta0,
-            group_start,
-            pair_point,
-            pair_nz,
-            touched,
-            lr,
-            b1,
-            b2,
-            eps,
-        )
-        update_input_bias(model.b0, self.adam.mb0, self.adam.vb0, delta0, self.step + 1, lr, b1, b2, eps)
-        for layer in model.sampled_layers():
-            self.adam.input_mean[layer] *= _INPUT_MEAN_DECAY
-            self.adam.input_mean[layer] += (1.0 - _INPUT_MEAN_DECAY) * hid[layer - 1].mean(axis=0, dtype=np.float64)
+        self._update_input_layer(st["data"], np.arange(b, dtype=np.int64), delta0, hid)
         self.step += 1
         self.samples_seen += b
         self._pending = None

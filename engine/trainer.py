@@ -264,13 +264,7 @@ class Trainer:
             arrays.update(self._best_arrays)
             state["training_arrays"] = TRAINING_ARRAYS
             serving = self._best_serving
-        meta = {
-            "config": self.config.to_dict(),
-            "num_features": self.model.num_features,
-            "num_labels": self.model.num_labels,
-            "trainer_state": state,
-            "serving": serving,
-        }
+        meta = self._snapshot_meta(state, serving)
         if self.model.featurizer is not None:
             meta["text"] = self.model.featurizer.meta()
             arrays.update(self.model.featurizer.to_arrays())
@@ -534,14 +528,7 @@ class Trainer:
             Batch(data.x_indptr, data.x_indices, data.x_values, data.y_indptr, data.y_indices),
             net,
             model.kernel_tables(),
-            Retrieval(cfg.probes, cfg.active_threshold, model.max_active),
-            Sampling(
-                min_active=cfg.min_active,
-                seed=cfg.seed,
-                hard_negatives=self._hard_negatives,
-                random_negatives=self._random_negatives,
-                negative_group=cfg.random_negative_group,
-            ),
+            *self._retrieval_and_sampling(cfg.seed),
             act,
             bufs.lookup,
             bufs.back,
@@ -575,6 +562,30 @@ class Trainer:
         if self.step >= self.next_rehash_step:
             self.rehash()
         return float(losses.sum()), labelled, out_active
+
+    def _retrieval_and_sampling(self, seed: int) -> tuple[Retrieval, Sampling]:
+        """The kernels' retrieval and sampling parameters of a training step, its random draws keyed by `seed`."""
+        cfg = self.config
+        return (
+            Retrieval(cfg.probes, cfg.active_threshold, self.model.max_active),
+            Sampling(
+                min_active=cfg.min_active,
+                seed=seed,
+                hard_negatives=self._hard_negatives,
+                random_negatives=self._random_negatives,
+                negative_group=cfg.random_negative_group,
+            ),
+        )
+
+    def _snapshot_meta(self, state: dict, serving: dict) -> dict:
+        """A snapshot manifest's description of the run: config, shape, trainer state and serving report."""
+        return {
+            "config": self.config.to_dict(),
+            "num_features": self.model.num_features,
+            "num_labels": self.model.num_labels,
+            "trainer_state": state,
+            "serving": serving,
+        }
 
     def _update_input_layer(self, data, slots: np.ndarray, delta0: np.ndarray, hid) -> None:
         """Adam on the input layer's rows the batch touched (data: its CSR points, slots int64 (b,) their batch

@@ -30,7 +30,7 @@ from .. import lsh, tables
 from ..adam import LazyAdamState
 from ..config import SlideConfig
 from ..kernels.forward import backward_batch
-from ..kernels.groups import Batch, Retrieval, Sampling
+from ..kernels.groups import Batch
 from ..kernels.hashing import mix3
 from ..network import _INIT_ROWS, SlideModel, layer_slots, layer_widths, weight_storage
 from ..resolve import concrete, samples_output
@@ -176,14 +176,7 @@ class ShardTrainer(Trainer):
             Batch(data.x_indptr, data.x_indices, data.x_values, y_indptr, y_indices),
             model.kernel_layers(),
             model.kernel_tables(),
-            Retrieval(cfg.probes, cfg.active_threshold, model.max_active),
-            Sampling(
-                min_active=cfg.min_active,
-                seed=self._seed,
-                hard_negatives=self._hard_negatives,
-                random_negatives=self._random_negatives,
-                negative_group=cfg.random_negative_group,
-            ),
+            *self._retrieval_and_sampling(self._seed),
             act,
             bufs.lookup,
             n_chunks,

@@ -481,13 +481,7 @@ class DistributedTrainer(Trainer):
         if self._serves_best():
             state["training_arrays"] = TRAINING_ARRAYS
             serving = self._best_serving
-        meta = {
-            "config": self.config.to_dict(),
-            "num_features": self.model.num_features,
-            "num_labels": self.model.num_labels,
-            "trainer_state": state,
-            "serving": serving,
-        }
+        meta = self._snapshot_meta(state, serving)
         arrays: dict[str, np.ndarray] = {}
         if self.model.featurizer is not None:
             meta["text"] = self.model.featurizer.meta()

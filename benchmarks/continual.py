@@ -17,7 +17,10 @@ label from the start (`full`, the same config and budget). Reported:
   P@1 in <= 1/3 of its time).
 
 Latency part: an amazon670k-shaped model (engine.synth, trained for a few seconds), 100 labels with 5 examples each
-added through edit_snapshot, until the new version is loaded and has answered a query (target: <= 1 s). The
+added through edit_snapshot, until the new version is loaded and has answered a query (target: <= 1 s): as the
+service does it (the edit starts from the served model, is published as a delta version and applied to the served
+model, engine.delta; every MAX_DEPTH + 1-th edit compacts the chain into a full version), then with every edit
+written as a full version and read back from disk, for comparison. The
 results go to benchmarks/results/continual.json and a table to stdout (BENCHMARKS.md).
 """
 
@@ -184,45 +187,77 @@ def _y(test: Dataset, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return indptr, np.asarray(test.y_indices)[take]
 
 
+def _latency_round(store: SnapshotStore, test_set: Dataset, r: int, n: int, served, query, delta: bool) -> tuple:
+    """Add n labels (5 examples each) to the store's newest version and serve it: as the service does (`delta`:
+    the edit starts from the served model and its version is applied to it), or as a full version read back."""
+    from engine.snapshot import read_manifest
+
+    xp = np.asarray(test_set.x_indptr)
+    add = []
+    for i in range(n):
+        first = (r * n + i) * 5 % (test_set.num_points - 5)
+        rows = range(first, first + 5)
+        points = [(test_set.x_indices[xp[p] : xp[p + 1]], test_set.x_values[xp[p] : xp[p + 1]]) for p in rows]
+        add.append((f"new-{r}-{i}", points))
+    t0 = time.perf_counter()
+    edit = edit_snapshot(store, add=add, model=served if delta else None)
+    t_published = time.perf_counter()
+    model = load_model(store.path(edit.version), base=served if delta else None)
+    model.predict(*query, k=5)
+    t_served = time.perf_counter()
+    assert model.num_labels == served.num_labels + n and model.label_names[model.num_labels - 1] == add[-1][0]
+    kind = "delta" if "delta" in read_manifest(store.path(edit.version)) else "full"
+    return model, {"kind": kind, "publish_s": t_published - t0, "served_s": t_served - t0}
+
+
 def latency_part(args) -> dict:
-    from engine import generate
+    from engine import delta, generate
 
     train_set, test_set = generate("amazon670k", seed=args.seed, num_train=args.latency_points, num_test=2000)
     work = Path(tempfile.mkdtemp(prefix="continual-670k-"))
     store = SnapshotStore(work / "m", keep=2)
-    config = SlideConfig(threads=args.threads, seed=args.seed, val_points="none")
-    trainer = Trainer(config, train_set, None, store)
-    trainer.run(time_budget_s=args.latency_train_s, snapshot_every_s=1e9)
-    del trainer
+    if args.latency_model:
+        shutil.copytree(args.latency_model, store.root)
+    else:
+        config = SlideConfig(threads=args.threads, seed=args.seed, val_points="none")
+        trainer = Trainer(config, train_set, None, store)
+        trainer.run(time_budget_s=args.latency_train_s, snapshot_every_s=1e9)
+        del trainer
     served = load_model(store.latest()[1])
+    labels_before = int(served.num_labels)
     xp = np.asarray(test_set.x_indptr)
     query = (np.array([0, xp[1]]), np.asarray(test_set.x_indices[: xp[1]]), np.asarray(test_set.x_values[: xp[1]]))
     served.predict(*query, k=5)
-    rounds = []
-    for r in range(args.latency_rounds):
-        add = []
-        for i in range(args.latency_labels):
-            first = (r * args.latency_labels + i) * 5 % (test_set.num_points - 5)
-            points = [
-                (test_set.x_indices[xp[p] : xp[p + 1]], test_set.x_values[xp[p] : xp[p + 1]])
-                for p in range(first, first + 5)
-            ]
-            add.append((f"new-{r}-{i}", points))
-        t0 = time.perf_counter()
-        edit = edit_snapshot(store, add=add)
-        t_published = time.perf_counter()
-        model = load_model(store.path(edit.version))
-        labels, _ = model.predict(*query, k=5)
-        t_served = time.perf_counter()
-        assert model.num_labels == served.num_labels + (r + 1) * args.latency_labels
-        rounds.append({"publish_s": t_published - t0, "served_s": t_served - t0})
-        print(f"  round {r}: {rounds[-1]}", file=sys.stderr, flush=True)
+    rounds, full_rounds = [], []
+    for r in range(args.latency_rounds):  # as the service does: deltas, a full version every MAX_DEPTH + 1 edits
+        served, result = _latency_round(store, test_set, r, args.latency_labels, served, query, delta=True)
+        rounds.append(result)
+        print(f"  round {r}: {result}", file=sys.stderr, flush=True)
+    t0 = time.perf_counter()  # a restart: the newest version read from disk, its chain applied
+    load_model(store.latest()[1]).predict(*query, k=5)
+    restart_s = time.perf_counter() - t0
+    max_depth, delta.MAX_DEPTH = delta.MAX_DEPTH, 0  # every edit a full version, read back whole (as before deltas)
+    try:
+        for r in range(args.latency_rounds, args.latency_rounds + args.latency_full_rounds + 1):
+            served, result = _latency_round(store, test_set, r, args.latency_labels, served, query, delta=False)
+            if r > args.latency_rounds:  # the first one reads the chain the delta rounds left
+                full_rounds.append(result)
+                print(f"  full round {r}: {result}", file=sys.stderr, flush=True)
+    finally:
+        delta.MAX_DEPTH = max_depth
+    shutil.rmtree(work, ignore_errors=True)
+    deltas = [x for x in rounds if x["kind"] == "delta"]
+    compactions = [x for x in rounds if x["kind"] == "full"]
     return {
-        "labels_before": int(served.num_labels),
+        "labels_before": labels_before,
         "added": args.latency_labels,
         "rounds": rounds,
-        "median_served_s": float(np.median([x["served_s"] for x in rounds])),
-        "median_publish_s": float(np.median([x["publish_s"] for x in rounds])),
+        "median_served_s": float(np.median([x["served_s"] for x in deltas])),
+        "median_publish_s": float(np.median([x["publish_s"] for x in deltas])),
+        "compaction_served_s": [x["served_s"] for x in compactions],
+        "restart_load_s": restart_s,
+        "full_rounds": full_rounds,
+        "median_full_served_s": float(np.median([x["served_s"] for x in full_rounds])) if full_rounds else None,
     }
 
 
@@ -238,7 +273,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-points", type=int, default=20000)
     ap.add_argument("--latency-train-s", type=float, default=20.0)
     ap.add_argument("--latency-labels", type=int, default=100)
-    ap.add_argument("--latency-rounds", type=int, default=3)
+    ap.add_argument("--latency-rounds", type=int, default=10, help="edits as the service makes them (deltas)")
+    ap.add_argument("--latency-full-rounds", type=int, default=3, help="then edits written as full versions")
+    ap.add_argument("--latency-model", help="a snapshot store of an amazon670k-shaped model to start from (copied)")
     ap.add_argument("--reuse", help="the models directory an earlier run printed: add and fine-tune again only")
     ap.add_argument(
         "--reuse-seconds", type=float, nargs=2, default=(0.0, 0.0), help="with --reuse: its old and full training times"
@@ -289,11 +326,20 @@ def print_table(results: dict) -> None:
         print(f"| adding {w['held_out']} labels (edit_snapshot) | {w['add_seconds']:.2f} s | | |")
     if "latency" in results:
         lat = results["latency"]
+        deltas = [x for x in lat["rounds"] if x["kind"] == "delta"]
         print(
-            f"| adding {lat['added']} labels to a {lat['labels_before']:,}-label model, to the new version served "
-            f"(median of {len(lat['rounds'])}) | {lat['median_served_s']:.2f} s "
-            f"(publish {lat['median_publish_s']:.2f} s) | | <= 1 s |"
+            f"| adding {lat['added']} labels to a {lat['labels_before']:,}-label model, to the new version served: "
+            f"delta versions (median of {len(deltas)}) | {lat['median_served_s']:.2f} s "
+            f"(published in {lat['median_publish_s']:.2f} s) | | <= 1 s |"
         )
+        if lat.get("median_full_served_s") is not None:
+            print(
+                f"| the same written as full versions and read back (median of {len(lat['full_rounds'])}) | "
+                f"{lat['median_full_served_s']:.2f} s | | |"
+            )
+        for c in lat["compaction_served_s"]:
+            print(f"| an edit that compacts the chain into a full version | {c:.2f} s | | |")
+        print(f"| restart: the newest version read from disk, its chain applied | {lat['restart_load_s']:.2f} s | | |")
 
 
 if __name__ == "__main__":

@@ -23,9 +23,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
+from numba import prange
 
 from . import lsh
-from ._numba import kernel
+from ._numba import kernel, parallel_kernel
 from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .sparse import Dataset, unit_rows
 from .tables import Tables
@@ -153,15 +154,15 @@ def as_csr(points: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 # ---- the tables -----------------------------------------------------------------------------------------
-@kernel
+@parallel_kernel
 def _insert_rows(offsets, ids, inserted, new_codes, first, capacity, out_offsets, out_ids):
     """out_offsets/out_ids: the buckets of offsets/ids with neurons first..first+m-1 added, neuron first+a to
     bucket new_codes[t, a] of table t; a bucket past capacity keeps its newest members (highest `inserted`,
-    the new ones first)."""
+    the new ones first). One table per thread."""
     n_tables = offsets.shape[0]
     num_buckets = offsets.shape[1] - 1
     m = new_codes.shape[1]
-    for t in range(n_tables):
+    for t in prange(n_tables):
         order = np.argsort(new_codes[t], kind="mergesort")
         p = 0
         out = 0
@@ -288,6 +289,18 @@ def add_labels(model: SlideModel, examples: Sequence[Any], names: Sequence[str])
     """Add one label per name, imprinted from its examples (a CSR point set each); returns their ids, which
     follow the model's existing ones. Raises LabelError for a name in use or repeated, or no examples. A model
     without names calls its old labels by their ids ("0", "1", ...)."""
+    names = check_additions(model, examples, names)
+    named = model.label_names is not None and len(model.label_names) == model.num_labels
+    old_names = model.label_names if named and model.label_names is not None else id_names(model.num_labels)
+    rows = imprint_rows(model, examples)
+    ids = append_output_rows(model, rows)
+    model.label_names = append_names(old_names, names)
+    return ids
+
+
+def check_additions(model: SlideModel, examples: Sequence[Any], names: Sequence[str]) -> list[str]:
+    """The names of labels to add, as text, once they are known to be new and distinct and each has between 1
+    and MAX_EXAMPLES example points; else LabelError."""
     names = [str(n) for n in names]
     if len(names) != len(examples):
         raise LabelError("examples", f"{len(examples)} example sets for {len(names)} names: give one per name")
@@ -311,11 +324,7 @@ def add_labels(model: SlideModel, examples: Sequence[Any], names: Sequence[str])
             raise LabelError(f"examples[{pos}]", f"label {names[pos][:80]!r} has no example points")
         if len(indptr) - 1 > MAX_EXAMPLES:
             raise LabelError(f"examples[{pos}]", f"at most {MAX_EXAMPLES} examples per label")
-    old_names = model.label_names if named and model.label_names is not None else id_names(model.num_labels)
-    rows = imprint_rows(model, examples)
-    ids = append_output_rows(model, rows)
-    model.label_names = append_names(old_names, names)
-    return ids
+    return names
 
 
 def find_names(label_names: LabelNames, wanted: Sequence[str]) -> dict[str, int]:
@@ -495,16 +504,21 @@ def edit_snapshot(
     add: Sequence[tuple[str, Sequence[Any]]] = (),
     retire: Sequence[int] = (),
     label_names: LabelNames | None = None,
+    model: SlideModel | None = None,
 ) -> SnapshotEdit:
     """Add labels (name, example instances: text or (indices, values)) and/or retire label ids in the newest
-    version of a store, published as the next version. Arrays that do not change (the input layer, the hash
-    functions, Adam's state: a new row's is zero, see the module doc) are hard-linked from the version before,
-    so the cost is that of writing the output layer and its tables. The state a stopped run would continue from
-    is the served model from then on. label_names: the names of a model whose snapshots have none (its
-    dataset's). Edits of one store are serialised by a lock file; the caller makes sure no trainer writes it."""
+    version of a store, published as the next version: a delta version (engine.delta: the new rows, their buckets
+    and names, the retired ids) on top of the newest, or a full version once the chain of deltas is
+    engine.delta.MAX_DEPTH long, or when a model without names takes `label_names` (its dataset's). A full version
+    hard-links the arrays that do not change (the input layer, the hash functions, Adam's state: a new row's is
+    zero, see the module doc). The state a stopped run would continue from is the served model from then on.
+    model: the newest version's model when the caller holds it (a server), which is read, never changed. Edits
+    of one store are serialised by a lock file; the caller makes sure no trainer writes it."""
+    import copy
     import fcntl
 
-    from .snapshot import attach_text, load_arrays, manifest_config, model_arrays, model_from_arrays, read_manifest
+    from . import delta as deltas
+    from .snapshot import load_model, read_manifest
 
     store.root.mkdir(parents=True, exist_ok=True)
     fd = os.open(store.root / _EDIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
@@ -513,38 +527,58 @@ def edit_snapshot(
         latest = store.latest()
         if latest is None:
             raise LabelError("model", "the model has no snapshot yet")
-        _, path = latest
+        version, path = latest
         manifest = read_manifest(path)
-        names = [n for n in manifest["arrays"] if not n.startswith("opt_")]
-        loaded = load_arrays(path, names)
-        model = model_from_arrays(manifest_config(manifest), manifest["num_features"], manifest["num_labels"], loaded)
-        attach_text(model, manifest, loaded)
-        if model.label_names is None and label_names is not None and len(label_names) == model.num_labels:
+        if model is None or getattr(model, "version", None) != version:
+            model = load_model(path)
+        renamed = model.label_names is None and label_names is not None and len(label_names) == model.num_labels
+        if renamed:
+            model = copy.copy(model)
             model.label_names = label_names
-        added = np.zeros(0, np.int64)
+        first = model.num_labels
+        w = model.weights[-1]
+        rows = np.zeros((0, w.shape[1]), w.dtype)
+        names: list[str] = []
         if add:
             examples = [featurize_instances(model, ex) for _, ex in add]
-            added = add_labels(model, examples, [n for n, _ in add])
-        retired = retire_labels(model, retire) if len(retire) else np.zeros(0, np.int64)
+            names = check_additions(model, examples, [n for n, _ in add])
+            rows = _storage(imprint_rows(model, examples), w.dtype)
+        slot = int(model.layer_slot[-1])
+        if slot >= 0:
+            codes = lsh.hash_matrix(rows, model.hashes[slot], center=model.tables[slot].center)
+        else:
+            codes = np.zeros((0, rows.shape[0]), np.int32)
+        ids = np.unique(np.asarray(retire, dtype=np.int64).reshape(-1))
+        total = first + rows.shape[0]
+        if ids.size and (ids.min() < 0 or ids.max() >= total):
+            bad = int(ids[(ids < 0) | (ids >= total)][0])
+            raise LabelError("ids", f"label {bad} does not exist (the model has {total})")
+        old = ids[ids < first]
+        bias = w[old, -1]
+        bias = from_bfloat16(np.ascontiguousarray(bias)) if w.dtype == np.uint16 else bias
+        retired = np.concatenate([old[~np.isneginf(bias)], ids[ids >= first]])
+        added = np.arange(first, total, dtype=np.int64)
         if not added.size and not retired.size:
             return SnapshotEdit(added, retired, None)
-        arrays = model_arrays(model)
-        if model.featurizer is not None:
-            arrays.update(model.featurizer.to_arrays())
-        if model.label_names is not None:
-            arrays.update(model.label_names.to_arrays())
-        written = {n: a for n, a in arrays.items() if loaded.get(n) is not a}
-        links = {
-            n: (path / f"{n}.npy", info)
-            for n, info in manifest["arrays"].items()
-            if n not in written and not n.startswith("opt_cur_")
-        }
+        edit = deltas.Delta(first, rows, codes, retired, names)
+        config = model.config.replace(sample_output=slot >= 0)  # the structure as it is (pin_structure)
         state = {k: v for k, v in manifest.get("trainer_state", {}).items() if k != "training_arrays"}
-        meta = {k: v for k, v in manifest.items() if k not in ("arrays", "version", "created_at", "format_version")}
-        meta.update(
-            config=model.config.to_dict(), num_labels=model.num_labels, trainer_state=state, edited_from=latest[0]
-        )
-        version, _ = store.publish(written, meta, links)
-        return SnapshotEdit(added, retired, version)
+        meta = {
+            k: v
+            for k, v in manifest.items()
+            if k not in ("arrays", "version", "created_at", "format_version", deltas.KEY)
+        }
+        meta.update(config=config.to_dict(), num_labels=int(total), trainer_state=state, edited_from=version)
+        if not renamed and deltas.depth(manifest) < deltas.MAX_DEPTH:
+            meta[deltas.KEY] = {"parent": version, "depth": deltas.depth(manifest) + 1}
+            published, _ = store.publish(edit.arrays(), meta)
+            return SnapshotEdit(added, retired, published)
+        arrays, sources = deltas.full_arrays(path, manifest, model=model)
+        if renamed and label_names is not None:
+            arrays.update(label_names.to_arrays())
+        new = deltas.apply_arrays(arrays, edit, config)
+        links = {n: sources[n] for n, a in new.items() if n in sources and a is arrays[n]}
+        published, _ = store.publish({n: a for n, a in new.items() if n not in links}, meta, links)
+        return SnapshotEdit(added, retired, published)
     finally:
         os.close(fd)

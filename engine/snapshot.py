@@ -179,12 +179,24 @@ class SnapshotStore:
         return version, target
 
     def prune(self) -> None:
-        """Remove versions beyond the newest `keep`, except pinned ones (see `pin`)."""
+        """Remove versions beyond the newest `keep`, except pinned ones (see `pin`) and those a kept delta version
+        applies to (engine.delta)."""
+        from .delta import kept_parents
+
         with self._locked():
-            pinned = set(self.pins().values())
-            for v in self.versions()[: -self.keep]:
-                if v not in pinned:
-                    shutil.rmtree(self.path(v), ignore_errors=True)
+            versions = self.versions()
+            kept = set(versions[-self.keep :]) | set(self.pins().values())
+            kept |= kept_parents(self.root, kept)  # the versions a kept delta version applies to
+            for v in reversed(versions[: -self.keep]):  # newest first: a delta goes before what it applies to
+                if v not in kept:
+                    gone = self.root / f".pruned-{self.path(v).name}-{os.getpid()}"
+                    try:  # out of the listing at once: a kill while removing leaves no half version listed
+                        os.rename(self.path(v), gone)
+                    except OSError:
+                        continue
+                    shutil.rmtree(gone, ignore_errors=True)
+        for entry in self.root.glob(".pruned-*"):  # what a kill left
+            shutil.rmtree(entry, ignore_errors=True)
         for entry in self.root.glob(".publish-*"):
             if time.time() - entry.stat().st_mtime > 3600:
                 shutil.rmtree(entry, ignore_errors=True)
@@ -262,9 +274,19 @@ def migrate_manifest(manifest: dict) -> dict:
 
 def load_arrays(path: str | os.PathLike, names=None, mmap: bool = True, verify: bool = False) -> dict:
     """Arrays of a snapshot (all or `names`), memory-mapped read-only by default; checks shapes, and
-    checksums with `verify`."""
+    checksums with `verify`. A delta version's are those of the full version it amounts to (engine.delta)."""
     path = Path(path)
     manifest = read_manifest(path)
+    if manifest.get("delta"):
+        from . import delta
+
+        arrays = delta.full_arrays(path, manifest, mmap=mmap, verify=verify)[0]
+        return {n: a for n, a in arrays.items() if names is None or n in names}
+    return load_full_arrays(path, manifest, names, mmap=mmap, verify=verify)
+
+
+def load_full_arrays(path: Path, manifest: dict, names=None, mmap: bool = True, verify: bool = False) -> dict:
+    """The arrays a version's own files hold (a delta version's: its delta, engine.delta)."""
     out = {}
     for name, info in manifest["arrays"].items():
         if names is not None and name not in names:
@@ -279,15 +301,24 @@ def load_arrays(path: str | os.PathLike, names=None, mmap: bool = True, verify: 
     return out
 
 
-def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False) -> SlideModel:
+def load_model(
+    path: str | os.PathLike, mmap: bool = True, verify: bool = False, base: SlideModel | None = None
+) -> SlideModel:
     """The model of a snapshot, for serving: weights and tables only, memory-mapped read-only.
 
+    A delta version (engine.delta) is its deltas applied to the full version under them, or only those after
+    `base` when `base` (a model loaded from the same store, left unchanged) is a version of its chain.
     Raises SnapshotError when the version is incomplete or gone (e.g. pruned while being opened):
     callers that follow a live store should fall back to the next newest version.
     """
+    path = Path(path)
     manifest = read_manifest(path)
+    if manifest.get("delta"):
+        from . import delta
+
+        return delta.load_model(path, manifest, mmap=mmap, verify=verify, base=base)
     names = [n for n in manifest["arrays"] if not n.startswith("opt_")]
-    arrays = load_arrays(path, names, mmap=mmap, verify=verify)
+    arrays = load_full_arrays(path, manifest, names, mmap=mmap, verify=verify)
     config = manifest_config(manifest)
     if manifest.get("shards"):
         from .distributed.snapshot import merge_shards
@@ -295,11 +326,16 @@ def load_model(path: str | os.PathLike, mmap: bool = True, verify: bool = False)
         model = merge_shards(path, manifest, config, mmap=mmap, verify=verify)
     else:
         model = model_from_arrays(config, manifest["num_features"], manifest["num_labels"], arrays)
+    attach_text(model, manifest, arrays)
+    finish_model(model, manifest)
+    return model
+
+
+def finish_model(model: SlideModel, manifest: dict) -> None:
+    """Set what a loaded model knows of its version: its number, trainer state and serving report."""
     model.version = int(manifest["version"])
     model.trainer_state = manifest.get("trainer_state", {})
-    attach_text(model, manifest, arrays)
     model.serving_report = manifest.get("serving", {})
-    return model
 
 
 def attach_text(model: SlideModel, manifest: dict, arrays) -> None:

@@ -1,9 +1,10 @@
 """Labels added and retired online (engine.labels).
 
-A model whose job has no trainer running is edited here: its newest snapshot plus the change is published as the
-next version (under the job's trainer lock, so no trainer starts meanwhile), and the registry serves it from the
-next request. A job that is training gets the request as a file in its job directory; its trainer applies it
-before its next step, publishes a snapshot at once and reports it as a `labels` event (domain.LABEL_EVENTS).
+A model whose job has no trainer running is edited here: the change is published as the next version, a delta on
+top of the newest (engine.delta; under the job's trainer lock, so no trainer starts meanwhile), and the registry
+applies it to the model it holds and serves it from the next request. A job that is training gets the request as a
+file in its job directory; its trainer applies it before its next step, publishes a snapshot at once and reports it
+as a `labels` event (domain.LABEL_EVENTS).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ class LabelService:
         with self._without_trainer(model_id) as free:
             if free and (store.latest() is not None or job.state not in ACTIVE_STATES):
                 try:
-                    edit = edit_snapshot(store, add=labels, label_names=self._dataset_names(job))
+                    edit = edit_snapshot(store, add=labels, label_names=self._dataset_names(job), model=self._held(job))
                 except LabelError as exc:
                     raise _http_error(exc) from None
                 self._published(job, edit.version)
@@ -114,7 +115,7 @@ class LabelService:
         with self._without_trainer(model_id) as free:
             if free and (store.latest() is not None or job.state not in ACTIVE_STATES):
                 try:
-                    edit = edit_snapshot(store, retire=[label_id])
+                    edit = edit_snapshot(store, retire=[label_id], model=self._held(job))
                 except LabelError as exc:
                     if exc.field == "ids":
                         raise NotFound("label", str(label_id)) from None
@@ -179,10 +180,19 @@ class LabelService:
         log.info("model %s: label request %s handed to its trainer", model_id, request_id)
         return request_id
 
+    def _held(self, job: JobRow) -> Any:
+        """The model the registry serves (edits start from it rather than reading it again), None if none."""
+        held = self.registry.peek(job.id)
+        return held.model if held is not None else None
+
     def _published(self, job: JobRow, version: int | None) -> None:
         if version is None:
             return
-        self.registry.evict(job.id)  # the next request loads the new version
+        try:  # served from the next request: the edit applied to the model held
+            self.registry.refresh(job.id, job.state)
+        except Exception:  # noqa: BLE001 - the version is on disk: the next request loads it
+            log.exception("model %s: could not load version %s", job.id, version)
+            self.registry.evict(job.id)
         try:
             with self.jobs.db.session() as s:
                 s.merge(

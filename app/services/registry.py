@@ -1,5 +1,5 @@
 """Model registry: the newest snapshot of each job's model, memory-mapped read-only, swapped when a newer one
-is published.
+is published (a label edit's delta version applied to the model held, see engine.delta).
 
 A request takes a reference to the current `(version, SlideModel)` pair and predicts with it; a newer version
 replaces the pair for later requests while earlier ones finish on the old maps (the kernel keeps unlinked
@@ -189,8 +189,8 @@ class ModelRegistry:
             if latest is None:
                 break
             version, path = latest
-            try:
-                model = engine.load_model(path, mmap=True)
+            try:  # a label edit (a delta version) is applied to the version held, which stays as it is
+                model = engine.load_model(path, mmap=True, base=held.model if held is not None else None)
             except (OSError, ValueError, RuntimeError) as exc:  # RuntimeError: engine.snapshot.SnapshotError
                 log.warning(
                     "model %s: snapshot v%d could not be opened: %s: %s", job_id, version, type(exc).__name__, exc
@@ -268,6 +268,13 @@ class ModelRegistry:
         if names is not None and len(names) != int(loaded.model.num_labels):
             return None
         return names
+
+    def refresh(self, job_id: str, job_state: str | None = None) -> LoadedModel:
+        """The newest version, looked for now (after a publication of this process): `current` without waiting for
+        its check interval; a label edit's delta is applied to the version held."""
+        self._checked.pop(job_id, None)
+        self._listed.pop(job_id, None)
+        return self.current(job_id, job_state)
 
     def peek(self, job_id: str) -> LoadedModel | None:
         return self._models.get(job_id)

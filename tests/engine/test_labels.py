@@ -7,7 +7,7 @@ import pytest
 
 from engine import SlideConfig, SnapshotStore, Trainer, generate, load_model
 from engine import labels as lab
-from engine.snapshot import load_arrays
+from engine.snapshot import load_arrays, read_manifest
 from engine.sparse import Dataset
 from engine.text import LabelNames
 
@@ -263,7 +263,28 @@ def test_cli_init_from_text_matches_names_and_terms(tmp_path, capsys):
     assert "c0" in capsys.readouterr().out
 
 
-def test_edit_snapshot_publishes_a_version_linking_what_did_not_change(data, trained, tmp_path):
+def _examples(train: Dataset, label: int, n: int = 5) -> list[tuple[np.ndarray, np.ndarray]]:
+    indptr, indices, values = _points_with(train, label, n)
+    return [(indices[indptr[i] : indptr[i + 1]], values[indptr[i] : indptr[i + 1]]) for i in range(len(indptr) - 1)]
+
+
+def _same_model(a, b) -> None:
+    """Two models with equal weights, tables and names."""
+    assert a.num_labels == b.num_labels and a.config == b.config
+    for wa, wb in zip(a.weights, b.weights, strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    for ta, tb in zip(a.tables, b.tables, strict=True):
+        for name, x, y in zip(ta._fields, ta, tb, strict=True):
+            if name != "ids":
+                np.testing.assert_array_equal(x, y, err_msg=name)
+        for t, end in enumerate(ta.offsets[:, -1]):  # past a table's last bucket its ids are unused
+            np.testing.assert_array_equal(ta.ids[t, :end], tb.ids[t, :end])
+    assert (a.label_names is None) == (b.label_names is None)
+    if a.label_names is not None:
+        assert a.label_names.to_list() == b.label_names.to_list()
+
+
+def test_edit_snapshot_publishes_a_delta_that_loads_as_the_edited_model(data, trained, tmp_path):
     import shutil
 
     train, test = data
@@ -271,23 +292,81 @@ def test_edit_snapshot_publishes_a_version_linking_what_did_not_change(data, tra
     store = SnapshotStore(tmp_path / "copy")
     shutil.copytree(src.root, store.root)
     base_version, base = store.latest()
-    indptr, indices, values = _points_with(train, keep, 5)
-    examples = [(indices[indptr[i] : indptr[i + 1]], values[indptr[i] : indptr[i + 1]]) for i in range(len(indptr) - 1)]
-    edit = lab.edit_snapshot(store, add=[("fresh", examples)], retire=[0])
+    held = load_model(base)
+    before = [np.array(w) for w in held.weights] + [np.array(a) for a in held.tables[0]]
+    edit = lab.edit_snapshot(store, add=[("fresh", _examples(train, keep))], retire=[0], model=held)
     assert edit.added.tolist() == [keep] and edit.retired.tolist() == [0] and edit.version == base_version + 1
     new = store.path(edit.version)
-    assert (new / "opt_v1.npy").stat().st_ino == (base / "opt_v1.npy").stat().st_ino  # linked, not rewritten
-    assert (new / "w0.npy").stat().st_ino == (base / "w0.npy").stat().st_ino
-    model = load_model(new, verify=True)
-    assert model.label_names[keep] == "fresh" and model.label_status()[0] == "retired"
-    got = model.predict(indptr, indices, values, k=3, mode="lsh")[0]
-    assert (got == keep).any() and not (got == 0).any()
+    # the delta holds the new row, its buckets, its name and the retired id: nothing of the size of the model
+    assert sorted(p.name for p in new.iterdir() if p.suffix == ".npy") == [
+        "delta_codes.npy",
+        "delta_names_data.npy",
+        "delta_names_offsets.npy",
+        "delta_retired.npy",
+        "delta_rows.npy",
+    ]
+    assert sum(p.stat().st_size for p in new.iterdir()) < 20_000
+    assert read_manifest(new)["delta"] == {"parent": base_version, "depth": 1}
+    # read from disk, or applied to the model a server holds: the model the same edit makes in memory
+    twin = load_model(base)
+    twin.add_labels([_points_with(train, keep, 5)], ["fresh"])
+    twin.retire_labels([0])
+    cold = load_model(new, verify=True)
+    _same_model(cold, twin)
+    warm = load_model(new, base=held)
+    _same_model(warm, twin)
+    assert warm.version == cold.version == edit.version and warm.featurizer is held.featurizer
+    # ... and the held model is as it was (requests still reading it see no change)
+    after = list(held.weights) + list(held.tables[0])
+    assert held.num_labels == keep and all(np.array_equal(x, y) for x, y in zip(before, after, strict=True))
+    indptr, indices, values = _points_with(train, keep, 5)
+    for mode in ("lsh", "exact"):
+        got = warm.predict(indptr, indices, values, k=3, mode=mode)[0]
+        assert (got == keep).any() and not (got == 0).any()
     with pytest.raises(lab.LabelError, match="exists"):
-        lab.edit_snapshot(store, add=[("fresh", examples)])
-    # training resumes from the edited version: Adam's state of the new row is zero
+        lab.edit_snapshot(store, add=[("fresh", _examples(train, keep))])
+    assert lab.edit_snapshot(store, retire=[0]).version is None  # retired already: nothing to publish
+    # training resumes from the delta version: Adam's state of the new row is zero, the label stays retired
     trainer = Trainer.resume(store, _drop_last_labels(train, keep), _drop_last_labels(test, keep))
     assert trainer.adam.m[1].shape[0] == keep + 1 and not trainer.adam.v[1][keep].any()
     assert trainer._retired is not None and trainer._retired[0]
+    _same_model(trainer.model, twin)
+    # a trainer's next snapshot is a full version
+    trainer.config = trainer.config.replace(epochs=trainer.epoch + 1)
+    trainer.run()
+    assert "delta" not in read_manifest(store.latest()[1]) and load_model(store.latest()[1]).num_labels == keep + 1
+
+
+def test_deltas_are_compacted_and_their_chain_is_kept_until_then(data, trained, tmp_path, monkeypatch):
+    import shutil
+
+    from engine import delta
+
+    monkeypatch.setattr(delta, "MAX_DEPTH", 3)
+    train, test = data
+    src, keep = trained
+    store = SnapshotStore(tmp_path / "copy", keep=1)
+    shutil.copytree(src.root, store.root)
+    base_version, base = store.latest()
+    inodes = {name: (base / f"{name}.npy").stat().st_ino for name in ("w0", "opt_v1")}
+    twin = load_model(base)
+    held = load_model(base)
+    for i in range(4):
+        label = keep + i
+        edit = lab.edit_snapshot(store, add=[(f"n{i}", _examples(train, label))], retire=[i], model=held)
+        twin.add_labels([_points_with(train, label, 5)], [f"n{i}"])
+        twin.retire_labels([i])
+        manifest = read_manifest(store.path(edit.version))
+        if i < 3:  # deltas on deltas; pruning keeps the chain they apply to
+            assert manifest["delta"]["depth"] == i + 1
+            assert store.versions() == list(range(base_version, edit.version + 1))
+        else:  # the chain is full: a full version, linking what no edit changed, and the chain goes
+            assert "delta" not in manifest and store.versions() == [edit.version]
+            for name, inode in inodes.items():
+                assert (store.path(edit.version) / f"{name}.npy").stat().st_ino == inode
+        held = load_model(store.path(edit.version), base=held)
+        _same_model(held, twin)
+        _same_model(load_model(store.path(edit.version), verify=True), twin)
 
 
 def test_warm_start_estimate_counts_the_grown_shape_and_the_copies(data, trained):

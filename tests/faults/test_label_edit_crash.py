@@ -1,0 +1,162 @@
+"""A kill during a label edit leaves the model as it was before the edit or as it is after it, never anything else.
+
+A subprocess edits a trained model's store again and again (edit i adds the label `n{i}` and retires label i), the
+edits published as delta versions (engine.delta) and, when the chain is full, as a full version (compaction); it
+is SIGKILLed before the rename that commits an edit, just after it (before pruning), or at moments of an unhooked
+run. A fresh reader then serves the newest version, read from disk with its checksums verified: it holds every
+edit that was committed and none of the one cut short, and the next edit publishes on top of it.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine import SlideConfig, SnapshotStore, Trainer, generate, load_model
+from engine.labels import edit_snapshot
+from engine.snapshot import read_manifest
+from tests.e2e.server import ROOT
+
+EDITOR = r"""
+import os, sys, time
+from engine import SnapshotStore, delta
+from engine.labels import edit_snapshot
+
+root, stage, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
+delta.MAX_DEPTH = 2
+store = SnapshotStore(root, keep=1)
+edit = 0
+
+def say(word):
+    sys.stdout.write(word + "\n")
+    sys.stdout.flush()
+
+def hold():  # tell the test where we are, then wait for its SIGKILL
+    say("ready")
+    time.sleep(600)
+
+real_rename, real_prune = os.rename, SnapshotStore.prune
+def rename(src, dst):
+    if stage == "before-rename" and edit == at:
+        hold()
+    real_rename(src, dst)
+def prune(self):
+    if stage == "after-rename" and edit == at:
+        hold()
+    real_prune(self)
+os.rename, SnapshotStore.prune = rename, prune
+
+say("editing")
+for edit in range(at + 1 if stage != "unhooked" else 100):
+    edit_snapshot(store, add=[(f"n{edit}", [([1, 2, 3], [1.0, 0.5, 0.25]), ([2, 4], [1.0, 1.0])])], retire=[edit])
+    say(f"done {edit}")
+"""
+
+CFG = SlideConfig(hidden=(16,), sample_output=True, batch_size=64, epochs=1, threads=1, weight_dtype="bfloat16")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> tuple[Path, int]:
+    train, _ = generate("tiny", seed=4, num_train=600, num_test=0)
+    root = tmp_path_factory.mktemp("edits") / "src"
+    Trainer(CFG, train, None, SnapshotStore(root, keep=1)).run()
+    return root, train.num_labels
+
+
+def _readline(proc: subprocess.Popen, timeout: float = 120) -> str:
+    ready, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert ready, "the editor said nothing in time"
+    line = proc.stdout.readline().decode().strip()
+    assert line, f"the editor exited early (code {proc.poll()}): {proc.stderr.read().decode()[-3000:]}"
+    return line
+
+
+def _edit_and_kill(root: Path, stage: str, at: int, delay: float | None = None) -> int:
+    """Run the editor until the kill; returns how many edits it reported done."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", EDITOR, str(root), stage, str(at)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    done = 0
+    try:
+        assert _readline(proc) == "editing"
+        if delay is None:
+            while _readline(proc) != "ready":
+                done += 1
+        else:
+            time.sleep(delay)  # the fault: a kill at an arbitrary moment of the edits
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+        if delay is not None:
+            done = sum(line.startswith(b"done") for line in proc.stdout.read().splitlines())
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    return done
+
+
+def _assert_served(root: Path, num_labels: int, edits: int) -> None:
+    """The newest version holds exactly `edits` edits, read as a restarted server reads it (checksums verified)."""
+    store = SnapshotStore(root, keep=1)
+    model = load_model(store.latest()[1], verify=True)
+    assert model.num_labels == num_labels + edits
+    if edits:
+        assert model.label_names.to_list()[num_labels:] == [f"n{i}" for i in range(edits)]
+    status = model.label_status()
+    assert [i for i, s in enumerate(status) if s == "retired"] == list(range(edits))
+    got = model.predict(np.array([0, 3]), np.array([1, 2, 3]), np.array([1.0, 0.5, 0.25]), k=10, mode="exact")[0]
+    assert not np.isin(got, np.arange(edits)).any()
+    for v in store.versions():  # every version on disk loads, its chain included
+        load_model(store.path(v), verify=True)
+
+
+@pytest.mark.parametrize(
+    "stage,at",
+    [
+        ("before-rename", 1),  # a delta on a delta, not yet committed
+        ("after-rename", 1),  # committed, its chain not yet pruned
+        ("before-rename", 2),  # the compaction into a full version, not yet committed
+        ("after-rename", 2),  # committed, the chain it replaces not yet pruned
+    ],
+)
+def test_kill_during_a_label_edit_serves_the_version_before_or_after_it(tmp_path, trained, stage, at):
+    src, num_labels = trained
+    root = tmp_path / "m"
+    shutil.copytree(src, root)
+    done = _edit_and_kill(root, stage, at)
+    assert done == at
+    committed = at + (stage == "after-rename")
+    _assert_served(root, num_labels, committed)
+    kind = "delta" if committed in (1, 2) else "full"
+    assert ("delta" in read_manifest(SnapshotStore(root).latest()[1])) == (kind == "delta")
+    # the next edit is unaffected by what the kill left (a temp dir, versions not yet pruned)
+    example = [([1, 2, 3], [1.0, 0.5, 0.25])]
+    edit_snapshot(SnapshotStore(root, keep=1), add=[(f"n{committed}", example)], retire=[committed])
+    _assert_served(root, num_labels, committed + 1)
+
+
+@pytest.mark.parametrize("delay", [2.0, 4.0, 6.0])
+def test_kill_at_any_moment_of_label_edits_serves_the_last_committed_one(tmp_path, trained, delay):
+    src, num_labels = trained
+    root = tmp_path / "m"
+    shutil.copytree(src, root)
+    done = _edit_and_kill(root, "unhooked", 0, delay)
+    newest = load_model(SnapshotStore(root).latest()[1]).num_labels - num_labels
+    assert newest in (done, done + 1)  # the kill may fall between a commit and its report
+    _assert_served(root, num_labels, newest)

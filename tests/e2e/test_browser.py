@@ -2,7 +2,8 @@
 key, with every host but the server unresolvable (so a CDN reference would fail here as it would offline).
 
 Swagger UI renders the operations; /ui asks for the key once and loads with no console errors; a job started from
-the console gains points on its live chart while it trains; a query answers with predictions. Screenshots go to
+the console gains points on its live chart while it trains; a query answers with predictions; once stopped, a label
+is added to its model and retired from the job page's labels panel. Screenshots go to
 test-artifacts/screenshots/ (README: Tests).
 
 Needs Debian's `chromium` and `chromium-driver` (`apt-get install chromium chromium-driver`; `.ci/run` installs
@@ -254,4 +255,43 @@ def test_console_trains_a_job_with_live_curves_and_answers_a_query(browser: Any,
         timeout=15,
         what="the job to stop",
     )
+    assert not _errors(browser)
+
+    # The labels panel: the model's labels a page at a time; add one from examples, then retire it.
+    wait_for(lambda: _js(browser, STATE) == "stopped", timeout=60, what="the job to be stopped")
+    rows = "return [...document.querySelectorAll('#labels tr[data-label-id]')]"
+    wait_for(lambda: len(_js(browser, rows)) == 20, timeout=15, what="the first page of labels")
+    assert _js(browser, rows + ".map(r => Number(r.dataset.labelId))") == list(range(20))
+    browser.find_element(By.ID, "labels-next").click()
+    wait_for(lambda: _js(browser, rows + "[0].dataset.labelId") == "20", timeout=15, what="the second page")
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30) as c:
+        num_labels = c.get(f"/v1/models/{job_id}").json()["num_labels"]
+    browser.find_element(By.CSS_SELECTOR, "#label-add summary").click()
+    browser.find_element(By.ID, "la-name").send_keys("fresh-label")
+    browser.find_element(By.ID, "la-examples").send_keys("0:1.0 2:0.5 5:0.25\n1:1.0 3:0.5")
+    browser.find_element(By.ID, "la-add").click()
+    new_row = f"document.querySelector('#labels tr[data-label-id=\"{num_labels}\"]')"
+    wait_for(
+        lambda: _js(browser, f"return {new_row} && {new_row}.dataset.status") == "live",
+        timeout=30,
+        what="the new label in the list",
+        diagnose=lambda: _js(browser, "return document.getElementById('labels-card').innerText"),
+    )
+    assert "fresh-label" in _js(browser, f"return {new_row}.innerText")
+    assert f"is id {num_labels}" in browser.find_element(By.ID, "labels-out").text
+    with httpx.Client(base_url=server.url, headers={"X-API-Key": API_KEY}, timeout=30) as c:
+        query = {"instances": [{"indices": [0, 2, 5], "values": [1.0, 0.5, 0.25]}], "k": 10, "mode": "exact"}
+        assert num_labels in c.post(f"/v1/models/{job_id}/predict", json=query).json()["predictions"][0]["labels"]
+        browser.find_element(By.CSS_SELECTOR, f"#labels button[data-retire='{num_labels}']").click()
+        wait_for(
+            lambda: _js(browser, f"return {new_row} && {new_row}.dataset.status") == "retired",
+            timeout=30,
+            what="the label to show as retired",
+            diagnose=lambda: _js(browser, "return document.getElementById('labels-card').innerText"),
+        )
+        assert "is retired" in browser.find_element(By.ID, "labels-out").text
+        listed = c.get(f"/v1/models/{job_id}/labels", params={"limit": 1000}).json()["data"]
+        assert listed[-1] == {"id": num_labels, "name": "fresh-label", "status": "retired"}
+        assert num_labels not in c.post(f"/v1/models/{job_id}/predict", json=query).json()["predictions"][0]["labels"]
+    _shot(browser, "job-labels.png")
     assert not _errors(browser)

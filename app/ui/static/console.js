@@ -303,5 +303,5 @@ const Slide = (() => {
     if (box) { box.hidden = false; box.textContent = e.status ? `HTTP ${e.status}: ${e.message}` : String(e.message || e); }
   }
 
-  return { $, esc, short, num, pct, bytes, ago, badge, idCell, api, events, queryBox, boot, showError, ApiError, loadSpec };
+  return { $, esc, short, num, pct, bytes, ago, badge, idCell, api, events, queryBox, parseFeatures, boot, showError, ApiError, loadSpec };
 })();

@@ -118,10 +118,85 @@ Slide.boot(async () => {
     });
   }
 
+  // ---- labels: a page of the newest version's labels, add one from examples, retire one --------------------
+  const PAGE = 20;
+  const labelsPath = `/v1/models/${encodeURIComponent(jobId)}/labels`;
+  let cursors = [null];  // the cursor of each page shown so far (null: the first)
+  let nextCursor = null;
+  /** The cursor of a page that starts at label `id` (the list's cursor names the last id seen). */
+  const fromId = (id) => (id > 0 ? btoa(JSON.stringify([id - 1])).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "") : null);
+  const say = (html, kind = "notice") => { $("#labels-out").innerHTML = html ? `<div class="${kind}">${html}</div>` : ""; };
+
+  async function refreshLabels() {
+    const cursor = cursors[cursors.length - 1];
+    let page;
+    try {
+      page = await api(`${labelsPath}?limit=${PAGE}${cursor ? `&cursor=${encodeURIComponent(cursor)}` : ""}`);
+    } catch (e) {
+      $("#labels").innerHTML = `<div class="empty">${esc(e.message)}</div>`;
+      return;
+    }
+    nextCursor = page.next_cursor;
+    $("#labels").innerHTML = page.data.length
+      ? `<table><thead><tr><th class="num">id</th><th>name</th><th>status</th><th></th></tr></thead>
+        <tbody>${page.data.map((l) => `<tr data-label-id="${l.id}" data-status="${esc(l.status)}"><td class="num">${l.id}</td>
+          <td>${l.name == null ? '<span class="hint">no name</span>' : esc(l.name)}</td>
+          <td>${l.status === "live" ? '<span class="badge completed">live</span>' : '<span class="badge failed">retired</span>'}</td>
+          <td><button type="button" class="danger" data-retire="${l.id}" ${l.status === "live" ? "" : "disabled"}>Retire</button></td></tr>`).join("")}</tbody></table>`
+      : `<div class="empty">No labels from here.</div>`;
+    $("#labels-info").textContent = `version v${page.model_version}`;
+    $("#labels-prev").disabled = cursors.length < 2;
+    $("#labels-first").disabled = cursors.length < 2 && !cursors[0];
+    $("#labels-next").disabled = !nextCursor;
+  }
+
+  $("#labels-next").addEventListener("click", () => { if (nextCursor) { cursors.push(nextCursor); refreshLabels(); } });
+  $("#labels-prev").addEventListener("click", () => { if (cursors.length > 1) { cursors.pop(); refreshLabels(); } });
+  $("#labels-first").addEventListener("click", () => { cursors = [null]; refreshLabels(); });
+  $("#labels-go").addEventListener("click", () => { cursors = [fromId(Math.max(0, Number($("#labels-from").value) || 0))]; refreshLabels(); });
+
+  $("#labels").addEventListener("click", async (e) => {
+    const b = e.target.closest("button[data-retire]");
+    if (!b) return;
+    const id = Number(b.dataset.retire);
+    b.disabled = true;
+    try {
+      const done = (await api(`${labelsPath}/${id}`, { method: "DELETE" })) === null;  // 204 (null), else 202
+      say(done ? `Label ${id} is retired: never predicted again.` : `Label ${id} goes to the training job: retired at its next step.`);
+    } catch (err) { say(esc(err.message), "error"); }
+    await refreshLabels();
+  });
+
+  /** A line of features ("3:1.0 17 25:0.5") or, when the line is not one, text. */
+  function example(line) {
+    if (/^(\d+(:[-+]?[\d.]+(e[-+]?\d+)?)?\s*)+$/i.test(line)) return Slide.parseFeatures(line).instance;
+    return { text: line };
+  }
+
+  $("#la-add").addEventListener("click", async () => {
+    const name = $("#la-name").value.trim();
+    let examples;
+    try { examples = $("#la-examples").value.split("\n").map((x) => x.trim()).filter(Boolean).map(example); }
+    catch (e) { say(esc(e.message), "error"); return; }
+    try {
+      const r = await api(labelsPath, { method: "POST", body: { labels: [{ name, examples }] } });
+      if (r.state === "pending") {
+        say(`Label <b>${esc(name)}</b> goes to the training job: added at its next step.`);
+      } else {
+        const id = r.label_ids[0];
+        say(`Label <b>${esc(name)}</b> is id ${id}, served from version v${r.model_version}.`);
+        cursors = [fromId(id)];
+        $("#la-name").value = "";
+      }
+    } catch (e) { say(esc(e.message), "error"); }
+    await refreshLabels();
+  });
+
   paintJob();
   draw();
   await refreshVersions();
+  await refreshLabels();
   await Slide.queryBox($("#query"), () => jobId);
   follow();
-  setInterval(refreshVersions, 10000);
+  setInterval(() => { refreshVersions(); refreshLabels(); }, 10000);
 });

@@ -144,6 +144,66 @@ def test_labels_handed_to_a_training_job_survive_kill_and_resume(client_for, set
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "stopped", what="stopped")
 
 
+def test_labels_added_as_deltas_to_a_stopped_job_survive_resume_and_kill(client_for, settings, xmc_files):
+    import os
+    import signal
+
+    from engine.snapshot import read_manifest
+
+    client = client_for(settings)
+    train_id = upload(client, xmc_files["train"]).json()["id"]
+    config = {"hidden": [32], "batch_size": 64, "seed": 6, "epochs": 200, "early_stop_patience": 0}
+    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config}).json()["id"]
+    diagnose = job_diagnosis(client, settings, job_id)
+    wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j["model_version"],
+        timeout=120,
+        what="a snapshot while running",
+        diagnose=diagnose,
+    )
+    client.post(f"/v1/jobs/{job_id}/stop")
+    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "stopped", what="stopped", diagnose=diagnose)
+
+    # no trainer: both edits are delta versions, served from the next request
+    num_labels = client.get(f"/v1/models/{job_id}").json()["num_labels"]
+    examples = [{"indices": [4, 9, 17], "values": [1.0, 0.5, 0.25]}, {"indices": [4, 11], "values": [1.0, 1.0]}]
+    r = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "fresh", "examples": examples}]})
+    assert r.status_code == 201 and r.json()["label_ids"] == [num_labels], r.text
+    assert client.delete(f"/v1/models/{job_id}/labels/0").status_code == 204
+    store = SnapshotStore(settings.snapshots_dir(job_id))
+    assert read_manifest(store.latest()[1])["delta"]["depth"] == 2
+    query = {"instances": examples, "k": 20, "mode": "exact"}
+
+    def check() -> list[dict]:
+        listed = _all_labels(client, job_id)
+        assert len(listed) == num_labels + 1 and listed[-1]["name"] == "fresh" and listed[0]["status"] == "retired"
+        labels = client.post(f"/v1/models/{job_id}/predict", json=query).json()["predictions"]
+        assert all(0 not in p["labels"] for p in labels)
+        return labels
+
+    # imprinted from these examples (training, which never sees the label on a point, may push it down later)
+    assert any(num_labels in p["labels"] for p in check())
+    # the trainer resumes from the delta version and writes full versions; killed -9 and resumed, it keeps both
+    for kill in (True, False):
+        newest = store.latest()[0]
+        assert client.post(f"/v1/jobs/{job_id}/resume").status_code == 202
+        wait_for(
+            lambda after=newest: (
+                (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j["model_version"] > after
+            ),
+            timeout=120,
+            what="a snapshot of the resumed trainer",
+            diagnose=diagnose,
+        )
+        assert "delta" not in read_manifest(store.latest()[1])
+        check()
+        if kill:
+            os.kill(client.app.state.services.jobs.get(job_id).pid, signal.SIGKILL)
+            wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "failed", what="failed")
+    client.post(f"/v1/jobs/{job_id}/stop")
+    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "stopped", what="stopped")
+
+
 def test_init_from_fine_tunes_on_a_dataset_with_new_labels(client, settings):
     train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
     source = finished_job(client, settings, train["id"])

@@ -369,6 +369,29 @@ def test_deltas_are_compacted_and_their_chain_is_kept_until_then(data, trained, 
         _same_model(load_model(store.path(edit.version), verify=True), twin)
 
 
+def test_a_pinned_delta_version_keeps_its_chain(data, trained, tmp_path, monkeypatch):
+    import shutil
+
+    from engine import delta
+
+    monkeypatch.setattr(delta, "MAX_DEPTH", 2)
+    train, _ = data
+    src, keep = trained
+    store = SnapshotStore(tmp_path / "copy", keep=1)
+    shutil.copytree(src.root, store.root)
+    base = store.latest()[0]
+    pinned = lab.edit_snapshot(store, add=[("a", _examples(train, keep))]).version
+    store.pin("alias", pinned)
+    for i in range(1, 4):  # a delta on the pinned one, a compaction, a delta on that
+        lab.edit_snapshot(store, add=[(f"n{i}", _examples(train, keep + i))])
+    # the newest and its full version; the pinned delta and the full version it applies to
+    assert store.versions() == [base, pinned, pinned + 2, pinned + 3]
+    assert load_model(store.path(pinned), verify=True).label_names[keep] == "a"
+    store.unpin("alias")
+    lab.edit_snapshot(store, retire=[0])
+    assert store.versions() == [pinned + 2, pinned + 3, pinned + 4]
+
+
 def test_warm_start_estimate_counts_the_grown_shape_and_the_copies(data, trained):
     from engine.memory import estimate_for
     from engine.warmstart import estimate_warm_start, warm_start_shape

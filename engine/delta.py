@@ -1,7 +1,7 @@
 """Label edits stored as deltas: a version that holds only what an edit changed, on top of the version before it.
 
 Adding or retiring labels changes a few rows of the output layer, a few entries of its hash tables and the names.
-A full version rewrites the output layer and its tables (about 290 MB at 670k labels); a delta version stores
+A full version rewrites the output layer and its tables, as large as the model; a delta version stores
 
 - `delta_rows`: the new output rows, in the layer's storage dtype (their ids follow the parent's labels);
 - `delta_codes` int32 (L, m): their bucket in each of the output layer's tables (L = 0 for a layer without tables);

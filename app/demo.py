@@ -103,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
             json={
                 "train_dataset_id": ids["train"],
                 "eval_dataset_id": ids["test"],
-                "config": {"epochs": args.epochs, "seed": args.seed},
+                "config": {"schedule": {"epochs": args.epochs}, "seed": args.seed},
             },
         ),
         "starting the job",

@@ -222,8 +222,10 @@ def _did_you_mean(request: Request, loc: list[Any]) -> str | None:
     fields = getattr(model, "model_fields", None)
     if not fields:
         return None
-    close = difflib.get_close_matches(loc[-1], list(fields), n=1, cutoff=0.6)
-    return close[0] if close else None
+    # a model may also know former names of its fields, by the path they have now (the job config's flat names)
+    names = {**{name: name for name in fields}, **getattr(model, "FORMER_NAMES", {})}
+    close = difflib.get_close_matches(loc[-1], list(names), n=1, cutoff=0.6)
+    return names[close[0]] if close else None
 
 
 def _model_in(annotation: Any) -> Any:

@@ -160,11 +160,11 @@ PROBLEM_EXAMPLES: dict[tuple[str, str, int], dict[str, Any]] = {
         422,
         "validation-error",
         "Request validation failed",
-        "body.config.epochz: Extra inputs are not permitted; did you mean 'epochs'?",
-        field="body.config.epochz",
+        "body.config.schedule.epochz: Extra inputs are not permitted; did you mean 'epochs'?",
+        field="body.config.schedule.epochz",
         errors=[
             {
-                "loc": ["body", "config", "epochz"],
+                "loc": ["body", "config", "schedule", "epochz"],
                 "msg": "Extra inputs are not permitted; did you mean 'epochs'?",
                 "type": "extra_forbidden",
             }

@@ -1,8 +1,8 @@
 """Request/response schemas (pydantic), kept apart from the DB rows and engine objects.
 
-The job `config` schema is generated from `engine.SlideConfig`: same fields, same defaults, same descriptions, so
-the two cannot drift apart. Range checks stay in the engine (`SlideConfig.from_dict`), whose `ConfigError.field`
-becomes the `field` of the 422 problem.
+The job `config` schema is generated from `engine.SlideConfig`: one object per settings group, same fields, same
+defaults, same descriptions, so the two cannot drift apart. Range checks stay in the engine
+(`SlideConfig.from_dict`), whose `ConfigError.field` becomes the `field` of the 422 problem.
 
 Request bodies are strict: JSON types as the schema states them (`true` is not an integer, `"5"` is not a number),
 so what the OpenAPI document promises to refuse is refused.
@@ -20,12 +20,30 @@ import typing
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PlainValidator, WithJsonSchema, create_model, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    WithJsonSchema,
+    create_model,
+    model_validator,
+)
 
 from app.db import METRIC_FIELDS
 from app.domain import JobState
 from engine import SlideConfig
-from engine.config import BOUNDS, LEGACY, MAX_HIDDEN_LAYERS, Bounds, ConfigError, check_setting
+from engine.config import (
+    BOUNDS,
+    FLAT_NAMES,
+    GROUPS,
+    LEGACY,
+    MAX_HIDDEN_LAYERS,
+    Bounds,
+    ConfigError,
+    check_setting,
+)
 from engine.progress import TrainingMetrics
 
 EXAMPLE_ID = "3f2c9a7e5b1d4c8e9f0a1b2c3d4e5f60"
@@ -44,7 +62,7 @@ class Problem(BaseModel):
     detail: str = Field(examples=["line 7: expected 'feature:value', got '12-0.5'"])
     instance: str | None = Field(None, examples=["/v1/datasets"])
     field: str | None = Field(
-        None, description="Dotted path of the first value at fault.", examples=["body.config.hash_l"]
+        None, description="Dotted path of the first value at fault.", examples=["body.config.sampling.hash_l"]
     )
     line: int | None = Field(
         None, description="Dataset uploads and malformed JSON: 1-based line at fault (a dataset's header is line 1)."
@@ -120,14 +138,20 @@ def _attribute_docstrings(cls: type) -> dict[str, str]:
     return docs
 
 
-def _config_model() -> type[BaseModel]:
-    hints = typing.get_type_hints(SlideConfig)
-    docs = _attribute_docstrings(SlideConfig)
+def _group_model(name: str, cls: type) -> type[BaseModel]:
+    """The schema of one settings group (or, with name "", of SlideConfig's run-level settings): the dataclass's
+    fields, defaults and attribute docstrings, with the ranges of engine.config.BOUNDS."""
+    hints = typing.get_type_hints(cls)
+    docs = _attribute_docstrings(cls)
     defaults = SlideConfig().to_dict()
+    defaults = defaults[name] if name else defaults
     fields: dict[str, Any] = {}
-    for f in dataclasses.fields(SlideConfig):
+    for f in dataclasses.fields(cls):
+        if f.name in GROUPS and not name:
+            continue
+        path = f"{name}.{f.name}" if name else f.name
         tp = hints.get(f.name, Any)
-        bounds = BOUNDS.get(f.name)
+        bounds = BOUNDS.get(path)
         limits: dict[str, Any] = _limits(bounds) if bounds is not None else {}
         arrays = [a for a in (tp, *typing.get_args(tp)) if typing.get_origin(a) is tuple]
         if arrays:  # JSON has arrays, not tuples; the bounds are the items'; null = auto where the field allows it
@@ -139,20 +163,75 @@ def _config_model() -> type[BaseModel]:
             tp = items | None if type(None) in typing.get_args(tp) else items
             limits = {}
         elif bounds is not None and tp not in (int, float):  # a number, or null (auto) and/or a word
-            tp, limits = _setting_type(f.name, tp, limits, defaults[f.name]), {}
+            tp, limits = _setting_type(path, tp, limits, defaults[f.name]), {}
         description = docs.get(f.name)
         if bounds is not None:
             description = f"{description or ''}\n\nRange: {bounds}.".strip()
-        if f.name in LEGACY:
-            old = ", ".join(f"{n} (= {json.dumps(v)})" for n, v in LEGACY[f.name].items())
+        if path in LEGACY:
+            old = ", ".join(f"{n} (= {json.dumps(v)})" for n, v in LEGACY[path].items())
             description = f"{description or ''}\n\nDeprecated, still accepted for one release: {old}."
         # pydantic copies list defaults
         fields[f.name] = (tp, Field(defaults[f.name], description=description, **limits))
     return create_model(
-        "SlideConfig",
+        cls.__name__,
         __config__=ConfigDict(
-            extra="forbid", strict=True, json_schema_extra={"description": inspect.cleandoc(SlideConfig.__doc__ or "")}
+            extra="forbid", strict=True, json_schema_extra={"description": inspect.cleandoc(cls.__doc__ or "")}
         ),
+        **fields,
+    )
+
+
+class _FlatNames(BaseModel):
+    """Reads the flat setting names of the previous release (engine.config.FLAT_NAMES) as their paths, and keeps a
+    deprecation note per name it moved in `flat_name_notes()`."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+    FORMER_NAMES: typing.ClassVar[dict[str, str]] = FLAT_NAMES
+    """Read by the 422 handler: an unknown name close to a former one is pointed to its path."""
+
+    _flat_notes: list[str] = PrivateAttr(default_factory=list)
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _nest_flat_names(cls, data: Any, handler: Any) -> Any:
+        notes: list[str] = []
+        if isinstance(data, dict) and any(k in FLAT_NAMES and k not in GROUPS for k in data):
+            data = dict(data)
+            for name, path in FLAT_NAMES.items():
+                if name not in data or name in GROUPS:
+                    continue
+                group, leaf = path.split(".")
+                sub = data.get(group, {})
+                if not isinstance(sub, dict):
+                    continue  # the group's own validation names it
+                if leaf in sub:
+                    raise ValueError(f"{path} is given twice, as {path} and by its former name {name}")
+                data[group] = {**sub, leaf: data.pop(name)}
+                notes.append(f"{name} is deprecated and will be refused in a later release; use {path}")
+        model = handler(data)
+        model._flat_notes = notes
+        return model
+
+    def flat_name_notes(self) -> list[str]:
+        return list(self._flat_notes)
+
+
+def _config_model() -> type[BaseModel]:
+    """The job `config` schema: one object per settings group (engine.config.GROUPS), then the run-level
+    settings; the flat names of the previous release are read too (`_FlatNames`)."""
+    run = _group_model("", SlideConfig)
+    docs = _attribute_docstrings(SlideConfig)
+    fields: dict[str, Any] = {}
+    for name, cls in GROUPS.items():
+        group = _group_model(name, cls)
+        fields[name] = (group, Field(default_factory=group, description=docs.get(name)))
+    fields.update({k: (f.annotation, f) for k, f in run.model_fields.items()})
+    return create_model(
+        "SlideConfig",
+        __base__=_FlatNames,
+        __doc__=inspect.cleandoc(SlideConfig.__doc__ or "")
+        + "\n\nThe flat names of the previous release (`hash_l` for `sampling.hash_l`, `predict_hubs` for "
+        "`predict.hubs`) are still read for one release; the answer's `deprecations` lists each one given.",
         **fields,
     )
 
@@ -201,21 +280,19 @@ def _limits(bounds: Bounds) -> dict[str, float]:
     }
 
 
-if typing.TYPE_CHECKING:  # built at import time from SlideConfig's fields; a BaseModel to the type checker
-    SlideConfigModel = BaseModel
+if typing.TYPE_CHECKING:  # built at import time from SlideConfig's groups; its base to the type checker
+    SlideConfigModel = _FlatNames
 else:
     SlideConfigModel = _config_model()
 
 # --------------------------------------------------------------------------------------------------- jobs
 
 JOB_CONFIG_EXAMPLE = {
-    "hidden": [256],
-    "hash_family": "dwta",
-    "hash_k": 6,
-    "hash_l": 50,
-    "batch_size": 128,
-    "lr": 0.003,
-    "epochs": 5,
+    "model": {"hidden": [256]},
+    "sampling": {"hash_family": "dwta", "hash_k": 6, "hash_l": 50},
+    "optimizer": {"batch_size": 128, "lr": 0.003},
+    "schedule": {"epochs": 5},
+    "predict": {"hubs": "none"},
     "seed": 0,
 }
 
@@ -326,9 +403,14 @@ class JobPublic(BaseModel):
     )
     deprecations: list[str] = Field(
         default_factory=list,
-        description="In the answer to POST /v1/jobs: each config value the request gave in a deprecated form, and "
-        "what to send instead (the job runs with what it means).",
-        examples=[['hard_negatives: -1 is deprecated and will be refused in a later release; use "all"']],
+        description="In the answer to POST /v1/jobs: each config setting the request gave by its former flat name, "
+        "and each value it gave in a deprecated form, with what to send instead (the job runs with what it means).",
+        examples=[
+            [
+                "hard_negatives is deprecated and will be refused in a later release; use sampling.hard_negatives",
+                'sampling.hard_negatives: -1 is deprecated and will be refused in a later release; use "all"',
+            ]
+        ],
     )
     runs: int = Field(description="Trainer processes this job has had (1 + resumes).")
     interruptions: int = Field(description="Times the service went down while this job was training.")

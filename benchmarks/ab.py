@@ -67,14 +67,17 @@ def main() -> int:
     commits = {"base": extract(args.base, "engine_base", tmp), "new": extract(args.new, "engine_new", tmp)}
     trainers = {}
     for side, package in (("base", "engine_base"), ("new", "engine_new")):
-        config = importlib.import_module(f"{package}.config").SlideConfig(
-            epochs=1000, threads=args.threads, seed=args.seed, sample_output=True, **json.loads(args.config)
+        # flat names: a commit from before the settings groups reads only those, a later one reads them too
+        config = importlib.import_module(f"{package}.config").SlideConfig.from_dict(
+            {"epochs": 1000, "threads": args.threads, "seed": args.seed, "sample_output": True}
+            | json.loads(args.config)
         )
         importlib.import_module(f"{package}._numba").set_threads(args.threads)
         train = importlib.import_module(f"{package}.sparse").load_dataset(data / "train")
         trainers[side] = importlib.import_module(f"{package}.trainer").Trainer(config, train)
     order = trainers["base"].epoch_order(0)
-    b = trainers["base"].config.batch_size
+    base = trainers["base"].config
+    b = base.optimizer.batch_size if hasattr(base, "optimizer") else base.batch_size
     spent = dict.fromkeys(trainers, 0.0)
     for step in range(WARMUP + args.steps):
         batch = order[step * b : (step + 1) * b]

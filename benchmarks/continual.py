@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from engine import Dataset, SlideConfig, SnapshotStore, Trainer, load_model  # noqa: E402
+from engine import Dataset, ScheduleConfig, SlideConfig, SnapshotStore, Trainer, load_model  # noqa: E402
 from engine.labels import edit_snapshot, without_labels  # noqa: E402
 from engine.metrics import precision_at_k  # noqa: E402
 
@@ -115,7 +115,7 @@ def wordnet_part(args) -> dict:
     old_train = with_num_labels(without_labels(full_train, drop), n_old)
     print(f"{args.set}: {n_new} of {train_set.num_labels} labels held out", file=sys.stderr, flush=True)
 
-    config = SlideConfig(epochs=args.epochs, threads=args.threads, seed=args.seed)
+    config = SlideConfig(schedule=ScheduleConfig(epochs=args.epochs), threads=args.threads, seed=args.seed)
     if args.reuse:  # the models of an earlier run (same set, seed and config): only adding and fine-tuning again
         work = Path(args.reuse)
         store = SnapshotStore(work / "old")
@@ -170,7 +170,9 @@ def wordnet_part(args) -> dict:
 
     if args.skip_finetune:
         return result
-    ft_trainer, ft_s = train(config.replace(epochs=1), full_train, work / "finetune", init_from=store)
+    ft_trainer, ft_s = train(
+        config.replace(schedule=config.schedule.replace(epochs=1)), full_train, work / "finetune", init_from=store
+    )
     for mode in ("auto", "exact"):
         p_ft = precision_at_k(ft_trainer.model.predict(*x, k=1, mode=mode)[0], test.y_indptr, test.y_indices, 1)
         p_full = result[mode]["p1_full_all"]
@@ -221,7 +223,7 @@ def latency_part(args) -> dict:
     if args.latency_model:
         shutil.copytree(args.latency_model, store.root)
     else:
-        config = SlideConfig(threads=args.threads, seed=args.seed, val_points="none")
+        config = SlideConfig(schedule=ScheduleConfig(val_points="none"), threads=args.threads, seed=args.seed)
         trainer = Trainer(config, train_set, None, store)
         trainer.run(time_budget_s=args.latency_train_s, snapshot_every_s=1e9)
         del trainer

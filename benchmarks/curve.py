@@ -5,7 +5,7 @@ their P@1 at equal steps even on a busy machine; the per-phase timings are only 
 machine. Most of BENCHMARKS.md's "Why the defaults" and "Tried and rejected" measurements come from it.
 
     python benchmarks/curve.py --preset amazon670k --steps 3000 --evals 4
-    python benchmarks/curve.py --preset delicious200k --steps 4000 --config '{"hard_negatives": "all"}'
+    python benchmarks/curve.py --preset delicious200k --steps 4000 --config '{"sampling": {"hard_negatives": "all"}}'
 """
 
 from __future__ import annotations
@@ -50,11 +50,15 @@ def main() -> int:
 
     from engine import SlideConfig, Trainer, load_dataset
     from engine._numba import set_threads
+    from engine.config import merge_settings
 
     data = Path(prepare(args)["dir"])
     train, test = load_dataset(data / "train"), load_dataset(data / "test")
-    config = SlideConfig(
-        epochs=1000, threads=args.threads, seed=args.seed, eval_points=args.eval_points, **json.loads(args.config)
+    config = SlideConfig.from_dict(
+        merge_settings(
+            {"schedule": {"epochs": 1000, "eval_points": args.eval_points}, "threads": args.threads, "seed": args.seed},
+            json.loads(args.config),
+        )
     )
     set_threads(config.threads)
     trainer = Trainer(config, train, test)
@@ -74,7 +78,7 @@ def main() -> int:
         setattr(trainer_module, name, timed(name, getattr(trainer_module, name)))
     trainer.rehash = timed("rehash", trainer.rehash)
 
-    b = config.batch_size
+    b = config.optimizer.batch_size
     per_epoch = -(-train.num_points // b)
     every = max(1, args.steps // max(1, args.evals))
     trained = 0.0

@@ -42,7 +42,7 @@ def measure(cfg, train, shards: int, steps: int, warmup: int) -> dict:
     start_s = time.perf_counter() - t0
     try:
         order = trainer.epoch_order(0)
-        b = cfg.batch_size
+        b = cfg.optimizer.batch_size
 
         def run(first: int, count: int) -> float:
             t = time.perf_counter()
@@ -86,7 +86,7 @@ def single_process(cfg, train, steps: int, warmup: int) -> dict:
 
     trainer = Trainer(cfg, train)
     order = trainer.epoch_order(0)
-    b = cfg.batch_size
+    b = cfg.optimizer.batch_size
     for s in range(warmup):
         trainer.train_step(order[s * b : (s + 1) * b])
     t = time.perf_counter()
@@ -154,10 +154,12 @@ def project(model: dict, labels_measured: int, rows: list[dict], args) -> list[d
 
 
 def shard_memory(labels: int, shards: int, args) -> float:
-    from engine import SlideConfig
+    from engine import ModelConfig, OptimizerConfig, SlideConfig
     from engine.memory import estimate_memory
 
-    cfg = SlideConfig(batch_size=args.batch, threads=16, sample_output=True)
+    cfg = SlideConfig(
+        model=ModelConfig(sample_output=True), optimizer=OptimizerConfig(batch_size=args.batch), threads=16
+    )
     return estimate_memory(cfg, 1000, 135_909, -(-labels // shards), nnz=75_000, label_entries=5_400).trainer
 
 
@@ -176,19 +178,24 @@ def main() -> int:
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     sys.path.insert(0, str(ROOT))
-    from engine import SlideConfig, generate, load_dataset, save_dataset
+    from engine import ModelConfig, OptimizerConfig, ScheduleConfig, SlideConfig, generate, load_dataset, save_dataset
     from engine._numba import set_threads
 
     shard_counts = [int(s) for s in args.shards.split(",")]
     train, _ = generate("amazon670k", num_train=args.points, num_test=10, num_labels=args.labels)
     with tempfile.TemporaryDirectory() as tmp:
         train = load_dataset(save_dataset(train, Path(tmp) / "train"))  # the shards open it from its directory
-        cfg = SlideConfig(batch_size=args.batch, threads=1, sample_output=True, val_points="none")
+        cfg = SlideConfig(
+            model=ModelConfig(sample_output=True),
+            optimizer=OptimizerConfig(batch_size=args.batch),
+            schedule=ScheduleConfig(val_points="none"),
+            threads=1,
+        )
         set_threads(1)
         single = single_process(cfg, train, args.steps, args.warmup)
         rows = [measure(cfg, train, p, args.steps, args.warmup) for p in shard_counts]
         rehash = rehash_ms(cfg, train)
-    model = fit(rows, rehash, cfg.rehash_max_interval)
+    model = fit(rows, rehash, cfg.sampling.rehash_max_interval)
     print(f"amazon670k shape: {args.labels:,} labels, {args.points:,} points, batch {args.batch}, one thread per shard")
     print(f"single-process Trainer: {single['samples_per_s']:.0f} samples/s ({single['step_ms']:.1f} ms/step)\n")
     print(
@@ -202,7 +209,7 @@ def main() -> int:
             f"{r['shard_compute_ms']:.1f} | {r['round_trip_ms']:.2f} | {m:.1f} | {m / r['step_ms']:.2f} |"
         )
     print(
-        f"\nrehash of all {args.labels:,} rows: {rehash:.0f} ms, every {cfg.rehash_max_interval} steps: "
+        f"\nrehash of all {args.labels:,} rows: {rehash:.0f} ms, every {cfg.sampling.rehash_max_interval} steps: "
         f"R = {model['R_ms']:.1f} ms/step; A = {model['A_ms']:.1f} ms/step"
     )
     for r in rows:

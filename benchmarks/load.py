@@ -62,6 +62,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from machine import cpu_name  # noqa: E402
 
+from engine.config import merge_settings  # noqa: E402
+
 LOCAL_HOSTS = {"127.0.0.1", "localhost"}
 SNAPSHOT_MAP = re.compile(r"/snapshots/(v\d+)/\S+\.npy( \(deleted\))?$")
 MB = 1024 * 1024
@@ -580,10 +582,13 @@ class Run:
     def start_job(self, dataset_id: str) -> None:
         a = self.args
         # Early stopping (on by default) would end the job within the phases: it trains until stopped.
-        config = {"epochs": 1_000_000, "early_stop_patience": 0, "eval_every": a.eval_every, "seed": a.seed}
+        config: dict[str, Any] = {
+            "schedule": {"epochs": 1_000_000, "early_stop_patience": "never", "eval_every": a.eval_every},
+            "seed": a.seed,
+        }
         if a.trainer_threads:
             config["threads"] = a.trainer_threads
-        config.update(json.loads(a.job_config) if a.job_config else {})
+        config = merge_settings(config, json.loads(a.job_config) if a.job_config else {})
         self.job_config = config
         job = self.service.call(
             "POST", "/v1/jobs", "start job", json={"train_dataset_id": dataset_id, "config": config}

@@ -21,13 +21,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 SHAPES = [
-    ("tiny: 2,000 points, 500 labels", "tiny", {}, {"hidden": [128]}),
+    ("tiny: 2,000 points, 500 labels", "tiny", {}, {"model": {"hidden": [128]}}),
     ("100k labels, 20k features", "small", {"num_train": 20_000, "num_test": 2_000, "num_labels": 100_000}, {}),
     (
         "100k labels, hidden 256, float32",
         "small",
         {"num_train": 20_000, "num_test": 2_000, "num_labels": 100_000},
-        {"hidden": [256], "weight_dtype": "float32", "moment_dtype": "float32"},
+        {"model": {"hidden": [256], "weight_dtype": "float32"}, "optimizer": {"moment_dtype": "float32"}},
     ),
     ("amazon670k shape, 20k points", "amazon670k", {"num_train": 20_000, "num_test": 2_000}, {}),
 ]
@@ -72,11 +72,8 @@ def main() -> int:
                     "train": str(d / "train"),
                     "test": str(d / "test"),
                     "store": str(d / attempt),
-                    "config": {
-                        **config,
-                        "epochs": 1,
-                        "eval_every": max(1, args.steps // 2),
-                    },  # validations keep a best copy
+                    # validations keep a best copy
+                    "config": {**config, "schedule": {"epochs": 1, "eval_every": max(1, args.steps // 2)}},
                     "steps": 2 if attempt == "compile" else args.steps,
                 }
                 out = subprocess.run(

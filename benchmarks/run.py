@@ -88,15 +88,14 @@ class RssSampler:
 
 
 def engine_config(args, dense: bool):
-    from engine import SlideConfig
+    from engine import ModelConfig, OptimizerConfig, ScheduleConfig, SlideConfig
 
     return SlideConfig(
-        epochs=1000,
+        model=ModelConfig(sample_output=not dense),
+        optimizer=OptimizerConfig(batch_size=args.batch_size),
+        schedule=ScheduleConfig(epochs=1000, eval_points=args.eval_points),
         threads=args.threads,
         seed=args.seed,
-        eval_points=args.eval_points,
-        sample_output=not dense,
-        batch_size=args.batch_size,
     )
 
 
@@ -165,7 +164,7 @@ def compile_kernels(config) -> None:
         small, _ = generate("tiny", seed=1)
         save_dataset(small, Path(tmp) / "tiny")
         small = load_dataset(Path(tmp) / "tiny")
-        warm = Trainer(config.replace(epochs=1), small, small)
+        warm = Trainer(config.replace(schedule=config.schedule.replace(epochs=1)), small, small)
         warm.train_step(np.arange(64))
         warm.evaluate()
         one = small.row_slice(0, 1)
@@ -272,7 +271,7 @@ def worker_torch(args) -> dict:
         test,
         hidden=128,
         batch_size=args.batch_size,
-        lr=SlideConfig().lr,
+        lr=SlideConfig().optimizer.lr,
         epochs=1000,
         time_budget_s=args.budget,
         threads=args.threads,

@@ -2,7 +2,8 @@
 
 Public API (numpy + numba only; knows nothing of HTTP):
 
-    from engine import SlideConfig, Dataset, read_xmc, write_xmc, XMCStreamParser, XMCParseError
+    from engine import SlideConfig, ModelConfig, SamplingConfig, OptimizerConfig, ScheduleConfig, PredictConfig
+    from engine import Dataset, read_xmc, write_xmc, XMCStreamParser, XMCParseError
     from engine import save_dataset, load_dataset, Trainer, SlideModel, SnapshotStore, load_model
     from engine import precision_at_k, ndcg_at_k, psp_at_k, evaluate
 """
@@ -15,6 +16,11 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "SlideConfig": "engine.config",
+    "ModelConfig": "engine.config",
+    "SamplingConfig": "engine.config",
+    "OptimizerConfig": "engine.config",
+    "ScheduleConfig": "engine.config",
+    "PredictConfig": "engine.config",
     "ConfigError": "engine.config",
     "Dataset": "engine.sparse",
     "save_dataset": "engine.sparse",

@@ -21,30 +21,47 @@ import time
 import tomllib
 import typing
 from pathlib import Path
+from typing import Any
 
-from .config import ConfigError, SlideConfig, upgrade_settings
+from .config import FLAT_NAMES, GROUPS, RUN_SETTINGS, ConfigError, SlideConfig, upgrade_settings
+
+
+def _setting_fields() -> list[tuple[str, str, Any, Any]]:
+    """(flag name, path, type, default) of every setting: a group's settings take their flat name as flag
+    (`--hash-l` sets sampling.hash_l, `--predict-hubs` sets predict.hubs), so the flags read as before."""
+    out = []
+    for flat, path in FLAT_NAMES.items():
+        group, name = path.split(".")
+        cls = GROUPS[group]
+        f = next(f for f in dataclasses.fields(cls) if f.name == name)  # type: ignore[arg-type]
+        out.append((flat, path, typing.get_type_hints(cls)[name], f.default))
+    hints = typing.get_type_hints(SlideConfig)
+    fields = {f.name: f for f in dataclasses.fields(SlideConfig)}
+    out += [(name, name, hints[name], fields[name].default) for name in RUN_SETTINGS]
+    return out
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--field value` flag per SlideConfig field (help text from the field's docstring default)."""
-    hints = typing.get_type_hints(SlideConfig)
+    """One `--field value` flag per setting (help text from the field's default)."""
     group = parser.add_argument_group("model and training settings (override --config)")
-    for f in dataclasses.fields(SlideConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        if f.name == "hidden":
+    for name, path, kind, default in _setting_fields():
+        flag = "--" + name.replace("_", "-")
+        if path == "model.hidden":
             group.add_argument(
                 flag,
+                dest=name,
                 type=lambda s: tuple(int(x) for x in s.split(",")),
                 default=None,
                 help="comma-separated hidden widths (default auto: 512 when the output layer is sampled and has at "
                 "most 100,000 labels, else 128)",
             )
         elif kind in (bool, bool | None):
-            default = "auto" if f.default is None else f.default
-            group.add_argument(flag, type=_parse_bool, default=None, metavar="true|false", help=f"default {default}")
+            shown = "auto" if default is None else default
+            group.add_argument(
+                flag, dest=name, type=_parse_bool, default=None, metavar="true|false", help=f"default {shown}"
+            )
         elif kind in (int, float):
-            group.add_argument(flag, type=kind, default=None, help=f"default {f.default}")
+            group.add_argument(flag, dest=name, type=kind, default=None, help=f"default {default}")
         elif int in typing.get_args(kind):  # a number, auto (None) and/or a word
             words = [
                 w for a in typing.get_args(kind) if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)
@@ -52,14 +69,15 @@ def _config_flags(parser: argparse.ArgumentParser) -> None:
             metavar = "|".join(["N", *(["auto"] if type(None) in typing.get_args(kind) else []), *words])
             group.add_argument(
                 flag,
+                dest=name,
                 type=_setting_value,
                 default=None,
                 metavar=metavar,
-                help=f"default {'auto' if f.default is None else f.default}",
+                help=f"default {'auto' if default is None else default}",
             )
         else:
             choices = list(typing.get_args(kind)) or None
-            group.add_argument(flag, choices=choices, default=None, help=f"default {f.default}")
+            group.add_argument(flag, dest=name, choices=choices, default=None, help=f"default {default}")
 
 
 def _setting_value(s: str) -> int | str:
@@ -79,18 +97,28 @@ def _parse_bool(s: str) -> bool:
 
 
 def build_config(args: argparse.Namespace) -> SlideConfig:
+    """The config of `slide train`: the --config TOML file (one table per group, `[model]`, `[sampling]`, ...;
+    run-level `threads` and `seed` at the top), then the flags over it."""
     values: dict = {}
     if args.config:
         with open(args.config, "rb") as fh:
             values.update(tomllib.load(fh))
-    for f in dataclasses.fields(SlideConfig):
-        v = getattr(args, f.name, None)
-        if v is not None:
-            values[f.name] = v
+    values, notes = upgrade_settings(values)
+    for note in notes:
+        print(f"slide: {args.config}: {note}", file=sys.stderr)
+    flags = {
+        path: getattr(args, name) for name, path, _, _ in _setting_fields() if getattr(args, name, None) is not None
+    }
     if args.dense:
-        values["sample_output"] = False
-        values["sample_hidden"] = False
-    for note in upgrade_settings(values)[1]:
+        flags.update({"model.sample_output": False, "model.sample_hidden": False})
+    for path, value in flags.items():
+        group, _, name = path.rpartition(".")
+        holder = values.setdefault(group, {}) if group else values
+        if not isinstance(holder, dict):
+            raise ConfigError(group, f"must be a table of {group} settings")
+        holder[name] = value
+    values, notes = upgrade_settings(values)
+    for note in notes:
         print(f"slide: {note}", file=sys.stderr)
     return SlideConfig.from_dict(values)
 
@@ -238,10 +266,10 @@ def _train(args, trainer, store, estimate) -> int:
         }
     )
     per_epoch = resolved["train_points"]
-    total = trainer.config.epochs * per_epoch
+    total = trainer.config.schedule.epochs * per_epoch
     with tqdm(
         total=total,
-        initial=min(total, trainer.epoch * per_epoch + trainer.batch_in_epoch * trainer.config.batch_size),
+        initial=min(total, trainer.epoch * per_epoch + trainer.batch_in_epoch * trainer.config.optimizer.batch_size),
         unit="pt",
         file=sys.stderr,
         disable=args.quiet,

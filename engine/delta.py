@@ -143,7 +143,7 @@ def apply_arrays(arrays: dict, delta: Delta, config: SlideConfig, grow: Callable
     if slot >= 0:
         tb = Tables(*(_table(arrays, slot, name) for name in Tables._fields))
         if m:
-            tb = insert_rows(tb, np.asarray(delta.codes, np.int32), first, config.bucket_size)
+            tb = insert_rows(tb, np.asarray(delta.codes, np.int32), first, config.sampling.bucket_size)
             hubs = tb.serve_hubs if tb.serve_hubs.size else tb.hubs
             tb = tb._replace(serve_hubs=np.concatenate([hubs, np.arange(first, total, dtype=np.int32)]))
         if delta.retired.size:

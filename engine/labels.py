@@ -78,7 +78,7 @@ def hidden_activations(model: SlideModel, indptr, indices, values) -> np.ndarray
     from .network import check_csr
 
     indptr, indices, values = check_csr(indptr, indices, values, model.num_features)
-    if model.config.normalize_input:
+    if model.config.model.normalize_input:
         values = unit_rows(indptr, values)
     n = indptr.shape[0] - 1
     w0 = model.weights[0]
@@ -254,7 +254,7 @@ def _match_access(model: SlideModel) -> None:
 def pin_structure(model: SlideModel) -> None:
     """Make the config state the sampled layers as they are, so a model that grows past the auto rule's
     width (sample_output None) keeps its structure, in memory and when read back from a snapshot."""
-    model.config = model.config.replace(sample_output=bool(model.layer_slot[-1] >= 0))
+    model.config = model.config.replace(model=model.config.model.replace(sample_output=bool(model.layer_slot[-1] >= 0)))
 
 
 def append_output_rows(model: SlideModel, rows: np.ndarray) -> np.ndarray:
@@ -273,7 +273,7 @@ def append_output_rows(model: SlideModel, rows: np.ndarray) -> np.ndarray:
         hf, tb = model.hashes[slot], model.tables[slot]
         new_ids = np.arange(first, first + m, dtype=np.int64)
         codes = lsh.hash_matrix(new_w, hf, new_ids, center=tb.center)
-        grown = insert_rows(tb, codes, first, model.config.bucket_size)
+        grown = insert_rows(tb, codes, first, model.config.sampling.bucket_size)
         # served to every query until the layer is rehashed: a row imprinted from a few examples hashes like their
         # mean, not like every query that should find it; a layer without serving hubs of its own serves its hubs
         base = grown.serve_hubs if grown.serve_hubs.size else grown.hubs
@@ -442,7 +442,7 @@ def grow_features(model: SlideModel, num_features: int, rng: np.random.Generator
     if extra == 0:
         return
     w0 = model.weights[0]
-    block = rng.standard_normal((extra, w0.shape[1]), dtype=np.float32) * np.float32(model.config.init_std)
+    block = rng.standard_normal((extra, w0.shape[1]), dtype=np.float32) * np.float32(model.config.model.init_std)
     model.weights = (np.concatenate([w0, _storage(block, w0.dtype)]), *model.weights[1:])
     model.num_features = int(num_features)
     _match_access(model)
@@ -561,7 +561,8 @@ def edit_snapshot(
         if not added.size and not retired.size:
             return SnapshotEdit(added, retired, None)
         edit = deltas.Delta(first, rows, codes, retired, names)
-        config = model.config.replace(sample_output=slot >= 0)  # the structure as it is (pin_structure)
+        # the structure as it is (pin_structure)
+        config = model.config.replace(model=model.config.model.replace(sample_output=slot >= 0))
         state = {k: v for k, v in manifest.get("trainer_state", {}).items() if k != "training_arrays"}
         meta = {
             k: v

@@ -85,11 +85,11 @@ def resolve_max_active(config: SlideConfig, n_neurons: int, predict: bool = Fals
     """The cap on retrieved neurons per input for a layer in training or prediction (0 = no cap).
     Serving with predict_max_active None (auto) uses the training cap when the layer has serving hubs
     to cover what the cap leaves out, and no cap otherwise."""
-    if predict and config.predict_max_active is not None:
-        return 0 if config.predict_max_active == "none" else int(config.predict_max_active)
+    if predict and config.predict.max_active is not None:
+        return 0 if config.predict.max_active == "none" else int(config.predict.max_active)
     if predict and resolve_serve_hubs(config, n_neurons) == 0:
         return 0
-    cap = config.max_active
+    cap = config.sampling.max_active
     if cap == "none":
         return 0
     return target_active(n_neurons) if cap is None else int(cap)
@@ -107,69 +107,71 @@ def _wide_layer_setting(value: int | str | None, n_neurons: int, auto: int) -> i
 
 
 def resolve_hubs(config: SlideConfig, n_neurons: int) -> int:
-    """How many hub neurons a sampled layer adds to every active set: config.hub_neurons, or (auto) a
+    """How many hub neurons a sampled layer adds to every active set: config.sampling.hub_neurons, or (auto) a
     quarter of the target active size (at most 256) once the layer is too wide for the target to be 5%
     of it (> 20,000 neurons); small layers spend their few active slots on retrieved neurons instead."""
-    return _wide_layer_setting(config.hub_neurons, n_neurons, min(256, target_active(n_neurons) // 4))
+    return _wide_layer_setting(config.sampling.hub_neurons, n_neurons, min(256, target_active(n_neurons) // 4))
 
 
 def resolve_hard_negatives(config: SlideConfig, n_neurons: int) -> int:
     """How many non-label neurons of an output active set get a gradient per point (0 = all, "all"):
-    config.hard_negatives, or (auto) a quarter of the target active size (as many as the auto hubs)
+    config.sampling.hard_negatives, or (auto) a quarter of the target active size (as many as the auto hubs)
     once the layer is too wide for the target to be 5% of it (> 20,000 neurons). With the random
     negatives pushing down what the tables miss, a cut this tight learns almost as much per step as
     half the target while the optimizer steps on far fewer rows (see BENCHMARKS.md)."""
-    return _wide_layer_setting(config.hard_negatives, n_neurons, target_active(n_neurons) // 4)
+    return _wide_layer_setting(config.sampling.hard_negatives, n_neurons, target_active(n_neurons) // 4)
 
 
 def resolve_random_negatives(config: SlideConfig, n_neurons: int) -> int:
     """How many uniformly drawn, log-Q-corrected output neurons each point adds in training:
-    config.random_negatives, or (auto) as many as the auto hubs (a quarter of the target active size,
+    config.sampling.random_negatives, or (auto) as many as the auto hubs (a quarter of the target active size,
     at most 256) for layers wider than 20,000 neurons; a small layer's active set is already a sizeable
     share of it, and its softmax close to the full one."""
-    return _wide_layer_setting(config.random_negatives, n_neurons, min(256, target_active(n_neurons) // 4))
+    return _wide_layer_setting(config.sampling.random_negatives, n_neurons, min(256, target_active(n_neurons) // 4))
 
 
 def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:
-    """How many hubs a sampled layer adds to every candidate set when serving: config.predict_hubs, or
+    """How many hubs a sampled layer adds to every candidate set when serving: config.predict.hubs, or
     (auto) for layers wider than 20,000 neurons the larger of twice the target active size and 1% of
     the layer, else none (0: serve with the training hubs). Half are picked by score on the mean
     input, half by weight norm: with skewed norms the largest inner products belong to long rows,
     which cosine buckets return only when nearly aligned with the query. Norms keep spreading as
     training goes on, hence a share of the layer rather than a fixed count (see BENCHMARKS.md)."""
-    if config.predict_hubs == "none":
+    if config.predict.hubs == "none":
         return 0
-    if config.predict_hubs is not None:
-        return min(n_neurons, int(config.predict_hubs))
+    if config.predict.hubs is not None:
+        return min(n_neurons, int(config.predict.hubs))
     target = target_active(n_neurons)
     return min(n_neurons, max(2 * target, n_neurons // 100)) if is_wide_layer(n_neurons) else 0
 
 
 def resolve_l(config: SlideConfig, n_neurons: int) -> int:
-    """Tables of a sampled layer of n_neurons: config.hash_l, or (None = auto) 16 once the layer is too
+    """Tables of a sampled layer of n_neurons: config.sampling.hash_l, or (None = auto) 16 once the layer is too
     wide for its target active size to be 5% of it (> 20,000 neurons: its buckets fill, and 16 full
-    buckets already hold the target), else 50 (see SlideConfig.hash_l)."""
-    if config.hash_l is not None:
-        return config.hash_l
+    buckets already hold the target), else 50 (see SamplingConfig.hash_l)."""
+    if config.sampling.hash_l is not None:
+        return config.sampling.hash_l
     return WIDE_LAYER_TABLES if is_wide_layer(n_neurons) else SMALL_LAYER_TABLES
 
 
 def resolve_k(config: SlideConfig, n_neurons: int) -> int:
-    """Codes per table: config.hash_k, or (None = auto) enough that the L buckets of an input hold about
+    """Codes per table: config.sampling.hash_k, or (None = auto) enough that the L buckets of an input hold about
     `target_active(n_neurons)` neurons together, so the active set stays a small fraction of the layer."""
-    if config.hash_k is not None:
-        return config.hash_k
-    radix = 2 if config.hash_family == "simhash" else config.bin_size
+    if config.sampling.hash_k is not None:
+        return config.sampling.hash_k
+    radix = 2 if config.sampling.hash_family == "simhash" else config.sampling.bin_size
     per_bucket = max(1.0, target_active(n_neurons) / resolve_l(config, n_neurons))
     return max(1, int(round(math.log(max(2.0, n_neurons / per_bucket)) / math.log(radix))))
 
 
 def table_geometry(config: SlideConfig, k: int) -> tuple[int, int, bool, int]:
     """(radix, num_buckets, fold, table_bits) for K codes: exact mixed-radix ids when they fit, else
-    folded to table_bits (config.table_bits, or None = as many bits as the codes carry, capped at 20)."""
-    radix = 2 if config.hash_family == "simhash" else config.bin_size
+    folded to table_bits (config.sampling.table_bits, or None = as many bits as the codes carry, capped at 20)."""
+    radix = 2 if config.sampling.hash_family == "simhash" else config.sampling.bin_size
     space = radix**k
-    bits = config.table_bits if config.table_bits is not None else min(20, math.ceil(math.log2(space)))
+    bits = (
+        config.sampling.table_bits if config.sampling.table_bits is not None else min(20, math.ceil(math.log2(space)))
+    )
     if space <= 2**bits:
         return radix, int(space), False, bits
     return radix, 2**bits, True, bits
@@ -178,21 +180,21 @@ def table_geometry(config: SlideConfig, k: int) -> tuple[int, int, bool, int]:
 def draw_hash_functions(config: SlideConfig, dim: int, n_neurons: int, rng: np.random.Generator) -> HashFunctions:
     """Draw the hash functions of one sampled layer of `n_neurons` neurons with `dim` inputs each."""
     k, n_tables = resolve_k(config, n_neurons), resolve_l(config, n_neurons)
-    family = FAMILY_IDS[config.hash_family]
+    family = FAMILY_IDS[config.sampling.hash_family]
     n_codes = k * n_tables
     if family == SIMHASH:
-        m = max(1, int(round(config.simhash_density * dim)))
+        m = max(1, int(round(config.sampling.simhash_density * dim)))
         idx = np.empty((n_codes, m), dtype=np.int32)
         for c in range(n_codes):
             idx[c] = np.sort(rng.choice(dim, size=m, replace=False))
         sign = rng.choice(np.array([-1.0, 1.0], dtype=np.float32), size=(n_codes, m)).astype(np.float32)
     else:
-        if config.bin_size > dim:
+        if config.sampling.bin_size > dim:
             raise ValueError(
-                f"bin_size={config.bin_size} is larger than the layer input width {dim}; "
+                f"bin_size={config.sampling.bin_size} is larger than the layer input width {dim}; "
                 f"use bin_size <= {dim} or the simhash family"
             )
-        m = config.bin_size
+        m = config.sampling.bin_size
         per_perm = dim // m
         n_perms = -(-n_codes // per_perm)
         bins = np.concatenate([rng.permutation(dim)[: per_perm * m].reshape(per_perm, m) for _ in range(n_perms)])

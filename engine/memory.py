@@ -35,26 +35,48 @@ _MAX_K = 5  # the periodic evaluation asks for the top 5
 
 PART_FIELDS: dict[str, tuple[str, ...]] = {
     "baseline": ("threads",),
-    "weights": ("hidden", "weight_dtype"),
-    "optimizer": ("hidden", "moment_dtype", "sample_hidden", "sample_output"),
-    "tables": ("hidden", "hash_l", "hash_k", "table_bits", "bin_size", "simhash_density", "predict_hubs"),
+    "weights": ("model.hidden", "model.weight_dtype"),
+    "optimizer": ("model.hidden", "optimizer.moment_dtype", "model.sample_hidden", "model.sample_output"),
+    "tables": (
+        "model.hidden",
+        "sampling.hash_l",
+        "sampling.hash_k",
+        "sampling.table_bits",
+        "sampling.bin_size",
+        "sampling.simhash_density",
+        "predict.hubs",
+    ),
     "step_buffers": (
-        "batch_size",
-        "hidden",
-        "hash_l",
-        "bucket_size",
-        "probes",
-        "hub_neurons",
-        "random_negatives",
-        "min_active",
+        "optimizer.batch_size",
+        "model.hidden",
+        "sampling.hash_l",
+        "sampling.bucket_size",
+        "sampling.probes",
+        "sampling.hub_neurons",
+        "sampling.random_negatives",
+        "sampling.min_active",
         "threads",
     ),
-    "evaluation": ("eval_points", "hash_l", "bucket_size", "predict_probes", "predict_hubs", "threads"),
+    "evaluation": (
+        "schedule.eval_points",
+        "sampling.hash_l",
+        "sampling.bucket_size",
+        "predict.probes",
+        "predict.hubs",
+        "threads",
+    ),
     "data": (),
-    "validation": ("val_points", "hidden", "weight_dtype", "hash_l", "predict_hubs"),
-    "transient": ("hidden", "batch_size", "bucket_size", "hash_l", "table_bits", "threads"),
+    "validation": ("schedule.val_points", "model.hidden", "model.weight_dtype", "sampling.hash_l", "predict.hubs"),
+    "transient": (
+        "model.hidden",
+        "optimizer.batch_size",
+        "sampling.bucket_size",
+        "sampling.hash_l",
+        "sampling.table_bits",
+        "threads",
+    ),
 }
-"""The config fields each part of the estimate grows with (the dataset's shape drives most of them too)."""
+"""The settings (paths) each part of the estimate grows with (the dataset's shape drives most of them too)."""
 
 
 @dataclass(frozen=True)
@@ -126,7 +148,7 @@ def estimate_memory(
     plan = resolve(cfg, n_feat, n_lab, n_points)
     slots = slots_of(plan)
     by_layer = {p.layer: p for p in plan.layers}
-    wbytes = 2 if cfg.weight_dtype == "bfloat16" else 4
+    wbytes = 2 if cfg.model.weight_dtype == "bfloat16" else 4
     if max_labels_per_point is None:
         avg = label_entries / n_points if n_points else 1.0
         max_labels_per_point = max(1, int(np.ceil(4 * avg)))
@@ -140,7 +162,7 @@ def estimate_memory(
     weights = sum(cells) * wbytes + widths[1] * 4  # + b0
     optimizer = 0
     for layer in range(depth):
-        compact = cfg.moment_dtype == "bfloat16" and slots[layer] >= 0
+        compact = cfg.optimizer.moment_dtype == "bfloat16" and slots[layer] >= 0
         optimizer += cells[layer] * ((2 if compact else 4) + 4)  # m, v
         optimizer += rows[layer] * (8 + 4)  # steps int64, drift float32
     optimizer += widths[1] * 8  # mb0, vb0
@@ -152,7 +174,11 @@ def estimate_memory(
         lp = by_layer[layer]
         n, dim = lp.neurons, lp.inputs
         k, n_tables, n_buckets = lp.hash_k, lp.hash_l, lp.buckets
-        per_code = max(1, int(round(cfg.simhash_density * dim))) if cfg.hash_family == "simhash" else cfg.bin_size
+        per_code = (
+            max(1, int(round(cfg.sampling.simhash_density * dim)))
+            if cfg.sampling.hash_family == "simhash"
+            else cfg.sampling.bin_size
+        )
         hubs, serve_hubs = min(n, lp.hub_neurons), min(n, lp.predict_hubs)
         tables += 2 * n_tables * n * 4  # codes, ids
         tables += n * 4 + n_tables * (n_buckets + 1) * 8  # inserted, offsets
@@ -167,12 +193,17 @@ def estimate_memory(
         )
         extra = lp.random_negatives
         layer_cap[layer] = min(
-            n, n_tables * (1 + cfg.probes) * cfg.bucket_size + hubs + max_labels + cfg.min_active + extra
+            n,
+            n_tables * (1 + cfg.sampling.probes) * cfg.sampling.bucket_size
+            + hubs
+            + max_labels
+            + cfg.sampling.min_active
+            + extra,
         )
     serving = weights + tables + depth  # + serve_tables, one byte a layer
 
     # Step buffers (Trainer._buffers), allocated for a full batch.
-    b = cfg.batch_size
+    b = cfg.optimizer.batch_size
     caps = [layer_cap.get(layer, widths[layer + 1]) for layer in range(1, depth)]
     step = sum(b * widths[layer] * 4 for layer in range(1, depth))  # hid
     step += sum(
@@ -183,7 +214,9 @@ def estimate_memory(
     n_codes = max(layer_codes.values() or [1])
     width_max = max(widths[1:-1])
     id_cap = max(layer_cap.values() or [1])  # act_ids of a dense layer are a (b, 1) placeholder
-    step += t * (n_max * 8 + id_cap * 4 + 8 + n_codes * 12 + max(layer_l.values() or [1]) * (1 + cfg.probes) * 4)
+    step += t * (
+        n_max * 8 + id_cap * 4 + 8 + n_codes * 12 + max(layer_l.values() or [1]) * (1 + cfg.sampling.probes) * 4
+    )
     step += t * width_max * 8  # gin, gprev
     step += sum(rows) * 4  # group_of_row
     fused = (depth - 1) in layer_cap
@@ -194,7 +227,7 @@ def estimate_memory(
     evaluation = 0
     if eval_points:
         data += (eval_points + 1) * 16
-        used = eval_points if not cfg.eval_points else min(eval_points, cfg.eval_points)
+        used = eval_points if not cfg.schedule.eval_points else min(eval_points, cfg.schedule.eval_points)
         share = used / eval_points
         evaluation += used * 8 + int(share * (eval_nnz * 8 + eval_label_entries * 4)) + used * 16  # rows, batch
         evaluation += used * _MAX_K * 8  # top-k out
@@ -203,7 +236,7 @@ def estimate_memory(
             [
                 min(
                     widths[layer + 1],
-                    layer_l[layer] * (1 + pp) * cfg.bucket_size + max(hubs_of[layer], serve_hubs_of[layer]),
+                    layer_l[layer] * (1 + pp) * cfg.sampling.bucket_size + max(hubs_of[layer], serve_hubs_of[layer]),
                 )
                 for layer in sampled
             ]
@@ -236,7 +269,7 @@ def estimate_memory(
             layer_cap[layer],
             (by_layer[layer].max_active or layer_cap[layer])
             + layer_cap[layer]
-            - layer_l[layer] * (1 + cfg.probes) * cfg.bucket_size,
+            - layer_l[layer] * (1 + cfg.sampling.probes) * cfg.sampling.bucket_size,
         )
         for layer in sampled
     ]

@@ -3,7 +3,7 @@
 Layer 0 is the sparse input layer, W0 (num_features, h1) with bias b0 float32 (h1,). Layers
 1..D have W[l] (out_l, in_l + 1), neuron-major with the bias in the last column; D is the
 output layer (one neuron per label). A layer is LSH-sampled when it has a hash-table slot. Every W
-is float32 or bfloat16 bits (uint16), as config.weight_dtype says; `float_weights` decodes one.
+is float32 or bfloat16 bits (uint16), as config.model.weight_dtype says; `float_weights` decodes one.
 """
 
 from __future__ import annotations
@@ -77,8 +77,10 @@ class SlideModel:
         tables_: list[Tables],
         serve_tables: np.ndarray | None = None,
     ):
-        if config.hidden is None:  # the widths the weights have (what auto resolved to when they were made)
-            config = config.replace(hidden=(weights[0].shape[1], *(w.shape[0] for w in weights[1:-1])))
+        if config.model.hidden is None:  # the widths the weights have (what auto resolved to when they were made)
+            config = config.replace(
+                model=config.model.replace(hidden=(weights[0].shape[1], *(w.shape[0] for w in weights[1:-1])))
+            )
         self.config = config
         self.num_features = int(num_features)
         self.num_labels = int(num_labels)
@@ -86,7 +88,7 @@ class SlideModel:
         want = weight_storage(config)
         if any(w.dtype != want for w in self.weights):
             raise ValueError(
-                f"weights must be {np.dtype(want)} for weight_dtype={config.weight_dtype}, "
+                f"weights must be {np.dtype(want)} for weight_dtype={config.model.weight_dtype}, "
                 f"got {[str(w.dtype) for w in self.weights]}"
             )
         self.b0 = b0
@@ -123,9 +125,11 @@ class SlideModel:
         rng = np.random.default_rng(config.seed)
         widths = layer_widths(config, num_features, num_labels)
         dtype = weight_storage(config)
-        weights = [_random_layer(rng, num_features, widths[1], config.init_std, dtype, bias=False)]
+        weights = [_random_layer(rng, num_features, widths[1], config.model.init_std, dtype, bias=False)]
         for layer in range(1, len(widths) - 1):
-            weights.append(_random_layer(rng, widths[layer + 1], widths[layer] + 1, config.init_std, dtype, bias=True))
+            weights.append(
+                _random_layer(rng, widths[layer + 1], widths[layer] + 1, config.model.init_std, dtype, bias=True)
+            )
         plan = resolve(config, num_features, num_labels)
         sampled = [p for p in plan.layers if p.sampled]
         hashes = [lsh.draw_hash_functions(config, p.inputs, p.neurons, rng) for p in sampled]
@@ -216,7 +220,9 @@ class SlideModel:
                 tb.codes[:, rows] = lsh.hash_matrix(w, hf, rows, center=tb.center)
                 tb.inserted[rows] = round_id
             count = int(rows.size)
-        tables.rebuild(tb, hf.num_buckets, self.config.bucket_size, self.config.insertion, hf.seed, round_id)
+        tables.rebuild(
+            tb, hf.num_buckets, self.config.sampling.bucket_size, self.config.sampling.insertion, hf.seed, round_id
+        )
         self.update_hubs(layer, serving=serving_hubs)
         if layer == self.depth - 1:
             labels.drop_retired_from_tables(self)  # out of the buckets and the hubs
@@ -305,7 +311,7 @@ class SlideModel:
         """As `predict`, plus int64 (n,): how many output neurons were scored for each point, and the mode
         that answered (see `resolve_mode`)."""
         probes = self.predict_probes if probes is None else int(probes)
-        if not 0 <= probes <= 64 or (probes and self.config.hash_family != "simhash"):
+        if not 0 <= probes <= 64 or (probes and self.config.sampling.hash_family != "simhash"):
             raise ValueError(f"probes must be in [0, 64] (and 0 unless the hash family is simhash), got {probes}")
         indptr, indices, values = self._inputs(indptr, indices, values)
         use_tables, used = self.resolve_mode(mode)
@@ -314,7 +320,7 @@ class SlideModel:
     def _inputs(self, indptr, indices, values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Checked CSR arrays, rows scaled to unit norm when the config says so."""
         indptr, indices, values = check_csr(indptr, indices, values, self.num_features)
-        if self.config.normalize_input:
+        if self.config.model.normalize_input:
             values = unit_rows(indptr, values)
         return indptr, indices, values
 
@@ -331,7 +337,7 @@ class SlideModel:
         try:
             _, hid, ids, lookup = scratch
             n_chunks = max(1, min(n, numba.get_num_threads(), lookup.tags.shape[0]))
-            retrieval = Retrieval(probes, self.config.active_threshold, self.predict_max_active)
+            retrieval = Retrieval(probes, self.config.sampling.active_threshold, self.predict_max_active)
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
             run(
                 indptr,
@@ -434,7 +440,7 @@ class SlideModel:
             [
                 min(
                     self.weights[layer].shape[0],
-                    self.hashes[self.layer_slot[layer]].n_tables * (1 + probes) * self.config.bucket_size
+                    self.hashes[self.layer_slot[layer]].n_tables * (1 + probes) * self.config.sampling.bucket_size
                     + max(
                         self.tables[self.layer_slot[layer]].hubs.shape[0],
                         self.tables[self.layer_slot[layer]].serve_hubs.shape[0],
@@ -478,8 +484,8 @@ def default_serve_tables(layer_slot: np.ndarray, widths: list[int]) -> np.ndarra
 
 
 def weight_storage(config: SlideConfig) -> type:
-    """The dtype of a model's weight arrays: uint16 (bfloat16 bits) or float32, as config.weight_dtype says."""
-    return np.uint16 if config.weight_dtype == "bfloat16" else np.float32
+    """The dtype of a model's weight arrays: uint16 (bfloat16 bits) or float32, as config.model.weight_dtype says."""
+    return np.uint16 if config.model.weight_dtype == "bfloat16" else np.float32
 
 
 def _random_layer(rng: np.random.Generator, rows: int, cols: int, std: float, dtype: type, bias: bool) -> np.ndarray:

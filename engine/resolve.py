@@ -85,16 +85,16 @@ class Resolved:
 def samples_output(config: SlideConfig, num_labels: int) -> bool:
     """Whether the output layer is LSH-sampled: as configured, or (None = auto) when it is wider than
     DENSE_OUTPUT_MAX_LABELS."""
-    if config.sample_output is None:
+    if config.model.sample_output is None:
         return int(num_labels) > DENSE_OUTPUT_MAX_LABELS
-    return bool(config.sample_output)
+    return bool(config.model.sample_output)
 
 
 def hidden_widths(config: SlideConfig, num_labels: int) -> tuple[int, ...]:
     """The hidden layers' widths: as configured, or (None = auto) one layer of WIDE_HIDDEN neurons when the output
-    layer is sampled and has at most WIDE_HIDDEN_MAX_LABELS labels, else of NARROW_HIDDEN (config.hidden)."""
-    if config.hidden is not None:
-        return tuple(config.hidden)
+    layer is sampled and has at most WIDE_HIDDEN_MAX_LABELS labels, else of NARROW_HIDDEN (config.model.hidden)."""
+    if config.model.hidden is not None:
+        return tuple(config.model.hidden)
     wide = samples_output(config, num_labels) and int(num_labels) <= WIDE_HIDDEN_MAX_LABELS
     return (WIDE_HIDDEN if wide else NARROW_HIDDEN,)
 
@@ -102,7 +102,11 @@ def hidden_widths(config: SlideConfig, num_labels: int) -> tuple[int, ...]:
 def concrete(config: SlideConfig, num_labels: int) -> SlideConfig:
     """The config with its structure settings made concrete for this many labels (hidden = None resolved), so a
     model built from it, and its snapshot, keep their shape whatever a later auto rule says."""
-    return config if config.hidden is not None else config.replace(hidden=hidden_widths(config, num_labels))
+    return (
+        config
+        if config.model.hidden is not None
+        else config.replace(model=config.model.replace(hidden=hidden_widths(config, num_labels)))
+    )
 
 
 def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points: int | None = None) -> Resolved:
@@ -117,16 +121,16 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
     for layer in range(1, out + 1):
         neurons, inputs = widths[layer + 1], widths[layer]
         is_output = layer == out
-        sampled = sample_out if is_output else config.sample_hidden
+        sampled = sample_out if is_output else config.model.sample_hidden
         if not sampled:
             layers.append(LayerPlan(layer, neurons, inputs, False))
             continue
         k, n_tables = lsh.resolve_k(config, neurons), lsh.resolve_l(config, neurons)
-        if config.active_threshold > n_tables:
+        if config.sampling.active_threshold > n_tables:
             raise ConfigError(
-                "active_threshold",
+                "sampling.active_threshold",
                 f"must be at most the tables of every sampled layer; layer {layer} ({neurons:,} neurons) has "
-                f"{n_tables} (hash_l), got {config.active_threshold}",
+                f"{n_tables} (sampling.hash_l), got {config.sampling.active_threshold}",
             )
         layers.append(
             LayerPlan(
@@ -148,15 +152,15 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
     plan = Resolved(
         sample_output=sample_out,
         hidden=hidden,
-        probes=config.probes,
-        predict_probes=config.probes if config.predict_probes is None else config.predict_probes,
+        probes=config.sampling.probes,
+        predict_probes=config.sampling.probes if config.predict.probes is None else config.predict.probes,
         layers=tuple(layers),
     )
     if num_points is None:
         return plan
     val = schedule.validation_size(config, int(num_points))
     train = int(num_points) - val
-    steps = -(-train // config.batch_size)
+    steps = -(-train // config.optimizer.batch_size)
     return replace(
         plan,
         train_points=train,

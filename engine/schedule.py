@@ -20,10 +20,10 @@ MIN_IMPROVEMENT = 1e-4
 
 def warmup_steps(config: SlideConfig, steps_per_epoch: int) -> int:
     """Warm-up length in steps: lr_warmup_steps, or auto a quarter of an epoch capped at AUTO_WARMUP_MAX."""
-    if config.lr_warmup_steps == "none":
+    if config.schedule.lr_warmup_steps == "none":
         return 0
-    if config.lr_warmup_steps is not None:
-        return int(config.lr_warmup_steps)
+    if config.schedule.lr_warmup_steps is not None:
+        return int(config.schedule.lr_warmup_steps)
     return int(min(AUTO_WARMUP_MAX, max(1, steps_per_epoch // 4)))
 
 
@@ -35,11 +35,11 @@ def lr_factor(step: int, warmup: int, decays: int, decay: float) -> float:
 
 
 def validation_size(config: SlideConfig, num_points: int) -> int:
-    """Training points the validation split holds (see SlideConfig.val_points); always leaves one to train on."""
-    if config.val_points == "none" or num_points < 2:
+    """Training points the validation split holds (see ScheduleConfig.val_points); always leaves one to train on."""
+    if config.schedule.val_points == "none" or num_points < 2:
         return 0
-    if config.val_points is not None:
-        return int(min(int(config.val_points), num_points - 1))
+    if config.schedule.val_points is not None:
+        return int(min(int(config.schedule.val_points), num_points - 1))
     if num_points < AUTO_VAL_MIN_TRAIN:
         return 0
     return int(min(AUTO_VAL_MAX, round(AUTO_VAL_FRACTION * num_points)))
@@ -62,6 +62,6 @@ def is_improvement(score: float, best: float | None) -> bool:
     return best is None or score > best + MIN_IMPROVEMENT
 
 
-def should_stop_early(evals_since_best: int, patience: int) -> bool:
-    """Whether `patience` evaluations in a row (0 = never) brought no new best."""
-    return patience > 0 and evals_since_best >= patience
+def should_stop_early(evals_since_best: int, patience: int | str) -> bool:
+    """Whether `patience` evaluations in a row ("never": never) brought no new best."""
+    return patience != "never" and evals_since_best >= int(patience)

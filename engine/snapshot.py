@@ -28,9 +28,10 @@ from .network import SlideModel, layer_slots
 from .resolve import resolve
 from .tables import Tables
 
-FORMAT_VERSION = 2
-"""2: auto settings are null and switched-off counts words ("none", "all") in the config (engine.config.LEGACY);
-a version 1 manifest (0 = auto, -1 = none/all) is migrated when read (`migrate_manifest`)."""
+FORMAT_VERSION = 3
+"""3: the config is nested by group (`{"model": {...}, "sampling": {...}, ..., "predict": {...}, "seed": 0}`,
+engine.config.GROUPS). 2 had the same settings under flat names (`hash_l`, `predict_hubs`), 1 also 0 for auto
+and -1 for none/all (engine.config.LEGACY); both are migrated when read (`migrate_manifest`)."""
 MANIFEST = "manifest.json"
 _VERSION_DIR = re.compile(r"^v(\d{6,})$")
 PINS_DIR = ".pins"
@@ -54,9 +55,8 @@ def model_arrays(model: SlideModel) -> dict[str, np.ndarray]:
 
 
 def manifest_config(manifest: dict) -> SlideConfig:
-    """The config a snapshot was written with; settings added since keep the meaning its arrays had
-    (float32 weights and moments before weight_dtype and moment_dtype existed)."""
-    return SlideConfig.from_dict({"moment_dtype": "float32", "weight_dtype": "float32", **manifest["config"]})
+    """The config a snapshot was written with (from a manifest of any format)."""
+    return SlideConfig.from_dict(migrate_manifest(manifest)["config"])
 
 
 def manifest_resolved(manifest: dict) -> dict:
@@ -259,16 +259,19 @@ def read_manifest(path: str | os.PathLike) -> dict:
         manifest = json.loads((path / MANIFEST).read_text())
     except (OSError, ValueError) as exc:
         raise SnapshotError(f"{path}: no readable manifest ({exc})") from exc
-    if manifest.get("format_version") not in (1, FORMAT_VERSION):
+    if manifest.get("format_version") not in (1, 2, FORMAT_VERSION):
         raise SnapshotError(f"{path}: unsupported snapshot format {manifest.get('format_version')}")
     return migrate_manifest(manifest)
 
 
 def migrate_manifest(manifest: dict) -> dict:
-    """A manifest in the current format: version 1's config numbers that meant auto or none/all become null and
-    words (the arrays are the same in both formats)."""
-    if manifest.get("format_version") == 1:
-        manifest = {**manifest, "format_version": FORMAT_VERSION, "config": upgrade_settings(manifest["config"])[0]}
+    """A manifest in the current format (the arrays are the same in all formats): the flat config of versions 1
+    and 2 nested by group, version 1's numbers that meant auto or none/all made null and words, and settings
+    added since given the meaning its arrays had (float32 weights and moments before weight_dtype and
+    moment_dtype existed)."""
+    if manifest.get("format_version") in (1, 2):
+        flat = {"moment_dtype": "float32", "weight_dtype": "float32", **manifest["config"]}
+        manifest = {**manifest, "format_version": FORMAT_VERSION, "config": upgrade_settings(flat)[0]}
     return manifest
 
 

@@ -141,8 +141,8 @@ class Trainer:
         if model is not None and (model.num_features < train.num_features or model.num_labels < train.num_labels):
             raise ValueError("the training set has more features or labels than the model")
         self.model = model or SlideModel.initialize(config, train.num_features, train.num_labels)
-        if config.hidden is None:  # the widths auto gave the model, so that its snapshots record them
-            config = config.replace(hidden=self.model.config.hidden)
+        if config.model.hidden is None:  # the widths auto gave the model, so that its snapshots record them
+            config = config.replace(model=config.model.replace(hidden=self.model.config.model.hidden))
         self.config = config
         self.train = train
         self.test = test
@@ -153,7 +153,7 @@ class Trainer:
         self.batch_in_epoch = 0
         self.samples_seen = 0
         self.rehash_round = 0
-        self.next_rehash_step = config.rehash_n0
+        self.next_rehash_step = config.sampling.rehash_n0
         self.train_seconds = 0.0
         self.history: list[TrainingMetrics] = []
         self._init_optimizer(optimizer)
@@ -161,9 +161,9 @@ class Trainer:
         self._train_rows = RowReader(train)
         self._train_idx, self._val_idx = schedule.validation_split(config, train.num_points)
         self._val_data = self._train_rows.take(self._val_idx) if self._val_idx.size else None
-        self._steps_per_epoch = -(-self._train_idx.size // config.batch_size)
+        self._steps_per_epoch = -(-self._train_idx.size // config.optimizer.batch_size)
         self._warmup = schedule.warmup_steps(config, self._steps_per_epoch)
-        self._lr = config.lr
+        self._lr = config.optimizer.lr
         self.best: dict | None = None
         """Validation P@1 (and step, epoch) of the best model so far; None before the first validation."""
         self.evals_since_best = 0
@@ -178,7 +178,11 @@ class Trainer:
         out = self.model.depth - 1
         sampled_output = self.model.layer_slot[out] >= 0
         # the output layer's negatives for its width (a sharded model's is its whole label set)
-        output = resolve(self.config.replace(sample_output=bool(sampled_output)), 1, self.model.num_labels).output
+        output = resolve(
+            self.config.replace(model=self.config.model.replace(sample_output=bool(sampled_output))),
+            1,
+            self.model.num_labels,
+        ).output
         self._hard_negatives = output.hard_negatives
         self._random_negatives = output.random_negatives
         # the backward pass through a sampled output layer runs inside its update (see train_step)
@@ -211,7 +215,7 @@ class Trainer:
 
     def _moment_dtype(self, layer: int) -> type:
         """dtype of layer's first moment: bfloat16 bits (uint16) for a sampled layer if configured."""
-        compact = self.config.moment_dtype == "bfloat16" and self.model.layer_slot[layer] >= 0
+        compact = self.config.optimizer.moment_dtype == "bfloat16" and self.model.layer_slot[layer] >= 0
         return np.uint16 if compact else np.float32
 
     def state(self) -> dict:
@@ -315,7 +319,9 @@ class Trainer:
             labels.add_labels(self._training_model, examples, names)
         if best is not None:
             self._best_arrays = model_arrays(best)
-        self.config = self.config.replace(sample_output=self.model.config.sample_output)
+        self.config = self.config.replace(
+            model=self.config.model.replace(sample_output=self.model.config.model.sample_output)
+        )
         self._grow_optimizer()
         self._buffers_for = None  # the step buffers are sized by the layer
         self._serving_hubs_step = -1
@@ -434,7 +440,7 @@ class Trainer:
     def _pick_eval_rows(self) -> np.ndarray | None:
         if self.test is None or self.test.num_points == 0:
             return None
-        return eval_rows(self.test.num_points, self.config.eval_points, self.config.seed)
+        return eval_rows(self.test.num_points, self.config.schedule.eval_points, self.config.seed)
 
     def _buffers(self, batch: int) -> StepBuffers:
         if self._buffers_for == batch:
@@ -451,10 +457,10 @@ class Trainer:
                 n_tables = model.hashes[model.layer_slot[layer]].n_tables
                 cap = min(
                     out,
-                    n_tables * (1 + cfg.probes) * cfg.bucket_size
+                    n_tables * (1 + cfg.sampling.probes) * cfg.sampling.bucket_size
                     + n_hubs
                     + max_labels
-                    + cfg.min_active
+                    + cfg.sampling.min_active
                     + (self._random_negatives if layer == depth - 1 else 0),
                 )
                 act_ids.append(np.zeros((batch, cap), np.int32))
@@ -488,7 +494,7 @@ class Trainer:
                 gens=np.zeros(threads, np.int64),
                 qmargins=per_chunk(n_codes, np.float64),
                 qcodes=per_chunk(n_codes, np.int32),
-                qbuck=per_chunk(n_tables_max * (1 + cfg.probes), np.int32),
+                qbuck=per_chunk(n_tables_max * (1 + cfg.sampling.probes), np.int32),
             ),
             back=Backprop(gin=per_chunk(width_max, np.float32), gprev=per_chunk(width_max, np.float32)),
         )
@@ -508,18 +514,18 @@ class Trainer:
         b = points.shape[0]
         if b == 0:
             raise ValueError("train_step needs at least one point")
-        if b > cfg.batch_size:
-            raise ValueError(f"a batch holds at most batch_size={cfg.batch_size} points, got {b}")
-        bufs = self._buffers(cfg.batch_size)
+        if b > cfg.optimizer.batch_size:
+            raise ValueError(f"a batch holds at most batch_size={cfg.optimizer.batch_size} points, got {b}")
+        bufs = self._buffers(cfg.optimizer.batch_size)
         act = bufs.first(b)
         n_chunks = max(1, min(b, numba.get_num_threads()))
         fused = self._fused_output
         data = self._train_rows.take(points)
         if self._retired is not None:
             data = labels.without_labels(data, self._retired)
-        if cfg.normalize_input:
+        if cfg.model.normalize_input:
             data = normalize_rows(data)
-        self._lr = cfg.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.lr_decay)
+        self._lr = cfg.optimizer.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.schedule.lr_decay)
         slots = np.arange(b, dtype=np.int64)
         net = model.kernel_layers()
         train_batch(
@@ -567,13 +573,13 @@ class Trainer:
         """The kernels' retrieval and sampling parameters of a training step, its random draws keyed by `seed`."""
         cfg = self.config
         return (
-            Retrieval(cfg.probes, cfg.active_threshold, self.model.max_active),
+            Retrieval(cfg.sampling.probes, cfg.sampling.active_threshold, self.model.max_active),
             Sampling(
-                min_active=cfg.min_active,
+                min_active=cfg.sampling.min_active,
                 seed=seed,
                 hard_negatives=self._hard_negatives,
                 random_negatives=self._random_negatives,
-                negative_group=cfg.random_negative_group,
+                negative_group=cfg.sampling.random_negative_group,
             ),
         )
 
@@ -595,7 +601,7 @@ class Trainer:
         group_start, pair_point, pair_nz, touched = group_by_feature(
             slots, data.x_indptr, data.x_indices, self._group_of_row[0]
         )
-        lr, b1, b2, eps = self._lr, cfg.beta1, cfg.beta2, cfg.eps
+        lr, b1, b2, eps = self._lr, cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.eps
         update_input_layer(
             model.weights[0],
             self.adam.m[0],
@@ -621,7 +627,7 @@ class Trainer:
         """Adam on a layer (>= 1) from the batch's deltas; grad_inputs: see update_sampled_layer."""
         cfg, model = self.config, self.model
         w = model.weights[layer]
-        lr, b1, b2, eps = self._lr, cfg.beta1, cfg.beta2, cfg.eps
+        lr, b1, b2, eps = self._lr, cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.eps
         if model.layer_slot[layer] >= 0:
             group_start, pair_point, pair_slot, touched = group_by_row(
                 act_ids[layer - 1],
@@ -669,21 +675,25 @@ class Trainer:
         `rebuild_every` rounds. Schedules the next rehash N0 * e^(lambda * round) steps later."""
         cfg, model = self.config, self.model
         self.rehash_round += 1
-        rebuild = cfg.rebuild_every > 0 and self.rehash_round % cfg.rebuild_every == 0
+        every = cfg.sampling.rebuild_every
+        rebuild = every != "never" and self.rehash_round % int(every) == 0
         hashed = 0
         for layer in model.sampled_layers():
             model.tables[model.layer_slot[layer]].query_center[:] = self.adam.input_mean[layer]
             rng = np.random.default_rng([cfg.seed, 11, self.rehash_round, layer]) if rebuild else None
             rows = None
-            if cfg.drift_threshold > 0 and not rebuild:
+            if cfg.sampling.drift_threshold > 0 and not rebuild:
                 norms = model.row_norms(layer)
-                rows = np.flatnonzero(self.adam.drift[layer] > cfg.drift_threshold * np.maximum(norms, 1e-12))
+                rows = np.flatnonzero(self.adam.drift[layer] > cfg.sampling.drift_threshold * np.maximum(norms, 1e-12))
             hashed += model.rehash_layer(layer, self.rehash_round, rows=rows, new_functions=rng, serving_hubs=False)
             if rows is None:
                 self.adam.drift[layer][:] = 0.0
             else:
                 self.adam.drift[layer][rows] = 0.0
-        interval = min(cfg.rehash_max_interval, cfg.rehash_n0 * math.exp(cfg.rehash_lambda * self.rehash_round))
+        interval = min(
+            cfg.sampling.rehash_max_interval,
+            cfg.sampling.rehash_n0 * math.exp(cfg.sampling.rehash_lambda * self.rehash_round),
+        )
         self.next_rehash_step = self.step + max(1, int(round(interval)))
         return hashed
 
@@ -749,7 +759,7 @@ class Trainer:
         time_budget_s: float | None = None,
         before_step: Callable[[], None] | None = None,
     ) -> dict:
-        """Train until `config.epochs` are done, `should_stop()` is true (checked between batches) or the
+        """Train until `config.schedule.epochs` are done, `should_stop()` is true (checked between batches) or the
         time budget is spent. Returns the last metrics with "stopped" (True when interrupted early).
         before_step: called before every step (the place to add or retire labels while training)."""
         cfg = self.config
@@ -795,11 +805,11 @@ class Trainer:
 
         def stop_early() -> bool:
             self.early_stopped = self.early_stopped or schedule.should_stop_early(
-                self.evals_since_best, cfg.early_stop_patience
+                self.evals_since_best, cfg.schedule.early_stop_patience
             )
             return self.early_stopped
 
-        while self.epoch < cfg.epochs and not self.early_stopped:
+        while self.epoch < cfg.schedule.epochs and not self.early_stopped:
             order = self.epoch_order(self.epoch)
             while self.batch_in_epoch < batches_per_epoch:
                 if before_step is not None:
@@ -808,9 +818,9 @@ class Trainer:
                 if interrupted or (time_budget_s is not None and self.train_seconds - start_seconds >= time_budget_s):
                     stopped = True
                     break
-                s = self.batch_in_epoch * cfg.batch_size
+                s = self.batch_in_epoch * cfg.optimizer.batch_size
                 t0 = time.perf_counter()
-                loss, labelled, active = self.train_step(order[s : s + cfg.batch_size])
+                loss, labelled, active = self.train_step(order[s : s + cfg.optimizer.batch_size])
                 dt = time.perf_counter() - t0
                 self.train_seconds += dt
                 self.batch_in_epoch += 1
@@ -818,11 +828,11 @@ class Trainer:
                 window["labelled"] += labelled
                 window["active"] += active
                 window["batches"] += 1
-                window["samples"] += min(cfg.batch_size, n - s)
+                window["samples"] += min(cfg.optimizer.batch_size, n - s)
                 window["seconds"] += dt
                 if progress:
-                    progress(min(cfg.batch_size, n - s))
-                if cfg.eval_every and self.step % cfg.eval_every == 0:
+                    progress(min(cfg.optimizer.batch_size, n - s))
+                if cfg.schedule.eval_every and self.step % cfg.schedule.eval_every == 0:
                     last = report()
                     if stop_early():
                         break
@@ -833,7 +843,7 @@ class Trainer:
                 break
             self.epoch += 1
             self.batch_in_epoch = 0
-            if not cfg.eval_every:
+            if not cfg.schedule.eval_every:
                 last = report()
                 stop_early()
         if last is None or window["batches"]:

@@ -19,7 +19,7 @@ import numpy as np
 
 from . import labels
 from .adam import LazyAdamState
-from .config import SlideConfig
+from .config import SlideConfig, setting, with_settings
 from .memory import MemoryEstimate, estimate_memory
 from .network import SlideModel, layer_slots
 from .resolve import hidden_widths
@@ -30,22 +30,23 @@ if TYPE_CHECKING:
     from .text import TextFeaturizer
 
 STRUCTURE_FIELDS = (
-    "hidden",
-    "sample_hidden",
-    "sample_output",
-    "hash_family",
-    "hash_k",
-    "hash_l",
-    "bin_size",
-    "simhash_density",
-    "table_bits",
-    "bucket_size",
-    "insertion",
-    "weight_dtype",
-    "moment_dtype",
-    "normalize_input",
+    "model.hidden",
+    "model.sample_hidden",
+    "model.sample_output",
+    "sampling.hash_family",
+    "sampling.hash_k",
+    "sampling.hash_l",
+    "sampling.bin_size",
+    "sampling.simhash_density",
+    "sampling.table_bits",
+    "sampling.bucket_size",
+    "sampling.insertion",
+    "model.weight_dtype",
+    "optimizer.moment_dtype",
+    "model.normalize_input",
 )
-"""Settings a warm start takes from its source (the arrays are shaped by them); the rest come from the new run."""
+"""Settings (paths) a warm start takes from its source (the arrays are shaped by them); the rest come from the new
+run."""
 IMPRINT_POINTS = 32
 """Training points a new label's row is imprinted from, at most."""
 _TRAINING_PREFIX = "opt_cur_"
@@ -80,7 +81,8 @@ def snapshot_path(init_from: str | os.PathLike | SnapshotStore) -> Path:
 def warm_start_config(source: SlideConfig, config: SlideConfig, num_labels: int) -> SlideConfig:
     """config with the source's structure settings (sample_output fixed to what the source does)."""
     sampled = bool(layer_slots(source, num_labels)[-1] >= 0)
-    return config.replace(**{f: getattr(source, f) for f in STRUCTURE_FIELDS}).replace(sample_output=sampled)
+    kept = {path: setting(source, path) for path in STRUCTURE_FIELDS}
+    return with_settings(config, {**kept, "model.sample_output": sampled})
 
 
 def _remap(data: Dataset | None, label_map, feature_map, num_labels: int, num_features: int) -> Dataset | None:
@@ -244,8 +246,8 @@ def warm_start_shape(
     cfg = warm_start_config(manifest_config(manifest), config, src_labels)
     labels_out = src_labels + num_labels if named else max(src_labels, num_labels)
     width = hidden_widths(cfg, src_labels)[-1] + 1
-    weight_bytes = 2 if cfg.weight_dtype == "bfloat16" else 4
-    moment_bytes = 2 if cfg.moment_dtype == "bfloat16" else 4
+    weight_bytes = 2 if cfg.model.weight_dtype == "bfloat16" else 4
+    moment_bytes = 2 if cfg.optimizer.moment_dtype == "bfloat16" else 4
     # the source's output layer, its moments and step counts beside their grown copies; the remapped data
     extra = src_labels * (width * (weight_bytes + moment_bytes + 4) + 8) + 4 * label_entries
     if manifest.get("text"):

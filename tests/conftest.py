@@ -63,11 +63,30 @@ def warm_engine(tmp_path_factory: pytest.TempPathFactory) -> None:
     a trainer process or a first prediction (a cold compile takes many seconds on two cores)."""
     import numpy as np
 
-    from engine import SlideConfig, SnapshotStore, Trainer, generate, load_model
+    from engine import (
+        ModelConfig,
+        OptimizerConfig,
+        ScheduleConfig,
+        SlideConfig,
+        SnapshotStore,
+        Trainer,
+        generate,
+        load_model,
+    )
 
     train, test = generate("tiny", seed=1, num_train=256, num_test=64)
     store = SnapshotStore(tmp_path_factory.mktemp("warm") / "snapshots")
-    Trainer(SlideConfig(hidden=(32,), batch_size=64, epochs=1, threads=1), train, test, store).run()
+    Trainer(
+        SlideConfig(
+            model=ModelConfig(hidden=(32,)),
+            optimizer=OptimizerConfig(batch_size=64),
+            schedule=ScheduleConfig(epochs=1),
+            threads=1,
+        ),
+        train,
+        test,
+        store,
+    ).run()
     model = load_model(store.latest()[1])
     for mode in ("lsh", "exact"):
         model.predict(np.asarray(test.x_indptr), np.asarray(test.x_indices), np.asarray(test.x_values), k=5, mode=mode)

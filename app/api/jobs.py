@@ -58,7 +58,8 @@ def job_public(
     queue: QueueSlot | None = None,
     backend: dict[str, Any] | None = None,
 ) -> JobPublic:
-    stored, _ = upgrade_settings(row.config or {})  # a job created before null and words shows what it meant
+    # a job created before the groups, null and words shows what it meant
+    stored, _ = upgrade_settings(row.config or {})
     config: dict[str, Any] = {k: v for k, v in stored.items() if k in _CONFIG_FIELDS}
     latest = row.latest_metrics or None
     slot = queue if queue is not None and row.state == JobState.QUEUED else None
@@ -71,7 +72,7 @@ def job_public(
         backend=JobBackend.model_validate(backend or {}),
         progress=JobProgress(
             epoch=row.epoch or 0,
-            epochs=int(config.get("epochs", 0)),
+            epochs=int((config.get("schedule") or {}).get("epochs", 0)),
             step=row.step or 0,
             samples=row.samples or 0,
             samples_per_s=row.samples_per_s,
@@ -134,7 +135,7 @@ def create_job(
                     "value": {
                         "train_dataset_id": EXAMPLE_ID,
                         "eval_dataset_id": "<id of the test set>",
-                        "config": {"epochs": 10, "hash_l": 32},
+                        "config": {"schedule": {"epochs": 10}, "sampling": {"hash_l": 32}},
                     },
                 },
             }
@@ -156,7 +157,8 @@ def create_job(
     response.status_code = 201 if created else 200
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     public = job_publics(jobs, [job])[0]
-    public.deprecations = upgrade_settings(body.config.model_dump(exclude_unset=True))[1]
+    flat = body.config.flat_name_notes()
+    public.deprecations = flat + upgrade_settings(body.config.model_dump(exclude_unset=True))[1]
     return public
 
 

@@ -9,7 +9,6 @@ limit lowered since, an automatic resume). Queued jobs start in order, each when
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +17,7 @@ from app.db import DatasetRow, JobRow
 from app.services.errors import MemoryLimitExceeded
 from app.settings import Settings
 from engine import ConfigError, SlideConfig
+from engine.config import setting, setting_paths, with_settings
 from engine.memory import MemoryEstimate, estimate_memory, format_bytes
 
 
@@ -136,16 +136,16 @@ def drivers(
     estimate smaller by at least 1%, largest first; else the fields of the estimate's largest part."""
     defaults = SlideConfig()
     found: list[tuple[str, int]] = []
-    for f in dataclasses.fields(SlideConfig):
-        if getattr(config, f.name) == getattr(defaults, f.name):
+    for path in setting_paths():
+        if setting(config, path) == setting(defaults, path):
             continue
         try:
-            other = estimate_job(config.replace(**{f.name: getattr(defaults, f.name)}), train, test, settings)
+            other = estimate_job(with_settings(config, {path: setting(defaults, path)}), train, test, settings)
         except (ConfigError, ValueError):
             continue
         saved = est.total - other.total
         if saved >= est.total / 100:
-            found.append((f.name, saved))
+            found.append((path, saved))
     if found:
         return sorted(found, key=lambda kv: -kv[1])
     largest = max(est.parts, key=lambda k: est.parts[k])
@@ -171,18 +171,19 @@ def check_fits(
         return est
     found = drivers(config, train, test, settings, est)
     named = ", ".join(
-        f"{name}={_shown(getattr(config, name))}" + (f" ({format_bytes(saved)} more than its default)" if saved else "")
+        f"{name}={_shown(setting(config, name))}" + (f" ({format_bytes(saved)} more than its default)" if saved else "")
         for name, saved in found
     )
     detail = (
         f"{what} needs an estimated {est.describe()} of memory, more than SLIDE_MAX_JOB_MEMORY = {format_bytes(limit)}."
         f" What drives it: {named or 'the dataset'} on a training set of {train.num_features:,} features and "
-        f"{train.num_labels:,} labels. Use smaller values (narrower hidden layers, a smaller batch_size, bfloat16 "
-        "weight_dtype and moment_dtype), or raise SLIDE_MAX_JOB_MEMORY on a machine with the memory."
+        f"{train.num_labels:,} labels. Use smaller values (narrower model.hidden layers, a smaller "
+        "optimizer.batch_size, bfloat16 model.weight_dtype and optimizer.moment_dtype), or raise "
+        "SLIDE_MAX_JOB_MEMORY on a machine with the memory."
     )
     raise MemoryLimitExceeded(
         detail,
-        loc=("body", "config", found[0][0]) if found else ("body", "config"),
+        loc=("body", "config", *found[0][0].split(".")) if found else ("body", "config"),
         estimated_memory_bytes=est.total,
         limit_bytes=limit,
         fields=[name for name, _ in found],

@@ -92,7 +92,9 @@ class JobService:
             cfg = SlideConfig.from_dict(config)
         except ConfigError as exc:
             message = str(exc).split(": ", 1)[-1]
-            raise InvalidContent(f"config.{exc.field}: {message}", loc=("body", "config", exc.field)) from exc
+            raise InvalidContent(
+                f"config.{exc.field}: {message}", loc=("body", "config", *exc.field.split("."))
+            ) from exc
         except (TypeError, ValueError) as exc:
             raise InvalidContent(f"config: {exc}", loc=("body", "config")) from exc
         if cfg.threads is None and self.settings.trainer_threads:
@@ -127,7 +129,9 @@ class JobService:
                 resolve(cfg, train.num_features, train.num_labels, train.num_points)
             except ConfigError as exc:
                 message = str(exc).split(": ", 1)[-1]
-                raise InvalidContent(f"config.{exc.field}: {message}", loc=("body", "config", exc.field)) from exc
+                raise InvalidContent(
+                    f"config.{exc.field}: {message}", loc=("body", "config", *exc.field.split("."))
+                ) from exc
         check_fits(cfg, train, test, self.settings, init_from=str(source[1]) if source else None, shards=shards)
         job = JobRow(
             id=uuid.uuid4().hex,

@@ -1,7 +1,7 @@
 """Served P@1 after few and many epochs, with and without the generalisation defaults, on the quality sets.
 
     python benchmarks/quality/generalisation.py --sets wordnet-top,debtags,synth-small,sparselinear
-    python benchmarks/quality/generalisation.py --sets debtags --variants new --config '{"weight_decay": 1e-4}'
+    python benchmarks/quality/generalisation.py --sets debtags --variants new --config '{"optimizer": {"lr": 1e-3}}'
 
 For each set and variant one run of `--epochs` (default 50) epochs reports, after every epoch, the current
 model's validation P@1 (the split the trainer holds out of the training set) and its P@1 on a fixed subset
@@ -31,15 +31,13 @@ if str(ROOT) not in sys.path:
 
 from benchmarks.quality import datasets  # noqa: E402
 from engine import SlideConfig, Trainer, TrainingMetrics  # noqa: E402
+from engine.config import merge_settings  # noqa: E402
 from engine.metrics import precision_at_k  # noqa: E402
 
 OLD = {
-    "val_points": "none",
-    "lr_warmup_steps": "none",
-    "lr_decay": 1.0,
-    "early_stop_patience": 0,
-    "lr": 3e-3,
-    "init_std": 0.01,
+    "schedule": {"val_points": "none", "lr_warmup_steps": "none", "lr_decay": 1.0, "early_stop_patience": "never"},
+    "optimizer": {"lr": 3e-3},
+    "model": {"init_std": 0.01},
 }
 """The defaults before model selection: constant step size 3e-3, init N(0, 0.01), no split, the last model served."""
 VARIANTS = {"old": OLD, "new": {}}
@@ -64,7 +62,7 @@ def run(name: str, variant: str, overrides: dict, epochs: int, test_points: int,
     train, test = datasets.load(name)
     train = subset(train, max_train, seed=1)
     sub = subset(test, test_points)
-    cfg = SlideConfig(**{**VARIANTS[variant], **overrides, "epochs": epochs})
+    cfg = SlideConfig.from_dict(merge_settings(VARIANTS[variant], overrides, {"schedule": {"epochs": epochs}}))
     trainer = Trainer(cfg, train, None)
     curve = []
 

@@ -29,7 +29,7 @@ from the recorded results (`--baseline`, default benchmarks/results/quality.json
 compares, and the run is written to benchmarks/results/quality-tuning.json unless `--out` is given:
 
     python benchmarks/quality/run.py --sets debtags,sparselinear --systems slide \\
-        --slide-config '{"hidden": [256], "lr": 0.001}' --epochs 10
+        --slide-config '{"model": {"hidden": [256]}, "optimizer": {"lr": 0.001}}' --epochs 10
 
 Results of (set, system) pairs not run keep their recorded values in the output file (marked with
 when they were measured), so one system or set can be re-run alone.
@@ -94,10 +94,7 @@ def _pad(rows: list, k: int = K) -> np.ndarray:
 def slide_config(threads: int, overrides: dict):
     from engine import SlideConfig
 
-    values = {"threads": threads, **overrides}
-    if isinstance(values.get("hidden"), list):
-        values["hidden"] = tuple(values["hidden"])
-    return SlideConfig.from_dict(values)
+    return SlideConfig.from_dict({"threads": threads, **overrides})
 
 
 def served_curve(curve: list[dict]) -> None:
@@ -124,7 +121,7 @@ def worker_slide(args, data: Path) -> tuple[np.ndarray, dict, dict]:
     train, test = load_dataset(data / "train"), load_dataset(data / "test")
     overrides = json.loads(args.slide_config) if args.slide_config else {}
     if args.epochs:
-        overrides["epochs"] = args.epochs
+        overrides["schedule"] = {**overrides.get("schedule", {}), "epochs": args.epochs}
     config = slide_config(args.threads, overrides)
     curve: list[dict] = []
     spent = {"reporting": 0.0}
@@ -255,14 +252,14 @@ def worker_torch(args, data: Path) -> tuple[np.ndarray, dict, dict]:
 
     train, test = load_dataset(data / "train", mmap=False), load_dataset(data / "test", mmap=False)
     defaults = SlideConfig()
-    epochs = args.epochs or defaults.epochs
+    epochs = args.epochs or defaults.schedule.epochs
     t0 = time.perf_counter()
     res = train_torch_dense(
         train,
         None,
         hidden=128,
-        batch_size=defaults.batch_size,
-        lr=defaults.lr,
+        batch_size=defaults.optimizer.batch_size,
+        lr=defaults.optimizer.lr,
         epochs=epochs,
         time_budget_s=args.torch_budget,
         threads=args.threads,
@@ -280,7 +277,7 @@ def worker_torch(args, data: Path) -> tuple[np.ndarray, dict, dict]:
         "samples": res["samples"],
         "epochs_run": res["samples"] / train.num_points,
         "stopped_by_budget": res["stopped_by_budget"],
-        "lr": defaults.lr,
+        "lr": defaults.optimizer.lr,
     }
     return pred.astype(np.int32), info, {}
 

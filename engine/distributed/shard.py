@@ -54,7 +54,8 @@ def label_ranges(num_labels: int, shards: int) -> list[tuple[int, int]]:
 def shard_config(config: SlideConfig, num_labels: int) -> SlideConfig:
     """A shard's config: whether the output layer is sampled, and the hidden widths, are decided by the whole
     layer's width (auto would look at the shard's slice); the other auto settings follow the shard's own width."""
-    return concrete(config, num_labels).replace(sample_output=samples_output(config, num_labels))
+    shaped = concrete(config, num_labels)
+    return shaped.replace(model=shaped.model.replace(sample_output=samples_output(config, num_labels)))
 
 
 def shard_seed(seed: int, shard: int) -> int:
@@ -77,7 +78,7 @@ def initialize_shard(config: SlideConfig, num_features: int, num_labels: int, lo
         if layer == 0:
             rows, cols = num_features, widths[1]
         keep = (lo, hi) if layer == depth - 1 else (0, rows)
-        weights.append(_random_rows(rng, rows, cols, config.init_std, dtype, layer > 0, keep))
+        weights.append(_random_rows(rng, rows, cols, config.model.init_std, dtype, layer > 0, keep))
     local = hi - lo
     slots = layer_slots(cfg, local)
     sampled = [int(layer) for layer in np.flatnonzero(slots >= 0)]
@@ -150,14 +151,14 @@ class ShardTrainer(Trainer):
         cfg, model = self.config, self.model
         points = np.ascontiguousarray(points, dtype=np.int64)
         b = points.shape[0]
-        if not 1 <= b <= cfg.batch_size:
-            raise ValueError(f"a batch holds 1 to batch_size={cfg.batch_size} points, got {b}")
-        bufs = self._buffers(cfg.batch_size)
+        if not 1 <= b <= cfg.optimizer.batch_size:
+            raise ValueError(f"a batch holds 1 to batch_size={cfg.optimizer.batch_size} points, got {b}")
+        bufs = self._buffers(cfg.optimizer.batch_size)
         act = bufs.first(b)
         hid, act_ids, act_val = act.hid, act.act_ids, act.act_val
         nact, nkept, delta0 = act.nact, act.nkept, act.delta0
         data = self._train_rows.take(points)
-        if cfg.normalize_input:
+        if cfg.model.normalize_input:
             data = normalize_rows(data)
         y = np.asarray(data.y_indices)
         mine = (y >= self.lo) & (y < self.hi)

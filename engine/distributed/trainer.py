@@ -390,9 +390,9 @@ class DistributedTrainer(Trainer):
         cfg, group = self.config, self.group
         points = np.ascontiguousarray(points, dtype=np.int64)
         b = points.shape[0]
-        if not 1 <= b <= cfg.batch_size:
-            raise ValueError(f"a batch holds 1 to batch_size={cfg.batch_size} points, got {b}")
-        self._lr = cfg.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.lr_decay)
+        if not 1 <= b <= cfg.optimizer.batch_size:
+            raise ValueError(f"a batch holds 1 to batch_size={cfg.optimizer.batch_size} points, got {b}")
+        self._lr = cfg.optimizer.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.schedule.lr_decay)
         pending = group._inflight
         group._inflight = []
         clock = self.stage_seconds

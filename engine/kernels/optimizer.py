@@ -11,7 +11,7 @@ which halves the memory and snapshot size of m (173 MB at 670k labels); its 8-bi
 for a running mean that only scales a step (accuracy as with float32: BENCHMARKS.md). The
 second moment stays float32: beta2 = 0.999 moves it by 0.1% a step, below bfloat16's resolution.
 
-Weights stored as bfloat16 (config.weight_dtype) are widened, stepped in float32 and rounded back
+Weights stored as bfloat16 (config.model.weight_dtype) are widened, stepped in float32 and rounded back
 stochastically with a key per row and row step (row_salt), so a run stays reproducible.
 """
 

@@ -13,6 +13,15 @@ from pathlib import Path
 from typing import Any
 
 
+def merged(*configs: dict[str, Any]) -> dict[str, Any]:
+    """Job configs merged group by group, later ones winning: `merged(FAST, {"schedule": {"epochs": 1}})`."""
+    out: dict[str, Any] = {}
+    for config in configs:
+        for key, value in config.items():
+            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
+    return out
+
+
 def upload(client: Any, path: Path, name: str = "tiny", **kwargs: Any):
     data = path.read_bytes()
     headers = {"Content-Type": "text/plain"}

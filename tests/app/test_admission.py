@@ -12,13 +12,13 @@ from sqlalchemy import update
 
 from app.db import JobRow
 from app.services import admission
-from engine import SlideConfig
+from engine import ModelConfig, SlideConfig
 from engine.memory import estimate_memory
-from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
+from tests.app.helpers import assert_problem, job_diagnosis, merged, upload, wait_for
 from tests.conftest import make_settings
 
 GiB = 1 << 30
-FAST = {"hidden": [32], "batch_size": 64, "seed": 3}
+FAST = {"model": {"hidden": [32]}, "optimizer": {"batch_size": 64}, "seed": 3}
 
 
 def _small_dataset(tmp_path):
@@ -33,23 +33,25 @@ def test_a_job_over_the_limit_is_422_naming_estimate_limit_and_fields(tmp_path, 
     settings = make_settings(tmp_path / "data", max_job_memory=GiB)
     client = client_for(settings)
     train = upload(client, _small_dataset(tmp_path)).json()
-    r = client.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": {"hidden": [30000, 30000]}})
+    r = client.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": {"model": {"hidden": [30000, 30000]}}})
     p = assert_problem(r, 422)
     assert p["type"] == "urn:slide:problem:memory-limit", p
     expected = estimate_memory(
-        SlideConfig(hidden=(30000, 30000)), 20, 6, 3, nnz=40, label_entries=25, threads=1
+        SlideConfig(model=ModelConfig(hidden=(30000, 30000))), 20, 6, 3, nnz=40, label_entries=25, threads=1
     )  # SLIDE_TRAINER_THREADS=1 in tests: a pool of one thread
     assert p["estimated_memory_bytes"] == expected.total > p["limit_bytes"] == GiB
-    assert p["fields"][0] == "hidden" and p["field"] == "body.config.hidden", p
+    assert p["fields"][0] == "model.hidden" and p["field"] == "body.config.model.hidden", p
     assert p["memory_breakdown"]["weights"] == expected.parts["weights"]
     assert "SLIDE_MAX_JOB_MEMORY" in p["detail"] and "hidden=[30000, 30000]" in p["detail"], p["detail"]
     assert client.get("/v1/jobs").json()["count"] == 0
     assert not settings.jobs_dir.exists() or not any(settings.jobs_dir.iterdir())
 
-    ok = client.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": {**FAST, "epochs": 1}})
+    ok = client.post(
+        "/v1/jobs", json={"train_dataset_id": train["id"], "config": merged(FAST, {"schedule": {"epochs": 1}})}
+    )
     assert ok.status_code == 201, ok.text
     body = ok.json()
-    cfg = SlideConfig.from_dict({**FAST, "epochs": 1, "threads": 1})
+    cfg = SlideConfig.from_dict(merged(FAST, {"schedule": {"epochs": 1}, "threads": 1}))
     assert body["estimated_memory_bytes"] == estimate_memory(cfg, 20, 6, 3, nnz=40, label_entries=25, threads=1).total
     assert sum(body["memory_breakdown"].values()) == body["estimated_memory_bytes"]
 
@@ -63,13 +65,13 @@ def test_a_broken_bound_is_422_naming_the_field_before_any_estimate(tmp_path, cl
 
     monkeypatch.setattr(admission, "estimate_job", no_estimate)
     for config, field in [
-        ({"hidden": [200_000_000]}, "body.config.hidden[0]"),
-        ({"hidden": [8] * 9}, "body.config.hidden"),
-        ({"epochs": 10**9}, "body.config.epochs"),
-        ({"bucket_size": 2**20 + 1}, "body.config.bucket_size"),
-        ({"hash_l": 5000}, "body.config.hash_l"),
-        ({"batch_size": 10**7}, "body.config.batch_size"),
-        ({"lr": 5.0}, "body.config.lr"),
+        ({"model": {"hidden": [200_000_000]}}, "body.config.model.hidden[0]"),
+        ({"model": {"hidden": [8] * 9}}, "body.config.model.hidden"),
+        ({"schedule": {"epochs": 10**9}}, "body.config.schedule.epochs"),
+        ({"sampling": {"bucket_size": 2**20 + 1}}, "body.config.sampling.bucket_size"),
+        ({"sampling": {"hash_l": 5000}}, "body.config.sampling.hash_l"),
+        ({"optimizer": {"batch_size": 10**7}}, "body.config.optimizer.batch_size"),
+        ({"optimizer": {"lr": 5.0}}, "body.config.optimizer.lr"),
     ]:
         p = assert_problem(client.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": config}), 422)
         assert p["field"] == field, p
@@ -80,7 +82,9 @@ def test_resume_is_checked_against_the_limit_too(tmp_path, client_for, xmc_files
     data = tmp_path / "data"
     client = client_for(make_settings(data, max_concurrent_jobs=1))
     train = upload(client, xmc_files["train"]).json()
-    first = client.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": {**FAST, "epochs": 500}}).json()
+    first = client.post(
+        "/v1/jobs", json={"train_dataset_id": train["id"], "config": merged(FAST, {"schedule": {"epochs": 500}})}
+    ).json()
     second = client.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": FAST}).json()
     assert second["state"] == "queued" and second["queue_position"] >= 1 and second["queue_reason"], second
     assert client.post(f"/v1/jobs/{second['id']}/stop").json()["state"] == "stopped"

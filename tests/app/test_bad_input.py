@@ -80,7 +80,7 @@ def svc(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) -> Iterator
             )
             assert r.status_code == 201, r.text
             dataset_id = r.json()["id"]
-            config = {"hidden": [16], "batch_size": 64, "epochs": 1, "seed": 1}
+            config = {"model": {"hidden": [16]}, "optimizer": {"batch_size": 64}, "schedule": {"epochs": 1}, "seed": 1}
             trained = client.post("/v1/jobs", json={"train_dataset_id": dataset_id, "config": config}).json()["id"]
             # One job at a time: this one waits behind the first and is stopped before it ever trains.
             untrained = client.post("/v1/jobs", json={"train_dataset_id": dataset_id, "config": config}).json()["id"]
@@ -507,7 +507,7 @@ def test_hostile_ids_never_touch_files_outside_the_data_dir(svc: Svc) -> None:
 def test_hostile_dataset_ids_in_a_job_are_422(svc: Svc, field: str) -> None:
     outside, before = _outside_state(svc), data_state(svc.client)
     for hostile in _hostile_ids(svc):
-        body = {"train_dataset_id": svc.dataset_id, "config": {"epochs": 1}} | {field: hostile}
+        body = {"train_dataset_id": svc.dataset_id, "config": {"schedule": {"epochs": 1}}} | {field: hostile}
         p = assert_problem(svc.client.post("/v1/jobs", json=body), 422)
         assert p["field"] == f"body.{field}", p
     assert _outside_state(svc) == outside

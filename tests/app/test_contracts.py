@@ -107,7 +107,7 @@ def test_job_spec_has_every_field_a_trainer_reads_and_pickles():
         snapshots_dir="/tmp/j/snapshots",
         train_path="/tmp/d",
         eval_path=None,
-        config={"epochs": 1},
+        config={"schedule": {"epochs": 1}},
         database_url="sqlite://",
         snapshot_interval_s=30.0,
         snapshot_keep=3,

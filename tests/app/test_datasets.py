@@ -82,7 +82,7 @@ def test_unknown_ids_and_problem_shape(client):
 
 def test_delete_in_use_is_409(client, xmc_files):
     dataset = upload(client, xmc_files["train"]).json()
-    job = client.post("/v1/jobs", json={"train_dataset_id": dataset["id"], "config": {"epochs": 1}})
+    job = client.post("/v1/jobs", json={"train_dataset_id": dataset["id"], "config": {"schedule": {"epochs": 1}}})
     assert job.status_code == 201, job.text
     p = assert_problem(client.delete(f"/v1/datasets/{dataset['id']}"), 409)
     assert job.json()["id"] in p["detail"]

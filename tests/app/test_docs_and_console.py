@@ -149,7 +149,7 @@ def test_documented_problems_are_what_the_service_answers(unsupervised, xmc_file
     ds = c.post("/v1/datasets", content=text, **send).json()["id"]
     _matches(c, c.get("/v1/datasets/nope"), "get", "/v1/datasets/{dataset_id}", 404)
 
-    body = {"train_dataset_id": ds, "config": {"epochs": 1}}
+    body = {"train_dataset_id": ds, "config": {"schedule": {"epochs": 1}}}
     first = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "k1"}).json()
     second = c.post("/v1/jobs", json=body).json()
     assert (first["state"], first["queue_position"]) == ("queued", 1)
@@ -158,7 +158,7 @@ def test_documented_problems_are_what_the_service_answers(unsupervised, xmc_file
     assert listed == {first["id"]: 1, second["id"]: 2}
     _matches(
         c,
-        c.post("/v1/jobs", json={**body, "config": {"epochs": 2}}, headers={"Idempotency-Key": "k1"}),
+        c.post("/v1/jobs", json={**body, "config": {"schedule": {"epochs": 2}}}, headers={"Idempotency-Key": "k1"}),
         "post",
         "/v1/jobs",
         409,
@@ -173,11 +173,21 @@ def test_documented_problems_are_what_the_service_answers(unsupervised, xmc_file
     assert (p["line"], p["column"]) == (3, 3)
     p = _matches(
         c,
-        c.post("/v1/jobs", json={"train_dataset_id": ds, "config": {"epochz": 3}}),
+        c.post("/v1/jobs", json={"train_dataset_id": ds, "config": {"schedule": {"epochz": 3}}}),
         "post",
         "/v1/jobs",
         422,
         "did you mean 'epochs'",
+    )
+    assert p["field"] == "body.config.schedule.epochz"
+    # a misspelt setting outside its group is pointed to its path
+    p = _matches(
+        c,
+        c.post("/v1/jobs", json={"train_dataset_id": ds, "config": {"epochz": 3}}),
+        "post",
+        "/v1/jobs",
+        422,
+        "did you mean 'schedule.epochs'",
     )
     assert p["field"] == "body.config.epochz"
     _matches(c, c.delete(f"/v1/datasets/{ds}"), "delete", "/v1/datasets/{dataset_id}", 409, first["id"])

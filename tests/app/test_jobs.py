@@ -8,12 +8,19 @@ import os
 from pathlib import Path
 
 import pytest
+from sqlalchemy import update
 
+from app.db import JobRow
 from engine import SlideConfig
-from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
+from tests.app.helpers import assert_problem, job_diagnosis, merged, upload, wait_for
 from tests.conftest import make_settings
 
-FAST = {"hidden": [32], "batch_size": 64, "seed": 3, "early_stop_patience": 0}  # a job runs all its epochs
+FAST = {
+    "model": {"hidden": [32]},
+    "optimizer": {"batch_size": 64},
+    "schedule": {"early_stop_patience": "never"},
+    "seed": 3,
+}  # a job runs all its epochs
 
 
 def _job(client, job_id):
@@ -39,28 +46,88 @@ def test_a_job_body_with_the_old_auto_and_none_numbers_runs_with_a_deprecation_n
     """0 (auto) and -1 (none / all) are read as null and the field's word for one more release, and the answer to
     the POST says what to send instead; the job shows (and runs with) what they mean."""
     train_id, _ = datasets
-    config = {"epochs": 1, "hash_l": 0, "hard_negatives": -1, "val_points": -1, "predict_probes": -1}
+    config = {
+        "sampling": {"hash_l": 0, "hard_negatives": -1},
+        "schedule": {"epochs": 1, "val_points": -1},
+        "predict": {"probes": -1},
+    }
     r = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config})
     assert r.status_code == 201, r.text
     job = r.json()
     assert len(job["deprecations"]) == 4 and any('use "all"' in d for d in job["deprecations"]), job["deprecations"]
-    shown = {k: job["config"][k] for k in config}
-    assert shown == {"epochs": 1, "hash_l": None, "hard_negatives": "all", "val_points": "none", "predict_probes": None}
+    shown = {group: {k: job["config"][group][k] for k in values} for group, values in config.items()}
+    assert shown == {
+        "sampling": {"hash_l": None, "hard_negatives": "all"},
+        "schedule": {"epochs": 1, "val_points": "none"},
+        "predict": {"probes": None},
+    }
     again = client.get(f"/v1/jobs/{job['id']}").json()
     assert again["config"] == job["config"] and again["deprecations"] == []
     client.post(f"/v1/jobs/{job['id']}/stop")
-    fresh = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 1, "hash_l": None}})
+    fresh = client.post(
+        "/v1/jobs",
+        json={"train_dataset_id": train_id, "config": {"sampling": {"hash_l": None}, "schedule": {"epochs": 1}}},
+    )
     assert fresh.status_code == 201 and fresh.json()["deprecations"] == []
     client.post(f"/v1/jobs/{fresh.json()['id']}/stop")
+
+
+def test_a_job_body_with_the_flat_names_of_the_previous_release_runs_with_a_deprecation_note(client, datasets):
+    """The settings' flat names (before the groups) are read as their paths for one more release; the answer to the
+    POST names each one's path, then the old numbers as above. The job shows and trains with the grouped config."""
+    train_id, _ = datasets
+    flat = {
+        "hidden": [32],
+        "batch_size": 64,
+        "epochs": 1,
+        "hash_l": 0,
+        "predict_hubs": "none",
+        "early_stop_patience": 0,
+        "seed": 3,
+    }
+    r = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": flat})
+    assert r.status_code == 201, r.text
+    job = r.json()
+    notes = job["deprecations"]
+    assert "epochs is deprecated and will be refused in a later release; use schedule.epochs" in notes, notes
+    assert any(n.startswith("predict_hubs is deprecated") and n.endswith("use predict.hubs") for n in notes), notes
+    assert any(n.startswith("sampling.hash_l: 0 is deprecated") and "null (auto)" in n for n in notes), notes
+    assert any(n.startswith("schedule.early_stop_patience: 0 is deprecated") and '"never"' in n for n in notes)
+    assert len(notes) == 8, notes  # six moved names, two old numbers; seed is where it was
+    config = job["config"]
+    assert not set(flat) - {"seed"} & set(config)
+    assert config["model"]["hidden"] == [32] and config["optimizer"]["batch_size"] == 64 and config["seed"] == 3
+    assert config["schedule"]["epochs"] == 1 and config["schedule"]["early_stop_patience"] == "never"
+    assert config["sampling"]["hash_l"] is None and config["predict"]["hubs"] == "none"
+    wait_for(lambda: _state_is(client, job["id"], "completed"), timeout=120, what="completed")
+    done = _job(client, job["id"])
+    assert done["deprecations"] == []  # said once, in the answer to the POST
+    # a job stored by the previous release (flat names, old numbers in its row) shows what they meant
+    with client.app.state.services.db.session() as s:
+        s.execute(update(JobRow).where(JobRow.id == job["id"]).values(config={**flat, "threads": 1}))
+    stored = _job(client, job["id"])
+    assert stored["config"] == done["config"] and stored["estimated_memory_bytes"] == done["estimated_memory_bytes"]
+
+    # a setting given both ways is refused, naming its path
+    p = assert_problem(
+        client.post(
+            "/v1/jobs", json={"train_dataset_id": train_id, "config": {"hash_l": 8, "sampling": {"hash_l": 9}}}
+        ),
+        422,
+    )
+    assert "sampling.hash_l" in p["detail"] and "given twice" in p["detail"], p
 
 
 def test_config_and_reference_errors_name_the_field(client, datasets):
     train_id, _ = datasets
     cases = [
-        ({"train_dataset_id": train_id, "config": {"hash_l": -1}}, "body.config.hash_l"),
+        ({"train_dataset_id": train_id, "config": {"sampling": {"hash_l": -1}}}, "body.config.sampling.hash_l"),
         ({"train_dataset_id": train_id, "config": {"hiden": [64]}}, "body.config.hiden"),
-        ({"train_dataset_id": train_id, "config": {"hash_family": "md5"}}, "body.config.hash_family"),
-        ({"train_dataset_id": train_id, "config": {"lr": "fast"}}, "body.config.lr"),
+        (
+            {"train_dataset_id": train_id, "config": {"sampling": {"hash_family": "md5"}}},
+            "body.config.sampling.hash_family",
+        ),
+        ({"train_dataset_id": train_id, "config": {"optimizer": {"lr": "fast"}}}, "body.config.optimizer.lr"),
         ({"train_dataset_id": "0" * 32}, "body.train_dataset_id"),
         ({"train_dataset_id": train_id, "eval_dataset_id": "nope"}, "body.eval_dataset_id"),
         ({"config": {}}, "body.train_dataset_id"),
@@ -85,12 +152,12 @@ def test_idempotency_key(tmp_path, client_for, xmc_files):
     # max_concurrent_jobs=1 and a blocker job keep these queued: no trainer process needed
     client = client_for(make_settings(tmp_path / "data", max_concurrent_jobs=1))
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    body = {"train_dataset_id": train_id, "config": {"epochs": 2}}
+    body = {"train_dataset_id": train_id, "config": {"schedule": {"epochs": 2}}}
     first = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-42"})
     assert first.status_code == 201, first.text
     again = client.post("/v1/jobs", json=body, headers={"Idempotency-Key": "order-42"})
     assert again.status_code == 200 and again.json()["id"] == first.json()["id"]
-    other = dict(body, config={"epochs": 3})
+    other = dict(body, config={"schedule": {"epochs": 3}})
     p = assert_problem(client.post("/v1/jobs", json=other, headers={"Idempotency-Key": "order-42"}), 409)
     assert p["job_id"] == first.json()["id"]
     assert client.post("/v1/jobs", json=body).json()["id"] != first.json()["id"]  # no key: a new job
@@ -103,7 +170,9 @@ def test_idempotency_key(tmp_path, client_for, xmc_files):
 def test_deleting_a_job_an_alias_points_at_is_refused(tmp_path, client_for, xmc_files):
     client = client_for(make_settings(tmp_path / "data", max_concurrent_jobs=1))
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 2}}).json()["id"]
+    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"schedule": {"epochs": 2}}}).json()[
+        "id"
+    ]
     for name in ("prod", "canary"):
         r = client.put(f"/v1/aliases/{name}", json={"model_id": job_id, "version": None})
         assert r.status_code == 200, r.text
@@ -115,7 +184,9 @@ def test_deleting_a_job_an_alias_points_at_is_refused(tmp_path, client_for, xmc_
     assert client.delete("/v1/aliases/canary").status_code == 204
     p = assert_problem(client.delete(f"/v1/jobs/{job_id}"), 409)
     assert p["aliases"] == ["prod"] and "the alias prod points" in p["detail"]
-    other = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 2}}).json()["id"]
+    other = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"schedule": {"epochs": 2}}}).json()[
+        "id"
+    ]
     assert client.put("/v1/aliases/prod", json={"model_id": other, "version": None}).status_code == 200
     assert client.delete(f"/v1/jobs/{job_id}").status_code == 204  # the alias moved away: free to go
     assert_problem(client.get(f"/v1/jobs/{job_id}"), 404)
@@ -133,18 +204,21 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
         json={
             "train_dataset_id": train_id,
             "eval_dataset_id": test_id,
-            "config": dict(FAST, epochs=100, sample_output=True),
+            "config": merged(FAST, {"model": {"sample_output": True}, "schedule": {"epochs": 100}}),
         },
     )
     assert r.status_code == 201, r.text
     job = r.json()
     job_id = job["id"]
     assert job["state"] in ("queued", "running")
-    assert job["config"]["epochs"] == 100 and job["config"]["hash_l"] == SlideConfig().hash_l  # engine defaults
+    assert (
+        job["config"]["schedule"]["epochs"] == 100
+        and job["config"]["sampling"]["hash_l"] == SlideConfig().sampling.hash_l
+    )  # engine defaults
     assert job["config"]["threads"] == 1  # SLIDE_TRAINER_THREADS applied
 
     # A second job waits for the slot: its model has no snapshot -> 503 with a clear message.
-    waiting = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 1}}).json()
+    waiting = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"schedule": {"epochs": 1}}}).json()
     assert waiting["state"] == "queued"
     p = assert_problem(
         client.post(f"/v1/models/{waiting['id']}/predict", json={"instances": [{"indices": [1], "values": [1.0]}]}), 503
@@ -270,9 +344,9 @@ def test_trainer_threads_run_niced(tmp_path, client_for, xmc_files):
     CPU first when both want it."""
     client = client_for(make_settings(tmp_path / "data", trainer_nice=5, trainer_threads=2))
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": dict(FAST, epochs=1000)}).json()[
-        "id"
-    ]
+    job_id = client.post(
+        "/v1/jobs", json={"train_dataset_id": train_id, "config": merged(FAST, {"schedule": {"epochs": 1000}})}
+    ).json()["id"]
     jobs = client.app.state.services.jobs
     wait_for(
         lambda: (_state_is(client, job_id, "running") or {}).get("progress", {}).get("step", 0) > 0,
@@ -296,7 +370,9 @@ def test_predictions_computed_at_once_are_bounded(tmp_path, client_for, xmc_file
 
     client = client_for(make_settings(tmp_path / "data", predict_concurrency=2))
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": dict(FAST, epochs=1)}).json()["id"]
+    job_id = client.post(
+        "/v1/jobs", json={"train_dataset_id": train_id, "config": merged(FAST, {"schedule": {"epochs": 1}})}
+    ).json()["id"]
     wait_for(lambda: _state_is(client, job_id, "completed"), what="completed")
     registry = client.app.state.services.registry
     inner = registry.predict

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from engine import SnapshotStore
-from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
+from tests.app.helpers import assert_problem, job_diagnosis, merged, upload, wait_for
 from tests.app.test_text_api import TEXT_CONFIG, finished_job, post_jsonl
 from tests.engine.test_text import WORDS, jsonl_bytes, text_records
 
@@ -92,7 +92,12 @@ def test_labels_handed_to_a_training_job_survive_kill_and_resume(client_for, set
 
     client = client_for(settings)
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    config = {"hidden": [32], "batch_size": 64, "seed": 5, "epochs": 200, "early_stop_patience": 0}
+    config = {
+        "model": {"hidden": [32]},
+        "optimizer": {"batch_size": 64},
+        "schedule": {"epochs": 200, "early_stop_patience": "never"},
+        "seed": 5,
+    }
     job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config}).json()["id"]
     diagnose = job_diagnosis(client, settings, job_id)
     wait_for(
@@ -152,7 +157,12 @@ def test_labels_added_as_deltas_to_a_stopped_job_survive_resume_and_kill(client_
 
     client = client_for(settings)
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    config = {"hidden": [32], "batch_size": 64, "seed": 6, "epochs": 200, "early_stop_patience": 0}
+    config = {
+        "model": {"hidden": [32]},
+        "optimizer": {"batch_size": 64},
+        "schedule": {"epochs": 200, "early_stop_patience": "never"},
+        "seed": 6,
+    }
     job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config}).json()["id"]
     diagnose = job_diagnosis(client, settings, job_id)
     wait_for(
@@ -220,12 +230,12 @@ def test_init_from_fine_tunes_on_a_dataset_with_new_labels(client, settings):
     )
     assert assert_problem(gone, 422)["field"] == "body.init_from.version"
 
-    config = {**TEXT_CONFIG, "hidden": [64], "epochs": 3}
+    config = merged(TEXT_CONFIG, {"model": {"hidden": [64]}, "schedule": {"epochs": 3}})
     body = {"train_dataset_id": newer["id"], "config": config, "init_from": {"model_id": source, "version": None}}
     r = client.post("/v1/jobs", json=body)
     assert r.status_code == 201, r.text
     job = r.json()
-    assert job["config"]["hidden"] == [16] and job["config"]["epochs"] == 3  # structure from the source
+    assert job["config"]["model"]["hidden"] == [16] and job["config"]["schedule"]["epochs"] == 3  # hidden: the source
     wait_for(
         lambda: client.get(f"/v1/jobs/{job['id']}").json()["state"] in ("completed", "failed"),
         timeout=120,

@@ -12,7 +12,7 @@ import pytest
 
 import app.api.models as models_api
 from app.db import DatasetRow, JobRow
-from engine import SlideConfig, SnapshotStore, Trainer, generate
+from engine import ModelConfig, OptimizerConfig, ScheduleConfig, SlideConfig, SnapshotStore, Trainer, generate
 from tests.app.helpers import assert_problem
 from tests.conftest import make_settings
 
@@ -22,7 +22,13 @@ def published_job(client, settings) -> tuple[str, Trainer]:
     train, _ = generate("tiny", seed=2, num_train=256, num_test=8)
     job_id = uuid.uuid4().hex
     store = SnapshotStore(settings.snapshots_dir(job_id), keep=3)
-    config = SlideConfig(hidden=(32,), batch_size=64, epochs=1, threads=1, seed=0)
+    config = SlideConfig(
+        model=ModelConfig(hidden=(32,)),
+        optimizer=OptimizerConfig(batch_size=64),
+        schedule=ScheduleConfig(epochs=1),
+        threads=1,
+        seed=0,
+    )
     trainer = Trainer(config, train, None, store)
     trainer.train_step(np.arange(64))
     trainer.publish()

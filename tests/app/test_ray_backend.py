@@ -6,15 +6,24 @@ from __future__ import annotations
 
 import pytest
 
-from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
+from tests.app.helpers import assert_problem, job_diagnosis, merged, upload, wait_for
 from tests.conftest import make_settings
 
-FAST = {"hidden": [32], "batch_size": 64, "seed": 3, "early_stop_patience": 0, "sample_output": True}
+FAST = {
+    "model": {"hidden": [32], "sample_output": True},
+    "optimizer": {"batch_size": 64},
+    "schedule": {"early_stop_patience": "never"},
+    "seed": 3,
+}
 
 
 def test_ray_backend_needs_a_ray_cluster(client, xmc_files):
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    body = {"train_dataset_id": train_id, "config": {"epochs": 1}, "backend": {"kind": "ray", "shards": 2}}
+    body = {
+        "train_dataset_id": train_id,
+        "config": {"schedule": {"epochs": 1}},
+        "backend": {"kind": "ray", "shards": 2},
+    }
     p = assert_problem(client.post("/v1/jobs", json=body), 422)
     assert p["field"] == "body.backend.kind"
     assert "SLIDE_RAY_ADDRESS" in p["detail"] and "pip install -e '.[ray]'" in p["detail"]
@@ -45,7 +54,7 @@ def test_ray_job_live_predictions_stop_resume_complete(tmp_path, client_for, xmc
         json={
             "train_dataset_id": train_id,
             "eval_dataset_id": test_id,
-            "config": dict(FAST, epochs=12),
+            "config": merged(FAST, {"schedule": {"epochs": 12}}),
             "backend": {"kind": "ray", "shards": 2},
         },
     )

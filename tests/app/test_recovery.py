@@ -10,7 +10,12 @@ from app.db import JobRow
 from tests.app.helpers import upload, wait_for
 from tests.conftest import make_settings
 
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 5, "epochs": 60, "early_stop_patience": 0}
+CONFIG = {
+    "model": {"hidden": [32]},
+    "optimizer": {"batch_size": 64},
+    "schedule": {"epochs": 60, "early_stop_patience": "never"},
+    "seed": 5,
+}
 
 
 def _job(client, job_id):
@@ -55,7 +60,7 @@ def test_crash_recovery_marks_running_jobs_interrupted(tmp_path, client_for, xmc
     train_id = upload(client, xmc_files["train"]).json()["id"]
     db = client.app.state.services.db
     ids = [
-        client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"epochs": 1}}).json()["id"]
+        client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {"schedule": {"epochs": 1}}}).json()["id"]
         for _ in range(2)
     ]
     client.__exit__(None, None, None)

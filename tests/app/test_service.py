@@ -96,13 +96,24 @@ def test_openapi_documents_problems_and_examples(client):
     predict = spec["paths"]["/v1/models/{model_id}/predict"]["post"]
     assert "examples" in predict["requestBody"]["content"]["application/json"]
     assert "503" in predict["responses"]
-    config = spec["components"]["schemas"]["SlideConfig"]["properties"]
+    schemas = spec["components"]["schemas"]
     from engine import SlideConfig
+    from engine.config import GROUPS
 
-    assert config["bucket_size"]["default"] == SlideConfig().bucket_size  # defaults come from the engine
-    assert config["hash_l"].get("default") is SlideConfig().hash_l is None  # auto: null, or no default stated
-    assert {"type": "null"} in config["hash_l"]["anyOf"]
-    assert config["hash_family"]["enum"] == ["simhash", "wta", "dwta"]
+    # one object per settings group, each with the engine's defaults and the docstrings of its fields
+    config = schemas["SlideConfig"]["properties"]
+    assert list(config) == [*GROUPS, "threads", "seed"]
+    assert config["sampling"]["$ref"] == "#/components/schemas/SamplingConfig"
+    sampling = schemas["SamplingConfig"]["properties"]
+    assert sampling["bucket_size"]["default"] == SlideConfig().sampling.bucket_size  # defaults come from the engine
+    assert sampling["hash_l"].get("default") is SlideConfig().sampling.hash_l is None  # auto: null, or no default
+    assert {"type": "null"} in sampling["hash_l"]["anyOf"]
+    assert sampling["hash_family"]["enum"] == ["simhash", "wta", "dwta"]
+    assert sampling["bucket_size"]["description"].startswith("Capacity of a bucket")
+    assert "Range: [1, 1048576]" in sampling["bucket_size"]["description"]
+    assert schemas["PredictConfig"]["description"].startswith("How a trained model serves predictions")
+    patience = schemas["ScheduleConfig"]["properties"]["early_stop_patience"]
+    assert {"type": "string", "const": "never"} in patience["anyOf"] and '0 (= "never")' in patience["description"]
     assert "HTTPValidationError" not in spec["components"]["schemas"]
     assert client.get("/docs").status_code == 200
 
@@ -117,7 +128,7 @@ def test_openapi_examples_use_the_newest_ids(client, xmc_files):
     (param,) = spec["paths"]["/v1/datasets/{dataset_id}"]["get"]["parameters"]
     assert param["example"] == train
     # "Try it out" with the example as shown works
-    r = client.post("/v1/jobs", json=dict(examples["small"]["value"], config={"epochs": 0}))
+    r = client.post("/v1/jobs", json=dict(examples["small"]["value"], config={"schedule": {"epochs": 0}}))
     assert r.status_code == 201, r.text
     spec = client.get("/openapi.json").json()
     (param,) = spec["paths"]["/v1/jobs/{job_id}"]["get"]["parameters"]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.app.helpers import assert_problem, job_diagnosis, upload, wait_for
+from tests.app.helpers import assert_problem, job_diagnosis, merged, upload, wait_for
 from tests.conftest import make_settings
 from tests.engine.test_text import jsonl_bytes, text_records
 
@@ -16,13 +16,10 @@ pytestmark = pytest.mark.slow  # each test trains jobs in trainer processes
 
 # A dense model of 12 labels: learns the planted words in a second or two (see tests/engine/test_text.py).
 TEXT_CONFIG = {
-    "hidden": [16],
-    "batch_size": 16,
-    "lr": 0.01,
-    "epochs": 15,
+    "model": {"hidden": [16], "sample_output": False, "sample_hidden": False},
+    "optimizer": {"batch_size": 16, "lr": 0.01},
+    "schedule": {"epochs": 15},
     "seed": 1,
-    "sample_output": False,
-    "sample_hidden": False,
 }
 
 
@@ -137,7 +134,7 @@ def test_text_upload_predict_names_versions_evaluate(client, settings, text_sets
 
 def test_bad_text_input_is_a_problem_never_a_500(client, settings, text_sets, xmc_files):
     train, _ = text_sets
-    job_id = finished_job(client, settings, train["id"], config={**TEXT_CONFIG, "epochs": 1})
+    job_id = finished_job(client, settings, train["id"], config=merged(TEXT_CONFIG, {"schedule": {"epochs": 1}}))
     url = f"/v1/models/{job_id}/predict"
     cases = [
         ({"instances": [{"text": ""}]}, "body.instances[0].text"),
@@ -154,7 +151,12 @@ def test_bad_text_input_is_a_problem_never_a_500(client, settings, text_sets, xm
         assert p["field"] == field, (body, p)
     # text to a model trained on feature ids
     xmc = upload(client, xmc_files["train"], name="xmc").json()
-    xmc_job = finished_job(client, settings, xmc["id"], config={"hidden": [32], "batch_size": 64, "epochs": 1})
+    xmc_job = finished_job(
+        client,
+        settings,
+        xmc["id"],
+        config={"model": {"hidden": [32]}, "optimizer": {"batch_size": 64}, "schedule": {"epochs": 1}},
+    )
     p = assert_problem(client.post(f"/v1/models/{xmc_job}/predict", json={"instances": [{"text": "hello"}]}), 422)
     assert "not trained on a text dataset" in p["detail"] and p["field"] == "body.instances[0].text"
     # unknown alias, bad alias name, deleted version
@@ -186,7 +188,12 @@ def test_label_names_for_an_xmc_dataset(client, settings, xmc_files, xmc_summari
     p = assert_problem(client.put(f"/v1/datasets/{ds['id']}/label-names", content=dup), 422)
     assert p["line"] == n
     assert_problem(client.put(f"/v1/datasets/{'0' * 32}/label-names", content=b"a\n"), 404)
-    job_id = finished_job(client, settings, ds["id"], config={"hidden": [32], "batch_size": 64, "epochs": 1})
+    job_id = finished_job(
+        client,
+        settings,
+        ds["id"],
+        config={"model": {"hidden": [32]}, "optimizer": {"batch_size": 64}, "schedule": {"epochs": 1}},
+    )
     one = {"instances": [{"indices": [0, 1], "values": [1.0, 1.0]}], "k": 3}
     assert client.post(f"/v1/models/{job_id}/predict", json=one).json()["predictions"][0]["names"] is None
     names = "\n".join(f"category {i}" for i in range(n)).encode() + b"\n"
@@ -200,7 +207,9 @@ def test_aliases_pin_versions_and_lists_page(tmp_path, client_for):
     settings = make_settings(tmp_path / "data", snapshot_keep=2, snapshot_interval_s=0.3, max_concurrent_jobs=1)
     client = client_for(settings)
     train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
-    r = client.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": {**TEXT_CONFIG, "epochs": 400}})
+    r = client.post(
+        "/v1/jobs", json={"train_dataset_id": train["id"], "config": merged(TEXT_CONFIG, {"schedule": {"epochs": 400}})}
+    )
     job_id = r.json()["id"]
     queued = client.post("/v1/jobs", json={"train_dataset_id": train["id"], "config": TEXT_CONFIG}).json()
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "running", timeout=30, what="running")
@@ -270,7 +279,7 @@ def test_a_large_evaluation_runs_in_the_background(client, settings, text_sets, 
 
     monkeypatch.setattr(evaluations, "INLINE_POINTS", 10)  # the 60-point test set counts as large
     train, test = text_sets
-    job_id = finished_job(client, settings, train["id"], config={**TEXT_CONFIG, "epochs": 2})
+    job_id = finished_job(client, settings, train["id"], config=merged(TEXT_CONFIG, {"schedule": {"epochs": 2}}))
     r = client.post(f"/v1/models/{job_id}/evaluate", json={"dataset_id": test["id"], "mode": "exact"})
     assert r.status_code == 202, r.text
     assert r.headers["location"] == r.json()["status_url"] and r.json()["state"] == "running"

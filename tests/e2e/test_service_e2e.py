@@ -17,7 +17,12 @@ import pytest
 from tests.app.helpers import wait_for
 from tests.e2e.server import Server
 
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 100, "early_stop_patience": 0}
+CONFIG = {
+    "model": {"hidden": [32]},
+    "optimizer": {"batch_size": 64},
+    "schedule": {"epochs": 100, "early_stop_patience": "never"},
+    "seed": 11,
+}
 QUERY = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "lsh"}
 
 
@@ -111,10 +116,10 @@ def test_upload_train_live_predict_stop_resume_restart(tmp_path: Path, servers, 
     # Stop -> stopped (after a checkpoint); resume -> completed, same id.
     assert c.post(f"/v1/jobs/{job_id}/stop").status_code == 202
     stopped = _until_state(c, job_id, "stopped")
-    assert stopped["progress"]["epoch"] < CONFIG["epochs"]
+    assert stopped["progress"]["epoch"] < CONFIG["schedule"]["epochs"]
     assert c.post(f"/v1/jobs/{job_id}/resume").status_code == 202
     done = _until_state(c, job_id, "completed")
-    assert done["runs"] == 2 and done["progress"]["epoch"] == CONFIG["epochs"]
+    assert done["runs"] == 2 and done["progress"]["epoch"] == CONFIG["schedule"]["epochs"]
     final = c.post(f"/v1/models/{job_id}/predict", json=QUERY).json()
     assert final["model_version"] == done["model_version"]
     metrics_text = c.get("/metrics").text
@@ -129,7 +134,10 @@ def test_upload_train_live_predict_stop_resume_restart(tmp_path: Path, servers, 
     again = _job(c, job_id)
     assert again["state"] == "completed" and again["model_version"] == done["model_version"]
     steps = [m["step"] for m in c.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
-    assert steps == sorted(set(steps)) and len(steps) in (CONFIG["epochs"], CONFIG["epochs"] + 1)  # + the stop
+    assert steps == sorted(set(steps)) and len(steps) in (
+        CONFIG["schedule"]["epochs"],
+        CONFIG["schedule"]["epochs"] + 1,
+    )  # + the stop
     model = c.get(f"/v1/models/{job_id}").json()
     assert model["ready"] and model["latest_version"] == done["model_version"]
     r = c.post(f"/v1/models/{job_id}/predict", json=QUERY)

@@ -16,13 +16,10 @@ from tests.e2e.server import Server
 from tests.engine.test_text import jsonl_bytes, text_records
 
 CONFIG = {
-    "hidden": [16],
-    "batch_size": 16,
-    "lr": 0.01,
-    "epochs": 2000,  # trains until stopped
+    "model": {"hidden": [16], "sample_output": False, "sample_hidden": False},
+    "optimizer": {"batch_size": 16, "lr": 0.01},
+    "schedule": {"epochs": 2000},  # trains until stopped
     "seed": 2,
-    "sample_output": False,
-    "sample_hidden": False,
 }
 QUERY = {"instances": [{"text": "w10 w11 w12"}, {"text": "w35 w36"}], "k": 3, "mode": "exact"}
 

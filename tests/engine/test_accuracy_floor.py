@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import SlideConfig, Trainer, read_xmc
+from engine import ScheduleConfig, SlideConfig, Trainer, read_xmc
 from engine._numba import set_threads
 from engine.metrics import precision_at_k
 
@@ -41,7 +41,7 @@ def test_the_set_is_what_the_floor_was_recorded_on(data):
 def test_two_epochs_of_the_defaults_reach_the_floor(data):
     train, test = data
     set_threads(1)
-    trainer = Trainer(SlideConfig(epochs=2, seed=0, threads=1), train, test)
+    trainer = Trainer(SlideConfig(schedule=ScheduleConfig(epochs=2), seed=0, threads=1), train, test)
     result = trainer.run()
     pred, _, _, mode = trainer.model.predict_with_stats(test.x_indptr, test.x_indices, test.x_values, k=1)
     served = precision_at_k(pred, test.y_indptr, test.y_indices, 1)

@@ -9,15 +9,20 @@ import typing
 
 import pytest
 
-from engine import ConfigError, SlideConfig
-from engine.config import BOUNDS, MAX_HIDDEN_LAYERS
+from engine import ConfigError, ModelConfig, SlideConfig
+from engine.config import BOUNDS, GROUPS, MAX_HIDDEN_LAYERS, with_settings
 
-NUMERIC = [
-    f.name
-    for f in dataclasses.fields(SlideConfig)
-    if (hint := typing.get_type_hints(SlideConfig)[f.name]) in (int, float, tuple[int, ...], tuple[int, ...] | None)
-    or {int, float} & set(typing.get_args(hint))  # a number or null (auto) and/or a word
-]
+
+def _numeric(prefix: str, cls: type) -> list[str]:
+    return [
+        f"{prefix}{f.name}"
+        for f in dataclasses.fields(cls)
+        if (hint := typing.get_type_hints(cls)[f.name]) in (int, float, tuple[int, ...], tuple[int, ...] | None)
+        or {int, float} & set(typing.get_args(hint))  # a number or null (auto) and/or a word
+    ]
+
+
+NUMERIC = _numeric("", SlideConfig) + [p for name, cls in GROUPS.items() for p in _numeric(f"{name}.", cls)]
 
 
 def test_every_numeric_setting_has_bounds():
@@ -37,9 +42,9 @@ def _outside(name: str) -> list[float]:
 def test_values_outside_the_bounds_are_refused_naming_the_field(name):
     for value in _outside(name):
         value = int(value) if isinstance(BOUNDS[name].high, int) else value
-        setting = (value,) if name == "hidden" else value
+        setting = (value,) if name == "model.hidden" else value
         with pytest.raises(ConfigError) as info:
-            SlideConfig(**{name: setting})
+            with_settings(SlideConfig(), {name: setting})
         assert info.value.field == name and str(BOUNDS[name]) in str(info.value)
 
 
@@ -47,28 +52,36 @@ def test_values_outside_the_bounds_are_refused_naming_the_field(name):
 def test_the_bounds_themselves_are_accepted(name):
     b = BOUNDS[name]
     for value in [v for v, open_ in ((b.low, b.low_open), (b.high, b.high_open)) if not open_]:
-        extra = {"hash_l": 1024} if name == "active_threshold" else {}
-        SlideConfig(**{name: (value,) if name == "hidden" else value, **extra})
+        extra = {"sampling.hash_l": 1024} if name == "sampling.active_threshold" else {}
+        with_settings(SlideConfig(), {name: (value,) if name == "model.hidden" else value, **extra})
 
 
 def test_hidden_layer_count_is_bounded():
-    SlideConfig(hidden=(8,) * MAX_HIDDEN_LAYERS)
+    SlideConfig(model=ModelConfig(hidden=(8,) * MAX_HIDDEN_LAYERS))
     with pytest.raises(ConfigError, match="hidden"):
-        SlideConfig(hidden=(8,) * (MAX_HIDDEN_LAYERS + 1))
+        SlideConfig(model=ModelConfig(hidden=(8,) * (MAX_HIDDEN_LAYERS + 1)))
     with pytest.raises(ConfigError, match="hidden"):
-        SlideConfig(hidden=())
+        SlideConfig(model=ModelConfig(hidden=()))
 
 
 def test_the_job_schema_states_the_same_bounds():
     from app.schemas import SlideConfigModel
 
-    props = SlideConfigModel.model_json_schema()["properties"]
-    hidden = props["hidden"]["anyOf"][0]  # the widths; then null (auto)
-    assert props["hidden"]["anyOf"][1] == {"type": "null"} and props["hidden"]["default"] is None
+    schema = SlideConfigModel.model_json_schema()
+
+    def props(path: str) -> dict:
+        group, _, name = path.rpartition(".")
+        if not group:
+            return schema["properties"][name]
+        assert schema["properties"][group]["$ref"] == f"#/$defs/{GROUPS[group].__name__}"
+        return schema["$defs"][GROUPS[group].__name__]["properties"][name]
+
+    hidden = props("model.hidden")["anyOf"][0]  # the widths; then null (auto)
+    assert props("model.hidden")["anyOf"][1] == {"type": "null"} and props("model.hidden")["default"] is None
     for name, b in BOUNDS.items():
-        schema = hidden["items"] if name == "hidden" else props[name]
-        schema = schema["anyOf"][0] if "anyOf" in schema else schema  # the number; then its word, old numbers, null
-        assert schema["exclusiveMinimum" if b.low_open else "minimum"] == b.low, name
-        assert schema["exclusiveMaximum" if b.high_open else "maximum"] == b.high, name
-        assert f"Range: {b}" in props[name]["description"], name
+        number = hidden["items"] if name == "model.hidden" else props(name)
+        number = number["anyOf"][0] if "anyOf" in number else number  # the number; then its word, old numbers, null
+        assert number["exclusiveMinimum" if b.low_open else "minimum"] == b.low, name
+        assert number["exclusiveMaximum" if b.high_open else "maximum"] == b.high, name
+        assert f"Range: {b}" in props(name)["description"], name
     assert hidden["maxItems"] == MAX_HIDDEN_LAYERS and hidden["minItems"] == 1

@@ -39,3 +39,40 @@ def test_train_eval_predict_report_resolutions_and_modes(tmp_path, capsys):
     predictions = lines(capsys)
     assert len(predictions) == 100 and {p["mode"] for p in predictions} == {"exact"}
     assert all(len(p["labels"]) == 3 for p in predictions)
+
+
+def test_train_reads_a_toml_file_of_groups_and_flags_over_it(tmp_path, capsys):
+    """`--config file.toml` takes one table per settings group (run-level settings at the top), "auto" for null;
+    a flag overrides the file. A file in the previous release's flat form still loads, a note per old name."""
+    from engine.cli import build_config, make_parser
+    from engine.config import ModelConfig, PredictConfig, SamplingConfig, ScheduleConfig, SlideConfig
+
+    grouped = tmp_path / "grouped.toml"
+    grouped.write_text(
+        'seed = 7\n[model]\nhidden = [64, 32]\n[sampling]\nhash_l = 24\nhash_k = "auto"\nrebuild_every = "never"\n'
+        '[schedule]\nepochs = 4\nearly_stop_patience = "never"\n[predict]\nhubs = "none"\n'
+    )
+    args = ["train", "--train", "t.txt", "--out", "m", "--config", str(grouped)]
+    config = build_config(make_parser().parse_args([*args, "--epochs", "6", "--predict-probes", "2"]))
+    assert config == SlideConfig(
+        model=ModelConfig(hidden=(64, 32)),
+        sampling=SamplingConfig(hash_l=24, hash_k=None, rebuild_every="never"),
+        schedule=ScheduleConfig(epochs=6, early_stop_patience="never"),
+        predict=PredictConfig(hubs="none", probes=2),
+        seed=7,
+    )
+    assert capsys.readouterr().err == ""
+
+    flat = tmp_path / "flat.toml"
+    flat.write_text('seed = 7\nhidden = [64, 32]\nhash_l = 24\nearly_stop_patience = 0\npredict_hubs = "none"\n')
+    old = build_config(make_parser().parse_args(["train", "--train", "t.txt", "--out", "m", "--config", str(flat)]))
+    assert old == SlideConfig(
+        model=ModelConfig(hidden=(64, 32)),
+        sampling=SamplingConfig(hash_l=24),
+        schedule=ScheduleConfig(early_stop_patience="never"),
+        predict=PredictConfig(hubs="none"),
+        seed=7,
+    )
+    err = capsys.readouterr().err
+    assert f"slide: {flat}: hash_l is deprecated and will be refused in a later release; use sampling.hash_l" in err
+    assert "schedule.early_stop_patience: 0 is deprecated" in err and "predict_hubs is deprecated" in err

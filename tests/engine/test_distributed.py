@@ -15,7 +15,8 @@ import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster  # noqa: E402
 
-from engine import SlideConfig, generate  # noqa: E402
+from engine import ModelConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, SlideConfig, generate  # noqa: E402
+from engine.config import with_settings  # noqa: E402
 from engine.distributed import DistributedTrainer, ShardLostError  # noqa: E402
 from engine.metrics import precision_at_k  # noqa: E402
 from engine.snapshot import SnapshotStore, load_arrays, load_model, read_manifest  # noqa: E402
@@ -44,16 +45,23 @@ def data():
     return generate("tiny", seed=5)
 
 
-def config(**over) -> SlideConfig:
-    base = dict(hidden=(32,), batch_size=64, threads=1, seed=11, rehash_n0=5, epochs=1, eval_points=None)
-    return SlideConfig(**{**base, **over})
+def config(over: dict) -> SlideConfig:
+    base = SlideConfig(
+        model=ModelConfig(hidden=(32,)),
+        sampling=SamplingConfig(rehash_n0=5),
+        optimizer=OptimizerConfig(batch_size=64),
+        schedule=ScheduleConfig(epochs=1, eval_points=None),
+        threads=1,
+        seed=11,
+    )
+    return with_settings(base, over)
 
 
 @pytest.mark.parametrize("sample_output", [True, False])
 def test_one_shard_is_the_single_process_trainer(cluster, data, tmp_path, sample_output):
     """P=1 runs the sharded stages and reproduces Trainer bit for bit: metrics, model and optimizer."""
     train, test = data
-    cfg = config(sample_output=sample_output, epochs=2)
+    cfg = config({"model.sample_output": sample_output, "schedule.epochs": 2})
     single = Trainer(cfg, train, test, SnapshotStore(tmp_path / "single"))
     want = single.run()
     with DistributedTrainer(
@@ -84,7 +92,14 @@ def two_shards(cluster, data, tmp_path_factory):
     points, its snapshot store) and the single-process run's result at the same seed. The shards stop here, so
     that the next tests find the worker node free."""
     train, test = data
-    cfg = config(sample_output=True, epochs=4, val_points="none", random_negatives=100)
+    cfg = config(
+        {
+            "model.sample_output": True,
+            "schedule.epochs": 4,
+            "schedule.val_points": "none",
+            "sampling.random_negatives": 100,
+        }
+    )
     root = tmp_path_factory.mktemp("two")
     single_result = Trainer(cfg, train, test).run()
     x = test.row_slice(0, 300)
@@ -141,7 +156,7 @@ def test_cli_trains_on_shards_and_resumes(cluster, data, tmp_path, capsys):
 
 def test_losing_a_node_stops_training_and_resume_completes(cluster, data, tmp_path):
     train, test = data
-    cfg = config(sample_output=True, epochs=6, val_points="none")
+    cfg = config({"model.sample_output": True, "schedule.epochs": 6, "schedule.val_points": "none"})
     store = SnapshotStore(tmp_path / "job")
     trainer = DistributedTrainer(cfg, train, test, store, shards=2, actor_options=ON_WORKER)
     failure: list[BaseException] = []

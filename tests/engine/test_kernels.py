@@ -8,7 +8,7 @@ from numba import njit
 
 from engine import lsh, schedule, tables
 from engine._numba import set_threads
-from engine.config import SlideConfig
+from engine.config import ModelConfig, SamplingConfig, SlideConfig, with_settings
 from engine.kernels.forward import sparse_input_layer
 from engine.kernels.lowlevel import float_bits, float_from_bits, store_weight
 from engine.kernels.optimizer import adam_row, adam_row_bf16, from_bfloat16, group_by_row, row_salt, to_bfloat16
@@ -32,10 +32,10 @@ def data():
     return naive.planted_dataset(40, F, L, seed=1, vocab=5, noise=2, max_labels=3)
 
 
-def exact_config(**settings) -> SlideConfig:
-    """A config with float32 weights: these tests hold the engine to float64 textbook Adam, which
-    bfloat16 storage would only meet within its resolution (tested on its own below)."""
-    return SlideConfig(weight_dtype="float32", **{"sample_output": True, **settings})
+def exact_config(settings: dict) -> SlideConfig:
+    """A config with float32 weights and these settings (by path): these tests hold the engine to float64
+    textbook Adam, which bfloat16 storage would only meet within its resolution (tested on its own below)."""
+    return with_settings(SlideConfig(model=ModelConfig(weight_dtype="float32", sample_output=True)), settings)
 
 
 def snapshot_params(model):
@@ -103,8 +103,10 @@ class NaiveAdam:
         """keep: the output deltas kept (hard negatives); the output rows none of them touch take no step.
         shift: the output logits' log-Q correction (random negatives)."""
         cfg = self.cfg
-        lr = cfg.lr * schedule.lr_factor(self.t, self.warmup, 0, cfg.lr_decay)  # no validation split: no decay
-        hp = (lr, cfg.beta1, cfg.beta2, cfg.eps)
+        lr = cfg.optimizer.lr * schedule.lr_factor(
+            self.t, self.warmup, 0, cfg.schedule.lr_decay
+        )  # no validation split: no decay
+        hp = (lr, cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.eps)
         g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep, shift)
         rows0 = np.flatnonzero(np.any(x != 0, axis=0))
         naive.adam_rows(self.w0, self.m[0], self.v[0], self.steps[0], g_w0, rows0, *hp)
@@ -117,7 +119,7 @@ class NaiveAdam:
             else:
                 rows = np.arange(w.shape[0])
             naive.adam_rows(w, self.m[layer], self.v[layer], self.steps[layer], g, rows, *hp)
-            if active and layer in active and cfg.moment_dtype == "bfloat16":
+            if active and layer in active and cfg.optimizer.moment_dtype == "bfloat16":
                 self.m[layer][rows] = from_bfloat16(to_bfloat16(self.m[layer][rows]))
         self.t += 1
         naive.adam_vector(self.b0, self.mb0, self.vb0, self.t, g_b0, *hp)
@@ -125,7 +127,7 @@ class NaiveAdam:
 
     def assert_matches(self, trainer, rtol=1e-4, atol_w=None):
         model = trainer.model
-        atol_w = atol_w if atol_w is not None else 1e-3 * self.cfg.lr
+        atol_w = atol_w if atol_w is not None else 1e-3 * self.cfg.optimizer.lr
         ours = [self.w0, *self.ws]
         for layer, w in enumerate(model.weights):
             np.testing.assert_array_equal(
@@ -154,7 +156,16 @@ class NaiveAdam:
 # ---- dense training step == naive gradient + naive lazy Adam -----------------------------------------
 @pytest.mark.parametrize("hidden", [(8,), (8, 6)])
 def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
-    cfg = exact_config(hidden=hidden, sample_output=False, batch_size=6, lr=1e-2, init_std=0.3, seed=4)
+    cfg = exact_config(
+        {
+            "model.hidden": hidden,
+            "model.sample_output": False,
+            "optimizer.batch_size": 6,
+            "optimizer.lr": 1e-2,
+            "model.init_std": 0.3,
+            "seed": 4,
+        }
+    )
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
     # Two full batches and a partial one (4 < batch_size); features and rows overlap between batches.
@@ -173,7 +184,16 @@ def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
 
 def test_first_moment_is_the_batch_gradient(data):
     """After one step from zero state m = (1 - beta1) g exactly: the gradient itself, not just its sign."""
-    cfg = exact_config(hidden=(8, 6), sample_output=False, batch_size=8, lr=1e-3, init_std=0.3, seed=2)
+    cfg = exact_config(
+        {
+            "model.hidden": (8, 6),
+            "model.sample_output": False,
+            "optimizer.batch_size": 8,
+            "optimizer.lr": 1e-3,
+            "model.init_std": 0.3,
+            "seed": 2,
+        }
+    )
     trainer = Trainer(cfg, data)
     w0, b0, ws = snapshot_params(trainer.model)
     points = np.arange(8)
@@ -182,7 +202,7 @@ def test_first_moment_is_the_batch_gradient(data):
     g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
     for layer, g in enumerate([g_w0, *gs]):
         assert np.abs(g).max() > 1e-4
-        np.testing.assert_allclose(trainer.adam.m[layer] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8)
+        np.testing.assert_allclose(trainer.adam.m[layer] / (1 - cfg.optimizer.beta1), g, rtol=2e-4, atol=1e-8)
 
 
 def test_unlabelled_points_contribute_no_gradient(data):
@@ -192,7 +212,16 @@ def test_unlabelled_points_contribute_no_gradient(data):
     unlabelled = naive.planted_dataset(8, F, L, seed=3, unlabelled=1.0)
     assert unlabelled.num_label_entries == 0
     for hidden in [(8,), (8, 6)]:
-        cfg = exact_config(hidden=hidden, sample_output=False, batch_size=8, lr=1e-2, init_std=0.3, seed=1)
+        cfg = exact_config(
+            {
+                "model.hidden": hidden,
+                "model.sample_output": False,
+                "optimizer.batch_size": 8,
+                "optimizer.lr": 1e-2,
+                "model.init_std": 0.3,
+                "seed": 1,
+            }
+        )
         trainer = Trainer(cfg, unlabelled)
         before = [w.copy() for w in trainer.model.weights]
         loss, labelled, _ = trainer.train_step(np.arange(8))
@@ -205,7 +234,16 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
     mixed = naive.planted_dataset(12, F, L, seed=8, unlabelled=0.4)
     lens = np.diff(mixed.y_indptr)
     assert (lens == 0).any() and (lens > 0).any()
-    cfg = exact_config(hidden=(8, 6), sample_output=False, batch_size=12, lr=1e-2, init_std=0.3, seed=3)
+    cfg = exact_config(
+        {
+            "model.hidden": (8, 6),
+            "model.sample_output": False,
+            "optimizer.batch_size": 12,
+            "optimizer.lr": 1e-2,
+            "model.init_std": 0.3,
+            "seed": 3,
+        }
+    )
     trainer = Trainer(cfg, mixed)
     w0, b0, ws = snapshot_params(trainer.model)
     x, labels = batch(mixed, np.arange(12))
@@ -213,7 +251,11 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
     g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
     for layer, g in enumerate([g_w0, *gs]):
         np.testing.assert_allclose(
-            trainer.adam.m[layer] / (1 - cfg.beta1), g, rtol=2e-4, atol=1e-8, err_msg=f"gradient of layer {layer}"
+            trainer.adam.m[layer] / (1 - cfg.optimizer.beta1),
+            g,
+            rtol=2e-4,
+            atol=1e-8,
+            err_msg=f"gradient of layer {layer}",
         )
 
 
@@ -222,18 +264,20 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
 def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(data, sample_hidden):
     hidden = (16, 12) if sample_hidden else (16,)
     cfg = exact_config(
-        hidden=hidden,
-        sample_hidden=sample_hidden,
-        hash_family="simhash",
-        hash_k=3,
-        hash_l=2,
-        bucket_size=4,
-        min_active=6,
-        batch_size=8,
-        lr=1e-2,
-        init_std=0.3,
-        seed=7,
-        rehash_n0=1000,
+        {
+            "model.hidden": hidden,
+            "model.sample_hidden": sample_hidden,
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 3,
+            "sampling.hash_l": 2,
+            "sampling.bucket_size": 4,
+            "sampling.min_active": 6,
+            "optimizer.batch_size": 8,
+            "optimizer.lr": 1e-2,
+            "model.init_std": 0.3,
+            "seed": 7,
+            "sampling.rehash_n0": 1000,
+        }
     )
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
@@ -262,18 +306,20 @@ def test_hard_negatives_keep_the_most_probable_non_labels(data):
     and its h most probable other active neurons get a delta; rows no kept delta touches take no
     Adam step. Checked against the naive gradient with the same mask and naive lazy Adam."""
     cfg = exact_config(
-        hidden=(16,),
-        hash_family="simhash",
-        hash_k=3,
-        hash_l=2,
-        bucket_size=4,
-        min_active=10,
-        hard_negatives=3,
-        batch_size=8,
-        lr=1e-2,
-        init_std=0.3,
-        seed=7,
-        rehash_n0=1000,
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 3,
+            "sampling.hash_l": 2,
+            "sampling.bucket_size": 4,
+            "sampling.min_active": 10,
+            "sampling.hard_negatives": 3,
+            "optimizer.batch_size": 8,
+            "optimizer.lr": 1e-2,
+            "model.init_std": 0.3,
+            "seed": 7,
+            "sampling.rehash_n0": 1000,
+        }
     )
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
@@ -323,20 +369,22 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
     shifted softmax, and the hard-negative cut ranks only the retrieved neurons (the drawn ones keep
     their delta; with many of them the shift is small and some rank below the cut)."""
     cfg = exact_config(
-        hidden=(16,),
-        hash_family="simhash",
-        hash_k=3,
-        hash_l=2,
-        bucket_size=4,
-        min_active=8,
-        random_negatives=r,
-        random_negative_group=1,
-        hard_negatives=hard_negatives,
-        batch_size=8,
-        lr=1e-2,
-        init_std=0.3,
-        seed=7,
-        rehash_n0=1000,
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 3,
+            "sampling.hash_l": 2,
+            "sampling.bucket_size": 4,
+            "sampling.min_active": 8,
+            "sampling.random_negatives": r,
+            "sampling.random_negative_group": 1,
+            "sampling.hard_negatives": hard_negatives,
+            "optimizer.batch_size": 8,
+            "optimizer.lr": 1e-2,
+            "model.init_std": 0.3,
+            "seed": 7,
+            "sampling.rehash_n0": 1000,
+        }
     )
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
@@ -372,17 +420,19 @@ def test_random_negatives_are_uniform_over_the_unretrieved(data):
     per-label counts over many points against their expectation (chi-square, fixed seed)."""
     r = 5
     cfg = exact_config(
-        hidden=(16,),
-        hash_family="simhash",
-        hash_k=3,
-        hash_l=2,
-        bucket_size=4,
-        random_negatives=r,
-        random_negative_group=1,
-        batch_size=40,
-        lr=1e-6,
-        seed=3,
-        rehash_n0=1000,
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 3,
+            "sampling.hash_l": 2,
+            "sampling.bucket_size": 4,
+            "sampling.random_negatives": r,
+            "sampling.random_negative_group": 1,
+            "optimizer.batch_size": 40,
+            "optimizer.lr": 1e-6,
+            "seed": 3,
+            "sampling.rehash_n0": 1000,
+        }
     )
     trainer = Trainer(cfg, data)
     counts, expected = np.zeros(L), np.zeros(L)
@@ -411,16 +461,18 @@ def test_random_negatives_are_shared_within_a_group():
     wide = naive.planted_dataset(32, F, 3000, seed=2, vocab=5, noise=2, max_labels=3)
     r, g = 20, 4
     cfg = exact_config(
-        hidden=(16,),
-        hash_family="simhash",
-        hash_k=3,
-        hash_l=2,
-        bucket_size=4,
-        random_negatives=r,
-        random_negative_group=g,
-        batch_size=16,
-        seed=5,
-        rehash_n0=1000,
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 3,
+            "sampling.hash_l": 2,
+            "sampling.bucket_size": 4,
+            "sampling.random_negatives": r,
+            "sampling.random_negative_group": g,
+            "optimizer.batch_size": 16,
+            "seed": 5,
+            "sampling.rehash_n0": 1000,
+        }
     )
     trainer = Trainer(cfg, wide)
     for _ in range(2):
@@ -476,16 +528,16 @@ def test_random_negatives_auto_only_for_wide_output_layers():
     assert lsh.resolve_random_negatives(SlideConfig(), 670_091) == 250
     assert lsh.resolve_random_negatives(SlideConfig(), 205_443) == 250
     assert lsh.resolve_random_negatives(SlideConfig(), 2_000) == 0
-    assert lsh.resolve_random_negatives(SlideConfig(random_negatives="none"), 670_091) == 0
-    assert lsh.resolve_random_negatives(SlideConfig(random_negatives=7), 2_000) == 7
-    assert lsh.resolve_random_negatives(SlideConfig(random_negatives=70), 40) == 40
+    assert lsh.resolve_random_negatives(SlideConfig(sampling=SamplingConfig(random_negatives="none")), 670_091) == 0
+    assert lsh.resolve_random_negatives(SlideConfig(sampling=SamplingConfig(random_negatives=7)), 2_000) == 7
+    assert lsh.resolve_random_negatives(SlideConfig(sampling=SamplingConfig(random_negatives=70)), 40) == 40
 
 
 def test_hard_negatives_auto_only_for_wide_output_layers():
     assert lsh.resolve_hard_negatives(SlideConfig(), 670_091) == lsh.target_active(670_091) // 4 == 250
     assert lsh.resolve_hard_negatives(SlideConfig(), 2_000) == 0
-    assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives="all"), 670_091) == 0
-    assert lsh.resolve_hard_negatives(SlideConfig(hard_negatives=7), 2_000) == 7
+    assert lsh.resolve_hard_negatives(SlideConfig(sampling=SamplingConfig(hard_negatives="all")), 670_091) == 0
+    assert lsh.resolve_hard_negatives(SlideConfig(sampling=SamplingConfig(hard_negatives=7)), 2_000) == 7
 
 
 def test_capped_candidates_keep_the_frequent_and_a_uniform_share_of_the_ties():
@@ -537,16 +589,18 @@ def test_active_set_follows_the_buckets(data, max_active):
     """The output active set of a point = union of its L buckets (capped to the most frequently
     retrieved when max_active > 0) + its labels."""
     cfg = exact_config(
-        hidden=(16,),
-        hash_family="simhash",
-        hash_k=2,
-        hash_l=3,
-        bucket_size=1000,
-        batch_size=8,
-        max_active=max_active,
-        init_std=0.3,
-        seed=5,
-        rehash_n0=1000,
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 2,
+            "sampling.hash_l": 3,
+            "sampling.bucket_size": 1000,
+            "optimizer.batch_size": 8,
+            "sampling.max_active": max_active,
+            "model.init_std": 0.3,
+            "seed": 5,
+            "sampling.rehash_n0": 1000,
+        }
     )
     trainer = Trainer(cfg, data)
     model = trainer.model
@@ -575,7 +629,7 @@ def test_active_set_follows_the_buckets(data, max_active):
 # ---- finite differences --------------------------------------------------------------------------------
 def test_naive_gradient_matches_finite_differences(data):
     rng = np.random.default_rng(0)
-    cfg = exact_config(hidden=(7, 5), sample_output=False, init_std=0.4, seed=11)
+    cfg = exact_config({"model.hidden": (7, 5), "model.sample_output": False, "model.init_std": 0.4, "seed": 11})
     model = SlideModel.initialize(cfg, F, L)
     w0, b0, ws = snapshot_params(model)
     b0 += rng.normal(0, 0.1, size=b0.shape)
@@ -598,7 +652,16 @@ def test_naive_gradient_matches_finite_differences(data):
 
 def test_engine_gradient_matches_finite_differences_of_the_engine_loss(data):
     """The engine's own float32 loss, differentiated numerically, against the gradient its optimizer saw."""
-    cfg = exact_config(hidden=(7, 5), sample_output=False, batch_size=10, init_std=0.5, lr=1e-3, seed=13)
+    cfg = exact_config(
+        {
+            "model.hidden": (7, 5),
+            "model.sample_output": False,
+            "optimizer.batch_size": 10,
+            "model.init_std": 0.5,
+            "optimizer.lr": 1e-3,
+            "seed": 13,
+        }
+    )
     base = SlideModel.initialize(cfg, F, L)
     points = np.arange(10)
 
@@ -609,7 +672,7 @@ def test_engine_gradient_matches_finite_differences_of_the_engine_loss(data):
         return loss / len(points), trainer
 
     _, trainer = run(base.weights, base.b0)
-    grads = [m / (1 - cfg.beta1) for m in trainer.adam.m]
+    grads = [m / (1 - cfg.optimizer.beta1) for m in trainer.adam.m]
     rng = np.random.default_rng(1)
     h = 1e-2  # the engine keeps per-point losses in float32: the step must dwarf their rounding
     checked = 0
@@ -633,18 +696,20 @@ def trained_model():
     set_threads(1)
     train = naive.planted_dataset(300, 60, 120, seed=2, vocab=6, noise=2)
     cfg = exact_config(
-        hidden=(16,),
-        hash_family="simhash",
-        hash_k=4,
-        hash_l=6,
-        bucket_size=64,
-        batch_size=32,
-        hub_neurons=8,
-        lr=5e-3,
-        init_std=0.1,
-        seed=21,
-        rehash_n0=5,
-        epochs=2,
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 4,
+            "sampling.hash_l": 6,
+            "sampling.bucket_size": 64,
+            "optimizer.batch_size": 32,
+            "sampling.hub_neurons": 8,
+            "optimizer.lr": 5e-3,
+            "model.init_std": 0.1,
+            "seed": 21,
+            "sampling.rehash_n0": 5,
+            "schedule.epochs": 2,
+        }
     )
     trainer = Trainer(cfg, train)
     trainer.run()
@@ -692,7 +757,8 @@ def test_lsh_scores_are_exact_scores_of_the_same_labels(trained_model):
 def test_lsh_candidates_are_the_union_of_buckets(trained_model, threshold, train_cap, predict_cap, predict_hubs, cap):
     base, data = trained_model
     cfg = base.config.replace(
-        active_threshold=threshold, max_active=train_cap, predict_max_active=predict_cap, predict_hubs=predict_hubs
+        sampling=base.config.sampling.replace(active_threshold=threshold, max_active=train_cap),
+        predict=base.config.predict.replace(max_active=predict_cap, hubs=predict_hubs),
     )
     model = SlideModel(cfg, base.num_features, base.num_labels, base.weights, base.b0, base.hashes, base.tables)
     hf, tb = model.hashes[0], model.tables[0]
@@ -753,16 +819,11 @@ def test_exact_predict_ignores_hidden_sampling(weight_dtype):
     the decoded weights, when they are stored as bfloat16)."""
     data = naive.planted_dataset(30, F, L, seed=9)
     cfg = SlideConfig(
-        hidden=(12, 10),
-        sample_hidden=True,
-        sample_output=True,
-        hash_family="simhash",
-        hash_k=2,
-        hash_l=2,
-        bucket_size=2,
-        init_std=0.3,
+        model=ModelConfig(
+            hidden=(12, 10), sample_hidden=True, sample_output=True, init_std=0.3, weight_dtype=weight_dtype
+        ),
+        sampling=SamplingConfig(hash_family="simhash", hash_k=2, hash_l=2, bucket_size=2),
         seed=2,
-        weight_dtype=weight_dtype,
     )
     model = SlideModel.initialize(cfg, F, L)
     x, _ = batch(data, np.arange(30))
@@ -848,20 +909,25 @@ def test_bfloat16_first_moments_follow_float32_adam(data):
     """The first step is the same update (the moment is rounded only when stored), the stored moment
     is the float32 one rounded; later steps stay within bfloat16's resolution of the float32 run."""
     cfg = exact_config(
-        hidden=(16,),
-        hash_family="simhash",
-        hash_k=3,
-        hash_l=4,
-        bucket_size=8,
-        min_active=8,
-        batch_size=8,
-        lr=1e-2,
-        init_std=0.3,
-        seed=7,
-        rehash_n0=1000,
-        moment_dtype="float32",
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 3,
+            "sampling.hash_l": 4,
+            "sampling.bucket_size": 8,
+            "sampling.min_active": 8,
+            "optimizer.batch_size": 8,
+            "optimizer.lr": 1e-2,
+            "model.init_std": 0.3,
+            "seed": 7,
+            "sampling.rehash_n0": 1000,
+            "optimizer.moment_dtype": "float32",
+        }
     )
-    exact, compact = Trainer(cfg, data), Trainer(cfg.replace(moment_dtype="bfloat16"), data)
+    exact, compact = (
+        Trainer(cfg, data),
+        Trainer(cfg.replace(optimizer=cfg.optimizer.replace(moment_dtype="bfloat16")), data),
+    )
     assert compact.adam.m[1].dtype == np.uint16 and exact.adam.m[1].dtype == np.float32
     assert compact.adam.m[0].dtype == np.float32, "dense layers keep float32 moments"
     start = compact.model.weights[1].copy()
@@ -876,7 +942,7 @@ def test_bfloat16_first_moments_follow_float32_adam(data):
         exact.train_step(points)
         compact.train_step(points)
     moved = np.abs(exact.model.weights[1] - start).max()
-    assert moved > 3 * cfg.lr
+    assert moved > 3 * cfg.optimizer.lr
     np.testing.assert_allclose(compact.model.weights[1], exact.model.weights[1], rtol=0, atol=0.01 * moved)
     assert not np.array_equal(compact.model.weights[1], exact.model.weights[1])
 
@@ -941,19 +1007,21 @@ def test_bfloat16_weights_take_the_float32_step_rounded_to_a_neighbour(data):
     neighbours of the float32 result, rows the step did not touch keep their bits, and the roundings
     go both ways."""
     cfg = exact_config(
-        hidden=(16,),
-        hash_family="simhash",
-        hash_k=3,
-        hash_l=4,
-        bucket_size=8,
-        min_active=8,
-        batch_size=8,
-        lr=1e-2,
-        init_std=0.3,
-        seed=7,
-        rehash_n0=1000,
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 3,
+            "sampling.hash_l": 4,
+            "sampling.bucket_size": 8,
+            "sampling.min_active": 8,
+            "optimizer.batch_size": 8,
+            "optimizer.lr": 1e-2,
+            "model.init_std": 0.3,
+            "seed": 7,
+            "sampling.rehash_n0": 1000,
+        }
     )
-    exact, compact = Trainer(cfg, data), Trainer(cfg.replace(weight_dtype="bfloat16"), data)
+    exact, compact = Trainer(cfg, data), Trainer(cfg.replace(model=cfg.model.replace(weight_dtype="bfloat16")), data)
     assert all(w.dtype == np.uint16 for w in compact.model.weights)
     assert compact.adam.v[1].dtype == np.float32 and compact.model.b0.dtype == np.float32
     for layer in range(exact.model.depth):

@@ -5,7 +5,16 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import SlideConfig, SnapshotStore, Trainer, generate, load_model
+from engine import (
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    SlideConfig,
+    SnapshotStore,
+    Trainer,
+    generate,
+    load_model,
+)
 from engine import labels as lab
 from engine.snapshot import load_arrays, read_manifest
 from engine.sparse import Dataset
@@ -14,7 +23,10 @@ from engine.text import LabelNames
 from . import naive
 
 CFG = SlideConfig(
-    hidden=(32,), sample_output=True, batch_size=64, epochs=2, threads=1, weight_dtype="float32", eval_points=100
+    model=ModelConfig(hidden=(32,), sample_output=True, weight_dtype="float32"),
+    optimizer=OptimizerConfig(batch_size=64),
+    schedule=ScheduleConfig(epochs=2, eval_points=100),
+    threads=1,
 )
 
 
@@ -79,7 +91,7 @@ def test_add_labels_imprints_rows_into_the_right_buckets(data, trained):
         assert w[keep + r, -1] == pytest.approx(np.median(third - h @ want), rel=2e-3, abs=1e-4)
 
     tb, hf = model.tables[0], model.hashes[0]
-    cap = model.config.bucket_size
+    cap = model.config.sampling.bucket_size
     for j in ids:
         buckets = naive.bucket_ids(w[j, :-1].astype(np.float64) - tb.center, hf.idx, hf.sign, hf.params)
         for t, b in enumerate(buckets):
@@ -143,7 +155,12 @@ def test_trainer_adds_and_retires_while_training_and_resumes(data, trained, tmp_
     train, test = data
     src, keep = trained
     store = SnapshotStore(tmp_path / "run")
-    trainer = Trainer(CFG.replace(epochs=1), _drop_last_labels(train, keep), _drop_last_labels(test, keep), store)
+    trainer = Trainer(
+        CFG.replace(schedule=CFG.schedule.replace(epochs=1)),
+        _drop_last_labels(train, keep),
+        _drop_last_labels(test, keep),
+        store,
+    )
     trainer.run()
     ids = trainer.add_labels([_points_with(train, keep, 5)], ["added"])
     common = int(np.bincount(train.y_indices[train.y_indices < keep]).argmax())
@@ -152,7 +169,7 @@ def test_trainer_adds_and_retires_while_training_and_resumes(data, trained, tmp_
     assert rehashed > 0
     tb = trainer.model.tables[0]
     assert not np.isin(tb.ids[:, : tb.offsets[0, -1]], [common]).any()
-    trainer.config = trainer.config.replace(epochs=2)
+    trainer.config = trainer.config.replace(schedule=trainer.config.schedule.replace(epochs=2))
     result = trainer.run()
     assert np.isfinite(result["loss"])
     path = store.latest()[1]
@@ -163,7 +180,7 @@ def test_trainer_adds_and_retires_while_training_and_resumes(data, trained, tmp_
     again = Trainer.resume(store, _drop_last_labels(train, keep), _drop_last_labels(test, keep))
     assert again.model.num_labels == keep + 1
     assert again.adam.m[-1].shape[0] == keep + 1 and again._retired is not None and again._retired[common]
-    again.config = again.config.replace(epochs=3)
+    again.config = again.config.replace(schedule=again.config.schedule.replace(epochs=3))
     again.run()
     model = load_model(store.latest()[1])
     assert model.label_status()[common] == "retired"
@@ -186,17 +203,25 @@ def test_warm_start_grows_labels_and_features_and_leaves_the_source(data, traine
         train.num_labels,
     )
     trainer = Trainer(
-        CFG.replace(epochs=1, lr=1e-3, hidden=(64,)), wider, test, SnapshotStore(tmp_path / "ft"), init_from=src
+        CFG.replace(
+            model=CFG.model.replace(hidden=(64,)),
+            optimizer=CFG.optimizer.replace(lr=1e-3),
+            schedule=CFG.schedule.replace(epochs=1),
+        ),
+        wider,
+        test,
+        SnapshotStore(tmp_path / "ft"),
+        init_from=src,
     )
     model = trainer.model
-    assert trainer.config.hidden == (32,)  # the structure is the source's
+    assert trainer.config.model.hidden == (32,)  # the structure is the source's
     assert model.num_labels == train.num_labels and model.num_features == train.num_features + 7
     tb = model.tables[0]
     for j in range(keep, train.num_labels):
         for t in range(tb.codes.shape[0]):
             b = tb.codes[t, j]
             members = tb.ids[t, tb.offsets[t, b] : tb.offsets[t, b + 1]]
-            assert j in members or np.diff(tb.offsets[t])[b] == model.config.bucket_size
+            assert j in members or np.diff(tb.offsets[t])[b] == model.config.sampling.bucket_size
     src_model = load_model(path)
     np.testing.assert_array_equal(model.float_weights(1)[:keep], src_model.float_weights(1))
     assert trainer.adam.m[1].shape[0] == train.num_labels
@@ -211,7 +236,7 @@ def test_warm_start_matches_labels_by_name(data, trained, tmp_path):
     src, keep = trained
     # the source learns names 'L0'..; the new set lists its labels in reverse and adds one unseen name
     named = SnapshotStore(tmp_path / "named")
-    t = Trainer(CFG.replace(epochs=1), _drop_last_labels(train, keep), None, named)
+    t = Trainer(CFG.replace(schedule=CFG.schedule.replace(epochs=1)), _drop_last_labels(train, keep), None, named)
     t.attach_text(label_names=LabelNames.from_list([f"L{i}" for i in range(keep)]))
     t.run()
     order = np.arange(keep + 1)[::-1]  # dataset id i is the source's label order[i]
@@ -220,7 +245,12 @@ def test_warm_start_matches_labels_by_name(data, trained, tmp_path):
     sub = _drop_last_labels(train, keep)
     mine = Dataset(sub.x_indptr, sub.x_indices, sub.x_values, sub.y_indptr, y, train.num_features, keep + 1)
     trainer = Trainer(
-        CFG.replace(epochs=1), mine, None, SnapshotStore(tmp_path / "ft2"), init_from=named, label_names=names
+        CFG.replace(schedule=CFG.schedule.replace(epochs=1)),
+        mine,
+        None,
+        SnapshotStore(tmp_path / "ft2"),
+        init_from=named,
+        label_names=names,
     )
     assert trainer.model.num_labels == keep + 1
     assert trainer.model.label_names[keep] == "brand-new" and trainer.model.label_names[3] == "L3"
@@ -332,7 +362,7 @@ def test_edit_snapshot_publishes_a_delta_that_loads_as_the_edited_model(data, tr
     assert trainer._retired is not None and trainer._retired[0]
     _same_model(trainer.model, twin)
     # a trainer's next snapshot is a full version
-    trainer.config = trainer.config.replace(epochs=trainer.epoch + 1)
+    trainer.config = trainer.config.replace(schedule=trainer.config.schedule.replace(epochs=trainer.epoch + 1))
     trainer.run()
     assert "delta" not in read_manifest(store.latest()[1]) and load_model(store.latest()[1]).num_labels == keep + 1
 
@@ -398,11 +428,13 @@ def test_warm_start_estimate_counts_the_grown_shape_and_the_copies(data, trained
 
     train, test = data
     src, keep = trained
-    shape = warm_start_shape(src, CFG.replace(hidden=(64,)), train.num_features + 5, train.num_labels)
-    assert shape.config.hidden == (32,) and shape.num_labels == train.num_labels
+    shape = warm_start_shape(
+        src, CFG.replace(model=CFG.model.replace(hidden=(64,))), train.num_features + 5, train.num_labels
+    )
+    assert shape.config.model.hidden == (32,) and shape.num_labels == train.num_labels
     assert shape.num_features == train.num_features + 5
     named = warm_start_shape(src, CFG, train.num_features, 10, named=True)
     assert named.num_labels == keep + 10  # by name every label may be new
-    est = estimate_warm_start(src, CFG.replace(hidden=(64,)), train, test)
+    est = estimate_warm_start(src, CFG.replace(model=CFG.model.replace(hidden=(64,))), train, test)
     plain = estimate_for(CFG, train, test)  # the source's 32-wide structure, fresh
     assert est.parts["warm_start"] > 0 and est.trainer == plain.trainer + est.parts["warm_start"]

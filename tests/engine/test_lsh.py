@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from engine import lsh
-from engine.config import SlideConfig
+from engine.config import SamplingConfig, SlideConfig
 from engine.kernels import hashing
 
 from . import naive
@@ -19,7 +19,14 @@ FAMILIES = ("simhash", "wta", "dwta")
 
 def draw(family, k, n_tables, dim=64, bin_size=8, table_bits=None, seed=0, density=0.33, n_neurons=1000):
     cfg = SlideConfig(
-        hash_family=family, hash_k=k, hash_l=n_tables, bin_size=bin_size, table_bits=table_bits, simhash_density=density
+        sampling=SamplingConfig(
+            hash_family=family,
+            hash_k=k,
+            hash_l=n_tables,
+            bin_size=bin_size,
+            table_bits=table_bits,
+            simhash_density=density,
+        )
     )
     return lsh.draw_hash_functions(cfg, dim, n_neurons, np.random.default_rng(seed))
 
@@ -177,13 +184,13 @@ def test_mixed_radix_index_is_a_bijection(radix, k):
 
 
 def test_geometry_folds_only_when_the_code_space_does_not_fit():
-    cfg = SlideConfig(hash_family="wta", bin_size=8, hash_k=3)
+    cfg = SlideConfig(sampling=SamplingConfig(hash_family="wta", bin_size=8, hash_k=3))
     assert lsh.table_geometry(cfg, 3) == (8, 512, False, 9)
-    cfg = SlideConfig(hash_family="simhash", hash_k=12, table_bits=8)
+    cfg = SlideConfig(sampling=SamplingConfig(hash_family="simhash", hash_k=12, table_bits=8))
     assert lsh.table_geometry(cfg, 12) == (2, 256, True, 8)
-    cfg = SlideConfig(hash_family="wta", bin_size=8)
+    cfg = SlideConfig(sampling=SamplingConfig(hash_family="wta", bin_size=8))
     assert lsh.table_geometry(cfg, 8) == (8, 2**20, True, 20)  # 2^24 codes, capped at 20 bits
-    cfg = SlideConfig(hash_family="wta", bin_size=6)
+    cfg = SlideConfig(sampling=SamplingConfig(hash_family="wta", bin_size=6))
     assert lsh.table_geometry(cfg, 2) == (6, 36, False, 6)  # non power of two radix: 36 buckets exactly
 
 
@@ -191,12 +198,12 @@ def test_auto_k_keeps_the_expected_active_set_a_small_fraction():
     """hash_k None (auto) picks K from the layer width: more neurons, more bits, and an input's L buckets
     (L * n / buckets neurons on average) stay a small share of a wide layer."""
     for family, radix in (("simhash", 2), ("dwta", 8)):
-        cfg = SlideConfig(hash_family=family, hash_k=None, hash_l=50, bin_size=8)
+        cfg = SlideConfig(sampling=SamplingConfig(hash_family=family, hash_k=None, hash_l=50, bin_size=8))
         ks = [lsh.resolve_k(cfg, n) for n in (10, 1000, 10_000, 100_000, 670_091)]
         assert ks[0] >= 1 and all(b >= a for a, b in itertools.pairwise(ks)), ks
         for n, k in zip((10_000, 100_000, 670_091), ks[2:], strict=True):
             assert 50 * n / radix**k <= 0.1 * n, (family, n, k)
-        assert lsh.resolve_k(cfg.replace(hash_k=5), 65536) == 5
+        assert lsh.resolve_k(cfg.replace(sampling=cfg.sampling.replace(hash_k=5)), 65536) == 5
 
 
 def test_auto_tables_are_16_for_wide_layers_and_50_for_small_ones():
@@ -204,12 +211,12 @@ def test_auto_tables_are_16_for_wide_layers_and_50_for_small_ones():
     smaller one 50; an explicit hash_l wins; the drawn functions and auto K follow the resolved L."""
     cfg = SlideConfig()
     assert [lsh.resolve_l(cfg, n) for n in (100, 5_000, 20_000, 20_001, 670_091)] == [50, 50, 50, 16, 16]
-    assert lsh.resolve_l(cfg.replace(hash_l=7), 670_091) == 7
+    assert lsh.resolve_l(cfg.replace(sampling=cfg.sampling.replace(hash_l=7)), 670_091) == 7
     rng = np.random.default_rng(0)
     wide, small = lsh.draw_hash_functions(cfg, 32, 100_000, rng), lsh.draw_hash_functions(cfg, 32, 5_000, rng)
     assert (wide.n_tables, small.n_tables) == (16, 50)
     assert wide.idx.shape[0] == 16 * lsh.resolve_k(cfg, 100_000)
-    assert lsh.resolve_k(cfg, 100_000) == lsh.resolve_k(cfg.replace(hash_l=16), 100_000)
+    assert lsh.resolve_k(cfg, 100_000) == lsh.resolve_k(cfg.replace(sampling=cfg.sampling.replace(hash_l=16)), 100_000)
 
 
 def test_folded_index_reaches_every_bucket_with_uniform_load():

@@ -14,7 +14,17 @@ import numba
 import numpy as np
 import pytest
 
-from engine import SlideConfig, SnapshotStore, Trainer, generate, save_dataset
+from engine import (
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    SlideConfig,
+    SnapshotStore,
+    Trainer,
+    generate,
+    save_dataset,
+)
+from engine.config import with_settings
 from engine.memory import estimate_for, estimate_memory, format_bytes
 from engine.snapshot import model_arrays
 
@@ -28,20 +38,32 @@ def _nbytes(arrays) -> int:
 @pytest.mark.parametrize(
     "settings",
     [
-        {"hidden": (32,)},
-        {"hidden": (24, 40), "sample_hidden": True, "probes": 1, "batch_size": 64},
-        {"hidden": (32,), "weight_dtype": "float32", "moment_dtype": "float32", "hash_family": "dwta"},
-        {"hidden": (16,), "sample_output": False},
-        {"hidden": (32,), "hash_l": 7, "table_bits": 6, "bucket_size": 9, "min_active": 40, "hub_neurons": 5},
+        {"model.hidden": (32,)},
+        {"model.hidden": (24, 40), "model.sample_hidden": True, "sampling.probes": 1, "optimizer.batch_size": 64},
+        {
+            "model.hidden": (32,),
+            "model.weight_dtype": "float32",
+            "optimizer.moment_dtype": "float32",
+            "sampling.hash_family": "dwta",
+        },
+        {"model.hidden": (16,), "model.sample_output": False},
+        {
+            "model.hidden": (32,),
+            "sampling.hash_l": 7,
+            "sampling.table_bits": 6,
+            "sampling.bucket_size": 9,
+            "sampling.min_active": 40,
+            "sampling.hub_neurons": 5,
+        },
     ],
 )
 def test_parts_are_the_arrays_a_trainer_allocates(settings):
     """Weights, optimizer state, tables and step buffers, byte for byte, for the engine's own resolution of the
     auto settings; serving is the snapshot's model arrays."""
     train, test = generate("tiny", seed=3, num_train=300, num_test=50)
-    cfg = SlideConfig(threads=1, **settings)
+    cfg = with_settings(SlideConfig(threads=1), settings)
     trainer = Trainer(cfg, train, test)
-    bufs = trainer._buffers(cfg.batch_size)
+    bufs = trainer._buffers(cfg.optimizer.batch_size)
     est = estimate_for(cfg, train, test, threads=numba.config.NUMBA_NUM_THREADS)  # the pool the buffers are for
     model = trainer.model
     assert est.parts["weights"] == _nbytes(model.weights) + model.b0.nbytes
@@ -66,10 +88,12 @@ def _leaves(x):
 def test_estimate_grows_with_what_drives_it():
     base = dict(num_points=10_000, num_features=6, num_labels=3)
     small = estimate_memory(SlideConfig(), **base)
-    wide = estimate_memory(SlideConfig(hidden=(200_000,), sample_output=True), **base)
+    wide = estimate_memory(SlideConfig(model=ModelConfig(hidden=(200_000,), sample_output=True)), **base)
     assert wide.parts["weights"] >= 200_000 * (6 + 4) * 2  # W0 (6 x 200k) and the output layer (3 x 200,001)
     assert wide.total > small.total
-    f32 = estimate_memory(SlideConfig(hidden=(200_000,), sample_output=True, weight_dtype="float32"), **base)
+    f32 = estimate_memory(
+        SlideConfig(model=ModelConfig(hidden=(200_000,), sample_output=True, weight_dtype="float32")), **base
+    )
     b0 = 200_000 * 4  # the input layer's biases stay float32
     assert f32.parts["weights"] - b0 == 2 * (wide.parts["weights"] - b0)
     more_threads = estimate_memory(SlideConfig(), **base, threads=64)
@@ -98,11 +122,16 @@ _PROBE = textwrap.dedent(
 
 # (dataset shape, config): small models where the interpreter dominates, wide output layers where the arrays do.
 SHAPES = [
-    ({"num_train": 2000, "num_test": 300}, {"hidden": [64]}),
-    ({"num_train": 3000, "num_test": 300, "num_labels": 60_000, "num_features": 5000}, {"hidden": [128]}),
+    ({"num_train": 2000, "num_test": 300}, {"model.hidden": (64,)}),
+    ({"num_train": 3000, "num_test": 300, "num_labels": 60_000, "num_features": 5000}, {"model.hidden": (128,)}),
     (
         {"num_train": 3000, "num_test": 300, "num_labels": 30_000, "num_features": 5000},
-        {"hidden": [256], "weight_dtype": "float32", "moment_dtype": "float32", "batch_size": 256},
+        {
+            "model.hidden": (256,),
+            "model.weight_dtype": "float32",
+            "optimizer.moment_dtype": "float32",
+            "optimizer.batch_size": 256,
+        },
     ),
 ]
 
@@ -111,7 +140,7 @@ SHAPES = [
 def test_estimate_is_within_25_percent_of_measured_peak_rss(tmp_path, warm_engine, shape, config):
     # Compile this config's kernels here first: a cold compile in the probe would add LLVM's ~260 MB to its peak.
     warm_train, warm_test = generate("tiny", seed=5, num_train=300, num_test=50)
-    warm_cfg = SlideConfig.from_dict({**config, "epochs": 1, "threads": 1, "batch_size": 64})
+    warm_cfg = with_settings(SlideConfig(), {**config, "schedule.epochs": 1, "threads": 1, "optimizer.batch_size": 64})
     Trainer(warm_cfg, warm_train, warm_test, SnapshotStore(tmp_path / "warm")).run()
     train, test = generate("small", seed=5, **shape)
     save_dataset(train, tmp_path / "train")
@@ -120,7 +149,7 @@ def test_estimate_is_within_25_percent_of_measured_peak_rss(tmp_path, warm_engin
         "train": str(tmp_path / "train"),
         "test": str(tmp_path / "test"),
         "store": str(tmp_path / "store"),
-        "config": {**config, "epochs": 1, "threads": 1},
+        "config": with_settings(SlideConfig(), {**config, "schedule.epochs": 1, "threads": 1}).to_dict(),
         "steps": 8,
     }
     env = {**os.environ, "NUMBA_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -145,7 +174,9 @@ def test_slide_train_prints_the_estimate_first(tmp_path, capsys, warm_engine):
     assert main([*args, "--hidden", "16", "--epochs", "1", "--threads", "1"]) == 0
     first = json.loads(capsys.readouterr().out.splitlines()[0])
     expected = estimate_for(
-        SlideConfig(hidden=(16,), epochs=1, threads=1), train, threads=numba.config.NUMBA_NUM_THREADS
+        SlideConfig(model=ModelConfig(hidden=(16,)), schedule=ScheduleConfig(epochs=1), threads=1),
+        train,
+        threads=numba.config.NUMBA_NUM_THREADS,
     )
     assert first["estimated_memory_bytes"] == expected.total
     assert first["estimated_memory"].startswith(format_bytes(expected.total))
@@ -158,7 +189,17 @@ def test_resume_holds_one_copy_of_the_optimizer_state(tmp_path):
 
     train, test = generate("small", seed=4, num_train=400, num_test=50, num_labels=20_000)
     store = SnapshotStore(tmp_path / "store")
-    first = Trainer(SlideConfig(hidden=(64,), epochs=1, threads=1, batch_size=200), train, test, store)
+    first = Trainer(
+        SlideConfig(
+            model=ModelConfig(hidden=(64,)),
+            optimizer=OptimizerConfig(batch_size=200),
+            schedule=ScheduleConfig(epochs=1),
+            threads=1,
+        ),
+        train,
+        test,
+        store,
+    )
     first.run()
     optimizer = _nbytes([*first.adam.m, *first.adam.v, *first.adam.steps, *first.adam.drift])
     snapshot = sum(f.stat().st_size for f in store.latest()[1].glob("*.npy"))

@@ -6,7 +6,15 @@ from __future__ import annotations
 import pytest
 
 from engine import lsh, schedule
-from engine.config import ConfigError, SlideConfig
+from engine.config import (
+    ConfigError,
+    ModelConfig,
+    PredictConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    SlideConfig,
+    with_settings,
+)
 from engine.network import SlideModel
 from engine.resolve import resolve
 from engine.snapshot import manifest_resolved
@@ -24,12 +32,12 @@ def test_a_wide_output_layer_is_sampled_with_the_lsh_rules():
     assert out.hard_negatives == lsh.resolve_hard_negatives(cfg, 670_091) > 0
     assert out.random_negatives == lsh.resolve_random_negatives(cfg, 670_091) > 0
     assert plan.val_points == schedule.validation_size(cfg, 100_000) == 5000 and plan.train_points == 95_000
-    assert plan.steps_per_epoch == -(-95_000 // cfg.batch_size)
+    assert plan.steps_per_epoch == -(-95_000 // cfg.optimizer.batch_size)
     assert plan.lr_warmup_steps == schedule.warmup_steps(cfg, plan.steps_per_epoch)
 
 
 def test_a_narrow_output_trains_densely_and_the_run_values_need_the_point_count():
-    plan = resolve(SlideConfig(hidden=(32, 16), sample_hidden=True), 500, 100)
+    plan = resolve(SlideConfig(model=ModelConfig(hidden=(32, 16), sample_hidden=True)), 500, 100)
     hidden, out = plan.layers
     assert not plan.sample_output and not out.sampled and out.hash_l == 0 and out.max_active == 0
     assert hidden.sampled and hidden.hash_l == 50 and (hidden.neurons, hidden.inputs) == (16, 32)
@@ -40,16 +48,18 @@ def test_a_narrow_output_trains_densely_and_the_run_values_need_the_point_count(
 
 
 def test_active_threshold_is_checked_against_each_layers_own_tables():
-    cfg = SlideConfig(active_threshold=20, sample_output=True)  # auto tables: 50 below 20,000 neurons, 16 above
+    cfg = SlideConfig(
+        model=ModelConfig(sample_output=True), sampling=SamplingConfig(active_threshold=20)
+    )  # auto tables: 50 below 20,000 neurons, 16 above
     assert resolve(cfg, 100, 5_000).output.hash_l == 50
     with pytest.raises(ConfigError, match="layer 1 .*16") as info:
         resolve(cfg, 100, 50_000)
-    assert info.value.field == "active_threshold"
-    assert resolve(cfg.replace(hash_l=20), 100, 50_000).output.hash_l == 20
+    assert info.value.field == "sampling.active_threshold"
+    assert resolve(cfg.replace(sampling=cfg.sampling.replace(hash_l=20)), 100, 50_000).output.hash_l == 20
 
 
 def test_a_model_runs_with_its_plan():
-    cfg = SlideConfig(hidden=(8,), sample_output=True, predict_probes=2)
+    cfg = SlideConfig(model=ModelConfig(hidden=(8,), sample_output=True), predict=PredictConfig(probes=2))
     model = SlideModel.initialize(cfg, 40, 300)
     plan = model.plan
     assert plan == resolve(cfg, 40, 300) and plan.predict_probes == model.predict_probes == 2
@@ -59,7 +69,7 @@ def test_a_model_runs_with_its_plan():
 
 def test_an_old_manifest_gets_its_plan_from_its_config():
     old = {
-        "config": SlideConfig(sample_output=True).to_dict(),
+        "config": SlideConfig(model=ModelConfig(sample_output=True)).to_dict(),
         "num_features": 40,
         "num_labels": 300,
         "trainer_state": {"resolved": {"train_points": 90, "val_points": 10, "layer1": {"hash_l": 50}}},
@@ -78,13 +88,13 @@ def test_an_old_manifest_gets_its_plan_from_its_config():
         (100_000, {}, 512),
         (100_001, {}, 128),  # memory: rows and Adam state at 8 bytes a weight
         (670_091, {}, 128),
-        (5_000, {"sample_output": False}, 128),
-        (500, {"sample_output": True}, 512),
-        (5_000, {"hidden": (64, 32)}, (64, 32)),
+        (5_000, {"model.sample_output": False}, 128),
+        (500, {"model.sample_output": True}, 512),
+        (5_000, {"model.hidden": (64, 32)}, (64, 32)),
     ],
 )
 def test_auto_hidden_width_follows_the_output_layer(labels, overrides, width):
-    plan = resolve(SlideConfig(**overrides), 1_000, labels)
+    plan = resolve(with_settings(SlideConfig(), overrides), 1_000, labels)
     want = width if isinstance(width, tuple) else (width,)
     assert plan.hidden == want and plan.output.inputs == want[-1]
     assert plan.to_dict()["hidden"] == list(want)
@@ -96,14 +106,17 @@ def test_a_model_and_its_snapshot_keep_the_widths_auto_gave_them(tmp_path):
     from engine.synth import generate
 
     train, test = generate("tiny", seed=0)
-    cfg = SlideConfig(epochs=1, sample_output=True)
-    assert cfg.hidden is None
+    cfg = SlideConfig(model=ModelConfig(sample_output=True), schedule=ScheduleConfig(epochs=1))
+    assert cfg.model.hidden is None
     store = SnapshotStore(tmp_path / "store")
     trainer = Trainer(cfg, train, test, store)
-    assert trainer.config.hidden == trainer.model.config.hidden == (512,) and trainer.model.weights[0].shape[1] == 512
+    assert (
+        trainer.config.model.hidden == trainer.model.config.model.hidden == (512,)
+        and trainer.model.weights[0].shape[1] == 512
+    )
     trainer.run()
     _, path = store.latest()
-    assert manifest_config(read_manifest(path)).hidden == (512,), "the snapshot records the concrete widths"
+    assert manifest_config(read_manifest(path)).model.hidden == (512,), "the snapshot records the concrete widths"
     assert load_model(path).weights[0].shape[1] == 512
 
 
@@ -113,5 +126,5 @@ def test_label_shards_take_the_whole_layers_auto_widths():
     cfg = SlideConfig()
     for lo, hi in label_ranges(3_000, 2):  # each shard alone (1,500 labels) would be dense and 128 wide
         shard = shard_config(cfg, 3_000)
-        assert shard.hidden == (512,) and shard.sample_output is True
+        assert shard.model.hidden == (512,) and shard.model.sample_output is True
         assert resolve(shard, 100, hi - lo).hidden == (512,)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import schedule
-from engine.config import ConfigError, SlideConfig
+from engine.config import ConfigError, ScheduleConfig, SlideConfig
 
 
 def test_warmup_rises_linearly_to_the_base_step_size():
@@ -26,8 +26,8 @@ def test_warmup_steps_resolution():
     assert schedule.warmup_steps(SlideConfig(), 8) == 2  # a quarter of an epoch
     assert schedule.warmup_steps(SlideConfig(), 3) == 1
     assert schedule.warmup_steps(SlideConfig(), 100_000) == schedule.AUTO_WARMUP_MAX
-    assert schedule.warmup_steps(SlideConfig(lr_warmup_steps="none"), 100) == 0
-    assert schedule.warmup_steps(SlideConfig(lr_warmup_steps=37), 100) == 37
+    assert schedule.warmup_steps(SlideConfig(schedule=ScheduleConfig(lr_warmup_steps="none")), 100) == 0
+    assert schedule.warmup_steps(SlideConfig(schedule=ScheduleConfig(lr_warmup_steps=37)), 100) == 37
 
 
 @pytest.mark.parametrize(
@@ -43,11 +43,11 @@ def test_warmup_steps_resolution():
     ],
 )
 def test_validation_size(val_points, n, want):
-    assert schedule.validation_size(SlideConfig(val_points=val_points), n) == want
+    assert schedule.validation_size(SlideConfig(schedule=ScheduleConfig(val_points=val_points)), n) == want
 
 
 def test_validation_split_is_seeded_disjoint_and_complete():
-    cfg = SlideConfig(val_points=300, seed=5)
+    cfg = SlideConfig(schedule=ScheduleConfig(val_points=300), seed=5)
     train, val = schedule.validation_split(cfg, 2000)
     assert val.shape == (300,) and train.shape == (1700,)
     assert np.array_equal(np.sort(np.concatenate([train, val])), np.arange(2000))
@@ -58,7 +58,7 @@ def test_validation_split_is_seeded_disjoint_and_complete():
     assert not np.array_equal(val, other)
     # the held-out rows are spread over the file, not its head or tail (uniform: mean ~ 1000 +- 33)
     assert abs(val.mean() - 1000) < 150
-    none_train, none_val = schedule.validation_split(SlideConfig(val_points="none"), 50)
+    none_train, none_val = schedule.validation_split(SlideConfig(schedule=ScheduleConfig(val_points="none")), 50)
     assert none_val.size == 0 and np.array_equal(none_train, np.arange(50))
 
 
@@ -69,13 +69,14 @@ def test_improvement_and_patience():
     assert not schedule.is_improvement(0.2 + schedule.MIN_IMPROVEMENT / 2, 0.2)
     assert not schedule.should_stop_early(2, 3)
     assert schedule.should_stop_early(3, 3)
-    assert not schedule.should_stop_early(100, 0)  # 0 = never
+    assert not schedule.should_stop_early(100, "never")
 
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("lr_warmup_steps", 0), ("lr_decay", 0.0), ("lr_decay", 1.5), ("val_points", -1)] + [("early_stop_patience", -1)],
+    [("lr_warmup_steps", 0), ("lr_decay", 0.0), ("lr_decay", 1.5), ("val_points", -1)]
+    + [("early_stop_patience", -1), ("early_stop_patience", 0)],
 )
 def test_new_settings_are_checked(field, value):
-    with pytest.raises(ConfigError, match=field):
-        SlideConfig(**{field: value})
+    with pytest.raises(ConfigError, match=f"schedule.{field}"):
+        ScheduleConfig(**{field: value})

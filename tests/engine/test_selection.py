@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from engine import lsh
-from engine.config import SlideConfig
+from engine.config import ModelConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, SlideConfig
 from engine.network import SlideModel, topk_recall
 from engine.snapshot import SnapshotStore, load_arrays, load_model, model_arrays, model_from_arrays, read_manifest
 from engine.sparse import unit_rows
@@ -16,22 +16,12 @@ from engine.trainer import TRAINING_ARRAYS, Trainer
 from . import naive
 
 CFG = SlideConfig(
-    hidden=(16,),
-    sample_output=True,
-    hash_k=4,
-    hash_l=5,
-    bucket_size=32,
-    batch_size=16,
-    lr=5e-3,
-    init_std=0.05,
-    epochs=8,
-    rehash_n0=3,
+    model=ModelConfig(hidden=(16,), sample_output=True, init_std=0.05),
+    sampling=SamplingConfig(hash_k=4, hash_l=5, bucket_size=32, rehash_n0=3),
+    optimizer=OptimizerConfig(batch_size=16, lr=5e-3),
+    schedule=ScheduleConfig(epochs=8, val_points=40, early_stop_patience=3, lr_decay=0.5, lr_warmup_steps="none"),
     seed=5,
     threads=1,
-    val_points=40,
-    early_stop_patience=3,
-    lr_decay=0.5,
-    lr_warmup_steps="none",
 )
 
 
@@ -99,7 +89,7 @@ def test_early_stopping_best_snapshot_and_plateau_decay(tmp_path, data):
 @pytest.mark.parametrize("split", [12, 21])  # after the first best (step 8), after a plateau (step 16 / 24)
 def test_resume_with_a_kept_best_is_bit_identical(tmp_path, data, split):
     train, test = data
-    cfg = CFG.replace(epochs=4, early_stop_patience=0)
+    cfg = CFG.replace(schedule=CFG.schedule.replace(epochs=4, early_stop_patience="never"))
     straight = Trainer(cfg, train, test)
     straight.run()
     store = SnapshotStore(tmp_path / "run")
@@ -124,7 +114,9 @@ def test_resume_with_a_kept_best_is_bit_identical(tmp_path, data, split):
 
 def test_real_validation_selects_the_best_evaluated_model(data):
     train, test = data
-    trainer = Trainer(CFG.replace(epochs=6, lr=3e-2), train, test)
+    trainer = Trainer(
+        CFG.replace(optimizer=CFG.optimizer.replace(lr=3e-2), schedule=CFG.schedule.replace(epochs=6)), train, test
+    )
     trainer.run()
     vals = [h.val_p_at_1 for h in trainer.history]
     assert trainer.best["val_p_at_1"] == max(vals)
@@ -144,8 +136,8 @@ def test_real_validation_selects_the_best_evaluated_model(data):
 WIDE = 20_480  # lsh.is_wide_layer: more than 20,000 neurons
 
 
-def wide_model(**changes) -> SlideModel:
-    cfg = SlideConfig(hidden=(8,), hash_k=6, hash_l=4, init_std=0.3, seed=3, **changes)
+def wide_model() -> SlideModel:
+    cfg = SlideConfig(model=ModelConfig(hidden=(8,), init_std=0.3), sampling=SamplingConfig(hash_k=6, hash_l=4), seed=3)
     return SlideModel.initialize(cfg, 60, WIDE)
 
 
@@ -156,10 +148,10 @@ def test_auto_scores_narrow_layers_exactly_and_wide_ones_from_their_tables(data)
         assert not lsh.is_wide_layer(narrow_width), narrow_width
         assert lsh.resolve_l(SlideConfig(), narrow_width) == 50 and lsh.resolve_hubs(SlideConfig(), narrow_width) == 0
     assert lsh.is_wide_layer(20_001) and lsh.resolve_l(SlideConfig(), 670_091) == 16
-    narrow = Trainer(CFG.replace(epochs=1), train).model
+    narrow = Trainer(CFG.replace(schedule=CFG.schedule.replace(epochs=1)), train).model
     assert narrow.resolve_mode("auto")[1] == "exact" and narrow.resolve_mode("lsh")[1] == "lsh"
     np.testing.assert_array_equal(predictions(narrow, test, "auto")[1], predictions(narrow, test, "exact")[1])
-    dense = SlideModel.initialize(CFG.replace(sample_output=False), 70, 90)
+    dense = SlideModel.initialize(CFG.replace(model=CFG.model.replace(sample_output=False)), 70, 90)
     assert dense.resolve_mode("lsh")[1] == "exact"  # no tables to use
     model = wide_model()
     assert model.resolve_mode("auto")[1] == "lsh"  # before any calibration: the width rule
@@ -217,9 +209,15 @@ def test_normalized_input_is_the_model_on_unit_rows():
         s, e = x.x_indptr[i], x.x_indptr[i + 1]
         norm = np.linalg.norm(values[s:e].astype(np.float64))
         np.testing.assert_allclose(want[s:e], values[s:e] / norm if norm else 0.0, rtol=1e-6)
-    plain = SlideModel.initialize(SlideConfig(hidden=(8,), seed=1), 60, 90)
+    plain = SlideModel.initialize(SlideConfig(model=ModelConfig(hidden=(8,)), seed=1), 60, 90)
     unit = SlideModel(
-        plain.config.replace(normalize_input=True), 60, 90, plain.weights, plain.b0, plain.hashes, plain.tables
+        plain.config.replace(model=plain.config.model.replace(normalize_input=True)),
+        60,
+        90,
+        plain.weights,
+        plain.b0,
+        plain.hashes,
+        plain.tables,
     )
     got = unit.predict(x.x_indptr, x.x_indices, values, mode="exact")
     ref = plain.predict(x.x_indptr, x.x_indices, want, mode="exact")

@@ -8,8 +8,18 @@ import mmap
 import numpy as np
 import pytest
 
-from engine.config import LEGACY, SlideConfig
+from engine.config import (
+    FLAT_NAMES,
+    LEGACY,
+    ModelConfig,
+    OptimizerConfig,
+    PredictConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    SlideConfig,
+)
 from engine.snapshot import (
+    FORMAT_VERSION,
     MANIFEST,
     SnapshotError,
     SnapshotStore,
@@ -23,20 +33,19 @@ from engine.trainer import Trainer
 from . import naive
 
 CFG = SlideConfig(
-    hidden=(16,),
-    sample_output=True,
-    hash_family="simhash",
-    hash_k=4,
-    hash_l=5,
-    bucket_size=32,
-    min_active=4,
-    batch_size=16,
-    lr=5e-3,
-    init_std=0.05,
-    epochs=2,
-    rehash_n0=3,
-    rehash_lambda=0.3,
-    rebuild_every=2,
+    model=ModelConfig(hidden=(16,), sample_output=True, init_std=0.05),
+    sampling=SamplingConfig(
+        hash_family="simhash",
+        hash_k=4,
+        hash_l=5,
+        bucket_size=32,
+        min_active=4,
+        rehash_n0=3,
+        rehash_lambda=0.3,
+        rebuild_every=2,
+    ),
+    optimizer=OptimizerConfig(batch_size=16, lr=5e-3),
+    schedule=ScheduleConfig(epochs=2),
     seed=5,
     threads=1,
 )
@@ -212,7 +221,11 @@ def test_snapshot_from_before_serving_hubs_serves_with_the_training_hubs(tmp_pat
 
     train, test = data
     cfg = SlideConfig(
-        hidden=(8,), sample_output=True, hash_k=3, hash_l=4, hub_neurons=3, predict_hubs=6, epochs=1, seed=2
+        model=ModelConfig(hidden=(8,), sample_output=True),
+        sampling=SamplingConfig(hash_k=3, hash_l=4, hub_neurons=3),
+        schedule=ScheduleConfig(epochs=1),
+        predict=PredictConfig(hubs=6),
+        seed=2,
     )
     trainer = Trainer(cfg, train)
     trainer.train_step(np.arange(16))
@@ -231,7 +244,7 @@ def test_resume_without_snapshot_or_with_other_data(tmp_path, data):
     with pytest.raises(FileNotFoundError):
         Trainer.resume(SnapshotStore(tmp_path / "empty"), train)
     store = SnapshotStore(tmp_path / "s")
-    Trainer(CFG.replace(epochs=1), train, store=store).run()
+    Trainer(CFG.replace(schedule=CFG.schedule.replace(epochs=1)), train, store=store).run()
     other = naive.planted_dataset(30, 71, 90, seed=1)
     with pytest.raises(ValueError, match="dimensions"):
         Trainer.resume(store, other)
@@ -240,13 +253,16 @@ def test_resume_without_snapshot_or_with_other_data(tmp_path, data):
 def test_snapshot_from_before_moment_dtype_resumes_with_float32_moments(tmp_path, data):
     train, test = data
     store = SnapshotStore(tmp_path / "old")
-    run_until(Trainer(CFG.replace(moment_dtype="float32"), train, test, store=store), 4)
+    run_until(
+        Trainer(CFG.replace(optimizer=CFG.optimizer.replace(moment_dtype="float32")), train, test, store=store), 4
+    )
     _, path = store.latest()
     manifest = json.loads((path / MANIFEST).read_text())
-    del manifest["config"]["moment_dtype"]
-    (path / MANIFEST).write_text(json.dumps(manifest))
+    flat = _as_format_2(manifest["config"])  # moment_dtype came before the groups: the snapshot is format 2
+    del flat["moment_dtype"]
+    (path / MANIFEST).write_text(json.dumps({**manifest, "format_version": 2, "config": flat}))
     resumed = Trainer.resume(store, train, test)
-    assert resumed.config.moment_dtype == "float32" and resumed.adam.m[1].dtype == np.float32
+    assert resumed.config.optimizer.moment_dtype == "float32" and resumed.adam.m[1].dtype == np.float32
     resumed.run()
     assert resumed.step == 16
 
@@ -254,17 +270,18 @@ def test_snapshot_from_before_moment_dtype_resumes_with_float32_moments(tmp_path
 def test_snapshot_from_before_weight_dtype_serves_and_resumes_with_float32_weights(tmp_path, data):
     train, test = data
     store = SnapshotStore(tmp_path / "old")
-    old = Trainer(CFG.replace(weight_dtype="float32"), train, test, store=store)
+    old = Trainer(CFG.replace(model=CFG.model.replace(weight_dtype="float32")), train, test, store=store)
     run_until(old, 4)
     _, path = store.latest()
     manifest = json.loads((path / MANIFEST).read_text())
-    del manifest["config"]["weight_dtype"]
-    (path / MANIFEST).write_text(json.dumps(manifest))
+    flat = _as_format_2(manifest["config"])
+    del flat["weight_dtype"]
+    (path / MANIFEST).write_text(json.dumps({**manifest, "format_version": 2, "config": flat}))
     served = load_model(path)
-    assert served.config.weight_dtype == "float32" and served.weights[-1].dtype == np.float32
+    assert served.config.model.weight_dtype == "float32" and served.weights[-1].dtype == np.float32
     np.testing.assert_array_equal(predict_both(served, test, "exact")[0], predict_both(old.model, test, "exact")[0])
     resumed = Trainer.resume(store, train, test)
-    assert resumed.config.weight_dtype == "float32" and resumed.model.weights[0].dtype == np.float32
+    assert resumed.config.model.weight_dtype == "float32" and resumed.model.weights[0].dtype == np.float32
     resumed.run()
     assert resumed.step == 16
 
@@ -273,7 +290,7 @@ def test_bfloat16_weights_are_stored_as_they_are(tmp_path, data):
     """A bfloat16 model's snapshot holds uint16 weights (half the bytes) and serves the same answers."""
     train, test = data
     store = SnapshotStore(tmp_path)
-    trainer = Trainer(CFG.replace(weight_dtype="bfloat16"), train, test, store=store)
+    trainer = Trainer(CFG.replace(model=CFG.model.replace(weight_dtype="bfloat16")), train, test, store=store)
     run_until(trainer, 4)
     _, path = store.latest()
     manifest = read_manifest(path)
@@ -284,7 +301,7 @@ def test_bfloat16_weights_are_stored_as_they_are(tmp_path, data):
     arrays = load_arrays(path, ["w1"], mmap=False)
     with pytest.raises(ValueError, match="weight_dtype"):
         type(served)(
-            CFG.replace(weight_dtype="float32"),
+            CFG.replace(model=CFG.model.replace(weight_dtype="float32")),
             served.num_features,
             served.num_labels,
             (served.weights[0], arrays["w1"]),
@@ -294,10 +311,23 @@ def test_bfloat16_weights_are_stored_as_they_are(tmp_path, data):
         )
 
 
+def _as_format_2(config: dict) -> dict:
+    """A config as a format 2 manifest wrote it: flat names (engine.config.FLAT_NAMES), 0 for never."""
+    out = {"threads": config["threads"], "seed": config["seed"]}
+    for name, path in FLAT_NAMES.items():
+        group, leaf = path.split(".")
+        value = config[group][leaf]
+        out[name] = 0 if value == "never" else value
+    return out
+
+
 def _as_format_1(config: dict) -> dict:
-    """A config as a format 1 manifest wrote it: 0 for auto, -1 for a switched-off count (engine.config.LEGACY)."""
-    out = dict(config)
-    for name, old in LEGACY.items():
+    """A config as a format 1 manifest wrote it: flat, 0 for auto, -1 for a switched-off count
+    (engine.config.LEGACY)."""
+    out = _as_format_2(config)
+    names = {path: name for name, path in FLAT_NAMES.items()}
+    for path, old in LEGACY.items():
+        name = names.get(path, path)
         for number, meaning in old.items():
             if out[name] == meaning:
                 out[name] = number
@@ -305,23 +335,39 @@ def _as_format_1(config: dict) -> dict:
     return out
 
 
-def test_a_format_1_snapshot_is_migrated_when_read(tmp_path, data):
-    """A snapshot written before auto became null (format 1: 0 = auto, -1 = none / all) loads, serves and resumes
-    as the run it was; the resolved settings it recorded (without per-layer plans) are completed from its config."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_snapshot_of_an_older_format_is_migrated_when_read(tmp_path, data, version):
+    """A snapshot written before the settings groups (format 2: flat names, 0 = never) or also before auto became
+    null (format 1: 0 = auto, -1 = none / all) loads, serves and resumes as the run it was; the resolved settings
+    it recorded (without per-layer plans) are completed from its config."""
     train, test = data
     store = SnapshotStore(tmp_path)
-    trainer = Trainer(CFG.replace(hash_k=None, hard_negatives="all", val_points="none", epochs=1), train, test, store)
+    trainer = Trainer(
+        CFG.replace(
+            sampling=CFG.sampling.replace(hash_k=None, hard_negatives="all"),
+            schedule=CFG.schedule.replace(val_points="none", epochs=1, early_stop_patience="never"),
+        ),
+        train,
+        test,
+        store,
+    )
     trainer.run()
     _, path = store.latest()
     manifest = json.loads((path / MANIFEST).read_text())
-    assert manifest["format_version"] == 2 and manifest["config"]["hard_negatives"] == "all"
-    old = {**manifest, "format_version": 1, "config": _as_format_1(manifest["config"])}
+    assert manifest["format_version"] == FORMAT_VERSION == 3
+    assert manifest["config"]["sampling"]["hard_negatives"] == "all"
+    config = (_as_format_1 if version == 1 else _as_format_2)(manifest["config"])
+    old = {**manifest, "format_version": version, "config": config}
     old["trainer_state"] = {**manifest["trainer_state"], "resolved": {"train_points": 120, "val_points": 0}}
-    assert (old["config"]["hash_k"], old["config"]["hard_negatives"], old["config"]["predict_probes"]) == (0, -1, -1)
+    assert config["early_stop_patience"] == 0 and config["hidden"] == manifest["config"]["model"]["hidden"]
+    if version == 1:
+        assert (config["hash_k"], config["hard_negatives"], config["predict_probes"]) == (0, -1, -1)
+    else:
+        assert (config["hash_k"], config["hard_negatives"], config["predict_probes"]) == (None, "all", None)
     (path / MANIFEST).write_text(json.dumps(old))
 
     read = read_manifest(path)
-    assert read["format_version"] == 2 and read["config"] == manifest["config"]
+    assert read["format_version"] == FORMAT_VERSION and read["config"] == manifest["config"]
     model = load_model(path)
     assert model.config == trainer.config
     for mode in ("lsh", "exact"):
@@ -329,4 +375,4 @@ def test_a_format_1_snapshot_is_migrated_when_read(tmp_path, data):
     resumed = Trainer.resume(store, train, test)
     assert resumed.config == trainer.config and resumed.step == trainer.step
     resolved = manifest_resolved(read)
-    assert resolved["train_points"] == 120 and resolved["layers"]["1"]["hash_l"] == CFG.hash_l
+    assert resolved["train_points"] == 120 and resolved["layers"]["1"]["hash_l"] == CFG.sampling.hash_l

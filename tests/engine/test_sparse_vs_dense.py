@@ -19,11 +19,23 @@ from engine._numba import set_threads
 from engine.metrics import precision_at_k
 from engine.synth import generate
 
-COMMON = dict(
-    epochs=10, lr=1e-2, batch_size=128, seed=0, threads=1, eval_points=None, val_points="none", early_stop_patience=0
-)
+COMMON = {
+    "schedule": {"epochs": 10, "eval_points": None, "val_points": "none", "early_stop_patience": "never"},
+    "optimizer": {"lr": 1e-2, "batch_size": 128},
+    "threads": 1,
+}
 """Both train all 10 epochs on all the training data (no validation split, no early stop): the same epochs."""
-SPARSE = dict(sample_output=True, hash_family="simhash", hash_l=100, max_active=20, rehash_n0=5, rehash_lambda=0.05)
+SPARSE = {
+    "model": {"sample_output": True},
+    "sampling": {
+        "hash_family": "simhash",
+        "hash_l": 100,
+        "max_active": 20,
+        "rehash_n0": 5,
+        "rehash_lambda": 0.05,
+    },
+}
+DENSE = {"model": {"sample_output": False}}
 
 # both tests train the same sparse and dense models (a module fixture): the pair is the slow part
 pytestmark = pytest.mark.slow
@@ -49,8 +61,8 @@ def trained(tiny):
     train, test = tiny
     dense, sparse = [], []
     for seed in SEEDS:
-        dense.append(Trainer(SlideConfig(sample_output=False, **{**COMMON, "seed": seed}), train, test))
-        sparse.append(Trainer(SlideConfig(**{**COMMON, "seed": seed}, **SPARSE), train, test))
+        dense.append(Trainer(SlideConfig.from_dict({**COMMON, **DENSE, "seed": seed}), train, test))
+        sparse.append(Trainer(SlideConfig.from_dict({**COMMON, **SPARSE, "seed": seed}), train, test))
         dense[-1].run()
         sparse[-1].run()
     return dense, sparse

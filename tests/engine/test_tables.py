@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from engine import tables
-from engine.config import SlideConfig
+from engine.config import ModelConfig, SamplingConfig, SlideConfig
 from engine.network import SlideModel
 
 from . import naive
@@ -155,14 +155,10 @@ def test_model_tables_hold_every_neuron_once_per_table(family):
     from engine import lsh
 
     cfg = SlideConfig(
-        hidden=(16,),
-        sample_output=True,
-        hash_family=family,
-        hash_k=2,
-        hash_l=6,
-        bin_size=4,
-        bucket_size=8192,
-        simhash_density=0.33,
+        model=ModelConfig(hidden=(16,), sample_output=True),
+        sampling=SamplingConfig(
+            hash_family=family, hash_k=2, hash_l=6, bin_size=4, bucket_size=8192, simhash_density=0.33
+        ),
         seed=3,
     )
     model = SlideModel.initialize(cfg, num_features=50, num_labels=300)

@@ -11,7 +11,7 @@ import pytest
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from engine import cli
-from engine.config import SlideConfig
+from engine.config import ModelConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, SlideConfig
 from engine.metrics import evaluate_model, softmax_rows, topk_recall
 from engine.snapshot import SnapshotError, SnapshotStore, load_model
 from engine.text import (
@@ -217,16 +217,12 @@ def test_a_training_set_without_labels_is_refused():
 
 # Dense layers: these tests are about text and names, and a dense model of 12 labels learns them in 10 epochs.
 CFG = SlideConfig(
-    hidden=(16,),
-    hash_k=3,
-    hash_l=4,
-    batch_size=16,
-    lr=0.01,
-    epochs=10,
+    model=ModelConfig(hidden=(16,), sample_output=False, sample_hidden=False),
+    sampling=SamplingConfig(hash_k=3, hash_l=4),
+    optimizer=OptimizerConfig(batch_size=16, lr=0.01),
+    schedule=ScheduleConfig(epochs=10),
     seed=1,
     threads=1,
-    sample_output=False,
-    sample_hidden=False,
 )
 
 
@@ -275,7 +271,7 @@ def test_snapshots_without_text_load_with_none(tmp_path):
     from tests.engine import naive
 
     data = naive.planted_dataset(50, 20, 10, seed=1, vocab=4, noise=2)
-    trainer = Trainer(CFG.replace(epochs=1), data, None, SnapshotStore(tmp_path))
+    trainer = Trainer(CFG.replace(schedule=CFG.schedule.replace(epochs=1)), data, None, SnapshotStore(tmp_path))
     trainer.publish()
     model = load_model(SnapshotStore(tmp_path).latest()[1])
     assert model.featurizer is None and model.label_names is None

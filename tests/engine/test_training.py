@@ -9,7 +9,15 @@ import pytest
 
 from engine import lsh
 from engine._numba import set_threads
-from engine.config import SlideConfig
+from engine.config import (
+    ModelConfig,
+    OptimizerConfig,
+    PredictConfig,
+    SamplingConfig,
+    ScheduleConfig,
+    SlideConfig,
+    with_settings,
+)
 from engine.network import SlideModel
 from engine.sparse import load_dataset, save_dataset
 from engine.trainer import Trainer
@@ -23,20 +31,19 @@ def data():
 
 
 SAMPLED = SlideConfig(
-    hidden=(16,),
-    sample_output=True,
-    hash_family="simhash",
-    hash_k=4,
-    hash_l=5,
-    bucket_size=16,
-    min_active=8,
-    batch_size=16,
-    lr=5e-3,
-    init_std=0.05,
-    epochs=1,
-    rehash_n0=3,
-    rehash_lambda=0.3,
-    rebuild_every=2,
+    model=ModelConfig(hidden=(16,), sample_output=True, init_std=0.05),
+    sampling=SamplingConfig(
+        hash_family="simhash",
+        hash_k=4,
+        hash_l=5,
+        bucket_size=16,
+        min_active=8,
+        rehash_n0=3,
+        rehash_lambda=0.3,
+        rebuild_every=2,
+    ),
+    optimizer=OptimizerConfig(batch_size=16, lr=5e-3),
+    schedule=ScheduleConfig(epochs=1),
     seed=17,
 )
 
@@ -56,8 +63,13 @@ def assert_same_arrays(a, b):
     "config",
     [
         SAMPLED,
-        SAMPLED.replace(hidden=(16, 12), sample_hidden=True, hash_family="dwta", hash_k=2, bin_size=4),
-        SAMPLED.replace(sample_output=False, insertion="reservoir"),
+        SAMPLED.replace(
+            model=SAMPLED.model.replace(hidden=(16, 12), sample_hidden=True),
+            sampling=SAMPLED.sampling.replace(hash_family="dwta", hash_k=2, bin_size=4),
+        ),
+        SAMPLED.replace(
+            model=SAMPLED.model.replace(sample_output=False), sampling=SAMPLED.sampling.replace(insertion="reservoir")
+        ),
     ],
     ids=["sampled", "sampled-hidden-dwta", "dense"],
 )
@@ -78,7 +90,10 @@ def test_same_seed_one_thread_is_bit_identical(data, config):
     "config",
     [
         SAMPLED,
-        SAMPLED.replace(hidden=(16, 12), sample_hidden=True, insertion="reservoir"),
+        SAMPLED.replace(
+            model=SAMPLED.model.replace(hidden=(16, 12), sample_hidden=True),
+            sampling=SAMPLED.sampling.replace(insertion="reservoir"),
+        ),
     ],
     ids=["sampled", "sampled-hidden"],
 )
@@ -109,7 +124,7 @@ def test_a_memory_mapped_training_set_trains_bit_identically(data, tmp_path):
 # ---- lazy updates ----------------------------------------------------------------------------------------
 def test_lazy_adam_touches_only_active_rows_and_present_features(data):
     set_threads(1)
-    cfg = SAMPLED.replace(rehash_n0=1000, min_active=0)
+    cfg = SAMPLED.replace(sampling=SAMPLED.sampling.replace(rehash_n0=1000, min_active=0))
     trainer = Trainer(cfg, data)
     model = trainer.model
     out = model.depth - 1
@@ -156,7 +171,12 @@ def expected_rehash_steps(n0, lam, cap, total):
 @pytest.mark.parametrize("n0, lam, cap", [(3, 0.5, 20), (5, 0.0, 100), (2, 1.0, 7)])
 def test_rehash_intervals_follow_the_decaying_schedule(data, n0, lam, cap):
     set_threads(1)
-    cfg = SAMPLED.replace(batch_size=2, rehash_n0=n0, rehash_lambda=lam, rehash_max_interval=cap, rebuild_every=0)
+    cfg = SAMPLED.replace(
+        sampling=SAMPLED.sampling.replace(
+            rehash_n0=n0, rehash_lambda=lam, rehash_max_interval=cap, rebuild_every="never"
+        ),
+        optimizer=SAMPLED.optimizer.replace(batch_size=2),
+    )
     trainer = Trainer(cfg, data)
     fired = []
     original = trainer.rehash
@@ -180,7 +200,7 @@ def test_rehash_intervals_follow_the_decaying_schedule(data, n0, lam, cap):
 
 def test_rehash_reinserts_every_neuron_at_its_current_bucket(data):
     set_threads(1)
-    trainer = Trainer(SAMPLED.replace(rehash_n0=1000, rebuild_every=0), data)
+    trainer = Trainer(SAMPLED.replace(sampling=SAMPLED.sampling.replace(rehash_n0=1000, rebuild_every="never")), data)
     model = trainer.model
     hf, tb = model.hashes[0], model.tables[0]
     for s in range(4):
@@ -197,7 +217,14 @@ def test_rehash_reinserts_every_neuron_at_its_current_bucket(data):
 
 def test_drift_threshold_rehashes_only_drifted_rows(data):
     set_threads(1)
-    trainer = Trainer(SAMPLED.replace(rehash_n0=1000, rebuild_every=0, drift_threshold=0.05, bucket_size=1000), data)
+    trainer = Trainer(
+        SAMPLED.replace(
+            sampling=SAMPLED.sampling.replace(
+                rehash_n0=1000, rebuild_every="never", drift_threshold=0.05, bucket_size=1000
+            )
+        ),
+        data,
+    )
     model = trainer.model
     out = model.depth - 1
     hf, tb = model.hashes[0], model.tables[0]
@@ -208,7 +235,7 @@ def test_drift_threshold_rehashes_only_drifted_rows(data):
     ratio = trainer.adam.drift[out] / norms
     # Pick the threshold so that about half of the touched rows count as drifted.
     threshold = float(np.median(ratio[ratio > 0]))
-    trainer.config = trainer.config.replace(drift_threshold=threshold)
+    trainer.config = trainer.config.replace(sampling=trainer.config.sampling.replace(drift_threshold=threshold))
     drifted = np.flatnonzero(trainer.adam.drift[out] > threshold * norms)
     steady = np.setdiff1d(np.arange(model.num_labels), drifted)
     assert 0 < len(drifted) < model.num_labels
@@ -237,7 +264,9 @@ def test_drift_threshold_rehashes_only_drifted_rows(data):
 
 def test_rebuild_every_draws_new_functions(data):
     set_threads(1)
-    trainer = Trainer(SAMPLED.replace(rehash_n0=1000, rebuild_every=2, drift_threshold=0.5), data)
+    trainer = Trainer(
+        SAMPLED.replace(sampling=SAMPLED.sampling.replace(rehash_n0=1000, rebuild_every=2, drift_threshold=0.5)), data
+    )
     model = trainer.model
     history = [model.hashes[0]]
     for r in range(1, 5):
@@ -254,7 +283,9 @@ def test_rebuild_every_draws_new_functions(data):
             assert hf is history[-1]
         history.append(hf)
     # Rebuilds are seeded: a second trainer draws the same functions.
-    other = Trainer(SAMPLED.replace(rehash_n0=1000, rebuild_every=2, drift_threshold=0.5), data)
+    other = Trainer(
+        SAMPLED.replace(sampling=SAMPLED.sampling.replace(rehash_n0=1000, rebuild_every=2, drift_threshold=0.5)), data
+    )
     for r in range(1, 3):
         other.train_step(np.arange(16 * r, 16 * r + 16))
         other.rehash()
@@ -285,20 +316,18 @@ def tiny():
     return tiny_data()
 
 
-def train_tiny(tiny, **changes):
+def train_tiny(tiny, changes=None):
+    """Train on the tiny set with these settings changed, by path (`{"sampling.hash_k": 6}`)."""
     train, test = tiny
     cfg = SlideConfig(
-        hidden=(32,),
-        sample_output=True,
-        batch_size=32,
-        lr=1e-2,
-        epochs=3,
-        rehash_n0=10,
+        model=ModelConfig(hidden=(32,), sample_output=True),
+        sampling=SamplingConfig(rehash_n0=10),
+        optimizer=OptimizerConfig(batch_size=32, lr=1e-2),
+        schedule=ScheduleConfig(epochs=3, eval_points=None),
         seed=0,
         threads=None,
-        eval_points=None,
-    ).replace(**changes)
-    trainer = Trainer(cfg, train, test)
+    )
+    trainer = Trainer(with_settings(cfg, changes or {}), train, test)
     history = []
     final = trainer.run(on_metrics=history.append)
     return trainer, history, final
@@ -308,7 +337,10 @@ def test_training_on_tiny_synthetic_data_learns(tiny):
     train, test = tiny
     baseline = popularity_p_at_1(train, test)
     assert baseline < 0.1
-    trainer, history, final = train_tiny(tiny, hash_family="simhash", hash_k=6, hash_l=8, max_active="none")
+    trainer, history, final = train_tiny(
+        tiny,
+        {"sampling.hash_family": "simhash", "sampling.hash_k": 6, "sampling.hash_l": 8, "sampling.max_active": "none"},
+    )
     assert [h.epoch for h in history] == [1, 2, 3] and not final["stopped"]
     assert history[-1].loss < history[0].loss
     assert history == trainer.history
@@ -342,7 +374,7 @@ def test_multi_probe_prediction_scores_more_candidates_and_recalls_more_of_exact
     trained = default_trained[0].model
     # The same arrays without a serving cap, so that every probed candidate is scored.
     model = SlideModel(
-        trained.config.replace(predict_max_active="none"),
+        trained.config.replace(predict=trained.config.predict.replace(max_active="none")),
         trained.num_features,
         trained.num_labels,
         trained.weights,
@@ -368,14 +400,14 @@ def test_multi_probe_prediction_scores_more_candidates_and_recalls_more_of_exact
 
 def test_training_with_multi_probe_learns(tiny):
     train, test = tiny
-    trainer, _, final = train_tiny(tiny, probes=1)
+    trainer, _, final = train_tiny(tiny, {"sampling.probes": 1})
     assert trainer.model.predict_probes == 1
     assert final["p_at_1"] > 3 * popularity_p_at_1(train, test)
 
 
 def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(tiny):
     train, test = tiny
-    trainer, _, _ = train_tiny(tiny, predict_hubs=40, epochs=1)
+    trainer, _, _ = train_tiny(tiny, {"predict.hubs": 40, "schedule.epochs": 1})
     model = trainer.model
     tb = model.tables[0]
     assert tb.serve_hubs.shape == (40,) and len(set(tb.serve_hubs.tolist())) == 40
@@ -397,7 +429,13 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
 
     # Refreshing serving hubs between steps changes nothing else.
     cfg = SlideConfig(
-        hidden=(16,), sample_output=True, batch_size=16, epochs=1, rehash_n0=4, predict_hubs=30, seed=5, threads=1
+        model=ModelConfig(hidden=(16,), sample_output=True),
+        sampling=SamplingConfig(rehash_n0=4),
+        optimizer=OptimizerConfig(batch_size=16),
+        schedule=ScheduleConfig(epochs=1),
+        predict=PredictConfig(hubs=30),
+        seed=5,
+        threads=1,
     )
     plain, refreshed = Trainer(cfg, train), Trainer(cfg, train)
     order = plain.epoch_order(0)
@@ -416,7 +454,7 @@ def test_serving_hubs_mix_top_scores_and_longest_rows_and_leave_training_alone(t
     plain.refresh_serving_hubs()
     assert not np.array_equal(plain.model.tables[0].serve_hubs, before)
     # A run with nowhere to publish refreshes them at its end.
-    bare = Trainer(cfg.replace(eval_points=None), train)
+    bare = Trainer(cfg.replace(schedule=cfg.schedule.replace(eval_points=None)), train)
     bare.run(time_budget_s=0.5)
     served = bare.model.tables[0].serve_hubs.copy()
     bare.model.update_hubs(1, training=False, center=bare.adam.input_mean[1])
@@ -427,7 +465,14 @@ def test_train_step_refuses_empty_and_oversized_batches():
     """An empty batch would average nothing into the running input mean (NaN); an oversized one would
     overrun the batch buffers."""
     data = naive.planted_dataset(40, 30, 20, seed=3)
-    trainer = Trainer(SlideConfig(hidden=(8,), sample_output=True, batch_size=8, hub_neurons=2), data)
+    trainer = Trainer(
+        SlideConfig(
+            model=ModelConfig(hidden=(8,), sample_output=True),
+            sampling=SamplingConfig(hub_neurons=2),
+            optimizer=OptimizerConfig(batch_size=8),
+        ),
+        data,
+    )
     with pytest.raises(ValueError, match="at least one point"):
         trainer.train_step(np.arange(0))
     with pytest.raises(ValueError, match="at most batch_size=8"):

@@ -155,14 +155,11 @@ def test_snapshot_past_the_file_size_limit_fails_the_job_keeps_the_previous_and_
     # hash_k=16 makes each table's bucket offsets 2^16 + 1 int64s: a 10 MiB array in every snapshot (the output
     # layer must be sampled to have tables: sample_output auto trains these 500 labels densely).
     config = {
-        "sample_output": True,
-        "hidden": [32],
-        "batch_size": 64,
+        "model": {"sample_output": True, "hidden": [32]},
+        "sampling": {"hash_k": 16, "hash_l": 20},
+        "optimizer": {"batch_size": 64},
+        "schedule": {"epochs": 60, "early_stop_patience": "never"},
         "seed": 3,
-        "epochs": 60,
-        "hash_k": 16,
-        "hash_l": 20,
-        "early_stop_patience": 0,
     }
     settings = make_settings(tmp_path / "data")
     client = client_for(settings)

@@ -21,7 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine import SlideConfig, SnapshotStore, Trainer, generate, load_model
+from engine import (
+    ModelConfig,
+    OptimizerConfig,
+    ScheduleConfig,
+    SlideConfig,
+    SnapshotStore,
+    Trainer,
+    generate,
+    load_model,
+)
 from engine.labels import edit_snapshot
 from engine.snapshot import read_manifest
 from tests.e2e.server import ROOT
@@ -61,7 +70,12 @@ for edit in range(at + 1 if stage != "unhooked" else 100):
     say(f"done {edit}")
 """
 
-CFG = SlideConfig(hidden=(16,), sample_output=True, batch_size=64, epochs=1, threads=1, weight_dtype="bfloat16")
+CFG = SlideConfig(
+    model=ModelConfig(hidden=(16,), sample_output=True, weight_dtype="bfloat16"),
+    optimizer=OptimizerConfig(batch_size=64),
+    schedule=ScheduleConfig(epochs=1),
+    threads=1,
+)
 
 
 @pytest.fixture(scope="module")

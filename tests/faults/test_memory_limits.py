@@ -17,7 +17,7 @@ import httpx
 
 from engine import SlideConfig
 from engine.memory import estimate_memory
-from tests.app.helpers import assert_problem, wait_for
+from tests.app.helpers import assert_problem, merged, wait_for
 from tests.e2e.server import Server
 from tests.faults.conftest import descendants
 
@@ -57,8 +57,16 @@ def test_a_job_the_machine_cannot_hold_is_refused_at_once_and_starts_nothing(tmp
         train_id = _upload(c, small, "small")
         before = _trainers(server)
         for config, kind, field in [
-            ({"hidden": [200_000_000]}, "validation-error", "body.config.hidden[0]"),  # past the width bound
-            ({"hidden": [60_000, 60_000]}, "memory-limit", "body.config.hidden"),  # within bounds, 21.6 GB of weights
+            (
+                {"model": {"hidden": [200_000_000]}},
+                "validation-error",
+                "body.config.model.hidden[0]",
+            ),  # past the width bound
+            (
+                {"model": {"hidden": [60_000, 60_000]}},
+                "memory-limit",
+                "body.config.model.hidden",
+            ),  # within bounds, 21.6 GB of weights
         ]:
             start = time.monotonic()
             r = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config})
@@ -66,7 +74,9 @@ def test_a_job_the_machine_cannot_hold_is_refused_at_once_and_starts_nothing(tmp
             p = assert_problem(r, 422)
             assert elapsed < 1.0, elapsed
             assert p["type"] == f"urn:slide:problem:{kind}" and p["field"] == field, p
-        assert p["estimated_memory_bytes"] > 20e9 and p["limit_bytes"] == 2 * 1024**3 and p["fields"][0] == "hidden"
+        assert (
+            p["estimated_memory_bytes"] > 20e9 and p["limit_bytes"] == 2 * 1024**3 and p["fields"][0] == "model.hidden"
+        )
         assert "SLIDE_MAX_JOB_MEMORY" in p["detail"], p
         time.sleep(0.5)  # several supervisor passes (SLIDE_SUPERVISOR_POLL_S=0.1)
         assert c.get("/v1/jobs").json()["count"] == 0
@@ -76,7 +86,7 @@ def test_a_job_the_machine_cannot_hold_is_refused_at_once_and_starts_nothing(tmp
 
 
 def test_jobs_that_fit_alone_but_not_together_run_one_after_the_other(tmp_path, servers, xmc_files, xmc_summaries):
-    config = {"hidden": [64], "batch_size": 64, "epochs": 2}
+    config = {"model": {"hidden": [64]}, "optimizer": {"batch_size": 64}, "schedule": {"epochs": 2}}
     # What one such job needs (the servers here train with SLIDE_TRAINER_THREADS=1); the server allows 1.5 of it.
     shape = xmc_summaries["train"]
     need = estimate_memory(
@@ -110,11 +120,17 @@ def test_a_trainer_over_its_ceiling_fails_its_job_cleanly_and_nothing_else_notic
     server = servers(
         tmp_path / "data", SLIDE_MAX_CONCURRENT_JOBS=2, SLIDE_TEST_MEMORY_HOG_SEED=HOG_SEED, SLIDE_MAX_JOB_MEMORY="4GiB"
     )
-    base = {"hidden": [32], "batch_size": 64}
+    base = {"model": {"hidden": [32]}, "optimizer": {"batch_size": 64}}
     with server.client() as c:
         train_id = _upload(c, xmc_files["train"], "train")
-        hog = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**base, "epochs": 4, "seed": HOG_SEED}})
-        other = c.post("/v1/jobs", json={"train_dataset_id": train_id, "config": {**base, "epochs": 4, "seed": 1}})
+        hog = c.post(
+            "/v1/jobs",
+            json={"train_dataset_id": train_id, "config": merged(base, {"schedule": {"epochs": 4}, "seed": HOG_SEED})},
+        )
+        other = c.post(
+            "/v1/jobs",
+            json={"train_dataset_id": train_id, "config": merged(base, {"schedule": {"epochs": 4}, "seed": 1})},
+        )
         hog_id, other_id = hog.json()["id"], other.json()["id"]
         failed = _until(c, hog_id, "failed", "completed", server=server)
         assert failed["state"] == "failed", failed

@@ -21,12 +21,17 @@ from sqlalchemy import func, select
 
 from app.db import MetricRow, ModelVersionRow
 from engine import load_dataset, read_xmc
-from tests.app.helpers import assert_problem, upload, wait_for
+from tests.app.helpers import assert_problem, merged, upload, wait_for
 from tests.conftest import make_settings
 from tests.faults.conftest import alive
 
-SHORT = {"hidden": [32], "batch_size": 64, "seed": 1, "epochs": 8, "early_stop_patience": 0}
-LONG = dict(SHORT, epochs=500)  # cannot finish while a test pokes at it
+SHORT = {
+    "model": {"hidden": [32]},
+    "optimizer": {"batch_size": 64},
+    "schedule": {"epochs": 8, "early_stop_patience": "never"},
+    "seed": 1,
+}
+LONG = merged(SHORT, {"schedule": {"epochs": 500}})  # cannot finish while a test pokes at it
 STABLE = ("completed", "stopped", "failed", "interrupted")
 QUERY = {"instances": [{"indices": [3], "values": [1.0]}]}
 
@@ -110,7 +115,7 @@ def test_two_jobs_train_at_once_and_both_complete(tmp_path, client_for, xmc_file
     settings = make_settings(tmp_path / "data", max_concurrent_jobs=2)
     client = client_for(settings)
     train_id = upload(client, xmc_files["train"]).json()["id"]
-    ids = [_start(client, train_id, dict(SHORT, seed=seed, epochs=20)) for seed in (1, 2)]
+    ids = [_start(client, train_id, merged(SHORT, {"schedule": {"epochs": 20}, "seed": seed})) for seed in (1, 2)]
     seen_both_running = False
 
     def finished() -> bool:

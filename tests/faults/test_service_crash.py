@@ -24,7 +24,12 @@ from engine.snapshot import read_manifest
 from tests.app.helpers import wait_for
 from tests.faults.conftest import alive, descendants
 
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 11, "epochs": 80, "early_stop_patience": 0}
+CONFIG = {
+    "model": {"hidden": [32]},
+    "optimizer": {"batch_size": 64},
+    "schedule": {"epochs": 80, "early_stop_patience": "never"},
+    "seed": 11,
+}
 QUERY = {"instances": [{"indices": [0, 5, 17], "values": [1.0, 0.5, 0.25]}], "k": 5, "mode": "lsh"}
 STABLE = ("completed", "stopped", "failed", "interrupted")
 
@@ -105,7 +110,7 @@ def _finish(c: httpx.Client, job_id: str, stop_points: int = 0) -> dict:
     assert done["state"] == "completed", done
     steps = [m["step"] for m in c.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
     assert steps == sorted(set(steps)), steps
-    assert CONFIG["epochs"] <= len(steps) <= CONFIG["epochs"] + stop_points, steps
+    assert CONFIG["schedule"]["epochs"] <= len(steps) <= CONFIG["schedule"]["epochs"] + stop_points, steps
     r = c.post(f"/v1/models/{job_id}/predict", json=QUERY)
     assert r.status_code == 200 and r.json()["model_version"] == done["model_version"], r.text
     return done

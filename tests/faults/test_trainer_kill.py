@@ -14,7 +14,12 @@ from engine.snapshot import read_manifest
 from tests.app.helpers import job_diagnosis, upload, wait_for
 from tests.conftest import make_settings
 
-CONFIG = {"hidden": [32], "batch_size": 64, "seed": 5, "epochs": 80, "early_stop_patience": 0}
+CONFIG = {
+    "model": {"hidden": [32]},
+    "optimizer": {"batch_size": 64},
+    "schedule": {"epochs": 80, "early_stop_patience": "never"},
+    "seed": 5,
+}
 QUERY = {"instances": [{"indices": [4, 9], "values": [1.0, 0.5]}], "k": 5}
 
 
@@ -88,7 +93,7 @@ def test_sigkilled_trainer_fails_serves_its_last_snapshot_and_resumes_from_it(tm
         diagnose=diagnose,
     )
     assert done["state"] == "completed", done["error"]
-    assert done["runs"] == 2 and done["error"] is None and done["progress"]["epoch"] == CONFIG["epochs"]
+    assert done["runs"] == 2 and done["error"] is None and done["progress"]["epoch"] == CONFIG["schedule"]["epochs"]
     assert done["model_version"] > version
     assert not leftover.exists()
 
@@ -99,7 +104,9 @@ def test_sigkilled_trainer_fails_serves_its_last_snapshot_and_resumes_from_it(tm
     later = [after[v] for v in sorted(after) if v > version]
     assert later and later == sorted(later) and later[0] > checkpoint_step, after
     metric_steps = [m["step"] for m in client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]]
-    assert metric_steps == sorted(set(metric_steps)) and len(metric_steps) == CONFIG["epochs"]  # once per epoch
+    assert (
+        metric_steps == sorted(set(metric_steps)) and len(metric_steps) == CONFIG["schedule"]["epochs"]
+    )  # once per epoch
 
 
 def test_resume_forgets_the_metrics_it_will_report_again(tmp_path):

@@ -136,7 +136,7 @@ def live(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) -> Iterato
                 json={
                     "train_dataset_id": ds["fuzz-train"],
                     "eval_dataset_id": ds["fuzz-test"],
-                    "config": {"hidden": [16], "batch_size": 64, "epochs": 1},
+                    "config": {"model": {"hidden": [16]}, "optimizer": {"batch_size": 64}, "schedule": {"epochs": 1}},
                 },
             )
             assert r.status_code == 201, r.text
@@ -152,7 +152,9 @@ def live(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) -> Iterato
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)  # "another process supervises jobs"
             app = create_app(settings)
             with TestClient(app, headers=key) as client:  # runs the lifespan; schemathesis reuses the started app
-                r = client.post("/v1/jobs", json={"train_dataset_id": ds["fuzz-train"], "config": {"epochs": 1}})
+                r = client.post(
+                    "/v1/jobs", json={"train_dataset_id": ds["fuzz-train"], "config": {"schedule": {"epochs": 1}}}
+                )
                 assert r.status_code == 201 and r.json()["state"] == "queued", r.text
                 queued = r.json()["id"]
                 spec = client.get("/openapi.json").json()

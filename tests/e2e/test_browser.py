@@ -188,7 +188,8 @@ def test_console_trains_a_job_with_live_curves_and_answers_a_query(browser: Any,
     epochs.clear()
     epochs.send_keys("400")
     browser.find_element(By.ID, "nj-config").send_keys(
-        '{"hidden": [32], "batch_size": 64, "seed": 3, "early_stop_patience": 0}'
+        '{"model": {"hidden": [32]}, "optimizer": {"batch_size": 64}, "schedule": {"early_stop_patience": "never"}, '
+        '"seed": 3}'
     )
     browser.find_element(By.ID, "nj-start").click()
     # The jobs table is repainted every 2 s: read it with queries, not element handles.
@@ -230,6 +231,15 @@ def test_console_trains_a_job_with_live_curves_and_answers_a_query(browser: Any,
     p1 = "return (document.getElementById('chart-precision').data || [{x: []}])[0].x.length"
     assert _js(browser, p1) >= 1  # P@1 on the held-out set
     assert _js(browser, STATE) == "running"
+    # The job's settings, one row per path: the form's epochs and the pasted groups arrived.
+    shown = dict(
+        _js(
+            browser,
+            "return [...document.querySelectorAll('#config div')]"
+            ".map(d => [d.querySelector('dt').innerText, d.querySelector('dd').innerText])",
+        )
+    )
+    assert shown["schedule.epochs"] == "400" and shown["model.hidden"] == "[32]" and shown["seed"] == "3", shown
 
     # A query against the live model: labels, scores, overlap with exact, latency.
     browser.find_element(By.ID, "q-run").click()

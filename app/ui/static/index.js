@@ -122,12 +122,16 @@ Slide.boot(async () => {
     let config = {};
     try { config = $("#nj-config").value.trim() ? JSON.parse($("#nj-config").value) : {}; }
     catch (e) { out.innerHTML = `<div class="error">config is not JSON: ${esc(e.message)}</div>`; return; }
-    config.epochs = Number($("#nj-epochs").value) || config.epochs;
+    // settings are grouped (config.schedule.epochs); a flat "epochs" is the previous release's name for it
+    const epochs = Number($("#nj-epochs").value) || (config.schedule || {}).epochs || config.epochs;
+    delete config.epochs;
+    if (epochs) config.schedule = { ...(config.schedule || {}), epochs };
     const body = { train_dataset_id: $("#nj-train").value, config };
     if ($("#nj-eval").value) body.eval_dataset_id = $("#nj-eval").value;
     try {
       const job = await api("/v1/jobs", { method: "POST", body });
-      out.innerHTML = `<div class="notice">Job <a href="/ui/jobs/${esc(job.id)}">${esc(job.id)}</a> is ${esc(job.state)}.</div>`;
+      out.innerHTML = `<div class="notice">Job <a href="/ui/jobs/${esc(job.id)}">${esc(job.id)}</a> is ${esc(job.state)}.</div>`
+        + (job.deprecations || []).map((d) => `<div class="notice">${esc(d)}</div>`).join("");
       await refreshJobs();
     } catch (e) { out.innerHTML = `<div class="error">${esc(e.message)}</div>`; }
   });

@@ -66,7 +66,11 @@ Slide.boot(async () => {
       stat("model", job.model_version == null ? "–" : "v" + job.model_version, "s-model"),
       stat("memory (estimate)", job.estimated_memory_bytes == null ? "–" : Slide.bytes(job.estimated_memory_bytes), "s-memory"),
     ].join("");
-    $("#config").innerHTML = Object.entries(job.config)
+    // one row per setting, by its path (sampling.hash_l): the groups are objects
+    const settings = Object.entries(job.config).flatMap(([k, v]) =>
+      v !== null && typeof v === "object" && !Array.isArray(v)
+        ? Object.entries(v).map(([f, x]) => [`${k}.${f}`, x]) : [[k, v]]);
+    $("#config").innerHTML = settings
       .map(([k, v]) => `<div><dt>${esc(k)}</dt><dd>${esc(JSON.stringify(v))}</dd></div>`).join("");
   }
 

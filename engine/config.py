@@ -229,9 +229,11 @@ class SamplingConfig(_Group):
     """Number of independent tables; None = auto: 16 for layers wider than 20,000 neurons (their buckets fill, so
     16 already return max_active), else 50. More tables retrieve more and cost more per step and per rehash."""
     bin_size: int = 8
-    """WTA/DWTA bin width: each code is an argmax position in [0, bin_size). Ignored by simhash."""
+    """WTA/DWTA bin width: each code is an argmax position in [0, bin_size). Ignored by simhash. Wider bins make
+    each code more selective (fewer collisions); at most the layer's input width."""
     simhash_density: float = 0.05
-    """Fraction of non-zero (+-1) entries in each SimHash projection; denser projections cost more to hash."""
+    """Fraction of non-zero (+-1) entries in each SimHash projection; denser projections cost more to hash and
+    follow the weights more closely. Raise it for narrow inputs, where 5% is only a few entries."""
     table_bits: int | None = None
     """log2 of buckets per table; None = auto, the code space's own size capped at 20. Lower it to save table
     memory when the code space is much larger than the layer."""
@@ -239,7 +241,9 @@ class SamplingConfig(_Group):
     """Capacity of a bucket (neuron ids). Trained rows crowd into full buckets, so this sets how many candidates
     an input reads from each table: larger reads more and costs more per step."""
     insertion: Insertion = "fifo"
-    """What a full bucket does with a new id: replace the oldest (fifo) or reservoir sampling."""
+    """Which ids a full bucket keeps: the most recently inserted (fifo, so recently rehashed rows win) or a uniform
+    random sample of all that hash there (reservoir). Try reservoir when buckets are full and the rows that moved
+    last should not crowd out the others."""
     active_threshold: int = 1
     """Keep a retrieved neuron only if it was found in at least this many of the L buckets (at most the tables of
     every sampled layer). Raise it to keep only the neurons many tables agree on."""
@@ -267,11 +271,14 @@ class SamplingConfig(_Group):
     draw still uniform over its own unretrieved labels (1 = every point its own). Sharing cuts the distinct
     rows the optimizer updates per batch; a group too large pushes the unretrieved labels down too rarely."""
     min_active: int = 0
-    """Pad the active set with random neurons up to this size (0 = no padding)."""
+    """Pad the active set with random neurons up to this size (0 = no padding). random_negatives is the better
+    tool for the output layer; this pads every sampled layer, hidden ones too."""
     rehash_n0: int = 20
-    """Steps before the first rehash; the i-th interval is rehash_n0 * exp(rehash_lambda * i)."""
+    """Steps before the first rehash; the i-th interval is rehash_n0 * exp(rehash_lambda * i). Lower it if the
+    first epoch's retrieval lags the fast-moving early weights; raise it to spend less time rehashing."""
     rehash_lambda: float = 0.1
-    """Growth rate of the interval between rehashes (0 = every rehash_n0 steps)."""
+    """Growth rate of the interval between rehashes (0 = every rehash_n0 steps): the weights move less as training
+    settles, so the tables need refreshing less often."""
     rehash_max_interval: int = 100
     """Upper bound on the interval between rehashes, in steps: rows change direction within a few hundred Adam
     steps, and stale buckets stop returning the neurons that score high. Lower it if retrieval lags the weights."""
@@ -308,9 +315,9 @@ class OptimizerConfig(_Group):
     a batch touches it, so the rows of rare features and labels get few steps: a large step lets them learn
     within a few epochs, and the plateau decay and the best snapshot take care of what it costs later."""
     beta1: float = 0.9
-    """Adam's decay rate of the first moment (the running mean of gradients)."""
+    """Adam's decay rate of the first moment (the running mean of gradients); rarely worth changing."""
     beta2: float = 0.999
-    """Adam's decay rate of the second moment (the running mean of squared gradients)."""
+    """Adam's decay rate of the second moment (the running mean of squared gradients); rarely worth changing."""
     eps: float = 1e-8
     """Added to Adam's denominator, so rows with tiny gradients do not take huge steps."""
     moment_dtype: MomentDtype = "bfloat16"
@@ -347,9 +354,12 @@ class ScheduleConfig(_Group):
     early_stop_patience: int | NeverWord = 3
     """Evaluations without a new best validation P@1 before training stops ("never" = run every epoch)."""
     eval_every: int | None = None
-    """Evaluate every this many steps (None = once per epoch)."""
+    """Evaluate every this many steps (None = once per epoch). Each evaluation also scores the validation split
+    and counts towards early stopping and the step-size decay: set it for long epochs on large data, where once
+    per epoch reacts too late."""
     eval_points: int | None = 2000
-    """Test points used by the periodic evaluation (None = all); it reports them and selects nothing."""
+    """Test points used by the periodic evaluation (None = all); it reports them and selects nothing, so fewer
+    only make the reported P@k noisier and the evaluation cheaper."""
 
 
 @dataclass(frozen=True)
@@ -403,7 +413,8 @@ class SlideConfig:
     predict: PredictConfig = field(default_factory=PredictConfig)
     """How the trained model serves predictions (kept with it in its snapshot)."""
     threads: int | None = None
-    """Worker threads (None = all cores Numba sees)."""
+    """Worker threads (None = all cores Numba sees). Set it to share a machine with other runs, or to 1 for
+    bit-identical reruns."""
     seed: int = 0
     """Seed of every random draw (weights, hash functions, sampling); with threads=1 a run is bit-identical."""
 

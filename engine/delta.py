@@ -77,14 +77,15 @@ def depth(manifest: dict) -> int:
     return int(entry["depth"]) if entry else 0
 
 
-def read(path: Path, manifest: dict, verify: bool = False) -> Delta:
+def read(path: Path, manifest: dict) -> Delta:
+    """A delta version's edit, its checksums verified (its files are small)."""
     from .snapshot import SnapshotError, load_full_arrays
     from .text import LabelNames
 
-    arrays = load_full_arrays(path, manifest, mmap=False, verify=verify)
+    arrays = load_full_arrays(path, manifest, mmap=False, verify=True)
     try:
         names = LabelNames.from_arrays(arrays, "delta_names")
-        return Delta(
+        delta = Delta(
             int(manifest["num_labels"]) - arrays["delta_rows"].shape[0],
             arrays["delta_rows"],
             arrays["delta_codes"],
@@ -93,6 +94,10 @@ def read(path: Path, manifest: dict, verify: bool = False) -> Delta:
         )
     except KeyError as exc:
         raise SnapshotError(f"{path}: delta version without its array {exc}") from exc
+    m = delta.rows.shape[0]
+    if delta.codes.ndim != 2 or delta.codes.shape[1] != m or len(delta.names) != m or delta.retired.ndim != 1:
+        raise SnapshotError(f"{path}: the delta's arrays disagree on the number of rows it adds ({m})")
+    return delta
 
 
 def output_layer(arrays: dict) -> int:
@@ -143,7 +148,11 @@ def apply_arrays(arrays: dict, delta: Delta, config: SlideConfig, grow: Callable
     if slot >= 0:
         tb = Tables(*(_table(arrays, slot, name) for name in Tables._fields))
         if m:
-            tb = insert_rows(tb, np.asarray(delta.codes, np.int32), first, config.sampling.bucket_size)
+            codes = np.asarray(delta.codes, np.int32)
+            buckets = tb.offsets.shape[1] - 1
+            if codes.shape[0] != tb.offsets.shape[0] or codes.min() < 0 or codes.max() >= buckets:
+                raise SnapshotError(f"a delta's bucket codes do not fit {tb.offsets.shape[0]} tables of {buckets}")
+            tb = insert_rows(tb, codes, first, config.sampling.bucket_size)
             hubs = tb.serve_hubs if tb.serve_hubs.size else tb.hubs
             tb = tb._replace(serve_hubs=np.concatenate([hubs, np.arange(first, total, dtype=np.int32)]))
         if delta.retired.size:
@@ -247,7 +256,7 @@ def load_model(path: Path, manifest: dict, mmap: bool, verify: bool, base: Slide
     model = base if full is None else load_full(full, mmap=mmap, verify=verify)
     assert model is not None
     for p, m in reversed(chain):
-        model = apply_to_model(model, read(p, m, verify), m)
+        model = apply_to_model(model, read(p, m), m)
     return model
 
 
@@ -283,7 +292,7 @@ def full_arrays(
         arrays.update({n: a for n, a in held.items() if n in touched})
     else:
         for p, m in reversed(chain):
-            arrays = apply_arrays(arrays, read(p, m, verify), manifest_config(m))
+            arrays = apply_arrays(arrays, read(p, m), manifest_config(m))
     sources = {
         n: (full / f"{n}.npy", full_manifest["arrays"][n])
         for n in arrays

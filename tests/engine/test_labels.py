@@ -422,6 +422,26 @@ def test_a_pinned_delta_version_keeps_its_chain(data, trained, tmp_path, monkeyp
     assert store.versions() == [pinned + 2, pinned + 3, pinned + 4]
 
 
+def test_a_damaged_delta_is_refused(data, trained, tmp_path):
+    import shutil
+
+    from engine.snapshot import SnapshotError
+
+    train, _ = data
+    src, keep = trained
+    store = SnapshotStore(tmp_path / "copy")
+    shutil.copytree(src.root, store.root)
+    held = load_model(store.latest()[1])
+    path = store.path(lab.edit_snapshot(store, add=[("a", _examples(train, keep))]).version)
+    codes = path / "delta_codes.npy"
+    raw = bytearray(codes.read_bytes())
+    raw[-1] ^= 0xFF
+    codes.write_bytes(bytes(raw))
+    for base in (None, held):  # read whole or applied to a held model: checksums are always verified
+        with pytest.raises(SnapshotError, match="checksum"):
+            load_model(path, base=base)
+
+
 def test_warm_start_estimate_counts_the_grown_shape_and_the_copies(data, trained):
     from engine.memory import estimate_for
     from engine.warmstart import estimate_warm_start, warm_start_shape

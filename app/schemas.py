@@ -43,6 +43,7 @@ from engine.config import (
     Bounds,
     ConfigError,
     check_setting,
+    nest_flat_names,
 )
 from engine.progress import TrainingMetrics
 
@@ -195,19 +196,11 @@ class _FlatNames(BaseModel):
     @classmethod
     def _nest_flat_names(cls, data: Any, handler: Any) -> Any:
         notes: list[str] = []
-        if isinstance(data, dict) and any(k in FLAT_NAMES and k not in GROUPS for k in data):
-            data = dict(data)
-            for name, path in FLAT_NAMES.items():
-                if name not in data or name in GROUPS:
-                    continue
-                group, leaf = path.split(".")
-                sub = data.get(group, {})
-                if not isinstance(sub, dict):
-                    continue  # the group's own validation names it
-                if leaf in sub:
-                    raise ValueError(f"{path} is given twice, as {path} and by its former name {name}")
-                data[group] = {**sub, leaf: data.pop(name)}
-                notes.append(f"{name} is deprecated and will be refused in a later release; use {path}")
+        if isinstance(data, dict):
+            try:
+                data, notes = nest_flat_names(data)
+            except ConfigError as exc:  # a setting given both ways
+                raise ValueError(str(exc)) from exc
         model = handler(data)
         model._flat_notes = notes
         return model

@@ -519,24 +519,35 @@ def _nullable() -> set[str]:
     return out
 
 
-def upgrade_settings(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """`values` in the current form, and a deprecation note per old form replaced: flat names (FLAT_NAMES) moved
-    to their group, the old numbers of LEGACY replaced by what they mean now, and "auto" (which a TOML file
-    writes for null) made null. Raises ConfigError when a setting is given both by its flat name and its path."""
+def nest_flat_names(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`values` with the flat names of the previous release (FLAT_NAMES: `hash_l`, `predict_hubs`) moved into
+    their groups, and a deprecation note per name moved. Raises ConfigError when a setting is given both by its
+    flat name and its path."""
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
     notes = []
     for name, path in FLAT_NAMES.items():
-        if name not in out or name in GROUPS:
+        if name not in out:
             continue
         group, leaf = path.split(".")
         sub = out.setdefault(group, {})
         if not isinstance(sub, dict):
-            continue  # from_dict names the group at fault
+            continue  # from_dict (or the job schema) names the group at fault
         if leaf in sub:
             raise ConfigError(path, f"given twice, as {path} and by its former name {name}")
         sub[leaf] = out.pop(name)
         notes.append(f"{name} is deprecated and will be refused in a later release; use {path}")
-    for path in NULLABLE | set(LEGACY):
+    return out, notes
+
+
+def upgrade_settings(values: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`values` in the current form, and a deprecation note per old form replaced, in the order of the settings:
+    flat names moved to their group (`nest_flat_names`), the old numbers of LEGACY replaced by what they mean now,
+    and "auto" (which a TOML file writes for null) made null. Raises ConfigError when a setting is given both by
+    its flat name and its path."""
+    out, notes = nest_flat_names(values)
+    for path in setting_paths():
+        if path not in NULLABLE and path not in LEGACY:
+            continue
         group, _, leaf = path.rpartition(".")
         holder = out.get(group) if group else out
         if not isinstance(holder, dict) or leaf not in holder:
@@ -603,6 +614,7 @@ __all__ = [
     "LEGACY",
     "WORDS",
     "upgrade_settings",
+    "nest_flat_names",
     "check_setting",
     "setting",
     "with_settings",

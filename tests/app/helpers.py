@@ -12,14 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from engine.config import merge_settings
+
 
 def merged(*configs: dict[str, Any]) -> dict[str, Any]:
     """Job configs merged group by group, later ones winning: `merged(FAST, {"schedule": {"epochs": 1}})`."""
-    out: dict[str, Any] = {}
-    for config in configs:
-        for key, value in config.items():
-            out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) else value
-    return out
+    return merge_settings(*configs)
 
 
 def upload(client: Any, path: Path, name: str = "tiny", **kwargs: Any):

@@ -18,7 +18,8 @@ Adam's state of a new row is zero (optimizer arrays shorter than their layer are
 
 A delta is published like any version (a temp dir renamed into place, see SnapshotStore.publish), pruning keeps
 every version a kept delta applies to, and an edit writes a full version instead once the chain holds MAX_DEPTH
-deltas (compaction). A trainer's snapshots are always full versions.
+deltas (compaction; `compact` does it apart from an edit, as the service does once a chain is full). A trainer's
+snapshots are always full versions.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from .tables import Tables
 if TYPE_CHECKING:
     from .config import SlideConfig
     from .network import SlideModel
+    from .snapshot import SnapshotStore
 
 MAX_DEPTH = 8
 """Deltas a chain may hold: the edit after that writes a full version."""
@@ -299,6 +301,38 @@ def full_arrays(
         if n not in touched and n in full_manifest["arrays"]
     }
     return arrays, sources
+
+
+def compact(store: SnapshotStore, model: SlideModel | None = None) -> int | None:
+    """Publish the newest version again as a full version when it is a delta: the same model under the next
+    number, so the chain can go at the next prune. Returns that number, None when the newest is full already.
+    model: the newest version's model when the caller holds it (its edited arrays are taken from it). Serialised
+    with edits by their lock file; the caller makes sure no trainer writes the store."""
+    import fcntl
+    import os
+
+    from .labels import _EDIT_LOCK
+    from .snapshot import read_manifest
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store.root / _EDIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        latest = store.latest()
+        if latest is None:
+            return None
+        version, path = latest
+        manifest = read_manifest(path)
+        if not info(manifest):
+            return None
+        arrays, sources = full_arrays(path, manifest, model=model)
+        links = {n: sources[n] for n in arrays if n in sources}
+        own = ("arrays", "version", "created_at", "format_version", KEY)
+        meta = {k: v for k, v in manifest.items() if k not in own}
+        meta["compacted_from"] = version
+        return store.publish({n: a for n, a in arrays.items() if n not in links}, meta, links)[0]
+    finally:
+        os.close(fd)
 
 
 def kept_parents(root: Path, versions: set[int]) -> set[int]:

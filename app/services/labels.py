@@ -14,6 +14,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import engine
+import engine.delta
 from app.db import JobRow, ModelVersionRow
 from app.domain import ACTIVE_STATES, LABEL_EVENTS, LABEL_REQUESTS, TRAINER_LOCK
 from app.services.errors import Conflict, InvalidContent, NotFound
@@ -28,6 +30,7 @@ from app.services.jobs import JobService
 from app.services.registry import ModelRegistry
 from app.settings import Settings
 from engine.labels import LabelError, edit_snapshot, label_names_list, retired_mask
+from engine.snapshot import read_manifest
 
 log = logging.getLogger("app.labels")
 
@@ -40,23 +43,30 @@ class LabelService:
         self.settings = settings
         self.jobs = jobs
         self.registry = registry
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
 
     # ---- the trainer lock -------------------------------------------------------------------------------
     @contextlib.contextmanager
     def _without_trainer(self, job_id: str) -> Iterator[bool]:
-        """Holds the job's trainer lock (True) when no trainer process holds it; False when one does."""
-        job_dir = self.settings.job_dir(job_id)
-        job_dir.mkdir(parents=True, exist_ok=True)
-        fh: IO[str] = open(job_dir / TRAINER_LOCK, "a+")
-        try:
+        """Holds the job's trainer lock (True) when no trainer process holds it; False when one does. Edits and
+        compactions of one model in this process take turns first (one waits for the other, rather than taking
+        the other's hold of the trainer lock for a trainer's)."""
+        with self._guard:
+            turn = self._locks.setdefault(job_id, threading.Lock())
+        with turn:
+            job_dir = self.settings.job_dir(job_id)
+            job_dir.mkdir(parents=True, exist_ok=True)
+            fh: IO[str] = open(job_dir / TRAINER_LOCK, "a+")
             try:
-                fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                yield False
-                return
-            yield True
-        finally:
-            fh.close()
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    yield False
+                    return
+                yield True
+            finally:
+                fh.close()
 
     def _job(self, model_id: str) -> JobRow:
         try:
@@ -193,6 +203,13 @@ class LabelService:
         except Exception:  # noqa: BLE001 - the version is on disk: the next request loads it
             log.exception("model %s: could not load version %s", job.id, version)
             self.registry.evict(job.id)
+        path = self.settings.snapshots_dir(job.id) / f"v{int(version):06d}"
+        try:
+            full_chain = engine.delta.depth(read_manifest(path)) >= engine.delta.MAX_DEPTH
+        except engine.SnapshotError:
+            full_chain = False
+        if full_chain:  # compacted now, after this answer, so that no edit waits for it
+            threading.Thread(target=self._compact, args=(job.id,), name=f"compact-{job.id[:8]}", daemon=True).start()
         try:
             with self.jobs.db.session() as s:
                 s.merge(
@@ -202,6 +219,21 @@ class LabelService:
                 )
         except Exception:  # noqa: BLE001 - the version is on disk either way; listing reads the disk
             log.exception("model %s: could not record version %s", job.id, version)
+
+    def _compact(self, job_id: str) -> None:
+        """Publish the newest version, a delta that ends a full chain, again as a full version (engine.delta.compact):
+        the next edit is a delta again. Left to a trainer when one runs (its snapshots are full versions)."""
+        try:
+            job = self._job(job_id)
+            store = engine.SnapshotStore(self.settings.snapshots_dir(job_id), keep=self.settings.snapshot_keep)
+            with self._without_trainer(job_id) as free:
+                if free:
+                    version = engine.delta.compact(store, model=self._held(job))
+                    if version is not None:
+                        log.info("model %s: label edits compacted into version %d", job_id, version)
+                        self._published(job, version)
+        except Exception:  # noqa: BLE001 - the next edit compacts instead
+            log.exception("model %s: could not compact its label edits", job_id)
 
     def _event(self, model_id: str, event: dict[str, Any], version: int | None) -> None:
         append_label_event(self.settings.job_dir(model_id), {**event, "model_version": version})

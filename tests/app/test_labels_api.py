@@ -86,6 +86,31 @@ def test_add_retire_list_and_survive_a_restart(client_for, settings, tmp_path):
     assert 3 not in answer["labels"] and "combo" in answer["names"]
 
 
+def test_a_full_chain_of_deltas_is_compacted_after_the_answer(client_for, settings, monkeypatch):
+    from engine import delta
+    from engine.snapshot import read_manifest
+
+    monkeypatch.setattr(delta, "MAX_DEPTH", 2)
+    client = client_for(settings)
+    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
+    job_id = finished_job(client, settings, train["id"])
+    store = SnapshotStore(settings.snapshots_dir(job_id))
+    versions = []
+    for i in range(3):
+        examples = [{"text": _words(i, shift=s)} for s in range(3)]
+        r = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": f"new{i}", "examples": examples}]})
+        assert r.status_code == 201, r.text
+        versions.append(r.json()["model_version"])
+        assert read_manifest(store.path(versions[-1]))["delta"]["depth"] == (i % 2) + 1  # every edit a delta
+        if i == 1:  # the chain is full: published again as a full version, apart from the edit
+            compacted = wait_for(lambda: (v := store.latest()[0]) > versions[-1] and v, what="the compaction")
+            assert "delta" not in read_manifest(store.path(compacted))
+            assert read_manifest(store.path(compacted))["compacted_from"] == versions[-1]
+    assert versions[2] == compacted + 1
+    assert [x["name"] for x in _all_labels(client, job_id)][-3:] == ["new0", "new1", "new2"]
+    assert _predict(client, job_id, _words(2))["model_version"] == versions[2]
+
+
 def test_labels_handed_to_a_training_job_survive_kill_and_resume(client_for, settings, xmc_files):
     import os
     import signal

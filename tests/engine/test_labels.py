@@ -399,6 +399,27 @@ def test_deltas_are_compacted_and_their_chain_is_kept_until_then(data, trained, 
         _same_model(load_model(store.path(edit.version), verify=True), twin)
 
 
+def test_compact_publishes_the_newest_delta_again_as_a_full_version(data, trained, tmp_path):
+    import shutil
+
+    from engine import delta
+
+    train, _ = data
+    src, keep = trained
+    store = SnapshotStore(tmp_path / "copy", keep=1)
+    shutil.copytree(src.root, store.root)
+    assert delta.compact(store) is None  # the newest is full already
+    held = load_model(store.latest()[1])
+    for i in range(2):
+        edit = lab.edit_snapshot(store, add=[(f"n{i}", _examples(train, keep + i))])
+        held = load_model(store.path(edit.version), base=held)
+    version = delta.compact(store, model=held)
+    assert version == held.version + 1 and "delta" not in read_manifest(store.path(version))
+    assert store.versions() == [version]  # the chain went at the prune
+    _same_model(load_model(store.path(version), verify=True), held)
+    assert delta.compact(store) is None
+
+
 def test_a_pinned_delta_version_keeps_its_chain(data, trained, tmp_path, monkeypatch):
     import shutil
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import inspect
 import json
 import sys
 import time
@@ -42,42 +43,46 @@ def _setting_fields() -> list[tuple[str, str, Any, Any]]:
 
 
 def _config_flags(parser: argparse.ArgumentParser) -> None:
-    """One `--field value` flag per setting (help text from the field's default)."""
-    group = parser.add_argument_group("model and training settings (override --config)")
+    """One `--field value` flag per setting, under one heading per settings group (the group's docstring); each
+    help names the setting's path, as the TOML file and a job body give it, and its default."""
+    groups = {
+        name: parser.add_argument_group(
+            f"{name} settings (--config table [{name}]; flags override the file)",
+            " ".join(inspect.cleandoc(cls.__doc__ or "").split("\n\n")[0].split()),
+        )
+        for name, cls in GROUPS.items()
+    }
+    run = parser.add_argument_group("run settings (--config top level; flags override the file)")
     for name, path, kind, default in _setting_fields():
         flag = "--" + name.replace("_", "-")
+        group = groups[path.split(".")[0]] if "." in path else run
+        shown = "auto" if default is None else default
         if path == "model.hidden":
             group.add_argument(
                 flag,
                 dest=name,
                 type=lambda s: tuple(int(x) for x in s.split(",")),
                 default=None,
-                help="comma-separated hidden widths (default auto: 512 when the output layer is sampled and has at "
-                "most 100,000 labels, else 128)",
+                help="model.hidden: comma-separated hidden widths (default auto: 512 when the output layer is "
+                "sampled and has at most 100,000 labels, else 128)",
             )
         elif kind in (bool, bool | None):
-            shown = "auto" if default is None else default
             group.add_argument(
-                flag, dest=name, type=_parse_bool, default=None, metavar="true|false", help=f"default {shown}"
+                flag, dest=name, type=_parse_bool, default=None, metavar="true|false", help=f"{path}; default {shown}"
             )
         elif kind in (int, float):
-            group.add_argument(flag, dest=name, type=kind, default=None, help=f"default {default}")
+            group.add_argument(flag, dest=name, type=kind, default=None, help=f"{path}; default {shown}")
         elif int in typing.get_args(kind):  # a number, auto (None) and/or a word
             words = [
                 w for a in typing.get_args(kind) if typing.get_origin(a) is typing.Literal for w in typing.get_args(a)
             ]
             metavar = "|".join(["N", *(["auto"] if type(None) in typing.get_args(kind) else []), *words])
             group.add_argument(
-                flag,
-                dest=name,
-                type=_setting_value,
-                default=None,
-                metavar=metavar,
-                help=f"default {'auto' if default is None else default}",
+                flag, dest=name, type=_setting_value, default=None, metavar=metavar, help=f"{path}; default {shown}"
             )
         else:
             choices = list(typing.get_args(kind)) or None
-            group.add_argument(flag, dest=name, choices=choices, default=None, help=f"default {default}")
+            group.add_argument(flag, dest=name, choices=choices, default=None, help=f"{path}; default {shown}")
 
 
 def _setting_value(s: str) -> int | str:
@@ -375,7 +380,11 @@ def make_parser() -> argparse.ArgumentParser:
     t.add_argument("--train", required=True, help="XMC file, or JSONL text (.jsonl / .jsonl.gz)")
     t.add_argument("--test")
     t.add_argument("--out", required=True, help="snapshot directory (versions v000001, ...)")
-    t.add_argument("--config", help="TOML file of settings (flags override it)")
+    t.add_argument(
+        "--config",
+        help="TOML file of settings: one table per group ([model], [sampling], [optimizer], [schedule], "
+        "[predict]), threads and seed at the top; flags override it",
+    )
     t.add_argument("--dense", action="store_true", help="train every output neuron (the dense baseline)")
     t.add_argument("--resume", action="store_true", help="continue from the newest snapshot in --out")
     t.add_argument(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from engine.cli import main
 from engine.synth import generate_to_files
 
@@ -76,3 +78,13 @@ def test_train_reads_a_toml_file_of_groups_and_flags_over_it(tmp_path, capsys):
     err = capsys.readouterr().err
     assert f"slide: {flat}: hash_l is deprecated and will be refused in a later release; use sampling.hash_l" in err
     assert "schedule.early_stop_patience: 0 is deprecated" in err and "predict_hubs is deprecated" in err
+
+
+def test_train_help_lists_the_flags_by_settings_group_with_their_paths(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    sampling = text.index("sampling settings (--config table [sampling]")
+    assert text.index("model settings") < sampling < text.index("--hash-l N|auto sampling.hash_l; default auto")
+    assert "--predict-hubs N|auto|none predict.hubs; default auto" in text[text.index("predict settings") :]
+    assert "--early-stop-patience N|never schedule.early_stop_patience; default 3" in text

@@ -26,10 +26,12 @@ from pydantic import (
     Field,
     PlainValidator,
     PrivateAttr,
+    ValidationError,
     WithJsonSchema,
     create_model,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 
 from app.db import METRIC_FIELDS
 from app.domain import JobState
@@ -199,8 +201,13 @@ class _FlatNames(BaseModel):
         if isinstance(data, dict):
             try:
                 data, notes = nest_flat_names(data)
-            except ConfigError as exc:  # a setting given both ways
-                raise ValueError(str(exc)) from exc
+            except ConfigError as exc:  # a setting given both ways: the 422 names the former name, to drop
+                former = next(name for name, path in FLAT_NAMES.items() if path == exc.field)
+                message = str(exc).split(": ", 1)[-1]
+                error = PydanticCustomError("value_error", "{message}", {"message": message})
+                raise ValidationError.from_exception_data(
+                    cls.__name__, [InitErrorDetails(type=error, loc=(former,), input=data[former])]
+                ) from exc
         model = handler(data)
         model._flat_notes = notes
         return model

@@ -115,7 +115,7 @@ def test_a_job_body_with_the_flat_names_of_the_previous_release_runs_with_a_depr
         ),
         422,
     )
-    assert "sampling.hash_l" in p["detail"] and "given twice" in p["detail"], p
+    assert p["field"] == "body.config.hash_l" and "given twice, as sampling.hash_l" in p["detail"], p
 
 
 def test_config_and_reference_errors_name_the_field(client, datasets):

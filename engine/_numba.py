@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import types
+
 import numba
+import numpy as np
 
 KERNEL_OPTIONS = dict(cache=True, nogil=True, fastmath=False, error_model="numpy")
 
@@ -31,3 +34,31 @@ def set_threads(threads: int | None) -> int:
     n = limit if not threads else max(1, min(int(threads), limit))
     numba.set_num_threads(n)
     return n
+
+
+def read_only(x):
+    """`x` (an array, or a tuple or NamedTuple group of them, nested) with every writable array replaced by a
+    read-only view of it. Numba compiles one version of a kernel per argument type, and a read-only array (a
+    memory-mapped snapshot or dataset) is another type than a writable one: kernels that only read an argument
+    get it read-only from every caller, so they compile once whichever the arrays came from."""
+    if isinstance(x, np.ndarray):
+        if not x.flags.writeable:
+            return x
+        view = x.view()
+        view.flags.writeable = False
+        return view
+    if isinstance(x, tuple):
+        items = [read_only(item) for item in x]
+        return type(x)(*items) if hasattr(x, "_fields") else tuple(items)
+    return x
+
+
+def renamed(fn, name: str):
+    """A copy of the Python function `fn` under another name, to compile it a second time with other options.
+    Numba's on-disk cache keys a kernel by its module, name and bytecode, not by its options: without the new
+    name the threaded and the serial compilation of one function would share a cache entry, and whichever was
+    compiled first would be loaded for both."""
+    twin = types.FunctionType(fn.__code__, fn.__globals__, name, fn.__defaults__, fn.__closure__)
+    twin.__qualname__ = name
+    twin.__doc__ = fn.__doc__
+    return twin

@@ -16,6 +16,7 @@ import numba
 import numpy as np
 
 from . import labels, lsh, tables
+from ._numba import read_only
 from .config import SlideConfig
 from .kernels.groups import Layers, Lookup, Retrieval, TopK
 from .kernels.groups import Tables as KernelTables
@@ -340,12 +341,12 @@ class SlideModel:
             retrieval = Retrieval(probes, self.config.sampling.active_threshold, self.predict_max_active)
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
             run(
-                indptr,
-                indices,
-                values,
+                read_only(indptr),  # read-only, as from a memory map: one compiled version of the kernel
+                read_only(indices),
+                read_only(values),
                 use_tables,
-                self.kernel_layers(),
-                self.kernel_tables(serving=True),
+                read_only(self.kernel_layers()),
+                read_only(self.kernel_tables(serving=True)),
                 retrieval,
                 hid,
                 ids,

@@ -118,7 +118,8 @@ def shard_forward_batch(
     weights, b0, layer_slot = net
     hidx, hsign, hparams, offsets, ids, hubs = tabs
     hid, act_ids, act_val, nact, nkept, delta0, losses = act
-    for c in prange(n_chunks):
+    for chunk in prange(n_chunks):
+        c = np.int64(chunk)  # prange's index is unsigned: a signed copy compiles callees once, not twice
         # see kernels.groups: groups holding tuples are rebuilt inside the loop, stores go to unpacked arrays
         net = Layers(weights, b0, layer_slot)
         tabs = Tables(hidx, hsign, hparams, offsets, ids, hubs)
@@ -212,7 +213,8 @@ def shard_deltas_batch(
     c+n_chunks, ...; y: the batch's local labels in slot order; losses float64 (b,)."""
     b = act_val_out.shape[0]
     inv_batch = 1.0 / b
-    for c in prange(n_chunks):
+    for chunk in prange(n_chunks):
+        c = np.int64(chunk)  # prange's index is unsigned: a signed copy compiles callees once, not twice
         for i in range(c, b, n_chunks):
             losses[i] = shard_deltas_point(
                 i,

@@ -349,7 +349,8 @@ def train_batch(
     weights, b0, layer_slot = net
     hidx, hsign, hparams, offsets, ids, hubs = tabs
     hid, act_ids, act_val, nact, nkept, delta0, losses = act
-    for c in prange(n_chunks):
+    for chunk in prange(n_chunks):
+        c = np.int64(chunk)  # prange's index is unsigned: a signed copy compiles callees once, not twice
         # see kernels.groups: groups holding tuples are rebuilt inside the loop, stores go to unpacked arrays
         net = Layers(weights, b0, layer_slot)
         tabs = Tables(hidx, hsign, hparams, offsets, ids, hubs)

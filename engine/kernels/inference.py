@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from numba import prange
 
-from .._numba import fast_kernel, fast_parallel_kernel, kernel
+from .._numba import fast_kernel, fast_parallel_kernel, kernel, renamed
 from .forward import lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
 from .groups import Layers, Tables
 from .sampling import next_generation
@@ -40,7 +40,8 @@ def predict_batch(indptr, indices, values, use_tables, net, tabs, retrieval, hid
     hidx, hsign, hparams, offsets, table_ids, hubs = tabs
     out_labels, out_scores, n_scored = out
     depth = len(weights)
-    for c in prange(n_chunks):
+    for chunk in prange(n_chunks):
+        c = np.int64(chunk)  # prange's index is unsigned: a signed copy compiles callees once, not twice
         # see kernels.groups: groups holding tuples are rebuilt inside the loop, stores go to unpacked arrays
         net = Layers(weights, b0, layer_slot)
         tabs = Tables(hidx, hsign, hparams, offsets, table_ids, hubs)
@@ -78,5 +79,5 @@ def predict_batch(indptr, indices, values, use_tables, net, tabs, retrieval, hid
                     n_scored[i] = m
 
 
-predict_batch_serial = fast_kernel(predict_batch.py_func)
+predict_batch_serial = fast_kernel(renamed(predict_batch.py_func, "predict_batch_serial"))
 """The same kernel compiled without threads: a few queries answer faster than a thread-pool wake-up."""

@@ -1,0 +1,114 @@
+"""Each kernel is compiled once per kind of model, whichever memory its arrays live in, and the serial and threaded
+compilations of one function keep their own entries in Numba's on-disk cache."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from engine._numba import read_only
+from engine.config import ModelConfig, OptimizerConfig, ScheduleConfig, SlideConfig
+from engine.kernels.groups import Layers
+from engine.kernels.inference import predict_batch, predict_batch_serial
+from engine.snapshot import SnapshotStore, load_model
+from engine.sparse import load_dataset, save_dataset
+from engine.trainer import Trainer
+
+from . import naive
+
+
+def test_read_only_views_every_array_of_a_group_and_keeps_its_type():
+    w = np.arange(6, dtype=np.float32).reshape(2, 3)
+    mapped = np.zeros(3, np.float32)
+    mapped.flags.writeable = False
+    group = read_only(Layers((w, w[:1]), mapped, np.arange(2)))
+    assert type(group) is Layers and isinstance(group.weights, tuple)
+    for a in (*group.weights, group.b0, group.layer_slot):
+        assert not a.flags.writeable
+    assert np.shares_memory(group.weights[0], w) and group.b0 is mapped
+    assert w.flags.writeable  # the caller's arrays stay as they were
+    assert read_only(3) == 3
+
+
+def test_predictions_from_memory_and_from_memory_maps_use_the_same_compiled_kernels(tmp_path):
+    train = naive.planted_dataset(120, 70, 90, seed=6, vocab=6, noise=3)
+    test = naive.planted_dataset(40, 70, 90, seed=7, vocab=6, noise=3)
+    config = SlideConfig(
+        model=ModelConfig(hidden=(16,), sample_output=True),
+        optimizer=OptimizerConfig(batch_size=16),
+        schedule=ScheduleConfig(epochs=1),
+        seed=5,
+        threads=1,
+    )
+    store = SnapshotStore(tmp_path / "snapshots")
+    trainer = Trainer(config, train, None, store=store)
+    trainer.run()
+    save_dataset(test, tmp_path / "test")
+    mapped = load_dataset(tmp_path / "test", mmap=True)
+    assert not mapped.x_values.flags.writeable
+
+    def predict_all(model, data):  # a few points (the serial kernel) and all of them (the threaded one)
+        out = []
+        for n in (2, data.num_points):
+            end = int(data.x_indptr[n])
+            for mode in ("lsh", "exact"):
+                x = (data.x_indptr[: n + 1], data.x_indices[:end], data.x_values[:end])
+                out.append(model.predict(*x, k=5, mode=mode))
+        return out
+
+    want = predict_all(trainer.model, test)  # writable weights, tables and inputs
+    compiled = set(predict_batch.signatures), set(predict_batch_serial.signatures)
+    served = load_model(store.latest()[1], mmap=True)
+    assert not served.weights[-1].flags.writeable
+    got = predict_all(served, mapped)  # all of them read-only memory maps
+    assert (set(predict_batch.signatures), set(predict_batch_serial.signatures)) == compiled
+    for (labels, scores), (want_labels, want_scores) in zip(got, want, strict=True):
+        np.testing.assert_array_equal(labels, want_labels)
+        np.testing.assert_array_equal(scores, want_scores)
+
+
+KERNELS = """
+from numba import prange
+
+from engine._numba import kernel, parallel_kernel, renamed
+
+
+def total(a):
+    s = 0.0
+    for i in prange(a.shape[0]):
+        s += a[i]
+    return s
+
+
+threaded = parallel_kernel(total)
+serial = kernel(renamed(total, "total_serial"))
+"""
+
+
+def _load(path: Path, name: str):
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serial_and_threaded_compilations_of_one_function_are_cached_apart(tmp_path):
+    """Numba keys its on-disk cache by module, function name and bytecode, not by compile options: a serial twin
+    under the same name would load the threaded machine code (or the reverse), whichever was compiled first."""
+    path = tmp_path / f"twin_kernels_{tmp_path.name.replace('-', '_')}.py"
+    path.write_text(KERNELS)
+    a = np.ones(100)
+    first = _load(path, path.stem)
+    assert first.serial(a) == first.threaded(a) == 100.0  # the serial twin compiled first, and cached
+    assert not first.threaded.stats.cache_hits, "the threaded kernel loaded the serial one's cache entry"
+    del sys.modules[path.stem]
+    again = _load(path, path.stem)  # as a new process would: each loads its own entry
+    assert again.threaded(a) == again.serial(a) == 100.0
+    assert sum(again.threaded.stats.cache_hits.values()) == sum(again.serial.stats.cache_hits.values()) == 1
+    assert again.threaded.py_func.__qualname__ != again.serial.py_func.__qualname__
+    assert predict_batch.py_func.__qualname__ != predict_batch_serial.py_func.__qualname__

@@ -62,3 +62,11 @@ def renamed(fn, name: str):
     twin.__qualname__ = name
     twin.__doc__ = fn.__doc__
     return twin
+
+
+def scratch_rows(buf, n: int):
+    """The scratch buffer `buf` (parts, rows, width) as a C-contiguous (parts, n, width) array on its first
+    elements. `buf[:, :n]` would be strided for n < rows (a short last batch), and Numba compiles every kernel
+    that takes it again for a strided array; its entries are not those of `buf[:, :n]`, so scratch only."""
+    parts, _, width = buf.shape
+    return buf.reshape(-1)[: parts * n * width].reshape(parts, n, width)

@@ -27,7 +27,7 @@ import numba
 import numpy as np
 
 from . import labels, schedule
-from ._numba import set_threads
+from ._numba import scratch_rows, set_threads
 from .adam import LazyAdamState
 from .config import SlideConfig
 from .kernels.forward import backward_batch, train_batch
@@ -553,7 +553,7 @@ class Trainer:
         layers = list(range(1, model.depth))
         if fused:
             # the output layer first: its update is also the backward pass into the layers below
-            grad_inputs = self._grad_inputs[:, :b]
+            grad_inputs = scratch_rows(self._grad_inputs, b)
             grad_inputs[:] = 0.0
             self._update_layer(out, act_ids, act_val, nact, hid, grad_inputs)
             backward_batch(grad_inputs, n_chunks, net, act, bufs.back)

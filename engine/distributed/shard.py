@@ -27,6 +27,7 @@ import numba
 import numpy as np
 
 from .. import lsh, tables
+from .._numba import scratch_rows
 from ..adam import LazyAdamState
 from ..config import SlideConfig
 from ..kernels.forward import backward_batch
@@ -240,7 +241,7 @@ class ShardTrainer(Trainer):
         width = model.weights[out].shape[1] - 1
         if self._fused_output:
             # the fused update's partial sums, added over chunks in order as backward_batch would
-            grad_inputs = self._grad_inputs[:, :b]
+            grad_inputs = scratch_rows(self._grad_inputs, b)
             grad_inputs[:] = 0.0
             self._update_layer(out, act_ids, act_val, nact, hid, grad_inputs)
             grads = np.zeros((b, width), np.float32)

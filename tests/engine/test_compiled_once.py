@@ -112,3 +112,27 @@ def test_serial_and_threaded_compilations_of_one_function_are_cached_apart(tmp_p
     assert sum(again.threaded.stats.cache_hits.values()) == sum(again.serial.stats.cache_hits.values()) == 1
     assert again.threaded.py_func.__qualname__ != again.serial.py_func.__qualname__
     assert predict_batch.py_func.__qualname__ != predict_batch_serial.py_func.__qualname__
+
+
+def test_a_short_last_batch_trains_with_the_kernels_of_the_full_ones(tmp_path):
+    """120 points in batches of 50: the last has 20. Its scratch gradients (parts, 20, width) are contiguous like
+    the full batches' (a strided slice of the (parts, 50, width) buffer would compile the kernels again)."""
+    from numba import types
+
+    from engine.kernels.forward import backward_batch
+    from engine.kernels.optimizer import update_sampled_layer
+
+    train = naive.planted_dataset(120, 70, 90, seed=6, vocab=6, noise=3)
+    config = SlideConfig(
+        model=ModelConfig(hidden=(16,), sample_output=True),
+        optimizer=OptimizerConfig(batch_size=50),
+        schedule=ScheduleConfig(epochs=1),
+        seed=5,
+        threads=2,
+    )
+    trainer = Trainer(config, train, None)
+    trainer.run()
+    assert trainer.step == 3
+    for kernel in (backward_batch, update_sampled_layer):
+        grad_inputs = [sig[0] if kernel is backward_batch else sig[-1] for sig in kernel.signatures]
+        assert grad_inputs and all(isinstance(t, types.Array) and t.layout == "C" for t in grad_inputs), grad_inputs

@@ -81,9 +81,21 @@ TRAINER_LOCK = "trainer.lock"
 """File in a job's directory that its trainer process holds locked (flock) while it runs."""
 LABEL_REQUESTS = "label-requests"
 """Directory in a job's directory where label additions and retirements wait for its trainer (one JSON file each)."""
+LABEL_QUEUE_LOCK = "label-requests.lock"
+"""File in a job's directory locked (flock) while a label request is handed over, and by a trainer from its last look
+at LABEL_REQUESTS until it exits (after it released TRAINER_LOCK): a request is either seen by the trainer or
+handed over after the trainer lock is free, when the service applies it to the newest snapshot itself."""
 LABEL_EVENTS = "label-events.jsonl"
 """File in a job's directory: one JSON line per label change applied (the events stream's `labels` events)."""
 BACKEND = "backend.json"
 """File in a job's directory saying where it trains (POST /v1/jobs `backend`); absent = this machine."""
 INIT_FROM = "init-from.json"
 """File in a job's directory naming the model version it starts from (POST /v1/jobs `init_from`)."""
+
+
+def request_instance(example: Any) -> Any:
+    """A predict instance as a label request (LABEL_REQUESTS) stores it: text, or {"indices", "values"} (or an
+    [indices, values] pair), as engine.labels.featurize_instances takes it."""
+    if isinstance(example, dict):
+        return example["text"] if example.get("text") is not None else (example["indices"], example["values"])
+    return example

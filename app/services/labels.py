@@ -5,6 +5,10 @@ top of the newest (engine.delta; under the job's trainer lock, so no trainer sta
 applies it to the model it holds and serves it from the next request. A job that is training gets the request as a
 file in its job directory; its trainer applies it before its next step, publishes a snapshot at once and reports it
 as a `labels` event (domain.LABEL_EVENTS).
+Handing over happens under the job's label queue lock, which a trainer takes for its last look at the requests
+and keeps until it has exited: a request comes either before that look or after the trainer lock is free, and
+then it is applied here. Requests a trainer never saw (it was killed or failed) are applied here, first, by the
+next change made while no trainer runs.
 """
 
 from __future__ import annotations
@@ -24,8 +28,8 @@ from typing import IO, Any
 import engine
 import engine.delta
 from app.db import JobRow, ModelVersionRow
-from app.domain import ACTIVE_STATES, LABEL_EVENTS, LABEL_REQUESTS, TRAINER_LOCK
-from app.services.errors import Conflict, InvalidContent, NotFound
+from app.domain import ACTIVE_STATES, LABEL_EVENTS, LABEL_QUEUE_LOCK, LABEL_REQUESTS, TRAINER_LOCK, request_instance
+from app.services.errors import Conflict, InvalidContent, NotFound, NotReady
 from app.services.jobs import JobService
 from app.services.registry import ModelRegistry
 from app.settings import Settings
@@ -36,6 +40,8 @@ log = logging.getLogger("app.labels")
 
 Instance = Any
 """A predict instance: text (str) or an (indices, values) pair."""
+QUEUE_WAIT_S = 30.0
+"""Longest a label change waits for a finishing trainer to exit (it holds the queue lock until then)."""
 
 
 class LabelService:
@@ -67,6 +73,27 @@ class LabelService:
                 yield True
             finally:
                 fh.close()
+
+    @contextlib.contextmanager
+    def _queue_locked(self, job_id: str) -> Iterator[None]:
+        """Holds the job's label queue lock (domain.LABEL_QUEUE_LOCK); NotReady (503) if a finishing trainer keeps
+        it longer than QUEUE_WAIT_S."""
+        job_dir = self.settings.job_dir(job_id)
+        job_dir.mkdir(parents=True, exist_ok=True)
+        fh: IO[str] = open(job_dir / LABEL_QUEUE_LOCK, "a+")
+        try:
+            deadline = time.monotonic() + QUEUE_WAIT_S
+            while True:
+                try:
+                    fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise NotReady(f"model {job_id}'s trainer is finishing; retry", retry_after_s=1) from None
+                    time.sleep(0.05)
+            yield
+        finally:
+            fh.close()
 
     def _job(self, model_id: str) -> JobRow:
         try:
@@ -102,8 +129,9 @@ class LabelService:
         if repeated:
             raise InvalidContent(f"labels: the name {repeated[0]!r} is given twice", loc=("body", "labels"))
         store = engine.SnapshotStore(self.settings.snapshots_dir(model_id), keep=self.settings.snapshot_keep)
-        with self._without_trainer(model_id) as free:
+        with self._queue_locked(model_id), self._without_trainer(model_id) as free:
             if free and (store.latest() is not None or job.state not in ACTIVE_STATES):
+                self._apply_left_over(job, store)
                 try:
                     edit = edit_snapshot(store, add=labels, label_names=self._dataset_names(job), model=self._held(job))
                 except LabelError as exc:
@@ -111,19 +139,21 @@ class LabelService:
                 self._published(job, edit.version)
                 self._event(model_id, {"op": "add", "names": names, "label_ids": edit.added.tolist()}, edit.version)
                 return {"label_ids": edit.added.tolist(), "model_version": edit.version, "state": "applied"}
-        known: set[str] = set(self._names(job)) | set(self._pending_names(model_id))
-        taken = [n for n in names if n in known]
-        if taken:
-            raise Conflict(f"label {taken[0][:80]!r} exists already (or is pending) in model {model_id}")
-        request_id = self._hand_over(model_id, {"op": "add", "labels": [{"name": n, "examples": e} for n, e in labels]})
+            known: set[str] = set(self._names(job)) | set(self._pending_names(model_id))
+            taken = [n for n in names if n in known]
+            if taken:
+                raise Conflict(f"label {taken[0][:80]!r} exists already (or is pending) in model {model_id}")
+            request = {"op": "add", "labels": [{"name": n, "examples": e} for n, e in labels]}
+            request_id = self._hand_over(model_id, request)
         return {"label_ids": None, "model_version": None, "state": "pending", "request_id": request_id}
 
     def retire(self, model_id: str, label_id: int) -> bool:
         """Retire a label: True when done now, False when handed to the training job. NotFound for an unknown id."""
         job = self._editable(model_id)
         store = engine.SnapshotStore(self.settings.snapshots_dir(model_id), keep=self.settings.snapshot_keep)
-        with self._without_trainer(model_id) as free:
+        with self._queue_locked(model_id), self._without_trainer(model_id) as free:
             if free and (store.latest() is not None or job.state not in ACTIVE_STATES):
+                self._apply_left_over(job, store)
                 try:
                     edit = edit_snapshot(store, retire=[label_id], model=self._held(job))
                 except LabelError as exc:
@@ -134,10 +164,10 @@ class LabelService:
                     self._published(job, edit.version)
                     self._event(model_id, {"op": "retire", "label_ids": edit.retired.tolist()}, edit.version)
                 return True
-        loaded = self.registry.current(model_id, job.state)
-        if not 0 <= label_id < int(loaded.model.num_labels) + len(self._pending_names(model_id)):
-            raise NotFound("label", str(label_id))
-        self._hand_over(model_id, {"op": "retire", "ids": [int(label_id)]})
+            loaded = self.registry.current(model_id, job.state)
+            if not 0 <= label_id < int(loaded.model.num_labels) + len(self._pending_names(model_id)):
+                raise NotFound("label", str(label_id))
+            self._hand_over(model_id, {"op": "retire", "ids": [int(label_id)]})
         return False
 
     def page(self, model_id: str, limit: int, after: int) -> tuple[int, list[dict[str, Any]], int | None]:
@@ -194,6 +224,34 @@ class LabelService:
         """The model the registry serves (edits start from it rather than reading it again), None if none."""
         held = self.registry.peek(job.id)
         return held.model if held is not None else None
+
+    def _apply_left_over(self, job: JobRow, store: engine.SnapshotStore) -> None:
+        """Apply the requests handed to a trainer that stopped before it saw them (killed, or failed), oldest first,
+        each reported as a `labels` event as its trainer would have. The caller holds both of the job's locks."""
+        queue = self.settings.job_dir(job.id) / LABEL_REQUESTS
+        for path in sorted(queue.glob("*.json")) if queue.is_dir() else []:
+            event: dict[str, Any] = {"request_id": path.stem.split("-", 1)[-1]}
+            version = None
+            try:
+                request = json.loads(path.read_text())
+                event["op"] = request.get("op")
+                if request.get("op") == "add":
+                    names = [label["name"] for label in request["labels"]]
+                    add = [
+                        (label["name"], [request_instance(e) for e in label["examples"]]) for label in request["labels"]
+                    ]
+                    edit = edit_snapshot(store, add=add, label_names=self._dataset_names(job), model=self._held(job))
+                    event.update(names=names, label_ids=edit.added.tolist())
+                else:
+                    edit = edit_snapshot(store, retire=[int(i) for i in request["ids"]], model=self._held(job))
+                    event.update(label_ids=edit.retired.tolist())
+                version = edit.version
+                self._published(job, version)
+            except (ValueError, KeyError, TypeError) as exc:  # engine.labels.LabelError is a ValueError
+                event["error"] = f"{type(exc).__name__}: {exc}"
+            self._event(job.id, event, version)
+            path.unlink(missing_ok=True)
+            log.info("model %s: label request %s applied to its newest snapshot", job.id, event["request_id"])
 
     def _published(self, job: JobRow, version: int | None) -> None:
         if version is None:

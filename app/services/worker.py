@@ -31,7 +31,16 @@ import traceback
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, cast
 
-from app.domain import LABEL_EVENTS, LABEL_REQUESTS, TRAINER_LOCK, TRAINING_STATES, JobSpec, JobState
+from app.domain import (
+    LABEL_EVENTS,
+    LABEL_QUEUE_LOCK,
+    LABEL_REQUESTS,
+    TRAINER_LOCK,
+    TRAINING_STATES,
+    JobSpec,
+    JobState,
+    request_instance,
+)
 
 if TYPE_CHECKING:
     from sqlalchemy import CursorResult
@@ -144,13 +153,6 @@ def _redirect_output(path: Path) -> None:
     os.close(fd)
 
 
-def _instance(example: Any) -> Any:
-    """A predict instance as a label request stores it: text, or {"indices", "values"}."""
-    if isinstance(example, dict):
-        return example["text"] if example.get("text") is not None else (example["indices"], example["values"])
-    return example
-
-
 def _json_safe(metrics: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for k, v in metrics.items():
@@ -192,6 +194,7 @@ class JobProcess:
         self._done = threading.Event()
         self._hog = os.environ.get(MEMORY_HOG_ENV)
         self._labels_checked = 0.0
+        self._queue_lock: IO[str] | None = None
 
     # ---- stop conditions ------------------------------------------------------------------------------
     def interrupted(self) -> bool:
@@ -226,6 +229,8 @@ class JobProcess:
                 shutil.rmtree(self.job_dir, ignore_errors=True)  # deleted while we ran: leave nothing behind
             self.db.dispose()
             lock.close()
+            if self._queue_lock is not None:  # after the trainer lock (see domain.LABEL_QUEUE_LOCK)
+                self._queue_lock.close()
 
     def _lock(self) -> IO[str] | None:
         fh = open(self.job_dir / LOCK_FILE, "a+")
@@ -376,7 +381,10 @@ class JobProcess:
             before_step=self._apply_label_requests if labels else None,
         )
         if labels:
-            self._apply_label_requests(force=True)  # those that came after the last step
+            # those that came after the last step; from here until this process exits no request is handed over
+            # (the queue lock is released after the trainer lock, so the service then applies them itself)
+            self._close_label_queue()
+            self._apply_label_requests(force=True)
         self._done.set()
         heartbeat.join(timeout=5)
         if not result.get("stopped"):
@@ -393,6 +401,12 @@ class JobProcess:
             spec.memory_estimate_text or "unknown",
         )
         self._finish(state, metrics=_json_safe(result))
+
+    def _close_label_queue(self) -> None:
+        """Hold the job's label queue lock until this process exits (waits while the service hands a request over)."""
+        fh = open(self.job_dir / LABEL_QUEUE_LOCK, "a+")
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        self._queue_lock = fh
 
     def _apply_label_requests(self, force: bool = False) -> None:
         """Apply the label additions and retirements waiting in the job directory (app.services.labels), publish a
@@ -418,7 +432,7 @@ class JobProcess:
                 if request.get("op") == "add":
                     names = [label["name"] for label in request["labels"]]
                     examples = [
-                        featurize_instances(trainer.model, [_instance(e) for e in label["examples"]])
+                        featurize_instances(trainer.model, [request_instance(e) for e in label["examples"]])
                         for label in request["labels"]
                     ]
                     event.update(names=names, label_ids=trainer.add_labels(examples, names).tolist())

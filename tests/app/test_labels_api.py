@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -276,3 +277,69 @@ def test_init_from_fine_tunes_on_a_dataset_with_new_labels(client, settings):
     assert "label é5" in answer["names"]
     assert client.delete(f"/v1/jobs/{job['id']}").status_code == 204
     assert not store.pins()  # the source version is released with the job
+
+
+def test_a_request_during_a_trainers_exit_is_applied(client, settings):
+    """A trainer that has looked at its label requests for the last time keeps the queue lock until it has exited
+    (after its trainer lock): a request that comes meanwhile waits for it and is then applied to the newest
+    snapshot, not handed to a trainer that will never see it."""
+    import fcntl
+    import threading
+
+    from app.domain import LABEL_QUEUE_LOCK, TRAINER_LOCK
+
+    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
+    job_id = finished_job(client, settings, train["id"])
+    before = client.get(f"/v1/jobs/{job_id}").json()["model_version"]
+    job_dir = settings.job_dir(job_id)
+    trainer_lock, queue_lock = open(job_dir / TRAINER_LOCK, "a+"), open(job_dir / LABEL_QUEUE_LOCK, "a+")
+    fcntl.flock(trainer_lock.fileno(), fcntl.LOCK_EX)
+    fcntl.flock(queue_lock.fileno(), fcntl.LOCK_EX)
+    exited = threading.Event()
+
+    def exit_trainer():
+        time.sleep(0.5)
+        trainer_lock.close()
+        exited.set()
+        queue_lock.close()
+
+    threading.Thread(target=exit_trainer).start()
+    examples = [{"text": _words(3, shift=s)} for s in range(5)]
+    r = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "late", "examples": examples}]})
+    assert exited.is_set()
+    assert r.status_code == 201, r.text
+    assert r.json()["state"] == "applied" and r.json()["label_ids"] == [12] and r.json()["model_version"] > before
+    assert _all_labels(client, job_id)[12]["name"] == "late"
+    events = [json.loads(x) for x in (job_dir / "label-events.jsonl").read_text().splitlines()]
+    assert [(e["op"], e["label_ids"], e["model_version"]) for e in events] == [("add", [12], r.json()["model_version"])]
+
+
+def test_requests_a_trainer_never_saw_are_applied_by_the_next_change(client, settings):
+    """Requests left in a job's queue by a trainer that stopped before it saw them (killed, or failed) are applied,
+    oldest first and each reported as its trainer would have, before the next change made while no trainer runs."""
+    from app.domain import LABEL_REQUESTS
+
+    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
+    job_id = finished_job(client, settings, train["id"])
+    queue = settings.job_dir(job_id) / LABEL_REQUESTS
+    queue.mkdir()
+    examples = [{"text": _words(3, shift=s)} for s in range(5)] + [{"indices": [0, 2], "values": [1.0, 0.5]}]
+    left = [
+        {"request_id": "a" * 32, "op": "add", "labels": [{"name": "left over", "examples": examples}]},
+        {"request_id": "b" * 32, "op": "retire", "ids": [4]},
+        {"request_id": "c" * 32, "op": "add", "labels": [{"name": "left over", "examples": examples}]},
+    ]
+    for i, request in enumerate(left):
+        (queue / f"{i:020d}-{request['request_id']}.json").write_text(json.dumps(request))
+
+    assert client.delete(f"/v1/models/{job_id}/labels/0").status_code == 204
+    assert not list(queue.glob("*.json"))
+    listed = _all_labels(client, job_id)
+    assert len(listed) == 13 and listed[12] == {"id": 12, "name": "left over", "status": "live"}
+    assert [x["id"] for x in listed if x["status"] == "retired"] == [0, 4]
+    events = [json.loads(x) for x in (settings.job_dir(job_id) / "label-events.jsonl").read_text().splitlines()]
+    assert [e.get("request_id") for e in events] == ["a" * 32, "b" * 32, "c" * 32, None]
+    assert events[0]["label_ids"] == [12] and events[1]["label_ids"] == [4] and "exists already" in events[2]["error"]
+    assert events[3] == {**events[3], "op": "retire", "label_ids": [0]}
+    versions = [e["model_version"] for e in events]
+    assert versions[0] < versions[1] < versions[3] and versions[2] is None

@@ -3,12 +3,13 @@
     python benchmarks/continual.py                      # both parts (~30 minutes on 2 cores)
     python benchmarks/continual.py --skip-latency       # only the WordNet part
     python benchmarks/continual.py --skip-wordnet       # only the amazon670k-shaped latency
+    python benchmarks/continual.py --skip-latency --set debtags --work bench-data/continual  # keep the models
 
-WordNet part (the `wordnet` set of benchmarks/quality/datasets.py, `apt-get install -y wordnet-base`):
-hold out a share of the labels (among those with at least `--examples` training points), take them off the
-training points and train (`old`); add them online with `--examples` example points each, taken from training
-points that carried them (`engine.labels.edit_snapshot`, as the service does: `added`); train a model with every
-label from the start (`full`, the same config and budget). Reported:
+WordNet part (the `wordnet` set of benchmarks/quality/datasets.py, `apt-get install -y wordnet-base`, or another
+set with --set): hold out a share of the labels (among those with at least `--examples` training points), take
+them off the training points and train (`old`); add them online with `--examples` example points each, taken from
+training points that carried them (`engine.labels.edit_snapshot`, as the service does: `added`); train a model with
+every label from the start (`full`, the same config and budget). Reported:
 
 - recall@5 of the new labels on the test points that carry them: each (point, new label) pair counts once,
   `added` against `full` (target: >= 50%);
@@ -44,6 +45,7 @@ if str(ROOT) not in sys.path:
 from engine import Dataset, ScheduleConfig, SlideConfig, SnapshotStore, Trainer, load_model  # noqa: E402
 from engine.labels import edit_snapshot, without_labels  # noqa: E402
 from engine.metrics import precision_at_k  # noqa: E402
+from engine.snapshot import read_manifest  # noqa: E402
 
 
 def remap_labels(data: Dataset, mapping: np.ndarray, num_labels: int) -> Dataset:
@@ -115,21 +117,31 @@ def wordnet_part(args) -> dict:
     old_train = with_num_labels(without_labels(full_train, drop), n_old)
     print(f"{args.set}: {n_new} of {train_set.num_labels} labels held out", file=sys.stderr, flush=True)
 
-    config = SlideConfig(schedule=ScheduleConfig(epochs=args.epochs), threads=args.threads, seed=args.seed)
-    if args.reuse:  # the models of an earlier run (same set, seed and config): only adding and fine-tuning again
-        work = Path(args.reuse)
-        store = SnapshotStore(work / "old")
-        for v in store.versions()[1:]:
+    config = SlideConfig(threads=args.threads, seed=args.seed)
+    if args.epochs is not None:
+        config = config.replace(schedule=config.schedule.replace(epochs=args.epochs))
+    work = Path(args.work) / args.set if args.work else Path(tempfile.mkdtemp(prefix="continual-"))
+    work.mkdir(parents=True, exist_ok=True)
+    trained_file = work / "trained.json"
+    trained = json.loads(trained_file.read_text()) if trained_file.exists() else {}
+    for name, data in (("old", old_train), ("full", full_train)):
+        # a model trained by an earlier run of the same set, seed and config is read back, not trained again
+        kept = trained.get(name, {}).get("config")
+        if kept is not None and SlideConfig.from_dict(kept) == config and SnapshotStore(work / name).latest():
+            continue
+        shutil.rmtree(work / name, ignore_errors=True)
+        _, seconds = train(config, data, work / name)
+        version = SnapshotStore(work / name).latest()[0]
+        trained[name] = {"seconds": seconds, "version": version, "config": config.to_dict()}
+        trained_file.write_text(json.dumps(trained, indent=1))
+    print(f"  models in {work}", file=sys.stderr, flush=True)
+    store = SnapshotStore(work / "old")
+    for v in store.versions():  # the versions an earlier run added labels in
+        if v > trained["old"]["version"]:
             shutil.rmtree(store.path(v))
-        shutil.rmtree(work / "finetune", ignore_errors=True)
-        old_s, full_s = args.reuse_seconds
-        full_model = load_model(SnapshotStore(work / "full").latest()[1])
-    else:
-        work = Path(tempfile.mkdtemp(prefix="continual-"))
-        _, old_s = train(config, old_train, work / "old")
-        full_trainer, full_s = train(config, full_train, work / "full")
-        full_model = full_trainer.model
-        print(f"  models in {work}", file=sys.stderr, flush=True)
+    shutil.rmtree(work / "finetune", ignore_errors=True)
+    old_s, full_s = trained["old"]["seconds"], trained["full"]["seconds"]
+    full_model = load_model(SnapshotStore(work / "full").latest()[1])
 
     store = SnapshotStore(work / "old")
     old_model = load_model(store.latest()[1])
@@ -145,7 +157,12 @@ def wordnet_part(args) -> dict:
     carries_new = np.zeros(test.num_points, bool)
     rows = np.repeat(np.arange(test.num_points), np.diff(np.asarray(test.y_indptr)))
     carries_new[rows[np.isin(np.asarray(test.y_indices), new_ids)]] = True
-    result: dict = {"held_out": n_new, "labels": train_set.num_labels, "examples": args.examples, "epochs": args.epochs}
+    result: dict = {
+        "held_out": n_new,
+        "labels": train_set.num_labels,
+        "examples": args.examples,
+        "epochs": config.schedule.epochs,
+    }
     for mode in ("auto", "exact"):
         pred_added = added.predict(*x, k=5, mode=mode)[0]
         pred_full = full.predict(*x, k=5, mode=mode)[0]
@@ -173,11 +190,19 @@ def wordnet_part(args) -> dict:
     ft_trainer, ft_s = train(
         config.replace(schedule=config.schedule.replace(epochs=1)), full_train, work / "finetune", init_from=store
     )
+    # the steps beside the seconds: the two runs may meet different loads on a shared machine
+    full_steps = int(read_manifest(SnapshotStore(work / "full").latest()[1])["trainer_state"]["step"])
     for mode in ("auto", "exact"):
         p_ft = precision_at_k(ft_trainer.model.predict(*x, k=1, mode=mode)[0], test.y_indptr, test.y_indices, 1)
         p_full = result[mode]["p1_full_all"]
         result[mode].update(finetune_p1=p_ft, finetune_p1_ratio=p_ft / p_full if p_full else None)
-    result.update(finetune_s=ft_s, finetune_time_ratio=ft_s / full_s)
+    result.update(
+        finetune_s=ft_s,
+        finetune_time_ratio=ft_s / full_s,
+        finetune_steps=int(ft_trainer.step),
+        train_full_steps=full_steps,
+        finetune_steps_ratio=ft_trainer.step / full_steps,
+    )
     return result
 
 
@@ -274,7 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", default="wordnet", help="a set of benchmarks/quality/datasets.py")
     ap.add_argument("--holdout", type=float, default=0.05)
     ap.add_argument("--examples", type=int, default=5)
-    ap.add_argument("--epochs", type=int, default=5, help="the full training budget (early stopping applies)")
+    ap.add_argument(
+        "--epochs", type=int, default=None, help="the training budget (default: the config's; early stopping applies)"
+    )
     ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None, help="where the quality sets are cached (default bench-data/quality)")
@@ -284,9 +311,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--latency-rounds", type=int, default=10, help="edits as the service makes them (deltas)")
     ap.add_argument("--latency-full-rounds", type=int, default=3, help="then edits written as full versions")
     ap.add_argument("--latency-model", help="a snapshot store of an amazon670k-shaped model to start from (copied)")
-    ap.add_argument("--reuse", help="the models directory an earlier run printed: add and fine-tune again only")
     ap.add_argument(
-        "--reuse-seconds", type=float, nargs=2, default=(0.0, 0.0), help="with --reuse: its old and full training times"
+        "--work",
+        help="where the trained models are kept (per set): a later run with the same set, seed and config reads them "
+        "back and only adds labels and fine-tunes again (default: a new temporary directory)",
     )
     ap.add_argument("--skip-wordnet", action="store_true")
     ap.add_argument("--skip-finetune", action="store_true")
@@ -297,18 +325,18 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_latency:
         results["latency"] = latency_part(args)
     if not args.skip_wordnet:
-        results["wordnet"] = wordnet_part(args)
+        results[args.set] = wordnet_part(args)
     out = Path(args.out)
     previous = json.loads(out.read_text()) if out.exists() else {}
     out.write_text(json.dumps({**previous, **results}, indent=1))
-    print_table(results)
+    print_table(results, args.set)
     return 0
 
 
-def print_table(results: dict) -> None:
-    if "wordnet" in results and "finetune_s" in results["wordnet"]:
-        w = results["wordnet"]
-        print(f"| measure (wordnet, {w['held_out']} of {w['labels']} labels held out) | auto | exact | target |")
+def print_table(results: dict, name: str = "wordnet") -> None:
+    if name in results and "finetune_s" in results[name]:
+        w = results[name]
+        print(f"| measure ({name}, {w['held_out']} of {w['labels']} labels held out) | auto | exact | target |")
         print("|---|---|---|---|")
         a, e = w["auto"], w["exact"]
         print(
@@ -329,7 +357,8 @@ def print_table(results: dict) -> None:
         )
         print(
             f"| fine-tune / scratch time | {w['finetune_s']:.0f} s / {w['train_full_s']:.0f} s = "
-            f"{w['finetune_time_ratio']:.2f} | | <= 0.33 |"
+            f"{w['finetune_time_ratio']:.2f} (steps {w['finetune_steps']} / {w['train_full_steps']} = "
+            f"{w['finetune_steps_ratio']:.2f}) | | <= 0.33 |"
         )
         print(f"| adding {w['held_out']} labels (edit_snapshot) | {w['add_seconds']:.2f} s | | |")
     if "latency" in results:

@@ -556,7 +556,7 @@ class Trainer:
             grad_inputs = scratch_rows(self._grad_inputs, b)
             grad_inputs[:] = 0.0
             self._update_layer(out, act_ids, act_val, nact, hid, grad_inputs)
-            backward_batch(grad_inputs, n_chunks, net, act, bufs.back)
+            backward_batch(grad_inputs, n_chunks, net, act, bufs.back, self._kept_scale)
             layers.remove(out)
         for layer in layers:
             self._update_layer(layer, act_ids, act_val, nact, hid, self._grad_inputs[:0])
@@ -569,6 +569,11 @@ class Trainer:
             self.rehash()
         return float(losses.sum()), labelled, out_active
 
+    @property
+    def _kept_scale(self) -> float:
+        """The factor hidden dropout applies to the units it keeps (backward_point)."""
+        return 1.0 / (1.0 - self.config.optimizer.hidden_dropout)
+
     def _retrieval_and_sampling(self, seed: int) -> tuple[Retrieval, Sampling]:
         """The kernels' retrieval and sampling parameters of a training step, its random draws keyed by `seed`."""
         cfg = self.config
@@ -580,6 +585,7 @@ class Trainer:
                 hard_negatives=self._hard_negatives,
                 random_negatives=self._random_negatives,
                 negative_group=cfg.sampling.random_negative_group,
+                hidden_dropout=cfg.optimizer.hidden_dropout,
             ),
         )
 

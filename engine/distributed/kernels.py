@@ -24,7 +24,7 @@ import numpy as np
 from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel
-from ..kernels.forward import lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
+from ..kernels.forward import hidden_dropout, lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
 from ..kernels.groups import Activations, Layers, Tables
 from ..kernels.lowlevel import float_bits, float_from_bits, weight_at
 from ..kernels.sampling import add_ids, is_label, kth_largest, next_generation, pad_random
@@ -46,6 +46,9 @@ def shard_forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act
     sparse_input_layer(
         weights[0], net.b0, batch.x_indices, batch.x_values, batch.x_indptr[p], batch.x_indptr[p + 1], hid[0][i]
     )
+    dropout = sampling.hidden_dropout
+    if dropout > 0.0:
+        hidden_dropout(hid[0][i], dropout, seed, stream, 0)
     labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
     gen = np.int64(0)
     for layer in range(1, depth):
@@ -99,6 +102,8 @@ def shard_forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act
                 if vals[a] < 0.0:
                     vals[a] = 0.0
                 h[ids[a] if slot >= 0 else a] = vals[a]
+            if dropout > 0.0:
+                hidden_dropout(h, dropout, seed, stream, layer)
     out_l = depth - 1
     vals = act_val[out_l - 1][i]
     top = -np.inf

@@ -264,7 +264,7 @@ class ShardTrainer(Trainer):
         act_ids, act_val, nact, hid, delta0 = st["act_ids"], st["act_val"], st["nact"], st["hid"], st["delta0"]
         bufs = self._bufs
         grads = np.ascontiguousarray(grads, np.float32).reshape(1, b, -1)
-        backward_batch(grads, st["n_chunks"], model.kernel_layers(), st["act"], bufs.back)
+        backward_batch(grads, st["n_chunks"], model.kernel_layers(), st["act"], bufs.back, self._kept_scale)
         for layer in range(1, out):
             self._update_layer(layer, act_ids, act_val, nact, hid, self._grad_inputs[:0])
         self._update_input_layer(st["data"], np.arange(b, dtype=np.int64), delta0, hid)

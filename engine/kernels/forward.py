@@ -29,7 +29,7 @@ from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel, kernel
 from .groups import Activations, Layers, Tables
-from .hashing import SEED, TABLES, hash_vector, probe_buckets
+from .hashing import SEED, TABLES, hash_vector, mix3, probe_buckets
 from .lowlevel import float_bits, float_from_bits, prefetch_row_read, weight_at
 from .sampling import (
     add_ids,
@@ -70,6 +70,27 @@ def sparse_input_layer(w0, b0, indices, values, start, end, h):
     for k in range(width):
         if h[k] < 0.0:
             h[k] = 0.0
+
+
+_DROPOUT_SALT = np.uint64(0xD809_0F7A_5EED_0001)
+_UNIT = 1.0 / 9007199254740992.0  # 2**-53
+
+
+@fast_kernel
+def hidden_dropout(h, rate, seed, stream, layer):
+    """Inverted dropout of one point's hidden layer output h in place: each unit is zeroed with probability
+    rate and the rest are scaled by 1 / (1 - rate), so prediction, which drops nothing, sees the same
+    expected activations. The draw of unit k is keyed by (seed, stream, layer, k): a point's mask does not
+    depend on the thread that computes it."""
+    scale = 1.0 / (1.0 - rate)
+    key = np.uint64(seed) ^ _DROPOUT_SALT
+    base = np.uint64(layer) << np.uint64(32)
+    for k in range(h.shape[0]):
+        u = (mix3(key, stream, base | np.uint64(k)) >> np.uint64(11)) * _UNIT
+        if u < rate:
+            h[k] = 0.0
+        else:
+            h[k] *= scale
 
 
 @fast_kernel
@@ -170,6 +191,9 @@ def train_point(
     sparse_input_layer(
         weights[0], net.b0, batch.x_indices, batch.x_values, batch.x_indptr[p], batch.x_indptr[p + 1], hid[0][i]
     )
+    dropout = sampling.hidden_dropout
+    if dropout > 0.0:
+        hidden_dropout(hid[0][i], dropout, seed, stream, 0)
     labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
     n_labels = labels.shape[0]
     gen = np.int64(0)
@@ -223,6 +247,8 @@ def train_point(
                 if vals[a] < 0.0:
                     vals[a] = 0.0
                 h[ids[a] if slot >= 0 else a] = vals[a]
+            if dropout > 0.0:
+                hidden_dropout(h, dropout, seed, stream, layer)
 
     # Output: softmax over the active set, delta = (p - y / |Y|) / batch.
     out_l = depth - 1
@@ -269,16 +295,18 @@ def train_point(
             vals[labels[q]] -= share * inv_batch
 
     if backprop_output:
-        backward_point(i, out_l, back.gin[chunk], back.gprev[chunk], net, act)
+        backward_point(i, out_l, back.gin[chunk], back.gprev[chunk], net, act, 1.0 / (1.0 - dropout))
     return loss
 
 
 @fast_kernel
-def backward_point(i, top, g, g_prev, net, act):
+def backward_point(i, top, g, g_prev, net, act, kept_scale):
     """Backward of batch slot i through layers top .. 1 (active neurons only), then act.delta0.
 
     top = the output layer starts from its deltas in act_val; a lower top starts from g, the gradient
     at layer top's outputs (hid[top][i]). g and g_prev are float32 scratch rows of the widest layer.
+    kept_scale: 1 / (1 - hidden dropout rate), the factor of every hidden unit that dropout kept (a
+    dropped unit's output is 0, so, like an inactive ReLU, it passes no gradient).
     """
     weights = net.weights
     hid, act_ids, act_val, nact = act.hid, act.act_ids, act.act_val, act.nact
@@ -294,7 +322,7 @@ def backward_point(i, top, g, g_prev, net, act):
             h = hid[layer][i]
             for a in range(n):
                 j = ids[a] if sampled else a
-                vals[a] = g[j] if h[j] > 0.0 else 0.0
+                vals[a] = g[j] * kept_scale if h[j] > 0.0 else 0.0
         g_prev[:in_dim] = 0.0
         for a in range(n):
             d = vals[a]
@@ -306,14 +334,15 @@ def backward_point(i, top, g, g_prev, net, act):
     h0 = hid[0][i]
     delta0 = act.delta0
     for k in range(h0.shape[0]):
-        delta0[i, k] = g[k] if h0[k] > 0.0 else 0.0
+        delta0[i, k] = g[k] * kept_scale if h0[k] > 0.0 else 0.0
 
 
 @fast_parallel_kernel
-def backward_batch(grad_inputs, n_chunks, net, act, back):
+def backward_batch(grad_inputs, n_chunks, net, act, back, kept_scale):
     """The backward pass below the output layer for every point of a batch, from the gradient at the
     output layer's inputs: grad_inputs float32 (chunks, b, width) summed over chunks in order (see
     optimizer.update_sampled_layer). Chunk c of n_chunks owns scratch row c and points c, c+n_chunks, ...
+    kept_scale: see backward_point.
     """
     top = len(net.weights) - 2
     b = grad_inputs.shape[1]
@@ -332,7 +361,7 @@ def backward_batch(grad_inputs, n_chunks, net, act, back):
                 src = grad_inputs[part, i]
                 for k in range(width):
                     g[k] += src[k]
-            backward_point(i, top, g, gprev[c], net, act)
+            backward_point(i, top, g, gprev[c], net, act, kept_scale)
 
 
 @fast_parallel_kernel

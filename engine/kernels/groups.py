@@ -53,13 +53,15 @@ class Retrieval(NamedTuple):
 class Sampling(NamedTuple):
     """Training's additions to the retrieved set: random neurons up to `min_active`, `random_negatives`
     log-Q-corrected uniform draws on a sampled output layer (shared by `negative_group` consecutive
-    points), only `hard_negatives` non-label deltas kept (0 = all); `seed` keys every random draw."""
+    points), only `hard_negatives` non-label deltas kept (0 = all); `seed` keys every random draw, including
+    the dropout of each hidden unit with probability `hidden_dropout` (0 = none)."""
 
     min_active: int
     seed: int
     hard_negatives: int
     random_negatives: int
     negative_group: int
+    hidden_dropout: float
 
 
 class Batch(NamedTuple):

@@ -37,19 +37,23 @@ def label_lists(y_indptr, y_indices, rows=None) -> list[np.ndarray]:
 
 
 # ---- the network ----------------------------------------------------------------------------------
-def forward(w0, b0, weights, x, active=None, shift=None):
+def forward(w0, b0, weights, x, active=None, shift=None, dropout=None):
     """Dense forward pass of a batch x (n, num_features).
 
     weights: the layers after the input layer (the engine's weights[1:]). active: optional dict
     {layer index l >= 1: boolean mask (n, out_l)} of the neurons each point computes in layer l
     (inactive hidden neurons output 0; the output softmax is normalised over the active set).
     shift: optional (n, out) added to the output logits before the softmax (log-Q correction).
+    dropout: optional list over hidden layers (0 .. D-1) of (n, width) factors applied to their outputs
+    (0 for a dropped unit, 1 / (1 - rate) for a kept one).
     Returns (hs, z, p): hs[0] = relu(x w0 + b0), hs[l] the output of hidden layer l, z the output
     logits (shifted) and p the softmax (zero outside the active set).
     """
     active = active or {}
     x = np.asarray(x, dtype=np.float64)
     hs = [np.maximum(x @ np.asarray(w0, np.float64) + np.asarray(b0, np.float64), 0.0)]
+    if dropout is not None:
+        hs[0] = hs[0] * dropout[0]
     depth = len(weights) + 1
     z = None
     for layer in range(1, depth):
@@ -59,6 +63,8 @@ def forward(w0, b0, weights, x, active=None, shift=None):
             h = np.maximum(a, 0.0)
             if layer in active:
                 h = np.where(active[layer], h, 0.0)
+            if dropout is not None:
+                h = h * dropout[layer]
             hs.append(h)
         else:
             z = a if shift is None else a + shift
@@ -78,27 +84,28 @@ def target_matrix(labels: list[np.ndarray], num_labels: int) -> np.ndarray:
     return t
 
 
-def loss(w0, b0, weights, x, labels, active=None, shift=None) -> float:
+def loss(w0, b0, weights, x, labels, active=None, shift=None, dropout=None) -> float:
     """Mean over the batch of -sum_{y in Y_i} 1/|Y_i| log p_iy (unlabelled points count 0)."""
-    _, _, p = forward(w0, b0, weights, x, active, shift)
+    _, _, p = forward(w0, b0, weights, x, active, shift, dropout)
     t = target_matrix(labels, p.shape[1])
     with np.errstate(divide="ignore"):
         logp = np.where(t > 0, np.log(np.where(t > 0, p, 1.0)), 0.0)
     return float(-(t * logp).sum() / len(labels))
 
 
-def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None):
+def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None, dropout=None):
     """Gradients of `loss` (the batch mean): (g_w0, g_b0, [g_weights[l] for l >= 1]).
 
     With `active`, the gradient of the loss whose softmax (and hidden layers) are restricted to the
     active set: the dense gradient restricted to the active neurons. keep: optional boolean mask
     (n, out) of the output neurons whose delta is kept (the others' is zeroed: hard negatives).
     shift: see forward; a constant per logit, so it changes p but not the chain rule.
+    dropout: see forward; a kept unit's factor multiplies its gradient too.
     """
     active = active or {}
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
-    hs, z, p = forward(w0, b0, weights, x, active, shift)
+    hs, z, p = forward(w0, b0, weights, x, active, shift, dropout)
     t = target_matrix(labels, z.shape[1])
     labelled = np.array([len(y) > 0 for y in labels])
     dz = np.where(labelled[:, None], p - t, 0.0) / n
@@ -112,6 +119,8 @@ def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None):
         h_in = hs[layer - 1]
         grads[layer - 1] = np.concatenate([d.T @ h_in, d.sum(axis=0)[:, None]], axis=1)
         dh = d @ w[:, :-1]
+        if dropout is not None:
+            dh = dh * dropout[layer - 1]
         if layer - 1 >= 1:
             d = dh * (h_in > 0)
             if (layer - 1) in active:

@@ -57,11 +57,12 @@ def config(over: dict) -> SlideConfig:
     return with_settings(base, over)
 
 
-@pytest.mark.parametrize("sample_output", [True, False])
-def test_one_shard_is_the_single_process_trainer(cluster, data, tmp_path, sample_output):
-    """P=1 runs the sharded stages and reproduces Trainer bit for bit: metrics, model and optimizer."""
+@pytest.mark.parametrize("sample_output, dropout", [(True, 0.0), (False, 0.0), (True, 0.3)])
+def test_one_shard_is_the_single_process_trainer(cluster, data, tmp_path, sample_output, dropout):
+    """P=1 runs the sharded stages and reproduces Trainer bit for bit: metrics, model and optimizer (hidden dropout
+    draws the same units in both)."""
     train, test = data
-    cfg = config({"model.sample_output": sample_output, "schedule.epochs": 2})
+    cfg = config({"model.sample_output": sample_output, "schedule.epochs": 2, "optimizer.hidden_dropout": dropout})
     single = Trainer(cfg, train, test, SnapshotStore(tmp_path / "single"))
     want = single.run()
     with DistributedTrainer(

@@ -9,7 +9,7 @@ from numba import njit
 from engine import lsh, schedule, tables
 from engine._numba import set_threads
 from engine.config import ModelConfig, SamplingConfig, SlideConfig, with_settings
-from engine.kernels.forward import sparse_input_layer
+from engine.kernels.forward import hidden_dropout, sparse_input_layer
 from engine.kernels.lowlevel import float_bits, float_from_bits, store_weight
 from engine.kernels.optimizer import adam_row, adam_row_bf16, from_bfloat16, group_by_row, row_salt, to_bfloat16
 from engine.network import SlideModel
@@ -99,15 +99,15 @@ class NaiveAdam:
         self.mb0, self.vb0 = np.zeros_like(self.b0), np.zeros_like(self.b0)
         self.t = 0
 
-    def step(self, x, labels, active=None, keep=None, shift=None):
+    def step(self, x, labels, active=None, keep=None, shift=None, dropout=None):
         """keep: the output deltas kept (hard negatives); the output rows none of them touch take no step.
-        shift: the output logits' log-Q correction (random negatives)."""
+        shift: the output logits' log-Q correction (random negatives). dropout: naive.forward's."""
         cfg = self.cfg
         lr = cfg.optimizer.lr * schedule.lr_factor(
             self.t, self.warmup, 0, cfg.schedule.lr_decay
         )  # no validation split: no decay
         hp = (lr, cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.eps)
-        g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep, shift)
+        g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep, shift, dropout)
         rows0 = np.flatnonzero(np.any(x != 0, axis=0))
         naive.adam_rows(self.w0, self.m[0], self.v[0], self.steps[0], g_w0, rows0, *hp)
         for layer, (w, g) in enumerate(zip(self.ws, gs, strict=True), start=1):
@@ -180,6 +180,67 @@ def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
         ref.step(x, labels)
         ref.assert_matches(trainer)
     assert trainer.step == 3
+
+
+def dropout_factors(width, rate, seed, streams, layer):
+    """float64 (len(streams), width): the engine's dropout factors of hidden layer `layer` for those
+    points (0 = dropped, 1 / (1 - rate) = kept), from its own kernel applied to ones."""
+    out = np.ones((len(streams), width), np.float32)
+    for r, stream in enumerate(streams):
+        hidden_dropout(out[r], rate, seed, stream, layer)
+    return out.astype(np.float64)
+
+
+@pytest.mark.parametrize("hidden", [(8,), (8, 6)])
+def test_dropout_train_step_is_naive_adam_on_the_masked_network(data, hidden):
+    """With hidden dropout, loss, gradients and Adam steps are the naive network's with the same units
+    zeroed and the kept ones scaled, step after step (each point's mask keyed by its stream number)."""
+    rate = 0.4
+    cfg = exact_config(
+        {
+            "model.hidden": hidden,
+            "model.sample_output": False,
+            "optimizer.batch_size": 6,
+            "optimizer.lr": 1e-2,
+            "model.init_std": 0.3,
+            "seed": 4,
+            "optimizer.hidden_dropout": rate,
+        }
+    )
+    trainer = Trainer(cfg, data)
+    ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
+    seen = 0
+    for points in ([0, 1, 2, 3, 4, 5], [3, 7, 9, 11, 13, 2], [20, 21, 22, 0]):
+        points = np.array(points)
+        x, labels = batch(data, points)
+        streams = seen + np.arange(len(points))
+        masks = [dropout_factors(width, rate, cfg.seed, streams, layer) for layer, width in enumerate(hidden)]
+        assert all((m == 0).any() and (m > 0).any() for m in masks)
+        expected_loss = naive.loss(ref.w0, ref.b0, ref.ws, x, labels, dropout=masks)
+        assert expected_loss != pytest.approx(naive.loss(ref.w0, ref.b0, ref.ws, x, labels), rel=1e-3)
+        loss, _, _ = trainer.train_step(points)
+        assert loss / len(points) == pytest.approx(expected_loss, rel=1e-5)
+        ref.step(x, labels, dropout=masks)
+        ref.assert_matches(trainer)
+        seen += len(points)
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5])
+def test_dropout_drops_each_unit_with_its_rate_independently(rate):
+    width, n = 256, 400
+    f = dropout_factors(width, rate, 3, np.arange(n), 0)
+    np.testing.assert_allclose(np.unique(f), [0.0, 1.0 / (1.0 - rate)], rtol=1e-6)
+    dropped = f == 0
+    sd = np.sqrt(rate * (1 - rate) / dropped.size)
+    assert abs(dropped.mean() - rate) < 5 * sd
+    per_unit, per_point = dropped.mean(axis=0), dropped.mean(axis=1)
+    assert np.abs(per_unit - rate).max() < 5 * np.sqrt(rate * (1 - rate) / n)
+    assert np.abs(per_point - rate).max() < 5 * np.sqrt(rate * (1 - rate) / width)
+    # another layer, another seed: independent masks, agreeing where two coins would
+    for other in (dropout_factors(width, rate, 3, np.arange(n), 1), dropout_factors(width, rate, 4, np.arange(n), 0)):
+        agree = ((other == 0) == dropped).mean()
+        assert abs(agree - (rate**2 + (1 - rate) ** 2)) < 5 * np.sqrt(0.25 / dropped.size)
+    np.testing.assert_array_equal(dropout_factors(width, rate, 3, np.arange(n), 0), f)
 
 
 def test_first_moment_is_the_batch_gradient(data):
@@ -260,8 +321,8 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
 
 
 # ---- sampled step == dense gradient restricted to the active set ---------------------------------------
-@pytest.mark.parametrize("sample_hidden", [False, True])
-def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(data, sample_hidden):
+@pytest.mark.parametrize("sample_hidden, dropout", [(False, 0.0), (True, 0.0), (True, 0.3)])
+def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(data, sample_hidden, dropout):
     hidden = (16, 12) if sample_hidden else (16,)
     cfg = exact_config(
         {
@@ -277,6 +338,7 @@ def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(dat
             "model.init_std": 0.3,
             "seed": 7,
             "sampling.rehash_n0": 1000,
+            "optimizer.hidden_dropout": dropout,
         }
     )
     trainer = Trainer(cfg, data)
@@ -284,6 +346,8 @@ def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(dat
     out = trainer.model.depth - 1
     for points in (np.arange(8), np.arange(5, 13), np.array([30, 31, 1, 2])):
         x, labels = batch(data, points)
+        streams = trainer.samples_seen + np.arange(len(points))
+        factors = [dropout_factors(width, dropout, cfg.seed, streams, layer) for layer, width in enumerate(hidden)]
         trainer.train_step(points)
         masks = active_masks(trainer, len(points))
         assert sorted(masks) == ([1, out] if sample_hidden else [out])
@@ -293,7 +357,7 @@ def test_sampled_gradient_is_the_dense_gradient_restricted_to_the_active_set(dat
         assert sizes.min() >= 6 and sizes.max() < L, "the output layer really is sampled"
         if sample_hidden:
             assert masks[1].sum(axis=1).max() < 12
-        g_w0, _, gs = ref.step(x, labels, active=masks)
+        g_w0, _, gs = ref.step(x, labels, active=masks, dropout=factors if dropout else None)
         # Rows outside every active set: zero gradient, never touched.
         never = ~masks[out].any(axis=0)
         assert never.any()

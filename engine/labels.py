@@ -1,11 +1,11 @@
 """Labels that come and go after training, and models that grow into larger label and feature spaces.
 
-- **Adding a label** appends an output row imprinted from a few example points (`imprint_rows`): it points
-  from the layer's mean input to the mean of their last hidden activations and is as long as the median live
-  row; its bias places it at about the third rank on its own examples, so inputs like them find it near the
-  top and an average input does not. The row is hashed with the layer's functions and inserted into every
-  table (a full bucket drops its oldest member), and served to every query until the layer is next rehashed,
-  so `lsh` and `exact` see it at once. Adam's state of the row starts at zero.
+- **Adding a label** appends an output row imprinted from a few example points (`imprint_rows`): a convex
+  mix of the rows and biases of the existing labels the examples score highest. It scores like those labels,
+  so it ranks near the top where they do and never above the best of them (scored exactly): it cannot take
+  the first place from the labels trained on all the data. The row is hashed with the layer's functions and
+  inserted into every table (a full bucket drops its oldest member), and served to every query until the
+  layer is next rehashed, so `lsh` and `exact` see it at once. Adam's state of the row starts at zero.
 - **Retiring a label** zeroes its row and sets its bias to -inf: its score is -inf in every mode, and
   the top-k kernels never keep a -inf score, so it is never predicted. It leaves the buckets (and
   stays out of them at every rehash), and a trainer drops it from the training points. The status is
@@ -28,7 +28,7 @@ from numba import prange
 from . import lsh
 from ._numba import kernel, parallel_kernel
 from .kernels.optimizer import from_bfloat16, to_bfloat16
-from .sparse import Dataset, unit_rows
+from .sparse import Dataset
 from .tables import Tables
 
 if TYPE_CHECKING:
@@ -72,75 +72,59 @@ def label_names_list(model: SlideModel) -> list[str]:
 
 
 # ---- imprinting ---------------------------------------------------------------------------------------
-def hidden_activations(model: SlideModel, indptr, indices, values) -> np.ndarray:
-    """float32 (n, width): the last hidden layer's activations of n sparse points (CSR), every neuron
-    computed (as `exact` does), after the input normalisation the model's config asks for."""
-    from .network import check_csr
-
-    indptr, indices, values = check_csr(indptr, indices, values, model.num_features)
-    if model.config.model.normalize_input:
-        values = unit_rows(indptr, values)
-    n = indptr.shape[0] - 1
-    w0 = model.weights[0]
-    h = np.empty((n, w0.shape[1]), dtype=np.float32)
-    for i in range(n):
-        cols = indices[indptr[i] : indptr[i + 1]]
-        rows = w0[cols]
-        rows = from_bfloat16(rows) if rows.dtype == np.uint16 else rows
-        h[i] = values[indptr[i] : indptr[i + 1]] @ rows + model.b0
-    np.maximum(h, 0.0, out=h)
-    for layer in range(1, model.depth - 1):
-        w = model.float_weights(layer)
-        h = np.maximum(h @ w[:, :-1].T + w[:, -1], 0.0).astype(np.float32)
-    return h
-
-
-IMPRINT_RANK = 3
-"""A new label's bias puts it at about this rank among the model's labels on its own examples (median over them)."""
+IMPRINT_MIX = 3
+"""Existing labels a new label's row is mixed from: those its examples score highest (see imprint_rows)."""
+IMPRINT_CANDIDATES = 10
+"""Best labels of each example that imprint_rows weighs."""
 
 
 def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
     """float32 (m, width + 1): one output row per new label from its example points (see the module doc).
 
-    The row points from the layer's mean input (a sampled layer's tables keep it; else the origin) to the
-    examples' mean activation, as long as the median live row. Its bias places it at about IMPRINT_RANK among
-    the existing labels on its own examples (median over them): it scores like the labels that fit them, and an
-    input unlike them scores it lower."""
+    The row and bias are a convex mix of the rows and biases of the existing labels its examples score highest:
+    each example's softmax over its IMPRINT_CANDIDATES best scores, averaged over the examples, of which the
+    IMPRINT_MIX heaviest labels are kept and renormalised. On any input the new label then scores that mix of
+    their scores, never more than the best of them: it ranks among them where they rank high. A label whose
+    examples find no scored label gets a zero row and the median bias."""
     width = model.weights[-1].shape[1]
     if not examples:
         return np.zeros((0, width), np.float32)
     live = ~retired_mask(model)
-    norms = model.row_norms(model.depth - 1)[live]
-    scale = float(np.median(norms)) if norms.size else 1.0
-    slot = int(model.layer_slot[-1])
-    center = np.asarray(model.tables[slot].query_center, np.float32) if slot >= 0 else np.zeros(width - 1, np.float32)
-    biases = output_biases(model)[live]
-    fallback = float(np.median(biases)) if biases.size else 0.0
+    biases = output_biases(model)
+    fallback = float(np.median(biases[live])) if live.any() else 0.0
+    rows = np.zeros((len(examples), width), np.float32)
+    rows[:, -1] = fallback
     csr = [as_csr(ex) for ex in examples]
     sizes = [len(c[0]) - 1 for c in csr]
-    rank = min(IMPRINT_RANK, int(live.sum()))
-    anchor = np.zeros(0, np.float32)
-    if sum(sizes) and rank > 0:  # the score of the rank-th existing label on every example, in one call
-        indptr = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(c[0]) for c in csr if len(c[0]) > 1]))])
-        indices = np.concatenate([c[1][: c[0][-1]] for c in csr if len(c[0]) > 1])
-        values = np.concatenate([c[2][: c[0][-1]] for c in csr if len(c[0]) > 1])
-        anchor = model.predict(indptr, indices, values, k=rank, mode="auto")[1][:, rank - 1]
-    rows = np.zeros((len(examples), width), np.float32)
+    k = min(IMPRINT_CANDIDATES, int(live.sum()))
+    if not sum(sizes) or k == 0:
+        return rows
+    given = [c for c in csr if len(c[0]) > 1]
+    indptr = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(c[0]) for c in given]))])
+    indices = np.concatenate([c[1][: c[0][-1]] for c in given])
+    values = np.concatenate([c[2][: c[0][-1]] for c in given])
+    top, scores = model.predict(indptr, indices, values, k=k, mode="auto")  # every example's best labels at once
+    w = model.weights[-1]
     at = 0
-    for r, (indptr, indices, values) in enumerate(csr):
-        rows[r, -1] = fallback
-        if sizes[r] < 1:
-            continue  # no examples: a zero row, left to training
-        h = hidden_activations(model, indptr, indices, values)
-        direction = h.mean(axis=0) - center
-        norm = float(np.linalg.norm(direction))
-        if norm > 0:
-            rows[r, :-1] = direction * (scale / norm)
-            target = anchor[at : at + sizes[r]]
-            ok = np.isfinite(target)
-            if ok.any():
-                rows[r, -1] = float(np.median(target[ok] - h[ok] @ rows[r, :-1]))
-        at += sizes[r]
+    for r, size in enumerate(sizes):
+        ids, s = top[at : at + size], scores[at : at + size].astype(np.float64)
+        at += size
+        found = (ids >= 0) & np.isfinite(s)
+        if not found.any():
+            continue  # no examples, or none that the model scores: a zero row, left to training
+        weight: dict[int, float] = {}
+        for i in range(size):
+            ok = found[i]
+            if not ok.any():
+                continue
+            p = np.exp(s[i, ok] - s[i, ok].max())
+            for j, pj in zip(ids[i, ok].tolist(), (p / p.sum()).tolist(), strict=True):
+                weight[j] = weight.get(j, 0.0) + pj
+        mix = sorted(weight, key=weight.__getitem__, reverse=True)[:IMPRINT_MIX]
+        q = np.array([weight[j] for j in mix])
+        mixed = w[np.asarray(mix)]
+        mixed = from_bfloat16(mixed) if mixed.dtype == np.uint16 else mixed.astype(np.float32)
+        rows[r] = (q / q.sum()) @ mixed
     return rows
 
 

@@ -64,6 +64,7 @@ def test_add_labels_imprints_rows_into_the_right_buckets(data, trained):
     train, test = data
     store, keep = trained
     model = load_model(store.latest()[1])
+    before = load_model(store.latest()[1])
     old_w = model.float_weights(model.depth - 1).copy()
     old_tables = model.tables[0]
     new_labels = [keep, keep + 1, keep + 2]
@@ -76,19 +77,23 @@ def test_add_labels_imprints_rows_into_the_right_buckets(data, trained):
     assert model.label_names[0] == "0"  # an XMC model's old labels are named by their ids
     w = model.float_weights(model.depth - 1)
     np.testing.assert_array_equal(w[:keep], old_w)  # old rows untouched
-    # naive twin of the imprint: from the layer's mean input to the examples' mean ReLU activation, the median
-    # live norm long; the bias puts it at the 3rd best old label's score on its examples (median)
-    norms = np.linalg.norm(old_w[:, :-1], axis=1)
-    center = old_tables.query_center.astype(np.float64)
+    # naive twin of the imprint: each example's softmax over its 10 best old scores (as served), averaged over the
+    # examples; the 3 heaviest labels' rows and biases mixed by their renormalised weights
     for r, ex in enumerate(examples):
         x = naive.dense_rows(*ex, model.num_features)
         h = np.maximum(x @ model.weights[0].astype(np.float64) + model.b0, 0.0)
         scores = h @ old_w[:, :-1].T.astype(np.float64) + old_w[:, -1]
-        d = h.mean(axis=0) - center
-        want = d / np.linalg.norm(d) * np.median(norms)
-        np.testing.assert_allclose(w[keep + r, :-1], want, rtol=2e-3, atol=1e-5)
-        third = np.sort(scores, axis=1)[:, -3]
-        assert w[keep + r, -1] == pytest.approx(np.median(third - h @ want), rel=2e-3, abs=1e-4)
+        best = before.predict(*ex, k=10, mode="auto")[0]
+        weight = np.zeros(keep)
+        for i, top in enumerate(best):
+            p = np.exp(scores[i, top] - scores[i, top].max())
+            weight[top] += p / p.sum()
+        mix = np.argsort(-weight, kind="stable")[:3]
+        want = (weight[mix] / weight[mix].sum()) @ old_w[mix].astype(np.float64)
+        np.testing.assert_allclose(w[keep + r], want, rtol=1e-4, atol=1e-5)
+        # so it never scores above the best of the labels it mixes
+        mine = h @ w[keep + r, :-1].astype(np.float64) + w[keep + r, -1]
+        assert (mine <= scores[:, mix].max(axis=1) + 1e-4).all()
 
     tb, hf = model.tables[0], model.hashes[0]
     cap = model.config.sampling.bucket_size

@@ -130,12 +130,15 @@ class Trainer:
         init_from: a snapshot (a version directory, or a store or its root for the newest version) to start
         from instead of a fresh model: its weights, tables, optimizer state and featurizer, grown to the data
         (engine.warmstart); the structure settings (`warmstart.STRUCTURE_FIELDS`) come from it, the rest from
-        `config`. label_names / featurizer: the training set's, matched by name / term against the source's.
+        `config`. The step size continues from where the source's run had decayed it (see lr_decays).
+        label_names / featurizer: the training set's, matched by name / term against the source's.
         """
         if train.num_points == 0:
             raise ValueError("the training set has no points")
+        lr_decays = 0
         if init_from is not None:
-            config, model, optimizer, train, test = warm_start(init_from, config, train, test, label_names, featurizer)
+            warm = warm_start(init_from, config, train, test, label_names, featurizer)
+            config, model, optimizer, train, test, lr_decays = warm
         if test is not None and (test.num_features > train.num_features or test.num_labels > train.num_labels):
             raise ValueError("the test set has more features or labels than the training set")
         if model is not None and (model.num_features < train.num_features or model.num_labels < train.num_labels):
@@ -167,8 +170,9 @@ class Trainer:
         self.best: dict | None = None
         """Validation P@1 (and step, epoch) of the best model so far; None before the first validation."""
         self.evals_since_best = 0
-        self.lr_decays = 0
-        """Evaluations so far that brought no new best: each multiplied the step size by lr_decay."""
+        self.lr_decays = lr_decays
+        """Evaluations so far that brought no new best: each multiplied the step size by lr_decay. A warm start
+        continues its source's count: a trained model fine-tuned at the full step size loses what it had settled."""
         self.early_stopped = False
         self._best_arrays: dict | None = None
         self._best_serving: dict = {}

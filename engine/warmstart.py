@@ -61,6 +61,8 @@ class WarmStart(NamedTuple):
     optimizer: LazyAdamState
     train: Dataset
     test: Dataset | None
+    lr_decays: int = 0
+    """The step-size decays of the source's run (engine.schedule.lr_factor), which the new run continues from."""
 
 
 def snapshot_path(init_from: str | os.PathLike | SnapshotStore) -> Path:
@@ -216,7 +218,8 @@ def warm_start(
 
         model.label_names = LabelNames.from_list(names)
     optimizer = LazyAdamState.from_arrays(arrays).grown([w.shape[0] for w in model.weights])
-    return WarmStart(cfg, model, optimizer, train, test)
+    decays = int((manifest.get("trainer_state") or {}).get("lr_decays", 0))
+    return WarmStart(cfg, model, optimizer, train, test, decays)
 
 
 class WarmShape(NamedTuple):

@@ -84,6 +84,11 @@ def test_early_stopping_best_snapshot_and_plateau_decay(tmp_path, data):
     resumed.run()
     assert resumed.step == trainer.step
     np.testing.assert_array_equal(predictions(resumed.model, test)[1], predictions(served, test)[1])
+    # a warm start from it continues at the step size it had reached (3 decays: lr / 8), not at the full one
+    warm = Trainer(CFG.replace(schedule=CFG.schedule.replace(epochs=1)), train, test, init_from=snapshots[-1])
+    assert warm.lr_decays == 3
+    warm.run()
+    assert warm.history[0].lr == pytest.approx(5e-3 / 8)
 
 
 @pytest.mark.parametrize("split", [12, 21])  # after the first best (step 8), after a plateau (step 16 / 24)

@@ -308,16 +308,10 @@ def compact(store: SnapshotStore, model: SlideModel | None = None) -> int | None
     number, so the chain can go at the next prune. Returns that number, None when the newest is full already.
     model: the newest version's model when the caller holds it (its edited arrays are taken from it). Serialised
     with edits by their lock file; the caller makes sure no trainer writes the store."""
-    import fcntl
-    import os
-
-    from .labels import _EDIT_LOCK
+    from .labels import edit_lock
     from .snapshot import read_manifest
 
-    store.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store.root / _EDIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with edit_lock(store):
         latest = store.latest()
         if latest is None:
             return None
@@ -331,8 +325,6 @@ def compact(store: SnapshotStore, model: SlideModel | None = None) -> int | None
         meta = {k: v for k, v in manifest.items() if k not in own}
         meta["compacted_from"] = version
         return store.publish({n: a for n, a in arrays.items() if n not in links}, meta, links)[0]
-    finally:
-        os.close(fd)
 
 
 def kept_parents(root: Path, versions: set[int]) -> set[int]:

@@ -19,7 +19,8 @@ optimizer's files as they were) are read as padded with zero rows: a new row's A
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -483,6 +484,21 @@ class SnapshotEdit(NamedTuple):
 _EDIT_LOCK = ".labels.lock"
 
 
+@contextmanager
+def edit_lock(store: SnapshotStore) -> Iterator[None]:
+    """Hold the store's label-edit lock file (an exclusive flock): label edits and compactions of one store run one
+    at a time, across processes."""
+    import fcntl
+
+    store.root.mkdir(parents=True, exist_ok=True)
+    fd = os.open(store.root / _EDIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 def edit_snapshot(
     store: SnapshotStore,
     add: Sequence[tuple[str, Sequence[Any]]] = (),
@@ -499,15 +515,11 @@ def edit_snapshot(
     model: the newest version's model when the caller holds it (a server), which is read, never changed. Edits
     of one store are serialised by a lock file; the caller makes sure no trainer writes it."""
     import copy
-    import fcntl
 
     from . import delta as deltas
     from .snapshot import load_model, read_manifest
 
-    store.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store.root / _EDIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+    with edit_lock(store):
         latest = store.latest()
         if latest is None:
             raise LabelError("model", "the model has no snapshot yet")
@@ -565,5 +577,3 @@ def edit_snapshot(
         links = {n: sources[n] for n, a in new.items() if n in sources and a is arrays[n]}
         published, _ = store.publish({n: a for n, a in new.items() if n not in links}, meta, links)
         return SnapshotEdit(added, retired, published)
-    finally:
-        os.close(fd)

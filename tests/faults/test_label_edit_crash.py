@@ -65,7 +65,7 @@ def prune(self):
 os.rename, SnapshotStore.prune = rename, prune
 
 say("editing")
-for edit in range(at + 1 if stage != "unhooked" else 100):
+for edit in range(at + 1 if stage != "unhooked" else 10**9):  # unhooked: until the kill
     edit_snapshot(store, add=[(f"n{edit}", [([1, 2, 3], [1.0, 0.5, 0.25]), ([2, 4], [1.0, 1.0])])], retire=[edit])
     say(f"done {edit}")
 """

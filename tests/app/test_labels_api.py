@@ -112,17 +112,14 @@ def test_a_full_chain_of_deltas_is_compacted_after_the_answer(client_for, settin
     assert _predict(client, job_id, _words(2))["model_version"] == versions[2]
 
 
-def test_labels_handed_to_a_training_job_survive_kill_and_resume(client_for, settings, xmc_files):
-    import os
-    import signal
-
-    client = client_for(settings)
+def _long_job_with_a_snapshot(client, settings, xmc_files, seed: int):
+    """A job far from its end (200 epochs, no early stop) once it has published a snapshot: (id, diagnose)."""
     train_id = upload(client, xmc_files["train"]).json()["id"]
     config = {
         "model": {"hidden": [32]},
         "optimizer": {"batch_size": 64},
         "schedule": {"epochs": 200, "early_stop_patience": "never"},
-        "seed": 5,
+        "seed": seed,
     }
     job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config}).json()["id"]
     diagnose = job_diagnosis(client, settings, job_id)
@@ -132,6 +129,15 @@ def test_labels_handed_to_a_training_job_survive_kill_and_resume(client_for, set
         what="a snapshot while running",
         diagnose=diagnose,
     )
+    return job_id, diagnose
+
+
+def test_labels_handed_to_a_training_job_survive_kill_and_resume(client_for, settings, xmc_files):
+    import os
+    import signal
+
+    client = client_for(settings)
+    job_id, diagnose = _long_job_with_a_snapshot(client, settings, xmc_files, seed=5)
     num_labels = client.get(f"/v1/models/{job_id}").json()["num_labels"]
     examples = [{"indices": [4, 9, 17], "values": [1.0, 0.5, 0.25]}, {"indices": [4, 11], "values": [1.0, 1.0]}]
     r = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "fresh", "examples": examples}]})
@@ -182,21 +188,7 @@ def test_labels_added_as_deltas_to_a_stopped_job_survive_resume_and_kill(client_
     from engine.snapshot import read_manifest
 
     client = client_for(settings)
-    train_id = upload(client, xmc_files["train"]).json()["id"]
-    config = {
-        "model": {"hidden": [32]},
-        "optimizer": {"batch_size": 64},
-        "schedule": {"epochs": 200, "early_stop_patience": "never"},
-        "seed": 6,
-    }
-    job_id = client.post("/v1/jobs", json={"train_dataset_id": train_id, "config": config}).json()["id"]
-    diagnose = job_diagnosis(client, settings, job_id)
-    wait_for(
-        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] == "running" and j["model_version"],
-        timeout=120,
-        what="a snapshot while running",
-        diagnose=diagnose,
-    )
+    job_id, diagnose = _long_job_with_a_snapshot(client, settings, xmc_files, seed=6)
     client.post(f"/v1/jobs/{job_id}/stop")
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "stopped", what="stopped", diagnose=diagnose)
 

@@ -18,9 +18,8 @@ optimizer's files as they were) are read as padded with zero rows: a new row's A
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
@@ -484,19 +483,10 @@ class SnapshotEdit(NamedTuple):
 _EDIT_LOCK = ".labels.lock"
 
 
-@contextmanager
-def edit_lock(store: SnapshotStore) -> Iterator[None]:
-    """Hold the store's label-edit lock file (an exclusive flock): label edits and compactions of one store run one
-    at a time, across processes."""
-    import fcntl
-
-    store.root.mkdir(parents=True, exist_ok=True)
-    fd = os.open(store.root / _EDIT_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
+def edit_lock(store: SnapshotStore) -> AbstractContextManager[None]:
+    """The store's label-edit lock (an exclusive flock on its own file): label edits and compactions of one store
+    run one at a time, across processes."""
+    return store.file_lock(_EDIT_LOCK)
 
 
 def edit_snapshot(

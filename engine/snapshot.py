@@ -17,7 +17,7 @@ import shutil
 import tempfile
 import time
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -202,11 +202,15 @@ class SnapshotStore:
                 shutil.rmtree(entry, ignore_errors=True)
 
     # ---- pins: versions kept beyond `keep` while something (a serving alias) points at them ------------
-    @contextlib.contextmanager
-    def _locked(self):
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
         """An exclusive flock on `<root>/.lock`: pinning and pruning exclude each other across processes."""
+        return self.file_lock(LOCK_FILE)
+
+    @contextlib.contextmanager
+    def file_lock(self, name: str) -> Iterator[None]:
+        """Hold an exclusive flock on the lock file `<root>/<name>` (created if missing) until the block ends."""
         self.root.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(self.root / name, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield

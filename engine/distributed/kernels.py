@@ -24,90 +24,29 @@ import numpy as np
 from numba import prange
 
 from .._numba import fast_kernel, fast_parallel_kernel
-from ..kernels.forward import hidden_dropout, lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
+from ..kernels.forward import forward_point
 from ..kernels.groups import Activations, Layers, Tables
 from ..kernels.lowlevel import float_bits, float_from_bits, weight_at
-from ..kernels.sampling import add_ids, is_label, kth_largest, next_generation, pad_random
+from ..kernels.sampling import is_label, kth_largest
 
 
 @fast_kernel
 def shard_forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act, lookup, chunk, label_flags):
-    """train_point's forward pass of dataset row p in batch slot i, up to the output logits; y holds this
-    shard's labels only (local ids). Returns the largest output logit (-inf for an empty active set).
-    label_flags uint8 (b, cap): 1 where an active neuron of a sampled output layer is a true label (the
-    membership tags it is read from are reused by the chunk's next point)."""
-    weights = net.weights
-    layer_slot = net.layer_slot
-    hid, act_ids, act_val, nact, nkept = act.hid, act.act_ids, act.act_val, act.nact, act.nkept
-    tags = lookup.tags
-    seed = sampling.seed
-    random_negatives = sampling.random_negatives
-    depth = len(weights)
-    sparse_input_layer(
-        weights[0], net.b0, batch.x_indices, batch.x_values, batch.x_indptr[p], batch.x_indptr[p + 1], hid[0][i]
-    )
-    dropout = sampling.hidden_dropout
-    if dropout > 0.0:
-        hidden_dropout(hid[0][i], dropout, seed, stream, 0)
-    labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
-    gen = np.int64(0)
-    for layer in range(1, depth):
-        w = weights[layer]
-        out_dim = w.shape[0]
-        inp = hid[layer - 1][i]
-        vals = act_val[layer - 1][i]
-        ids = act_ids[layer - 1][i]
-        slot = layer_slot[layer]
-        is_output = layer == depth - 1
-        if slot >= 0:
-            gen = next_generation(tags, lookup.gens, chunk)
-            n = lsh_active_set(inp, slot, tabs, lookup, chunk, gen, retrieval, ids)
-            if is_output:
-                n = add_ids(ids, n, labels, tags[chunk], gen, -1)
-            n = pad_random(ids, n, sampling.min_active, out_dim, tags[chunk], gen, seed, stream * depth + layer)
-            n_kept = n
-            if is_output and random_negatives > 0:
-                n = pad_random(
-                    ids,
-                    n,
-                    n + random_negatives,
-                    out_dim,
-                    tags[chunk],
-                    gen,
-                    seed,
-                    (stream // sampling.negative_group) * depth,
-                )
-            for a in range(n):
-                prefetch_ahead(w, ids, a, n)
-                vals[a] = neuron_preactivation(w, ids[a], inp)
-            if n > n_kept:
-                shift = math.log((out_dim - n_kept) / (n - n_kept))
-                for a in range(n_kept, n):
-                    vals[a] += shift
-            if is_output:
-                nkept[i] = n_kept
-                for a in range(n):
-                    label_flags[i, a] = 1 if is_label(tags[chunk], ids[a]) else 0
-        else:
-            n = out_dim
-            for j in range(n):
-                vals[j] = neuron_preactivation(w, j, inp)
-            if is_output:
-                nkept[i] = n
-        nact[i, layer] = n
-        if not is_output:
-            h = hid[layer][i]
-            h[:] = 0.0
-            for a in range(n):
-                if vals[a] < 0.0:
-                    vals[a] = 0.0
-                h[ids[a] if slot >= 0 else a] = vals[a]
-            if dropout > 0.0:
-                hidden_dropout(h, dropout, seed, stream, layer)
-    out_l = depth - 1
-    vals = act_val[out_l - 1][i]
+    """train_point's forward pass (kernels.forward.forward_point) of dataset row p in batch slot i, up to the
+    output logits; y holds this shard's labels only (local ids). Returns the largest output logit (-inf for an
+    empty active set). label_flags uint8 (b, cap): 1 where an active neuron of a sampled output layer is a true
+    label (the membership tags it is read from are reused by the chunk's next point)."""
+    forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act, lookup, chunk)
+    out_l = len(net.weights) - 1
+    n = act.nact[i, out_l]
+    vals = act.act_val[out_l - 1][i]
+    if net.layer_slot[out_l] >= 0:
+        ids = act.act_ids[out_l - 1][i]
+        row_tags = lookup.tags[chunk]
+        for a in range(n):
+            label_flags[i, a] = 1 if is_label(row_tags, ids[a]) else 0
     top = -np.inf
-    for a in range(nact[i, out_l]):
+    for a in range(n):
         if vals[a] > top:
             top = vals[a]
     return top

@@ -161,24 +161,11 @@ def softmax_inplace(vals, n):
 
 
 @fast_kernel
-def train_point(
-    i, p, stream, batch, inv_batch, net, tabs, retrieval, sampling, act, lookup, back, chunk, backprop_output
-):
-    """Forward and backward of dataset row p of `batch` (groups.Batch) in batch slot i, on worker chunk
-    `chunk`'s scratch rows; returns its loss (0 when unlabelled). inv_batch: 1 / batch size.
-
-    backprop_output False stops at the output layer's deltas: the caller runs the backward pass through
-    that layer fused with its update (optimizer.update_sampled_layer) and the rest with backward_batch.
-
-    sampling.random_negatives > 0: a sampled output layer also draws that many neurons uniformly from those
-    not yet active, their logits raised by log(not yet active / drawn), so the softmax's normaliser is an
-    unbiased estimate of the full one and the loss cannot fall by pushing every unretrieved label down
-    at once. The negative_group consecutive points of a stream group read one random sequence, each
-    keeping the first draws it had not retrieved: few enough share it that every row still meets a
-    negative gradient every few steps (the unretrieved labels must be pushed down row by row), while
-    the optimizer steps on fewer distinct rows. sampling.hard_negatives > 0:
-    only that many retrieved non-label neurons, those with the highest probability, keep their delta;
-    the others' are set to exactly 0 (no gradient). Random negatives always keep theirs.
+def forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act, lookup, chunk):
+    """The forward pass of dataset row p of `batch` in batch slot i, on worker chunk `chunk`'s scratch rows, up
+    to the output layer's logits in act_val[-1][i, :nact[i, -1]] (a sampled output layer's active set in
+    act_ids[-1][i], the point's labels among it tagged in lookup.tags[chunk]; nkept[i] the active neurons
+    before the random negatives). Shared by train_point and the label-sharded step (engine.distributed).
     """
     weights = net.weights
     layer_slot = net.layer_slot
@@ -186,7 +173,6 @@ def train_point(
     tags = lookup.tags
     seed = sampling.seed
     random_negatives = sampling.random_negatives
-    hard_negatives = sampling.hard_negatives
     depth = len(weights)
     sparse_input_layer(
         weights[0], net.b0, batch.x_indices, batch.x_values, batch.x_indptr[p], batch.x_indptr[p + 1], hid[0][i]
@@ -195,7 +181,6 @@ def train_point(
     if dropout > 0.0:
         hidden_dropout(hid[0][i], dropout, seed, stream, 0)
     labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
-    n_labels = labels.shape[0]
     gen = np.int64(0)
     for layer in range(1, depth):
         w = weights[layer]
@@ -249,6 +234,38 @@ def train_point(
                 h[ids[a] if slot >= 0 else a] = vals[a]
             if dropout > 0.0:
                 hidden_dropout(h, dropout, seed, stream, layer)
+
+
+@fast_kernel
+def train_point(
+    i, p, stream, batch, inv_batch, net, tabs, retrieval, sampling, act, lookup, back, chunk, backprop_output
+):
+    """Forward and backward of dataset row p of `batch` (groups.Batch) in batch slot i, on worker chunk
+    `chunk`'s scratch rows; returns its loss (0 when unlabelled). inv_batch: 1 / batch size.
+
+    backprop_output False stops at the output layer's deltas: the caller runs the backward pass through
+    that layer fused with its update (optimizer.update_sampled_layer) and the rest with backward_batch.
+
+    sampling.random_negatives > 0: a sampled output layer also draws that many neurons uniformly from those
+    not yet active, their logits raised by log(not yet active / drawn), so the softmax's normaliser is an
+    unbiased estimate of the full one and the loss cannot fall by pushing every unretrieved label down
+    at once. The negative_group consecutive points of a stream group read one random sequence, each
+    keeping the first draws it had not retrieved: few enough share it that every row still meets a
+    negative gradient every few steps (the unretrieved labels must be pushed down row by row), while
+    the optimizer steps on fewer distinct rows. sampling.hard_negatives > 0:
+    only that many retrieved non-label neurons, those with the highest probability, keep their delta;
+    the others' are set to exactly 0 (no gradient). Random negatives always keep theirs.
+    """
+    weights = net.weights
+    layer_slot = net.layer_slot
+    act_ids, act_val, nact, nkept = act.act_ids, act.act_val, act.nact, act.nkept
+    tags = lookup.tags
+    hard_negatives = sampling.hard_negatives
+    dropout = sampling.hidden_dropout
+    depth = len(weights)
+    forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act, lookup, chunk)
+    labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
+    n_labels = labels.shape[0]
 
     # Output: softmax over the active set, delta = (p - y / |Y|) / batch.
     out_l = depth - 1

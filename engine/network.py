@@ -20,7 +20,7 @@ from ._numba import read_only
 from .config import SlideConfig
 from .kernels.groups import Layers, Lookup, Retrieval, TopK
 from .kernels.groups import Tables as KernelTables
-from .kernels.inference import predict_batch, predict_batch_serial
+from .kernels.inference import predict_batch, predict_batch_hubs, predict_batch_serial
 from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
 from .lsh import HashFunctions
@@ -54,6 +54,10 @@ class Predictions(NamedTuple):
 
 _MAX_K = 1000
 _SERIAL_BELOW = 4
+_HUB_BLOCK_FROM = 32
+"""Points from which a batch whose output layer serves hubs scores them as a block (predict_batch_hubs)."""
+_HUB_BLOCK = 1024
+"""Points a block of predict_batch_hubs holds at most (their hub scores: 27 MB at 6,700 hubs)."""
 _SCRATCH_POOL: dict[tuple, list[tuple]] = {}
 _SCRATCH_LOCK = threading.Lock()
 _INIT_ROWS = 1 << 15
@@ -339,6 +343,12 @@ class SlideModel:
             _, hid, ids, lookup = scratch
             n_chunks = max(1, min(n, numba.get_num_threads(), lookup.tags.shape[0]))
             retrieval = Retrieval(probes, self.config.sampling.active_threshold, self.predict_max_active)
+            hubs = self._block_hubs(use_tables) if n >= _HUB_BLOCK_FROM else None
+            if hubs is not None:
+                self._predict_hub_blocks(
+                    indptr, indices, values, hubs, retrieval, scratch, n_chunks, out_labels, out_scores, n_scored
+                )
+                return Predictions(out_labels, out_scores, n_scored, used)
             run = predict_batch_serial if n <= _SERIAL_BELOW else predict_batch
             run(
                 read_only(indptr),  # read-only, as from a memory map: one compiled version of the kernel
@@ -357,6 +367,50 @@ class SlideModel:
         finally:
             self._return_scratch(scratch)
         return Predictions(out_labels, out_scores, n_scored, used)
+
+    def _block_hubs(self, use_tables: np.ndarray) -> np.ndarray | None:
+        """The serving hubs of the output layer when it is the only layer scored from its tables and it has hubs (what
+        predict_batch_hubs answers), else None."""
+        out = self.depth - 1
+        slot = int(self.layer_slot[out])
+        if slot < 0 or not use_tables[out] or use_tables[:out].any():
+            return None
+        tb = self.tables[slot]
+        hubs = tb.serve_hubs if tb.serve_hubs.shape[0] else tb.hubs
+        return hubs if hubs.shape[0] else None
+
+    def _predict_hub_blocks(
+        self, indptr, indices, values, hubs, retrieval, scratch, n_chunks, labels, scores, n_scored
+    ) -> None:
+        """predict_batch's answers through predict_batch_hubs, _HUB_BLOCK points at a time."""
+        _, hid, ids, lookup = scratch
+        layers = read_only(self.kernel_layers())
+        kt = self.kernel_tables(serving=True)
+        slot = int(self.layer_slot[-1])
+        no_hubs = tuple(np.zeros(0, np.int32) if s == slot else h for s, h in enumerate(kt.hubs))
+        tabs = read_only(kt._replace(hubs=no_hubs))
+        n = indptr.shape[0] - 1
+        block = min(n, _HUB_BLOCK)
+        last = np.empty((block, self.weights[-1].shape[1] - 1), np.float32)
+        hub_scores = np.empty((block, hubs.shape[0]), np.float32)
+        for start in range(0, n, block):
+            stop = min(n, start + block)
+            predict_batch_hubs(
+                read_only(indptr[start : stop + 1]),
+                read_only(indices),
+                read_only(values),
+                layers,
+                tabs,
+                read_only(hubs),
+                retrieval,
+                hid,
+                ids,
+                lookup,
+                n_chunks,
+                last[: stop - start],
+                hub_scores[: stop - start],
+                TopK(labels[start:stop], scores[start:stop], n_scored[start:stop]),
+            )
 
     def calibrate_serving(
         self,

@@ -8,7 +8,7 @@ from numba import prange
 from .._numba import fast_kernel, fast_parallel_kernel, kernel, renamed
 from .forward import lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
 from .groups import Layers, Tables
-from .sampling import next_generation
+from .sampling import _SHIFT, next_generation
 
 
 @kernel
@@ -81,3 +81,77 @@ def predict_batch(indptr, indices, values, use_tables, net, tabs, retrieval, hid
 
 predict_batch_serial = fast_kernel(renamed(predict_batch.py_func, "predict_batch_serial"))
 """The same kernel compiled without threads: a few queries answer faster than a thread-pool wake-up."""
+
+
+HUB_TILE = 64
+"""Hub rows scored against every point of a batch at a time by predict_batch_hubs (16 kB of bfloat16 rows at width
+128: they stay in the L1 cache while the points' activations stream past)."""
+
+
+@fast_parallel_kernel
+def predict_batch_hubs(
+    indptr, indices, values, net, tabs, hubs, retrieval, hid, ids, lookup, n_chunks, last, hub_scores, out
+):
+    """predict_batch for a network whose only layer scored from its tables is the output layer, which has hubs:
+    the same labels, scores and n_scored, bit for bit, for less work on a batch. Every point scores the hubs, so
+    they are scored as a block (a tile of HUB_TILE hub rows against every point's last hidden activations, read
+    once per tile instead of once per point), then each point scores its bucket candidates and takes the hubs'
+    scores in the order predict_batch meets them. tabs: the tables with no hubs for the output layer; hubs: its
+    hubs. last float32 (n, width): scratch for the last hidden activations; hub_scores float32 (n, hubs)."""
+    n = indptr.shape[0] - 1
+    weights, b0, layer_slot = net
+    hidx, hsign, hparams, offsets, table_ids, no_hubs = tabs
+    out_labels, out_scores, n_scored = out
+    depth = len(weights)
+    top = depth - 1
+    all_tags = lookup.tags
+    for chunk in prange(n_chunks):  # the last hidden activations of every point, as predict_batch computes them
+        c = np.int64(chunk)
+        for i in range(c, n, n_chunks):
+            sparse_input_layer(weights[0], b0, indices, values, indptr[i], indptr[i + 1], hid[0][c])
+            for layer in range(1, top):
+                w = weights[layer]
+                inp = hid[layer - 1][c]
+                h = hid[layer][c]
+                h[:] = 0.0
+                for j in range(w.shape[0]):
+                    z = neuron_preactivation(w, j, inp)
+                    h[j] = z if z > 0.0 else 0.0
+            last[i, :] = hid[top - 1][c]
+    w = weights[top]
+    n_hubs = hubs.shape[0]
+    n_tiles = (n_hubs + HUB_TILE - 1) // HUB_TILE
+    for tile in prange(n_tiles):
+        t = np.int64(tile)
+        start = t * HUB_TILE
+        stop = min(start + HUB_TILE, n_hubs)
+        for i in range(n):
+            inp = last[i]
+            for q in range(start, stop):
+                hub_scores[i, q] = neuron_preactivation(w, hubs[q], inp)
+    for chunk in prange(n_chunks):
+        c = np.int64(chunk)
+        tabs = Tables(hidx, hsign, hparams, offsets, table_ids, no_hubs)
+        slot = layer_slot[top]
+        for i in range(c, n, n_chunks):
+            labels = out_labels[i]
+            scores = out_scores[i]
+            labels[:] = -1
+            scores[:] = -np.inf
+            inp = last[i]
+            gen = next_generation(lookup.tags, lookup.gens, c)
+            m = lsh_active_set(inp, slot, tabs, lookup, c, gen, retrieval, ids[c])
+            for a in range(m):
+                j = ids[c, a]
+                prefetch_ahead(w, ids[c], a, m)
+                push_topk(labels, scores, j, neuron_preactivation(w, j, inp))
+            # the hubs not among the candidates, in their order (as lsh_active_set's add_ids appends them)
+            tags = all_tags[c]
+            stamp = (gen + 1) << _SHIFT
+            for q in range(n_hubs):
+                j = hubs[q]
+                if (tags[j] >> _SHIFT) != gen + 1:
+                    tags[j] = stamp
+                    push_topk(labels, scores, j, hub_scores[i, q])
+                    m += 1
+            n_scored[i] = m

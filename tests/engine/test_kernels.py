@@ -865,6 +865,57 @@ def test_few_queries_and_batches_give_the_same_answers(trained_model, mode):
         assert n_scored[0] == batch_n[i]
 
 
+@pytest.mark.parametrize(
+    "hidden, weight_dtype, probes",
+    [((16,), "float32", 0), ((16,), "bfloat16", 1), ((16, 12), "float32", 0)],
+)
+def test_batches_score_the_hubs_as_a_block_with_the_answers_of_predict_batch(hidden, weight_dtype, probes, monkeypatch):
+    """From _HUB_BLOCK_FROM points on, lsh scores the output layer's hubs for a block of points at a time
+    (predict_batch_hubs): labels, scores and counts are predict_batch's bit for bit, over several blocks (with
+    multi-probe, bfloat16 rows and a dense hidden layer before the sampled output layer too)."""
+    from engine import network
+
+    set_threads(2)
+    train = naive.planted_dataset(300, 60, 120, seed=2, vocab=6, noise=2)
+    cfg = exact_config(
+        {
+            "model.hidden": hidden,
+            "model.weight_dtype": weight_dtype,
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 4,
+            "sampling.hash_l": 6,
+            "sampling.hub_neurons": 8,
+            "predict.hubs": 20,
+            "predict.probes": probes,
+            "optimizer.batch_size": 32,
+            "seed": 21,
+            "schedule.epochs": 1,
+        }
+    )
+    trainer = Trainer(cfg, train)
+    trainer.run()
+    model = trainer.model
+    assert model.layer_slot[-1] >= 0 and (model.layer_slot[:-1] < 0).all()
+    assert model.tables[model.layer_slot[-1]].serve_hubs.shape[0] == 20
+    blocks = []
+    real = network.predict_batch_hubs
+    monkeypatch.setattr(network, "predict_batch_hubs", lambda *a: blocks.append(a[0].shape[0] - 1) or real(*a))
+    monkeypatch.setattr(network, "_HUB_BLOCK", 40)
+    args = rows(train, 100)
+    got = model.predict_with_stats(*args, k=7, mode="lsh")
+    assert blocks == [40, 40, 20]
+    monkeypatch.setattr(network, "_HUB_BLOCK_FROM", 10**9)  # every point through predict_batch
+    want = model.predict_with_stats(*args, k=7, mode="lsh")
+    assert blocks == [40, 40, 20]
+    for a, b in zip(got[:3], want[:3], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert got[3] == want[3] == "lsh"
+    assert np.all(got[2] >= 20) and np.all(got[2] < model.num_labels)
+    monkeypatch.setattr(network, "_HUB_BLOCK_FROM", 32)
+    exact = model.predict_with_stats(*args, k=7, mode="exact")  # no tables: predict_batch
+    assert blocks == [40, 40, 20] and np.all(exact[2] == model.num_labels)
+
+
 def test_predict_validates_its_input(trained_model):
     model, data = trained_model
     with pytest.raises(ValueError, match="out of range"):

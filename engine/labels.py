@@ -89,43 +89,50 @@ def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
     width = model.weights[-1].shape[1]
     if not examples:
         return np.zeros((0, width), np.float32)
-    live = ~retired_mask(model)
     biases = output_biases(model)
-    fallback = float(np.median(biases[live])) if live.any() else 0.0
+    live = ~np.isneginf(biases)
     rows = np.zeros((len(examples), width), np.float32)
-    rows[:, -1] = fallback
+    mixed_rows = np.zeros(len(examples), np.bool_)
     csr = [as_csr(ex) for ex in examples]
     sizes = [len(c[0]) - 1 for c in csr]
     k = min(IMPRINT_CANDIDATES, int(live.sum()))
-    if not sum(sizes) or k == 0:
-        return rows
-    given = [c for c in csr if len(c[0]) > 1]
+    if sum(sizes) and k:
+        top, scores = example_top_labels(model, csr, k)
+        w = model.weights[-1]
+        at = 0
+        for r, size in enumerate(sizes):
+            ids, s = top[at : at + size], scores[at : at + size].astype(np.float64)
+            at += size
+            found = (ids >= 0) & np.isfinite(s)
+            if not found.any():
+                continue  # no examples, or none that the model scores: a zero row, left to training
+            weight: dict[int, float] = {}
+            for i in range(size):
+                ok = found[i]
+                if not ok.any():
+                    continue
+                p = np.exp(s[i, ok] - s[i, ok].max())
+                for j, pj in zip(ids[i, ok].tolist(), (p / p.sum()).tolist(), strict=True):
+                    weight[j] = weight.get(j, 0.0) + pj
+            mix = sorted(weight, key=weight.__getitem__, reverse=True)[:IMPRINT_MIX]
+            q = np.array([weight[j] for j in mix])
+            mixed = w[np.asarray(mix)]
+            mixed = from_bfloat16(mixed) if mixed.dtype == np.uint16 else mixed.astype(np.float32)
+            rows[r] = (q / q.sum()) @ mixed
+            mixed_rows[r] = True
+    if not mixed_rows.all():  # the median bias (a pass over every label) only when a row needs it
+        rows[~mixed_rows, -1] = float(np.median(biases[live])) if live.any() else 0.0
+    return rows
+
+
+def example_top_labels(model: SlideModel, points: Sequence[tuple], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best labels int32 (n, k) and their scores float32 (n, k) of every point of the CSR triples `points`
+    (those with points), one after the other, as model.predict answers in `auto` mode, all in one call."""
+    given = [c for c in points if len(c[0]) > 1]
     indptr = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(c[0]) for c in given]))])
     indices = np.concatenate([c[1][: c[0][-1]] for c in given])
     values = np.concatenate([c[2][: c[0][-1]] for c in given])
-    top, scores = model.predict(indptr, indices, values, k=k, mode="auto")  # every example's best labels at once
-    w = model.weights[-1]
-    at = 0
-    for r, size in enumerate(sizes):
-        ids, s = top[at : at + size], scores[at : at + size].astype(np.float64)
-        at += size
-        found = (ids >= 0) & np.isfinite(s)
-        if not found.any():
-            continue  # no examples, or none that the model scores: a zero row, left to training
-        weight: dict[int, float] = {}
-        for i in range(size):
-            ok = found[i]
-            if not ok.any():
-                continue
-            p = np.exp(s[i, ok] - s[i, ok].max())
-            for j, pj in zip(ids[i, ok].tolist(), (p / p.sum()).tolist(), strict=True):
-                weight[j] = weight.get(j, 0.0) + pj
-        mix = sorted(weight, key=weight.__getitem__, reverse=True)[:IMPRINT_MIX]
-        q = np.array([weight[j] for j in mix])
-        mixed = w[np.asarray(mix)]
-        mixed = from_bfloat16(mixed) if mixed.dtype == np.uint16 else mixed.astype(np.float32)
-        rows[r] = (q / q.sum()) @ mixed
-    return rows
+    return model.predict(indptr, indices, values, k=k, mode="auto")
 
 
 def as_csr(points: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -312,22 +319,69 @@ def check_additions(model: SlideModel, examples: Sequence[Any], names: Sequence[
 
 
 def find_names(label_names: LabelNames, wanted: Sequence[str]) -> dict[str, int]:
-    """The ids of those of `wanted` that label_names has, found in its UTF-8 blob without decoding every name
-    (a dict of 670k names takes about a second to build)."""
-    offsets = np.asarray(label_names.offsets)
-    data = np.asarray(label_names.data)
-    starts_all, lengths = offsets[:-1], np.diff(offsets)
-    found: dict[str, int] = {}
-    for name in wanted:
-        encoded = name.encode("utf-8")
-        starts = starts_all[lengths == len(encoded)]
-        for k, byte in enumerate(encoded):
-            if not starts.size:
-                break
-            starts = starts[data[starts + k] == byte]
-        if starts.size:
-            found[name] = int(np.searchsorted(offsets, starts[0]))
-    return found
+    """The ids of those of `wanted` that label_names has (the first label of that name), found in its UTF-8 blob in
+    one pass without decoding any name (a dict of 670k names takes about a second to build)."""
+    encoded = [name.encode("utf-8") for name in wanted]
+    if not encoded:
+        return {}
+    lengths = np.fromiter((len(e) for e in encoded), dtype=np.int64, count=len(encoded))
+    wanted_offsets = np.concatenate(([0], np.cumsum(lengths)))
+    wanted_data = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+    found = np.full(len(encoded), -1, np.int64)
+    _match_names(np.asarray(label_names.data), np.asarray(label_names.offsets), wanted_data, wanted_offsets, found)
+    return {name: int(i) for name, i in zip(wanted, found.tolist(), strict=True) if i >= 0}
+
+
+@kernel
+def _name_hash(data, start, end):
+    """FNV-1a of data[start:end]."""
+    h = np.uint64(0xCBF29CE484222325)
+    for q in range(start, end):
+        h = (h ^ np.uint64(data[q])) * np.uint64(0x100000001B3)
+    return h
+
+
+@kernel
+def _match_names(data, offsets, wanted_data, wanted_offsets, found):
+    """found[w] = the first label whose name (bytes data[offsets[i]:offsets[i + 1]]) is wanted name w (bytes
+    wanted_data[wanted_offsets[w]:wanted_offsets[w + 1]]); entries no label has keep their value. The wanted names
+    sit in a hash table, and only names of a wanted length are hashed."""
+    m = wanted_offsets.shape[0] - 1
+    lengths = wanted_offsets[1:] - wanted_offsets[:-1]
+    longest = lengths.max()
+    of_length = np.zeros(longest + 1, np.bool_)
+    size = 1
+    while size < 2 * m:
+        size *= 2
+    mask = np.uint64(size - 1)
+    slots = np.full(size, -1, np.int64)
+    hashes = np.empty(m, np.uint64)
+    for w in range(m):
+        of_length[lengths[w]] = True
+        h = _name_hash(wanted_data, wanted_offsets[w], wanted_offsets[w + 1])
+        hashes[w] = h
+        s = h & mask
+        while slots[s] >= 0:
+            s = (s + np.uint64(1)) & mask
+        slots[s] = w
+    for i in range(offsets.shape[0] - 1):
+        start, end = offsets[i], offsets[i + 1]
+        if end - start > longest or not of_length[end - start]:
+            continue
+        h = _name_hash(data, start, end)
+        s = h & mask
+        while slots[s] >= 0:
+            w = slots[s]
+            if hashes[w] == h and found[w] < 0 and lengths[w] == end - start:
+                same = True
+                at = wanted_offsets[w]
+                for q in range(end - start):
+                    if data[start + q] != wanted_data[at + q]:
+                        same = False
+                        break
+                if same:
+                    found[w] = i
+            s = (s + np.uint64(1)) & mask
 
 
 def _id_of_name(name: str, num_labels: int) -> int | None:

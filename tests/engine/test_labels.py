@@ -135,6 +135,37 @@ def test_add_labels_refuses_duplicates_and_empty_examples(data, trained):
         model.add_labels([(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))], ["y"])
 
 
+def test_find_names_finds_the_first_label_of_each_name_in_the_blob():
+    rng = np.random.default_rng(4)
+    alphabet = ["a", "b", "é", "中", "-", "7"]
+    names = ["".join(rng.choice(alphabet, size=rng.integers(0, 5))) for _ in range(3000)]
+    names += ["", "ab", "ab", "中中"]  # empty names and a repeated one: ids start where an empty name ends
+    blob = LabelNames.from_list(names)
+    wanted = list(dict.fromkeys(["ab", "中中", "zz", "é", "aaaaaaa", "", *names[:50], *rng.choice(names, 50)]))
+    first: dict[str, int] = {}
+    for i, name in enumerate(names):
+        first.setdefault(name, i)
+    assert lab.find_names(blob, wanted) == {w: first[w] for w in wanted if w in first}
+    assert lab.find_names(blob, []) == {}
+    assert lab.find_names(lab.id_names(1000), ["999", "1000", "0", "01"]) == {"999": 999, "0": 0}
+
+
+def test_imprint_gives_a_label_without_scored_examples_the_median_live_bias(data, trained):
+    train, _ = data
+    store, keep = trained
+    model = load_model(store.latest()[1])
+    model.retire_labels([0, 1, 2])
+    no_points = (np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))
+    rows = lab.imprint_rows(model, [_points_with(train, keep, 3), no_points])
+    biases = model.float_weights(model.depth - 1)[:, -1]
+    assert np.isneginf(biases[:3]).all()
+    assert rows[1, :-1].tolist() == [0.0] * (rows.shape[1] - 1)
+    assert rows[1, -1] == np.float32(np.median(biases[3:]))
+    assert np.isfinite(rows[0]).all() and rows[0, :-1].any()  # mixed from the labels its points score highest
+    model.retire_labels(np.arange(model.num_labels))  # no live label: nothing to mix, a zero bias
+    assert not lab.imprint_rows(model, [_points_with(train, keep, 3)]).any()
+
+
 def test_retired_labels_are_never_predicted_and_leave_the_buckets(data, trained):
     train, test = data
     store, keep = trained

@@ -68,6 +68,11 @@ class Settings(BaseSettings):
     predict_concurrency: int = Field(0, ge=0, le=1024)
     """Predict requests computed at once; more wait their turn without holding a thread. Each one computing holds
     scratch buffers the size of the output layer, so this bounds memory and threads under load. 0 = 2 x CPU cores."""
+    pinned_cache_memory: ByteSize = Field(ByteSize(2**30))
+    """Process memory that exact versions kept loaded for pinned requests (an alias, or `version` in the body) may
+    hold beyond their mapped files, e.g. `1GiB`. A version read with its files mapped holds almost none; one built
+    from label-edit deltas holds its own output layer and tables (~260 MB at 670k labels). Past the limit the least
+    recently used versions are dropped (and read again when asked for); at most 8 are kept in any case."""
     predict_inline_max_instances: int = Field(4, ge=0, le=64)
     """A predict request of up to this many instances, scored through the hash tables (or against a small output
     layer), is answered on the event loop, without the hop to a predict thread that would cost more than its

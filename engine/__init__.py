@@ -45,6 +45,7 @@ _EXPORTS = {
     "TrainingMetrics": "engine.progress",
     "SnapshotStore": "engine.snapshot",
     "load_model": "engine.snapshot",
+    "owned_bytes": "engine.snapshot",
     "read_manifest": "engine.snapshot",
     "manifest_resolved": "engine.snapshot",
     "resolve": "engine.resolve",

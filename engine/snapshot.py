@@ -54,6 +54,22 @@ def model_arrays(model: SlideModel) -> dict[str, np.ndarray]:
     return arrays
 
 
+def owned_bytes(model: SlideModel) -> int:
+    """Bytes of the model's arrays held in process memory rather than mapped from its snapshot's files: ~0 for
+    a version loaded with mmap, the output layer and tables for one built by applying label-edit deltas
+    (engine.delta), everything for a model built in memory. An array that is a view counts its whole buffer,
+    once."""
+    buffers: dict[int, int] = {}
+    for a in model_arrays(model).values():
+        root: object = a
+        while isinstance(root, np.ndarray) and not isinstance(root, np.memmap) and root.base is not None:
+            root = root.base
+        if isinstance(root, np.memmap) or not isinstance(root, np.ndarray):
+            continue  # mapped from a file (np.memmap, or a view of an mmap.mmap)
+        buffers[id(root)] = root.nbytes
+    return sum(buffers.values())
+
+
 def manifest_config(manifest: dict) -> SlideConfig:
     """The config a snapshot was written with (from a manifest of any format)."""
     return SlideConfig.from_dict(migrate_manifest(manifest)["config"])

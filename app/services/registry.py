@@ -49,6 +49,8 @@ class LoadedModel:
     version: int
     model: Any  # engine.SlideModel
     loaded_at: float
+    owned_bytes: int = 0
+    """Bytes the model holds in process memory beyond its mapped snapshot files (engine.owned_bytes)."""
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,10 @@ class PredictResult:
 
 
 PINNED_CACHE = 8
-"""Exact versions (pinned by an alias, or asked for by number) held loaded at once, besides each newest."""
+"""Most exact versions (pinned by an alias, or asked for by number) held loaded at once, besides each newest;
+fewer when they hold more than Settings.pinned_cache_memory beyond their mapped files."""
+NEGLIGIBLE_BYTES = 4096
+"""A cached version holding no more than this beyond its mapped files (a page) frees nothing when dropped."""
 INLINE_MAX_NNZ = 4096
 """Most feature ids of one instance answered on the event loop."""
 INLINE_MAX_EXACT_WEIGHTS = 1 << 21
@@ -235,12 +240,22 @@ class ModelRegistry:
             model = engine.load_model(path, mmap=True)
         except (OSError, ValueError, RuntimeError) as exc:
             raise VersionGone(job_id, int(version), store.versions()) from exc
-        loaded = LoadedModel(job_id, int(version), model, time.time())
+        loaded = LoadedModel(job_id, int(version), model, time.time(), engine.owned_bytes(model))
         with self._guard:
             self._versions[key] = loaded
             while len(self._versions) > PINNED_CACHE:
                 self._versions.pop(next(iter(self._versions)))
+            budget = int(self.settings.pinned_cache_memory)
+            holding = [k for k, v in self._versions.items() if v.owned_bytes > NEGLIGIBLE_BYTES and k != key]
+            while holding and sum(v.owned_bytes for v in self._versions.values()) > budget:
+                self._versions.pop(holding.pop(0))  # the least recently used that frees memory
         return loaded
+
+    def cached_versions(self) -> list[tuple[str, int, int]]:
+        """(job id, version, bytes it holds beyond its mapped files) of the exact versions cached for pinned
+        requests, least recently used first."""
+        with self._guard:
+            return [(v.job_id, v.version, v.owned_bytes) for v in self._versions.values()]
 
     def label_names(self, loaded: LoadedModel, dataset_dir: Any = None) -> Any:
         """The model's label names: its snapshot's, else those stored with its training dataset (named after the

@@ -137,3 +137,38 @@ def test_every_request_in_the_pool_when_inline_is_off(tmp_path, client_for, path
 def _softmax(xs: list[float]) -> list[float]:
     e = np.exp(np.asarray(xs) - max(xs))
     return (e / e.sum()).tolist()
+
+
+def test_pinned_versions_built_from_deltas_are_held_within_the_memory_limit(tmp_path):
+    from app.services.registry import ModelRegistry
+    from engine import labels as lab
+
+    train, _ = generate("tiny", seed=2, num_train=256, num_test=8)
+    config = SlideConfig(
+        model=ModelConfig(hidden=(32,), sample_output=True),
+        schedule=ScheduleConfig(epochs=1),
+        threads=1,
+        seed=0,
+    )
+    probe = make_settings(tmp_path / "probe")
+    store = SnapshotStore(probe.snapshots_dir("m"), keep=10)
+    Trainer(config, train, None, store).run()
+    first = store.latest()[0]
+    point = (train.x_indices[: train.x_indptr[1]], train.x_values[: train.x_indptr[1]])
+    deltas = [lab.edit_snapshot(store, add=[(f"new{i}", [point])]).version for i in range(3)]
+    held = ModelRegistry(probe).version("m", deltas[0]).owned_bytes
+    assert held > 4096  # a delta version holds its output layer and tables in memory; a full one maps them
+    assert ModelRegistry(probe).version("m", first).owned_bytes <= 4096
+
+    registry = ModelRegistry(make_settings(probe.data_dir, pinned_cache_memory=int(1.5 * held)))
+    for version in (first, *deltas):
+        assert registry.version("m", version).version == version
+    # the two older deltas went, least recently used first; the mapped full version costs nothing to keep
+    assert [(v, b > 4096) for _, v, b in registry.cached_versions()] == [(first, False), (deltas[-1], True)]
+    assert registry.version("m", deltas[0]).version == deltas[0]  # read again when asked for
+    assert [v for _, v, _ in registry.cached_versions()] == [first, deltas[0]]
+
+    roomy = ModelRegistry(make_settings(probe.data_dir, pinned_cache_memory=10 * held))
+    for version in (first, *deltas):
+        roomy.version("m", version)
+    assert [v for _, v, _ in roomy.cached_versions()] == [first, *deltas]

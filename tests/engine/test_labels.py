@@ -515,3 +515,26 @@ def test_warm_start_estimate_counts_the_grown_shape_and_the_copies(data, trained
     est = estimate_warm_start(src, CFG.replace(model=CFG.model.replace(hidden=(64,))), train, test)
     plain = estimate_for(CFG, train, test)  # the source's 32-wide structure, fresh
     assert est.parts["warm_start"] > 0 and est.trainer == plain.trainer + est.parts["warm_start"]
+
+
+def test_owned_bytes_counts_what_a_version_holds_beyond_its_mapped_files(data, trained, tmp_path):
+    import shutil
+
+    from engine import owned_bytes
+    from engine.snapshot import model_arrays
+
+    train, _ = data
+    src, keep = trained
+    store = SnapshotStore(tmp_path / "copy")
+    shutil.copytree(src.root, store.root)
+    base = store.latest()[1]
+    mapped = load_model(base)
+    everything = sum(a.nbytes for a in model_arrays(mapped).values())
+    assert owned_bytes(mapped) < 64  # all mapped but the one-byte-a-layer serve flags made on the fly
+    assert owned_bytes(load_model(base, mmap=False)) == everything
+    edit = lab.edit_snapshot(store, add=[("fresh", _examples(train, keep))], model=mapped)
+    built = load_model(store.path(edit.version))  # the full version mapped, the delta applied in memory
+    out = built.weights[-1]
+    grown = out if out.base is None else out.base
+    # its output layer (in a buffer with spare rows) and the buckets the new row went into are its own
+    assert grown.nbytes + built.tables[0].ids.nbytes <= owned_bytes(built) < everything + grown.nbytes

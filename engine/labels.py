@@ -149,16 +149,24 @@ def as_csr(points: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def _insert_rows(offsets, ids, inserted, new_codes, first, capacity, out_offsets, out_ids):
     """out_offsets/out_ids: the buckets of offsets/ids with neurons first..first+m-1 added, neuron first+a to
     bucket new_codes[t, a] of table t; a bucket past capacity keeps its newest members (highest `inserted`,
-    the new ones first). One table per thread."""
+    the new ones first). The buckets between two that take new rows are copied as one span. One table per thread."""
     n_tables = offsets.shape[0]
     num_buckets = offsets.shape[1] - 1
     m = new_codes.shape[1]
     for t in prange(n_tables):
         order = np.argsort(new_codes[t], kind="mergesort")
-        p = 0
         out = 0
-        out_offsets[t, 0] = 0
-        for b in range(num_buckets):
+        span = 0  # the first bucket not yet written
+        p = 0
+        while True:
+            b = new_codes[t, order[p]] if p < m else num_buckets
+            s, e = offsets[t, span], offsets[t, b]
+            out_ids[t, out : out + e - s] = ids[t, s:e]
+            for x in range(span, b + 1):
+                out_offsets[t, x] = offsets[t, x] - s + out
+            out += e - s
+            if p == m:
+                break
             s, e = offsets[t, b], offsets[t, b + 1]
             q = p
             while q < m and new_codes[t, order[q]] == b:
@@ -166,21 +174,19 @@ def _insert_rows(offsets, ids, inserted, new_codes, first, capacity, out_offsets
             n_new = min(q - p, capacity)
             keep = min(e - s, capacity - n_new)
             if keep == e - s:
-                for x in range(s, e):
-                    out_ids[t, out] = ids[t, x]
-                    out += 1
+                out_ids[t, out : out + keep] = ids[t, s:e]
+                out += keep
             elif keep > 0:
                 members = ids[t, s:e]
                 rank = np.argsort(-inserted[members], kind="mergesort")[:keep]
-                chosen = np.sort(members[rank])
-                for x in range(keep):
-                    out_ids[t, out] = chosen[x]
-                    out += 1
+                out_ids[t, out : out + keep] = np.sort(members[rank])
+                out += keep
             for x in range(q - n_new, q):
                 out_ids[t, out] = first + order[x]
                 out += 1
-            p = q
             out_offsets[t, b + 1] = out
+            p = q
+            span = b + 1
 
 
 @kernel

@@ -135,6 +135,47 @@ def test_add_labels_refuses_duplicates_and_empty_examples(data, trained):
         model.add_labels([(np.zeros(1, np.int64), np.zeros(0, np.int32), np.zeros(0, np.float32))], ["y"])
 
 
+def test_insert_rows_adds_new_rows_to_their_buckets_keeping_the_newest_of_a_full_bucket():
+    """insert_rows against a naive twin: untouched buckets as they were, a bucket taking new rows keeps the new
+    ones (the last `capacity` when more arrive) after its newest old members (highest `inserted`, ties to the
+    first listed), in id order."""
+    from engine.tables import Tables
+
+    rng = np.random.default_rng(9)
+    n_tables, buckets, n, cap = 3, 12, 200, 6
+    codes = rng.integers(0, buckets, (n_tables, n)).astype(np.int32)
+    codes[:, :40] = 0  # a crowded first bucket
+    offsets = np.zeros((n_tables, buckets + 1), np.int64)
+    ids = np.zeros((n_tables, n), np.int32)
+    for t in range(n_tables):  # up to cap members a bucket, each keeping its lowest ids
+        members = [np.flatnonzero(codes[t] == b)[:cap] for b in range(buckets)]
+        offsets[t, 1:] = np.cumsum([len(x) for x in members])
+        ids[t, : offsets[t, -1]] = np.concatenate(members)
+    inserted = rng.integers(0, 4, n).astype(np.int32)
+    tb = Tables(
+        codes, inserted, offsets, ids, np.zeros(4, np.float32), np.zeros(4, np.float32), *(np.zeros(0, np.int32),) * 2
+    )
+    for m in (1, 5, 30):
+        new_codes = rng.integers(0, buckets, (n_tables, m)).astype(np.int32)
+        new_codes[:, : m // 2] = buckets - 1  # the last bucket takes several, past capacity for m = 30
+        got = lab.insert_rows(tb, new_codes, n, cap)
+        assert got.codes.tolist() == np.concatenate([codes, new_codes], axis=1).tolist()
+        all_inserted = np.concatenate([inserted, np.full(m, inserted.max(), np.int32)])
+        assert got.inserted.tolist() == all_inserted.tolist()
+        for t in range(n_tables):
+            want: list[int] = []
+            for b in range(buckets):
+                members = ids[t, offsets[t, b] : offsets[t, b + 1]]
+                new = [n + a for a in range(m) if new_codes[t, a] == b][-cap:] if m else []
+                keep = min(len(members), cap - len(new))
+                if keep < len(members):
+                    rank = np.argsort(-all_inserted[members], kind="stable")[: max(keep, 0)]
+                    members = np.sort(members[rank])
+                want += members.tolist() + new
+                assert got.offsets[t, b + 1] == len(want), (m, t, b)
+            assert got.offsets[t, 0] == 0 and got.ids[t, : len(want)].tolist() == want
+
+
 def test_find_names_finds_the_first_label_of_each_name_in_the_blob():
     rng = np.random.default_rng(4)
     alphabet = ["a", "b", "é", "中", "-", "7"]

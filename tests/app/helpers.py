@@ -220,3 +220,12 @@ def all_routes(app: Any) -> list[tuple[str, str]]:
         for method in (getattr(route, "methods", None) or ())
         if method != "HEAD"
     )
+
+
+def copy_trained(trained: Any, settings: Any) -> Any:
+    """The data dir of a trained fixture (tests/app/conftest.py) copied to settings.data_dir, before a service
+    starts on it; returns the fixture (its ids hold in the copy)."""
+    import shutil
+
+    shutil.copytree(trained.data_dir, settings.data_dir)
+    return trained

@@ -8,8 +8,8 @@ import time
 import pytest
 
 from engine import SnapshotStore
-from tests.app.helpers import assert_problem, job_diagnosis, merged, upload, wait_for
-from tests.app.test_text_api import TEXT_CONFIG, finished_job, post_jsonl
+from tests.app.helpers import assert_problem, copy_trained, job_diagnosis, merged, upload, wait_for
+from tests.app.test_text_api import TEXT_CONFIG, post_jsonl
 from tests.engine.test_text import WORDS, jsonl_bytes, text_records
 
 pytestmark = pytest.mark.slow  # each test trains jobs in trainer processes
@@ -39,10 +39,9 @@ def _all_labels(client, job_id) -> list[dict]:
             return out
 
 
-def test_add_retire_list_and_survive_a_restart(client_for, settings, tmp_path):
+def test_add_retire_list_and_survive_a_restart(client_for, settings, trained_text):
+    job_id = copy_trained(trained_text, settings).job_id
     client = client_for(settings)
-    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
-    job_id = finished_job(client, settings, train["id"])
     before = client.get(f"/v1/jobs/{job_id}").json()["model_version"]
 
     examples = [{"text": _words(3, shift=s)} for s in range(5)]
@@ -87,14 +86,13 @@ def test_add_retire_list_and_survive_a_restart(client_for, settings, tmp_path):
     assert 3 not in answer["labels"] and "combo" in answer["names"]
 
 
-def test_a_full_chain_of_deltas_is_compacted_after_the_answer(client_for, settings, monkeypatch):
+def test_a_full_chain_of_deltas_is_compacted_after_the_answer(client_for, settings, monkeypatch, trained_text):
     from engine import delta
     from engine.snapshot import read_manifest
 
     monkeypatch.setattr(delta, "MAX_DEPTH", 2)
+    job_id = copy_trained(trained_text, settings).job_id
     client = client_for(settings)
-    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
-    job_id = finished_job(client, settings, train["id"])
     store = SnapshotStore(settings.snapshots_dir(job_id))
     versions = []
     for i in range(3):
@@ -232,9 +230,9 @@ def test_labels_added_as_deltas_to_a_stopped_job_survive_resume_and_kill(client_
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "stopped", what="stopped")
 
 
-def test_init_from_fine_tunes_on_a_dataset_with_new_labels(client, settings):
-    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
-    source = finished_job(client, settings, train["id"])
+def test_init_from_fine_tunes_on_a_dataset_with_new_labels(client_for, settings, trained_text):
+    source = copy_trained(trained_text, settings).job_id
+    client = client_for(settings)
     store = SnapshotStore(settings.snapshots_dir(source))
     versions = store.versions()
     newer = post_jsonl(client, jsonl_bytes(text_records(300, 13, extra_label="brand new")), "newer").json()
@@ -271,7 +269,7 @@ def test_init_from_fine_tunes_on_a_dataset_with_new_labels(client, settings):
     assert not store.pins()  # the source version is released with the job
 
 
-def test_a_request_during_a_trainers_exit_is_applied(client, settings):
+def test_a_request_during_a_trainers_exit_is_applied(client_for, settings, trained_text):
     """A trainer that has looked at its label requests for the last time keeps the queue lock until it has exited
     (after its trainer lock): a request that comes meanwhile waits for it and is then applied to the newest
     snapshot, not handed to a trainer that will never see it."""
@@ -280,8 +278,8 @@ def test_a_request_during_a_trainers_exit_is_applied(client, settings):
 
     from app.domain import LABEL_QUEUE_LOCK, TRAINER_LOCK
 
-    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
-    job_id = finished_job(client, settings, train["id"])
+    job_id = copy_trained(trained_text, settings).job_id
+    client = client_for(settings)
     before = client.get(f"/v1/jobs/{job_id}").json()["model_version"]
     job_dir = settings.job_dir(job_id)
     trainer_lock, queue_lock = open(job_dir / TRAINER_LOCK, "a+"), open(job_dir / LABEL_QUEUE_LOCK, "a+")
@@ -306,13 +304,13 @@ def test_a_request_during_a_trainers_exit_is_applied(client, settings):
     assert [(e["op"], e["label_ids"], e["model_version"]) for e in events] == [("add", [12], r.json()["model_version"])]
 
 
-def test_requests_a_trainer_never_saw_are_applied_by_the_next_change(client, settings):
+def test_requests_a_trainer_never_saw_are_applied_by_the_next_change(client_for, settings, trained_text):
     """Requests left in a job's queue by a trainer that stopped before it saw them (killed, or failed) are applied,
     oldest first and each reported as its trainer would have, before the next change made while no trainer runs."""
     from app.domain import LABEL_REQUESTS
 
-    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train").json()
-    job_id = finished_job(client, settings, train["id"])
+    job_id = copy_trained(trained_text, settings).job_id
+    client = client_for(settings)
     queue = settings.job_dir(job_id) / LABEL_REQUESTS
     queue.mkdir()
     examples = [{"text": _words(3, shift=s)} for s in range(5)] + [{"indices": [0, 2], "values": [1.0, 0.5]}]

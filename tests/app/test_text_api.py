@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from tests.app.helpers import assert_problem, job_diagnosis, merged, upload, wait_for
+from tests.app.helpers import assert_problem, copy_trained, job_diagnosis, merged, upload, wait_for
 from tests.conftest import make_settings
 from tests.engine.test_text import jsonl_bytes, text_records
 
@@ -132,9 +132,10 @@ def test_text_upload_predict_names_versions_evaluate(client, settings, text_sets
     assert_problem(client.get("/v1/evaluations/nope"), 404)
 
 
-def test_bad_text_input_is_a_problem_never_a_500(client, settings, text_sets, xmc_files):
-    train, _ = text_sets
-    job_id = finished_job(client, settings, train["id"], config=merged(TEXT_CONFIG, {"schedule": {"epochs": 1}}))
+def test_bad_text_input_is_a_problem_never_a_500(client_for, settings, trained_text, xmc_files):
+    trained = copy_trained(trained_text, settings)
+    client = client_for(settings)
+    train, job_id = {"id": trained.train_id}, trained.job_id
     url = f"/v1/models/{job_id}/predict"
     cases = [
         ({"instances": [{"text": ""}]}, "body.instances[0].text"),
@@ -274,13 +275,13 @@ def test_aliases_pin_versions_and_lists_page(tmp_path, client_for):
     assert [m["id"] for m in models["data"]] == [job_id]
 
 
-def test_a_large_evaluation_runs_in_the_background(client, settings, text_sets, monkeypatch):
+def test_a_large_evaluation_runs_in_the_background(client_for, settings, trained_text, monkeypatch):
     import app.services.evaluations as evaluations
 
     monkeypatch.setattr(evaluations, "INLINE_POINTS", 10)  # the 60-point test set counts as large
-    train, test = text_sets
-    job_id = finished_job(client, settings, train["id"], config=merged(TEXT_CONFIG, {"schedule": {"epochs": 2}}))
-    r = client.post(f"/v1/models/{job_id}/evaluate", json={"dataset_id": test["id"], "mode": "exact"})
+    trained = copy_trained(trained_text, settings)
+    client = client_for(settings)
+    r = client.post(f"/v1/models/{trained.job_id}/evaluate", json={"dataset_id": trained.test_id, "mode": "exact"})
     assert r.status_code == 202, r.text
     assert r.headers["location"] == r.json()["status_url"] and r.json()["state"] == "running"
     done = wait_for(

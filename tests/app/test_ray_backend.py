@@ -15,6 +15,8 @@ FAST = {
     "schedule": {"early_stop_patience": "never"},
     "seed": 3,
 }
+EPOCHS = 5
+"""Of the live job: 145 steps through Ray, where the stop asked for once its first snapshot serves comes far sooner."""
 
 
 def test_ray_backend_needs_a_ray_cluster(client, xmc_files):
@@ -54,7 +56,7 @@ def test_ray_job_live_predictions_stop_resume_complete(tmp_path, client_for, xmc
         json={
             "train_dataset_id": train_id,
             "eval_dataset_id": test_id,
-            "config": merged(FAST, {"schedule": {"epochs": 12}}),
+            "config": merged(FAST, {"schedule": {"epochs": EPOCHS}}),
             "backend": {"kind": "ray", "shards": 2},
         },
     )
@@ -81,7 +83,7 @@ def test_ray_job_live_predictions_stop_resume_complete(tmp_path, client_for, xmc
     )
     assert stopped["state"] == "stopped", stopped["error"]
     step = stopped["progress"]["step"]
-    assert step > 0 and stopped["progress"]["epoch"] < 12
+    assert step > 0 and stopped["progress"]["epoch"] < EPOCHS
     metrics = client.get(f"/v1/jobs/{job_id}/metrics").json()["data"]
     assert metrics and metrics[-1]["step"] <= step
 
@@ -93,7 +95,7 @@ def test_ray_job_live_predictions_stop_resume_complete(tmp_path, client_for, xmc
         diagnose=diagnose,
     )
     assert done["state"] == "completed", done["error"]
-    assert done["progress"]["epoch"] == 12 and done["progress"]["step"] > step
+    assert done["progress"]["epoch"] == EPOCHS and done["progress"]["step"] > step
     assert done["runs"] == 2
     # labels of a sharded model do not change online (its snapshots are sharded)
     p = assert_problem(client.delete(f"/v1/models/{job_id}/labels/3"), 409)

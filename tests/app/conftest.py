@@ -5,7 +5,7 @@ from __future__ import annotations
 import gzip
 import os
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import pytest
 
@@ -13,12 +13,21 @@ from tests.conftest import make_settings
 
 
 class TrainedText(NamedTuple):
-    """A data dir holding the text sets of tests/engine/test_text.py and a job trained on them (TEXT_CONFIG)."""
+    """A data dir holding text sets of tests/engine/test_text.py (their upload answers `train` and `test`) and a job
+    trained on the first and evaluated on the second (TEXT_CONFIG)."""
 
     data_dir: Path
-    train_id: str
-    test_id: str
+    train: dict[str, Any]
+    test: dict[str, Any]
     job_id: str
+
+    @property
+    def train_id(self) -> str:
+        return str(self.train["id"])
+
+    @property
+    def test_id(self) -> str:
+        return str(self.test["id"])
 
 
 @pytest.fixture(scope="session")
@@ -45,5 +54,5 @@ def trained_text(tmp_path_factory: pytest.TempPathFactory, warm_engine: None) ->
             like = train.json()["id"]
             test = post_jsonl(client, test_data, "test", like=like, **{"Content-Encoding": "gzip"})
             assert test.status_code == 201, test.text
-            job_id = finished_job(client, settings, like)
-    return TrainedText(root, like, test.json()["id"], job_id)
+            job_id = finished_job(client, settings, like, test.json()["id"])
+    return TrainedText(root, train.json(), test.json(), job_id)

@@ -3,7 +3,6 @@ engine and trainer processes)."""
 
 from __future__ import annotations
 
-import gzip
 import math
 
 import pytest
@@ -50,18 +49,10 @@ def finished_job(client, settings, train_id, eval_id=None, config=TEXT_CONFIG):
     return job_id
 
 
-@pytest.fixture
-def text_sets(client):
-    train = post_jsonl(client, jsonl_bytes(text_records(300, 11)), "train")
-    assert train.status_code == 201, train.text
-    test_data = jsonl_bytes(text_records(60, 12, extra_label="brand new"))
-    test = post_jsonl(client, gzip.compress(test_data), "test", like=train.json()["id"], **{"Content-Encoding": "gzip"})
-    assert test.status_code == 201, test.text
-    return train.json(), test.json()
-
-
-def test_text_upload_predict_names_versions_evaluate(client, settings, text_sets, xmc_files):
-    train, test = text_sets
+def test_text_upload_predict_names_versions_evaluate(client_for, settings, trained_text, xmc_files):
+    trained = copy_trained(trained_text, settings)
+    client = client_for(settings)
+    train, test, job_id = trained.train, trained.test, trained.job_id
     assert train["format"] == "jsonl" and train["label_names"] and train["num_labels"] == 12
     assert test["like_dataset_id"] == train["id"] and test["unknown_labels"] == 15  # every 4th of 60 lines
     assert test["num_features"] == train["num_features"] and test["num_labels"] == train["num_labels"]
@@ -70,7 +61,6 @@ def test_text_upload_predict_names_versions_evaluate(client, settings, text_sets
     r = client.post("/v1/datasets", params={"format": "jsonl", "like": train["id"]}, files=files)
     assert r.status_code == 201 and r.json()["num_points"] == 5, r.text
 
-    job_id = finished_job(client, settings, train["id"], test["id"])
     body = {"instances": [{"text": "w10 w11 w12"}, {"text": "w55 w56"}], "k": 3, "mode": "exact"}
     r = client.post(f"/v1/models/{job_id}/predict", json={**body, "probabilities": True})
     assert r.status_code == 200, r.text

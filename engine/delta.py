@@ -18,8 +18,9 @@ Adam's state of a new row is zero (optimizer arrays shorter than their layer are
 
 A delta is published like any version (a temp dir renamed into place, see SnapshotStore.publish), pruning keeps
 every version a kept delta applies to, and an edit writes a full version instead once the chain holds MAX_DEPTH
-deltas (compaction; `compact` does it apart from an edit, as the service does once a chain is full). A trainer's
-snapshots are always full versions.
+deltas. `compact` makes the newest delta version a full version apart from an edit, under its own number, as the
+service does once a chain is full (clients keep seeing the version the edit answered). A trainer's snapshots are
+always full versions.
 """
 
 from __future__ import annotations
@@ -304,10 +305,15 @@ def full_arrays(
 
 
 def compact(store: SnapshotStore, model: SlideModel | None = None) -> int | None:
-    """Publish the newest version again as a full version when it is a delta: the same model under the next
-    number, so the chain can go at the next prune. Returns that number, None when the newest is full already.
-    model: the newest version's model when the caller holds it (its edited arrays are taken from it). Serialised
-    with edits by their lock file; the caller makes sure no trainer writes the store."""
+    """Make the newest version, when it is a delta, a full version under its own number (SnapshotStore.rewrite):
+    the same model, served as the same version, and the chain under it can go at the prune that follows. Returns
+    that number, None when the newest is full already. The manifest keeps the delta entry it had as
+    `compacted.delta`. A kill at any moment leaves the version loadable: as the delta it was (its chain is pruned
+    only after the full manifest is in place) or as the full version. model: the newest version's model when the
+    caller holds it (its edited arrays are taken from it). Serialised with edits by their lock file; the caller
+    makes sure no trainer writes the store."""
+    import time
+
     from .labels import edit_lock
     from .snapshot import read_manifest
 
@@ -323,8 +329,9 @@ def compact(store: SnapshotStore, model: SlideModel | None = None) -> int | None
         links = {n: sources[n] for n in arrays if n in sources}
         own = ("arrays", "version", "created_at", "format_version", KEY)
         meta = {k: v for k, v in manifest.items() if k not in own}
-        meta["compacted_from"] = version
-        return store.publish({n: a for n, a in arrays.items() if n not in links}, meta, links)[0]
+        meta["compacted"] = {"at": time.time(), KEY: manifest[KEY]}
+        store.rewrite(version, {n: a for n, a in arrays.items() if n not in links}, meta, links)
+        return version
 
 
 def kept_parents(root: Path, versions: set[int]) -> set[int]:

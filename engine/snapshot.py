@@ -165,10 +165,7 @@ class SnapshotStore:
                 np.save(path, np.ascontiguousarray(arr))
                 files[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": _file_crc32(path)}
             for name, (source, info) in (links or {}).items():
-                try:
-                    os.link(source, tmp / f"{name}.npy")
-                except OSError:
-                    shutil.copyfile(source, tmp / f"{name}.npy")
+                _link_or_copy(source, tmp / f"{name}.npy")
                 files[name] = dict(info)
             extra = parts(tmp) if parts is not None else {}
             manifest = {
@@ -193,6 +190,57 @@ class SnapshotStore:
             raise
         self.prune()
         return version, target
+
+    def rewrite(self, version: int, arrays: dict[str, np.ndarray], meta: dict, links: dict | None = None) -> Path:
+        """Give version `version` another form of the same model, under the same number (a delta version made full,
+        engine.delta.compact); returns its path. arrays and links as for `publish`; their names must be new to the
+        version. Each file is written under a temp name in the version's directory, fsynced and renamed to its
+        name, then the manifest is replaced in one rename of an fsynced temp file: a reader, and a process killed
+        at any point, finds the old manifest with every file it names, or the new one with every file it names.
+        The old form's files stay (a reader that read the old manifest may still open them). Prunes afterwards."""
+        path = self.path(version)
+        old = read_manifest(path)
+        clash = sorted((set(arrays) | set(links or {})) & set(old["arrays"]))
+        if clash:
+            raise ValueError(f"version {version} has arrays named {clash} already: a rewrite adds new files only")
+        for entry in path.glob(".rewrite-*"):  # what a rewrite cut short left
+            entry.unlink(missing_ok=True)
+        files = {}
+
+        def put(name: str, arr: np.ndarray | None = None, source: Path | None = None) -> Path:
+            tmp = path / f".rewrite-{name}.npy"
+            if source is not None:
+                _link_or_copy(source, tmp)
+            else:
+                np.save(tmp, np.ascontiguousarray(arr))
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp, path / f"{name}.npy")
+            tmp.unlink(missing_ok=True)  # a rename onto a link to the same file leaves both names
+            return path / f"{name}.npy"
+
+        for name, arr in arrays.items():
+            crc = _file_crc32(put(name, arr=arr))
+            files[name] = {"shape": list(arr.shape), "dtype": str(arr.dtype), "crc32": crc}
+        for name, (source, info) in (links or {}).items():
+            put(name, source=source)
+            files[name] = dict(info)
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "version": version,
+            "created_at": old.get("created_at", time.time()),
+            **meta,
+            "arrays": files,
+        }
+        tmp = path / f".rewrite-{MANIFEST}"
+        tmp.write_text(json.dumps(manifest, indent=1))
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        _fsync_path(path)  # the renamed array files before the manifest that names them
+        os.replace(tmp, path / MANIFEST)
+        _fsync_path(path)
+        self.prune()
+        return path
 
     def prune(self) -> None:
         """Remove versions beyond the newest `keep`, except pinned ones (see `pin`) and those a kept delta version
@@ -371,6 +419,14 @@ def attach_text(model: SlideModel, manifest: dict, arrays) -> None:
         model.label_names = LabelNames.from_arrays(arrays)
     except (KeyError, ValueError) as exc:
         raise SnapshotError(f"snapshot v{manifest.get('version')}: unreadable text featurizer ({exc})") from exc
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A hard link of source at target, or a copy where the file system cannot link."""
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copyfile(source, target)
 
 
 def _fsync_path(path: Path) -> None:

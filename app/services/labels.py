@@ -279,8 +279,9 @@ class LabelService:
             log.exception("model %s: could not record version %s", job.id, version)
 
     def _compact(self, job_id: str) -> None:
-        """Publish the newest version, a delta that ends a full chain, again as a full version (engine.delta.compact):
-        the next edit is a delta again. Left to a trainer when one runs (its snapshots are full versions)."""
+        """Make the newest version, a delta that ends a full chain, a full version under its own number
+        (engine.delta.compact): the next edit is a delta again, and clients see the version the edit answered, as
+        it was. Left to a trainer when one runs (its snapshots are full versions)."""
         try:
             job = self._job(job_id)
             store = engine.SnapshotStore(self.settings.snapshots_dir(job_id), keep=self.settings.snapshot_keep)
@@ -288,8 +289,7 @@ class LabelService:
                 if free:
                     version = engine.delta.compact(store, model=self._held(job))
                     if version is not None:
-                        log.info("model %s: label edits compacted into version %d", job_id, version)
-                        self._published(job, version)
+                        log.info("model %s: version %d compacted into a full version", job_id, version)
         except Exception:  # noqa: BLE001 - the next edit compacts instead
             log.exception("model %s: could not compact its label edits", job_id)
 

@@ -86,7 +86,9 @@ def test_add_retire_list_and_survive_a_restart(client_for, settings, trained_tex
     assert 3 not in answer["labels"] and "combo" in answer["names"]
 
 
-def test_a_full_chain_of_deltas_is_compacted_after_the_answer(client_for, settings, monkeypatch, trained_text):
+def test_a_full_chain_of_deltas_is_compacted_after_the_answer_under_the_same_version(
+    client_for, settings, monkeypatch, trained_text
+):
     from engine import delta
     from engine.snapshot import read_manifest
 
@@ -100,14 +102,24 @@ def test_a_full_chain_of_deltas_is_compacted_after_the_answer(client_for, settin
         r = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": f"new{i}", "examples": examples}]})
         assert r.status_code == 201, r.text
         versions.append(r.json()["model_version"])
-        assert read_manifest(store.path(versions[-1]))["delta"]["depth"] == (i % 2) + 1  # every edit a delta
-        if i == 1:  # the chain is full: published again as a full version, apart from the edit
-            compacted = wait_for(lambda: (v := store.latest()[0]) > versions[-1] and v, what="the compaction")
-            assert "delta" not in read_manifest(store.path(compacted))
-            assert read_manifest(store.path(compacted))["compacted_from"] == versions[-1]
-    assert versions[2] == compacted + 1
+        manifest = read_manifest(store.path(versions[-1]))
+        edit = manifest.get("delta") or manifest["compacted"]["delta"]  # (compacted already, for the second)
+        assert edit["depth"] == (i % 2) + 1  # every edit a delta
+        if i == 1:  # the chain is full: rewritten as a full version under its own number, apart from the edit
+            wait_for(lambda: "delta" not in read_manifest(store.path(versions[-1])), what="the compaction")
+            assert store.latest()[0] == versions[-1]
+            assert read_manifest(store.path(versions[-1]))["compacted"]["delta"]["depth"] == 2
+        assert _predict(client, job_id, _words(i))["model_version"] == versions[-1]
+        labels = client.get(f"/v1/models/{job_id}/labels", params={"limit": 20}).json()
+        assert labels["model_version"] == versions[-1] and labels["data"][-1]["name"] == f"new{i}"
+    assert versions[2] == versions[1] + 1
+    assert read_manifest(store.path(versions[2]))["delta"]["parent"] == versions[1]
     assert [x["name"] for x in _all_labels(client, job_id)][-3:] == ["new0", "new1", "new2"]
-    assert _predict(client, job_id, _words(2))["model_version"] == versions[2]
+    # a restarted service serves the same, from disk
+    client.close()
+    again = client_for(settings)
+    assert _predict(again, job_id, _words(2))["model_version"] == versions[2]
+    assert [x["name"] for x in _all_labels(again, job_id)][-3:] == ["new0", "new1", "new2"]
 
 
 def _long_job_with_a_snapshot(client, settings, xmc_files, seed: int):

@@ -476,7 +476,7 @@ def test_deltas_are_compacted_and_their_chain_is_kept_until_then(data, trained, 
         _same_model(load_model(store.path(edit.version), verify=True), twin)
 
 
-def test_compact_publishes_the_newest_delta_again_as_a_full_version(data, trained, tmp_path):
+def test_compact_makes_the_newest_delta_a_full_version_under_its_own_number(data, trained, tmp_path):
     import shutil
 
     from engine import delta
@@ -490,11 +490,19 @@ def test_compact_publishes_the_newest_delta_again_as_a_full_version(data, traine
     for i in range(2):
         edit = lab.edit_snapshot(store, add=[(f"n{i}", _examples(train, keep + i))])
         held = load_model(store.path(edit.version), base=held)
+    before = read_manifest(store.path(edit.version))
     version = delta.compact(store, model=held)
-    assert version == held.version + 1 and "delta" not in read_manifest(store.path(version))
+    assert version == edit.version == held.version  # the number clients were answered with
+    manifest = read_manifest(store.path(version))
+    assert "delta" not in manifest and manifest["compacted"]["delta"] == before["delta"]
+    assert manifest["created_at"] == before["created_at"] and manifest["version"] == version
     assert store.versions() == [version]  # the chain went at the prune
     _same_model(load_model(store.path(version), verify=True), held)
     assert delta.compact(store) is None
+    # the next edit is a delta on it
+    after = lab.edit_snapshot(store, add=[("n2", _examples(train, keep + 2))])
+    assert after.version == version + 1 and read_manifest(store.path(after.version))["delta"]["parent"] == version
+    assert load_model(store.path(after.version), verify=True).label_names[keep + 2] == "n2"
 
 
 def test_a_pinned_delta_version_keeps_its_chain(data, trained, tmp_path, monkeypatch):

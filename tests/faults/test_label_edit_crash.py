@@ -1,10 +1,14 @@
 """A kill during a label edit leaves the model as it was before the edit or as it is after it, never anything else.
 
 A subprocess edits a trained model's store again and again (edit i adds the label `n{i}` and retires label i), the
-edits published as delta versions (engine.delta) and, when the chain is full, as a full version (compaction); it
-is SIGKILLed before the rename that commits an edit, just after it (before pruning), or at moments of an unhooked
-run. A fresh reader then serves the newest version, read from disk with its checksums verified: it holds every
-edit that was committed and none of the one cut short, and the next edit publishes on top of it.
+edits published as delta versions (engine.delta) and, when the chain is full, as a full version; it is SIGKILLed
+before the rename that commits an edit, just after it (before pruning), or at moments of an unhooked run. A fresh
+reader then serves the newest version, read from disk with its checksums verified: it holds every edit that was
+committed and none of the one cut short, and the next edit publishes on top of it.
+
+A compaction (engine.delta.compact: the newest delta version rewritten as a full version under its own number) is
+killed after some of its files, before its manifest replaces the delta's, or after that (before pruning): the
+newest version keeps its number and its model, and compacting again or editing picks up from there.
 """
 
 from __future__ import annotations
@@ -70,6 +74,40 @@ for edit in range(at + 1 if stage != "unhooked" else 10**9):  # unhooked: until 
     say(f"done {edit}")
 """
 
+COMPACTOR = r"""
+import os, sys, time
+from engine import SnapshotStore, delta
+
+root, stage = sys.argv[1], sys.argv[2]
+store = SnapshotStore(root, keep=1)
+
+def say(word):
+    sys.stdout.write(word + "\n")
+    sys.stdout.flush()
+
+def hold():  # tell the test where we are, then wait for its SIGKILL
+    say("ready")
+    time.sleep(600)
+
+real_replace, real_prune, replaced = os.replace, SnapshotStore.prune, []
+def replace(src, dst):
+    if stage == "before-manifest" and str(dst).endswith("manifest.json"):
+        hold()
+    real_replace(src, dst)
+    replaced.append(dst)
+    if stage == "mid-files" and len(replaced) == 2:
+        hold()
+def prune(self):
+    if stage == "after-manifest":
+        hold()
+    real_prune(self)
+os.replace, SnapshotStore.prune = replace, prune
+
+say("compacting")
+delta.compact(store)
+say("done")
+"""
+
 CFG = SlideConfig(
     model=ModelConfig(hidden=(16,), sample_output=True, weight_dtype="bfloat16"),
     optimizer=OptimizerConfig(batch_size=64),
@@ -94,16 +132,20 @@ def _readline(proc: subprocess.Popen, timeout: float = 120) -> str:
     return line
 
 
-def _edit_and_kill(root: Path, stage: str, at: int, delay: float | None = None) -> int:
-    """Run the editor until the kill; returns how many edits it reported done."""
+def _start(script: str, *args: str) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", EDITOR, str(root), stage, str(at)],
+    return subprocess.Popen(
+        [sys.executable, "-c", script, *args],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
+
+
+def _edit_and_kill(root: Path, stage: str, at: int, delay: float | None = None) -> int:
+    """Run the editor until the kill; returns how many edits it reported done."""
+    proc = _start(EDITOR, str(root), stage, str(at))
     done = 0
     try:
         assert _readline(proc) == "editing"
@@ -174,3 +216,40 @@ def test_kill_at_any_moment_of_label_edits_serves_the_last_committed_one(tmp_pat
     newest = load_model(SnapshotStore(root).latest()[1]).num_labels - num_labels
     assert newest in (done, done + 1)  # the kill may fall between a commit and its report
     _assert_served(root, num_labels, newest)
+
+
+@pytest.mark.parametrize("stage", ["mid-files", "before-manifest", "after-manifest"])
+def test_kill_during_a_compaction_keeps_the_newest_version_and_its_model(tmp_path, trained, stage):
+    from engine import delta
+
+    src, num_labels = trained
+    root = tmp_path / "m"
+    shutil.copytree(src, root)
+    store = SnapshotStore(root, keep=1)
+    example = [([1, 2, 3], [1.0, 0.5, 0.25])]
+    for i in range(2):
+        edit = edit_snapshot(store, add=[(f"n{i}", example)], retire=[i])
+    assert read_manifest(store.path(edit.version))["delta"]["depth"] == 2
+    proc = _start(COMPACTOR, str(root), stage)
+    try:
+        assert _readline(proc) == "compacting"
+        assert _readline(proc) == "ready"
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait(timeout=30) == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        proc.stdout.close()
+        proc.stderr.close()
+    assert store.latest()[0] == edit.version  # the number the edit answered with, delta or full
+    _assert_served(root, num_labels, 2)
+    full = "delta" not in read_manifest(store.path(edit.version))
+    assert full == (stage == "after-manifest")
+    # compacting again completes what the kill cut short (or finds it done), and the next edit builds on it
+    assert delta.compact(store) == (None if full else edit.version)
+    assert "delta" not in read_manifest(store.path(edit.version)) and store.latest()[0] == edit.version
+    assert not list(store.path(edit.version).glob(".rewrite-*"))
+    _assert_served(root, num_labels, 2)
+    edit_snapshot(store, add=[("n2", example)], retire=[2])
+    _assert_served(root, num_labels, 3)

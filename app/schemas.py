@@ -703,9 +703,22 @@ class LabelPublic(BaseModel):
     status: Literal["live", "retired"]
 
 
+class PendingLabelRequest(BaseModel):
+    request_id: str = Field(description="The id the 202 answer gave and the request's `labels` event will carry.")
+    op: Literal["add", "retire"]
+    names: list[str] | None = Field(None, description="The labels it adds (`add`).")
+    label_ids: list[int] | None = Field(None, description="The labels it retires (`retire`).")
+
+
 class LabelList(BaseModel):
     model_id: str
     model_version: int
     data: list[LabelPublic]
     count: int = Field(description="Items in this page.")
     next_cursor: str | None = NEXT_CURSOR
+    pending: list[PendingLabelRequest] = Field(
+        default_factory=list,
+        description="Changes handed to the job's trainer (202) that no version serves yet, oldest first: its trainer "
+        "applies them at its next step; those of a trainer that exits without seeing them (killed, failed) are "
+        "applied by the service to the newest version.",
+    )

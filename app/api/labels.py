@@ -10,7 +10,7 @@ from fastapi import APIRouter, Path, Response
 from app.api.datasets import Cursor, Limit
 from app.api.deps import LabelsDep
 from app.errors import problem_responses
-from app.schemas import Instance, LabelList, LabelPublic, LabelsAdd, LabelsAdded
+from app.schemas import Instance, LabelList, LabelPublic, LabelsAdd, LabelsAdded, PendingLabelRequest
 from app.services.pagination import DEFAULT_LIMIT, decode_cursor, encode_cursor
 
 router = APIRouter(prefix="/v1/models", tags=["labels"])
@@ -75,13 +75,16 @@ async def retire_label(
 async def list_labels(
     model_id: str, labels: LabelsDep, limit: Limit = DEFAULT_LIMIT, cursor: Cursor = None
 ) -> LabelList:
-    """Labels of the newest version in id order: name (null when the model has none) and `live` or `retired`."""
+    """Labels of the newest version in id order: name (null when the model has none) and `live` or `retired`; and
+    the changes handed to a training job that no version serves yet (`pending`)."""
     after = decode_cursor(cursor, (int,))[0] if cursor else -1
     version, data, last = await anyio.to_thread.run_sync(labels.page, model_id, limit, after)
+    pending = await anyio.to_thread.run_sync(labels.pending, model_id)
     return LabelList(
         model_id=model_id,
         model_version=version,
         data=[LabelPublic(**d) for d in data],
         count=len(data),
         next_cursor=encode_cursor(last) if last is not None else None,
+        pending=[PendingLabelRequest(**p) for p in pending],
     )

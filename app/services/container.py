@@ -39,6 +39,8 @@ class Services:
         datasets = DatasetService(settings, db)
         registry = ModelRegistry(settings)
         jobs = JobService(settings, db, supervisor)
+        labels = LabelService(settings, jobs, registry)
+        supervisor.exit_hooks.append(labels.settle)  # label requests a trainer left are applied once it is gone
         return cls(
             settings=settings,
             db=db,
@@ -49,7 +51,7 @@ class Services:
             telemetry=Telemetry(db),
             aliases=AliasService(settings, db),
             evaluations=EvaluationService(settings, db, datasets, registry),
-            labels=LabelService(settings, jobs, registry),
+            labels=labels,
         )
 
     def start(self) -> None:

@@ -24,7 +24,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -471,6 +471,8 @@ class Supervisor:
         self._thread: threading.Thread | None = None
         self._lock_file: Any = None
         self.error: str | None = None
+        self.exit_hooks: builtins.list[Callable[[str], None]] = []
+        """Called with a job's id once its trainer process has exited and been reaped (app.services.labels.settle)."""
 
     @property
     def active(self) -> bool:
@@ -630,6 +632,11 @@ class Supervisor:
                 )
             if failed:
                 log.error("job %s: trainer process died (exit code %s)", job_id, code)
+            for hook in self.exit_hooks:
+                try:
+                    hook(job_id)
+                except Exception:  # noqa: BLE001 - the loop goes on
+                    log.exception("job %s: a hook on its trainer's exit failed", job_id)
         # Stop requests that reached the DB through another API process.
         with self._lock:
             owned = list(self._handles)

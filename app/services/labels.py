@@ -7,8 +7,9 @@ file in its job directory; its trainer applies it before its next step, publishe
 as a `labels` event (domain.LABEL_EVENTS).
 Handing over happens under the job's label queue lock, which a trainer takes for its last look at the requests
 and keeps until it has exited: a request comes either before that look or after the trainer lock is free, and
-then it is applied here. Requests a trainer never saw (it was killed or failed) are applied here, first, by the
-next change made while no trainer runs.
+then it is applied here. Requests a trainer never saw (it was killed or failed) are applied here to the job's
+newest version once the supervisor has reaped its process (`settle`), or by the next change made while no trainer
+runs, whichever comes first. Until then the label list shows them as `pending`.
 """
 
 from __future__ import annotations
@@ -186,7 +187,53 @@ class LabelService:
         ]
         return loaded.version, data, (stop - 1 if stop < model.num_labels and data else None)
 
+    def pending(self, model_id: str) -> list[dict[str, Any]]:
+        """The requests handed to the job's trainer that no version serves yet, oldest first."""
+        out: list[dict[str, Any]] = []
+        for path, request in self._queued(model_id):
+            entry: dict[str, Any] = {"request_id": path.stem.split("-", 1)[-1], "op": request.get("op")}
+            if entry["op"] == "add":
+                entry["names"] = [str(label.get("name")) for label in request.get("labels", [])]
+            elif entry["op"] == "retire":
+                entry["label_ids"] = [int(i) for i in request.get("ids", [])]
+            else:
+                continue
+            out.append(entry)
+        return out
+
+    def settle(self, job_id: str) -> None:
+        """Apply, in a thread, the requests left by the job's trainer process, which has exited (the supervisor
+        calls this when it reaps one): a killed trainer, or one that failed before its last look at them, never
+        applies them, and nothing else would until the next label change or resume."""
+        if self._queued(job_id):
+            threading.Thread(target=self._settle, args=(job_id,), name=f"labels-{job_id[:8]}", daemon=True).start()
+
+    def _settle(self, job_id: str) -> None:
+        try:
+            job = self._job(job_id)
+            store = engine.SnapshotStore(self.settings.snapshots_dir(job_id), keep=self.settings.snapshot_keep)
+            with self._queue_locked(job_id), self._without_trainer(job_id) as free:
+                if free and store.latest() is not None:  # else a trainer (resumed meanwhile) applies them
+                    self._apply_left_over(job, store)
+        except NotFound:
+            return  # deleted meanwhile, requests and all
+        except Exception:  # noqa: BLE001 - the next label change or resume applies them instead
+            log.exception("model %s: could not apply the label requests its trainer left", job_id)
+
     # ---- helpers ------------------------------------------------------------------------------------------
+    def _queued(self, model_id: str) -> list[tuple[Path, dict[str, Any]]]:
+        """(file, request) of every request waiting in the job's queue, oldest first (unreadable ones skipped)."""
+        queue = self.settings.job_dir(model_id) / LABEL_REQUESTS
+        out = []
+        for path in sorted(queue.glob("*.json")) if queue.is_dir() else []:
+            try:
+                request = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if isinstance(request, dict):
+                out.append((path, request))
+        return out
+
     def _names(self, job: JobRow) -> list[str]:
         try:
             loaded = self.registry.current(job.id, job.state)
@@ -200,14 +247,7 @@ class LabelService:
         return label_names_list(model)
 
     def _pending_names(self, model_id: str) -> list[str]:
-        out: list[str] = []
-        for path in sorted((self.settings.job_dir(model_id) / LABEL_REQUESTS).glob("*.json")):
-            try:
-                request = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            out += [label["name"] for label in request.get("labels", [])]
-        return out
+        return [label["name"] for _, request in self._queued(model_id) for label in request.get("labels", [])]
 
     def _hand_over(self, model_id: str, request: dict[str, Any]) -> str:
         """Write a request for the job's trainer (atomically: a temp file renamed into the queue directory)."""

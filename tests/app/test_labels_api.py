@@ -191,6 +191,58 @@ def test_labels_handed_to_a_training_job_survive_kill_and_resume(client_for, set
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "stopped", what="stopped")
 
 
+def test_requests_a_killed_trainer_never_saw_are_pending_then_applied_once_it_is_reaped(
+    client_for, settings, xmc_files
+):
+    import os
+    import signal
+
+    client = client_for(settings)
+    job_id, diagnose = _long_job_with_a_snapshot(client, settings, xmc_files, seed=7)
+    num_labels = client.get(f"/v1/models/{job_id}").json()["num_labels"]
+    pid = client.app.state.services.jobs.get(job_id).pid
+    os.kill(pid, signal.SIGSTOP)  # frozen: it never looks at its label requests again
+    try:
+        examples = [{"indices": [4, 9, 17], "values": [1.0, 0.5, 0.25]}, {"indices": [4, 11], "values": [1.0, 1.0]}]
+        r = client.post(f"/v1/models/{job_id}/labels", json={"labels": [{"name": "fresh", "examples": examples}]})
+        assert r.status_code == 202, r.text
+        assert client.delete(f"/v1/models/{job_id}/labels/0").status_code == 202
+        listed = client.get(f"/v1/models/{job_id}/labels").json()
+        pending = listed["pending"]
+        added = (r.json()["request_id"], "add", ["fresh"])
+        assert [(p["request_id"], p["op"], p["names"]) for p in pending[:1]] == [added]
+        assert [(p["op"], p["label_ids"]) for p in pending[1:]] == [("retire", [0])]
+        assert listed["data"][0] == {**listed["data"][0], "id": 0, "status": "live"}  # not retired yet
+        served = listed["model_version"]
+    finally:
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "failed", what="failed", diagnose=diagnose)
+
+    # the service applies both to the newest version once the supervisor has reaped the trainer, as it would have
+    events_file = settings.job_dir(job_id) / "label-events.jsonl"
+    events = wait_for(
+        lambda: (
+            events_file.exists()
+            and len(lines := events_file.read_text().splitlines()) >= 2
+            and [json.loads(x) for x in lines]
+        ),
+        timeout=60,
+        what="the service to apply both requests",
+        diagnose=diagnose,
+    )
+    assert [e["request_id"] for e in events] == [p["request_id"] for p in pending]
+    assert events[0]["label_ids"] == [num_labels] and events[1]["label_ids"] == [0]
+    assert served < events[0]["model_version"] < events[1]["model_version"]
+    body = client.get(f"/v1/models/{job_id}/labels").json()
+    assert body["pending"] == [] and body["model_version"] == events[1]["model_version"]
+    listed = _all_labels(client, job_id)
+    assert len(listed) == num_labels + 1 and listed[-1]["name"] == "fresh" and listed[0]["status"] == "retired"
+    query = {"instances": examples, "k": 20, "mode": "exact"}
+    answer = client.post(f"/v1/models/{job_id}/predict", json=query).json()
+    assert answer["model_version"] == events[1]["model_version"]
+    assert all(0 not in p["labels"] for p in answer["predictions"])
+
+
 def test_labels_added_as_deltas_to_a_stopped_job_survive_resume_and_kill(client_for, settings, xmc_files):
     import os
     import signal

@@ -112,9 +112,13 @@ class LabelService:
             )
         return job
 
-    def _dataset_names(self, job: JobRow) -> Any:
+    def _dataset_names(self, job: JobRow, held: Any = None) -> Any:
+        """The names stored with the job's training dataset, for a model whose snapshot has none; not read when the
+        held model has its own (an edit would not use them)."""
         from engine.text import load_text_info
 
+        if held is not None and held.label_names is not None:
+            return None
         try:
             return load_text_info(self.settings.dataset_dir(job.train_dataset_id))[1]
         except (OSError, ValueError):
@@ -134,7 +138,8 @@ class LabelService:
             if free and (store.latest() is not None or job.state not in ACTIVE_STATES):
                 self._apply_left_over(job, store)
                 try:
-                    edit = edit_snapshot(store, add=labels, label_names=self._dataset_names(job), model=self._held(job))
+                    held = self._held(job)
+                    edit = edit_snapshot(store, add=labels, label_names=self._dataset_names(job, held), model=held)
                 except LabelError as exc:
                     raise _http_error(exc) from None
                 self._published(job, edit.version)
@@ -280,7 +285,8 @@ class LabelService:
                     add = [
                         (label["name"], [request_instance(e) for e in label["examples"]]) for label in request["labels"]
                     ]
-                    edit = edit_snapshot(store, add=add, label_names=self._dataset_names(job), model=self._held(job))
+                    held = self._held(job)
+                    edit = edit_snapshot(store, add=add, label_names=self._dataset_names(job, held), model=held)
                     event.update(names=names, label_ids=edit.added.tolist())
                 else:
                     edit = edit_snapshot(store, retire=[int(i) for i in request["ids"]], model=self._held(job))

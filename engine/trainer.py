@@ -590,6 +590,7 @@ class Trainer:
                 random_negatives=self._random_negatives,
                 negative_group=cfg.sampling.random_negative_group,
                 hidden_dropout=cfg.optimizer.hidden_dropout,
+                dropout_seed=cfg.seed,
             ),
         )
 

@@ -179,7 +179,7 @@ def forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act, look
     )
     dropout = sampling.hidden_dropout
     if dropout > 0.0:
-        hidden_dropout(hid[0][i], dropout, seed, stream, 0)
+        hidden_dropout(hid[0][i], dropout, sampling.dropout_seed, stream, 0)
     labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
     gen = np.int64(0)
     for layer in range(1, depth):
@@ -233,7 +233,7 @@ def forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act, look
                     vals[a] = 0.0
                 h[ids[a] if slot >= 0 else a] = vals[a]
             if dropout > 0.0:
-                hidden_dropout(h, dropout, seed, stream, layer)
+                hidden_dropout(h, dropout, sampling.dropout_seed, stream, layer)
 
 
 @fast_kernel

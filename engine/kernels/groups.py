@@ -53,8 +53,9 @@ class Retrieval(NamedTuple):
 class Sampling(NamedTuple):
     """Training's additions to the retrieved set: random neurons up to `min_active`, `random_negatives`
     log-Q-corrected uniform draws on a sampled output layer (shared by `negative_group` consecutive
-    points), only `hard_negatives` non-label deltas kept (0 = all); `seed` keys every random draw, including
-    the dropout of each hidden unit with probability `hidden_dropout` (0 = none)."""
+    points), only `hard_negatives` non-label deltas kept (0 = all); `seed` keys these random draws, and
+    `dropout_seed` the dropout of each hidden unit with probability `hidden_dropout` (0 = none): the shards of
+    a label-sharded model draw their own negatives but drop the same units of their replicated hidden layers."""
 
     min_active: int
     seed: int
@@ -62,6 +63,7 @@ class Sampling(NamedTuple):
     random_negatives: int
     negative_group: int
     hidden_dropout: float
+    dropout_seed: int
 
 
 class Batch(NamedTuple):

@@ -98,7 +98,7 @@ BOUNDS: dict[str, Bounds] = {
     "optimizer.beta2": Bounds(0.0, 1.0, high_open=True),
     "optimizer.eps": Bounds(0.0, 1.0, low_open=True),
     "optimizer.batch_size": Bounds(1, 65536),
-    "optimizer.hidden_dropout": Bounds(0.0, 1.0, high_open=True, note="0 = none"),
+    "optimizer.hidden_dropout": Bounds(0.0, 1.0, high_open=True, note="null = auto, 0 = none"),
     "schedule.epochs": Bounds(0, 10**7),
     "schedule.lr_warmup_steps": Bounds(1, 10**9, note='null = auto, "none" = no warm-up'),
     "schedule.lr_decay": Bounds(0.0, 1.0, low_open=True, note="1 = constant step size"),
@@ -327,10 +327,15 @@ class OptimizerConfig(_Group):
     batch_size: int = 128
     """Training points per step (one Adam update per batch). Larger batches use more threads at once and take
     fewer, coarser steps."""
-    hidden_dropout: float = 0.0
+    hidden_dropout: float | None = None
     """Probability that training zeroes each hidden unit for one point (inverted dropout: the kept ones are
-    scaled by 1 / (1 - rate); prediction drops nothing). A regulariser: raise it (0.3-0.5) when validation P@1
-    peaks after a few epochs while the loss still falls; it slows learning where the model still underfits."""
+    scaled by 1 / (1 - rate); prediction drops nothing). A regulariser against a hidden layer that memorises
+    the training points. None = auto: training starts without dropout; at the second evaluation in a row without
+    a new best validation P@1 while the training loss still falls, it raises the rate a step (0.25, then 0.5:
+    engine.schedule.AUTO_DROPOUT_RATES) and goes on from the best model, instead of reducing the step size and
+    counting towards early stopping; without a validation split it stays 0. A number keeps that rate throughout
+    (0 = none): 0.3-0.5 suits data the model memorises within a few epochs, and slows learning where it still
+    underfits."""
 
 
 @dataclass(frozen=True)
@@ -350,14 +355,16 @@ class ScheduleConfig(_Group):
     lr_decay: float = 0.5
     """Factor applied to the step size each time an evaluation brings no new best validation P@1 (reduce
     on plateau; 1 = constant). It follows the validation history, never the number of epochs configured,
-    so a longer run follows the same path as a shorter one. Without a validation split it never applies."""
+    so a longer run follows the same path as a shorter one. Without a validation split it never applies; an
+    evaluation that raises hidden dropout (optimizer.hidden_dropout auto) does not apply it."""
     val_points: int | NoneWord | None = None
     """Training points held out as a validation split (seeded, never trained on) that picks the served
     snapshot and stops training early: None = auto (a tenth of the training set, at most 5,000, none below
     1,000 points), "none" = no split (the last state is served), a number = this many. The test set is only
     reported."""
     early_stop_patience: int | NeverWord = 3
-    """Evaluations without a new best validation P@1 before training stops ("never" = run every epoch)."""
+    """Evaluations in a row without a new best validation P@1 before training stops ("never" = run every epoch);
+    a raise of hidden dropout (optimizer.hidden_dropout auto) starts the count again."""
     eval_every: int | None = None
     """Evaluate every this many steps (None = once per epoch). Each evaluation also scores the validation split
     and counts towards early stopping and the step-size decay: set it for long epochs on large data, where once

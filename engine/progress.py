@@ -37,6 +37,8 @@ class TrainingMetrics:
     """How p_at_1 and p_at_5 were scored: `lsh` (hash-table candidates) or `exact` (None without an eval set)."""
     lr: float | None = None
     """The learning rate the steps since the previous record used."""
+    hidden_dropout: float | None = None
+    """The hidden dropout rate the steps since the previous record used (optimizer.hidden_dropout)."""
     val_p_at_1: float | None = None
     """Precision@1 on the validation split of the training data, as served (None without a split or when the
     record does not validate, e.g. the last one of an interrupted run)."""

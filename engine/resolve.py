@@ -47,7 +47,9 @@ class LayerPlan:
 @dataclass(frozen=True)
 class Resolved:
     """Concrete values for one config and data shape (see the module doc). train_points, val_points,
-    steps_per_epoch and lr_warmup_steps are None when the number of training points is not known.
+    steps_per_epoch, lr_warmup_steps and hidden_dropout are None when the number of training points is not known.
+    hidden_dropout: the rates training may use, in the order it raises them (schedule.dropout_rates): one for a
+    fixed rate, several for auto.
     shard_labels: the labels of each shard of a label-sharded run (engine.distributed), whose `layers` are
     shard 0's; None for a single process."""
 
@@ -60,6 +62,7 @@ class Resolved:
     val_points: int | None = None
     steps_per_epoch: int | None = None
     lr_warmup_steps: int | None = None
+    hidden_dropout: tuple[float, ...] | None = None
     shard_labels: tuple[int, ...] | None = None
 
     @property
@@ -74,6 +77,7 @@ class Resolved:
         `shard_labels`)."""
         d = asdict(self)
         d["hidden"] = list(self.hidden)
+        d["hidden_dropout"] = None if self.hidden_dropout is None else list(self.hidden_dropout)
         d["layers"] = {str(p.layer): {k: v for k, v in asdict(p).items() if k != "layer"} for p in self.layers}
         if self.shard_labels is None:
             del d["shard_labels"]
@@ -167,4 +171,5 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
         val_points=val,
         steps_per_epoch=steps,
         lr_warmup_steps=schedule.warmup_steps(config, steps),
+        hidden_dropout=schedule.dropout_rates(config, val),
     )

@@ -16,6 +16,11 @@ AUTO_VAL_MIN_TRAIN = 1000
 """Training sets smaller than this get no automatic validation split (too few points to rank snapshots)."""
 MIN_IMPROVEMENT = 1e-4
 """A validation P@1 counts as a new best only if it beats the best so far by more than this."""
+AUTO_DROPOUT_RATES = (0.0, 0.25, 0.5)
+"""The hidden dropout rates `optimizer.hidden_dropout = None` (auto) steps through, one step at each raise."""
+DROPOUT_STALL_EVALS = 2
+"""Evaluations in a row without a new best validation P@1 at which auto raises hidden dropout. The first one
+reduces the step size as before: a model that still underfits has single stalled evaluations too."""
 
 
 def warmup_steps(config: SlideConfig, steps_per_epoch: int) -> int:
@@ -65,3 +70,29 @@ def is_improvement(score: float, best: float | None) -> bool:
 def should_stop_early(evals_since_best: int, patience: int | str) -> bool:
     """Whether `patience` evaluations in a row ("never": never) brought no new best."""
     return patience != "never" and evals_since_best >= int(patience)
+
+
+def dropout_rates(config: SlideConfig, val_points: int) -> tuple[float, ...]:
+    """The hidden dropout rates a run may train at, in the order it raises them: the configured rate alone, or
+    (None = auto) AUTO_DROPOUT_RATES with a validation split and no dropout without one."""
+    rate = config.optimizer.hidden_dropout
+    if rate is not None:
+        return (float(rate),)
+    return AUTO_DROPOUT_RATES if val_points > 0 else (0.0,)
+
+
+def raises_dropout(
+    evals_without_best: int,
+    raises: int,
+    rates: tuple[float, ...],
+    loss: float | None,
+    previous_loss: float | None,
+) -> bool:
+    """Whether an evaluation that brought no new best validation P@1 raises hidden dropout to the next of
+    `rates` (instead of reducing the step size and counting towards early stopping): when it is at least the
+    DROPOUT_STALL_EVALS-th such evaluation in a row (evals_without_best counts it), a higher rate is left, and
+    the training loss still falls (`loss`, the mean loss since the previous evaluation, below `previous_loss`,
+    that of the window before it at the same rate; None when unknown): validation stalls while training fits
+    on, the sign of overfitting."""
+    falling = loss is not None and previous_loss is not None and loss < previous_loss
+    return evals_without_best >= DROPOUT_STALL_EVALS and raises + 1 < len(rates) and falling

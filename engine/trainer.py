@@ -174,6 +174,9 @@ class Trainer:
         """Evaluations so far that brought no new best: each multiplied the step size by lr_decay. A warm start
         continues its source's count: a trained model fine-tuned at the full step size loses what it had settled."""
         self.early_stopped = False
+        self._dropout_rates = schedule.dropout_rates(config, int(self._val_idx.size))
+        self.dropout_raises = 0
+        """Times hidden dropout was raised (see schedule.raises_dropout): the rate is dropout_rates[raises]."""
         self._best_arrays: dict | None = None
         self._best_serving: dict = {}
         self._training_model: SlideModel | None = None
@@ -235,6 +238,8 @@ class Trainer:
             "best": self.best,
             "evals_since_best": self.evals_since_best,
             "lr_decays": self.lr_decays,
+            "dropout_raises": self.dropout_raises,
+            "hidden_dropout": self.hidden_dropout,
             "early_stopped": self.early_stopped,
             "resolved": self.resolved().to_dict(),
         }
@@ -247,6 +252,7 @@ class Trainer:
             val_points=int(self._val_idx.size),
             steps_per_epoch=self._steps_per_epoch,
             lr_warmup_steps=self._warmup,
+            hidden_dropout=self._dropout_rates,
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -423,6 +429,7 @@ class Trainer:
         trainer.best = st.get("best")
         trainer.evals_since_best = int(st.get("evals_since_best", 0))
         trainer.lr_decays = int(st.get("lr_decays", 0))
+        trainer.dropout_raises = min(int(st.get("dropout_raises", 0)), len(trainer._dropout_rates) - 1)
         trainer.early_stopped = bool(st.get("early_stopped", False))
         if served is not None:
             trainer._best_arrays, trainer._best_serving = served, dict(manifest.get("serving", {}))
@@ -574,9 +581,14 @@ class Trainer:
         return float(losses.sum()), labelled, out_active
 
     @property
+    def hidden_dropout(self) -> float:
+        """The hidden dropout rate training steps use now: optimizer.hidden_dropout, or auto's current step."""
+        return self._dropout_rates[self.dropout_raises]
+
+    @property
     def _kept_scale(self) -> float:
         """The factor hidden dropout applies to the units it keeps (backward_point)."""
-        return 1.0 / (1.0 - self.config.optimizer.hidden_dropout)
+        return 1.0 / (1.0 - self.hidden_dropout)
 
     def _retrieval_and_sampling(self, seed: int) -> tuple[Retrieval, Sampling]:
         """The kernels' retrieval and sampling parameters of a training step, its random draws keyed by `seed`."""
@@ -589,7 +601,7 @@ class Trainer:
                 hard_negatives=self._hard_negatives,
                 random_negatives=self._random_negatives,
                 negative_group=cfg.sampling.random_negative_group,
-                hidden_dropout=cfg.optimizer.hidden_dropout,
+                hidden_dropout=self.hidden_dropout,
                 dropout_seed=cfg.seed,
             ),
         )
@@ -733,9 +745,11 @@ class Trainer:
             f"{prefix}eval_mode": used,
         }
 
-    def validate(self) -> dict:
+    def validate(self, loss: float | None = None) -> dict:
         """Calibrate `auto` serving on the validation split (see SlideModel.calibrate_serving) and score it
-        there as served; {} without a split. Updates the best model kept so far and the early-stopping count."""
+        there as served; {} without a split. Updates the best model kept so far and, when the score is no new
+        best, either raises hidden dropout (auto, see schedule.raises_dropout; `loss`: the mean training loss
+        since the previous evaluation) or reduces the step size and counts towards early stopping."""
         if self._val_data is None:
             return {}
         self.refresh_serving_hubs()
@@ -748,12 +762,38 @@ class Trainer:
             self.best = {"val_p_at_1": score, "step": self.step, "epoch": self.epoch, "samples": self.samples_seen}
             self.evals_since_best = 0
             self._keep_best()
+        elif schedule.raises_dropout(
+            self.evals_since_best + 1, self.dropout_raises, self._dropout_rates, loss, self._previous_loss()
+        ):
+            # overfitting: go on from the best model with more dropout, and a fresh early-stopping count
+            self.dropout_raises += 1
+            self.evals_since_best = 0
+            self._restore_best()
         else:
             self.evals_since_best += 1
             self.lr_decays += 1
         assert self.best is not None
         out["best_val_p_at_1"] = self.best["val_p_at_1"]
         return out
+
+    def _previous_loss(self) -> float | None:
+        """The training loss of the previous validating evaluation's window, if it trained at the current
+        dropout rate (None otherwise)."""
+        last = next((h for h in reversed(self.history) if h.val_p_at_1 is not None), None)
+        if last is None:
+            return None
+        rate = last.hidden_dropout if last.hidden_dropout is not None else self._dropout_rates[0]
+        return last.loss if rate == self.hidden_dropout else None
+
+    def _restore_best(self) -> None:
+        """Continue training from the best model kept (its weights and tables; the optimizer's state goes on)."""
+        if not self._serves_best():
+            return
+        model = self.best_model()
+        model.serving_report = dict(self._best_serving)
+        self.model = model
+        self._buffers_for = None
+        self._serving_hubs_step = -1
 
     def _validation_scores(self, val: Dataset) -> dict:
         """val_p_at_1, val_p_at_5 and val_eval_mode of the model as served (`auto`) on the validation split."""
@@ -800,8 +840,9 @@ class Trainer:
                 else None,
                 elapsed_s=float(self.train_seconds),
                 lr=float(self._lr),  # the rate the window trained at (validate() may lower it)
+                hidden_dropout=float(self.hidden_dropout),  # likewise (validate() may raise it)
             )
-            validation = self.validate() if select else {}
+            validation = self.validate(window_metrics["loss"]) if select else {}
             metrics = TrainingMetrics(**window_metrics, **validation, **self.evaluate())
             self.history.append(metrics)
             if on_metrics:

@@ -299,8 +299,14 @@ class ShardTrainer(Trainer):
         if keep:
             self._keep_best()
 
-    def sync(self, lr_decays: int, evals_since_best: int, early_stopped: bool) -> None:
+    def sync(self, lr_decays: int, evals_since_best: int, early_stopped: bool, dropout_raises: int) -> None:
+        """Take the driver's schedule: its step-size decays, early-stopping count and hidden dropout step."""
         self.lr_decays, self.evals_since_best, self.early_stopped = lr_decays, evals_since_best, early_stopped
+        self.dropout_raises = dropout_raises
+
+    def restore_best(self) -> None:
+        """Continue training from this shard's slice of the best model (the driver raised hidden dropout)."""
+        self._restore_best()
 
     # ---- snapshots -----------------------------------------------------------------------------
     def write(self, directory: str | os.PathLike) -> dict:
@@ -368,6 +374,7 @@ class ShardTrainer(Trainer):
         trainer.best = state.get("best")
         trainer.evals_since_best = int(state.get("evals_since_best", 0))
         trainer.lr_decays = int(state.get("lr_decays", 0))
+        trainer.dropout_raises = min(int(state.get("dropout_raises", 0)), len(trainer._dropout_rates) - 1)
         trainer.early_stopped = bool(state.get("early_stopped", False))
         if served is not None:
             trainer._best_arrays, trainer._best_serving = served, dict(entry.get("serving", {}))

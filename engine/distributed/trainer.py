@@ -444,9 +444,21 @@ class DistributedTrainer(Trainer):
             self.rehash_round, self.next_rehash_step = answers[0]
 
     # ---- selection and serving ----------------------------------------------------------------
-    def validate(self) -> dict:
+    def validate(self, loss: float | None = None) -> dict:
         self.sync()
-        return super().validate()
+        raises = self.dropout_raises
+        out = super().validate(loss)
+        if self.dropout_raises != raises:  # the shards' next forward pass drops at the new rate
+            self._sync_schedule()
+        return out
+
+    def _sync_schedule(self) -> None:
+        self.group.all("sync", self.lr_decays, self.evals_since_best, self.early_stopped, self.dropout_raises)
+
+    def _restore_best(self) -> None:
+        if self._serves_best():
+            self.group.all("restore_best")
+            self._serving_hubs_step = -1
 
     def _keep_best(self) -> None:
         self.group.all("set_best", self.best, True)
@@ -475,7 +487,7 @@ class DistributedTrainer(Trainer):
             return None
         self.sync()
         self.refresh_serving_hubs()
-        self.group.all("sync", self.lr_decays, self.evals_since_best, self.early_stopped)
+        self._sync_schedule()
         state = self.state()
         serving = self.model.serving_report
         if self._serves_best():
@@ -530,6 +542,7 @@ class DistributedTrainer(Trainer):
         trainer.best = st.get("best")
         trainer.evals_since_best = int(st.get("evals_since_best", 0))
         trainer.lr_decays = int(st.get("lr_decays", 0))
+        trainer.dropout_raises = min(int(st.get("dropout_raises", 0)), len(trainer._dropout_rates) - 1)
         trainer.early_stopped = bool(st.get("early_stopped", False))
         if trainer.best is not None:
             trainer._best_arrays = {}

@@ -9,6 +9,7 @@ from engine import lsh, schedule
 from engine.config import (
     ConfigError,
     ModelConfig,
+    OptimizerConfig,
     PredictConfig,
     SamplingConfig,
     ScheduleConfig,
@@ -34,6 +35,11 @@ def test_a_wide_output_layer_is_sampled_with_the_lsh_rules():
     assert plan.val_points == schedule.validation_size(cfg, 100_000) == 5000 and plan.train_points == 95_000
     assert plan.steps_per_epoch == -(-95_000 // cfg.optimizer.batch_size)
     assert plan.lr_warmup_steps == schedule.warmup_steps(cfg, plan.steps_per_epoch)
+    assert plan.hidden_dropout == schedule.dropout_rates(cfg, 5000) == schedule.AUTO_DROPOUT_RATES
+    assert plan.to_dict()["hidden_dropout"] == list(schedule.AUTO_DROPOUT_RATES)
+    fixed = SlideConfig(optimizer=OptimizerConfig(hidden_dropout=0.3))
+    assert resolve(fixed, 135_909, 670_091, 100_000).hidden_dropout == (0.3,)
+    assert resolve(cfg, 135_909, 670_091, 900).hidden_dropout == (0.0,)  # no validation split: nothing to watch
 
 
 def test_a_narrow_output_trains_densely_and_the_run_values_need_the_point_count():
@@ -42,7 +48,7 @@ def test_a_narrow_output_trains_densely_and_the_run_values_need_the_point_count(
     assert not plan.sample_output and not out.sampled and out.hash_l == 0 and out.max_active == 0
     assert hidden.sampled and hidden.hash_l == 50 and (hidden.neurons, hidden.inputs) == (16, 32)
     assert hidden.hard_negatives == hidden.random_negatives == 0, "negatives are the output layer's"
-    assert plan.train_points is None and plan.lr_warmup_steps is None
+    assert plan.train_points is None and plan.lr_warmup_steps is None and plan.hidden_dropout is None
     d = plan.to_dict()
     assert d["layers"]["1"]["hash_l"] == 50 and d["layers"]["2"]["sampled"] is False and "layer" not in d["layers"]["1"]
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from engine import schedule
-from engine.config import ConfigError, ScheduleConfig, SlideConfig
+from engine.config import ConfigError, OptimizerConfig, ScheduleConfig, SlideConfig
 
 
 def test_warmup_rises_linearly_to_the_base_step_size():
@@ -80,3 +80,17 @@ def test_improvement_and_patience():
 def test_new_settings_are_checked(field, value):
     with pytest.raises(ConfigError, match=f"schedule.{field}"):
         ScheduleConfig(**{field: value})
+
+
+def test_dropout_rises_only_on_a_stall_while_the_loss_falls_and_a_higher_rate_is_left():
+    auto = schedule.AUTO_DROPOUT_RATES
+    assert schedule.dropout_rates(SlideConfig(), 100) == auto and schedule.dropout_rates(SlideConfig(), 0) == (0.0,)
+    fixed = SlideConfig(optimizer=OptimizerConfig(hidden_dropout=0.4))
+    assert schedule.dropout_rates(fixed, 100) == (0.4,)
+    stall = schedule.DROPOUT_STALL_EVALS
+    assert stall == 2 and not schedule.raises_dropout(1, 0, auto, 2.0, 2.5)  # a single stall: the step size halves
+    assert schedule.raises_dropout(2, 0, auto, 2.0, 2.5) and schedule.raises_dropout(3, 1, auto, 2.0, 2.5)
+    assert not schedule.raises_dropout(2, 2, auto, 2.0, 2.5)  # at the highest rate
+    assert not schedule.raises_dropout(2, 0, auto, 2.5, 2.5)  # the loss no longer falls
+    assert not schedule.raises_dropout(2, 0, auto, 2.0, None)  # no window at this rate to compare with
+    assert not schedule.raises_dropout(5, 0, (0.4,), 2.0, 2.5)

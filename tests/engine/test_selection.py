@@ -18,7 +18,7 @@ from . import naive
 CFG = SlideConfig(
     model=ModelConfig(hidden=(16,), sample_output=True, init_std=0.05),
     sampling=SamplingConfig(hash_k=4, hash_l=5, bucket_size=32, rehash_n0=3),
-    optimizer=OptimizerConfig(batch_size=16, lr=5e-3),
+    optimizer=OptimizerConfig(batch_size=16, lr=5e-3, hidden_dropout=0.0),
     schedule=ScheduleConfig(epochs=8, val_points=40, early_stop_patience=3, lr_decay=0.5, lr_warmup_steps="none"),
     seed=5,
     threads=1,
@@ -115,6 +115,83 @@ def test_resume_with_a_kept_best_is_bit_identical(tmp_path, data, split):
     for name in want:
         np.testing.assert_array_equal(got[name], want[name], err_msg=name)
     np.testing.assert_array_equal(predictions(resumed.model, test)[1], predictions(straight.model, test)[1])
+
+
+class ScriptedLoss(Scripted):
+    """Scripted, and the training loss of every step of epoch e is `losses[e]` per labelled point."""
+
+    losses: list[float] = []
+
+    def train_step(self, points):
+        epoch = self.epoch
+        _, labelled, active = super().train_step(points)
+        return self.losses[epoch] * labelled, labelled, active
+
+
+AUTO = CFG.replace(optimizer=CFG.optimizer.replace(hidden_dropout=None))
+VALS = [0.1, 0.3, 0.2, 0.25, 0.35, 0.3, 0.3, 0.3]
+LOSSES = [5.0, 4.0, 3.0, 2.5, 2.6, 2.4, 2.5, 2.2]
+
+
+def scripted_auto(cfg=AUTO, **kw) -> ScriptedLoss:
+    trainer = ScriptedLoss(cfg, *kw.pop("data"), **kw)
+    trainer.script, trainer.losses = VALS, LOSSES
+    return trainer
+
+
+def test_auto_dropout_rises_when_validation_stalls_while_the_loss_falls(tmp_path, data):
+    store = SnapshotStore(tmp_path, keep=100)
+    trainer = scripted_auto(data=data, store=store)
+    assert trainer.resolved().hidden_dropout == (0.0, 0.25, 0.5) and trainer.hidden_dropout == 0.0
+    restored = {}
+
+    def on_metrics(m):
+        if m.epoch == 4:  # the raise at this evaluation continued from the best model, step 16's
+            best = trainer._best_arrays
+            restored.update({k: np.array_equal(a, best[k]) for k, a in model_arrays(trainer.model).items()})
+
+    trainer.run(on_metrics=on_metrics, snapshot_every_s=0.0)
+    # epoch 3: a first evaluation without a new best halves the step size; epoch 4: the second in a row, while the
+    # loss fell (2.5 after 3.0) -> 0.25 from the best model, with a fresh early-stopping count; epoch 5: a new best
+    # (0.35); epoch 6: halves; epoch 7: the loss rose (2.5 after 2.4) -> halves; epoch 8: it fell -> 0.5
+    assert [h.hidden_dropout for h in trainer.history] == [0.0] * 4 + [0.25] * 4
+    assert [h.lr for h in trainer.history] == pytest.approx([5e-3] * 3 + [2.5e-3] * 3 + [1.25e-3, 6.25e-4])
+    assert trainer.dropout_raises == 2 and trainer.hidden_dropout == 0.5 and trainer.lr_decays == 3
+    assert trainer.evals_since_best == 0 and not trainer.early_stopped and trainer.best["epoch"] == 5
+    assert restored and all(restored.values())
+    state = read_manifest(store.latest()[1])["trainer_state"]
+    assert state["hidden_dropout"] == 0.5 and state["dropout_raises"] == 2
+    assert state["resolved"]["hidden_dropout"] == [0.0, 0.25, 0.5]
+
+
+def test_auto_dropout_resumes_at_its_rate(tmp_path, data):
+    straight = scripted_auto(data=data)
+    straight.run()
+    store = SnapshotStore(tmp_path)
+    first = scripted_auto(data=data, store=store)
+    first.run(should_stop=lambda: first.step >= 44)  # in epoch 6, after the first raise
+    assert first.hidden_dropout == 0.25
+    resumed = Trainer.resume(store, *data)
+    assert resumed.hidden_dropout == 0.25 and resumed.dropout_raises == 1
+    resumed.__class__ = ScriptedLoss
+    resumed.script, resumed.losses = VALS, LOSSES
+    resumed.run()
+    assert [h.hidden_dropout for h in resumed.history if h.val_p_at_1 is not None] == [
+        h.hidden_dropout for h in straight.history
+    ]
+    want, got = straight.arrays(), resumed.arrays()
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name], err_msg=name)
+
+
+def test_a_fixed_rate_or_no_validation_split_never_changes_the_rate(data):
+    fixed = scripted_auto(AUTO.replace(optimizer=AUTO.optimizer.replace(hidden_dropout=0.1)), data=data)
+    fixed.run()
+    assert {h.hidden_dropout for h in fixed.history} == {0.1} and fixed.resolved().hidden_dropout == (0.1,)
+    assert fixed.lr_decays == 5 and fixed.early_stopped  # evaluations without a best count as before
+    unsplit = Trainer(AUTO.replace(schedule=AUTO.schedule.replace(val_points="none", epochs=2)), *data)
+    unsplit.run()
+    assert unsplit.resolved().hidden_dropout == (0.0,) and {h.hidden_dropout for h in unsplit.history} == {0.0}
 
 
 def test_real_validation_selects_the_best_evaluated_model(data):

@@ -1,5 +1,5 @@
 """Hidden dropout on label shards, in one process (no Ray): the shards' replicated hidden layers drop the same
-units, so they stay identical."""
+units, so they stay identical, and the driver's raised auto rate and restored best model reach every shard."""
 
 from __future__ import annotations
 
@@ -44,3 +44,28 @@ def test_shards_drop_the_same_hidden_units():
         step(shards, order[b * 64 : (b + 1) * 64])
     for a, b in zip(hidden_arrays(shards[0]), hidden_arrays(shards[1]), strict=True):
         np.testing.assert_array_equal(a, b)  # ...but the same dropout: the replicas stay identical
+
+
+def test_shards_take_the_driver_s_auto_rate_and_restore_the_best_model():
+    train, _ = generate("tiny", seed=5)
+    auto = CFG.replace(optimizer=CFG.optimizer.replace(hidden_dropout=None))
+    shards = [ShardTrainer(auto, train, p, 2) for p in range(2)]
+    order = shards[0].epoch_order(0)
+    for raises in (0, 1, 2):
+        for s in shards:
+            s.sync(0, 0, False, raises)  # as DistributedTrainer.validate passes a raise on
+            assert s.hidden_dropout == (0.0, 0.25, 0.5)[raises]
+        for b in range(2):
+            step(shards, order[(2 * raises + b) * 64 : (2 * raises + b + 1) * 64])
+        for a, b in zip(hidden_arrays(shards[0]), hidden_arrays(shards[1]), strict=True):
+            np.testing.assert_array_equal(a, b)
+    before = [np.array(w, copy=True) for w in hidden_arrays(shards[0])]
+    for s in shards:
+        s.set_best({"val_p_at_1": 0.5, "step": s.step, "epoch": 0, "samples": s.samples_seen}, keep=True)
+    step(shards, order[:64])
+    assert not np.array_equal(shards[0].model.weights[0], before[0])
+    for s in shards:
+        s.restore_best()
+    for a, b in zip(hidden_arrays(shards[0])[:2], before[:2], strict=True):  # weights back, Adam's state goes on
+        np.testing.assert_array_equal(a, b)
+    assert all(np.array_equal(s.model.weights[-1], s._best_arrays[f"w{s.model.depth - 1}"]) for s in shards)

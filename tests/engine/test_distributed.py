@@ -87,6 +87,46 @@ def test_one_shard_is_the_single_process_trainer(cluster, data, tmp_path, sample
     assert np.array_equal(want_pred[0], got_pred[0]) and np.array_equal(want_pred[1], got_pred[1])
 
 
+VALS = [0.1, 0.3, 0.2, 0.25, 0.35, 0.3]
+LOSSES = [5.0, 4.0, 3.0, 2.5, 2.6, 2.4]
+
+
+def scripted(cls: type) -> type:
+    """`cls` with a scripted validation P@1 (VALS, one per evaluation) and training loss (LOSSES[epoch])."""
+
+    class Scripted(cls):  # type: ignore[misc, valid-type]
+        def _validation_scores(self, val):
+            score = VALS[len([h for h in self.history if h.val_p_at_1 is not None])]
+            return {"val_p_at_1": score, "val_p_at_5": score / 2, "val_eval_mode": "exact"}
+
+        def train_step(self, points):
+            epoch = self.epoch
+            _, labelled, active = super().train_step(points)
+            return LOSSES[epoch] * labelled, labelled, active
+
+    return Scripted
+
+
+def test_one_shard_raises_auto_dropout_from_the_best_model_as_the_single_process_trainer(cluster, data, tmp_path):
+    """A raise of auto hidden dropout (epoch 4: a second stall while the loss falls) reaches the shard, which goes
+    back to its best model: the sharded run stays the single-process one, bit for bit."""
+    train, test = data
+    cfg = config({"schedule.epochs": 6, "schedule.val_points": 300, "schedule.early_stop_patience": "never"})
+    single = scripted(Trainer)(cfg, train, test, SnapshotStore(tmp_path / "single"))
+    single.run()
+    assert [h.hidden_dropout for h in single.history] == [0.0] * 4 + [0.25] * 2 and single.best["epoch"] == 5
+    with scripted(DistributedTrainer)(
+        cfg, train, test, SnapshotStore(tmp_path / "sharded"), shards=1, actor_options=ON_WORKER
+    ) as sharded:
+        sharded.run()
+        assert [h.hidden_dropout for h in sharded.history] == [h.hidden_dropout for h in single.history]
+        assert [h.p_at_1 for h in sharded.history] == [h.p_at_1 for h in single.history]
+    a = load_arrays(SnapshotStore(tmp_path / "single").latest()[1])
+    b = load_arrays(SnapshotStore(tmp_path / "sharded").latest()[1] / "shard-000")
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+
+
 @pytest.fixture(scope="module")
 def two_shards(cluster, data, tmp_path_factory):
     """A model trained on two shards (its run's result, the exact top-5 its shards serve for the first 300 test

@@ -673,7 +673,8 @@ class NewLabel(BaseModel):
         min_length=1,
         max_length=1000,
         description="Points that carry the label (as predict takes them: `text`, or `indices` and `values`); the "
-        "label's output row is imprinted from their hidden activations.",
+        "label's output row is imprinted from them (a mix of the rows of the labels the model scores highest on "
+        "them).",
         examples=[[{"text": "trail running shoes"}, {"text": "waterproof trail runners"}]],
     )
 

@@ -1,9 +1,11 @@
 """Labels that come and go after training, and models that grow into larger label and feature spaces.
 
 - **Adding a label** appends an output row imprinted from a few example points (`imprint_rows`): a convex
-  mix of the rows and biases of the existing labels the examples score highest. It scores like those labels,
-  so it ranks near the top where they do and never above the best of them (scored exactly): it cannot take
-  the first place from the labels trained on all the data. The row is hashed with the layer's functions and
+  mix of the rows and biases of the existing labels the examples score highest, less a little weight on the
+  hidden units none of the examples activates. Hidden activations are never negative, so it scores at most
+  that mix of those labels' scores: it ranks near the top where they do (and lower on inputs that use units
+  its examples do not), never above the best of them (scored exactly), so it cannot take the first place from
+  the labels trained on all the data. The row is hashed with the layer's functions and
   inserted into every table (a full bucket drops its oldest member), and served to every query until the
   layer is next rehashed, so `lsh` and `exact` see it at once. Adam's state of the row starts at zero.
 - **Retiring a label** zeroes its row and sets its bias to -inf: its score is -inf in every mode, and
@@ -28,7 +30,7 @@ from numba import prange
 from . import lsh
 from ._numba import kernel, parallel_kernel
 from .kernels.optimizer import from_bfloat16, to_bfloat16
-from .sparse import Dataset
+from .sparse import Dataset, unit_rows
 from .tables import Tables
 
 if TYPE_CHECKING:
@@ -76,16 +78,74 @@ IMPRINT_MIX = 3
 """Existing labels a new label's row is mixed from: those its examples score highest (see imprint_rows)."""
 IMPRINT_CANDIDATES = 10
 """Best labels of each example that imprint_rows weighs."""
+IMPRINT_TEMPERATURE = 4.0
+"""Temperature of each example's softmax over its best scores (imprint_rows): above 1 it spreads the weight over
+them, so that a broad label every example scores first does not make the new row a copy of it."""
+IMPRINT_UNUSED = 0.1
+"""What imprint_rows takes off a new row's weights on the hidden units none of its examples activates, as a share
+of the row's mean absolute weight."""
+
+
+def hidden_activations(model: SlideModel, indptr, indices, values) -> np.ndarray:
+    """float32 (n, width): the last hidden layer's activations of n sparse points (CSR), every neuron computed (as
+    `exact` does), after the input normalisation the model's config asks for; never negative (ReLU)."""
+    from .network import check_csr
+
+    indptr, indices, values = check_csr(indptr, indices, values, model.num_features)
+    if model.config.model.normalize_input:
+        values = unit_rows(indptr, values)
+    n = indptr.shape[0] - 1
+    w0 = model.weights[0]
+    h = np.empty((n, w0.shape[1]), dtype=np.float32)
+    for i in range(n):
+        rows = w0[indices[indptr[i] : indptr[i + 1]]]
+        rows = from_bfloat16(rows) if rows.dtype == np.uint16 else rows
+        h[i] = values[indptr[i] : indptr[i + 1]] @ rows + model.b0
+    np.maximum(h, 0.0, out=h)
+    for layer in range(1, model.depth - 1):
+        w = model.float_weights(layer)
+        h = np.maximum(h @ w[:, :-1].T + w[:, -1], 0.0).astype(np.float32)
+    return h
+
+
+def mix_weights(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The labels a new row is mixed from and their weights (summing to 1), from its examples' best labels `ids`
+    and their `scores` (one row per example, -1 / non-finite where an example has fewer): each example's softmax at
+    IMPRINT_TEMPERATURE over its scored labels, summed over the examples; the IMPRINT_MIX heaviest labels
+    (the lowest id first among equal weights), renormalised. Empty when no example has a scored label."""
+    weight: dict[int, float] = {}
+    for row_ids, row_scores in zip(ids, np.asarray(scores, np.float64), strict=True):
+        ok = (row_ids >= 0) & np.isfinite(row_scores)
+        if not ok.any():
+            continue
+        s = row_scores[ok]
+        p = np.exp((s - s.max()) / IMPRINT_TEMPERATURE)
+        for j, pj in zip(row_ids[ok].tolist(), (p / p.sum()).tolist(), strict=True):
+            weight[j] = weight.get(j, 0.0) + pj
+    mix = sorted(weight, key=lambda j: (-weight[j], j))[:IMPRINT_MIX]
+    q = np.array([weight[j] for j in mix])
+    return np.asarray(mix, np.int64), q / q.sum() if mix else q
+
+
+def round_down_bfloat16(x: np.ndarray) -> np.ndarray:
+    """float32 x rounded toward -inf to values bfloat16 holds exactly (storing them then changes nothing)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    bits = x.view(np.uint32)
+    cut = bits & np.uint32(0xFFFF0000)  # toward zero
+    below = (x < 0) & (cut != bits)  # a negative value cut toward zero moves one step further down instead
+    return np.where(below, cut + np.uint32(0x10000), cut).view(np.float32)
 
 
 def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
     """float32 (m, width + 1): one output row per new label from its example points (see the module doc).
 
-    The row and bias are a convex mix of the rows and biases of the existing labels its examples score highest:
-    each example's softmax over its IMPRINT_CANDIDATES best scores, averaged over the examples, of which the
-    IMPRINT_MIX heaviest labels are kept and renormalised. On any input the new label then scores that mix of
-    their scores, never more than the best of them: it ranks among them where they rank high. A label whose
-    examples find no scored label gets a zero row and the median bias."""
+    The row and bias start as a convex mix of the rows and biases of the existing labels its examples score
+    highest (`mix_weights`). The row then loses IMPRINT_UNUSED times its mean absolute weight on every hidden unit
+    that none of its examples activates: an input that activates those units scores it lower, its examples score
+    it the same. A bfloat16 layer gets the row rounded down. The hidden activations are never negative, so on any
+    input the new label scores at most that mix of their scores, never more than the best of them: it ranks among
+    them where they rank high and the examples' units are the active ones. A label whose examples find no scored
+    label gets a zero row and the median bias."""
     width = model.weights[-1].shape[1]
     if not examples:
         return np.zeros((0, width), np.float32)
@@ -98,27 +158,21 @@ def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
     k = min(IMPRINT_CANDIDATES, int(live.sum()))
     if sum(sizes) and k:
         top, scores = example_top_labels(model, csr, k)
+        hidden = hidden_activations(model, *stacked_points(csr))
         w = model.weights[-1]
         at = 0
         for r, size in enumerate(sizes):
-            ids, s = top[at : at + size], scores[at : at + size].astype(np.float64)
+            ids, s, h = top[at : at + size], scores[at : at + size], hidden[at : at + size]
             at += size
-            found = (ids >= 0) & np.isfinite(s)
-            if not found.any():
+            mix, q = mix_weights(ids, s)
+            if not mix.size:
                 continue  # no examples, or none that the model scores: a zero row, left to training
-            weight: dict[int, float] = {}
-            for i in range(size):
-                ok = found[i]
-                if not ok.any():
-                    continue
-                p = np.exp(s[i, ok] - s[i, ok].max())
-                for j, pj in zip(ids[i, ok].tolist(), (p / p.sum()).tolist(), strict=True):
-                    weight[j] = weight.get(j, 0.0) + pj
-            mix = sorted(weight, key=weight.__getitem__, reverse=True)[:IMPRINT_MIX]
-            q = np.array([weight[j] for j in mix])
-            mixed = w[np.asarray(mix)]
+            mixed = w[mix]
             mixed = from_bfloat16(mixed) if mixed.dtype == np.uint16 else mixed.astype(np.float32)
-            rows[r] = (q / q.sum()) @ mixed
+            row = (q @ mixed).astype(np.float32)
+            unused = ~(h > 0).any(axis=0)
+            row[:-1][unused] -= IMPRINT_UNUSED * float(np.abs(row[:-1]).mean())
+            rows[r] = round_down_bfloat16(row) if w.dtype == np.uint16 else row
             mixed_rows[r] = True
     if not mixed_rows.all():  # the median bias (a pass over every label) only when a row needs it
         rows[~mixed_rows, -1] = float(np.median(biases[live])) if live.any() else 0.0
@@ -128,11 +182,16 @@ def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
 def example_top_labels(model: SlideModel, points: Sequence[tuple], k: int) -> tuple[np.ndarray, np.ndarray]:
     """The k best labels int32 (n, k) and their scores float32 (n, k) of every point of the CSR triples `points`
     (those with points), one after the other, as model.predict answers in `auto` mode, all in one call."""
+    return model.predict(*stacked_points(points), k=k, mode="auto")
+
+
+def stacked_points(points: Sequence[tuple]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One CSR triple of every point of the CSR triples `points`, one after the other."""
     given = [c for c in points if len(c[0]) > 1]
     indptr = np.concatenate([[0], np.cumsum(np.concatenate([np.diff(c[0]) for c in given]))])
     indices = np.concatenate([c[1][: c[0][-1]] for c in given])
     values = np.concatenate([c[2][: c[0][-1]] for c in given])
-    return model.predict(indptr, indices, values, k=k, mode="auto")
+    return indptr, indices, values
 
 
 def as_csr(points: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

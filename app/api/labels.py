@@ -34,12 +34,13 @@ def _instance(i: Instance) -> str | tuple[list[int], list[float]]:
     },
 )
 async def add_labels(model_id: str, body: LabelsAdd, response: Response, labels: LabelsDep) -> LabelsAdded:
-    """Each new label gets an output row imprinted from its examples (their mean hidden activation, scaled like
-    the model's rows) and is inserted into every hash table; the model is published as a new version that answers
-    from the very next request. New ids follow the model's existing ones, in the order given. On a job that is
-    training the request goes to its trainer (202): it applies it before its next step, publishes a snapshot at
-    once, keeps the labels in every later one and reports them as a `labels` event on `/v1/jobs/{id}/events`.
-    409 for a name the model has already; 422 for a label without examples."""
+    """Each new label gets an output row imprinted from its examples (a mix of the rows of the labels the model
+    scores highest on them, so it never outranks the best of those) and is inserted into every hash table; the
+    model is published as a new version that answers from the very next request. New ids follow the model's
+    existing ones, in the order given. On a job that is training the request goes to its trainer (202): it applies
+    it before its next step, publishes a snapshot at once, keeps the labels in every later one and reports them as
+    a `labels` event on `/v1/jobs/{id}/events`. 409 for a name the model has already; 422 for a label without
+    examples."""
     request = [(label.name, [_instance(e) for e in label.examples]) for label in body.labels]
     result = await anyio.to_thread.run_sync(labels.add, model_id, request)
     if result["state"] == "pending":

@@ -77,23 +77,32 @@ def test_add_labels_imprints_rows_into_the_right_buckets(data, trained):
     assert model.label_names[0] == "0"  # an XMC model's old labels are named by their ids
     w = model.float_weights(model.depth - 1)
     np.testing.assert_array_equal(w[:keep], old_w)  # old rows untouched
-    # naive twin of the imprint: each example's softmax over its 10 best old scores (as served), averaged over the
-    # examples; the 3 heaviest labels' rows and biases mixed by their renormalised weights
+    # naive twin of the imprint: each example's softmax (at the imprint's temperature) over its 10 best old scores
+    # (as served), summed over the examples; the 3 heaviest labels' rows and biases mixed by their renormalised
+    # weights, less a share of the mix's mean absolute weight on the hidden units no example activates
+    rng = np.random.default_rng(0)
     for r, ex in enumerate(examples):
         x = naive.dense_rows(*ex, model.num_features)
         h = np.maximum(x @ model.weights[0].astype(np.float64) + model.b0, 0.0)
         scores = h @ old_w[:, :-1].T.astype(np.float64) + old_w[:, -1]
-        best = before.predict(*ex, k=10, mode="auto")[0]
+        best = before.predict(*ex, k=lab.IMPRINT_CANDIDATES, mode="auto")[0]
         weight = np.zeros(keep)
         for i, top in enumerate(best):
-            p = np.exp(scores[i, top] - scores[i, top].max())
+            p = np.exp((scores[i, top] - scores[i, top].max()) / lab.IMPRINT_TEMPERATURE)
             weight[top] += p / p.sum()
-        mix = np.argsort(-weight, kind="stable")[:3]
+        mix = np.argsort(-weight, kind="stable")[: lab.IMPRINT_MIX]
         want = (weight[mix] / weight[mix].sum()) @ old_w[mix].astype(np.float64)
+        unused = (h <= 0).all(axis=0)
+        assert unused.any()  # the penalty is exercised
+        want[:-1][unused] -= lab.IMPRINT_UNUSED * np.abs(want[:-1]).mean()
         np.testing.assert_allclose(w[keep + r], want, rtol=1e-4, atol=1e-5)
-        # so it never scores above the best of the labels it mixes
+        # so it never scores above the best of the labels it mixes: on its examples, and on any input of the
+        # output layer (a hidden activation is never negative)
         mine = h @ w[keep + r, :-1].astype(np.float64) + w[keep + r, -1]
         assert (mine <= scores[:, mix].max(axis=1) + 1e-4).all()
+        anywhere = rng.exponential(size=(500, h.shape[1])) * (rng.random((500, h.shape[1])) < 0.5)
+        mixed = anywhere @ old_w[mix, :-1].T.astype(np.float64) + old_w[mix, -1]
+        assert (anywhere @ w[keep + r, :-1] + w[keep + r, -1] <= mixed.max(axis=1) + 1e-4).all()
 
     tb, hf = model.tables[0], model.hashes[0]
     cap = model.config.sampling.bucket_size
@@ -119,6 +128,48 @@ def test_add_labels_imprints_rows_into_the_right_buckets(data, trained):
                 if j in ll[i]:
                     assert ls[i][ll[i] == j][0] == pytest.approx(es[i][el[i] == j][0], rel=1e-5)
         assert found >= 0.8 * int((el == j).any(axis=1).sum())
+
+
+def test_mix_weights_against_a_naive_twin():
+    rng = np.random.default_rng(5)
+    for _ in range(50):
+        n, k = int(rng.integers(1, 7)), int(rng.integers(1, 12))
+        ids = rng.integers(0, 30, size=(n, k))
+        scores = rng.normal(size=(n, k)) * rng.uniform(0.1, 10.0)
+        ids[rng.random((n, k)) < 0.1] = -1  # fewer than k scored
+        scores[rng.random((n, k)) < 0.05] = -np.inf
+        mix, q = lab.mix_weights(ids, scores)
+        weight = np.zeros(30)
+        for i in range(n):
+            ok = (ids[i] >= 0) & np.isfinite(scores[i])
+            if ok.any():
+                e = np.exp((scores[i, ok] - scores[i, ok].max()) / lab.IMPRINT_TEMPERATURE)
+                np.add.at(weight, ids[i, ok], e / e.sum())
+        want = np.argsort(-weight, kind="stable")[: lab.IMPRINT_MIX]
+        want = want[weight[want] > 0]
+        assert mix.tolist() == want.tolist()
+        if mix.size:
+            np.testing.assert_allclose(q, weight[want] / weight[want].sum(), rtol=1e-12)
+    mix, q = lab.mix_weights(np.full((2, 3), -1), np.full((2, 3), -np.inf))
+    assert mix.size == 0 and q.size == 0
+
+
+def test_round_down_bfloat16_never_rounds_up():
+    from engine.kernels.optimizer import from_bfloat16, to_bfloat16
+
+    rng = np.random.default_rng(6)
+    x = (rng.normal(size=5000) * 10.0 ** rng.uniform(-6, 6, size=5000)).astype(np.float32)
+    x[:3] = [0.0, -0.0, 1.5]  # exact already
+    down = lab.round_down_bfloat16(x)
+    assert (down <= x).all()
+    np.testing.assert_array_equal(from_bfloat16(to_bfloat16(down)), down)  # stored as it is
+    np.testing.assert_array_equal(down[:3], x[:3])
+    # the largest bfloat16 value not above x: the next one up is above it
+    bits = down.view(np.uint32)
+    up = np.where(down >= 0, bits + np.uint32(0x10000), bits - np.uint32(0x10000)).view(np.float32)
+    nonzero = down != 0
+    assert (up[nonzero & (down > 0)] > x[nonzero & (down > 0)]).all()
+    assert (up[down < 0] > x[down < 0]).all()
 
 
 def test_add_labels_refuses_duplicates_and_empty_examples(data, trained):

@@ -13,12 +13,7 @@ newest version keeps its number and its model, and compacting again or editing p
 
 from __future__ import annotations
 
-import os
-import select
 import shutil
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,10 +32,9 @@ from engine import (
 )
 from engine.labels import edit_snapshot
 from engine.snapshot import read_manifest
-from tests.e2e.server import ROOT
+from tests.faults import scripted
 
 EDITOR = r"""
-import os, sys, time
 from engine import SnapshotStore, delta
 from engine.labels import edit_snapshot
 
@@ -48,14 +42,6 @@ root, stage, at = sys.argv[1], sys.argv[2], int(sys.argv[3])
 delta.MAX_DEPTH = 2
 store = SnapshotStore(root, keep=1)
 edit = 0
-
-def say(word):
-    sys.stdout.write(word + "\n")
-    sys.stdout.flush()
-
-def hold():  # tell the test where we are, then wait for its SIGKILL
-    say("ready")
-    time.sleep(600)
 
 real_rename, real_prune = os.rename, SnapshotStore.prune
 def rename(src, dst):
@@ -75,19 +61,10 @@ for edit in range(at + 1 if stage != "unhooked" else 10**9):  # unhooked: until 
 """
 
 COMPACTOR = r"""
-import os, sys, time
 from engine import SnapshotStore, delta
 
 root, stage = sys.argv[1], sys.argv[2]
 store = SnapshotStore(root, keep=1)
-
-def say(word):
-    sys.stdout.write(word + "\n")
-    sys.stdout.flush()
-
-def hold():  # tell the test where we are, then wait for its SIGKILL
-    say("ready")
-    time.sleep(600)
 
 real_replace, real_prune, replaced = os.replace, SnapshotStore.prune, []
 def replace(src, dst):
@@ -124,46 +101,22 @@ def trained(tmp_path_factory) -> tuple[Path, int]:
     return root, train.num_labels
 
 
-def _readline(proc: subprocess.Popen, timeout: float = 120) -> str:
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "the editor said nothing in time"
-    line = proc.stdout.readline().decode().strip()
-    assert line, f"the editor exited early (code {proc.poll()}): {proc.stderr.read().decode()[-3000:]}"
-    return line
-
-
-def _start(script: str, *args: str) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    return subprocess.Popen(
-        [sys.executable, "-c", script, *args],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
-
-
 def _edit_and_kill(root: Path, stage: str, at: int, delay: float | None = None) -> int:
     """Run the editor until the kill; returns how many edits it reported done."""
-    proc = _start(EDITOR, str(root), stage, str(at))
+    proc = scripted.start(EDITOR, str(root), stage, str(at))
     done = 0
     try:
-        assert _readline(proc) == "editing"
+        assert scripted.readline(proc) == "editing"
         if delay is None:
-            while _readline(proc) != "ready":
+            while scripted.readline(proc) != "ready":
                 done += 1
         else:
             time.sleep(delay)  # the fault: a kill at an arbitrary moment of the edits
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        scripted.kill(proc)
         if delay is not None:
             done = sum(line.startswith(b"done") for line in proc.stdout.read().splitlines())
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        scripted.close(proc)
     return done
 
 
@@ -230,18 +183,13 @@ def test_kill_during_a_compaction_keeps_the_newest_version_and_its_model(tmp_pat
     for i in range(2):
         edit = edit_snapshot(store, add=[(f"n{i}", example)], retire=[i])
     assert read_manifest(store.path(edit.version))["delta"]["depth"] == 2
-    proc = _start(COMPACTOR, str(root), stage)
+    proc = scripted.start(COMPACTOR, str(root), stage)
     try:
-        assert _readline(proc) == "compacting"
-        assert _readline(proc) == "ready"
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        assert scripted.readline(proc) == "compacting"
+        assert scripted.readline(proc) == "ready"
+        scripted.kill(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        scripted.close(proc)
     assert store.latest()[0] == edit.version  # the number the edit answered with, delta or full
     _assert_served(root, num_labels, 2)
     full = "delta" not in read_manifest(store.path(edit.version))

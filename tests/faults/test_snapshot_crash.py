@@ -12,11 +12,6 @@ dir itself.
 from __future__ import annotations
 
 import errno
-import os
-import select
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,10 +20,9 @@ import pytest
 
 from engine import SnapshotStore
 from engine.snapshot import load_arrays
-from tests.e2e.server import ROOT
+from tests.faults import scripted
 
 PUBLISHER = r"""
-import os, sys, time
 import numpy as np
 from engine import SnapshotStore
 
@@ -38,14 +32,6 @@ def arrays(seed, n):
     rng = np.random.default_rng(seed)
     return {"w0": rng.standard_normal(n, dtype=np.float32), "w1": rng.standard_normal(n // 2, dtype=np.float32),
             "ids": np.arange(n, dtype=np.int64)}
-
-def say(word):
-    sys.stdout.write(word + "\n")
-    sys.stdout.flush()
-
-def hold():  # tell the test where we are, then wait for its SIGKILL
-    say("ready")
-    time.sleep(600)
 
 store = SnapshotStore(root, keep=3)
 store.publish(arrays(1, 1000), {"note": "v1"})
@@ -82,37 +68,17 @@ def _expected(seed: int, n: int) -> dict[str, np.ndarray]:
     }
 
 
-def _readline(proc: subprocess.Popen, timeout: float = 60) -> str:
-    ready, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert ready, "the publisher said nothing in time"
-    line = proc.stdout.readline().decode().strip()
-    assert line, f"the publisher exited early (code {proc.poll()}): {proc.stderr.read().decode()[-3000:]}"
-    return line
-
-
 def _publish_and_kill(root: Path, stage: str, delay: float | None = None) -> None:
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", PUBLISHER, str(root), stage],
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    proc = scripted.start(PUBLISHER, str(root), stage)
     try:
-        assert _readline(proc) == "publishing"
+        assert scripted.readline(proc, timeout=60) == "publishing"
         if delay is None:
-            assert _readline(proc) == "ready"
+            assert scripted.readline(proc, timeout=60) == "ready"
         else:
             time.sleep(delay)  # the fault: a kill at an arbitrary moment of the publication
-        proc.send_signal(signal.SIGKILL)
-        assert proc.wait(timeout=30) == -signal.SIGKILL
+        scripted.kill(proc)
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        proc.stdout.close()
-        proc.stderr.close()
+        scripted.close(proc)
 
 
 def _assert_version(store: SnapshotStore, version: int) -> None:

@@ -154,18 +154,19 @@ class NaiveAdam:
 
 
 # ---- dense training step == naive gradient + naive lazy Adam -----------------------------------------
+DENSE_STEP = {
+    "model.sample_output": False,
+    "optimizer.batch_size": 6,
+    "optimizer.lr": 1e-2,
+    "model.init_std": 0.3,
+    "seed": 4,
+}
+"""A dense network small enough for the naive twin, stepped on batches of 6 (tests of one training step)."""
+
+
 @pytest.mark.parametrize("hidden", [(8,), (8, 6)])
 def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
-    cfg = exact_config(
-        {
-            "model.hidden": hidden,
-            "model.sample_output": False,
-            "optimizer.batch_size": 6,
-            "optimizer.lr": 1e-2,
-            "model.init_std": 0.3,
-            "seed": 4,
-        }
-    )
+    cfg = exact_config({**DENSE_STEP, "model.hidden": hidden})
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
     # Two full batches and a partial one (4 < batch_size); features and rows overlap between batches.
@@ -196,17 +197,7 @@ def test_dropout_train_step_is_naive_adam_on_the_masked_network(data, hidden):
     """With hidden dropout, loss, gradients and Adam steps are the naive network's with the same units
     zeroed and the kept ones scaled, step after step (each point's mask keyed by its stream number)."""
     rate = 0.4
-    cfg = exact_config(
-        {
-            "model.hidden": hidden,
-            "model.sample_output": False,
-            "optimizer.batch_size": 6,
-            "optimizer.lr": 1e-2,
-            "model.init_std": 0.3,
-            "seed": 4,
-            "optimizer.hidden_dropout": rate,
-        }
-    )
+    cfg = exact_config({**DENSE_STEP, "model.hidden": hidden, "optimizer.hidden_dropout": rate})
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
     seen = 0

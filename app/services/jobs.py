@@ -34,7 +34,7 @@ from sqlalchemy.exc import IntegrityError
 
 import engine
 from app.db import AliasRow, Database, DatasetRow, JobRow, MetricRow, ModelVersionRow, utcnow
-from app.domain import BACKEND, INIT_FROM, RESUMABLE_STATES, TRAINING_STATES, JobSpec, JobState
+from app.domain import BACKEND, INIT_FROM, RESUMABLE_STATES, TERMINAL_STATES, TRAINING_STATES, JobSpec, JobState
 from app.services.admission import QueueSlot, check_fits, estimate_job, plan_queue, shard_estimate
 from app.services.errors import Conflict, InvalidContent, NotFound, require_id
 from app.services.worker import LOG_FILE, run_job
@@ -472,7 +472,8 @@ class Supervisor:
         self._lock_file: Any = None
         self.error: str | None = None
         self.exit_hooks: builtins.list[Callable[[str], None]] = []
-        """Called with a job's id once its trainer process has exited and been reaped (app.services.labels.settle)."""
+        """Called with a job's id once its trainer process has exited and been reaped, and at start-up, after
+        recovery, with every job left without a trainer (app.services.labels.settle)."""
 
     @property
     def active(self) -> bool:
@@ -496,6 +497,7 @@ class Supervisor:
         self._lock_file = fh
         self.recover()
         self.sweep()
+        self._after_recovery()
         self._thread = threading.Thread(target=self._loop, name="job-supervisor", daemon=True)
         self._thread.start()
 
@@ -521,6 +523,15 @@ class Supervisor:
                 else:
                     _transition(s, job.id, (state,), state=JobState.INTERRUPTED, finished_at=utcnow(), **values)
                     log.info("job %s was %s when the service stopped: left interrupted", job.id, state)
+
+    def _after_recovery(self) -> None:
+        """Run the exit hooks of every job that no trainer runs and none will until it is resumed: a trainer that
+        went down with the previous service process was never reaped, and the hooks of one reaped just before may
+        not have finished. Jobs that recovery queued again are left to their new trainers."""
+        with self.db.session() as s:
+            idle = list(s.scalars(select(JobRow.id).where(JobRow.state.in_(TERMINAL_STATES))))
+        for job_id in idle:
+            self._exited(job_id)
 
     def sweep(self) -> None:
         """Job dirs without a row are leftovers of a delete that did not finish."""
@@ -632,11 +643,7 @@ class Supervisor:
                 )
             if failed:
                 log.error("job %s: trainer process died (exit code %s)", job_id, code)
-            for hook in self.exit_hooks:
-                try:
-                    hook(job_id)
-                except Exception:  # noqa: BLE001 - the loop goes on
-                    log.exception("job %s: a hook on its trainer's exit failed", job_id)
+            self._exited(job_id)
         # Stop requests that reached the DB through another API process.
         with self._lock:
             owned = list(self._handles)
@@ -647,6 +654,13 @@ class Supervisor:
                 )
             for job_id in stopping:
                 self.request_stop(job_id)
+
+    def _exited(self, job_id: str) -> None:
+        for hook in self.exit_hooks:
+            try:
+                hook(job_id)
+            except Exception:  # noqa: BLE001 - the other hooks and jobs go on
+                log.exception("job %s: a hook on its trainer's exit failed", job_id)
 
     def _launch(self) -> None:
         """Start queued jobs, oldest first, each when a slot is free and it fits beside the running jobs in

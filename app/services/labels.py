@@ -8,8 +8,9 @@ as a `labels` event (domain.LABEL_EVENTS).
 Handing over happens under the job's label queue lock, which a trainer takes for its last look at the requests
 and keeps until it has exited: a request comes either before that look or after the trainer lock is free, and
 then it is applied here. Requests a trainer never saw (it was killed or failed) are applied here to the job's
-newest version once the supervisor has reaped its process (`settle`), or by the next change made while no trainer
-runs, whichever comes first. Until then the label list shows them as `pending`.
+newest version once the supervisor has reaped its process, or at the next start when the service went down with
+it and the job is not resumed (`settle`; a resumed job's new trainer applies them), or by the next change made while
+no trainer runs, whichever comes first. Until then the label list shows them as `pending`.
 """
 
 from __future__ import annotations
@@ -208,8 +209,9 @@ class LabelService:
 
     def settle(self, job_id: str) -> None:
         """Apply, in a thread, the requests left by the job's trainer process, which has exited (the supervisor
-        calls this when it reaps one): a killed trainer, or one that failed before its last look at them, never
-        applies them, and nothing else would until the next label change or resume."""
+        calls this when it reaps one, and at start-up for every job recovery left without a trainer): a killed
+        trainer, or one that failed before its last look at them, never applies them, and nothing else would until
+        the next label change or resume."""
         if self._queued(job_id):
             threading.Thread(target=self._settle, args=(job_id,), name=f"labels-{job_id[:8]}", daemon=True).start()
 

@@ -368,23 +368,33 @@ def test_a_request_during_a_trainers_exit_is_applied(client_for, settings, train
     assert [(e["op"], e["label_ids"], e["model_version"]) for e in events] == [("add", [12], r.json()["model_version"])]
 
 
+def _leave_requests(settings, job_id: str, requests: list[dict]):
+    """Label requests in the job's queue as the service hands them to a trainer (one file each, oldest first), left
+    there as by a trainer that never saw them; returns the queue directory."""
+    from app.domain import LABEL_REQUESTS
+
+    queue = settings.job_dir(job_id) / LABEL_REQUESTS
+    queue.mkdir()
+    for i, request in enumerate(requests):
+        (queue / f"{i:020d}-{request['request_id']}.json").write_text(json.dumps(request))
+    return queue
+
+
 def test_requests_a_trainer_never_saw_are_applied_by_the_next_change(client_for, settings, trained_text):
     """Requests left in a job's queue by a trainer that stopped before it saw them (killed, or failed) are applied,
     oldest first and each reported as its trainer would have, before the next change made while no trainer runs."""
-    from app.domain import LABEL_REQUESTS
-
     job_id = copy_trained(trained_text, settings).job_id
     client = client_for(settings)
-    queue = settings.job_dir(job_id) / LABEL_REQUESTS
-    queue.mkdir()
     examples = [{"text": _words(3, shift=s)} for s in range(5)] + [{"indices": [0, 2], "values": [1.0, 0.5]}]
-    left = [
-        {"request_id": "a" * 32, "op": "add", "labels": [{"name": "left over", "examples": examples}]},
-        {"request_id": "b" * 32, "op": "retire", "ids": [4]},
-        {"request_id": "c" * 32, "op": "add", "labels": [{"name": "left over", "examples": examples}]},
-    ]
-    for i, request in enumerate(left):
-        (queue / f"{i:020d}-{request['request_id']}.json").write_text(json.dumps(request))
+    queue = _leave_requests(
+        settings,
+        job_id,
+        [
+            {"request_id": "a" * 32, "op": "add", "labels": [{"name": "left over", "examples": examples}]},
+            {"request_id": "b" * 32, "op": "retire", "ids": [4]},
+            {"request_id": "c" * 32, "op": "add", "labels": [{"name": "left over", "examples": examples}]},
+        ],
+    )
 
     assert client.delete(f"/v1/models/{job_id}/labels/0").status_code == 204
     assert not list(queue.glob("*.json"))
@@ -397,3 +407,64 @@ def test_requests_a_trainer_never_saw_are_applied_by_the_next_change(client_for,
     assert events[3] == {**events[3], "op": "retire", "label_ids": [0]}
     versions = [e["model_version"] for e in events]
     assert versions[0] < versions[1] < versions[3] and versions[2] is None
+
+
+@pytest.mark.parametrize("auto_resume", [False, True], ids=["left-interrupted", "resumed"])
+def test_requests_left_when_the_service_died_with_its_trainer_are_applied_at_the_next_start(
+    client_for, settings, trained_text, auto_resume
+):
+    """The service was killed (-9) together with a job's trainer, which had not applied the label requests handed to
+    it: the next start applies them to the job's newest version as the reaping of that trainer would have, unless it
+    resumes the job, whose new trainer applies them (once: the service leaves them to it)."""
+    from sqlalchemy import update
+
+    from app.db import Database, JobRow
+    from tests.conftest import make_settings
+
+    job_id = copy_trained(trained_text, settings).job_id
+    settings = make_settings(settings.data_dir, auto_resume=auto_resume)
+    db = Database(settings.database_url)
+    with db.session() as s:  # as the killed service left it: training, in a process that is gone
+        s.execute(update(JobRow).where(JobRow.id == job_id).values(state="running", pid=999999))
+    db.dispose()
+    examples = [{"text": _words(3, shift=s)} for s in range(5)]
+    requests = [
+        {"request_id": "a" * 32, "op": "add", "labels": [{"name": "left over", "examples": examples}]},
+        {"request_id": "b" * 32, "op": "retire", "ids": [4]},
+    ]
+    queue = _leave_requests(settings, job_id, requests)
+    before = SnapshotStore(settings.snapshots_dir(job_id)).latest()[0]
+
+    client = client_for(settings)
+    diagnose = job_diagnosis(client, settings, job_id)
+    job = wait_for(
+        lambda: (j := client.get(f"/v1/jobs/{job_id}").json())["state"] in ("interrupted", "completed", "failed") and j,
+        timeout=120,
+        what="the job to settle after the start",
+        diagnose=diagnose,
+    )
+    assert job["state"] == ("completed" if auto_resume else "interrupted"), job
+    events_file = settings.job_dir(job_id) / "label-events.jsonl"
+    events = wait_for(
+        lambda: (
+            events_file.exists()
+            and len(lines := events_file.read_text().splitlines()) >= 2
+            and [json.loads(x) for x in lines]
+        ),
+        timeout=30,
+        what="both requests applied",
+        diagnose=diagnose,
+    )
+    assert [e["request_id"] for e in events] == ["a" * 32, "b" * 32]  # each once
+    assert events[0]["label_ids"] == [12] and events[1]["label_ids"] == [4]
+    assert before < events[0]["model_version"] <= events[1]["model_version"]
+    assert all(("step" in e) is auto_resume for e in events)  # a trainer's events say at which step it applied them
+    assert not list(queue.glob("*.json"))
+
+    body = client.get(f"/v1/models/{job_id}/labels").json()
+    assert body["pending"] == [] and body["model_version"] >= events[1]["model_version"]
+    listed = _all_labels(client, job_id)
+    assert listed[12] == {"id": 12, "name": "left over", "status": "live"}
+    assert [x["id"] for x in listed if x["status"] == "retired"] == [4]
+    assert 12 in _predict(client, job_id, _words(3), k=3, mode="exact")["predictions"][0]["labels"]
+    assert 4 not in _predict(client, job_id, _words(4), k=13, mode="exact")["predictions"][0]["labels"]

@@ -393,7 +393,8 @@ class PredictConfig(_Group):
     hubs: int | NoneWord | None = None
     """Hub neurons added to every candidate set when serving: None = auto (for layers wider than 20,000 neurons
     the larger of twice the target active size and 1% of the layer, half by score on the mean input and half
-    by weight norm; else the training hubs), "none" = the training hubs only. Raise it if lsh recall falls."""
+    by weight norm, and doubled with more long rows, up to 1/16 of the layer, where `auto` calibration finds the
+    tables' recall short; else the training hubs), "none" = the training hubs only. Raise it if lsh recall falls."""
 
 
 GROUPS: dict[str, type[_Group]] = {

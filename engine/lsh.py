@@ -136,7 +136,8 @@ def resolve_serve_hubs(config: SlideConfig, n_neurons: int) -> int:
     the layer, else none (0: serve with the training hubs). Half are picked by score on the mean
     input, half by weight norm: with skewed norms the largest inner products belong to long rows,
     which cosine buckets return only when nearly aligned with the query. Norms keep spreading as
-    training goes on, hence a share of the layer rather than a fixed count (see BENCHMARKS.md)."""
+    training goes on, hence a share of the layer rather than a fixed count, which `auto` calibration
+    doubles with more long rows where the tables' recall falls short (SlideModel.calibrate_serving)."""
     if config.predict.hubs == "none":
         return 0
     if config.predict.hubs is not None:

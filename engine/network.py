@@ -39,6 +39,9 @@ AUTO_MIN_RECALL = 0.95
 AUTO_MAX_P1_LOSS = 0.005
 """... and, when calibration points have labels, lose at most this much P@1 against scoring every neuron."""
 _CALIBRATION_K = 5
+SERVE_HUBS_MAX_SHARE = 16
+"""Calibration grows a wide layer's auto serving hubs up to 1/this of the layer: lsh then still scores at most
+about a tenth of what `exact` does."""
 
 
 class Predictions(NamedTuple):
@@ -237,8 +240,8 @@ class SlideModel:
         self, layer: int, training: bool = True, serving: bool = True, center: np.ndarray | None = None
     ) -> None:
         """Pick the layer's hubs (training): the neurons scoring highest on its mean input (`center`,
-        default the tables' query_center); and its serving hubs (serving): half the same way, half the
-        largest weight norms.
+        default the tables' query_center); and its serving hubs (serving): half of the configured count the
+        same way, the rest the largest weight norms.
 
         Picking only the serving hubs leaves the training run unchanged, so refreshing what a snapshot
         serves never changes what training computes.
@@ -254,7 +257,9 @@ class SlideModel:
         if n_train:
             tb.hubs[:] = np.sort(_top(static, tb.hubs.shape[0])).astype(np.int32)
         if n_serve:
-            by_score = _top(static, n_serve // 2)
+            # calibration grows the auto count by long rows only (see _serve_hub_counts)
+            plain = lsh.resolve_serve_hubs(self.config, static.shape[0]) or n_serve
+            by_score = _top(static, min(n_serve, plain) // 2)
             norms = self.row_norms(layer)
             longest = _top(norms, n_serve)
             longest = longest[np.argsort(-norms[longest], kind="stable")]
@@ -444,13 +449,21 @@ class SlideModel:
                     exact = self._predict(indptr, indices, values, k, none, "exact", self.predict_probes).labels
                 only = np.zeros(self.depth, dtype=np.bool_)
                 only[layer] = True
-                got = self._predict(indptr, indices, values, k, only, "lsh", self.predict_probes).labels
-                entry["recall_at_5"] = topk_recall(got, exact)
-                ok = entry["recall_at_5"] >= min_recall
-                if y_indptr is not None and y_indices is not None:
-                    entry["p_at_1_tables"] = precision_at_k(got, y_indptr, y_indices, 1)
-                    entry["p_at_1_exact"] = precision_at_k(exact, y_indptr, y_indices, 1)
-                    ok = ok and entry["p_at_1_tables"] >= entry["p_at_1_exact"] - max_p1_loss
+                counts = self._serve_hub_counts(layer)
+                for count in counts:
+                    self._set_serve_hubs(layer, count)
+                    got = self._predict(indptr, indices, values, k, only, "lsh", self.predict_probes).labels
+                    entry["recall_at_5"] = topk_recall(got, exact)
+                    ok = entry["recall_at_5"] >= min_recall
+                    if y_indptr is not None and y_indices is not None:
+                        entry["p_at_1_tables"] = precision_at_k(got, y_indptr, y_indices, 1)
+                        entry["p_at_1_exact"] = precision_at_k(exact, y_indptr, y_indices, 1)
+                        ok = ok and entry["p_at_1_tables"] >= entry["p_at_1_exact"] - max_p1_loss
+                    if ok:
+                        break
+                else:
+                    self._set_serve_hubs(layer, counts[0])  # exact serves it: lsh asked for keeps the plain count
+                entry["serve_hubs"] = int(self.tables[self.layer_slot[layer]].serve_hubs.shape[0])
                 chosen[layer] = ok
             entry["mode"] = "lsh" if chosen[layer] else "exact"
             entry["points"] = int(n)
@@ -458,6 +471,29 @@ class SlideModel:
         self.serve_tables = chosen
         self.serving_report = report
         return report
+
+    def _serve_hub_counts(self, layer: int) -> list[int]:
+        """The serving hub counts calibration tries on a wide layer, smallest first: with `predict.hubs` auto, the
+        resolved count doubled until 1/SERVE_HUBS_MAX_SHARE of the layer (long rows crowd the exact top-5 as
+        training goes on, and cosine buckets return them only when nearly aligned with the query); else as is."""
+        n = int(self.weights[layer].shape[0])
+        current = int(self.tables[self.layer_slot[layer]].serve_hubs.shape[0])
+        if self.config.predict.hubs is not None or current == 0:
+            return [current]
+        count = lsh.resolve_serve_hubs(self.config, n)
+        counts = [count]
+        cap = max(count, n // SERVE_HUBS_MAX_SHARE)
+        while count < cap:
+            count = min(cap, 2 * count)
+            counts.append(count)
+        return counts
+
+    def _set_serve_hubs(self, layer: int, count: int) -> None:
+        """Give a sampled layer `count` serving hubs, re-picked from the current weights (see update_hubs)."""
+        slot = int(self.layer_slot[layer])
+        if self.tables[slot].serve_hubs.shape[0] != count:
+            self.tables[slot] = self.tables[slot]._replace(serve_hubs=np.zeros(count, dtype=np.int32))
+            self.update_hubs(layer, training=False)
 
     def kernel_layers(self) -> Layers:
         """The parameters as the kernels take them (kernels.groups.Layers)."""

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from engine import lsh
-from engine.config import ModelConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, SlideConfig
-from engine.network import SlideModel, topk_recall
+from engine.config import ModelConfig, OptimizerConfig, PredictConfig, SamplingConfig, ScheduleConfig, SlideConfig
+from engine.network import SERVE_HUBS_MAX_SHARE, SlideModel, topk_recall
 from engine.snapshot import SnapshotStore, load_arrays, load_model, model_arrays, model_from_arrays, read_manifest
 from engine.sparse import unit_rows
 from engine.trainer import TRAINING_ARRAYS, Trainer
@@ -306,3 +306,39 @@ def test_normalized_input_is_the_model_on_unit_rows():
     np.testing.assert_array_equal(got[0], ref[0])
     np.testing.assert_array_equal(got[1], ref[1])
     assert np.array_equal(unit_rows(np.array([0, 0, 2]), np.array([0.0, 0.0], np.float32)), [0.0, 0.0])
+
+
+def test_calibration_grows_auto_serving_hubs_by_long_rows_until_the_tables_recall():
+    n = 100_000  # auto serving hubs: 2,000 (twice the target active size); grown at most to n / 16
+    model = SlideModel.initialize(wide_model().config, 60, n)
+    model.tables[0].query_center[:] = np.random.default_rng(0).random(8)  # the mean input the top scorers are picked on
+    x = naive.planted_dataset(40, 60, n, seed=2)
+    args = (x.x_indptr, x.x_indices, x.x_values)
+    exact, _ = model.predict(*args, k=5, mode="exact")
+    counts = model._serve_hub_counts(1)
+    assert counts == [2_000, 4_000, n // SERVE_HUBS_MAX_SHARE]
+    recalls = []
+    for count in counts:
+        model._set_serve_hubs(1, count)
+        recalls.append(naive_recall(model.predict(*args, k=5, mode="lsh")[0], exact))
+    assert recalls[0] < recalls[1] <= recalls[2]  # a superset of hubs each time: the same top scorers, more long rows
+
+    report = model.calibrate_serving(*args, min_recall=recalls[1] - 1e-9)
+    assert report["1"]["mode"] == "lsh" and report["1"]["serve_hubs"] == 4_000
+    assert report["1"]["recall_at_5"] == pytest.approx(recalls[1])
+    hubs = model.tables[0].serve_hubs
+    w = model.float_weights(1)
+    static = w[:, :-1] @ model.tables[0].query_center.astype(np.float32) + w[:, -1]
+    longest = np.argsort(-np.linalg.norm(w[:, :-1], axis=1), kind="stable")
+    assert set(np.argsort(-static)[:1_000].tolist()) <= set(hubs.tolist())
+    assert set(longest[:3_000].tolist()) - set(np.argsort(-static)[:1_000].tolist()) <= set(hubs.tolist())
+    assert model.plan.layers[0].predict_hubs == 4_000  # what serving runs with is visible in the plan
+
+    # nothing reaches the recall asked for: served exactly, and lsh asked for keeps the plain count
+    report = model.calibrate_serving(*args, min_recall=2.0)
+    assert report["1"]["mode"] == "exact" and report["1"]["serve_hubs"] == 2_000
+    assert model.tables[0].serve_hubs.shape == (2_000,)
+    # a count set in the config is never changed
+    fixed = SlideModel.initialize(model.config.replace(predict=PredictConfig(hubs=2_000)), 60, n)
+    assert fixed._serve_hub_counts(1) == [2_000]
+    assert fixed.calibrate_serving(*args, min_recall=2.0)["1"]["serve_hubs"] == 2_000

@@ -30,7 +30,7 @@ from numba import prange
 from . import lsh
 from ._numba import kernel, parallel_kernel
 from .kernels.optimizer import from_bfloat16, to_bfloat16
-from .sparse import Dataset, unit_rows
+from .sparse import Dataset
 from .tables import Tables
 
 if TYPE_CHECKING:
@@ -86,28 +86,6 @@ IMPRINT_UNUSED = 0.1
 of the row's mean absolute weight."""
 
 
-def hidden_activations(model: SlideModel, indptr, indices, values) -> np.ndarray:
-    """float32 (n, width): the last hidden layer's activations of n sparse points (CSR), every neuron computed (as
-    `exact` does), after the input normalisation the model's config asks for; never negative (ReLU)."""
-    from .network import check_csr
-
-    indptr, indices, values = check_csr(indptr, indices, values, model.num_features)
-    if model.config.model.normalize_input:
-        values = unit_rows(indptr, values)
-    n = indptr.shape[0] - 1
-    w0 = model.weights[0]
-    h = np.empty((n, w0.shape[1]), dtype=np.float32)
-    for i in range(n):
-        rows = w0[indices[indptr[i] : indptr[i + 1]]]
-        rows = from_bfloat16(rows) if rows.dtype == np.uint16 else rows
-        h[i] = values[indptr[i] : indptr[i + 1]] @ rows + model.b0
-    np.maximum(h, 0.0, out=h)
-    for layer in range(1, model.depth - 1):
-        w = model.float_weights(layer)
-        h = np.maximum(h @ w[:, :-1].T + w[:, -1], 0.0).astype(np.float32)
-    return h
-
-
 def mix_weights(ids: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The labels a new row is mixed from and their weights (summing to 1), from its examples' best labels `ids`
     and their `scores` (one row per example, -1 / non-finite where an example has fewer): each example's softmax at
@@ -158,7 +136,7 @@ def imprint_rows(model: SlideModel, examples: Sequence[Any]) -> np.ndarray:
     k = min(IMPRINT_CANDIDATES, int(live.sum()))
     if sum(sizes) and k:
         top, scores = example_top_labels(model, csr, k)
-        hidden = hidden_activations(model, *stacked_points(csr))
+        hidden = model.last_hidden(*stacked_points(csr))
         w = model.weights[-1]
         at = 0
         for r, size in enumerate(sizes):

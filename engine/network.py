@@ -20,7 +20,7 @@ from ._numba import read_only
 from .config import SlideConfig
 from .kernels.groups import Layers, Lookup, Retrieval, TopK
 from .kernels.groups import Tables as KernelTables
-from .kernels.inference import predict_batch, predict_batch_hubs, predict_batch_serial
+from .kernels.inference import last_hidden_batch, predict_batch, predict_batch_hubs, predict_batch_serial
 from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
 from .lsh import HashFunctions
@@ -326,6 +326,32 @@ class SlideModel:
         indptr, indices, values = self._inputs(indptr, indices, values)
         use_tables, used = self.resolve_mode(mode)
         return self._predict(indptr, indices, values, k, use_tables, used, probes)
+
+    def last_hidden(self, indptr, indices, values) -> np.ndarray:
+        """float32 (n, width): the last hidden layer's activations of n sparse points (CSR arrays), after the input
+        normalisation the config asks for, every neuron of every hidden layer computed (sampled ones too), as
+        `exact` prediction computes them (kernels.inference.exact_hidden); never negative (ReLU)."""
+        indptr, indices, values = self._inputs(indptr, indices, values)
+        n = indptr.shape[0] - 1
+        last = np.empty((n, self.weights[-1].shape[1] - 1), np.float32)
+        if n == 0:
+            return last
+        scratch = self._take_scratch(self.predict_probes)
+        try:
+            hid = scratch[1]
+            n_chunks = max(1, min(n, numba.get_num_threads(), hid[0].shape[0]))
+            last_hidden_batch(
+                read_only(indptr),
+                read_only(indices),
+                read_only(values),
+                read_only(self.kernel_layers()),
+                hid,
+                n_chunks,
+                last,
+            )
+        finally:
+            self._return_scratch(scratch)
+        return last
 
     def _inputs(self, indptr, indices, values) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Checked CSR arrays, rows scaled to unit norm when the config says so."""

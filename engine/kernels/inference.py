@@ -83,6 +83,35 @@ predict_batch_serial = fast_kernel(renamed(predict_batch.py_func, "predict_batch
 """The same kernel compiled without threads: a few queries answer faster than a thread-pool wake-up."""
 
 
+@fast_kernel
+def exact_hidden(weights, b0, indices, values, start, end, hid, c):
+    """One point's hidden layers with every neuron computed, as predict_batch computes them when no hidden layer
+    uses its tables (`exact`): hid[l][c] the ReLU output of hidden layer l, from the input layer's non-zeros
+    [start, end) of indices and values."""
+    sparse_input_layer(weights[0], b0, indices, values, start, end, hid[0][c])
+    for layer in range(1, len(weights) - 1):
+        w = weights[layer]
+        inp = hid[layer - 1][c]
+        h = hid[layer][c]
+        for j in range(w.shape[0]):
+            z = neuron_preactivation(w, j, inp)
+            h[j] = z if z > 0.0 else 0.0
+
+
+@fast_parallel_kernel
+def last_hidden_batch(indptr, indices, values, net, hid, n_chunks, last):
+    """The last hidden layer's activations of n sparse points (CSR arrays) into last float32 (n, width), every
+    neuron of every hidden layer computed (exact_hidden); hid (tuple over hidden layers) holds one row per chunk."""
+    n = indptr.shape[0] - 1
+    weights, b0, _ = net
+    top = len(weights) - 1
+    for chunk in prange(n_chunks):
+        c = np.int64(chunk)
+        for i in range(c, n, n_chunks):
+            exact_hidden(weights, b0, indices, values, indptr[i], indptr[i + 1], hid, c)
+            last[i, :] = hid[top - 1][c]
+
+
 HUB_TILE = 64
 """Hub rows scored against every point of a batch at a time by predict_batch_hubs (16 kB of bfloat16 rows at width
 128: they stay in the L1 cache while the points' activations stream past)."""
@@ -108,15 +137,7 @@ def predict_batch_hubs(
     for chunk in prange(n_chunks):  # the last hidden activations of every point, as predict_batch computes them
         c = np.int64(chunk)
         for i in range(c, n, n_chunks):
-            sparse_input_layer(weights[0], b0, indices, values, indptr[i], indptr[i + 1], hid[0][c])
-            for layer in range(1, top):
-                w = weights[layer]
-                inp = hid[layer - 1][c]
-                h = hid[layer][c]
-                h[:] = 0.0
-                for j in range(w.shape[0]):
-                    z = neuron_preactivation(w, j, inp)
-                    h[j] = z if z > 0.0 else 0.0
+            exact_hidden(weights, b0, indices, values, indptr[i], indptr[i + 1], hid, c)
             last[i, :] = hid[top - 1][c]
     w = weights[top]
     n_hubs = hubs.shape[0]

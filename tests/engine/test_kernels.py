@@ -944,6 +944,56 @@ def test_exact_predict_ignores_hidden_sampling(weight_dtype):
     assert np.all(n_scored <= L) and np.all(np.isfinite(sc[lab >= 0]))
 
 
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("normalize_input", [False, True])
+@pytest.mark.parametrize("hidden, sample_hidden", [((12,), False), ((12, 10), True)])
+def test_last_hidden_is_the_naive_dense_hidden_layers(hidden, sample_hidden, normalize_input, weight_dtype):
+    """SlideModel.last_hidden: the last hidden layer of the dense network of the decoded weights, every neuron of
+    a sampled hidden layer computed, after the input normalisation the config asks for; the exact scores are its
+    output-layer scores. Points with no features and over several threads' chunks included."""
+    set_threads(2)
+    data = naive.planted_dataset(30, F, L, seed=9)
+    cfg = SlideConfig(
+        model=ModelConfig(
+            hidden=hidden,
+            sample_hidden=sample_hidden,
+            sample_output=True,
+            init_std=0.3,
+            weight_dtype=weight_dtype,
+            normalize_input=normalize_input,
+        ),
+        sampling=SamplingConfig(hash_family="simhash", hash_k=2, hash_l=2, bucket_size=2),
+        seed=2,
+    )
+    model = SlideModel.initialize(cfg, F, L)
+    assert (model.layer_slot[1:-1] >= 0).any() == sample_hidden
+    model.b0[:] = np.linspace(-0.2, 0.2, model.b0.shape[0])  # a point with no features gets relu(b0), not 0
+    sub = data.row_slice(0, 30)
+    empty = 7  # point 7 loses its features
+    keep = np.ones(sub.x_indices.shape[0], np.bool_)
+    keep[sub.x_indptr[empty] : sub.x_indptr[empty + 1]] = False
+    counts = np.diff(sub.x_indptr)
+    counts[empty] = 0
+    indptr = np.concatenate(([0], np.cumsum(counts)))
+    scale = np.repeat(np.linspace(0.5, 3.0, 30), counts)  # planted rows have unit norm: other norms too
+    args = (indptr, sub.x_indices[keep], (sub.x_values[keep] * scale).astype(np.float32))
+    x = naive.dense_rows(*args, F)
+    if normalize_input:
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        x = np.divide(x, norms, out=np.zeros_like(x), where=norms > 0)
+    w0, b0, ws = snapshot_params(model)
+    hs, z, _ = naive.forward(w0, b0, ws, x)
+    got = model.last_hidden(*args)
+    assert got.dtype == np.float32 and got.shape == (30, hidden[-1])
+    np.testing.assert_allclose(got, hs[-1], rtol=1e-5, atol=1e-6)
+    assert (got > 0).any(axis=1).all() and (got == 0).any()  # ReLU: some units off, every point with some on
+    labels, scores = model.predict(*args, k=4, mode="exact")
+    w = ws[-1]
+    want = np.take_along_axis(got.astype(np.float64) @ w[:, :-1].T + w[:, -1], labels, axis=1)
+    np.testing.assert_allclose(scores, want, rtol=1e-5, atol=1e-6)
+    assert model.last_hidden(np.array([0]), np.array([], np.int32), np.array([], np.float32)).shape == (0, hidden[-1])
+
+
 def test_hubs_are_the_top_scores_on_the_mean_input(trained_model):
     """Hubs = the neurons with the highest <w, mean input> + bias at the last rehash; every lsh
     candidate set contains them."""

@@ -219,17 +219,7 @@ def test_requests_a_killed_trainer_never_saw_are_pending_then_applied_once_it_is
     wait_for(lambda: client.get(f"/v1/jobs/{job_id}").json()["state"] == "failed", what="failed", diagnose=diagnose)
 
     # the service applies both to the newest version once the supervisor has reaped the trainer, as it would have
-    events_file = settings.job_dir(job_id) / "label-events.jsonl"
-    events = wait_for(
-        lambda: (
-            events_file.exists()
-            and len(lines := events_file.read_text().splitlines()) >= 2
-            and [json.loads(x) for x in lines]
-        ),
-        timeout=60,
-        what="the service to apply both requests",
-        diagnose=diagnose,
-    )
+    events = _label_events(settings, job_id, 2, timeout=60, diagnose=diagnose)
     assert [e["request_id"] for e in events] == [p["request_id"] for p in pending]
     assert events[0]["label_ids"] == [num_labels] and events[1]["label_ids"] == [0]
     assert served < events[0]["model_version"] < events[1]["model_version"]
@@ -368,6 +358,22 @@ def test_a_request_during_a_trainers_exit_is_applied(client_for, settings, train
     assert [(e["op"], e["label_ids"], e["model_version"]) for e in events] == [("add", [12], r.json()["model_version"])]
 
 
+def _label_events(settings, job_id: str, count: int, timeout: float, diagnose) -> list[dict]:
+    """The job's label events once at least `count` are written (the trainer's or the service's record of applied
+    requests)."""
+    events_file = settings.job_dir(job_id) / "label-events.jsonl"
+    return wait_for(
+        lambda: (
+            events_file.exists()
+            and len(lines := events_file.read_text().splitlines()) >= count
+            and [json.loads(x) for x in lines]
+        ),
+        timeout=timeout,
+        what=f"{count} label requests applied",
+        diagnose=diagnose,
+    )
+
+
 def _leave_requests(settings, job_id: str, requests: list[dict]):
     """Label requests in the job's queue as the service hands them to a trainer (one file each, oldest first), left
     there as by a trainer that never saw them; returns the queue directory."""
@@ -444,17 +450,7 @@ def test_requests_left_when_the_service_died_with_its_trainer_are_applied_at_the
         diagnose=diagnose,
     )
     assert job["state"] == ("completed" if auto_resume else "interrupted"), job
-    events_file = settings.job_dir(job_id) / "label-events.jsonl"
-    events = wait_for(
-        lambda: (
-            events_file.exists()
-            and len(lines := events_file.read_text().splitlines()) >= 2
-            and [json.loads(x) for x in lines]
-        ),
-        timeout=30,
-        what="both requests applied",
-        diagnose=diagnose,
-    )
+    events = _label_events(settings, job_id, 2, timeout=30, diagnose=diagnose)
     assert [e["request_id"] for e in events] == ["a" * 32, "b" * 32]  # each once
     assert events[0]["label_ids"] == [12] and events[1]["label_ids"] == [4]
     assert before < events[0]["model_version"] <= events[1]["model_version"]

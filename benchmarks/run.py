@@ -111,6 +111,16 @@ def epoch_records(history: list[TrainingMetrics], num_points: int) -> list[dict]
 
 
 def worker_engine(args, dense: bool) -> dict:
+    import tempfile
+
+    # beside the data, on disk as a snapshot store is (/tmp may be a tmpfs: memory outside the process's RSS)
+    with tempfile.TemporaryDirectory(prefix=".spill-", dir=Path(args.data).parent) as spill:
+        return measure_engine(args, dense, spill)
+
+
+def measure_engine(args, dense: bool, spill: str) -> dict:
+    """spill: the trainer's spill directory, where it keeps the model not in use (the best one so far while
+    training) in files, as the service's trainer does in its snapshot store."""
     from engine import Trainer, load_dataset
 
     d = Path(args.data)
@@ -119,7 +129,7 @@ def worker_engine(args, dense: bool) -> dict:
     sampler = RssSampler()
     compile_kernels(config)
     t0 = time.perf_counter()
-    trainer = Trainer(config, train, test)
+    trainer = Trainer(config, train, test, spill_dir=spill)
     init_s = time.perf_counter() - t0
     records = []
     segments = args.segments

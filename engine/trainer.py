@@ -45,7 +45,9 @@ from .network import PredictMode, SlideModel
 from .progress import TrainingMetrics
 from .resolve import Resolved, resolve
 from .snapshot import (
+    SnapshotError,
     SnapshotStore,
+    _file_crc32,
     attach_text,
     load_arrays,
     manifest_config,
@@ -54,6 +56,7 @@ from .snapshot import (
     read_manifest,
 )
 from .sparse import Dataset, RowReader, normalize_rows
+from .spill import SPILL_DIR, Spill, SpilledArrays, SpilledModel, remove_abandoned
 from .warmstart import map_data, warm_start
 
 if TYPE_CHECKING:
@@ -124,6 +127,7 @@ class Trainer:
         init_from: str | os.PathLike | SnapshotStore | None = None,
         label_names: Sequence[str] | None = None,
         featurizer: TextFeaturizer | None = None,
+        spill_dir: str | os.PathLike | None = None,
     ):
         """optimizer: Adam's state to continue from; None = fresh.
 
@@ -132,6 +136,10 @@ class Trainer:
         (engine.warmstart); the structure settings (`warmstart.STRUCTURE_FIELDS`) come from it, the rest from
         `config`. The step size continues from where the source's run had decayed it (see lr_decays).
         label_names / featurizer: the training set's, matched by name / term against the source's.
+        spill_dir: where the model not in use is kept, in files (engine.spill) rather than in memory: the copy of the
+        best model so far while training, and the state training continues from while `model` is the best one
+        (after `run`). A trainer with a store keeps them in the store's `.best` directory (snapshots link the
+        files); None without a store: in memory.
         """
         if train.num_points == 0:
             raise ValueError("the training set has no points")
@@ -177,9 +185,22 @@ class Trainer:
         self._dropout_rates = schedule.dropout_rates(config, int(self._val_idx.size))
         self.dropout_raises = 0
         """Times hidden dropout was raised (see schedule.raises_dropout): the rate is dropout_rates[raises]."""
+        self._spill_parent = Path(spill_dir) if spill_dir is not None else None
+        if self._spill_parent is None and store is not None:
+            self._spill_parent = store.root / SPILL_DIR
+        if self._spill_parent is not None:
+            remove_abandoned(self._spill_parent)  # those of a trainer killed before it could remove them
+        self._spill: Spill | None = None
+        self._closed = False
         self._best_arrays: dict | None = None
+        """The kept best model's arrays, in memory (no spill directory)..."""
+        self._best_files: SpilledArrays | None = None
+        """... or in files (see spill_dir)."""
         self._best_serving: dict = {}
         self._training_model: SlideModel | None = None
+        """After run() while `model` is the best one: the model training continues from, in memory..."""
+        self._training_files: SpilledModel | None = None
+        """... or in files (when the best one is)."""
         self._test_rows = RowReader(test) if test is not None else None
         self._labelled = np.diff(self._train_rows.y_indptr) > 0
         out = self.model.depth - 1
@@ -256,8 +277,14 @@ class Trainer:
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
-        """The training state: the model training continues from, and the optimizer's arrays."""
-        arrays = model_arrays(self._training_model or self.model)
+        """The training state: the model training continues from, and the optimizer's arrays (those of a model kept in
+        files are mapped read-only from them)."""
+        if self._training_files is not None:
+            arrays = {
+                name: np.load(path, mmap_mode="r") for name, (path, _) in self._training_files.arrays.files.items()
+            }
+        else:
+            arrays = model_arrays(self._training_model or self.model)
         arrays.update(self.adam.to_arrays())
         return arrays
 
@@ -267,15 +294,25 @@ class Trainer:
         training continues from as `opt_cur_*` arrays when that is not the served one."""
         if self.store is None:
             return None
+        self._check_open()
         self.refresh_serving_hubs()
         state = self.state()
-        arrays = self.arrays()
         serving = self.model.serving_report
+        links: dict[str, tuple[Path, dict]] = {}
+        if self._training_files is not None:  # after run(): files of the training state, the best model's in memory
+            arrays = self.adam.to_arrays()
+            links.update(self._training_files.arrays.links(TRAINING_ARRAYS))
+        else:
+            arrays = self.arrays()
         if self._serves_best():
-            assert self._best_arrays is not None
-            current = {name: arrays.pop(name) for name in model_arrays(self.model)}
-            arrays.update({TRAINING_ARRAYS + name: a for name, a in current.items()})
-            arrays.update(self._best_arrays)
+            if self._training_files is None:
+                current = {name: arrays.pop(name) for name in model_arrays(self.model)}
+                arrays.update({TRAINING_ARRAYS + name: a for name, a in current.items()})
+            if self._best_files is not None:
+                links.update(self._best_files.links())
+            else:
+                assert self._best_arrays is not None
+                arrays.update(self._best_arrays)
             state["training_arrays"] = TRAINING_ARRAYS
             serving = self._best_serving
         meta = self._snapshot_meta(state, serving)
@@ -284,7 +321,7 @@ class Trainer:
             arrays.update(self.model.featurizer.to_arrays())
         if self.model.label_names is not None:
             arrays.update(self.model.label_names.to_arrays())
-        return self.store.publish(arrays, meta)
+        return self.store.publish(arrays, meta, links=links)
 
     def attach_text(self, featurizer=None, label_names=None) -> None:
         """Carry a text featurizer and/or label names in every snapshot, so a snapshot alone serves text queries
@@ -306,17 +343,39 @@ class Trainer:
         return mask if mask.any() else None
 
     def _best_model_copy(self) -> SlideModel | None:
-        """The kept best model as a SlideModel over its arrays (None when none is kept)."""
-        if self._best_arrays is None:
+        """The kept best model as a SlideModel over its arrays (read into memory when they are in files; None when
+        none is kept)."""
+        if self._best_arrays is not None:
+            arrays = self._best_arrays
+        elif self._best_files is not None:
+            arrays = self._best_files.load()
+        else:
             return None
         best = model_from_arrays(
-            self.config,
-            self.model.num_features,
-            self._best_arrays[f"w{self.model.depth - 1}"].shape[0],
-            self._best_arrays,
+            self.config, self.model.num_features, arrays[f"w{self.model.depth - 1}"].shape[0], arrays
         )
         best.label_names = self.model.label_names
         return best
+
+    def _set_best(self, model: SlideModel) -> None:
+        """Keep model's arrays as the best model's: in files when the trainer has a spill directory (the previous
+        ones removed once the new ones are written), else in memory (without copying them)."""
+        if self._spill_parent is None:
+            self._best_arrays = model_arrays(model)
+            return
+        previous, self._best_files = self._best_files, self._spiller().write(model_arrays(model))
+        if previous is not None:
+            previous.remove()
+
+    def _edit_training_model(self, edit: Callable[[SlideModel], Any]) -> None:
+        """Apply a label edit to the model training continues from when run() left the best one as `model`."""
+        if self._training_model is not None:
+            edit(self._training_model)
+        elif self._training_files is not None:
+            model = self._training_files.load()
+            edit(model)
+            previous, self._training_files = self._training_files, self._spiller().write_model(model)
+            previous.arrays.remove()
 
     def add_labels(self, examples, names) -> np.ndarray:
         """Add labels (see SlideModel.add_labels) to the model being trained and to the kept best one, with
@@ -324,11 +383,11 @@ class Trainer:
         best = self._best_model_copy()
         if best is not None:
             labels.add_labels(best, examples, names)
+            self._set_best(best)
+            del best
         ids = labels.add_labels(self.model, examples, names)
-        if self._training_model is not None:  # run() returned: self.model is the best one, this the state to resume
-            labels.add_labels(self._training_model, examples, names)
-        if best is not None:
-            self._best_arrays = model_arrays(best)
+        # run() returned: self.model is the best one, this the state to resume
+        self._edit_training_model(lambda model: labels.add_labels(model, examples, names))
         self.config = self.config.replace(
             model=self.config.model.replace(sample_output=self.model.config.model.sample_output)
         )
@@ -344,10 +403,10 @@ class Trainer:
         best = self._best_model_copy()
         if best is not None:
             labels.retire_labels(best, ids)
-            self._best_arrays = model_arrays(best)
+            self._set_best(best)
+            del best
         was_live = labels.retire_labels(self.model, ids)
-        if self._training_model is not None:
-            labels.retire_labels(self._training_model, ids)
+        self._edit_training_model(lambda model: labels.retire_labels(model, ids))
         out = self.model.depth - 1
         rows = np.asarray(list(ids), dtype=np.int64)
         self.adam.reset_rows(out, rows)
@@ -360,21 +419,65 @@ class Trainer:
 
     def _serves_best(self) -> bool:
         """Whether the served model is a kept best one rather than the current training state."""
-        return self._best_arrays is not None and self.best is not None and self.best["step"] != self.step
+        kept = self._best_arrays is not None or self._best_files is not None
+        return kept and self.best is not None and self.best["step"] != self.step
 
     def best_model(self) -> SlideModel:
-        """The model with the best validation P@1 so far (the current one before any validation)."""
+        """The model with the best validation P@1 so far (the current one before any validation). A model kept in
+        memory shares its arrays with the kept copy; one kept in files is read into memory of its own."""
         if not self._serves_best():
             return self.model
-        model = model_from_arrays(self.config, self.model.num_features, self.model.num_labels, self._best_arrays)
+        return self._load_best(self._model_info(self.model))
+
+    @staticmethod
+    def _model_info(model: SlideModel) -> tuple:
+        """What the kept best model takes from the trainer's model: shape, featurizer, label names."""
+        return model.num_features, model.num_labels, model.featurizer, model.label_names
+
+    def _load_best(self, info: tuple, copy: bool = False) -> SlideModel:
+        """The kept best model with `_model_info` info. Arrays kept in memory are shared unless `copy`."""
+        if self._best_files is not None:
+            arrays = self._best_files.load()
+        else:
+            assert self._best_arrays is not None
+            arrays = {name: a.copy() for name, a in self._best_arrays.items()} if copy else self._best_arrays
+        num_features, num_labels, featurizer, label_names = info
+        model = model_from_arrays(self.config, num_features, num_labels, arrays)
         model.serving_report = self._best_serving
-        model.featurizer, model.label_names = self.model.featurizer, self.model.label_names
+        model.featurizer, model.label_names = featurizer, label_names
         return model
 
     def _keep_best(self) -> None:
-        self._best_arrays = None  # the previous best goes before the new copy is made: one copy at a time
-        self._best_arrays = {name: np.array(a, copy=True) for name, a in model_arrays(self.model).items()}
+        """Keep a copy of the current model as the best one: written into new files of the spill directory, or
+        copied in memory without one."""
+        if self._spill_parent is not None:
+            self._set_best(self.model)  # write() makes the copy: files
+        else:
+            self._best_arrays = None  # the previous best goes before the new copy is made: one copy at a time
+            self._best_arrays = {name: np.array(a, copy=True) for name, a in model_arrays(self.model).items()}
         self._best_serving = dict(self.model.serving_report)
+
+    def _spiller(self) -> Spill:
+        """The trainer's spill directory (made at first use)."""
+        assert self._spill_parent is not None
+        self._check_open()
+        if self._spill is None:
+            self._spill = Spill(self._spill_parent)
+        return self._spill
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the trainer is closed")
+
+    def close(self) -> None:
+        """Remove the files of the models kept in the spill directory (see spill_dir; they also go when the trainer
+        is collected or the process exits). `model` stays usable; training and publishing do not."""
+        self._closed = True
+        self._best_files = None
+        self._training_files = None
+        if self._spill is not None:
+            self._spill.close()
+            self._spill = None
 
     def refresh_serving_hubs(self) -> None:
         """Re-pick what predictions add to every candidate set from the current weights: the tables are
@@ -407,9 +510,16 @@ class Trainer:
             shards = len(manifest["shards"])
             raise ValueError(f"{path} was written by sharded training: resume it with --shards {shards}")
         config = manifest_config(manifest)
-        arrays = load_arrays(path, mmap=False, verify=True)
-        served: dict | None = None
         prefix = manifest["trainer_state"].get("training_arrays")
+        served_files: dict[str, dict] = {}
+        if prefix and not manifest.get("delta"):  # the served model's files are linked into the spill, not read
+            served_files = {name: info for name, info in manifest["arrays"].items() if _MODEL_ARRAY.match(name)}
+            for name, info in served_files.items():
+                if _file_crc32(path / f"{name}.npy") != info["crc32"]:
+                    raise SnapshotError(f"{path / name}.npy: checksum mismatch, the snapshot is corrupt")
+        rest = [n for n in manifest["arrays"] if n not in served_files] if served_files else None
+        arrays = load_arrays(path, rest, mmap=False, verify=True)
+        served: dict | None = None
         if prefix:
             served = {name: arrays.pop(name) for name in list(arrays) if _MODEL_ARRAY.match(name)}
             arrays.update({name[len(prefix) :]: arrays.pop(name) for name in list(arrays) if name.startswith(prefix)})
@@ -431,8 +541,15 @@ class Trainer:
         trainer.lr_decays = int(st.get("lr_decays", 0))
         trainer.dropout_raises = min(int(st.get("dropout_raises", 0)), len(trainer._dropout_rates) - 1)
         trainer.early_stopped = bool(st.get("early_stopped", False))
-        if served is not None:
-            trainer._best_arrays, trainer._best_serving = served, dict(manifest.get("serving", {}))
+        if served_files:
+            trainer._best_files = trainer._spiller().link(path, served_files)
+            trainer._best_serving = dict(manifest.get("serving", {}))
+        elif served is not None:
+            if trainer._spill_parent is not None:
+                trainer._best_files = trainer._spiller().write(served)
+            else:
+                trainer._best_arrays = served
+            trainer._best_serving = dict(manifest.get("serving", {}))
         elif trainer.best is not None:
             model.serving_report = dict(manifest.get("serving", {}))
             trainer._keep_best()
@@ -786,14 +903,25 @@ class Trainer:
         return last.loss if rate == self.hidden_dropout else None
 
     def _restore_best(self) -> None:
-        """Continue training from the best model kept (its weights and tables; the optimizer's state goes on)."""
+        """Continue training from the best model kept (its weights and tables; the optimizer's state goes on), a copy
+        of it: training must not change the kept one."""
         if not self._serves_best():
             return
-        model = self.best_model()
+        model = (
+            self._load_best(self._model_info(self.model), copy=True)
+            if self._best_files is None
+            else self._swap_in_best()
+        )
         model.serving_report = dict(self._best_serving)
         self.model = model
         self._buffers_for = None
         self._serving_hubs_step = -1
+
+    def _swap_in_best(self) -> SlideModel:
+        """The best model read from its files, once `model` is let go (one model in memory at a time)."""
+        info = self._model_info(self.model)
+        del self.model
+        return self._load_best(info)
 
     def _validation_scores(self, val: Dataset) -> dict:
         """val_p_at_1, val_p_at_5 and val_eval_mode of the model as served (`auto`) on the validation split."""
@@ -813,10 +941,17 @@ class Trainer:
         """Train until `config.schedule.epochs` are done, `should_stop()` is true (checked between batches) or the
         time budget is spent. Returns the last metrics with "stopped" (True when interrupted early).
         before_step: called before every step (the place to add or retire labels while training)."""
+        self._check_open()
         cfg = self.config
         set_threads(cfg.threads)
         if self._training_model is not None:  # a previous run() left the best model in self.model
             self.model, self._training_model = self._training_model, None
+            self._serving_hubs_step = -1
+        elif self._training_files is not None:  # ... and the model training continues from in files
+            spilled, self._training_files = self._training_files, None
+            del self.model  # the best one is in its own files
+            self.model = spilled.load()
+            spilled.arrays.remove()
             self._serving_hubs_step = -1
         n = self._train_idx.size
         batches_per_epoch = self._steps_per_epoch
@@ -906,8 +1041,12 @@ class Trainer:
         result = {**last.to_dict(), "stopped": stopped, "early_stopped": self.early_stopped}
         if self._serves_best():
             # the final model is the best one; the next run() continues from the training state
-            self._training_model = self.model
-            self.model = self.best_model()
+            if self._best_files is not None:  # both in files but the one in use
+                self._training_files = self._spiller().write_model(self.model)
+                self.model = self._swap_in_best()
+            else:
+                self._training_model = self.model
+                self.model = self.best_model()
             self._serving_hubs_step = self.step
             result.update(self.evaluate())
         if self.best is not None:

@@ -42,6 +42,14 @@ class Scripted(Trainer):
         return {"val_p_at_1": score, "val_p_at_5": score / 2, "val_eval_mode": "exact"}
 
 
+def kept_best(trainer: Trainer) -> dict:
+    """The arrays of the best model a trainer keeps: in memory, or in its spill directory's files."""
+    if trainer._best_arrays is not None:
+        return trainer._best_arrays
+    assert trainer._best_files is not None
+    return trainer._best_files.load()
+
+
 def predictions(model, data, mode="auto"):
     return model.predict(data.x_indptr, data.x_indices, data.x_values, k=5, mode=mode)
 
@@ -147,7 +155,7 @@ def test_auto_dropout_rises_when_validation_stalls_while_the_loss_falls(tmp_path
 
     def on_metrics(m):
         if m.epoch == 4:  # the raise at this evaluation continued from the best model, step 16's
-            best = trainer._best_arrays
+            best = kept_best(trainer)
             restored.update({k: np.array_equal(a, best[k]) for k, a in model_arrays(trainer.model).items()})
 
     trainer.run(on_metrics=on_metrics, snapshot_every_s=0.0)

@@ -331,7 +331,10 @@ class JobProcess:
             )
         if not spec.init_from:
             self._attach_text(trainer, spec.train_path)
-        self._run(trainer, store, labels=True)
+        try:
+            self._run(trainer, store, labels=True)
+        finally:
+            trainer.close()  # the files of the models it kept beside the snapshots (engine.spill)
 
     def _train_on_ray(self) -> None:
         """A job with a ray backend: DistributedTrainer, its shards on the Ray cluster (no memory ceiling here: a

@@ -277,6 +277,10 @@ def test_lifecycle_live_predictions_stop_resume_complete(tmp_path, client_for, x
     assert_problem(client.post(f"/v1/jobs/{job_id}/resume"), 409)
     done = wait_for(lambda: _state_is(client, job_id, "completed"), timeout=120, what="completed", diagnose=diagnose)
     assert done["runs"] == 2 and done["error"] is None
+    # the files of the models the trainer was not using (engine.spill: it kept some, in the store's .best) went with it
+    spilled = settings.snapshots_dir(job_id) / ".best"
+    assert spilled.is_dir()
+    wait_for(lambda: not list(spilled.glob("spill-*")), timeout=30, what="the trainer's spill files removed")
     assert done["progress"]["epoch"] == 100 and done["progress"]["step"] >= stopped["progress"]["step"]
     assert done["latest_metrics"]["p_at_1"] is not None
     assert_problem(client.post(f"/v1/jobs/{job_id}/resume"), 409)

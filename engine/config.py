@@ -102,6 +102,7 @@ BOUNDS: dict[str, Bounds] = {
     "schedule.epochs": Bounds(0, 10**7),
     "schedule.lr_warmup_steps": Bounds(1, 10**9, note='null = auto, "none" = no warm-up'),
     "schedule.lr_decay": Bounds(0.0, 1.0, low_open=True, note="1 = constant step size"),
+    "schedule.lr_epoch_decay": Bounds(0.0, 1.0, low_open=True, note="1 = no decay by epochs"),
     "schedule.val_points": Bounds(1, 10**7, note='null = auto, "none" = no validation split'),
     "schedule.early_stop_patience": Bounds(1, 10**6, note='"never" = run every epoch'),
     "schedule.eval_every": Bounds(1, 10**9, note="null = once per epoch"),
@@ -357,6 +358,11 @@ class ScheduleConfig(_Group):
     on plateau; 1 = constant). It follows the validation history, never the number of epochs configured,
     so a longer run follows the same path as a shorter one. Without a validation split it never applies; an
     evaluation that raises hidden dropout (optimizer.hidden_dropout auto) does not apply it."""
+    lr_epoch_decay: float = 1.0
+    """Factor the step size shrinks by over each epoch of training, step by step (epoch_decay ** epochs trained,
+    on top of lr_decay's cuts; 1 = none). 0.8 gains on large sets that still underfit after 10 epochs and loses
+    on small ones, whose short epochs need the full step size for longer (BENCHMARKS.md); a warm start continues
+    from the epochs its source trained."""
     val_points: int | NoneWord | None = None
     """Training points held out as a validation split (seeded, never trained on) that picks the served
     snapshot and stops training early: None = auto (a tenth of the training set, at most 5,000, none below

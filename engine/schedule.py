@@ -32,11 +32,14 @@ def warmup_steps(config: SlideConfig, steps_per_epoch: int) -> int:
     return int(min(AUTO_WARMUP_MAX, max(1, steps_per_epoch // 4)))
 
 
-def lr_factor(step: int, warmup: int, decays: int, decay: float) -> float:
+def lr_factor(
+    step: int, warmup: int, decays: int, decay: float, epochs: float = 0.0, epoch_decay: float = 1.0
+) -> float:
     """Multiplier of the base step size for step `step` (0-based) after `decays` evaluations without a new
-    best: decay ** decays, times (step + 1) / warmup over the first `warmup` steps (a linear warm-up)."""
+    best and `epochs` epochs of training: decay ** decays * epoch_decay ** epochs, times (step + 1) / warmup over
+    the first `warmup` steps (a linear warm-up)."""
     ramp = (step + 1) / warmup if step < warmup else 1.0
-    return float(ramp * decay**decays)
+    return float(ramp * decay**decays * epoch_decay**epochs)
 
 
 def validation_size(config: SlideConfig, num_points: int) -> int:

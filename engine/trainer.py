@@ -143,10 +143,10 @@ class Trainer:
         """
         if train.num_points == 0:
             raise ValueError("the training set has no points")
-        lr_decays = 0
+        lr_decays, lr_epochs_before = 0, 0.0
         if init_from is not None:
             warm = warm_start(init_from, config, train, test, label_names, featurizer)
-            config, model, optimizer, train, test, lr_decays = warm
+            config, model, optimizer, train, test, lr_decays, lr_epochs_before = warm
         if test is not None and (test.num_features > train.num_features or test.num_labels > train.num_labels):
             raise ValueError("the test set has more features or labels than the training set")
         if model is not None and (model.num_features < train.num_features or model.num_labels < train.num_labels):
@@ -181,6 +181,8 @@ class Trainer:
         self.lr_decays = lr_decays
         """Evaluations so far that brought no new best: each multiplied the step size by lr_decay. A warm start
         continues its source's count: a trained model fine-tuned at the full step size loses what it had settled."""
+        self.lr_epochs_before = lr_epochs_before
+        """Epochs of step-size decay (schedule.lr_epoch_decay) before this run's first step: a warm start's source's."""
         self.early_stopped = False
         self._dropout_rates = schedule.dropout_rates(config, int(self._val_idx.size))
         self.dropout_raises = 0
@@ -259,6 +261,7 @@ class Trainer:
             "best": self.best,
             "evals_since_best": self.evals_since_best,
             "lr_decays": self.lr_decays,
+            "lr_epochs_before": self.lr_epochs_before,
             "dropout_raises": self.dropout_raises,
             "hidden_dropout": self.hidden_dropout,
             "early_stopped": self.early_stopped,
@@ -539,6 +542,7 @@ class Trainer:
         trainer.best = st.get("best")
         trainer.evals_since_best = int(st.get("evals_since_best", 0))
         trainer.lr_decays = int(st.get("lr_decays", 0))
+        trainer.lr_epochs_before = float(st.get("lr_epochs_before", 0.0))
         trainer.dropout_raises = min(int(st.get("dropout_raises", 0)), len(trainer._dropout_rates) - 1)
         trainer.early_stopped = bool(st.get("early_stopped", False))
         if served_files:
@@ -653,7 +657,7 @@ class Trainer:
             data = labels.without_labels(data, self._retired)
         if cfg.model.normalize_input:
             data = normalize_rows(data)
-        self._lr = cfg.optimizer.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.schedule.lr_decay)
+        self._lr = self.step_size()
         slots = np.arange(b, dtype=np.int64)
         net = model.kernel_layers()
         train_batch(
@@ -696,6 +700,19 @@ class Trainer:
         if self.step >= self.next_rehash_step:
             self.rehash()
         return float(losses.sum()), labelled, out_active
+
+    def lr_epochs(self) -> float:
+        """Epochs of training the step size has decayed over (schedule.lr_epoch_decay), a warm start's source's
+        included."""
+        return self.lr_epochs_before + self.step / max(1, self._steps_per_epoch)
+
+    def step_size(self) -> float:
+        """Adam's step size for the next step: optimizer.lr after the warm-up, the plateau cuts and the epochs."""
+        cfg = self.config.schedule
+        factor = schedule.lr_factor(
+            self.step, self._warmup, self.lr_decays, cfg.lr_decay, self.lr_epochs(), cfg.lr_epoch_decay
+        )
+        return self.config.optimizer.lr * factor
 
     @property
     def hidden_dropout(self) -> float:

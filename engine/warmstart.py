@@ -63,6 +63,8 @@ class WarmStart(NamedTuple):
     test: Dataset | None
     lr_decays: int = 0
     """The step-size decays of the source's run (engine.schedule.lr_factor), which the new run continues from."""
+    lr_epochs: float = 0.0
+    """The epochs of step-size decay of the source's run (Trainer.lr_epochs), which the new run continues from."""
 
 
 def snapshot_path(init_from: str | os.PathLike | SnapshotStore) -> Path:
@@ -218,8 +220,12 @@ def warm_start(
 
         model.label_names = LabelNames.from_list(names)
     optimizer = LazyAdamState.from_arrays(arrays).grown([w.shape[0] for w in model.weights])
-    decays = int((manifest.get("trainer_state") or {}).get("lr_decays", 0))
-    return WarmStart(cfg, model, optimizer, train, test, decays)
+    state = manifest.get("trainer_state") or {}
+    steps_per_epoch = (state.get("resolved") or {}).get("steps_per_epoch") or 0
+    epochs = float(state.get("lr_epochs_before", 0.0)) + (
+        int(state.get("step", 0)) / steps_per_epoch if steps_per_epoch else 0.0
+    )
+    return WarmStart(cfg, model, optimizer, train, test, int(state.get("lr_decays", 0)), epochs)
 
 
 class WarmShape(NamedTuple):

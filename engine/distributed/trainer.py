@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 
-from .. import schedule
 from ..adam import LazyAdamState
 from ..config import SlideConfig
 from ..network import Predictions, PredictMode, check_csr, layer_slots
@@ -392,7 +391,7 @@ class DistributedTrainer(Trainer):
         b = points.shape[0]
         if not 1 <= b <= cfg.optimizer.batch_size:
             raise ValueError(f"a batch holds 1 to batch_size={cfg.optimizer.batch_size} points, got {b}")
-        self._lr = cfg.optimizer.lr * schedule.lr_factor(self.step, self._warmup, self.lr_decays, cfg.schedule.lr_decay)
+        self._lr = self.step_size()
         pending = group._inflight
         group._inflight = []
         clock = self.stage_seconds
@@ -542,6 +541,7 @@ class DistributedTrainer(Trainer):
         trainer.best = st.get("best")
         trainer.evals_since_best = int(st.get("evals_since_best", 0))
         trainer.lr_decays = int(st.get("lr_decays", 0))
+        trainer.lr_epochs_before = float(st.get("lr_epochs_before", 0.0))
         trainer.dropout_raises = min(int(st.get("dropout_raises", 0)), len(trainer._dropout_rates) - 1)
         trainer.early_stopped = bool(st.get("early_stopped", False))
         if trainer.best is not None:

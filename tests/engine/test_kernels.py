@@ -88,10 +88,11 @@ class NaiveAdam:
     moment of a sampled layer is stored rounded to bfloat16 when the config says so."""
 
     def __init__(self, params, cfg, resolved):
-        """resolved: the trainer's resolved settings (the warm-up of the step-size schedule)."""
+        """resolved: the trainer's resolved settings (the warm-up and epoch length of the step-size schedule)."""
         self.w0, self.b0, self.ws = params
         self.cfg = cfg
         self.warmup = resolved.lr_warmup_steps
+        self.steps_per_epoch = resolved.steps_per_epoch
         shapes = [self.w0.shape] + [w.shape for w in self.ws]
         self.m = [np.zeros(s) for s in shapes]
         self.v = [np.zeros(s) for s in shapes]
@@ -103,9 +104,10 @@ class NaiveAdam:
         """keep: the output deltas kept (hard negatives); the output rows none of them touch take no step.
         shift: the output logits' log-Q correction (random negatives). dropout: naive.forward's."""
         cfg = self.cfg
-        lr = cfg.optimizer.lr * schedule.lr_factor(
-            self.t, self.warmup, 0, cfg.schedule.lr_decay
-        )  # no validation split: no decay
+        epochs = self.t / self.steps_per_epoch
+        sched = cfg.schedule
+        # no validation split: no plateau cuts
+        lr = cfg.optimizer.lr * schedule.lr_factor(self.t, self.warmup, 0, sched.lr_decay, epochs, sched.lr_epoch_decay)
         hp = (lr, cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.eps)
         g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep, shift, dropout)
         rows0 = np.flatnonzero(np.any(x != 0, axis=0))

@@ -22,6 +22,13 @@ def test_each_plateau_multiplies_the_step_size_by_the_decay():
     assert schedule.lr_factor(100, 4, 7, 1.0) == 1.0  # lr_decay 1: constant
 
 
+def test_each_epoch_multiplies_the_step_size_by_the_epoch_decay_step_by_step():
+    assert schedule.lr_factor(100, 4, 0, 0.5, 2.0, 0.8) == pytest.approx(0.64)
+    assert schedule.lr_factor(100, 4, 0, 0.5, 0.5, 0.64) == pytest.approx(0.8)  # within an epoch
+    assert schedule.lr_factor(1, 4, 2, 0.5, 3.0, 0.5) == pytest.approx(0.5 * 0.25 * 0.125)  # all three multiply
+    assert schedule.lr_factor(100, 4, 0, 0.5, 9.0, 1.0) == 1.0  # lr_epoch_decay 1: none
+
+
 def test_warmup_steps_resolution():
     assert schedule.warmup_steps(SlideConfig(), 8) == 2  # a quarter of an epoch
     assert schedule.warmup_steps(SlideConfig(), 3) == 1
@@ -74,7 +81,14 @@ def test_improvement_and_patience():
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("lr_warmup_steps", 0), ("lr_decay", 0.0), ("lr_decay", 1.5), ("val_points", -1)]
+    [
+        ("lr_warmup_steps", 0),
+        ("lr_decay", 0.0),
+        ("lr_decay", 1.5),
+        ("lr_epoch_decay", 0.0),
+        ("lr_epoch_decay", 1.5),
+        ("val_points", -1),
+    ]
     + [("early_stop_patience", -1), ("early_stop_patience", 0)],
 )
 def test_new_settings_are_checked(field, value):

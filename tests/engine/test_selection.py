@@ -19,7 +19,9 @@ CFG = SlideConfig(
     model=ModelConfig(hidden=(16,), sample_output=True, init_std=0.05),
     sampling=SamplingConfig(hash_k=4, hash_l=5, bucket_size=32, rehash_n0=3),
     optimizer=OptimizerConfig(batch_size=16, lr=5e-3, hidden_dropout=0.0),
-    schedule=ScheduleConfig(epochs=8, val_points=40, early_stop_patience=3, lr_decay=0.5, lr_warmup_steps="none"),
+    schedule=ScheduleConfig(
+        epochs=8, val_points=40, early_stop_patience=3, lr_decay=0.5, lr_epoch_decay=1.0, lr_warmup_steps="none"
+    ),
     seed=5,
     threads=1,
 )
@@ -97,6 +99,25 @@ def test_early_stopping_best_snapshot_and_plateau_decay(tmp_path, data):
     assert warm.lr_decays == 3
     warm.run()
     assert warm.history[0].lr == pytest.approx(5e-3 / 8)
+
+
+def test_the_step_size_decays_by_epochs_across_resumes_and_warm_starts(tmp_path, data):
+    train, test = data
+    cfg = CFG.replace(schedule=CFG.schedule.replace(epochs=3, lr_decay=1.0, lr_epoch_decay=0.5))
+    store = SnapshotStore(tmp_path / "run")
+    trainer = Trainer(cfg, train, test, store=store)
+    trainer.run(should_stop=lambda: trainer.step >= 12)
+    resumed = Trainer.resume(store, train, test)
+    resumed.run()
+    # epochs of 8 steps; a record's rate is its window's last step's: 5e-3 * 0.5 ** (step / 8) before that step
+    records = [h for h in resumed.history if h.val_p_at_1 is not None]  # the resumed run carries the first one's
+    assert [h.step for h in records] == [8, 16, 24]
+    assert [h.lr for h in records] == pytest.approx([5e-3 * 0.5 ** ((s - 1) / 8) for s in (8, 16, 24)])
+    # a warm start goes on from the 3 epochs its source trained
+    warm = Trainer(cfg.replace(schedule=cfg.schedule.replace(epochs=1)), train, test, init_from=store)
+    assert warm.lr_epochs_before == pytest.approx(3.0)
+    warm.run()
+    assert warm.history[-1].lr == pytest.approx(5e-3 * 0.5 ** (3 + 7 / 8))
 
 
 @pytest.mark.parametrize("split", [12, 21])  # after the first best (step 8), after a plateau (step 16 / 24)

@@ -253,6 +253,8 @@ def insert_rows(tb: Tables, new_codes: np.ndarray, first: int, capacity: int) ->
     ids = np.empty((n_tables, n), np.int32)
     inserted = np.concatenate([tb.inserted, np.full(m, tb.inserted.max(initial=0), np.int32)])
     _insert_rows(tb.offsets, tb.ids, inserted, np.ascontiguousarray(new_codes, np.int32), first, capacity, offsets, ids)
+    for t in range(n_tables):
+        ids[t, offsets[t, -1] :] = 0  # past the last bucket: unused, but written to snapshots (same bytes every run)
     codes = np.concatenate([tb.codes, new_codes], axis=1)
     return tb._replace(codes=codes, inserted=inserted, offsets=offsets, ids=ids)
 

@@ -332,8 +332,8 @@ class OptimizerConfig(_Group):
     """Probability that training zeroes each hidden unit for one point (inverted dropout: the kept ones are
     scaled by 1 / (1 - rate); prediction drops nothing). A regulariser against a hidden layer that memorises
     the training points. None = auto: training starts without dropout; at the second evaluation in a row without
-    a new best validation P@1 while the training loss still falls, it raises the rate a step (0.25, then 0.5:
-    engine.schedule.AUTO_DROPOUT_RATES) and goes on from the best model, instead of reducing the step size and
+    progress (see schedule.lr_decay) while the training loss still falls, it raises the rate to 0.5
+    (engine.schedule.AUTO_DROPOUT_RATES) and goes on from the best model, instead of reducing the step size and
     counting towards early stopping; without a validation split it stays 0. A number keeps that rate throughout
     (0 = none): 0.3-0.5 suits data the model memorises within a few epochs, and slows learning where it still
     underfits."""
@@ -354,8 +354,9 @@ class ScheduleConfig(_Group):
     first updates of rows that Adam has barely seen stay small: None = auto (a quarter of an epoch, at most 500),
     "none" = no warm-up."""
     lr_decay: float = 0.5
-    """Factor applied to the step size each time an evaluation brings no new best validation P@1 (reduce
-    on plateau; 1 = constant). It follows the validation history, never the number of epochs configured,
+    """Factor applied to the step size each time an evaluation brings no progress: no new best validation P@1
+    by at least schedule.PLATEAU_MARGIN (0.003; a smaller gain is still kept as the best model) (reduce on
+    plateau; 1 = constant). It follows the validation history, never the number of epochs configured,
     so a longer run follows the same path as a shorter one. Without a validation split it never applies; an
     evaluation that raises hidden dropout (optimizer.hidden_dropout auto) does not apply it."""
     lr_epoch_decay: float = 1.0
@@ -369,7 +370,7 @@ class ScheduleConfig(_Group):
     1,000 points), "none" = no split (the last state is served), a number = this many. The test set is only
     reported."""
     early_stop_patience: int | NeverWord = 3
-    """Evaluations in a row without a new best validation P@1 before training stops ("never" = run every epoch);
+    """Evaluations in a row without progress (see lr_decay) before training stops ("never" = run every epoch);
     a raise of hidden dropout (optimizer.hidden_dropout auto) starts the count again."""
     eval_every: int | None = None
     """Evaluate every this many steps (None = once per epoch). Each evaluation also scores the validation split

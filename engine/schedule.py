@@ -15,11 +15,16 @@ AUTO_VAL_MAX = 5000
 AUTO_VAL_MIN_TRAIN = 1000
 """Training sets smaller than this get no automatic validation split (too few points to rank snapshots)."""
 MIN_IMPROVEMENT = 1e-4
-"""A validation P@1 counts as a new best only if it beats the best so far by more than this."""
-AUTO_DROPOUT_RATES = (0.0, 0.25, 0.5)
+"""A validation P@1 counts as a new best (the model kept and served) only if it beats the best so far by more
+than this."""
+PLATEAU_MARGIN = 0.003
+"""A validation P@1 that beats the best so far by less than this is a plateau: it still becomes the best model
+kept, but counts like an evaluation without a new best for the step size, hidden dropout and early stopping (a
+validation P@1 that creeps up by a few points of the split an epoch is a model that has stopped learning)."""
+AUTO_DROPOUT_RATES = (0.0, 0.5)
 """The hidden dropout rates `optimizer.hidden_dropout = None` (auto) steps through, one step at each raise."""
 DROPOUT_STALL_EVALS = 2
-"""Evaluations in a row without a new best validation P@1 at which auto raises hidden dropout. The first one
+"""Evaluations in a row without progress (see is_progress) at which auto raises hidden dropout. The first one
 reduces the step size as before: a model that still underfits has single stalled evaluations too."""
 
 
@@ -70,8 +75,15 @@ def is_improvement(score: float, best: float | None) -> bool:
     return best is None or score > best + MIN_IMPROVEMENT
 
 
+def is_progress(score: float, best: float | None) -> bool:
+    """Whether a validation score beats the best so far by at least PLATEAU_MARGIN (the first one always does):
+    an evaluation without progress reduces the step size, counts towards early stopping or raises hidden
+    dropout, even when its model is a new best (is_improvement)."""
+    return best is None or score >= best + PLATEAU_MARGIN
+
+
 def should_stop_early(evals_since_best: int, patience: int | str) -> bool:
-    """Whether `patience` evaluations in a row ("never": never) brought no new best."""
+    """Whether `patience` evaluations in a row ("never": never) brought no progress (see is_progress)."""
     return patience != "never" and evals_since_best >= int(patience)
 
 
@@ -91,7 +103,7 @@ def raises_dropout(
     loss: float | None,
     previous_loss: float | None,
 ) -> bool:
-    """Whether an evaluation that brought no new best validation P@1 raises hidden dropout to the next of
+    """Whether an evaluation that brought no progress (see is_progress) raises hidden dropout to the next of
     `rates` (instead of reducing the step size and counting towards early stopping): when it is at least the
     DROPOUT_STALL_EVALS-th such evaluation in a row (evals_without_best counts it), a higher rate is left, and
     the training loss still falls (`loss`, the mean loss since the previous evaluation, below `previous_loss`,

@@ -8,8 +8,9 @@ same step counter, data order and schedule).
 Model selection uses a validation split held out of the training set (`schedule.validation_split`):
 after each evaluation the model with the best validation P@1 so far is kept, every snapshot serves it
 (its arrays are the snapshot's model; the state training continues from rides along as `opt_cur_*`
-arrays when it differs), training stops after `early_stop_patience` evaluations without a new best, and
-when `run()` returns `trainer.model` is the best model. The test set is only reported.
+arrays when it differs), training stops after `early_stop_patience` evaluations without progress
+(schedule.is_progress), and when `run()` returns `trainer.model` is the best model. The test set is only
+reported.
 """
 
 from __future__ import annotations
@@ -179,8 +180,9 @@ class Trainer:
         """Validation P@1 (and step, epoch) of the best model so far; None before the first validation."""
         self.evals_since_best = 0
         self.lr_decays = lr_decays
-        """Evaluations so far that brought no new best: each multiplied the step size by lr_decay. A warm start
-        continues its source's count: a trained model fine-tuned at the full step size loses what it had settled."""
+        """Evaluations so far that brought no progress (schedule.is_progress): each multiplied the step size by
+        lr_decay. A warm start continues its source's count: a trained model fine-tuned at the full step size
+        loses what it had settled."""
         self.lr_epochs_before = lr_epochs_before
         """Epochs of step-size decay (schedule.lr_epoch_decay) before this run's first step: a warm start's source's."""
         self.early_stopped = False
@@ -881,9 +883,10 @@ class Trainer:
 
     def validate(self, loss: float | None = None) -> dict:
         """Calibrate `auto` serving on the validation split (see SlideModel.calibrate_serving) and score it
-        there as served; {} without a split. Updates the best model kept so far and, when the score is no new
-        best, either raises hidden dropout (auto, see schedule.raises_dropout; `loss`: the mean training loss
-        since the previous evaluation) or reduces the step size and counts towards early stopping."""
+        there as served; {} without a split. Updates the best model kept so far and, when the score brings no
+        progress (schedule.is_progress: a new best by too little counts as none), either raises hidden dropout
+        (auto, see schedule.raises_dropout; `loss`: the mean training loss since the previous evaluation) or
+        reduces the step size and counts towards early stopping."""
         if self._val_data is None:
             return {}
         self.refresh_serving_hubs()
@@ -892,10 +895,12 @@ class Trainer:
         self.model.calibrate_serving(cal.x_indptr, cal.x_indices, cal.x_values, cal.y_indptr, cal.y_indices)
         out = self._validation_scores(val)
         score = out["val_p_at_1"]
-        if schedule.is_improvement(score, None if self.best is None else self.best["val_p_at_1"]):
+        best = None if self.best is None else self.best["val_p_at_1"]
+        if schedule.is_improvement(score, best):
             self.best = {"val_p_at_1": score, "step": self.step, "epoch": self.epoch, "samples": self.samples_seen}
-            self.evals_since_best = 0
             self._keep_best()
+        if schedule.is_progress(score, best):
+            self.evals_since_best = 0
         elif schedule.raises_dropout(
             self.evals_since_best + 1, self.dropout_raises, self._dropout_rates, loss, self._previous_loss()
         ):

@@ -114,7 +114,7 @@ def test_one_shard_raises_auto_dropout_from_the_best_model_as_the_single_process
     cfg = config({"schedule.epochs": 6, "schedule.val_points": 300, "schedule.early_stop_patience": "never"})
     single = scripted(Trainer)(cfg, train, test, SnapshotStore(tmp_path / "single"))
     single.run()
-    assert [h.hidden_dropout for h in single.history] == [0.0] * 4 + [0.25] * 2 and single.best["epoch"] == 5
+    assert [h.hidden_dropout for h in single.history] == [0.0] * 4 + [0.5] * 2 and single.best["epoch"] == 5
     with scripted(DistributedTrainer)(
         cfg, train, test, SnapshotStore(tmp_path / "sharded"), shards=1, actor_options=ON_WORKER
     ) as sharded:

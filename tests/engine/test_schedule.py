@@ -79,6 +79,18 @@ def test_improvement_and_patience():
     assert not schedule.should_stop_early(100, "never")
 
 
+def test_a_new_best_by_less_than_the_plateau_margin_is_no_progress():
+    margin = schedule.PLATEAU_MARGIN
+    assert schedule.MIN_IMPROVEMENT < margin <= 0.01
+    assert schedule.is_progress(0.1, None)
+    best = 0.77
+    scores = [0.5, 0.77, best + schedule.MIN_IMPROVEMENT * 2, best + margin * 0.9, best + margin * 1.1, 0.8, 0.95]
+    for score in scores:
+        assert schedule.is_progress(score, best) == (score - best >= margin), score
+    # a new best kept (and served) that still counts as a plateau
+    assert schedule.is_improvement(best + margin * 0.9, best) and not schedule.is_progress(best + margin * 0.9, best)
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
     [
@@ -101,10 +113,12 @@ def test_dropout_rises_only_on_a_stall_while_the_loss_falls_and_a_higher_rate_is
     assert schedule.dropout_rates(SlideConfig(), 100) == auto and schedule.dropout_rates(SlideConfig(), 0) == (0.0,)
     fixed = SlideConfig(optimizer=OptimizerConfig(hidden_dropout=0.4))
     assert schedule.dropout_rates(fixed, 100) == (0.4,)
+    assert auto == (0.0, 0.5)
     stall = schedule.DROPOUT_STALL_EVALS
     assert stall == 2 and not schedule.raises_dropout(1, 0, auto, 2.0, 2.5)  # a single stall: the step size halves
-    assert schedule.raises_dropout(2, 0, auto, 2.0, 2.5) and schedule.raises_dropout(3, 1, auto, 2.0, 2.5)
-    assert not schedule.raises_dropout(2, 2, auto, 2.0, 2.5)  # at the highest rate
+    assert schedule.raises_dropout(2, 0, auto, 2.0, 2.5) and not schedule.raises_dropout(2, 1, auto, 2.0, 2.5)
+    three = (0.0, 0.25, 0.5)
+    assert schedule.raises_dropout(3, 1, three, 2.0, 2.5) and not schedule.raises_dropout(2, 2, three, 2.0, 2.5)
     assert not schedule.raises_dropout(2, 0, auto, 2.5, 2.5)  # the loss no longer falls
     assert not schedule.raises_dropout(2, 0, auto, 2.0, None)  # no window at this rate to compare with
     assert not schedule.raises_dropout(5, 0, (0.4,), 2.0, 2.5)

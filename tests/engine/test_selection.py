@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine import lsh
+from engine import lsh, schedule
 from engine.config import ModelConfig, OptimizerConfig, PredictConfig, SamplingConfig, ScheduleConfig, SlideConfig
 from engine.network import SERVE_HUBS_MAX_SHARE, SlideModel, topk_recall
 from engine.snapshot import SnapshotStore, load_arrays, load_model, model_arrays, model_from_arrays, read_manifest
@@ -159,7 +159,7 @@ class ScriptedLoss(Scripted):
 
 AUTO = CFG.replace(optimizer=CFG.optimizer.replace(hidden_dropout=None))
 VALS = [0.1, 0.3, 0.2, 0.25, 0.35, 0.3, 0.3, 0.3]
-LOSSES = [5.0, 4.0, 3.0, 2.5, 2.6, 2.4, 2.5, 2.2]
+LOSSES = [5.0, 4.0, 3.0, 3.1, 2.6, 2.4, 2.3, 2.2]
 
 
 def scripted_auto(cfg=AUTO, **kw) -> ScriptedLoss:
@@ -171,26 +171,48 @@ def scripted_auto(cfg=AUTO, **kw) -> ScriptedLoss:
 def test_auto_dropout_rises_when_validation_stalls_while_the_loss_falls(tmp_path, data):
     store = SnapshotStore(tmp_path, keep=100)
     trainer = scripted_auto(data=data, store=store)
-    assert trainer.resolved().hidden_dropout == (0.0, 0.25, 0.5) and trainer.hidden_dropout == 0.0
+    assert trainer.resolved().hidden_dropout == (0.0, 0.5) and trainer.hidden_dropout == 0.0
     restored = {}
 
     def on_metrics(m):
-        if m.epoch == 4:  # the raise at this evaluation continued from the best model, step 16's
+        if m.epoch == 7:  # the raise at this evaluation continued from the best model, step 40's
             best = kept_best(trainer)
             restored.update({k: np.array_equal(a, best[k]) for k, a in model_arrays(trainer.model).items()})
 
     trainer.run(on_metrics=on_metrics, snapshot_every_s=0.0)
-    # epoch 3: a first evaluation without a new best halves the step size; epoch 4: the second in a row, while the
-    # loss fell (2.5 after 3.0) -> 0.25 from the best model, with a fresh early-stopping count; epoch 5: a new best
-    # (0.35); epoch 6: halves; epoch 7: the loss rose (2.5 after 2.4) -> halves; epoch 8: it fell -> 0.5
-    assert [h.hidden_dropout for h in trainer.history] == [0.0] * 4 + [0.25] * 4
-    assert [h.lr for h in trainer.history] == pytest.approx([5e-3] * 3 + [2.5e-3] * 3 + [1.25e-3, 6.25e-4])
-    assert trainer.dropout_raises == 2 and trainer.hidden_dropout == 0.5 and trainer.lr_decays == 3
-    assert trainer.evals_since_best == 0 and not trainer.early_stopped and trainer.best["epoch"] == 5
+    # epoch 3: a first evaluation without a new best halves the step size; epoch 4: the second in a row, but the
+    # loss rose (3.1 after 3.0) -> halves; epoch 5: a new best (0.35); epoch 6: halves; epoch 7: the second in a
+    # row while the loss fell (2.3 after 2.4) -> 0.5 from the best model, with a fresh early-stopping count;
+    # epoch 8: halves
+    assert [h.hidden_dropout for h in trainer.history] == [0.0] * 7 + [0.5]
+    assert [h.lr for h in trainer.history] == pytest.approx([5e-3] * 3 + [2.5e-3] + [1.25e-3] * 2 + [6.25e-4] * 2)
+    assert trainer.dropout_raises == 1 and trainer.hidden_dropout == 0.5 and trainer.lr_decays == 4
+    assert trainer.evals_since_best == 1 and not trainer.early_stopped and trainer.best["epoch"] == 5
     assert restored and all(restored.values())
     state = read_manifest(store.latest()[1])["trainer_state"]
-    assert state["hidden_dropout"] == 0.5 and state["dropout_raises"] == 2
-    assert state["resolved"]["hidden_dropout"] == [0.0, 0.25, 0.5]
+    assert state["hidden_dropout"] == 0.5 and state["dropout_raises"] == 1
+    assert state["resolved"]["hidden_dropout"] == [0.0, 0.5]
+
+
+def test_a_validation_score_that_creeps_up_is_a_plateau(data):
+    # every evaluation a new best, most by less than the plateau margin (0.0005 or 0.0002 each)
+    creep = [0.5, 0.6, 0.6005, 0.601, 0.7, 0.7002, 0.7004, 0.7006]
+    assert schedule.PLATEAU_MARGIN > 0.0005
+    trainer = scripted_auto(data=data)
+    trainer.script, trainer.losses = creep, [5.0, 4.0, 3.0, 2.5, 2.4, 2.3, 2.2, 2.1]
+    trainer.run()
+    # epoch 3: a plateau halves the step size; epoch 4: the second in a row, with the loss falling -> 0.5, from
+    # epoch 4's model (the best); epoch 5: progress; epochs 6-8: plateaus at the highest rate halve the step size
+    # and stop training at the third
+    assert [h.hidden_dropout for h in trainer.history] == [0.0] * 4 + [0.5] * 4
+    assert [h.lr for h in trainer.history] == pytest.approx([5e-3] * 3 + [2.5e-3] * 3 + [1.25e-3, 6.25e-4])
+    assert trainer.dropout_raises == 1 and trainer.lr_decays == 4 and trainer.early_stopped
+    assert trainer.best["epoch"] == 8 and trainer.best["val_p_at_1"] == 0.7006  # each tiny gain still kept
+    fixed = Scripted(CFG, *data)  # a fixed rate: plateaus count towards early stopping
+    fixed.script = [0.5, 0.6, 0.6005, 0.601, 0.6015, 0.9, 0.9, 0.9]
+    result = fixed.run()
+    assert result["early_stopped"] and fixed.epoch == 5 and fixed.lr_decays == 3
+    assert fixed.best["epoch"] == 5 and fixed.best["val_p_at_1"] == 0.6015
 
 
 def test_auto_dropout_resumes_at_its_rate(tmp_path, data):
@@ -198,10 +220,10 @@ def test_auto_dropout_resumes_at_its_rate(tmp_path, data):
     straight.run()
     store = SnapshotStore(tmp_path)
     first = scripted_auto(data=data, store=store)
-    first.run(should_stop=lambda: first.step >= 44)  # in epoch 6, after the first raise
-    assert first.hidden_dropout == 0.25
+    first.run(should_stop=lambda: first.step >= 60)  # in epoch 8, after the raise
+    assert first.hidden_dropout == 0.5
     resumed = Trainer.resume(store, *data)
-    assert resumed.hidden_dropout == 0.25 and resumed.dropout_raises == 1
+    assert resumed.hidden_dropout == 0.5 and resumed.dropout_raises == 1
     resumed.__class__ = ScriptedLoss
     resumed.script, resumed.losses = VALS, LOSSES
     resumed.run()

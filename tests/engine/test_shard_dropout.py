@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine import generate
+from engine import generate, schedule
 from engine.config import ModelConfig, OptimizerConfig, SamplingConfig, ScheduleConfig, SlideConfig
 from engine.distributed.shard import ShardTrainer
 
@@ -51,10 +51,10 @@ def test_shards_take_the_driver_s_auto_rate_and_restore_the_best_model():
     auto = CFG.replace(optimizer=CFG.optimizer.replace(hidden_dropout=None))
     shards = [ShardTrainer(auto, train, p, 2) for p in range(2)]
     order = shards[0].epoch_order(0)
-    for raises in (0, 1, 2):
+    for raises, rate in enumerate(schedule.AUTO_DROPOUT_RATES):
         for s in shards:
             s.sync(0, 0, False, raises)  # as DistributedTrainer.validate passes a raise on
-            assert s.hidden_dropout == (0.0, 0.25, 0.5)[raises]
+            assert s.hidden_dropout == rate
         for b in range(2):
             step(shards, order[(2 * raises + b) * 64 : (2 * raises + b + 1) * 64])
         for a, b in zip(hidden_arrays(shards[0]), hidden_arrays(shards[1]), strict=True):

@@ -150,6 +150,9 @@ def measure_engine(args, dense: bool, spill: str) -> dict:
         "seconds_per_epoch": train.num_points / (trainer.samples_seen / trainer.train_seconds),
     }
     result["epochs"] = epoch_records(trainer.history, train.num_points)
+    # the records score the model being trained; what the run serves is the best one by validation
+    served = trainer.evaluate()
+    result["served"] = {"p_at_1": served["p_at_1"], "p_at_5": served["p_at_5"], "mode": served["eval_mode"]}
     arrays = trainer.arrays()
     result["state_bytes"] = int(sum(a.nbytes for a in arrays.values()))
     result["peak_rss_bytes"] = peak_rss_bytes()
@@ -413,6 +416,13 @@ def main() -> int:
             f"{fmt(r['p_at_1']):>8}{fmt(r['p_at_5']):>8}{fmt(r.get('active_fraction'), '.4f'):>8}"
             f"{r['peak_rss_bytes'] / 1e9:>13.2f}"
         )
+    for name, r in results.items():
+        if "served" in r:
+            sv = r["served"]
+            print(
+                f"{name} served model (the best by validation P@1): P@1 {fmt(sv['p_at_1'])}, P@5 {fmt(sv['p_at_5'])}"
+                f" ({sv['mode']}; the table's P@k are the last evaluation of the model being trained)"
+            )
     for name, r in results.items():
         if "epochs" in r:
             ends = ", ".join(

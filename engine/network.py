@@ -475,15 +475,17 @@ class SlideModel:
                     exact = self._predict(indptr, indices, values, k, none, "exact", self.predict_probes).labels
                 only = np.zeros(self.depth, dtype=np.bool_)
                 only[layer] = True
+                labelled = y_indptr is not None and y_indices is not None
+                if labelled:
+                    entry["p_at_1_exact"] = precision_at_k(exact, y_indptr, y_indices, 1)
                 counts = self._serve_hub_counts(layer)
                 for count in counts:
                     self._set_serve_hubs(layer, count)
                     got = self._predict(indptr, indices, values, k, only, "lsh", self.predict_probes).labels
                     entry["recall_at_5"] = topk_recall(got, exact)
                     ok = entry["recall_at_5"] >= min_recall
-                    if y_indptr is not None and y_indices is not None:
+                    if labelled:
                         entry["p_at_1_tables"] = precision_at_k(got, y_indptr, y_indices, 1)
-                        entry["p_at_1_exact"] = precision_at_k(exact, y_indptr, y_indices, 1)
                         ok = ok and entry["p_at_1_tables"] >= entry["p_at_1_exact"] - max_p1_loss
                     if ok:
                         break

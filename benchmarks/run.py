@@ -158,8 +158,24 @@ def measure_engine(args, dense: bool, spill: str) -> dict:
     result["peak_rss_bytes"] = peak_rss_bytes()
     result.update(sampler.stop())
     if not dense:
-        result["inference"] = measure_inference(trainer.model, test, args)
+        result["inference"] = measure_inference(as_served(trainer.model), test, args)
     return result
+
+
+def as_served(model):
+    """The model with every array read-only, as the service holds a version (mapped from its snapshot with
+    np.load(mmap_mode="r")), which lets prediction pack the serving hubs' rows (SlideModel._hub_arrays)."""
+    from engine.snapshot import model_arrays, model_from_arrays
+
+    def frozen(a: np.ndarray) -> np.ndarray:
+        view = a.view()
+        view.flags.writeable = False
+        return view
+
+    arrays = {name: frozen(a) for name, a in model_arrays(model).items()}
+    served = model_from_arrays(model.config, model.num_features, model.num_labels, arrays)
+    served.featurizer, served.label_names = model.featurizer, model.label_names
+    return served
 
 
 def compile_kernels(config) -> None:

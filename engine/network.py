@@ -20,7 +20,13 @@ from ._numba import read_only
 from .config import SlideConfig
 from .kernels.groups import Layers, Lookup, Retrieval, TopK
 from .kernels.groups import Tables as KernelTables
-from .kernels.inference import last_hidden_batch, predict_batch, predict_batch_hubs, predict_batch_serial
+from .kernels.inference import (
+    last_hidden_batch,
+    predict_batch,
+    predict_batch_hubs,
+    predict_batch_hubs_serial,
+    predict_batch_serial,
+)
 from .kernels.optimizer import from_bfloat16, to_bfloat16
 from .kernels.rows import column_sums, row_norms, row_scores
 from .lsh import HashFunctions
@@ -57,8 +63,7 @@ class Predictions(NamedTuple):
 
 _MAX_K = 1000
 _SERIAL_BELOW = 4
-_HUB_BLOCK_FROM = 32
-"""Points from which a batch whose output layer serves hubs scores them as a block (predict_batch_hubs)."""
+"""Most points a prediction call answers without threads (a thread-pool wake-up costs more than it saves)."""
 _HUB_BLOCK = 1024
 """Points a block of predict_batch_hubs holds at most (their hub scores: 27 MB at 6,700 hubs)."""
 _SCRATCH_POOL: dict[tuple, list[tuple]] = {}
@@ -122,6 +127,8 @@ class SlideModel:
             self.serve_tables = serve_tables & (self.layer_slot >= 0)
         self.serving_report: dict = {}
         """How `calibrate_serving` chose `serve_tables` (empty: the width rule alone)."""
+        self._hub_pack: tuple | None = None
+        """(output layer or None, hubs, their places, their rows packed): what `_hub_arrays` made last."""
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -374,7 +381,7 @@ class SlideModel:
             _, hid, ids, lookup = scratch
             n_chunks = max(1, min(n, numba.get_num_threads(), lookup.tags.shape[0]))
             retrieval = Retrieval(probes, self.config.sampling.active_threshold, self.predict_max_active)
-            hubs = self._block_hubs(use_tables) if n >= _HUB_BLOCK_FROM else None
+            hubs = self._block_hubs(use_tables)
             if hubs is not None:
                 self._predict_hub_blocks(
                     indptr, indices, values, hubs, retrieval, scratch, n_chunks, out_labels, out_scores, n_scored
@@ -410,29 +417,53 @@ class SlideModel:
         hubs = tb.serve_hubs if tb.serve_hubs.shape[0] else tb.hubs
         return hubs if hubs.shape[0] else None
 
+    def _hub_arrays(self, hubs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """What predict_batch_hubs needs beside the output layer's hubs: int32 (labels,) each label's place in
+        `hubs` (-1 for the others), and the hubs' rows packed in their order when the layer is read-only (a served
+        model: nothing changes the rows under the copy; else no rows, and the kernel reads the layer). Made once
+        per hub set (compared by value: calibration re-picks hubs in place) and, for the rows, per output layer."""
+        w = self.weights[-1]
+        made = self._hub_pack
+        if made is None or made[1].shape != hubs.shape or made[2].shape[0] != w.shape[0] or (made[1] != hubs).any():
+            pos = np.full(w.shape[0], -1, np.int32)
+            pos[hubs] = np.arange(hubs.shape[0], dtype=np.int32)
+            pos.flags.writeable = False
+            made = (None, hubs.copy(), pos, np.zeros((0, w.shape[1]), w.dtype))
+        if not w.flags.writeable and made[0] is not w:
+            rows = np.ascontiguousarray(w[hubs])
+            rows.flags.writeable = False
+            made = (w, made[1], made[2], rows)
+        self._hub_pack = made
+        return made[2], (made[3] if made[0] is w and not w.flags.writeable else np.zeros((0, w.shape[1]), w.dtype))
+
     def _predict_hub_blocks(
         self, indptr, indices, values, hubs, retrieval, scratch, n_chunks, labels, scores, n_scored
     ) -> None:
-        """predict_batch's answers through predict_batch_hubs, _HUB_BLOCK points at a time."""
+        """predict_batch's answers through predict_batch_hubs, _HUB_BLOCK points at a time (a few points without
+        threads)."""
         _, hid, ids, lookup = scratch
         layers = read_only(self.kernel_layers())
         kt = self.kernel_tables(serving=True)
         slot = int(self.layer_slot[-1])
         no_hubs = tuple(np.zeros(0, np.int32) if s == slot else h for s, h in enumerate(kt.hubs))
         tabs = read_only(kt._replace(hubs=no_hubs))
+        hub_pos, hub_rows = (read_only(a) for a in self._hub_arrays(hubs))
         n = indptr.shape[0] - 1
+        run = predict_batch_hubs_serial if n <= _SERIAL_BELOW else predict_batch_hubs
         block = min(n, _HUB_BLOCK)
         last = np.empty((block, self.weights[-1].shape[1] - 1), np.float32)
         hub_scores = np.empty((block, hubs.shape[0]), np.float32)
         for start in range(0, n, block):
             stop = min(n, start + block)
-            predict_batch_hubs(
+            run(
                 read_only(indptr[start : stop + 1]),
                 read_only(indices),
                 read_only(values),
                 layers,
                 tabs,
                 read_only(hubs),
+                hub_pos,
+                hub_rows,
                 retrieval,
                 hid,
                 ids,

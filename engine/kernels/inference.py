@@ -8,7 +8,7 @@ from numba import prange
 from .._numba import fast_kernel, fast_parallel_kernel, kernel, renamed
 from .forward import lsh_active_set, neuron_preactivation, prefetch_ahead, sparse_input_layer
 from .groups import Layers, Tables
-from .sampling import _SHIFT, next_generation
+from .sampling import next_generation
 
 
 @kernel
@@ -39,6 +39,7 @@ def predict_batch(indptr, indices, values, use_tables, net, tabs, retrieval, hid
     weights, b0, layer_slot = net
     hidx, hsign, hparams, offsets, table_ids, hubs = tabs
     out_labels, out_scores, n_scored = out
+    kth = out_scores.shape[1] - 1
     depth = len(weights)
     for chunk in prange(n_chunks):
         c = np.int64(chunk)  # prange's index is unsigned: a signed copy compiles callees once, not twice
@@ -75,7 +76,9 @@ def predict_batch(indptr, indices, values, use_tables, net, tabs, retrieval, hid
                         j = ids[c, a] if sampled else a
                         if sampled:
                             prefetch_ahead(w, ids[c], a, m)
-                        push_topk(labels, scores, j, neuron_preactivation(w, j, inp))
+                        z = neuron_preactivation(w, j, inp)
+                        if not z <= scores[kth]:  # push_topk's own test: most scores stop here, without a call
+                            push_topk(labels, scores, j, z)
                     n_scored[i] = m
 
 
@@ -119,21 +122,40 @@ HUB_TILE = 64
 
 @fast_parallel_kernel
 def predict_batch_hubs(
-    indptr, indices, values, net, tabs, hubs, retrieval, hid, ids, lookup, n_chunks, last, hub_scores, out
+    indptr,
+    indices,
+    values,
+    net,
+    tabs,
+    hubs,
+    hub_pos,
+    hub_rows,
+    retrieval,
+    hid,
+    ids,
+    lookup,
+    n_chunks,
+    last,
+    hub_scores,
+    out,
 ):
     """predict_batch for a network whose only layer scored from its tables is the output layer, which has hubs:
-    the same labels, scores and n_scored, bit for bit, for less work on a batch. Every point scores the hubs, so
-    they are scored as a block (a tile of HUB_TILE hub rows against every point's last hidden activations, read
-    once per tile instead of once per point), then each point scores its bucket candidates and takes the hubs'
-    scores in the order predict_batch meets them. tabs: the tables with no hubs for the output layer; hubs: its
-    hubs. last float32 (n, width): scratch for the last hidden activations; hub_scores float32 (n, hubs)."""
+    the same labels, scores and n_scored, bit for bit, for less work. Every point scores the hubs, so they are
+    scored as a block (a tile of HUB_TILE hub rows against every point's last hidden activations, read once per
+    tile instead of once per point), then each point scores its bucket candidates and takes the hubs' scores in
+    the order predict_batch meets them. tabs: the tables with no hubs for the output layer; hubs: its hubs;
+    hub_pos int32 (labels,): each label's place in hubs, -1 for the others (a bucket candidate that is a hub is
+    found without a look at every hub); hub_rows: the output layer's rows of the hubs, in their order, packed
+    (the same bytes: the same scores, read from one contiguous block instead of rows scattered over the layer),
+    or no rows to read them from the layer. last float32 (n, width): scratch for the last hidden activations;
+    hub_scores float32 (n, hubs)."""
     n = indptr.shape[0] - 1
     weights, b0, layer_slot = net
     hidx, hsign, hparams, offsets, table_ids, no_hubs = tabs
     out_labels, out_scores, n_scored = out
+    kth = out_scores.shape[1] - 1
     depth = len(weights)
     top = depth - 1
-    all_tags = lookup.tags
     for chunk in prange(n_chunks):  # the last hidden activations of every point, as predict_batch computes them
         c = np.int64(chunk)
         for i in range(c, n, n_chunks):
@@ -141,6 +163,7 @@ def predict_batch_hubs(
             last[i, :] = hid[top - 1][c]
     w = weights[top]
     n_hubs = hubs.shape[0]
+    packed = hub_rows.shape[0] == n_hubs
     n_tiles = (n_hubs + HUB_TILE - 1) // HUB_TILE
     for tile in prange(n_tiles):
         t = np.int64(tile)
@@ -148,8 +171,12 @@ def predict_batch_hubs(
         stop = min(start + HUB_TILE, n_hubs)
         for i in range(n):
             inp = last[i]
-            for q in range(start, stop):
-                hub_scores[i, q] = neuron_preactivation(w, hubs[q], inp)
+            if packed:
+                for q in range(start, stop):
+                    hub_scores[i, q] = neuron_preactivation(hub_rows, q, inp)
+            else:
+                for q in range(start, stop):
+                    hub_scores[i, q] = neuron_preactivation(w, hubs[q], inp)
     for chunk in prange(n_chunks):
         c = np.int64(chunk)
         tabs = Tables(hidx, hsign, hparams, offsets, table_ids, no_hubs)
@@ -162,17 +189,24 @@ def predict_batch_hubs(
             inp = last[i]
             gen = next_generation(lookup.tags, lookup.gens, c)
             m = lsh_active_set(inp, slot, tabs, lookup, c, gen, retrieval, ids[c])
+            hub_scores_i = hub_scores[i]
+            shared = 0
             for a in range(m):
                 j = ids[c, a]
                 prefetch_ahead(w, ids[c], a, m)
-                push_topk(labels, scores, j, neuron_preactivation(w, j, inp))
+                z = neuron_preactivation(w, j, inp)
+                if not z <= scores[kth]:  # as in predict_batch
+                    push_topk(labels, scores, j, z)
+                q = hub_pos[j]
+                if q >= 0:  # scored here already: -inf, which push_topk never keeps
+                    hub_scores_i[q] = -np.inf
+                    shared += 1
             # the hubs not among the candidates, in their order (as lsh_active_set's add_ids appends them)
-            tags = all_tags[c]
-            stamp = (gen + 1) << _SHIFT
             for q in range(n_hubs):
-                j = hubs[q]
-                if (tags[j] >> _SHIFT) != gen + 1:
-                    tags[j] = stamp
-                    push_topk(labels, scores, j, hub_scores[i, q])
-                    m += 1
-            n_scored[i] = m
+                if not hub_scores_i[q] <= scores[kth]:
+                    push_topk(labels, scores, hubs[q], hub_scores_i[q])
+            n_scored[i] = m + n_hubs - shared
+
+
+predict_batch_hubs_serial = fast_kernel(renamed(predict_batch_hubs.py_func, "predict_batch_hubs_serial"))
+"""The same kernel compiled without threads, for a few queries (see predict_batch_serial)."""

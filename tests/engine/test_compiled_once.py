@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 
 from engine._numba import read_only
-from engine.config import ModelConfig, OptimizerConfig, ScheduleConfig, SlideConfig
+from engine.config import ModelConfig, OptimizerConfig, PredictConfig, SamplingConfig, ScheduleConfig, SlideConfig
 from engine.kernels.groups import Layers
-from engine.kernels.inference import predict_batch, predict_batch_serial
+from engine.kernels.inference import predict_batch, predict_batch_hubs, predict_batch_hubs_serial, predict_batch_serial
 from engine.snapshot import SnapshotStore, load_model
 from engine.sparse import load_dataset, save_dataset
 from engine.trainer import Trainer
@@ -40,6 +40,8 @@ def test_predictions_from_memory_and_from_memory_maps_use_the_same_compiled_kern
         model=ModelConfig(hidden=(16,), sample_output=True),
         optimizer=OptimizerConfig(batch_size=16),
         schedule=ScheduleConfig(epochs=1),
+        sampling=SamplingConfig(hub_neurons=8),
+        predict=PredictConfig(hubs=12),
         seed=5,
         threads=1,
     )
@@ -60,11 +62,14 @@ def test_predictions_from_memory_and_from_memory_maps_use_the_same_compiled_kern
         return out
 
     want = predict_all(trainer.model, test)  # writable weights, tables and inputs
-    compiled = set(predict_batch.signatures), set(predict_batch_serial.signatures)
+    kernels = (predict_batch, predict_batch_serial, predict_batch_hubs, predict_batch_hubs_serial)
+    compiled = [set(k.signatures) for k in kernels]
+    assert all(compiled)  # lsh went through the hub kernels (the output layer has hubs), exact through the others
     served = load_model(store.latest()[1], mmap=True)
     assert not served.weights[-1].flags.writeable
-    got = predict_all(served, mapped)  # all of them read-only memory maps
-    assert (set(predict_batch.signatures), set(predict_batch_serial.signatures)) == compiled
+    got = predict_all(served, mapped)  # all of them read-only memory maps (and the hub rows packed)
+    assert served._hub_pack is not None and served._hub_pack[0] is served.weights[-1]
+    assert [set(k.signatures) for k in kernels] == compiled
     for (labels, scores), (want_labels, want_scores) in zip(got, want, strict=True):
         np.testing.assert_array_equal(labels, want_labels)
         np.testing.assert_array_equal(scores, want_scores)

@@ -862,10 +862,11 @@ def test_few_queries_and_batches_give_the_same_answers(trained_model, mode):
     "hidden, weight_dtype, probes",
     [((16,), "float32", 0), ((16,), "bfloat16", 1), ((16, 12), "float32", 0)],
 )
-def test_batches_score_the_hubs_as_a_block_with_the_answers_of_predict_batch(hidden, weight_dtype, probes, monkeypatch):
-    """From _HUB_BLOCK_FROM points on, lsh scores the output layer's hubs for a block of points at a time
-    (predict_batch_hubs): labels, scores and counts are predict_batch's bit for bit, over several blocks (with
-    multi-probe, bfloat16 rows and a dense hidden layer before the sampled output layer too)."""
+def test_hubs_scored_as_a_block_give_the_answers_of_predict_batch(hidden, weight_dtype, probes, monkeypatch):
+    """When the output layer is the only one scored from its tables and has hubs, lsh scores the hubs for a block of
+    points at a time (predict_batch_hubs, without threads for a few points), from rows packed once when the layer is
+    read-only: labels, scores and counts are predict_batch's bit for bit, over several blocks, one point at a time,
+    packed or not (with multi-probe, bfloat16 rows and a dense hidden layer before the sampled output layer too)."""
     from engine import network
 
     set_threads(2)
@@ -890,23 +891,90 @@ def test_batches_score_the_hubs_as_a_block_with_the_answers_of_predict_batch(hid
     model = trainer.model
     assert model.layer_slot[-1] >= 0 and (model.layer_slot[:-1] < 0).all()
     assert model.tables[model.layer_slot[-1]].serve_hubs.shape[0] == 20
-    blocks = []
-    real = network.predict_batch_hubs
-    monkeypatch.setattr(network, "predict_batch_hubs", lambda *a: blocks.append(a[0].shape[0] - 1) or real(*a))
+    calls = []
+    for name in ("predict_batch_hubs", "predict_batch_hubs_serial"):
+        real = getattr(network, name)
+        monkeypatch.setattr(
+            network, name, lambda *a, _r=real, _n=name: calls.append((_n, a[0].shape[0] - 1, a[7].shape[0])) or _r(*a)
+        )
     monkeypatch.setattr(network, "_HUB_BLOCK", 40)
     args = rows(train, 100)
-    got = model.predict_with_stats(*args, k=7, mode="lsh")
-    assert blocks == [40, 40, 20]
-    monkeypatch.setattr(network, "_HUB_BLOCK_FROM", 10**9)  # every point through predict_batch
+    block = model.predict_with_stats(*args, k=7, mode="lsh")
+    assert calls == [("predict_batch_hubs", 40, 0), ("predict_batch_hubs", 40, 0), ("predict_batch_hubs", 20, 0)]
+    singles = [model.predict_with_stats(*rows(train.row_slice(i, i + 1), 1), k=7, mode="lsh") for i in range(100)]
+    assert calls[3:] == [("predict_batch_hubs_serial", 1, 0)] * 100
+    for layer in model.weights:
+        layer.flags.writeable = False  # as a model mapped from a snapshot: the hub rows are packed
+    packed = model.predict_with_stats(*args, k=7, mode="lsh")
+    packed_single = model.predict_with_stats(*rows(train.row_slice(7, 8), 1), k=7, mode="lsh")
+    assert calls[103:106] == [("predict_batch_hubs", 40, 20)] * 2 + [("predict_batch_hubs", 20, 20)]
+    assert calls[106:] == [("predict_batch_hubs_serial", 1, 20)]
+    pack = model._hub_pack
+    model.predict(*args, k=7, mode="lsh")
+    assert model._hub_pack is pack  # made once for this layer and hub set
+    monkeypatch.setattr(network.SlideModel, "_block_hubs", lambda self, use: None)  # every point through predict_batch
+    n_calls = len(calls)
     want = model.predict_with_stats(*args, k=7, mode="lsh")
-    assert blocks == [40, 40, 20]
+    assert len(calls) == n_calls
+    for got in (block, packed):
+        for a, b in zip(got[:3], want[:3], strict=True):
+            np.testing.assert_array_equal(a, b)
+        assert got[3] == want[3] == "lsh"
+    for i, one in enumerate(singles):
+        for a, b in zip(one[:3], want[:3], strict=True):
+            np.testing.assert_array_equal(a[0], b[i])
+    for a, b in zip(packed_single[:3], want[:3], strict=True):
+        np.testing.assert_array_equal(a[0], b[7])
+    assert np.all(block[2] >= 20) and np.all(block[2] < model.num_labels)
+
+
+def test_packed_hub_rows_follow_label_edits():
+    """A served (read-only) model packs its hubs' rows once; adding a label (a new hub) or retiring a hub makes a
+    new pack, so the edited model's lsh answers are those of the same model read from the layer itself."""
+    set_threads(2)
+    train = naive.planted_dataset(300, 60, 120, seed=3, vocab=6, noise=2)
+    cfg = exact_config(
+        {
+            "model.hidden": (16,),
+            "sampling.hash_family": "simhash",
+            "sampling.hash_k": 4,
+            "sampling.hash_l": 6,
+            "predict.hubs": 20,
+            "seed": 5,
+            "schedule.epochs": 1,
+        }
+    )
+    trainer = Trainer(cfg, train)
+    trainer.run()
+    model = trainer.model
+    for layer in model.weights:
+        layer.flags.writeable = False
+    args = rows(train, 60)
+    model.predict(*args, k=5, mode="lsh")
+    first = model._hub_pack
+    slot = int(model.layer_slot[-1])
+    hubs = model.tables[slot].serve_hubs
+    assert first[0] is model.weights[-1]
+    np.testing.assert_array_equal(first[3], model.weights[-1][hubs])
+    np.testing.assert_array_equal(np.flatnonzero(first[2] >= 0), hubs)
+    np.testing.assert_array_equal(first[2][hubs], np.arange(hubs.shape[0]))
+    model.add_labels([rows(train.row_slice(0, 3), 3)], ["new"])
+    model.retire_labels([int(hubs[0])])
+    got = model.predict_with_stats(*args, k=5, mode="lsh")
+    pack = model._hub_pack
+    hubs = model.tables[slot].serve_hubs
+    assert pack is not first and pack[0] is model.weights[-1]
+    np.testing.assert_array_equal(pack[1], hubs)
+    assert model.num_labels - 1 in hubs and int(first[1][0]) not in hubs
+    np.testing.assert_array_equal(pack[3], model.weights[-1][hubs])
+    np.testing.assert_array_equal(pack[2][hubs], np.arange(hubs.shape[0]))
+    assert (got[0] == model.num_labels - 1).any() and not (got[0] == int(first[1][0])).any()
+    assert not model.weights[-1].flags.writeable
+    writable = model.weights[-1].copy()
+    model.weights = (*model.weights[:-1], writable)  # the layer itself, no pack
+    want = model.predict_with_stats(*args, k=5, mode="lsh")
     for a, b in zip(got[:3], want[:3], strict=True):
         np.testing.assert_array_equal(a, b)
-    assert got[3] == want[3] == "lsh"
-    assert np.all(got[2] >= 20) and np.all(got[2] < model.num_labels)
-    monkeypatch.setattr(network, "_HUB_BLOCK_FROM", 32)
-    exact = model.predict_with_stats(*args, k=7, mode="exact")  # no tables: predict_batch
-    assert blocks == [40, 40, 20] and np.all(exact[2] == model.num_labels)
 
 
 def test_predict_validates_its_input(trained_model):

@@ -43,7 +43,7 @@ cfg = SlideConfig.from_dict(a["config"])
 trainer = Trainer(cfg, train, test, SnapshotStore(a["store"]))
 trainer.run(snapshot_every_s=1.0, should_stop=lambda: trainer.step >= a["steps"])
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-est = estimate_for(cfg, train, test, threads=numba.config.NUMBA_NUM_THREADS)
+est = estimate_for(cfg, train, test, threads=numba.config.NUMBA_NUM_THREADS, spill=True)
 print(json.dumps({"peak": peak, "estimate": est.trainer, "parts": est.parts, "steps": trainer.step}))
 """
 

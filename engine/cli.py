@@ -237,12 +237,12 @@ def cmd_train(args) -> int:
         from .warmstart import estimate_warm_start
 
         name_list = names.to_list() if names is not None else None
-        estimate = estimate_warm_start(args.init_from, config, train, test, threads, name_list)
+        estimate = estimate_warm_start(args.init_from, config, train, test, threads, name_list, spill=True)
         trainer = Trainer(
             config, train, test, store, init_from=args.init_from, label_names=name_list, featurizer=featurizer
         )
     else:
-        estimate = estimate_for(config, train, test, threads=threads)
+        estimate = estimate_for(config, train, test, threads=threads, spill=True)  # it has a store: the best in files
         trainer = Trainer.resume(store, train, test) if latest else Trainer(config, train, test, store)
         if featurizer is not None:
             trainer.attach_text(featurizer, names)

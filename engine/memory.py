@@ -130,13 +130,15 @@ def estimate_memory(
     eval_nnz: int = 0,
     eval_label_entries: int = 0,
     threads: int | None = None,
+    spill: bool = False,
 ) -> MemoryEstimate:
     """The memory a `Trainer` of `config` needs on a training set of this shape (and an evaluation set of
     `eval_points` points, if any), with `threads` Numba threads (None: config.threads, else all cores).
 
     nnz and label_entries: stored feature values and labels over all training points. max_labels_per_point:
-    the most labels one point has (None: four times the average, at least 1). Nothing is allocated: the
-    service calls this before it admits a job.
+    the most labels one point has (None: four times the average, at least 1). spill: the trainer keeps the best
+    model so far in files (it has a snapshot store or a spill_dir, engine.spill), not a copy in memory. Nothing is
+    allocated: the service calls this before it admits a job.
     """
     cfg = config
     if threads is None:
@@ -245,13 +247,14 @@ def estimate_memory(
         evaluation += t * (sum(widths[1:-1]) * 4 + serve_cap * 8 + n_max * 8 + n_codes * 12)
         evaluation += t * max(layer_l.values() or [1]) * (1 + pp) * 4
 
-    # The validation split (schedule.validation_split): its rows in memory, and the copy of the best model so far.
+    # The validation split (schedule.validation_split): its rows in memory, and the copy of the best model so far
+    # (in files when the trainer spills).
     n_val = plan.val_points or 0
     validation = 0
     if n_val:
         share = n_val / n_points
         validation += (n_val + 1) * 16 + int(share * (nnz * 8 + label_entries * 4))  # the rows' copy
-        validation += serving
+        validation += 0 if spill else serving
 
     # The largest short-lived allocation: a layer drawn a block of rows at a time at initialisation (float32,
     # and its bfloat16 rounding), a rebuild's per-table counting sort, the optimizer's grouping of a batch, and
@@ -290,7 +293,9 @@ def estimate_memory(
     return MemoryEstimate(parts=parts, serving=int(serving))
 
 
-def estimate_for(config: SlideConfig, train, test=None, threads: int | None = None) -> MemoryEstimate:
+def estimate_for(
+    config: SlideConfig, train, test=None, threads: int | None = None, spill: bool = False
+) -> MemoryEstimate:
     """`estimate_memory` for a training `Dataset` (and an evaluation one)."""
     y = np.asarray(train.y_indptr)
     return estimate_memory(
@@ -305,6 +310,7 @@ def estimate_for(config: SlideConfig, train, test=None, threads: int | None = No
         eval_nnz=test.nnz if test is not None else 0,
         eval_label_entries=int(test.y_indptr[-1]) if test is not None and test.num_points else 0,
         threads=threads,
+        spill=spill,
     )
 
 

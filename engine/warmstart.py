@@ -271,8 +271,10 @@ def estimate_warm_start(
     test: Dataset | None = None,
     threads: int | None = None,
     label_names: Sequence[str] | None = None,
+    spill: bool = False,
 ) -> MemoryEstimate:
-    """memory.estimate_for a run that starts from `init_from`, with a `warm_start` part (see warm_start_shape)."""
+    """memory.estimate_for a run that starts from `init_from`, with a `warm_start` part (see warm_start_shape);
+    spill: as estimate_memory's."""
     y = np.asarray(train.y_indptr)
     entries = int(y[-1]) if len(y) else 0
     test_entries = int(test.y_indptr[-1]) if test is not None and test.num_points else 0
@@ -297,6 +299,7 @@ def estimate_warm_start(
         eval_nnz=test.nnz if test is not None else 0,
         eval_label_entries=test_entries,
         threads=threads,
+        spill=spill,
     )
     return with_warm_start(est, shape.extra_bytes)
 

@@ -70,6 +70,7 @@ def estimate_job(
         eval_nnz=test.nnz if test is not None else 0,
         eval_label_entries=int(round(test.avg_labels_per_point * test.num_points)) if test is not None else 0,
         threads=trainer_pool(cfg, settings),
+        spill=True,  # a job's trainer keeps its best model in the snapshot store's files (engine.spill)
     )
     if shards:
         return sharded_estimate(est)

@@ -37,7 +37,7 @@ def test_a_job_over_the_limit_is_422_naming_estimate_limit_and_fields(tmp_path, 
     p = assert_problem(r, 422)
     assert p["type"] == "urn:slide:problem:memory-limit", p
     expected = estimate_memory(
-        SlideConfig(model=ModelConfig(hidden=(30000, 30000))), 20, 6, 3, nnz=40, label_entries=25, threads=1
+        SlideConfig(model=ModelConfig(hidden=(30000, 30000))), 20, 6, 3, nnz=40, label_entries=25, threads=1, spill=True
     )  # SLIDE_TRAINER_THREADS=1 in tests: a pool of one thread
     assert p["estimated_memory_bytes"] == expected.total > p["limit_bytes"] == GiB
     assert p["fields"][0] == "model.hidden" and p["field"] == "body.config.model.hidden", p
@@ -52,7 +52,10 @@ def test_a_job_over_the_limit_is_422_naming_estimate_limit_and_fields(tmp_path, 
     assert ok.status_code == 201, ok.text
     body = ok.json()
     cfg = SlideConfig.from_dict(merged(FAST, {"schedule": {"epochs": 1}, "threads": 1}))
-    assert body["estimated_memory_bytes"] == estimate_memory(cfg, 20, 6, 3, nnz=40, label_entries=25, threads=1).total
+    assert (
+        body["estimated_memory_bytes"]
+        == estimate_memory(cfg, 20, 6, 3, nnz=40, label_entries=25, threads=1, spill=True).total
+    )
     assert sum(body["memory_breakdown"].values()) == body["estimated_memory_bytes"]
 
 

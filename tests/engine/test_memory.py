@@ -22,6 +22,7 @@ from engine import (
     SnapshotStore,
     Trainer,
     generate,
+    load_dataset,
     save_dataset,
 )
 from engine.config import with_settings
@@ -103,6 +104,18 @@ def test_estimate_grows_with_what_drives_it():
     assert format_bytes(1_230_000_000) == "1.23 GB"
 
 
+def test_a_trainer_that_spills_is_not_charged_for_a_copy_of_the_best_model():
+    """With a validation split a trainer keeps the best model so far: a copy in memory, or in files when it spills
+    (a snapshot store or spill_dir); without a split there is no best model to keep."""
+    shape = dict(num_points=20_000, num_features=500, num_labels=50_000, nnz=200_000, label_entries=60_000)
+    cfg = SlideConfig(model=ModelConfig(hidden=(64,)))
+    held, spilled = estimate_memory(cfg, **shape), estimate_memory(cfg, **shape, spill=True)
+    assert held.parts["validation"] - spilled.parts["validation"] == held.serving == spilled.serving > 0
+    assert held.trainer - spilled.trainer == held.serving
+    no_split = cfg.replace(schedule=cfg.schedule.replace(val_points="none"))
+    assert estimate_memory(no_split, **shape).total == estimate_memory(no_split, **shape, spill=True).total
+
+
 _PROBE = textwrap.dedent(
     """
     import json, sys
@@ -115,7 +128,7 @@ _PROBE = textwrap.dedent(
     trainer = Trainer(cfg, train, test, SnapshotStore(args["store"]))
     trainer.run(snapshot_every_s=0.5, should_stop=lambda: trainer.step >= args["steps"])
     peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-    est = estimate_for(cfg, train, test, threads=numba.config.NUMBA_NUM_THREADS)
+    est = estimate_for(cfg, train, test, threads=numba.config.NUMBA_NUM_THREADS, spill=True)
     print(json.dumps({"peak": peak, "estimate": est.trainer, "steps": trainer.step}))
     """
 )
@@ -138,8 +151,14 @@ SHAPES = [
 
 @pytest.mark.parametrize("shape,config", SHAPES, ids=["tiny", "60k-labels", "float32-256"])
 def test_estimate_is_within_25_percent_of_measured_peak_rss(tmp_path, warm_engine, shape, config):
-    # Compile this config's kernels here first: a cold compile in the probe would add LLVM's ~260 MB to its peak.
-    warm_train, warm_test = generate("tiny", seed=5, num_train=300, num_test=50)
+    # Compile this config's kernels here first: a cold compile in the probe would add LLVM's ~260 MB to its peak. The
+    # warm-up's data has the probe's labels and features (the same layers sampled) and is read from disk as the
+    # probe's is, so that the kernels it compiles take the same array types.
+    sizes = {k: v for k, v in shape.items() if k in ("num_labels", "num_features")}
+    warm = generate("small", seed=5, num_train=300, num_test=50, **sizes)
+    for name, data in zip(("warm-train", "warm-test"), warm, strict=True):
+        save_dataset(data, tmp_path / name)
+    warm_train, warm_test = load_dataset(tmp_path / "warm-train"), load_dataset(tmp_path / "warm-test")
     warm_cfg = with_settings(SlideConfig(), {**config, "schedule.epochs": 1, "threads": 1, "optimizer.batch_size": 64})
     Trainer(warm_cfg, warm_train, warm_test, SnapshotStore(tmp_path / "warm")).run()
     train, test = generate("small", seed=5, **shape)

@@ -97,6 +97,7 @@ def test_jobs_that_fit_alone_but_not_together_run_one_after_the_other(tmp_path, 
         nnz=shape["nnz"],
         label_entries=round(shape["avg_labels_per_point"] * shape["num_points"]),
         threads=1,
+        spill=True,  # a job's trainer keeps its best model in its store's files
     ).total
     assert need > 150 * MiB
     server = servers(tmp_path / "data", SLIDE_MAX_CONCURRENT_JOBS=2, SLIDE_MAX_JOB_MEMORY=int(1.5 * need))

@@ -27,6 +27,7 @@ NeverWord = Literal["never"]
 Insertion = Literal["fifo", "reservoir"]
 MomentDtype = Literal["float32", "bfloat16"]
 WeightDtype = Literal["float32", "bfloat16"]
+OutputInit = Literal["random", "centroids"]
 
 WIDE_LAYER_TABLES = 16
 """Tables of a sampled layer wider than 20,000 neurons when sampling.hash_l is None (auto)."""
@@ -42,6 +43,9 @@ WIDE_HIDDEN = 512
 WIDE_HIDDEN_MAX_LABELS = 100_000
 """Widest output layer that gets WIDE_HIDDEN: its rows and Adam state take about 400 MB there (8 bytes a weight
 with bfloat16 weights and first moments)."""
+CENTROID_INIT_MAX_LABELS = 100_000
+"""Widest output layer that model.output_init = None (auto) starts from its labels' centroids: making them holds a
+float32 sum per label and hidden unit (205 MB at 100,000 labels and width 512)."""
 
 
 @dataclass(frozen=True)
@@ -164,7 +168,9 @@ class _Group:
                     check_setting(path, v)
             choices = _CHOICES.get(path)
             if choices is not None:
-                _check(getattr(self, f.name) in choices, path, f"must be {' or '.join(choices)}")
+                auto = f.default is None  # null = auto
+                ok = getattr(self, f.name) in choices or (auto and getattr(self, f.name) is None)
+                _check(ok, path, f"must be {' or '.join(choices)}" + (" (or null for auto)" if auto else ""))
 
     def replace(self, **changes: Any) -> Any:
         return dataclasses.replace(self, **changes)  # type: ignore[type-var]
@@ -199,6 +205,15 @@ class ModelConfig(_Group):
     init_std: float = 0.05
     """Standard deviation of the normal initial weights (biases start at zero). Too small a start leaves the
     hidden layer near zero and the model on the popularity plateau for epochs; too large saturates the softmax."""
+    output_init: OutputInit | None = None
+    """How a new model's output rows start. "centroids": each label's row points along the mean initial hidden
+    activation of the training points that carry it, less the mean over all training points (a label embedding
+    like PECOS's PIFA, in the network's initial hidden space), at a few times the length of a random row
+    (engine.centroids); labels without training points keep their random rows. Training then starts with a
+    softmax that already ranks a point's labels near the top, which tail labels, with few gradient steps of
+    their own, need most. "random": the normal rows of init_std. None = auto: centroids for output layers of up
+    to CENTROID_INIT_MAX_LABELS labels, random above. A resumed run, a warm start (init_from) and the shards of a
+    label-sharded run keep the rows they are given."""
 
     def __post_init__(self) -> None:
         if self.hidden is not None:
@@ -610,6 +625,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "sampling.insertion": typing.get_args(Insertion),
     "optimizer.moment_dtype": typing.get_args(MomentDtype),
     "model.weight_dtype": typing.get_args(WeightDtype),
+    "model.output_init": typing.get_args(OutputInit),
 }
 
 NULLABLE: set[str] = _nullable()
@@ -645,4 +661,6 @@ __all__ = [
     "Insertion",
     "MomentDtype",
     "WeightDtype",
+    "OutputInit",
+    "CENTROID_INIT_MAX_LABELS",
 ]

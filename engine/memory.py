@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .centroids import CENTROID_CHUNK, CENTROID_WRITE_ROWS
 from .config import SlideConfig
 from .network import layer_widths, slots_of
-from .resolve import resolve
+from .resolve import output_init, resolve
 
 BASELINE_BYTES = 185 * 2**20
 """Resident size of a trainer process before its model: Python, numpy, Numba, llvmlite and the compiled kernels
@@ -69,6 +70,7 @@ PART_FIELDS: dict[str, tuple[str, ...]] = {
     "validation": ("schedule.val_points", "model.hidden", "model.weight_dtype", "sampling.hash_l", "predict.hubs"),
     "transient": (
         "model.hidden",
+        "model.output_init",
         "optimizer.batch_size",
         "sampling.bucket_size",
         "sampling.hash_l",
@@ -277,7 +279,15 @@ def estimate_memory(
         for layer in sampled
     ]
     pairs = b * max(per_point or [max(caps)]) + (nnz / n_points * b if n_points else 0)
-    transient = max(init - step, rebuild, int(pairs * 64))  # the step buffers are not there yet at init
+    # starting the output rows at the labels' centroids (engine.centroids): a float32 sum per label and hidden unit,
+    # a chunk of points' activations and their rows, a block of rows converted
+    centroids = 0
+    if output_init(cfg, n_lab) == "centroids":
+        h_last = widths[-2]
+        chunk = min(n_points, CENTROID_CHUNK)
+        centroids = n_lab * (h_last * 4 + 8 + 8) + chunk * h_last * 4 + CENTROID_WRITE_ROWS * h_last * 8
+        centroids += int(chunk / n_points * (nnz * 8 + label_entries * 4)) if n_points else 0
+    transient = max(init - step, centroids - step, rebuild, int(pairs * 64))  # no step buffers yet at init
 
     parts = {
         "baseline": BASELINE_BYTES + t * THREAD_BYTES,

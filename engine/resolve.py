@@ -15,6 +15,7 @@ from typing import Any
 
 from . import lsh, schedule
 from .config import (
+    CENTROID_INIT_MAX_LABELS,
     DENSE_OUTPUT_MAX_LABELS,
     NARROW_HIDDEN,
     WIDE_HIDDEN,
@@ -55,6 +56,7 @@ class Resolved:
 
     sample_output: bool
     hidden: tuple[int, ...]
+    output_init: str
     probes: int
     predict_probes: int
     layers: tuple[LayerPlan, ...]
@@ -101,6 +103,14 @@ def hidden_widths(config: SlideConfig, num_labels: int) -> tuple[int, ...]:
         return tuple(config.model.hidden)
     wide = samples_output(config, num_labels) and int(num_labels) <= WIDE_HIDDEN_MAX_LABELS
     return (WIDE_HIDDEN if wide else NARROW_HIDDEN,)
+
+
+def output_init(config: SlideConfig, num_labels: int) -> str:
+    """How a new model's output rows start: as configured, or (None = auto) "centroids" for an output layer of up to
+    CENTROID_INIT_MAX_LABELS labels, else "random" (config.model.output_init)."""
+    if config.model.output_init is not None:
+        return config.model.output_init
+    return "centroids" if int(num_labels) <= CENTROID_INIT_MAX_LABELS else "random"
 
 
 def concrete(config: SlideConfig, num_labels: int) -> SlideConfig:
@@ -156,6 +166,7 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
     plan = Resolved(
         sample_output=sample_out,
         hidden=hidden,
+        output_init=output_init(config, num_labels),
         probes=config.sampling.probes,
         predict_probes=config.sampling.probes if config.predict.probes is None else config.predict.probes,
         layers=tuple(layers),

@@ -30,6 +30,7 @@ import numpy as np
 from . import labels, schedule
 from ._numba import scratch_rows, set_threads
 from .adam import LazyAdamState
+from .centroids import init_output_from_centroids
 from .config import SlideConfig
 from .kernels.forward import backward_batch, train_batch
 from .kernels.groups import Activations, Backprop, Batch, Lookup, Retrieval, Sampling
@@ -44,7 +45,7 @@ from .kernels.optimizer import (
 from .metrics import precision_at_k
 from .network import PredictMode, SlideModel
 from .progress import TrainingMetrics
-from .resolve import Resolved, resolve
+from .resolve import Resolved, output_init, resolve
 from .snapshot import (
     SnapshotError,
     SnapshotStore,
@@ -152,6 +153,7 @@ class Trainer:
             raise ValueError("the test set has more features or labels than the training set")
         if model is not None and (model.num_features < train.num_features or model.num_labels < train.num_labels):
             raise ValueError("the training set has more features or labels than the model")
+        fresh = model is None
         self.model = model or SlideModel.initialize(config, train.num_features, train.num_labels)
         if config.model.hidden is None:  # the widths auto gave the model, so that its snapshots record them
             config = config.replace(model=config.model.replace(hidden=self.model.config.model.hidden))
@@ -172,6 +174,8 @@ class Trainer:
         self._eval_rows = self._pick_eval_rows()
         self._train_rows = RowReader(train)
         self._train_idx, self._val_idx = schedule.validation_split(config, train.num_points)
+        if fresh and output_init(config, self.model.num_labels) == "centroids":
+            init_output_from_centroids(self.model, self._train_rows, self._train_idx)
         self._val_data = self._train_rows.take(self._val_idx) if self._val_idx.size else None
         self._steps_per_epoch = -(-self._train_idx.size // config.optimizer.batch_size)
         self._warmup = schedule.warmup_steps(config, self._steps_per_epoch)

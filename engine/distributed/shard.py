@@ -54,9 +54,12 @@ def label_ranges(num_labels: int, shards: int) -> list[tuple[int, int]]:
 
 def shard_config(config: SlideConfig, num_labels: int) -> SlideConfig:
     """A shard's config: whether the output layer is sampled, and the hidden widths, are decided by the whole
-    layer's width (auto would look at the shard's slice); the other auto settings follow the shard's own width."""
+    layer's width (auto would look at the shard's slice); the other auto settings follow the shard's own width.
+    Shards start from random output rows (model.output_init "random"): the centroids are not computed across
+    shards."""
     shaped = concrete(config, num_labels)
-    return shaped.replace(model=shaped.model.replace(sample_output=samples_output(config, num_labels)))
+    model = shaped.model.replace(sample_output=samples_output(config, num_labels), output_init="random")
+    return shaped.replace(model=model)
 
 
 def shard_seed(seed: int, shard: int) -> int:

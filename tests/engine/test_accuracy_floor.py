@@ -18,9 +18,10 @@ from engine._numba import set_threads
 from engine.metrics import precision_at_k
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "wordnet-top-small"
-FLOOR_P_AT_1 = 0.45
+FLOOR_P_AT_1 = 0.52
 """Served test P@1 after 2 epochs of the defaults (seed 0, one thread; 528 labels: a dense output layer) was
-0.487 when the floor was set (seeds 1 and 2: 0.477, 0.457)."""
+0.559 when the floor was set (seeds 1 and 2: 0.566, 0.560), with the output rows started at the labels'
+centroids (model.output_init auto); 0.487 (0.477, 0.457) with random rows."""
 POPULARITY_P_AT_1 = 0.123
 """Test P@1 of always answering the most frequent training label, for scale."""
 

@@ -479,7 +479,7 @@ def test_edit_snapshot_publishes_a_delta_that_loads_as_the_edited_model(data, tr
     assert held.num_labels == keep and all(np.array_equal(x, y) for x, y in zip(before, after, strict=True))
     indptr, indices, values = _points_with(train, keep, 5)
     for mode in ("lsh", "exact"):
-        got = warm.predict(indptr, indices, values, k=3, mode=mode)[0]
+        got = warm.predict(indptr, indices, values, k=5, mode=mode)[0]
         assert (got == keep).any() and not (got == 0).any()
     with pytest.raises(lab.LabelError, match="exists"):
         lab.edit_snapshot(store, add=[("fresh", _examples(train, keep))])

@@ -18,7 +18,7 @@ import numpy as np
 from . import labels, lsh, tables
 from ._numba import read_only
 from .config import SlideConfig
-from .kernels.groups import Layers, Lookup, Retrieval, TopK
+from .kernels.groups import HubRows, Layers, Lookup, Retrieval, TopK
 from .kernels.groups import Tables as KernelTables
 from .kernels.inference import (
     last_hidden_batch,
@@ -447,7 +447,7 @@ class SlideModel:
         slot = int(self.layer_slot[-1])
         no_hubs = tuple(np.zeros(0, np.int32) if s == slot else h for s, h in enumerate(kt.hubs))
         tabs = read_only(kt._replace(hubs=no_hubs))
-        hub_pos, hub_rows = (read_only(a) for a in self._hub_arrays(hubs))
+        hub_group = HubRows(read_only(hubs), *(read_only(a) for a in self._hub_arrays(hubs)))
         n = indptr.shape[0] - 1
         run = predict_batch_hubs_serial if n <= _SERIAL_BELOW else predict_batch_hubs
         block = min(n, _HUB_BLOCK)
@@ -461,9 +461,7 @@ class SlideModel:
                 read_only(values),
                 layers,
                 tabs,
-                read_only(hubs),
-                hub_pos,
-                hub_rows,
+                hub_group,
                 retrieval,
                 hid,
                 ids,

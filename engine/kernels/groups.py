@@ -41,6 +41,16 @@ class Tables(NamedTuple):
     hubs: tuple
 
 
+class HubRows(NamedTuple):
+    """An output layer's hubs as predict_batch_hubs scores them: ids int32 (h,), place int32 (labels,) (each
+    label's index in ids, -1 for the others) and rows (h, width + 1), the layer's rows of ids packed in their order
+    (the same dtype as the layer), or (0, width + 1) to read them from the layer."""
+
+    ids: np.ndarray
+    place: np.ndarray
+    rows: np.ndarray
+
+
 class Retrieval(NamedTuple):
     """How a sampled layer's candidates are picked: `probes` extra buckets per table (multi-probe),
     only neurons seen in >= `threshold` buckets, at most max_active int64 (slots,) per layer (0 = no cap)."""

@@ -128,8 +128,6 @@ def predict_batch_hubs(
     net,
     tabs,
     hubs,
-    hub_pos,
-    hub_rows,
     retrieval,
     hid,
     ids,
@@ -143,15 +141,14 @@ def predict_batch_hubs(
     the same labels, scores and n_scored, bit for bit, for less work. Every point scores the hubs, so they are
     scored as a block (a tile of HUB_TILE hub rows against every point's last hidden activations, read once per
     tile instead of once per point), then each point scores its bucket candidates and takes the hubs' scores in
-    the order predict_batch meets them. tabs: the tables with no hubs for the output layer; hubs: its hubs;
-    hub_pos int32 (labels,): each label's place in hubs, -1 for the others (a bucket candidate that is a hub is
-    found without a look at every hub); hub_rows: the output layer's rows of the hubs, in their order, packed
-    (the same bytes: the same scores, read from one contiguous block instead of rows scattered over the layer),
-    or no rows to read them from the layer. last float32 (n, width): scratch for the last hidden activations;
-    hub_scores float32 (n, hubs)."""
+    the order predict_batch meets them. tabs: the tables with no hubs for the output layer; hubs: its hubs
+    (groups.HubRows: packed rows give the same bytes, so the same scores, read from one contiguous block instead of
+    rows scattered over the layer; a bucket candidate that is a hub is found by its place, without a look at every
+    hub). last float32 (n, width): scratch for the last hidden activations; hub_scores float32 (n, hubs)."""
     n = indptr.shape[0] - 1
     weights, b0, layer_slot = net
     hidx, hsign, hparams, offsets, table_ids, no_hubs = tabs
+    hub_ids, hub_pos, hub_rows = hubs
     out_labels, out_scores, n_scored = out
     kth = out_scores.shape[1] - 1
     depth = len(weights)
@@ -162,7 +159,7 @@ def predict_batch_hubs(
             exact_hidden(weights, b0, indices, values, indptr[i], indptr[i + 1], hid, c)
             last[i, :] = hid[top - 1][c]
     w = weights[top]
-    n_hubs = hubs.shape[0]
+    n_hubs = hub_ids.shape[0]
     packed = hub_rows.shape[0] == n_hubs
     n_tiles = (n_hubs + HUB_TILE - 1) // HUB_TILE
     for tile in prange(n_tiles):
@@ -176,7 +173,7 @@ def predict_batch_hubs(
                     hub_scores[i, q] = neuron_preactivation(hub_rows, q, inp)
             else:
                 for q in range(start, stop):
-                    hub_scores[i, q] = neuron_preactivation(w, hubs[q], inp)
+                    hub_scores[i, q] = neuron_preactivation(w, hub_ids[q], inp)
     for chunk in prange(n_chunks):
         c = np.int64(chunk)
         tabs = Tables(hidx, hsign, hparams, offsets, table_ids, no_hubs)
@@ -204,7 +201,7 @@ def predict_batch_hubs(
             # the hubs not among the candidates, in their order (as lsh_active_set's add_ids appends them)
             for q in range(n_hubs):
                 if not hub_scores_i[q] <= scores[kth]:
-                    push_topk(labels, scores, hubs[q], hub_scores_i[q])
+                    push_topk(labels, scores, hub_ids[q], hub_scores_i[q])
             n_scored[i] = m + n_hubs - shared
 
 

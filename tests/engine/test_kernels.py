@@ -38,6 +38,13 @@ def exact_config(settings: dict) -> SlideConfig:
     return with_settings(SlideConfig(model=ModelConfig(weight_dtype="float32", sample_output=True)), settings)
 
 
+def small_simhash_config(settings: dict) -> SlideConfig:
+    """exact_config of a 16-wide hidden layer and a sampled output layer with 6 SimHash tables of 4 bits, and these
+    settings on top."""
+    base = {"model.hidden": (16,), "sampling.hash_family": "simhash", "sampling.hash_k": 4, "sampling.hash_l": 6}
+    return exact_config({**base, **settings})
+
+
 def snapshot_params(model):
     """float64 copies of (w0, b0, [w1, ...])."""
     return (
@@ -752,12 +759,8 @@ def trained_model():
     """A small sampled model with weights moved by a few steps of training."""
     set_threads(1)
     train = naive.planted_dataset(300, 60, 120, seed=2, vocab=6, noise=2)
-    cfg = exact_config(
+    cfg = small_simhash_config(
         {
-            "model.hidden": (16,),
-            "sampling.hash_family": "simhash",
-            "sampling.hash_k": 4,
-            "sampling.hash_l": 6,
             "sampling.bucket_size": 64,
             "optimizer.batch_size": 32,
             "sampling.hub_neurons": 8,
@@ -871,13 +874,10 @@ def test_hubs_scored_as_a_block_give_the_answers_of_predict_batch(hidden, weight
 
     set_threads(2)
     train = naive.planted_dataset(300, 60, 120, seed=2, vocab=6, noise=2)
-    cfg = exact_config(
+    cfg = small_simhash_config(
         {
             "model.hidden": hidden,
             "model.weight_dtype": weight_dtype,
-            "sampling.hash_family": "simhash",
-            "sampling.hash_k": 4,
-            "sampling.hash_l": 6,
             "sampling.hub_neurons": 8,
             "predict.hubs": 20,
             "predict.probes": probes,
@@ -894,9 +894,8 @@ def test_hubs_scored_as_a_block_give_the_answers_of_predict_batch(hidden, weight
     calls = []
     for name in ("predict_batch_hubs", "predict_batch_hubs_serial"):
         real = getattr(network, name)
-        monkeypatch.setattr(
-            network, name, lambda *a, _r=real, _n=name: calls.append((_n, a[0].shape[0] - 1, a[7].shape[0])) or _r(*a)
-        )
+        record = lambda *a, _r=real, _n=name: calls.append((_n, a[0].shape[0] - 1, a[5].rows.shape[0])) or _r(*a)  # noqa: E731
+        monkeypatch.setattr(network, name, record)
     monkeypatch.setattr(network, "_HUB_BLOCK", 40)
     args = rows(train, 100)
     block = model.predict_with_stats(*args, k=7, mode="lsh")
@@ -933,17 +932,7 @@ def test_packed_hub_rows_follow_label_edits():
     new pack, so the edited model's lsh answers are those of the same model read from the layer itself."""
     set_threads(2)
     train = naive.planted_dataset(300, 60, 120, seed=3, vocab=6, noise=2)
-    cfg = exact_config(
-        {
-            "model.hidden": (16,),
-            "sampling.hash_family": "simhash",
-            "sampling.hash_k": 4,
-            "sampling.hash_l": 6,
-            "predict.hubs": 20,
-            "seed": 5,
-            "schedule.epochs": 1,
-        }
-    )
+    cfg = small_simhash_config({"predict.hubs": 20, "seed": 5, "schedule.epochs": 1})
     trainer = Trainer(cfg, train)
     trainer.run()
     model = trainer.model

@@ -22,6 +22,7 @@ from .kernels.groups import HubRows, Layers, Lookup, Retrieval, TopK
 from .kernels.groups import Tables as KernelTables
 from .kernels.inference import (
     last_hidden_batch,
+    last_hidden_batch_serial,
     predict_batch,
     predict_batch_hubs,
     predict_batch_hubs_serial,
@@ -449,25 +450,25 @@ class SlideModel:
         tabs = read_only(kt._replace(hubs=no_hubs))
         hub_group = HubRows(read_only(hubs), *(read_only(a) for a in self._hub_arrays(hubs)))
         n = indptr.shape[0] - 1
-        run = predict_batch_hubs_serial if n <= _SERIAL_BELOW else predict_batch_hubs
+        serial = n <= _SERIAL_BELOW
+        hidden = last_hidden_batch_serial if serial else last_hidden_batch
+        run = predict_batch_hubs_serial if serial else predict_batch_hubs
         block = min(n, _HUB_BLOCK)
         last = np.empty((block, self.weights[-1].shape[1] - 1), np.float32)
         hub_scores = np.empty((block, hubs.shape[0]), np.float32)
         for start in range(0, n, block):
             stop = min(n, start + block)
+            points = read_only(indptr[start : stop + 1]), read_only(indices), read_only(values)
+            hidden(*points, layers, hid, n_chunks, last[: stop - start])
             run(
-                read_only(indptr[start : stop + 1]),
-                read_only(indices),
-                read_only(values),
+                last[: stop - start],
                 layers,
                 tabs,
                 hub_group,
                 retrieval,
-                hid,
                 ids,
                 lookup,
                 n_chunks,
-                last[: stop - start],
                 hub_scores[: stop - start],
                 TopK(labels[start:stop], scores[start:stop], n_scored[start:stop]),
             )

@@ -115,28 +115,17 @@ def last_hidden_batch(indptr, indices, values, net, hid, n_chunks, last):
             last[i, :] = hid[top - 1][c]
 
 
+last_hidden_batch_serial = fast_kernel(renamed(last_hidden_batch.py_func, "last_hidden_batch_serial"))
+"""The same kernel compiled without threads, for a few points (see predict_batch_serial)."""
+
+
 HUB_TILE = 64
 """Hub rows scored against every point of a batch at a time by predict_batch_hubs (16 kB of bfloat16 rows at width
 128: they stay in the L1 cache while the points' activations stream past)."""
 
 
 @fast_parallel_kernel
-def predict_batch_hubs(
-    indptr,
-    indices,
-    values,
-    net,
-    tabs,
-    hubs,
-    retrieval,
-    hid,
-    ids,
-    lookup,
-    n_chunks,
-    last,
-    hub_scores,
-    out,
-):
+def predict_batch_hubs(last, net, tabs, hubs, retrieval, ids, lookup, n_chunks, hub_scores, out):
     """predict_batch for a network whose only layer scored from its tables is the output layer, which has hubs:
     the same labels, scores and n_scored, bit for bit, for less work. Every point scores the hubs, so they are
     scored as a block (a tile of HUB_TILE hub rows against every point's last hidden activations, read once per
@@ -144,20 +133,16 @@ def predict_batch_hubs(
     the order predict_batch meets them. tabs: the tables with no hubs for the output layer; hubs: its hubs
     (groups.HubRows: packed rows give the same bytes, so the same scores, read from one contiguous block instead of
     rows scattered over the layer; a bucket candidate that is a hub is found by its place, without a look at every
-    hub). last float32 (n, width): scratch for the last hidden activations; hub_scores float32 (n, hubs)."""
-    n = indptr.shape[0] - 1
-    weights, b0, layer_slot = net
+    hub). last float32 (n, width): the points' last hidden activations, as predict_batch computes them
+    (last_hidden_batch); hub_scores float32 (n, hubs): scratch."""
+    n = last.shape[0]
+    weights, _, layer_slot = net
     hidx, hsign, hparams, offsets, table_ids, no_hubs = tabs
     hub_ids, hub_pos, hub_rows = hubs
     out_labels, out_scores, n_scored = out
     kth = out_scores.shape[1] - 1
     depth = len(weights)
     top = depth - 1
-    for chunk in prange(n_chunks):  # the last hidden activations of every point, as predict_batch computes them
-        c = np.int64(chunk)
-        for i in range(c, n, n_chunks):
-            exact_hidden(weights, b0, indices, values, indptr[i], indptr[i + 1], hid, c)
-            last[i, :] = hid[top - 1][c]
     w = weights[top]
     n_hubs = hub_ids.shape[0]
     packed = hub_rows.shape[0] == n_hubs

@@ -894,7 +894,7 @@ def test_hubs_scored_as_a_block_give_the_answers_of_predict_batch(hidden, weight
     calls = []
     for name in ("predict_batch_hubs", "predict_batch_hubs_serial"):
         real = getattr(network, name)
-        record = lambda *a, _r=real, _n=name: calls.append((_n, a[0].shape[0] - 1, a[5].rows.shape[0])) or _r(*a)  # noqa: E731
+        record = lambda *a, _r=real, _n=name: calls.append((_n, a[0].shape[0], a[3].rows.shape[0])) or _r(*a)  # noqa: E731
         monkeypatch.setattr(network, name, record)
     monkeypatch.setattr(network, "_HUB_BLOCK", 40)
     args = rows(train, 100)

@@ -11,15 +11,9 @@ import numpy as np
 
 from engine._numba import read_only
 from engine.config import ModelConfig, OptimizerConfig, PredictConfig, SamplingConfig, ScheduleConfig, SlideConfig
+from engine.kernels import inference
 from engine.kernels.groups import Layers
-from engine.kernels.inference import (
-    last_hidden_batch,
-    last_hidden_batch_serial,
-    predict_batch,
-    predict_batch_hubs,
-    predict_batch_hubs_serial,
-    predict_batch_serial,
-)
+from engine.kernels.inference import predict_batch, predict_batch_serial
 from engine.snapshot import SnapshotStore, load_model
 from engine.sparse import load_dataset, save_dataset
 from engine.trainer import Trainer
@@ -69,14 +63,8 @@ def test_predictions_from_memory_and_from_memory_maps_use_the_same_compiled_kern
         return out
 
     want = predict_all(trainer.model, test)  # writable weights, tables and inputs
-    kernels = (
-        predict_batch,
-        predict_batch_serial,
-        predict_batch_hubs,
-        predict_batch_hubs_serial,
-        last_hidden_batch,
-        last_hidden_batch_serial,
-    )
+    names = ("predict_batch", "predict_batch_hubs", "last_hidden_batch")
+    kernels = [getattr(inference, name + twin) for name in names for twin in ("", "_serial")]
     compiled = [set(k.signatures) for k in kernels]
     assert all(compiled)  # lsh went through the hub kernels (the output layer has hubs), exact through the others
     served = load_model(store.latest()[1], mmap=True)

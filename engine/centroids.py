@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from .sparse import RowReader
 
 CENTROID_SCALE = 3.0
-"""Length of a centroid row in median lengths of the layer's random rows (BENCHMARKS.md, "Output rows from
-label centroids": 1 learned less, 3 and 6 alike)."""
+"""Length of a centroid row in median lengths of the layer's random rows: long enough that the first updates do not
+swamp the direction (BENCHMARKS.md, "Output rows from label centroids")."""
 CENTROID_CHUNK = 4096
 """Training points whose hidden activations are computed at a time (8 MB at width 512)."""
 CENTROID_WRITE_ROWS = 8192

@@ -73,6 +73,16 @@ _INIT_ROWS = 1 << 15
 """Rows drawn at a time when a layer is initialised (16 MB of float32 at width 128)."""
 
 
+class _HubPack(NamedTuple):
+    """SlideModel._hub_arrays' cache: the read-only output layer the rows were packed from (None: not packed), a copy
+    of the hubs, each label's place among them (-1 for the others) and the packed rows."""
+
+    layer: np.ndarray | None
+    hubs: np.ndarray
+    place: np.ndarray
+    rows: np.ndarray
+
+
 class SlideModel:
     """Weights + hash tables; `predict` serves top-k labels, sub-linearly in `lsh` mode."""
 
@@ -128,8 +138,8 @@ class SlideModel:
             self.serve_tables = serve_tables & (self.layer_slot >= 0)
         self.serving_report: dict = {}
         """How `calibrate_serving` chose `serve_tables` (empty: the width rule alone)."""
-        self._hub_pack: tuple | None = None
-        """(output layer or None, hubs, their places, their rows packed): what `_hub_arrays` made last."""
+        self._hub_pack: _HubPack | None = None
+        """What `_hub_arrays` made last."""
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
@@ -425,17 +435,23 @@ class SlideModel:
         per hub set (compared by value: calibration re-picks hubs in place) and, for the rows, per output layer."""
         w = self.weights[-1]
         made = self._hub_pack
-        if made is None or made[1].shape != hubs.shape or made[2].shape[0] != w.shape[0] or (made[1] != hubs).any():
-            pos = np.full(w.shape[0], -1, np.int32)
-            pos[hubs] = np.arange(hubs.shape[0], dtype=np.int32)
-            pos.flags.writeable = False
-            made = (None, hubs.copy(), pos, np.zeros((0, w.shape[1]), w.dtype))
-        if not w.flags.writeable and made[0] is not w:
+        if (
+            made is None
+            or made.hubs.shape != hubs.shape
+            or made.place.shape[0] != w.shape[0]
+            or (made.hubs != hubs).any()
+        ):
+            place = np.full(w.shape[0], -1, np.int32)
+            place[hubs] = np.arange(hubs.shape[0], dtype=np.int32)
+            place.flags.writeable = False
+            made = _HubPack(None, hubs.copy(), place, np.zeros((0, w.shape[1]), w.dtype))
+        packed = not w.flags.writeable
+        if packed and made.layer is not w:
             rows = np.ascontiguousarray(w[hubs])
             rows.flags.writeable = False
-            made = (w, made[1], made[2], rows)
+            made = made._replace(layer=w, rows=rows)
         self._hub_pack = made
-        return made[2], (made[3] if made[0] is w and not w.flags.writeable else np.zeros((0, w.shape[1]), w.dtype))
+        return made.place, (made.rows if packed and made.layer is w else np.zeros((0, w.shape[1]), w.dtype))
 
     def _predict_hub_blocks(
         self, indptr, indices, values, hubs, retrieval, scratch, n_chunks, labels, scores, n_scored

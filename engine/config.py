@@ -28,6 +28,7 @@ Insertion = Literal["fifo", "reservoir"]
 MomentDtype = Literal["float32", "bfloat16"]
 WeightDtype = Literal["float32", "bfloat16"]
 OutputInit = Literal["random", "centroids"]
+Loss = Literal["softmax", "sigmoid"]
 
 WIDE_LAYER_TABLES = 16
 """Tables of a sampled layer wider than 20,000 neurons when sampling.hash_l is None (auto)."""
@@ -214,6 +215,13 @@ class ModelConfig(_Group):
     their own, need most. "random": the normal rows of init_std. None = auto: centroids for output layers of up
     to CENTROID_INIT_MAX_LABELS labels, random above. A resumed run, a warm start (init_from) and the shards of a
     label-sharded run keep the rows they are given."""
+    loss: Loss | None = None
+    """The output layer's training loss over a point's active labels. "sigmoid": a logistic loss per label
+    (one-vs-rest, as the linear XMC models train), every label scored on its own, with output biases starting
+    at -log(labels); "softmax": a cross-entropy over the active set, the labels competing for one unit of
+    probability. Prediction ranks by the same scores either way. None = auto: sigmoid, which learned more on
+    every quality benchmark set (BENCHMARKS.md); a warm start keeps its source's, the shards of a
+    label-sharded run train softmax. Snapshots record what was chosen, and a resumed run keeps it."""
 
     def __post_init__(self) -> None:
         if self.hidden is not None:
@@ -626,6 +634,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "optimizer.moment_dtype": typing.get_args(MomentDtype),
     "model.weight_dtype": typing.get_args(WeightDtype),
     "model.output_init": typing.get_args(OutputInit),
+    "model.loss": typing.get_args(Loss),
 }
 
 NULLABLE: set[str] = _nullable()
@@ -662,5 +671,6 @@ __all__ = [
     "MomentDtype",
     "WeightDtype",
     "OutputInit",
+    "Loss",
     "CENTROID_INIT_MAX_LABELS",
 ]

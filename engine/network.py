@@ -144,7 +144,9 @@ class SlideModel:
     # ---- construction -------------------------------------------------------------------------
     @classmethod
     def initialize(cls, config: SlideConfig, num_features: int, num_labels: int) -> SlideModel:
-        """Random weights N(0, init_std), zero biases, hash functions drawn and tables built from `seed`."""
+        """Random weights N(0, init_std), zero biases (output biases -log(num_labels) with the sigmoid loss: each
+        label's first probability about 1 / num_labels, not 1/2), hash functions drawn and tables built from
+        `seed`."""
         if num_features < 1 or num_labels < 1:
             raise ValueError("a model needs at least one feature and one label")
         config = concrete(config, num_labels)
@@ -156,6 +158,9 @@ class SlideModel:
             weights.append(
                 _random_layer(rng, widths[layer + 1], widths[layer] + 1, config.model.init_std, dtype, bias=True)
             )
+        if config.model.loss == "sigmoid":
+            bias = np.full((1, 1), -np.log(num_labels), np.float32)
+            weights[-1][:, -1] = to_bfloat16(bias)[0, 0] if dtype == np.uint16 else bias[0, 0]
         plan = resolve(config, num_features, num_labels)
         sampled = [p for p in plan.layers if p.sampled]
         hashes = [lsh.draw_hash_functions(config, p.inputs, p.neurons, rng) for p in sampled]

@@ -57,6 +57,7 @@ class Resolved:
     sample_output: bool
     hidden: tuple[int, ...]
     output_init: str
+    loss: str
     probes: int
     predict_probes: int
     layers: tuple[LayerPlan, ...]
@@ -113,13 +114,17 @@ def output_init(config: SlideConfig, num_labels: int) -> str:
     return "centroids" if int(num_labels) <= CENTROID_INIT_MAX_LABELS else "random"
 
 
+def output_loss(config: SlideConfig) -> str:
+    """The output layer's training loss: as configured, or (None = auto) "sigmoid" (config.model.loss)."""
+    return config.model.loss if config.model.loss is not None else "sigmoid"
+
+
 def concrete(config: SlideConfig, num_labels: int) -> SlideConfig:
-    """The config with its structure settings made concrete for this many labels (hidden = None resolved), so a
-    model built from it, and its snapshot, keep their shape whatever a later auto rule says."""
-    return (
-        config
-        if config.model.hidden is not None
-        else config.replace(model=config.model.replace(hidden=hidden_widths(config, num_labels)))
+    """The config with its structure settings made concrete for this many labels (hidden and loss = None
+    resolved), so a model built from it, and its snapshot, keep their shape and objective whatever a later auto
+    rule says."""
+    return config.replace(
+        model=config.model.replace(hidden=hidden_widths(config, num_labels), loss=output_loss(config))
     )
 
 
@@ -167,6 +172,7 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
         sample_output=sample_out,
         hidden=hidden,
         output_init=output_init(config, num_labels),
+        loss=output_loss(config),
         probes=config.sampling.probes,
         predict_probes=config.sampling.probes if config.predict.probes is None else config.predict.probes,
         layers=tuple(layers),

@@ -336,10 +336,13 @@ def migrate_manifest(manifest: dict) -> dict:
     """A manifest in the current format (the arrays are the same in all formats): the flat config of versions 1
     and 2 nested by group, version 1's numbers that meant auto or none/all made null and words, and settings
     added since given the meaning its arrays had (float32 weights and moments before weight_dtype and
-    moment_dtype existed)."""
+    moment_dtype existed, a softmax before model.loss did)."""
     if manifest.get("format_version") in (1, 2):
         flat = {"moment_dtype": "float32", "weight_dtype": "float32", **manifest["config"]}
         manifest = {**manifest, "format_version": FORMAT_VERSION, "config": upgrade_settings(flat)[0]}
+    config = manifest.get("config")
+    if isinstance(config, dict) and "loss" not in config.get("model", {}):
+        manifest = {**manifest, "config": {**config, "model": {**config.get("model", {}), "loss": "softmax"}}}
     return manifest
 
 

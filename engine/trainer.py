@@ -45,7 +45,7 @@ from .kernels.optimizer import (
 from .metrics import precision_at_k
 from .network import PredictMode, SlideModel
 from .progress import TrainingMetrics
-from .resolve import Resolved, output_init, resolve
+from .resolve import Resolved, concrete, output_init, resolve
 from .snapshot import (
     SnapshotError,
     SnapshotStore,
@@ -155,8 +155,9 @@ class Trainer:
             raise ValueError("the training set has more features or labels than the model")
         fresh = model is None
         self.model = model or SlideModel.initialize(config, train.num_features, train.num_labels)
-        if config.model.hidden is None:  # the widths auto gave the model, so that its snapshots record them
-            config = config.replace(model=config.model.replace(hidden=self.model.config.model.hidden))
+        if config.model.hidden is None or config.model.loss is None:  # what auto gave the model, for its snapshots
+            built = concrete(self.model.config, self.model.num_labels).model
+            config = config.replace(model=config.model.replace(hidden=built.hidden, loss=built.loss))
         self.config = config
         self.train = train
         self.test = test
@@ -743,6 +744,7 @@ class Trainer:
                 negative_group=cfg.sampling.random_negative_group,
                 hidden_dropout=self.hidden_dropout,
                 dropout_seed=cfg.seed,
+                sigmoid=cfg.model.loss == "sigmoid",
             ),
         )
 

@@ -22,7 +22,7 @@ from .adam import LazyAdamState
 from .config import SlideConfig, setting, with_settings
 from .memory import MemoryEstimate, estimate_memory
 from .network import SlideModel, layer_slots
-from .resolve import hidden_widths
+from .resolve import hidden_widths, output_loss
 from .snapshot import SnapshotStore, attach_text, load_arrays, manifest_config, model_from_arrays, read_manifest
 from .sparse import Dataset
 
@@ -83,9 +83,12 @@ def snapshot_path(init_from: str | os.PathLike | SnapshotStore) -> Path:
 
 
 def warm_start_config(source: SlideConfig, config: SlideConfig, num_labels: int) -> SlideConfig:
-    """config with the source's structure settings (sample_output fixed to what the source does)."""
+    """config with the source's structure settings (sample_output fixed to what the source does), and its loss
+    unless config names one."""
     sampled = bool(layer_slots(source, num_labels)[-1] >= 0)
     kept = {path: setting(source, path) for path in STRUCTURE_FIELDS}
+    if config.model.loss is None:
+        kept["model.loss"] = output_loss(source)
     return with_settings(config, {**kept, "model.sample_output": sampled})
 
 

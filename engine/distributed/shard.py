@@ -29,7 +29,7 @@ import numpy as np
 from .. import lsh, tables
 from .._numba import scratch_rows
 from ..adam import LazyAdamState
-from ..config import SlideConfig
+from ..config import ConfigError, SlideConfig
 from ..kernels.forward import backward_batch
 from ..kernels.groups import Batch
 from ..kernels.hashing import mix3
@@ -56,9 +56,12 @@ def shard_config(config: SlideConfig, num_labels: int) -> SlideConfig:
     """A shard's config: whether the output layer is sampled, and the hidden widths, are decided by the whole
     layer's width (auto would look at the shard's slice); the other auto settings follow the shard's own width.
     Shards start from random output rows (model.output_init "random"): the centroids are not computed across
-    shards."""
+    shards. They train the softmax, normalised across shards (engine.distributed.kernels): model.loss "sigmoid"
+    is refused."""
+    if config.model.loss == "sigmoid":
+        raise ConfigError("model.loss", "label-sharded training trains the softmax; use null or softmax")
     shaped = concrete(config, num_labels)
-    model = shaped.model.replace(sample_output=samples_output(config, num_labels), output_init="random")
+    model = shaped.model.replace(sample_output=samples_output(config, num_labels), output_init="random", loss="softmax")
     return shaped.replace(model=model)
 
 

@@ -4,7 +4,7 @@ Layer 0 maps the sparse input through W0 (num_features, h1), stored input-major 
 reads and its gradient touches only the rows of its non-zero features. Every later layer l has
 W[l] (out_l, in_l + 1), one row per neuron with its bias in the last column, so a neuron is one
 contiguous row to hash, score and update. A layer with a hash-table slot computes only its active
-neurons; the output layer normalises its softmax over the active set. Weights are float32 or
+neurons; the output layer's loss (a softmax, or a sigmoid per label) spans the active set. Weights are float32 or
 bfloat16 bits (lowlevel.weight_at widens them); activations and sums are float32.
 
 Batch buffers (b = batch size, cap_l = most active neurons of layer l), grouped as kernels.groups says:
@@ -23,6 +23,7 @@ backward_batch takes it on from there.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import numpy as np
 from numba import prange
@@ -160,6 +161,127 @@ def softmax_inplace(vals, n):
         vals[a] *= inv
 
 
+class OutputDeltas(NamedTuple):
+    """A point's output layer for its loss: `ids` the active neuron ids (a sampled layer's), `n` how many are
+    active, `n_kept` those before the random negatives (-1: a dense layer, whose slot a is neuron a),
+    `width` the layer's neurons and `labels` the point's label ids."""
+
+    ids: np.ndarray
+    n: int
+    n_kept: int
+    width: int
+    labels: np.ndarray
+
+
+@fast_kernel
+def hard_negative_cut(vals, out, row_tags, keys, hard_negatives):
+    """The value below which a retrieved non-label's delta is dropped: the hard_negatives-th largest of their
+    vals[:n_kept] (probabilities, >= 0, so their float32 bit patterns order as they do); -1 = keep all."""
+    n_labels = out.labels.shape[0]
+    if hard_negatives <= 0 or out.n_kept - n_labels <= hard_negatives:
+        return -1.0
+    c = 0
+    for a in range(out.n_kept):
+        if not is_label(row_tags, out.ids[a]):
+            keys[c] = np.int32(float_bits(vals[a]))
+            c += 1
+    if c <= hard_negatives:
+        return -1.0
+    return float_from_bits(np.uint32(kth_largest(keys, c, hard_negatives)))
+
+
+@fast_kernel
+def softmax_deltas(vals, out, row_tags, keys, hard_negatives, inv_batch):
+    """Softmax over the active set: vals[:n] (logits) become the deltas (p - y / |Y|) / batch; returns the
+    point's cross-entropy -sum_y log p_y / |Y|. A sampled layer drops the deltas of retrieved non-labels below
+    the hard-negative cut (hard_negative_cut); its random negatives' logits carry the log-Q shift already."""
+    n = out.n
+    labels = out.labels
+    n_labels = labels.shape[0]
+    softmax_inplace(vals, n)
+    loss = 0.0
+    share = 1.0 / n_labels
+    if out.n_kept >= 0:
+        cut = hard_negative_cut(vals, out, row_tags, keys, hard_negatives)
+        for a in range(n):
+            target = 0.0
+            if is_label(row_tags, out.ids[a]):
+                target = share
+                loss -= share * math.log(max(vals[a], 1e-30))
+            elif vals[a] < cut and a < out.n_kept:
+                vals[a] = 0.0
+            vals[a] = (vals[a] - target) * inv_batch
+    else:
+        for q in range(n_labels):
+            loss -= share * math.log(max(vals[labels[q]], 1e-30))
+        for a in range(n):
+            vals[a] *= inv_batch
+        for q in range(n_labels):
+            vals[labels[q]] -= share * inv_batch
+    return loss
+
+
+@kernel
+def log1p_exp(z):
+    """log(1 + e^z) without overflow: a logistic loss."""
+    return max(z, 0.0) + math.log1p(math.exp(-abs(z)))
+
+
+@kernel
+def sigmoid(z):
+    """1 / (1 + e^-z) without overflow."""
+    if z >= 0.0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+@fast_kernel
+def sigmoid_deltas(vals, out, row_tags, keys, hard_negatives, inv_batch):
+    """A logistic loss per active output neuron: vals[:n] (logits) become the deltas (sigmoid(z) - y) / batch;
+    returns the point's sum over the active set of log(1 + e^-z) for its labels and log(1 + e^z) for the
+    others. A sampled layer drops the deltas of retrieved non-labels below the hard-negative cut (on their
+    sigmoids), and lets each random negative stand for the (width - n_kept) / drawn labels the point did not
+    retrieve: its logit loses the log-Q shift the forward pass gave it (the log of that ratio), and its loss
+    and delta are multiplied by the ratio, so that they estimate the sum over all of those labels."""
+    n = out.n
+    labels = out.labels
+    loss = 0.0
+    if out.n_kept < 0:
+        for q in range(labels.shape[0]):
+            loss -= vals[labels[q]]  # a label's log(1 + e^-z) is log(1 + e^z) - z
+        for a in range(n):
+            z = vals[a]
+            loss += log1p_exp(z)
+            vals[a] = sigmoid(z) * inv_batch
+        for q in range(labels.shape[0]):
+            vals[labels[q]] -= inv_batch
+        return loss
+    ratio = 1.0
+    shift = 0.0
+    if n > out.n_kept:
+        ratio = (out.width - out.n_kept) / (n - out.n_kept)
+        shift = math.log(ratio)
+    for a in range(n):
+        z = vals[a]
+        if a >= out.n_kept:
+            z -= shift
+            loss += ratio * log1p_exp(z)
+            vals[a] = ratio * sigmoid(z)
+        elif is_label(row_tags, out.ids[a]):
+            loss += log1p_exp(-z)
+            vals[a] = sigmoid(z) - 1.0
+        else:
+            loss += log1p_exp(z)
+            vals[a] = sigmoid(z)
+    cut = hard_negative_cut(vals, out, row_tags, keys, hard_negatives)
+    for a in range(n):
+        if a < out.n_kept and vals[a] < cut and not is_label(row_tags, out.ids[a]):
+            vals[a] = 0.0
+        vals[a] *= inv_batch
+    return loss
+
+
 @fast_kernel
 def forward_point(i, p, stream, batch, net, tabs, retrieval, sampling, act, lookup, chunk):
     """The forward pass of dataset row p of `batch` in batch slot i, on worker chunk `chunk`'s scratch rows, up
@@ -252,9 +374,10 @@ def train_point(
     at once. The negative_group consecutive points of a stream group read one random sequence, each
     keeping the first draws it had not retrieved: few enough share it that every row still meets a
     negative gradient every few steps (the unretrieved labels must be pushed down row by row), while
-    the optimizer steps on fewer distinct rows. sampling.hard_negatives > 0:
-    only that many retrieved non-label neurons, those with the highest probability, keep their delta;
-    the others' are set to exactly 0 (no gradient). Random negatives always keep theirs.
+    the optimizer steps on fewer distinct rows (with sampling.sigmoid each stands for its share of the
+    unretrieved labels instead: sigmoid_deltas). sampling.hard_negatives > 0: only that many retrieved
+    non-label neurons, those with the highest probability, keep their delta; the others' are set to exactly
+    0 (no gradient). Random negatives always keep theirs.
     """
     weights = net.weights
     layer_slot = net.layer_slot
@@ -267,49 +390,21 @@ def train_point(
     labels = batch.y_indices[batch.y_indptr[p] : batch.y_indptr[p + 1]]
     n_labels = labels.shape[0]
 
-    # Output: softmax over the active set, delta = (p - y / |Y|) / batch.
     out_l = depth - 1
     n = nact[i, out_l]
     vals = act_val[out_l - 1][i]
-    ids = act_ids[out_l - 1][i]
-    sampled = layer_slot[out_l] >= 0
-    softmax_inplace(vals, n)
-    loss = 0.0
     if n_labels == 0:
         for layer in range(1, depth):
             act_val[layer - 1][i, : nact[i, layer]] = 0.0
         act.delta0[i, :] = 0.0
         return 0.0
-    share = 1.0 / n_labels
-    if sampled:
-        row_tags = tags[chunk]
-        n_kept = nkept[i]
-        cut = -1.0
-        if hard_negatives > 0 and n_kept - n_labels > hard_negatives:
-            # probabilities are >= 0, so their float32 bit patterns order as they do
-            keys = lookup.counts[chunk]
-            c = 0
-            for a in range(n_kept):
-                if not is_label(row_tags, ids[a]):
-                    keys[c] = np.int32(float_bits(vals[a]))
-                    c += 1
-            if c > hard_negatives:
-                cut = float_from_bits(np.uint32(kth_largest(keys, c, hard_negatives)))
-        for a in range(n):
-            target = 0.0
-            if is_label(row_tags, ids[a]):
-                target = share
-                loss -= share * math.log(max(vals[a], 1e-30))
-            elif vals[a] < cut and a < n_kept:
-                vals[a] = 0.0
-            vals[a] = (vals[a] - target) * inv_batch
+    out = OutputDeltas(
+        act_ids[out_l - 1][i], n, nkept[i] if layer_slot[out_l] >= 0 else -1, weights[out_l].shape[0], labels
+    )
+    if sampling.sigmoid:
+        loss = sigmoid_deltas(vals, out, tags[chunk], lookup.counts[chunk], hard_negatives, inv_batch)
     else:
-        for q in range(n_labels):
-            loss -= share * math.log(max(vals[labels[q]], 1e-30))
-        for a in range(n):
-            vals[a] *= inv_batch
-        for q in range(n_labels):
-            vals[labels[q]] -= share * inv_batch
+        loss = softmax_deltas(vals, out, tags[chunk], lookup.counts[chunk], hard_negatives, inv_batch)
 
     if backprop_output:
         backward_point(i, out_l, back.gin[chunk], back.gprev[chunk], net, act, 1.0 / (1.0 - dropout))

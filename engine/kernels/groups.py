@@ -65,7 +65,8 @@ class Sampling(NamedTuple):
     log-Q-corrected uniform draws on a sampled output layer (shared by `negative_group` consecutive
     points), only `hard_negatives` non-label deltas kept (0 = all); `seed` keys these random draws, and
     `dropout_seed` the dropout of each hidden unit with probability `hidden_dropout` (0 = none): the shards of
-    a label-sharded model draw their own negatives but drop the same units of their replicated hidden layers."""
+    a label-sharded model draw their own negatives but drop the same units of their replicated hidden layers.
+    `sigmoid`: the output layer's loss is a logistic loss per label (forward.sigmoid_deltas), not the softmax."""
 
     min_active: int
     seed: int
@@ -74,6 +75,7 @@ class Sampling(NamedTuple):
     negative_group: int
     hidden_dropout: float
     dropout_seed: int
+    sigmoid: bool
 
 
 class Batch(NamedTuple):

@@ -5,7 +5,7 @@ tests can compare the two. Shapes follow the engine (see engine/network.py):
 
   w0 (num_features, h1), b0 (h1,): the sparse input layer;
   weights[l] (out_l, in_l + 1) for l >= 1: one row per neuron, bias in the last column;
-  the last layer is the output layer (softmax over all labels, or over an active set).
+  the last layer is the output layer (softmax over all labels, or over an active set; or a sigmoid per label).
 """
 
 from __future__ import annotations
@@ -84,8 +84,15 @@ def target_matrix(labels: list[np.ndarray], num_labels: int) -> np.ndarray:
     return t
 
 
-def loss(w0, b0, weights, x, labels, active=None, shift=None, dropout=None) -> float:
-    """Mean over the batch of -sum_{y in Y_i} 1/|Y_i| log p_iy (unlabelled points count 0)."""
+def loss(w0, b0, weights, x, labels, active=None, shift=None, dropout=None, sigmoid=False) -> float:
+    """Mean over the batch of -sum_{y in Y_i} 1/|Y_i| log p_iy (unlabelled points count 0); with `sigmoid`, of
+    the logistic losses of the active outputs, sum_j c_ij (log(1 + e^-z_ij) if j in Y_i else log(1 + e^z_ij)),
+    where a drawn negative's c_ij = e^shift_ij (the labels it stands for) and its z the unshifted logit."""
+    if sigmoid:
+        _, z, _ = forward(w0, b0, weights, x, active, None, dropout)
+        mask, weight, y = _sigmoid_terms(z, labels, active, len(weights), shift)
+        terms = np.logaddexp(0.0, np.where(y > 0, -z, z)) * weight
+        return float(np.where(mask, terms, 0.0).sum() / len(labels))
     _, _, p = forward(w0, b0, weights, x, active, shift, dropout)
     t = target_matrix(labels, p.shape[1])
     with np.errstate(divide="ignore"):
@@ -93,7 +100,17 @@ def loss(w0, b0, weights, x, labels, active=None, shift=None, dropout=None) -> f
     return float(-(t * logp).sum() / len(labels))
 
 
-def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None, dropout=None):
+def _sigmoid_terms(z, labels, active, out_layer, shift):
+    """(mask, weight, y) of the sigmoid loss: the active outputs of labelled points, each output's multiplier
+    e^shift (1 but for drawn negatives) and the 0/1 targets."""
+    y = (target_matrix(labels, z.shape[1]) > 0).astype(np.float64)
+    labelled = np.array([len(t) > 0 for t in labels])
+    mask = (active or {}).get(out_layer, np.ones_like(z, dtype=bool)) & labelled[:, None]
+    weight = np.ones_like(z) if shift is None else np.exp(shift)
+    return mask, weight, y
+
+
+def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None, dropout=None, sigmoid=False):
     """Gradients of `loss` (the batch mean): (g_w0, g_b0, [g_weights[l] for l >= 1]).
 
     With `active`, the gradient of the loss whose softmax (and hidden layers) are restricted to the
@@ -101,14 +118,20 @@ def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None, dr
     (n, out) of the output neurons whose delta is kept (the others' is zeroed: hard negatives).
     shift: see forward; a constant per logit, so it changes p but not the chain rule.
     dropout: see forward; a kept unit's factor multiplies its gradient too.
+    sigmoid: the gradient of loss(sigmoid=True): c_ij (sigmoid(z_ij) - y_ij) on the active outputs.
     """
     active = active or {}
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
-    hs, z, p = forward(w0, b0, weights, x, active, shift, dropout)
-    t = target_matrix(labels, z.shape[1])
-    labelled = np.array([len(y) > 0 for y in labels])
-    dz = np.where(labelled[:, None], p - t, 0.0) / n
+    if sigmoid:
+        hs, z, _ = forward(w0, b0, weights, x, active, None, dropout)
+        mask, weight, y = _sigmoid_terms(z, labels, active, len(weights), shift)
+        dz = np.where(mask, weight * (1.0 / (1.0 + np.exp(-z)) - y), 0.0) / n
+    else:
+        hs, z, p = forward(w0, b0, weights, x, active, shift, dropout)
+        t = target_matrix(labels, z.shape[1])
+        labelled = np.array([len(y) > 0 for y in labels])
+        dz = np.where(labelled[:, None], p - t, 0.0) / n
     if keep is not None:
         dz = np.where(keep, dz, 0.0)
     depth = len(weights) + 1

@@ -47,7 +47,9 @@ def data():
 
 def config(over: dict) -> SlideConfig:
     base = SlideConfig(
-        model=ModelConfig(hidden=(32,), output_init="random"),  # the single-process twins start as shards do
+        model=ModelConfig(
+            hidden=(32,), output_init="random", loss="softmax"
+        ),  # the single-process twins train as shards do
         sampling=SamplingConfig(rehash_n0=5),
         optimizer=OptimizerConfig(batch_size=64),
         schedule=ScheduleConfig(epochs=1, eval_points=None),

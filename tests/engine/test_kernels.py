@@ -13,6 +13,7 @@ from engine.kernels.forward import hidden_dropout, sparse_input_layer
 from engine.kernels.lowlevel import float_bits, float_from_bits, store_weight
 from engine.kernels.optimizer import adam_row, adam_row_bf16, from_bfloat16, group_by_row, row_salt, to_bfloat16
 from engine.network import SlideModel
+from engine.resolve import output_loss
 from engine.trainer import Trainer
 
 from . import naive
@@ -98,6 +99,7 @@ class NaiveAdam:
         """resolved: the trainer's resolved settings (the warm-up and epoch length of the step-size schedule)."""
         self.w0, self.b0, self.ws = params
         self.cfg = cfg
+        self.sigmoid = output_loss(cfg) == "sigmoid"
         self.warmup = resolved.lr_warmup_steps
         self.steps_per_epoch = resolved.steps_per_epoch
         shapes = [self.w0.shape] + [w.shape for w in self.ws]
@@ -116,7 +118,9 @@ class NaiveAdam:
         # no validation split: no plateau cuts
         lr = cfg.optimizer.lr * schedule.lr_factor(self.t, self.warmup, 0, sched.lr_decay, epochs, sched.lr_epoch_decay)
         hp = (lr, cfg.optimizer.beta1, cfg.optimizer.beta2, cfg.optimizer.eps)
-        g_w0, g_b0, gs = naive.gradients(self.w0, self.b0, self.ws, x, labels, active, keep, shift, dropout)
+        g_w0, g_b0, gs = naive.gradients(
+            self.w0, self.b0, self.ws, x, labels, active, keep, shift, dropout, sigmoid=self.sigmoid
+        )
         rows0 = np.flatnonzero(np.any(x != 0, axis=0))
         naive.adam_rows(self.w0, self.m[0], self.v[0], self.steps[0], g_w0, rows0, *hp)
         for layer, (w, g) in enumerate(zip(self.ws, gs, strict=True), start=1):
@@ -174,15 +178,17 @@ DENSE_STEP = {
 
 
 @pytest.mark.parametrize("hidden", [(8,), (8, 6)])
-def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden):
-    cfg = exact_config({**DENSE_STEP, "model.hidden": hidden})
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_dense_train_step_is_naive_adam_on_the_naive_gradient(data, hidden, loss_name):
+    cfg = exact_config({**DENSE_STEP, "model.hidden": hidden, "model.loss": loss_name})
     trainer = Trainer(cfg, data)
     ref = NaiveAdam(snapshot_params(trainer.model), cfg, trainer.resolved())
+    assert ref.sigmoid == (loss_name == "sigmoid")
     # Two full batches and a partial one (4 < batch_size); features and rows overlap between batches.
     for points in ([0, 1, 2, 3, 4, 5], [3, 7, 9, 11, 13, 2], [20, 21, 22, 0]):
         points = np.array(points)
         x, labels = batch(data, points)
-        expected_loss = naive.loss(ref.w0, ref.b0, ref.ws, x, labels)
+        expected_loss = naive.loss(ref.w0, ref.b0, ref.ws, x, labels, sigmoid=ref.sigmoid)
         loss, labelled, active = trainer.train_step(points)
         assert loss / len(points) == pytest.approx(expected_loss, rel=1e-5)
         assert labelled == sum(len(y) > 0 for y in labels)
@@ -216,8 +222,9 @@ def test_dropout_train_step_is_naive_adam_on_the_masked_network(data, hidden):
         streams = seen + np.arange(len(points))
         masks = [dropout_factors(width, rate, cfg.seed, streams, layer) for layer, width in enumerate(hidden)]
         assert all((m == 0).any() and (m > 0).any() for m in masks)
-        expected_loss = naive.loss(ref.w0, ref.b0, ref.ws, x, labels, dropout=masks)
-        assert expected_loss != pytest.approx(naive.loss(ref.w0, ref.b0, ref.ws, x, labels), rel=1e-3)
+        expected_loss = naive.loss(ref.w0, ref.b0, ref.ws, x, labels, dropout=masks, sigmoid=ref.sigmoid)
+        undropped = naive.loss(ref.w0, ref.b0, ref.ws, x, labels, sigmoid=ref.sigmoid)
+        assert expected_loss != pytest.approx(undropped, rel=1e-3)
         loss, _, _ = trainer.train_step(points)
         assert loss / len(points) == pytest.approx(expected_loss, rel=1e-5)
         ref.step(x, labels, dropout=masks)
@@ -243,10 +250,12 @@ def test_dropout_drops_each_unit_with_its_rate_independently(rate):
     np.testing.assert_array_equal(dropout_factors(width, rate, 3, np.arange(n), 0), f)
 
 
-def test_first_moment_is_the_batch_gradient(data):
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_first_moment_is_the_batch_gradient(data, loss_name):
     """After one step from zero state m = (1 - beta1) g exactly: the gradient itself, not just its sign."""
     cfg = exact_config(
         {
+            "model.loss": loss_name,
             "model.hidden": (8, 6),
             "model.sample_output": False,
             "optimizer.batch_size": 8,
@@ -260,7 +269,7 @@ def test_first_moment_is_the_batch_gradient(data):
     points = np.arange(8)
     x, labels = batch(data, points)
     trainer.train_step(points)
-    g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
+    g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels, sigmoid=loss_name == "sigmoid")
     for layer, g in enumerate([g_w0, *gs]):
         assert np.abs(g).max() > 1e-4
         np.testing.assert_allclose(trainer.adam.m[layer] / (1 - cfg.optimizer.beta1), g, rtol=2e-4, atol=1e-8)
@@ -291,7 +300,8 @@ def test_unlabelled_points_contribute_no_gradient(data):
             np.testing.assert_array_equal(w1, w0, err_msg=f"hidden={hidden}: layer {layer} moved")
 
 
-def test_mixed_batch_with_unlabelled_points_matches_naive():
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_mixed_batch_with_unlabelled_points_matches_naive(loss_name):
     mixed = naive.planted_dataset(12, F, L, seed=8, unlabelled=0.4)
     lens = np.diff(mixed.y_indptr)
     assert (lens == 0).any() and (lens > 0).any()
@@ -303,13 +313,14 @@ def test_mixed_batch_with_unlabelled_points_matches_naive():
             "optimizer.lr": 1e-2,
             "model.init_std": 0.3,
             "seed": 3,
+            "model.loss": loss_name,
         }
     )
     trainer = Trainer(cfg, mixed)
     w0, b0, ws = snapshot_params(trainer.model)
     x, labels = batch(mixed, np.arange(12))
     trainer.train_step(np.arange(12))
-    g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels)
+    g_w0, _, gs = naive.gradients(w0, b0, ws, x, labels, sigmoid=loss_name == "sigmoid")
     for layer, g in enumerate([g_w0, *gs]):
         np.testing.assert_allclose(
             trainer.adam.m[layer] / (1 - cfg.optimizer.beta1),
@@ -427,11 +438,13 @@ def drawn_negatives(trainer, n_points):
 
 
 @pytest.mark.parametrize("hard_negatives, r", [("all", 6), (3, 24)])
-def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_negatives, r):
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_negatives, r, loss_name):
     """random_negatives = r adds, per point, r neurons drawn outside its retrieved set + labels, with
     their logits raised by log((L - kept) / r). The step equals naive Adam on the gradient of that
-    shifted softmax, and the hard-negative cut ranks only the retrieved neurons (the drawn ones keep
-    their delta; with many of them the shift is small and some rank below the cut)."""
+    shifted softmax (with the sigmoid loss: of the logistic losses, each drawn negative's at its unshifted
+    logit and counted (L - kept) / r times), and the hard-negative cut ranks only the retrieved neurons (the
+    drawn ones keep their delta; with many of them the shift is small and some rank below the cut)."""
     cfg = exact_config(
         {
             "model.hidden": (16,),
@@ -443,6 +456,7 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
             "sampling.random_negatives": r,
             "sampling.random_negative_group": 1,
             "sampling.hard_negatives": hard_negatives,
+            "model.loss": loss_name,
             "optimizer.batch_size": 8,
             "optimizer.lr": 1e-2,
             "model.init_std": 0.3,
@@ -691,14 +705,15 @@ def test_active_set_follows_the_buckets(data, max_active):
 
 
 # ---- finite differences --------------------------------------------------------------------------------
-def test_naive_gradient_matches_finite_differences(data):
+@pytest.mark.parametrize("sigmoid", [False, True])
+def test_naive_gradient_matches_finite_differences(data, sigmoid):
     rng = np.random.default_rng(0)
     cfg = exact_config({"model.hidden": (7, 5), "model.sample_output": False, "model.init_std": 0.4, "seed": 11})
     model = SlideModel.initialize(cfg, F, L)
     w0, b0, ws = snapshot_params(model)
     b0 += rng.normal(0, 0.1, size=b0.shape)
     x, labels = batch(data, np.arange(10))
-    g_w0, g_b0, gs = naive.gradients(w0, b0, ws, x, labels)
+    g_w0, g_b0, gs = naive.gradients(w0, b0, ws, x, labels, sigmoid=sigmoid)
     params = [w0, b0, *ws]
     grads = [g_w0, g_b0, *gs]
     h = 1e-6
@@ -707,17 +722,19 @@ def test_naive_gradient_matches_finite_differences(data):
         for idx in rng.choice(flat.size, size=min(12, flat.size), replace=False):
             old = flat[idx]
             flat[idx] = old + h
-            up = naive.loss(w0, b0, ws, x, labels)
+            up = naive.loss(w0, b0, ws, x, labels, sigmoid=sigmoid)
             flat[idx] = old - h
-            down = naive.loss(w0, b0, ws, x, labels)
+            down = naive.loss(w0, b0, ws, x, labels, sigmoid=sigmoid)
             flat[idx] = old
             assert (up - down) / (2 * h) == pytest.approx(gflat[idx], rel=1e-4, abs=1e-8)
 
 
-def test_engine_gradient_matches_finite_differences_of_the_engine_loss(data):
+@pytest.mark.parametrize("loss_name", ["softmax", "sigmoid"])
+def test_engine_gradient_matches_finite_differences_of_the_engine_loss(data, loss_name):
     """The engine's own float32 loss, differentiated numerically, against the gradient its optimizer saw."""
     cfg = exact_config(
         {
+            "model.loss": loss_name,
             "model.hidden": (7, 5),
             "model.sample_output": False,
             "optimizer.batch_size": 10,

@@ -23,11 +23,13 @@ from engine.text import LabelNames
 from . import naive
 
 CFG = SlideConfig(
-    model=ModelConfig(hidden=(32,), sample_output=True, weight_dtype="float32"),
+    model=ModelConfig(hidden=(32,), sample_output=True, weight_dtype="float32", loss="softmax"),
     optimizer=OptimizerConfig(batch_size=64),
     schedule=ScheduleConfig(epochs=2, eval_points=100),
     threads=1,
 )
+"""A softmax-trained model: on this data its hidden layer leaves units that no example of a new label activates,
+which the imprint's penalty needs (the sigmoid-trained one activates them all)."""
 
 
 def _drop_last_labels(data: Dataset, keep: int) -> Dataset:

@@ -219,9 +219,11 @@ class ModelConfig(_Group):
     """The output layer's training loss over a point's active labels. "sigmoid": a logistic loss per label
     (one-vs-rest, as the linear XMC models train), every label scored on its own, with output biases starting
     at -log(labels); "softmax": a cross-entropy over the active set, the labels competing for one unit of
-    probability. Prediction ranks by the same scores either way. None = auto: sigmoid, which learned more on
-    every quality benchmark set (BENCHMARKS.md); a warm start keeps its source's, the shards of a
-    label-sharded run train softmax. Snapshots record what was chosen, and a resumed run keeps it."""
+    probability. Prediction ranks by the same scores either way. None = auto: sigmoid for output layers of up to
+    20,000 labels, where it learned more on every quality benchmark set; softmax for wider ones, whose hubs and
+    random negatives estimate the full softmax, and where the sigmoid learned far less (BENCHMARKS.md). A warm
+    start keeps its source's, the shards of a label-sharded run train softmax. Snapshots record what was chosen,
+    and a resumed run keeps it."""
 
     def __post_init__(self) -> None:
         if self.hidden is not None:

@@ -114,9 +114,13 @@ def output_init(config: SlideConfig, num_labels: int) -> str:
     return "centroids" if int(num_labels) <= CENTROID_INIT_MAX_LABELS else "random"
 
 
-def output_loss(config: SlideConfig) -> str:
-    """The output layer's training loss: as configured, or (None = auto) "sigmoid" (config.model.loss)."""
-    return config.model.loss if config.model.loss is not None else "sigmoid"
+def output_loss(config: SlideConfig, num_labels: int) -> str:
+    """The output layer's training loss: as configured, or (None = auto) "sigmoid" for an output layer of up to
+    20,000 labels and "softmax" for a wide one (lsh.is_wide_layer), whose hubs and random negatives estimate the
+    full softmax (config.model.loss)."""
+    if config.model.loss is not None:
+        return config.model.loss
+    return "softmax" if lsh.is_wide_layer(int(num_labels)) else "sigmoid"
 
 
 def concrete(config: SlideConfig, num_labels: int) -> SlideConfig:
@@ -124,7 +128,7 @@ def concrete(config: SlideConfig, num_labels: int) -> SlideConfig:
     resolved), so a model built from it, and its snapshot, keep their shape and objective whatever a later auto
     rule says."""
     return config.replace(
-        model=config.model.replace(hidden=hidden_widths(config, num_labels), loss=output_loss(config))
+        model=config.model.replace(hidden=hidden_widths(config, num_labels), loss=output_loss(config, num_labels))
     )
 
 
@@ -172,7 +176,7 @@ def resolve(config: SlideConfig, num_features: int, num_labels: int, num_points:
         sample_output=sample_out,
         hidden=hidden,
         output_init=output_init(config, num_labels),
-        loss=output_loss(config),
+        loss=output_loss(config, num_labels),
         probes=config.sampling.probes,
         predict_probes=config.sampling.probes if config.predict.probes is None else config.predict.probes,
         layers=tuple(layers),

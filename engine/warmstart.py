@@ -88,7 +88,7 @@ def warm_start_config(source: SlideConfig, config: SlideConfig, num_labels: int)
     sampled = bool(layer_slots(source, num_labels)[-1] >= 0)
     kept = {path: setting(source, path) for path in STRUCTURE_FIELDS}
     if config.model.loss is None:
-        kept["model.loss"] = output_loss(source)
+        kept["model.loss"] = output_loss(source, num_labels)
     return with_settings(config, {**kept, "model.sample_output": sampled})
 
 

@@ -241,9 +241,9 @@ def sigmoid_deltas(vals, out, row_tags, keys, hard_negatives, inv_batch):
     """A logistic loss per active output neuron: vals[:n] (logits) become the deltas (sigmoid(z) - y) / batch;
     returns the point's sum over the active set of log(1 + e^-z) for its labels and log(1 + e^z) for the
     others. A sampled layer drops the deltas of retrieved non-labels below the hard-negative cut (on their
-    sigmoids), and lets each random negative stand for the (width - n_kept) / drawn labels the point did not
-    retrieve: its logit loses the log-Q shift the forward pass gave it (the log of that ratio), and its loss
-    and delta are multiplied by the ratio, so that they estimate the sum over all of those labels."""
+    sigmoids); a random negative is one more negative at its own logit (the log-Q shift the forward pass gave it
+    for the softmax taken off). Weighting each by the unretrieved labels it was drawn from, an unbiased estimate
+    of their sum, learned less (BENCHMARKS.md)."""
     n = out.n
     labels = out.labels
     loss = 0.0
@@ -257,17 +257,15 @@ def sigmoid_deltas(vals, out, row_tags, keys, hard_negatives, inv_batch):
         for q in range(labels.shape[0]):
             vals[labels[q]] -= inv_batch
         return loss
-    ratio = 1.0
     shift = 0.0
     if n > out.n_kept:
-        ratio = (out.width - out.n_kept) / (n - out.n_kept)
-        shift = math.log(ratio)
+        shift = math.log((out.width - out.n_kept) / (n - out.n_kept))
     for a in range(n):
         z = vals[a]
         if a >= out.n_kept:
             z -= shift
-            loss += ratio * log1p_exp(z)
-            vals[a] = ratio * sigmoid(z)
+            loss += log1p_exp(z)
+            vals[a] = sigmoid(z)
         elif is_label(row_tags, out.ids[a]):
             loss += log1p_exp(-z)
             vals[a] = sigmoid(z) - 1.0
@@ -374,8 +372,8 @@ def train_point(
     at once. The negative_group consecutive points of a stream group read one random sequence, each
     keeping the first draws it had not retrieved: few enough share it that every row still meets a
     negative gradient every few steps (the unretrieved labels must be pushed down row by row), while
-    the optimizer steps on fewer distinct rows (with sampling.sigmoid each stands for its share of the
-    unretrieved labels instead: sigmoid_deltas). sampling.hard_negatives > 0: only that many retrieved
+    the optimizer steps on fewer distinct rows (with sampling.sigmoid each is one more negative at its own
+    logit: sigmoid_deltas). sampling.hard_negatives > 0: only that many retrieved
     non-label neurons, those with the highest probability, keep their delta; the others' are set to exactly
     0 (no gradient). Random negatives always keep theirs.
     """

@@ -86,13 +86,12 @@ def target_matrix(labels: list[np.ndarray], num_labels: int) -> np.ndarray:
 
 def loss(w0, b0, weights, x, labels, active=None, shift=None, dropout=None, sigmoid=False) -> float:
     """Mean over the batch of -sum_{y in Y_i} 1/|Y_i| log p_iy (unlabelled points count 0); with `sigmoid`, of
-    the logistic losses of the active outputs, sum_j c_ij (log(1 + e^-z_ij) if j in Y_i else log(1 + e^z_ij)),
-    where a drawn negative's c_ij = e^shift_ij (the labels it stands for) and its z the unshifted logit."""
+    the logistic losses of the active outputs, sum_j (log(1 + e^-z_ij) if j in Y_i else log(1 + e^z_ij)), at the
+    logits without the softmax's log-Q shift."""
     if sigmoid:
         _, z, _ = forward(w0, b0, weights, x, active, None, dropout)
-        mask, weight, y = _sigmoid_terms(z, labels, active, len(weights), shift)
-        terms = np.logaddexp(0.0, np.where(y > 0, -z, z)) * weight
-        return float(np.where(mask, terms, 0.0).sum() / len(labels))
+        mask, y = _sigmoid_terms(z, labels, active, len(weights))
+        return float(np.where(mask, np.logaddexp(0.0, np.where(y > 0, -z, z)), 0.0).sum() / len(labels))
     _, _, p = forward(w0, b0, weights, x, active, shift, dropout)
     t = target_matrix(labels, p.shape[1])
     with np.errstate(divide="ignore"):
@@ -100,14 +99,12 @@ def loss(w0, b0, weights, x, labels, active=None, shift=None, dropout=None, sigm
     return float(-(t * logp).sum() / len(labels))
 
 
-def _sigmoid_terms(z, labels, active, out_layer, shift):
-    """(mask, weight, y) of the sigmoid loss: the active outputs of labelled points, each output's multiplier
-    e^shift (1 but for drawn negatives) and the 0/1 targets."""
+def _sigmoid_terms(z, labels, active, out_layer):
+    """(mask, y) of the sigmoid loss: the active outputs of labelled points, and the 0/1 targets."""
     y = (target_matrix(labels, z.shape[1]) > 0).astype(np.float64)
     labelled = np.array([len(t) > 0 for t in labels])
     mask = (active or {}).get(out_layer, np.ones_like(z, dtype=bool)) & labelled[:, None]
-    weight = np.ones_like(z) if shift is None else np.exp(shift)
-    return mask, weight, y
+    return mask, y
 
 
 def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None, dropout=None, sigmoid=False):
@@ -118,15 +115,15 @@ def gradients(w0, b0, weights, x, labels, active=None, keep=None, shift=None, dr
     (n, out) of the output neurons whose delta is kept (the others' is zeroed: hard negatives).
     shift: see forward; a constant per logit, so it changes p but not the chain rule.
     dropout: see forward; a kept unit's factor multiplies its gradient too.
-    sigmoid: the gradient of loss(sigmoid=True): c_ij (sigmoid(z_ij) - y_ij) on the active outputs.
+    sigmoid: the gradient of loss(sigmoid=True): sigmoid(z_ij) - y_ij on the active outputs (shift unused).
     """
     active = active or {}
     x = np.asarray(x, dtype=np.float64)
     n = x.shape[0]
     if sigmoid:
         hs, z, _ = forward(w0, b0, weights, x, active, None, dropout)
-        mask, weight, y = _sigmoid_terms(z, labels, active, len(weights), shift)
-        dz = np.where(mask, weight * (1.0 / (1.0 + np.exp(-z)) - y), 0.0) / n
+        mask, y = _sigmoid_terms(z, labels, active, len(weights))
+        dz = np.where(mask, 1.0 / (1.0 + np.exp(-z)) - y, 0.0) / n
     else:
         hs, z, p = forward(w0, b0, weights, x, active, shift, dropout)
         t = target_matrix(labels, z.shape[1])

@@ -99,7 +99,7 @@ class NaiveAdam:
         """resolved: the trainer's resolved settings (the warm-up and epoch length of the step-size schedule)."""
         self.w0, self.b0, self.ws = params
         self.cfg = cfg
-        self.sigmoid = output_loss(cfg) == "sigmoid"
+        self.sigmoid = output_loss(cfg, self.ws[-1].shape[0]) == "sigmoid"
         self.warmup = resolved.lr_warmup_steps
         self.steps_per_epoch = resolved.steps_per_epoch
         shapes = [self.w0.shape] + [w.shape for w in self.ws]
@@ -443,7 +443,7 @@ def test_random_negatives_get_the_log_q_shift_and_always_a_gradient(data, hard_n
     """random_negatives = r adds, per point, r neurons drawn outside its retrieved set + labels, with
     their logits raised by log((L - kept) / r). The step equals naive Adam on the gradient of that
     shifted softmax (with the sigmoid loss: of the logistic losses, each drawn negative's at its unshifted
-    logit and counted (L - kept) / r times), and the hard-negative cut ranks only the retrieved neurons (the
+    logit), and the hard-negative cut ranks only the retrieved neurons (the
     drawn ones keep their delta; with many of them the shift is small and some rank below the cut)."""
     cfg = exact_config(
         {

@@ -37,9 +37,12 @@ def _with_loss(loss: str | None) -> SlideConfig:
     return CFG.replace(model=CFG.model.replace(loss=loss))
 
 
-def test_auto_is_sigmoid_and_shows_what_it_chose():
-    assert output_loss(SlideConfig()) == "sigmoid"
+def test_auto_is_sigmoid_up_to_wide_layers_and_shows_what_it_chose():
+    assert output_loss(SlideConfig(), 20_000) == "sigmoid"
+    assert output_loss(SlideConfig(), 20_001) == output_loss(SlideConfig(), 670_091) == "softmax"
+    assert output_loss(_with_loss("sigmoid"), 670_091) == "sigmoid"
     assert resolve(SlideConfig(), 100, 500).to_dict()["loss"] == "sigmoid"
+    assert resolve(SlideConfig(), 100, 30_000).to_dict()["loss"] == "softmax"
     assert resolve(_with_loss("softmax"), 100, 500).loss == "softmax"
     assert SlideConfig.from_dict({"model": {"loss": None}}).model.loss is None
     with pytest.raises(ConfigError, match="model.loss") as err:

@@ -120,7 +120,7 @@ class JobService:
                         "share one feature and label space",
                         loc=("body", "eval_dataset_id"),
                     )
-        shards = self._check_backend(backend, init_from, train.num_labels)
+        shards = self._check_backend(backend, init_from, train.num_labels, cfg.model.loss)
         source = self._source(init_from, cfg) if init_from is not None else None
         if source is not None:
             cfg = source[2]  # the structure settings are the source's
@@ -206,8 +206,11 @@ class JobService:
             )
         return int(version), path, warm_start_config(manifest_config(manifest), cfg, int(manifest["num_labels"]))
 
-    def _check_backend(self, backend: dict[str, Any] | None, init_from: dict[str, Any] | None, labels: int) -> int:
-        """A job's label shards on Ray (0 = it trains on this machine); 422 when this service has no Ray cluster."""
+    def _check_backend(
+        self, backend: dict[str, Any] | None, init_from: dict[str, Any] | None, labels: int, loss: str | None
+    ) -> int:
+        """A job's label shards on Ray (0 = it trains on this machine); 422 when this service has no Ray cluster, or
+        for what shards cannot train (more shards than labels, a warm start, the sigmoid loss)."""
         if backend is None:
             return 0
         shards = int(backend.get("shards", 1))
@@ -232,6 +235,12 @@ class JobService:
             raise InvalidContent(
                 "backend: init_from (fine-tuning) trains on this machine only; leave one of them out",
                 loc=("body", "backend", "kind"),
+            )
+        if loss == "sigmoid":
+            raise InvalidContent(
+                "config.model.loss: jobs on Ray label shards train the softmax, normalised across the shards; leave "
+                "model.loss out (auto) or set it to softmax",
+                loc=("body", "config", "model", "loss"),
             )
         return shards
 

@@ -38,12 +38,16 @@ def test_ray_backend_needs_a_ray_cluster(client, xmc_files):
     assert local.json()["backend"] == {"kind": "local", "shards": 1}
 
 
-def test_ray_job_shards_more_than_labels(tmp_path, client_for, xmc_files):
+def test_ray_job_refuses_more_shards_than_labels_and_the_sigmoid_loss(tmp_path, client_for, xmc_files):
     client = client_for(make_settings(tmp_path / "data", ray_address="local"))
     train_id = upload(client, xmc_files["train"]).json()["id"]
     body = {"train_dataset_id": train_id, "backend": {"kind": "ray", "shards": 501}}
     p = assert_problem(client.post("/v1/jobs", json=body), 422)
     assert p["field"] == "body.backend.shards" and "500 labels" in p["detail"]
+    sigmoid = dict(body, backend={"kind": "ray", "shards": 2}, config={"model": {"loss": "sigmoid"}})
+    p = assert_problem(client.post("/v1/jobs", json=sigmoid), 422)
+    assert p["field"] == "body.config.model.loss" and "softmax" in p["detail"]
+    assert client.get("/v1/jobs").json()["count"] == 0
 
 
 @pytest.mark.slow

@@ -118,7 +118,8 @@ def wordnet_part(args) -> dict:
     old_train = with_num_labels(without_labels(full_train, drop), n_old)
     print(f"{args.set}: {n_new} of {train_set.num_labels} labels held out", file=sys.stderr, flush=True)
 
-    config = SlideConfig(threads=args.threads, seed=args.seed)
+    overrides = json.loads(args.slide_config) if args.slide_config else {}
+    config = SlideConfig.from_dict({**overrides, "threads": args.threads, "seed": args.seed})
     if args.epochs is not None:
         config = config.replace(schedule=config.schedule.replace(epochs=args.epochs))
     work = Path(args.work) / args.set if args.work else Path(tempfile.mkdtemp(prefix="continual-"))
@@ -309,6 +310,9 @@ def main(argv: list[str] | None = None) -> int:
         "--epochs", type=int, default=None, help="the training budget (default: the config's; early stopping applies)"
     )
     ap.add_argument("--threads", type=int, default=None, help="Numba threads (default: all cores)")
+    ap.add_argument(
+        "--slide-config", help='SlideConfig overrides of both models, as JSON: \'{"model": {"loss": "sigmoid"}}\''
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-root", default=None, help="where the quality sets are cached (default bench-data/quality)")
     ap.add_argument("--latency-points", type=int, default=20000)

@@ -37,8 +37,10 @@ SMALL_LAYER_TABLES = 50
 DENSE_OUTPUT_MAX_LABELS = 2048
 """Widest output layer that model.sample_output = None (auto) trains densely, with a full softmax."""
 NARROW_HIDDEN = 128
-"""The hidden width model.hidden = None (auto) gives a dense output layer and an output layer of more than
-WIDE_HIDDEN_MAX_LABELS labels."""
+"""The hidden width model.hidden = None (auto) gives an output layer of more than WIDE_HIDDEN_MAX_LABELS labels, and a
+dense one of more than DENSE_OUTPUT_MAX_LABELS."""
+DENSE_HIDDEN = 256
+"""The hidden width model.hidden = None (auto) gives a dense output layer of up to DENSE_OUTPUT_MAX_LABELS labels."""
 WIDE_HIDDEN = 512
 """The hidden width model.hidden = None (auto) gives a sampled output layer of up to WIDE_HIDDEN_MAX_LABELS labels."""
 WIDE_HIDDEN_MAX_LABELS = 100_000
@@ -186,9 +188,10 @@ class ModelConfig(_Group):
     hidden: tuple[int, ...] | None = None
     """Widths of the hidden ReLU layers, input side first. None = auto, one layer: WIDE_HIDDEN (512) neurons when
     the output layer is LSH-sampled and has at most WIDE_HIDDEN_MAX_LABELS (100,000) labels, where its wider
-    embedding fits more labels apart at a cost proportional to the few active neurons; else NARROW_HIDDEN (128),
-    since a dense output layer pays for every label at every step and a wider one costs memory. Set it to fit
-    more (wider, every step costs more) or to save memory and time (narrower)."""
+    embedding fits more labels apart at a cost proportional to the few active neurons; DENSE_HIDDEN (256) when it
+    is trained densely and has at most DENSE_OUTPUT_MAX_LABELS (2,048), since a dense output layer pays for every
+    label at every step; else NARROW_HIDDEN (128), where a wider one costs memory. Set it to fit more (wider, every
+    step costs more) or to save memory and time (narrower)."""
     sample_hidden: bool = False
     """LSH-sample the hidden layers too. Off by default: the output layer is where the cost is; turn it on only
     for hidden layers of many thousands of neurons."""
@@ -645,6 +648,7 @@ NULLABLE: set[str] = _nullable()
 
 __all__ = [
     "DENSE_OUTPUT_MAX_LABELS",
+    "DENSE_HIDDEN",
     "SlideConfig",
     "ModelConfig",
     "SamplingConfig",

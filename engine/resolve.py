@@ -16,6 +16,7 @@ from typing import Any
 from . import lsh, schedule
 from .config import (
     CENTROID_INIT_MAX_LABELS,
+    DENSE_HIDDEN,
     DENSE_OUTPUT_MAX_LABELS,
     NARROW_HIDDEN,
     WIDE_HIDDEN,
@@ -99,11 +100,14 @@ def samples_output(config: SlideConfig, num_labels: int) -> bool:
 
 def hidden_widths(config: SlideConfig, num_labels: int) -> tuple[int, ...]:
     """The hidden layers' widths: as configured, or (None = auto) one layer of WIDE_HIDDEN neurons when the output
-    layer is sampled and has at most WIDE_HIDDEN_MAX_LABELS labels, else of NARROW_HIDDEN (config.model.hidden)."""
+    layer is sampled and has at most WIDE_HIDDEN_MAX_LABELS labels, of DENSE_HIDDEN when it is dense and has at most
+    DENSE_OUTPUT_MAX_LABELS, else of NARROW_HIDDEN (config.model.hidden)."""
     if config.model.hidden is not None:
         return tuple(config.model.hidden)
-    wide = samples_output(config, num_labels) and int(num_labels) <= WIDE_HIDDEN_MAX_LABELS
-    return (WIDE_HIDDEN if wide else NARROW_HIDDEN,)
+    n = int(num_labels)
+    if samples_output(config, n):
+        return (WIDE_HIDDEN if n <= WIDE_HIDDEN_MAX_LABELS else NARROW_HIDDEN,)
+    return (DENSE_HIDDEN if n <= DENSE_OUTPUT_MAX_LABELS else NARROW_HIDDEN,)
 
 
 def output_init(config: SlideConfig, num_labels: int) -> str:

@@ -89,12 +89,13 @@ def test_an_old_manifest_gets_its_plan_from_its_config():
 @pytest.mark.parametrize(
     ("labels", "overrides", "width"),
     [
-        (500, {}, 128),  # a dense output layer pays for every label at every step
+        (500, {}, 256),  # a dense output layer pays for every label at every step
+        (2_048, {}, 256),
         (5_000, {}, 512),  # sampled: the cost follows the few active neurons
         (100_000, {}, 512),
         (100_001, {}, 128),  # memory: rows and Adam state at 8 bytes a weight
         (670_091, {}, 128),
-        (5_000, {"model.sample_output": False}, 128),
+        (5_000, {"model.sample_output": False}, 128),  # a wide layer trained densely
         (500, {"model.sample_output": True}, 512),
         (5_000, {"model.hidden": (64, 32)}, (64, 32)),
     ],

@@ -30,7 +30,7 @@ from ..resolve import Resolved
 from ..snapshot import SnapshotStore, manifest_config, read_manifest
 from ..sparse import Dataset, load_dataset
 from ..trainer import TRAINING_ARRAYS, Trainer
-from .shard import SHARD_DIR, ShardTrainer, label_ranges
+from .shard import SHARD_DIR, ShardTrainer, label_ranges, shard_config
 
 DEFAULT_OBJECT_STORE_BYTES = 200 * 2**20
 """Object store of a Ray instance started with address `local`: the shards exchange batch-sized arrays."""
@@ -354,6 +354,8 @@ class DistributedTrainer(Trainer):
         actor_options: dict | None = None,
         _group: ShardGroup | None = None,
     ):
+        # the shards train the softmax (shard_config refuses "sigmoid"): the run's config and snapshots say so
+        config = config.replace(model=config.model.replace(loss=shard_config(config, train.num_labels).model.loss))
         group = _group or ShardGroup.start(config, train, shards, address, actor_options=actor_options)
         self.group = group
         self.stage_seconds: dict[str, float] = {}

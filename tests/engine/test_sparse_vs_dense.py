@@ -26,7 +26,7 @@ COMMON = {
 }
 """Both train all 10 epochs on all the training data (no validation split, no early stop): the same epochs."""
 SPARSE = {
-    "model": {"sample_output": True},
+    "model": {"sample_output": True, "loss": "softmax"},
     "sampling": {
         "hash_family": "simhash",
         "hash_l": 100,
@@ -35,7 +35,10 @@ SPARSE = {
         "rehash_lambda": 0.05,
     },
 }
-DENSE = {"model": {"sample_output": False}}
+DENSE = {"model": {"sample_output": False, "loss": "softmax"}}
+"""Both train the softmax, the loss of the wide layers that are served through their tables. With the sigmoid loss
+(auto for 500 labels) the sampled models served through their tables were 0.114 below the dense ones (the mean of
+the three seeds), past the bound below; auto serves a layer this small exactly."""
 
 # both tests train the same sparse and dense models (a module fixture): the pair is the slow part
 pytestmark = pytest.mark.slow

@@ -40,6 +40,7 @@ from app.services.errors import Conflict, InvalidContent, NotFound, require_id
 from app.services.worker import LOG_FILE, run_job
 from app.settings import Settings
 from engine import ConfigError, SlideConfig
+from engine.distributed.shard import shard_config
 from engine.memory import MemoryEstimate
 from engine.resolve import resolve
 from engine.snapshot import manifest_config, read_manifest
@@ -120,7 +121,7 @@ class JobService:
                         "share one feature and label space",
                         loc=("body", "eval_dataset_id"),
                     )
-        shards = self._check_backend(backend, init_from, train.num_labels, cfg.model.loss)
+        shards = self._check_backend(backend, init_from, train.num_labels, cfg)
         source = self._source(init_from, cfg) if init_from is not None else None
         if source is not None:
             cfg = source[2]  # the structure settings are the source's
@@ -207,10 +208,10 @@ class JobService:
         return int(version), path, warm_start_config(manifest_config(manifest), cfg, int(manifest["num_labels"]))
 
     def _check_backend(
-        self, backend: dict[str, Any] | None, init_from: dict[str, Any] | None, labels: int, loss: str | None
+        self, backend: dict[str, Any] | None, init_from: dict[str, Any] | None, labels: int, cfg: SlideConfig
     ) -> int:
         """A job's label shards on Ray (0 = it trains on this machine); 422 when this service has no Ray cluster, or
-        for what shards cannot train (more shards than labels, a warm start, the sigmoid loss)."""
+        for what shards cannot train (more shards than labels, a warm start, a setting shard_config refuses)."""
         if backend is None:
             return 0
         shards = int(backend.get("shards", 1))
@@ -236,12 +237,12 @@ class JobService:
                 "backend: init_from (fine-tuning) trains on this machine only; leave one of them out",
                 loc=("body", "backend", "kind"),
             )
-        if loss == "sigmoid":
+        try:
+            shard_config(cfg, labels)
+        except ConfigError as exc:
             raise InvalidContent(
-                "config.model.loss: jobs on Ray label shards train the softmax, normalised across the shards; leave "
-                "model.loss out (auto) or set it to softmax",
-                loc=("body", "config", "model", "loss"),
-            )
+                f"config.{exc} (a job on Ray label shards)", loc=("body", "config", *exc.field.split("."))
+            ) from exc
         return shards
 
     def backend(self, job_id: str) -> dict[str, Any]:
